@@ -1,0 +1,27 @@
+# The README's two commands: `make demo` and `make test`. Each creates the
+# virtualenv when it is missing. torch is installed first and pinned: a CPU build
+# of 2.13.0 is on disk, and any unpinned torch pulls gigabytes of CUDA wheels.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO_OUT ?= out/demo
+
+.PHONY: demo test lint setup
+
+$(BIN)/tessera: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(BIN)/tessera
+
+setup: $(BIN)/tessera
+
+demo: setup
+	$(BIN)/tessera shard workflows/sample_corpus/manifest.jsonl $(DEMO_OUT)/shards --config configs/demo.yaml
+
+lint: setup
+	$(BIN)/ruff check .
+
+test: lint
+	$(BIN)/python -m pytest -q

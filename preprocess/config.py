@@ -1,0 +1,100 @@
+"""Typed settings of the shard stage. Every field is validated before any work starts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MODALITIES = ("image", "text", "audio", "video")
+Modality = Literal["image", "text", "audio", "video"]
+
+
+class Strict(BaseModel):
+    # A misspelt field is an error that names it, never a silently ignored default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AugmentConfig(Strict):
+    """Seeded per-sample image augmentation; each transform can be switched off."""
+
+    random_resized_crop: bool = False
+    crop_scale: tuple[float, float] = (0.6, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: bool = False
+    rotate_degrees: float = Field(0.0, ge=0, le=180)
+    brightness: float = Field(0.0, ge=0, le=1)
+    contrast: float = Field(0.0, ge=0, le=1)
+    saturation: float = Field(0.0, ge=0, le=1)
+    noise_std: float = Field(0.0, ge=0, le=64, description="Gaussian noise sigma in 8-bit levels")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> AugmentConfig:
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
+        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise ValueError(f"crop_ratio must satisfy 0 < low <= high, got {self.crop_ratio}")
+        return self
+
+
+class ImageConfig(Strict):
+    formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+    max_pixels: int = Field(40_000_000, gt=0, description="decompression-bomb limit, width x height")
+    min_side: int = Field(8, ge=1)
+    size: int = Field(224, gt=0)
+    resize: Literal["crop", "keep_ratio", "none"] = "crop"
+    background: tuple[int, int, int] = (255, 255, 255)
+    output_format: Literal["jpg", "png", "webp"] = "jpg"
+    quality: int = Field(90, ge=1, le=100)
+    augment: AugmentConfig = AugmentConfig()
+
+
+class TextConfig(Strict):
+    # Decoders tried, in order, when a text file is not UTF-8; empty = reject it.
+    repair_encodings: tuple[str, ...] = ()
+    max_chars: int = Field(4096, gt=0)
+    on_too_long: Literal["reject", "truncate"] = "reject"
+
+
+class AudioConfig(Strict):
+    formats: tuple[str, ...] = ("WAV", "FLAC", "OGG")
+    sample_rate: int = Field(16_000, ge=1000)
+    max_seconds: float = Field(30.0, gt=0)
+    on_too_long: Literal["reject", "truncate"] = "truncate"
+    normalize: Literal["peak", "rms", "none"] = "peak"
+    target_db: float = Field(-1.0, le=0, description="peak or RMS level after normalization, dBFS")
+    output_format: Literal["flac", "wav"] = "flac"
+
+
+class VideoConfig(Strict):
+    max_seconds: float = Field(120.0, gt=0)
+    max_frames: int = Field(10_000, gt=0, description="frames in the stream, checked before decoding")
+    max_decode_seconds: float = Field(20.0, gt=0)
+    frames: int = Field(8, gt=0)
+    fps: float = Field(4.0, gt=0, description="rate at which the frames are sampled")
+    size: int = Field(112, gt=0)
+
+
+class ShardConfig(Strict):
+    samples_per_shard: int = Field(256, gt=0)
+    # Planning uses raw input sizes (known before decoding) so shard boundaries are
+    # fixed before any task runs; null means no byte limit.
+    max_input_bytes_per_shard: int | None = Field(None, gt=0)
+    seed: int = 0
+    dedup: bool = True
+    required_modalities: tuple[Modality, ...] = ()
+    labels: tuple[str, ...] | None = Field(None, description="allowed labels; null accepts any of label_type")
+    label_type: Literal["str", "int"] = "str"
+    require_label: bool = False
+    image: ImageConfig = ImageConfig()
+    text: TextConfig = TextConfig()
+    audio: AudioConfig = AudioConfig()
+    video: VideoConfig = VideoConfig()
+
+    def digest(self) -> str:
+        """Hash of every setting that changes the shard bytes."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]

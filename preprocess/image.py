@@ -1,0 +1,178 @@
+"""Image bytes -> validated, oriented, 8-bit RGB, resized, augmented, encoded bytes."""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import ExifTags, Image, ImageEnhance, ImageOps, UnidentifiedImageError
+
+from preprocess.config import AugmentConfig, ImageConfig
+from preprocess.reject import Reject
+
+PIL_SAVE = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+
+
+@dataclass
+class ImageResult:
+    data: bytes
+    meta: dict
+    pixels: np.ndarray  # the stored pixels, HxWx3 uint8, for dataset statistics
+
+
+def open_image(data: bytes, cfg: ImageConfig) -> Image.Image:
+    """Open and check format and pixel count; nothing is decoded yet."""
+    if not data:
+        raise Reject("image", "empty file")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise Reject("image", f"decompression bomb: {e}") from None
+    except UnidentifiedImageError:
+        raise Reject("image", "not an image (unrecognised format)") from None
+    if img.format not in cfg.formats:
+        raise Reject("image", f"format {img.format} not in the allowed formats {list(cfg.formats)}")
+    w, h = img.size
+    if w * h > cfg.max_pixels:
+        raise Reject("image", f"decompression bomb: {w}x{h} = {w * h / 1e9:.2f} gigapixels "
+                              f"> limit {cfg.max_pixels}")
+    return img
+
+
+def to_rgb8(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB: 16-bit scaled (not clipped), alpha flattened."""
+    if img.mode in SIXTEEN_BIT_MODES:
+        wide = np.asarray(img).astype(np.float64)
+        levels = np.clip(np.rint(np.clip(wide, 0, 65535) / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(levels, "L").convert("RGB")
+    if img.mode == "F":
+        values = np.asarray(img)
+        scale = 255.0 if values.max(initial=0) <= 1.0 else 1.0
+        return Image.fromarray(np.clip(values * scale, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        flat = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(flat, rgba).convert("RGB")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def decode_image(
+    data: bytes, cfg: ImageConfig, min_decoded_side: int | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Bytes -> (upright 8-bit RGB image, its full-resolution upright width x height).
+
+    JPEGs are DCT-downscaled while decoding when the target size allows."""
+    img = open_image(data, cfg)
+    source_size = img.size
+    if img.getexif().get(ExifTags.Base.Orientation, 1) in TRANSPOSING_ORIENTATIONS:
+        source_size = source_size[::-1]
+    if min(source_size) < cfg.min_side:
+        raise Reject("image", f"image {source_size[0]}x{source_size[1]} is below the minimum side {cfg.min_side}")
+    if min_decoded_side and img.format == "JPEG":
+        # draft() keeps both sides >= the request, so quality is not lost downstream.
+        img.draft(None, (min_decoded_side, min_decoded_side))
+    try:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+    except Image.DecompressionBombError as e:
+        raise Reject("image", f"decompression bomb: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        reason = "image truncated" if "truncated" in str(e) else f"image cannot be decoded: {e}"
+        raise Reject("image", reason) from None
+    return to_rgb8(img, cfg.background), source_size
+
+
+def resize_image(img: Image.Image, size: int, mode: str) -> Image.Image:
+    """'crop': shorter side to size then centre crop; 'keep_ratio': longer side to size."""
+    if mode == "none":
+        return img
+    w, h = img.size
+    if mode == "keep_ratio":
+        scale = size / max(w, h)
+        return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC, reducing_gap=3.0)
+    scale = size / min(w, h)
+    rw, rh = max(size, round(w * scale)), max(size, round(h * scale))
+    left, top = (rw - size) / 2 / scale, (rh - size) / 2 / scale
+    box = (left, top, left + size / scale, top + size / scale)
+    return img.resize((size, size), Image.BICUBIC, box=box, reducing_gap=3.0)
+
+
+def _random_resized_crop(img: Image.Image, aug: AugmentConfig, rng: np.random.Generator, size: int):
+    w, h = img.size
+    area = w * h
+    for _ in range(10):
+        target = area * rng.uniform(*aug.crop_scale)
+        ratio = math.exp(rng.uniform(math.log(aug.crop_ratio[0]), math.log(aug.crop_ratio[1])))
+        cw, ch = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < cw <= w and 0 < ch <= h:
+            x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            break
+    else:  # no valid crop drawn: the whole image, as torchvision falls back
+        x, y, cw, ch = 0, 0, w, h
+    out = img.resize((size, size), Image.BICUBIC, box=(x, y, x + cw, y + ch), reducing_gap=3.0)
+    return out, {"crop": [x, y, cw, ch]}
+
+
+def augment_image(img: Image.Image, aug: AugmentConfig, rng: np.random.Generator) -> tuple[Image.Image, dict]:
+    """Flip, rotation, colour jitter and noise, drawn from rng; returns the parameters used."""
+    params: dict = {}
+    if aug.hflip and rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        params["hflip"] = True
+    if aug.rotate_degrees:
+        angle = float(rng.uniform(-aug.rotate_degrees, aug.rotate_degrees))
+        img = img.rotate(angle, Image.BILINEAR)
+        params["rotate"] = round(angle, 4)
+    for name, amount, enhancer in (
+        ("brightness", aug.brightness, ImageEnhance.Brightness),
+        ("contrast", aug.contrast, ImageEnhance.Contrast),
+        ("saturation", aug.saturation, ImageEnhance.Color),
+    ):
+        if amount:
+            factor = float(rng.uniform(1 - amount, 1 + amount))
+            img = enhancer(img).enhance(factor)
+            params[name] = round(factor, 4)
+    if aug.noise_std:
+        noisy = np.asarray(img, np.float32) + rng.normal(0, aug.noise_std, (img.size[1], img.size[0], 3))
+        img = Image.fromarray(np.clip(np.rint(noisy), 0, 255).astype(np.uint8), "RGB")
+        params["noise_std"] = aug.noise_std
+    return img, params
+
+
+def encode_image(img: Image.Image, fmt: str, quality: int) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "png":
+        img.save(buf, "PNG", compress_level=6)
+    else:
+        img.save(buf, PIL_SAVE[fmt], quality=quality)
+    return buf.getvalue()
+
+
+def draft_side(cfg: ImageConfig) -> int | None:
+    """Smallest decoded shorter side that still fills the output after crops."""
+    if cfg.resize != "crop":
+        return None  # keep_ratio targets the longer side, so the shorter side cannot be bounded
+    if cfg.augment.random_resized_crop:
+        # the smallest crop keeps sqrt(scale) of each side and can be off-ratio
+        shrink = math.sqrt(cfg.augment.crop_scale[0]) / math.sqrt(cfg.augment.crop_ratio[1])
+        return math.ceil(cfg.size / shrink)
+    return cfg.size
+
+
+def process_image(data: bytes, cfg: ImageConfig, rng: np.random.Generator) -> ImageResult:
+    img, source_size = decode_image(data, cfg, draft_side(cfg))
+    meta: dict = {"source_size": list(source_size)}
+    if cfg.augment.random_resized_crop and cfg.resize == "crop":
+        img, crop = _random_resized_crop(img, cfg.augment, rng, cfg.size)
+        meta["augment"] = crop
+    else:
+        img = resize_image(img, cfg.size, cfg.resize)
+    img, params = augment_image(img, cfg.augment, rng)
+    if params:
+        meta["augment"] = {**meta.get("augment", {}), **params}
+    meta["size"] = list(img.size)
+    return ImageResult(encode_image(img, cfg.output_format, cfg.quality), meta, np.asarray(img))

@@ -1,0 +1,49 @@
+"""Caption text -> strict UTF-8, NFKC, without control or zero-width characters."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+from preprocess.config import TextConfig
+from preprocess.reject import Reject
+
+_SPACE = re.compile(r"\s+")
+# Zero-width and other format characters (Unicode Cf: ZWSP, ZWJ, BOM, bidi marks).
+_INVISIBLE = {"Cf", "Cc"}
+
+
+def decode_text(data: bytes, cfg: TextConfig) -> tuple[str, dict]:
+    """Bytes of a text file -> str; other encodings only through configured repairs."""
+    try:
+        return data.decode("utf-8"), {}
+    except UnicodeDecodeError as e:
+        first_bad = f"byte 0x{data[e.start]:02x} at offset {e.start}"
+        for encoding in cfg.repair_encodings:
+            try:
+                return data.decode(encoding), {"repaired_from": encoding}
+            except UnicodeDecodeError:
+                continue
+        raise Reject("text", f"text is not valid UTF-8 ({first_bad}) and no repair is configured") from None
+
+
+def normalize_text(text: str, cfg: TextConfig) -> tuple[str | None, dict]:
+    """NFKC, controls -> space, zero-width removed, whitespace collapsed.
+
+    Whitespace-only text is no text (None)."""
+    text = unicodedata.normalize("NFKC", text)
+    text = "".join(
+        " " if ch.isspace() else ch
+        for ch in text
+        if ch.isspace() or unicodedata.category(ch) not in _INVISIBLE
+    )
+    text = _SPACE.sub(" ", text).strip()
+    if not text:
+        return None, {}
+    meta: dict = {}
+    if len(text) > cfg.max_chars:
+        if cfg.on_too_long == "reject":
+            raise Reject("text", f"text has {len(text)} characters, over the maximum {cfg.max_chars}")
+        meta["truncated_from"] = len(text)
+        text = text[: cfg.max_chars].rstrip()
+    return text, meta

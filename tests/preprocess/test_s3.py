@@ -1,0 +1,68 @@
+"""Manifest, inputs and output on a real S3-compatible server (moto's server mode on loopback)."""
+
+import io
+import json
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+
+from preprocess.config import ShardConfig
+from preprocess.stage import committed_shards, run_shard_stage
+from tests.conftest import LABELS, REPO
+
+SAMPLE = REPO / "workflows" / "sample_corpus"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_options():
+    port = free_port()
+    server = Path(sys.executable).parent / "moto_server"
+    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    options = {"key": "testing", "secret": "testing",
+               "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}
+    yield {"s3": options}
+    proc.terminate()
+    proc.wait()
+
+
+def test_shard_from_s3_to_s3(ray_session, s3_options):
+    fs = s3fs.S3FileSystem(**s3_options["s3"])
+    fs.mkdir("corpus")
+    fs.put(str(SAMPLE) + "/", "corpus/sample/", recursive=True)
+    cfg = ShardConfig(samples_per_shard=6, labels=LABELS)
+    summary = run_shard_stage("s3://corpus/sample/manifest.jsonl", "s3://corpus/out", cfg, s3_options,
+                              progress=False)
+    assert (summary["inputs"], summary["accepted"], summary["shards"]) == (17, 17, 3)
+    assert committed_shards("s3://corpus/out", s3_options) == [f"shard-00000{i}.tar" for i in range(3)]
+    assert not fs.glob("corpus/out/*.tmp-*")
+    with tarfile.open(fileobj=io.BytesIO(fs.cat_file("corpus/out/shard-000000.tar"))) as tar:
+        names = tar.getnames()
+    assert "camera.jpg" in names and "page.txt" in names
+    index = pq.read_table(io.BytesIO(fs.cat_file("corpus/out/index.parquet")))
+    assert index.num_rows == 17
+    assert json.loads(fs.cat_file("corpus/out/summary.json"))["accepted"] == 17
+
+    again = run_shard_stage("s3://corpus/sample/manifest.jsonl", "s3://corpus/out", cfg, s3_options,
+                            progress=False)
+    assert again["resumed_shards"] == 3

@@ -1,0 +1,65 @@
+import io
+
+import av
+import numpy as np
+import pytest
+
+from preprocess.config import VideoConfig
+from preprocess.reject import Reject
+from preprocess.video import process_video
+from tests.conftest import MINI
+
+
+def frames_of(result) -> np.ndarray:
+    return np.load(io.BytesIO(result.data), allow_pickle=False)
+
+
+def make_video(seconds: float, fps: int = 10, size: int = 64) -> bytes:
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for i in range(int(seconds * fps)):
+            arr = np.full((size, size, 3), (i * 20) % 256, np.uint8)
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")))
+        out.mux(stream.encode(None))
+    return buf.getvalue()
+
+
+def test_frames_sampled_at_a_fixed_rate_and_resized():
+    data = (MINI / "video" / "china.mp4").read_bytes()
+    result = process_video(data, VideoConfig(frames=6, fps=3, size=32))
+    arr = frames_of(result)
+    assert arr.shape == (6, 32, 32, 3) and arr.dtype == np.uint8
+    assert result.meta["real_frames"] == 6
+    assert not np.array_equal(arr[0], arr[-1])  # a pan: frames differ
+
+
+def test_frame_times_follow_the_sampling_rate():
+    # brightness steps by 20 per frame at 10 fps; sampling at 2 fps takes every 5th frame
+    arr = frames_of(process_video(make_video(2.0), VideoConfig(frames=4, fps=2, size=16)))
+    levels = arr.reshape(4, -1).mean(1)
+    np.testing.assert_allclose(levels, [0, 100, 200, 44], atol=8)
+
+
+def test_short_clips_repeat_their_last_frame():
+    result = process_video(make_video(0.5), VideoConfig(frames=8, fps=4, size=16))
+    arr = frames_of(result)
+    assert result.meta["real_frames"] == 2 and arr.shape[0] == 8
+    assert np.array_equal(arr[1], arr[7])
+
+
+def test_limits():
+    data = make_video(2.0)
+    with pytest.raises(Reject, match="over 1.0 s"):
+        process_video(data, VideoConfig(max_seconds=1.0))
+    with pytest.raises(Reject, match="frames, over 5"):
+        process_video(data, VideoConfig(max_frames=5))
+
+
+def test_bad_bytes_are_rejected():
+    with pytest.raises(Reject, match="video cannot be decoded"):
+        process_video(b"\x00" * 1000, VideoConfig())
+    with pytest.raises(Reject, match="empty file"):
+        process_video(b"", VideoConfig())

@@ -1,0 +1,81 @@
+"""`tessera` command line: one subcommand per job, each loading and validating the config first."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from workflows.config import ConfigError, TesseraConfig, load_config
+
+EXIT_CONFIG = 2
+EXIT_CONFLICT = 3
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config file (defaults apply to what it leaves out)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override one config field, e.g. --set shard.image.size=256 (repeatable)")
+    parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--workers", type=int, help="CPUs of the local Ray (runtime.workers)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tessera", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    shard = sub.add_parser("shard", help="manifest -> validated, normalized WebDataset shards")
+    shard.add_argument("manifest", help="JSONL or Parquet manifest, any fsspec URL")
+    shard.add_argument("out", help="output folder, any fsspec URL")
+    shard.add_argument("--samples-per-shard", type=int, help="shard.samples_per_shard")
+    shard.add_argument("--seed", type=int, help="shard.seed")
+    _common(shard)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TesseraConfig:
+    overrides = list(args.overrides)
+    for flag, field in (("address", "runtime.address"), ("workers", "runtime.workers"),
+                        ("samples_per_shard", "shard.samples_per_shard"), ("seed", "shard.seed")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"{field}={json.dumps(value)}")
+    if args.no_progress:
+        overrides.append("runtime.progress=false")
+    return load_config(args.config, overrides)
+
+
+def cmd_shard(args: argparse.Namespace, cfg: TesseraConfig) -> int:
+    from preprocess.stage import run_shard_stage
+    from workflows.runtime import start_ray
+
+    start_ray(cfg.runtime)
+    summary = run_shard_stage(args.manifest, args.out, cfg.shard, cfg.runtime.storage_options,
+                              cfg.runtime.progress)
+    print(json.dumps({k: summary[k] for k in ("inputs", "accepted", "rejected", "shards", "samples_per_s")}))
+    return 0
+
+
+COMMANDS = {"shard": cmd_shard}
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as e:
+        print(f"tessera: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    from preprocess.stage import OutputConflict
+
+    try:
+        return COMMANDS[args.command](args, cfg)
+    except OutputConflict as e:
+        print(f"tessera: {e}", file=sys.stderr)
+        return EXIT_CONFLICT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""The one config tree of a tessera job, loaded from YAML and validated up front."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError
+
+from preprocess.config import ShardConfig, Strict
+
+
+class RuntimeConfig(Strict):
+    """Where and how wide a job runs; none of it changes the outputs."""
+
+    address: str | None = Field(None, description="Ray address; null starts a local Ray")
+    workers: int = Field(2, gt=0, description="CPUs of the local Ray, and parallel shard tasks")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options, e.g. S3")
+    progress: bool = True
+
+
+class TesseraConfig(Strict):
+    runtime: RuntimeConfig = RuntimeConfig()
+    shard: ShardConfig = ShardConfig()
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names each bad field."""
+
+
+def _format(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        got = "" if e["type"] == "missing" else f" (got {e['input']!r})"
+        lines.append(f"  {field}: {e['msg']}{got}")
+    return "\n".join(lines)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: '{part}' is not a section")
+    node[leaf] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TesseraConfig:
+    """Load YAML (or defaults), apply `section.field=value` overrides, validate."""
+    tree: dict = {}
+    source = "(defaults)"
+    if path is not None:
+        source = str(path)
+        try:
+            tree = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config {path} is not valid YAML: {e}") from e
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config {path} must be a mapping at the top level")
+    for item in overrides:
+        dotted, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects section.field=value, got {item!r}")
+        _set_dotted(tree, dotted.strip(), yaml.safe_load(raw))
+    try:
+        return TesseraConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format(e, source)) from None
