@@ -8,11 +8,10 @@ DEMO_OUT ?= out/demo
 
 .PHONY: demo test lint setup
 
-$(BIN)/tessera: pyproject.toml
+$(BIN)/tessera: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(BIN)/tessera
 
 setup: $(BIN)/tessera

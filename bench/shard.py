@@ -1,0 +1,115 @@
+"""Shard-stage throughput against a plain loop and against the bare image work, in one run.
+
+    python bench/shard.py [--n 2000] [--workers 2] [--data DIR]
+
+(a) the shard stage (Ray tasks, `--workers` CPUs; Ray start-up reported apart),
+(b) one process looping over the same rows with the same per-sample function and the
+    same tar writer (what a user would write without tessera),
+(c) the fastest bare decode -> resize -> encode of the same images with the same output
+    settings (draft decoding, one process, no framework): the machine's physical limit.
+Prints samples/s of each and the ratios a/b and a/(c x workers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import webdataset as wds
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from preprocess.config import ShardConfig  # noqa: E402
+from preprocess.image import draft_side, resize_image  # noqa: E402
+from preprocess.manifest import read_manifest  # noqa: E402
+from preprocess.sample import process_sample  # noqa: E402
+from preprocess.shard import fetch_batch  # noqa: E402
+from preprocess.stage import run_shard_stage  # noqa: E402
+
+MAKE_LARGE = REPO.parent / "shared" / "corpus" / "make_large.py"
+LABELS = ("person", "animal", "object", "science", "texture", "document", "scene")
+
+
+def ensure_corpus(folder: Path, n: int) -> Path:
+    manifest = folder / "manifest.jsonl"
+    if not manifest.exists() or sum(1 for _ in manifest.open()) != n:
+        subprocess.run([sys.executable, str(MAKE_LARGE), str(folder), str(n)], check=True)
+    return manifest
+
+
+def stage_rate(manifest: Path, out: Path, cfg: ShardConfig, workers: int) -> tuple[float, float, dict]:
+    import ray
+
+    started = time.perf_counter()
+    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    ray_start = time.perf_counter() - started
+    t0 = time.perf_counter()
+    summary = run_shard_stage(str(manifest), str(out), cfg, progress=False)
+    seconds = time.perf_counter() - t0
+    ray.shutdown()
+    return summary["accepted"] / seconds, ray_start, summary
+
+
+def loop_rate(manifest: Path, out: Path, cfg: ShardConfig) -> float:
+    t0 = time.perf_counter()
+    rows, _ = read_manifest(str(manifest), cfg, {})
+    written = 0
+    tar_index = 0
+    tar = None
+    for row, raw in fetch_batch(rows, {}):
+        if written % cfg.samples_per_shard == 0:
+            if tar:
+                tar.close()
+            tar = wds.TarWriter(str(out / f"loop-{tar_index:06d}.tar"), encoder=False)
+            tar_index += 1
+        tar.write(process_sample(row, raw, cfg).record)
+        written += 1
+    tar.close()
+    return written / (time.perf_counter() - t0)
+
+
+def bare_rate(manifest: Path, cfg: ShardConfig) -> float:
+    paths = [manifest.parent / json.loads(line)["image"] for line in manifest.open()]
+    side = draft_side(cfg.image)
+    t0 = time.perf_counter()
+    for path in paths:
+        img = Image.open(io.BytesIO(path.read_bytes()))
+        img.draft("RGB", (side, side))
+        img = resize_image(img.convert("RGB"), cfg.image.size, "crop")
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=cfg.image.quality)
+    return len(paths) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "tessera-bench-corpus")
+    args = ap.parse_args()
+    manifest = ensure_corpus(args.data, args.n)
+    cfg = ShardConfig(labels=LABELS)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        c = bare_rate(manifest, cfg)  # also warms the page cache for every image
+        b = loop_rate(manifest, out, cfg)
+        a, ray_start, summary = stage_rate(manifest, out / "stage", cfg, args.workers)
+    print(f"samples: {args.n} ({summary['accepted']} accepted), cores: {os.cpu_count()}, workers: {args.workers}")
+    print(f"(a) tessera shard stage   : {a:8.1f} samples/s  (Ray start-up {ray_start:.1f} s, not included)")
+    print(f"(b) single-process loop   : {b:8.1f} samples/s  (same per-sample function and tar writer)")
+    print(f"(c) bare decode/resize/enc: {c:8.1f} images/s   (images only, draft decoding, no framework)")
+    print(f"a/b       = {a / b:.2f}   (target >= 1.6)")
+    print(f"a/(c x {args.workers}) = {a / (c * args.workers):.2f}   (target >= 0.75)")
+
+
+if __name__ == "__main__":
+    main()
