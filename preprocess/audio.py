@@ -48,10 +48,10 @@ def decode_audio(data: bytes, cfg: AudioConfig) -> tuple[np.ndarray, int, dict]:
     if truncation:
         raise Reject("audio", truncation)
     try:
-        info = sf.info(io.BytesIO(data))
-        if info.format not in cfg.formats:
-            raise Reject("audio", f"format {info.format} not in the allowed formats {list(cfg.formats)}")
-        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            if f.format not in cfg.formats:
+                raise Reject("audio", f"format {f.format} not in the allowed formats {list(cfg.formats)}")
+            samples, rate = f.read(dtype="float32", always_2d=True), f.samplerate
     except sf.LibsndfileError as e:
         raise Reject("audio", f"audio cannot be decoded: {e}") from None
     if not np.isfinite(samples).all():

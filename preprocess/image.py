@@ -21,7 +21,7 @@ TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and
 class ImageResult:
     data: bytes
     meta: dict
-    pixels: np.ndarray  # the stored pixels, HxWx3 uint8, for dataset statistics
+    histogram: list[int]  # of the stored pixels (3 x 256 counts), for dataset statistics
 
 
 def open_image(data: bytes, cfg: ImageConfig) -> Image.Image:
@@ -68,7 +68,8 @@ def decode_image(
     JPEGs are DCT-downscaled while decoding when the target size allows."""
     img = open_image(data, cfg)
     source_size = img.size
-    if img.getexif().get(ExifTags.Base.Orientation, 1) in TRANSPOSING_ORIENTATIONS:
+    orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+    if orientation in TRANSPOSING_ORIENTATIONS:
         source_size = source_size[::-1]
     if min(source_size) < cfg.min_side:
         raise Reject("image", f"image {source_size[0]}x{source_size[1]} is below the minimum side {cfg.min_side}")
@@ -77,7 +78,8 @@ def decode_image(
         img.draft(None, (min_decoded_side, min_decoded_side))
     try:
         img.load()
-        img = ImageOps.exif_transpose(img)
+        if orientation != 1:
+            ImageOps.exif_transpose(img, in_place=True)
     except Image.DecompressionBombError as e:
         raise Reject("image", f"decompression bomb: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:
@@ -175,4 +177,4 @@ def process_image(data: bytes, cfg: ImageConfig, rng: np.random.Generator) -> Im
     if params:
         meta["augment"] = {**meta.get("augment", {}), **params}
     meta["size"] = list(img.size)
-    return ImageResult(encode_image(img, cfg.output_format, cfg.quality), meta, np.asarray(img))
+    return ImageResult(encode_image(img, cfg.output_format, cfg.quality), meta, img.histogram())

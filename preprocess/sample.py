@@ -23,7 +23,7 @@ VIDEO_EXT = "frames.npy"
 class SampleOutput:
     record: dict[str, bytes | str]  # __key__ (str), then WebDataset members (bytes) by extension
     modalities: tuple[str, ...]
-    pixels: np.ndarray | None = None
+    pixel_histogram: list[int] | None = None
     audio_rms_db: float | None = None
     text_chars: int | None = None
 
@@ -70,7 +70,7 @@ def process_sample(row: ManifestRow, raw: dict[str, bytes], cfg: ShardConfig) ->
     if "image" in raw:
         image = process_image(raw["image"], cfg.image, rng)
         out.record[cfg.image.output_format] = image.data
-        out.pixels = image.pixels
+        out.pixel_histogram = image.histogram
         meta["image"] = image.meta
     if "audio" in raw:
         audio = process_audio(raw["audio"], cfg.audio)

@@ -149,8 +149,8 @@ def write_shard(plan: ShardPlan, cfg: ShardConfig, out_dir: str, storage_options
                     continue
                 tar.write(result.record)
                 index.append(index_row(plan, row, digests[row.key], result))
-                if result.pixels is not None:
-                    stats.add_image(result.pixels)
+                if result.pixel_histogram is not None:
+                    stats.add_image(result.pixel_histogram)
                 if result.audio_rms_db is not None:
                     stats.add_audio(result.audio_rms_db)
                 if result.text_chars is not None:

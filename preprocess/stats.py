@@ -6,12 +6,14 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+LEVELS = np.arange(256, dtype=np.float64) / 255.0
+
 
 @dataclass
 class DatasetStats:
-    pixel_count: int = 0
-    pixel_sum: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
-    pixel_sumsq: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    # Per-channel 8-bit histograms (3 x 256 counts): exact, cheap to gather (Pillow counts
+    # them in C) and to merge; means and deviations are derived from them.
+    pixel_histogram: list[int] = field(default_factory=lambda: [0] * 768)
     audio_count: int = 0
     audio_db_sum: float = 0.0
     audio_db_sumsq: float = 0.0
@@ -19,11 +21,9 @@ class DatasetStats:
     text_chars_sum: int = 0
     text_chars_max: int = 0
 
-    def add_image(self, pixels: np.ndarray) -> None:
-        flat = pixels.reshape(-1, 3).astype(np.float64) / 255.0
-        self.pixel_count += len(flat)
-        self.pixel_sum = (np.array(self.pixel_sum) + flat.sum(0)).tolist()
-        self.pixel_sumsq = (np.array(self.pixel_sumsq) + np.square(flat).sum(0)).tolist()
+    def add_image(self, histogram: list[int]) -> None:
+        """histogram: Pillow's Image.histogram() of an RGB image."""
+        self.pixel_histogram = (np.add(self.pixel_histogram, histogram, dtype=np.int64)).tolist()
 
     def add_audio(self, rms_db: float) -> None:
         self.audio_count += 1
@@ -37,9 +37,7 @@ class DatasetStats:
 
     def merge(self, other: DatasetStats) -> DatasetStats:
         return DatasetStats(
-            self.pixel_count + other.pixel_count,
-            (np.add(self.pixel_sum, other.pixel_sum)).tolist(),
-            (np.add(self.pixel_sumsq, other.pixel_sumsq)).tolist(),
+            np.add(self.pixel_histogram, other.pixel_histogram, dtype=np.int64).tolist(),
             self.audio_count + other.audio_count,
             self.audio_db_sum + other.audio_db_sum,
             self.audio_db_sumsq + other.audio_db_sumsq,
@@ -65,10 +63,12 @@ class DatasetStats:
             std = np.sqrt(np.maximum(np.asarray(total_sq) / n - mean**2, 0))
             return np.round(mean, 6).tolist(), np.round(std, 6).tolist()
 
-        img_mean, img_std = mean_std(self.pixel_sum, self.pixel_sumsq, self.pixel_count)
+        counts = np.asarray(self.pixel_histogram, np.float64).reshape(3, 256)
+        pixels = int(counts[0].sum())
+        img_mean, img_std = mean_std(counts @ LEVELS, counts @ LEVELS**2, pixels)
         db_mean, db_std = mean_std(self.audio_db_sum, self.audio_db_sumsq, self.audio_count)
         return {
-            "image": {"mean": img_mean, "std": img_std, "pixels": self.pixel_count},
+            "image": {"mean": img_mean, "std": img_std, "pixels": pixels},
             "audio": {"rms_db_mean": db_mean, "rms_db_std": db_std, "clips": self.audio_count},
             "text": {
                 "chars_mean": round(self.text_chars_sum / self.text_count, 3) if self.text_count else None,
