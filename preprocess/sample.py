@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -23,9 +23,14 @@ VIDEO_EXT = "frames.npy"
 class SampleOutput:
     record: dict[str, bytes | str]  # __key__ (str), then WebDataset members (bytes) by extension
     modalities: tuple[str, ...]
+    members: dict[str, str] = field(default_factory=dict)  # modality -> its member's extension
     pixel_histogram: list[int] | None = None
     audio_rms_db: float | None = None
     text_chars: int | None = None
+
+    def payload(self, modality: str) -> bytes | None:
+        ext = self.members.get(modality)
+        return None if ext is None else self.record[ext]
 
     @property
     def stored_bytes(self) -> int:
@@ -64,26 +69,29 @@ def process_sample(row: ManifestRow, raw: dict[str, bytes], cfg: ShardConfig) ->
     text = _text(row, raw, cfg, text_meta)
     if text is not None:
         out.record["txt"] = text.encode()
+        out.members["text"] = "txt"
         out.text_chars = len(text)
     if text_meta:
         meta["text"] = text_meta
     if "image" in raw:
         image = process_image(raw["image"], cfg.image, rng)
         out.record[cfg.image.output_format] = image.data
+        out.members["image"] = cfg.image.output_format
         out.pixel_histogram = image.histogram
         meta["image"] = image.meta
     if "audio" in raw:
         audio = process_audio(raw["audio"], cfg.audio)
         out.record[cfg.audio.output_format] = audio.data
+        out.members["audio"] = cfg.audio.output_format
         out.audio_rms_db = audio.rms_db
         meta["audio"] = audio.meta
     if "video" in raw:
         video = process_video(raw["video"], cfg.video)
         out.record[VIDEO_EXT] = video.data
+        out.members["video"] = VIDEO_EXT
         meta["video"] = video.meta
-    present = {"text"} if text is not None else set()
-    present |= {m for m in ("image", "audio", "video") if m in raw}
-    out.modalities = tuple(m for m in MODALITIES if m in present)
+    out.modalities = tuple(m for m in MODALITIES if m in out.members)
+    present = set(out.modalities)
     missing = [m for m in cfg.required_modalities if m not in present]
     if missing:
         raise Reject(missing[0], f"required modality {missing[0]} is empty after normalization")

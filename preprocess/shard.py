@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import webdataset as wds
 
-from preprocess.config import ShardConfig
+from preprocess.config import MODALITIES, ShardConfig
 from preprocess.manifest import LineReject, ManifestRow
 from preprocess.reject import Reject
 from preprocess.sample import SampleOutput, process_sample
@@ -53,6 +53,10 @@ class ShardPlan:
         for row, digest in zip(self.rows, self.digests, strict=True):
             h.update(f"\0{row.key}\0{row.label}\0{digest.content_id}".encode())
         return h.hexdigest()[:16]
+
+
+def _sha256(data: bytes | None) -> str | None:
+    return None if data is None else hashlib.sha256(data).hexdigest()
 
 
 def _reject(row: ManifestRow, modality: str | None, reason: str) -> LineReject:
@@ -123,7 +127,9 @@ def index_row(plan: ShardPlan, row: ManifestRow, digest: InputDigest, out: Sampl
         "line": row.line,
         "label": None if row.label is None else str(row.label),
         "modalities": list(out.modalities),
-        **{f"{m}_sha256": digest.sha256.get(m) for m in ("image", "text", "audio", "video")},
+        **{f"{m}_sha256": digest.sha256.get(m) for m in MODALITIES},
+        # what the embedding cache is keyed by: the stored (normalized) member's bytes
+        **{f"{m}_payload_sha256": _sha256(out.payload(m)) for m in MODALITIES},
         "raw_bytes": sum(digest.sizes.values()),
         "stored_bytes": out.stored_bytes,
     }

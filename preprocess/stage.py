@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import ray
 from tqdm import tqdm
 
-from preprocess.config import ShardConfig
+from preprocess.config import MODALITIES, ShardConfig
 from preprocess.manifest import LineReject, ManifestRow, read_manifest
 from preprocess.shard import InputDigest, ShardPlan, digest_inputs, write_shard
 from preprocess.stats import DatasetStats
@@ -29,8 +29,8 @@ SHARD_MARKER = re.compile(r"shard-\d{6,}\.json")
 INDEX_SCHEMA = pa.schema([
     ("key", pa.string()), ("source_key", pa.string()), ("shard", pa.string()), ("line", pa.int64()),
     ("label", pa.string()), ("modalities", pa.list_(pa.string())),
-    ("image_sha256", pa.string()), ("text_sha256", pa.string()),
-    ("audio_sha256", pa.string()), ("video_sha256", pa.string()),
+    *[(f"{m}_sha256", pa.string()) for m in MODALITIES],
+    *[(f"{m}_payload_sha256", pa.string()) for m in MODALITIES],
     ("raw_bytes", pa.int64()), ("stored_bytes", pa.int64()),
 ])
 

@@ -68,3 +68,15 @@ def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
 
 def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
     return json.loads(fs.cat_file(path))
+
+
+def iter_shard(url: str, storage_options: dict, select=None):
+    """Samples of a WebDataset tar on any fsspec URL, through webdataset's own tar iterators.
+
+    select(member_name) -> bool skips the bytes of members that are not needed."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    fs, path = filesystem(url, storage_options)
+    with fs.open(path, "rb") as stream:
+        files = tar_file_iterator(stream, select_files=select)
+        yield from group_by_keys({**f, "__url__": url} for f in files)

@@ -31,13 +31,18 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--samples-per-shard", type=int, help="shard.samples_per_shard")
     shard.add_argument("--seed", type=int, help="shard.seed")
     _common(shard)
+    embed = sub.add_parser("embed", help="committed shards -> per-modality embeddings (cached by content)")
+    embed.add_argument("shards", help="a shard stage's output folder, any fsspec URL")
+    embed.add_argument("--batch-size", type=int, help="embed.batch_size")
+    _common(embed)
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> TesseraConfig:
     overrides = list(args.overrides)
     for flag, field in (("address", "runtime.address"), ("workers", "runtime.workers"),
-                        ("samples_per_shard", "shard.samples_per_shard"), ("seed", "shard.seed")):
+                        ("samples_per_shard", "shard.samples_per_shard"), ("seed", "shard.seed"),
+                        ("batch_size", "embed.batch_size")):
         value = getattr(args, flag, None)
         if value is not None:
             overrides.append(f"{field}={json.dumps(value)}")
@@ -57,7 +62,17 @@ def cmd_shard(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     return 0
 
 
-COMMANDS = {"shard": cmd_shard}
+def cmd_embed(args: argparse.Namespace, cfg: TesseraConfig) -> int:
+    from features.stage import run_embed_stage
+    from workflows.runtime import start_ray
+
+    start_ray(cfg.runtime)
+    summary = run_embed_stage(args.shards, cfg.embed, cfg.runtime.storage_options, cfg.runtime.progress)
+    print(json.dumps({k: summary[k] for k in ("samples", "computed", "cache_hits", "seconds")}))
+    return 0
+
+
+COMMANDS = {"shard": cmd_shard, "embed": cmd_embed}
 
 
 def main(argv: list[str] | None = None) -> int:

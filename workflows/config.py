@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError
 
+from features.config import EmbedConfig
 from preprocess.config import ShardConfig, Strict
 
 
@@ -23,6 +24,7 @@ class RuntimeConfig(Strict):
 class TesseraConfig(Strict):
     runtime: RuntimeConfig = RuntimeConfig()
     shard: ShardConfig = ShardConfig()
+    embed: EmbedConfig = EmbedConfig()
 
 
 class ConfigError(ValueError):

