@@ -38,6 +38,9 @@ class AudioEncoderConfig(ModelConfig):
     kind: Literal["wav2vec2"] = "wav2vec2"
     sample_rate: int = Field(16_000, ge=1000)
     max_seconds: float = Field(30.0, gt=0)
+    # Clips are zero-padded up to a whole number of buckets, whatever they are batched with,
+    # so a clip's vector never depends on its batch; only clips of one bucket share a batch.
+    bucket_seconds: float = Field(1.0, gt=0)
 
 
 class VideoEncoderConfig(Strict):

@@ -208,7 +208,8 @@ class Wav2Vec2AudioEncoder(Encoder):
     cfg: AudioEncoderConfig
 
     def preprocessing(self) -> dict:
-        return {"sample_rate": self.cfg.sample_rate, "max_seconds": self.cfg.max_seconds, "pool": "mean"}
+        return {"sample_rate": self.cfg.sample_rate, "max_seconds": self.cfg.max_seconds,
+                "bucket_seconds": self.cfg.bucket_seconds, "pool": "mean"}
 
     def _build(self, folder: Path | None):
         from transformers import Wav2Vec2Config, Wav2Vec2Model
@@ -218,7 +219,8 @@ class Wav2Vec2AudioEncoder(Encoder):
         torch.manual_seed(self.cfg.seed)
         return Wav2Vec2Model(Wav2Vec2Config(**(self.cfg.architecture or TINY_WAV2VEC2)))
 
-    def prepare(self, payload: bytes) -> np.ndarray:
+    def prepare(self, payload: bytes) -> tuple[np.ndarray, int]:
+        """(zero-padded normalized samples, number of real samples)."""
         import soundfile as sf
         import soxr
 
@@ -228,21 +230,27 @@ class Wav2Vec2AudioEncoder(Encoder):
             samples = soxr.resample(samples, rate, self.cfg.sample_rate)
         samples = samples[: int(self.cfg.max_seconds * self.cfg.sample_rate)]
         # zero mean, unit variance: what Wav2Vec2FeatureExtractor does before the model
-        return ((samples - samples.mean()) / np.sqrt(samples.var() + 1e-7)).astype(np.float32)
+        samples = (samples - samples.mean()) / np.sqrt(samples.var() + 1e-7)
+        bucket = int(self.cfg.bucket_seconds * self.cfg.sample_rate)
+        padded = np.zeros(max(1, -(-len(samples) // bucket)) * bucket, np.float32)
+        padded[: len(samples)] = samples
+        return padded, len(samples)
 
     @torch.inference_mode()
-    def embed(self, items: list[np.ndarray]) -> np.ndarray:
-        lengths = torch.tensor([len(x) for x in items])
-        batch = torch.zeros(len(items), int(lengths.max()))
-        for i, x in enumerate(items):
-            batch[i, : len(x)] = torch.from_numpy(x)
-        mask = (torch.arange(batch.shape[1])[None, :] < lengths[:, None]).long()
-        with self._autocast():
-            hidden = self.model(batch.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
-        frames = self.model._get_feat_extract_output_lengths(lengths).to(self.device)
-        valid = (torch.arange(hidden.shape[1], device=self.device)[None, :] < frames[:, None]).unsqueeze(-1)
-        pooled = (hidden.float() * valid).sum(1) / frames.clamp(min=1)[:, None]
-        return pooled.cpu().numpy()
+    def embed(self, items: list[tuple[np.ndarray, int]]) -> np.ndarray:
+        out = np.zeros((len(items), self.dim), np.float32)
+        by_length: dict[int, list[int]] = {}
+        for i, (padded, _) in enumerate(items):
+            by_length.setdefault(len(padded), []).append(i)
+        for rows in by_length.values():
+            batch = torch.from_numpy(np.stack([items[i][0] for i in rows])).to(self.device)
+            lengths = torch.tensor([items[i][1] for i in rows])
+            with self._autocast():
+                hidden = self.model(batch).last_hidden_state.float()
+            frames = self.model._get_feat_extract_output_lengths(lengths).clamp(min=1).to(self.device)
+            valid = (torch.arange(hidden.shape[1], device=self.device)[None, :] < frames[:, None]).unsqueeze(-1)
+            out[rows] = ((hidden * valid).sum(1) / frames[:, None]).cpu().numpy()
+        return out
 
     @property
     def dim(self) -> int:

