@@ -126,7 +126,8 @@ def run_embed_stage(shards: str, cfg: EmbedConfig, storage_options: dict | None 
 
     # plan: the first sample with a payload not in the cache computes it
     work: dict[str, dict[str, dict[str, str]]] = {}
-    counts = {m: {"samples": 0, "unique": 0, "cache_hits": 0, "computed": 0, "errors": 0} for m in encoders}
+    counts = {m: {"samples": 0, "unique": 0, "cache_hits": 0, "computed": 0, "errors": 0, "model_seconds": 0.0}
+              for m in encoders}
     owned: dict[str, set[str]] = {m: set() for m in encoders}
     for row in index:
         for modality in encoders:
@@ -155,6 +156,7 @@ def run_embed_stage(shards: str, cfg: EmbedConfig, storage_options: dict | None 
             for modality, n in result["computed"].items():
                 counts[modality]["computed"] += n
                 counts[modality]["errors"] += result["errors"][modality]
+                counts[modality]["model_seconds"] += round(result["model_seconds"][modality], 3)
             bar.update()
         bar.close()
         for actor in actors:

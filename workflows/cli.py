@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from workflows.config import ConfigError, TesseraConfig, load_config
 
@@ -35,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("shards", help="a shard stage's output folder, any fsspec URL")
     embed.add_argument("--batch-size", type=int, help="embed.batch_size")
     _common(embed)
+    train = sub.add_parser("train", help="DeepSpeed training on the shards and their embeddings, on Ray")
+    train.add_argument("shards", help="a shard stage's output folder, embedded")
+    train.add_argument("--run-dir", help="checkpoints, metrics and the exported model (default: runs/NAME)")
+    _common(train)
     return parser
 
 
@@ -72,7 +77,18 @@ def cmd_embed(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     return 0
 
 
-COMMANDS = {"shard": cmd_shard, "embed": cmd_embed}
+def cmd_train(args: argparse.Namespace, cfg: TesseraConfig) -> int:
+    from train.stage import run_train_stage
+    from workflows.runtime import start_ray
+
+    start_ray(cfg.runtime)
+    run_dir = args.run_dir or str(Path("runs") / Path(args.shards.rstrip("/")).name)
+    summary = run_train_stage(args.shards, run_dir, cfg.train, cfg.runtime.storage_options)
+    print(json.dumps({k: summary[k] for k in ("steps", "final_loss", "val_accuracy", "model")}))
+    return 0
+
+
+COMMANDS = {"shard": cmd_shard, "embed": cmd_embed, "train": cmd_train}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from pydantic import Field, ValidationError
 
 from features.config import EmbedConfig
 from preprocess.config import ShardConfig, Strict
+from train.config import TrainConfig
 
 
 class RuntimeConfig(Strict):
@@ -25,6 +26,7 @@ class TesseraConfig(Strict):
     runtime: RuntimeConfig = RuntimeConfig()
     shard: ShardConfig = ShardConfig()
     embed: EmbedConfig = EmbedConfig()
+    train: TrainConfig = TrainConfig()
 
 
 class ConfigError(ValueError):

@@ -1,0 +1,64 @@
+"""Typed settings of the training stage."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from preprocess.config import Strict
+
+
+class ModelConfig(Strict):
+    modalities: tuple[Literal["text", "image", "audio", "video"], ...] = ("text", "image", "audio", "video")
+    hidden: int = Field(128, gt=0)
+    fusion: Literal["concat", "weighted_sum", "attention"] = "concat"
+    attention_heads: int = Field(4, gt=0)
+    blocks: int = Field(2, ge=1, description="residual MLP blocks after fusion")
+    dropout: float = Field(0.1, ge=0, lt=1)
+    # a small trainable CNN on the shard's pixels, normalized with the shard statistics
+    image_branch: bool = False
+    image_branch_size: int = Field(64, gt=0)
+    classification_weight: float = Field(1.0, ge=0)
+    contrastive_weight: float = Field(0.0, ge=0, description="image-text InfoNCE loss weight")
+    temperature: float = Field(0.07, gt=0)
+
+
+class TrainConfig(Strict):
+    model: ModelConfig = ModelConfig()
+    workers: int = Field(2, gt=0, description="Ray Train workers (processes)")
+    cpus_per_worker: float = Field(1, gt=0)
+    use_gpu: bool | Literal["auto"] = "auto"
+    parallel: Literal["data", "pipeline"] = "data"
+    pipeline_stages: int = Field(2, ge=2)
+    zero_stage: int = Field(2, ge=0, le=3)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPUs that have it
+    epochs: int = Field(3, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
+    micro_batch_size: int = Field(16, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    scheduler: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float = Field(1.0, ge=0)
+    seed: int = 0
+    val_fraction: float = Field(0.2, ge=0, lt=1, description="share of keys (by hash) held out")
+    shuffle_buffer: int = Field(64, ge=1)
+    loader_workers: int = Field(2, ge=0)
+    checkpoint_every: int = Field(50, gt=0, description="optimizer steps between checkpoints")
+    keep_checkpoints: int = Field(3, gt=0)
+
+    @model_validator(mode="after")
+    def _compatible(self) -> TrainConfig:
+        if self.parallel == "pipeline":
+            if self.workers % self.pipeline_stages:
+                raise ValueError(f"workers ({self.workers}) must be a multiple of pipeline_stages "
+                                 f"({self.pipeline_stages})")
+            if self.zero_stage > 1:
+                raise ValueError("pipeline parallelism works with zero_stage 0 or 1 (DeepSpeed's limit)")
+            if self.model.contrastive_weight:
+                raise ValueError("the contrastive loss needs the whole batch on one stage: use parallel: data")
+        if self.model.contrastive_weight and not {"image", "text"} <= set(self.model.modalities):
+            raise ValueError("the contrastive loss needs both image and text in model.modalities")
+        return self

@@ -1,0 +1,214 @@
+"""The program every training worker runs: plain arguments in (rank and world passed
+explicitly), so it runs under Ray Train or any other launcher that set up torch.distributed."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from train.config import TrainConfig
+from train.data import DatasetInfo, StreamSpec, loader
+from train.model import MultimodalModel
+from train.parallel import build_engine, resolve_precision
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    cfg: TrainConfig
+    info: DatasetInfo
+    run_dir: str  # a folder every worker can write (local disk or a shared filesystem)
+
+
+def _inputs(batch: dict, device) -> tuple:
+    inputs = [batch["features"].to(device), batch["mask"].to(device)]
+    if "pixels" in batch:
+        inputs.append(batch["pixels"].to(device))
+    return tuple(inputs)
+
+
+def _pipeline_items(batches, device):
+    for batch in batches:
+        yield _inputs(batch, device), (batch["labels"].to(device), batch["weights"].to(device))
+
+
+def _mean_over_ranks(value: float, device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
+
+
+def _sum_over_ranks(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _seed_step(cfg: TrainConfig, step: int, rank: int) -> None:
+    # dropout draws depend on (seed, step, rank) only, so a resumed run repeats them exactly
+    torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)
+
+
+def _validate(engine, spec: StreamSpec, epoch: int, pipeline: bool, device) -> dict:
+    loss_sum = correct = count = 0.0
+    engine.eval()
+    with torch.no_grad():
+        if pipeline:
+            items = _pipeline_items(loader(spec, epoch), device)
+            for _ in range(spec.batches_per_rank // engine.micro_batches):
+                micro = [next(items) for _ in range(engine.micro_batches)]
+                loss, logits = engine.eval_batch(iter(micro), return_logits=True)
+                if engine.is_last_stage():
+                    labels = torch.cat([m[1][0] for m in micro])
+                    weights = torch.cat([m[1][1] for m in micro])
+                    correct += float(((logits.argmax(-1) == labels).float() * weights).sum())
+                    count += float(weights.sum())
+                    loss_sum += float(loss) * float(weights.sum())
+        else:
+            for batch in loader(spec, epoch):
+                loss, logits = engine(_inputs(batch, device), batch["labels"].to(device), batch["weights"].to(device))
+                weights = batch["weights"].to(device)
+                correct += float(((logits.argmax(-1) == batch["labels"].to(device)).float() * weights).sum())
+                count += float(weights.sum())
+                loss_sum += float(loss) * float(weights.sum())
+    engine.train()
+    loss_sum, correct, count = _sum_over_ranks([loss_sum, correct, count], device)
+    return {"val_loss": loss_sum / max(count, 1), "val_accuracy": correct / max(count, 1), "val_samples": count}
+
+
+def _save(engine, ckpt_dir: Path, step: int, epoch: int, batch: int, keep: int) -> None:
+    tag = f"step-{step:07d}"
+    # DeepSpeed writes `latest` only after every rank has written its part of this tag
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "epoch": epoch, "batch": batch})
+    if dist.get_rank() == 0:
+        tags = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())
+        for old in tags[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _export(engine, model: MultimodalModel, job: TrainJob, ckpt_dir: Path, tag: str, pipeline: bool) -> None:
+    """Consolidated fp32 weights (safetensors) + what is needed to rebuild the model."""
+    from safetensors.torch import save_file
+
+    cfg = job.cfg
+    if pipeline:
+        for i, layer in enumerate(model.layers()):
+            path = ckpt_dir / tag / f"layer_{i:02d}-model_00-model_states.pt"
+            layer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        state = model.state_dict()
+    elif cfg.zero_stage == 0:
+        state = engine.module.state_dict()
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+    run = Path(job.run_dir)
+    save_file(state, str(run / "model.safetensors"), metadata={"format": "pt"})
+    (run / "model.json").write_text(json.dumps({
+        "dims": job.info.dims, "labels": list(job.info.labels), "model": cfg.model.model_dump(mode="json"),
+        "pixel_mean": job.info.pixel_mean, "pixel_std": job.info.pixel_std, "checkpoint": tag,
+    }, indent=1))
+
+
+def run_worker(job: TrainJob, rank: int, world: int) -> dict:
+    cfg, info = job.cfg, job.info
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = MultimodalModel(info.dims, len(info.labels), cfg.model)
+    data_world = world // cfg.pipeline_stages if cfg.parallel == "pipeline" else world
+
+    def spec(split: str, data_rank: int) -> StreamSpec:
+        return StreamSpec(info, split, cfg.val_fraction, cfg.micro_batch_size, cfg.shuffle_buffer, cfg.seed,
+                          cfg.model.image_branch_size if cfg.model.image_branch else None, data_rank, data_world,
+                          max(1, cfg.loader_workers), cfg.grad_accum)
+
+    steps_per_epoch = spec("train", 0).batches_per_rank // cfg.grad_accum
+    total_steps = min(cfg.max_steps or 1 << 62, cfg.epochs * steps_per_epoch)
+    engine, data_rank, _, pipeline = build_engine(model, cfg, world, total_steps,
+                                                  resolve_precision(cfg, on_gpu))
+    train_spec, val_spec = spec("train", data_rank), spec("val", data_rank)
+    run = Path(job.run_dir)
+    ckpt_dir = run / CHECKPOINTS
+    step, epoch, batch_pos = 0, 0, 0
+    if (ckpt_dir / "latest").exists():
+        _, client = engine.load_checkpoint(str(ckpt_dir))
+        step, epoch, batch_pos = client["step"], client["epoch"], client["batch"]
+        if batch_pos >= train_spec.batches_per_rank:
+            epoch, batch_pos = epoch + 1, 0
+        if rank == 0:
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt_dir, step, epoch, batch_pos)
+    metrics = (run / METRICS).open("a") if rank == 0 else None
+    bar = tqdm(total=total_steps, initial=step, unit="step", desc="train", disable=rank != 0)
+    last_saved = step
+    while epoch < cfg.epochs and step < total_steps:
+        batches = iter(loader(train_spec, epoch, batch_pos))
+        pipe_items = _pipeline_items(batches, device) if pipeline else None
+        while batch_pos < train_spec.batches_per_rank and step < total_steps:
+            started = time.perf_counter()
+            _seed_step(cfg, step, rank)
+            if pipeline:
+                loss = float(engine.train_batch(data_iter=pipe_items))
+            else:
+                losses = []
+                for _ in range(cfg.grad_accum):
+                    b = next(batches)
+                    loss, _ = engine(_inputs(b, device), b["labels"].to(device), b["weights"].to(device))
+                    engine.backward(loss)
+                    engine.step()
+                    losses.append(float(loss))
+                loss = sum(losses) / len(losses)
+            batch_pos += cfg.grad_accum
+            step += 1
+            loss = _mean_over_ranks(loss, device) if not pipeline else loss
+            seconds = time.perf_counter() - started
+            samples = cfg.micro_batch_size * cfg.grad_accum * (world // (cfg.pipeline_stages if pipeline else 1))
+            if metrics:
+                metrics.write(json.dumps({"step": step, "epoch": epoch, "loss": loss,
+                                          "lr": engine.get_lr()[0], "samples_per_s": samples / seconds}) + "\n")
+                metrics.flush()
+            bar.update()
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if step % cfg.checkpoint_every == 0:
+                _save(engine, ckpt_dir, step, epoch, batch_pos, cfg.keep_checkpoints)
+                last_saved = step
+        if batch_pos >= train_spec.batches_per_rank:
+            result = _validate(engine, val_spec, epoch, pipeline, device) if info.counts["val"] else {}
+            if metrics:
+                metrics.write(json.dumps({"epoch": epoch, "step": step, **result}) + "\n")
+                metrics.flush()
+            epoch, batch_pos = epoch + 1, 0
+    bar.close()
+    if last_saved != step or not (ckpt_dir / "latest").exists():
+        _save(engine, ckpt_dir, step, epoch, batch_pos, cfg.keep_checkpoints)
+    tag = (ckpt_dir / "latest").read_text().strip()
+    dist.barrier()
+    if rank == 0:
+        _export(engine, model, job, ckpt_dir, tag, pipeline)
+        metrics.close()
+    dist.barrier()
+    return {"steps": step, "checkpoint": tag}
+
+
+def ray_worker(config: dict) -> None:
+    """Ray Train's loop_per_worker: DeepSpeed on the CPU accelerator where there is no GPU."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import ray.train
+
+    context = ray.train.get_context()
+    run_worker(config["job"], context.get_world_rank(), context.get_world_size())

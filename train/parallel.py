@@ -1,0 +1,81 @@
+"""How the plain model is parallelized: a DeepSpeed config from TrainConfig, and either a
+ZeRO data-parallel engine or a PipelineModule engine over the model's own layers."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from train.config import TrainConfig
+from train.model import MultimodalModel, classification_loss
+
+
+def resolve_precision(cfg: TrainConfig, on_gpu: bool) -> str:
+    if not on_gpu:
+        return "fp32"  # CPU: DeepSpeed's CPU accelerator trains in fp32 here
+    if cfg.precision != "auto":
+        return cfg.precision
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def deepspeed_config(cfg: TrainConfig, data_parallel: int, precision: str) -> dict:
+    config = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * data_parallel,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        config["fp16"] = {"enabled": True, "initial_scale_power": 12}
+    return config
+
+
+def optimizer_and_schedule(params, cfg: TrainConfig, total_steps: int):
+    """AdamW with linear warm-up then cosine (or constant) decay, both plain torch."""
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.scheduler == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class PipelineLoss:
+    """Loss of the last pipeline stage: labels arrive as (class, weight)."""
+
+    def __call__(self, logits: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        classes, weights = labels
+        return classification_loss(logits, classes, weights)
+
+
+def build_engine(model: MultimodalModel, cfg: TrainConfig, world: int, total_steps: int, precision: str):
+    """(engine, data-parallel rank, data-parallel size, is pipeline)."""
+    import deepspeed
+
+    if cfg.parallel == "pipeline":
+        from deepspeed.pipe import PipelineModule
+
+        module = PipelineModule(layers=model.layers(), num_stages=cfg.pipeline_stages, loss_fn=PipelineLoss(),
+                                partition_method="parameters", activation_checkpoint_interval=0)
+        data_parallel = world // cfg.pipeline_stages
+    else:
+        module = model
+        data_parallel = world
+    optimizer, schedule = optimizer_and_schedule([p for p in module.parameters() if p.requires_grad], cfg,
+                                                 total_steps)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule,
+                                           config=deepspeed_config(cfg, data_parallel, precision))
+    if cfg.parallel == "pipeline":
+        return engine, engine.grid.get_data_parallel_rank(), data_parallel, True
+    return engine, engine.global_rank, data_parallel, False
