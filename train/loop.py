@@ -90,13 +90,22 @@ def _validate(engine, spec: StreamSpec, epoch: int, pipeline: bool, device) -> d
 
 
 def _save(engine, ckpt_dir: Path, step: int, epoch: int, batch: int, keep: int) -> None:
+    """Save a tag, then point `latest` at it only once every rank has written its part.
+
+    (DeepSpeed's own `latest` is written by rank 0 without waiting for the others' ZeRO
+    files, so a rank dying mid-save could leave `latest` on an incomplete checkpoint.)"""
     tag = f"step-{step:07d}"
-    # DeepSpeed writes `latest` only after every rank has written its part of this tag
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "epoch": epoch, "batch": batch})
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "epoch": epoch, "batch": batch},
+                           save_latest=False)
+    dist.barrier()
     if dist.get_rank() == 0:
+        tmp = ckpt_dir / f"latest.tmp-{os.getpid()}"
+        tmp.write_text(tag)
+        os.replace(tmp, ckpt_dir / "latest")
         tags = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())
         for old in tags[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
 
 
 def _export(engine, model: MultimodalModel, job: TrainJob, ckpt_dir: Path, tag: str, pipeline: bool) -> None:
@@ -106,7 +115,7 @@ def _export(engine, model: MultimodalModel, job: TrainJob, ckpt_dir: Path, tag: 
     cfg = job.cfg
     if pipeline:
         for i, layer in enumerate(model.layers()):
-            path = ckpt_dir / tag / f"layer_{i:02d}-model_00-model_states.pt"
+            path = ckpt_dir / tag / f"layer_{i:02d}-model_states.pt"
             layer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         state = model.state_dict()
     elif cfg.zero_stage == 0:
@@ -170,7 +179,7 @@ def run_worker(job: TrainJob, rank: int, world: int) -> dict:
                     loss, _ = engine(_inputs(b, device), b["labels"].to(device), b["weights"].to(device))
                     engine.backward(loss)
                     engine.step()
-                    losses.append(float(loss))
+                    losses.append(loss.item())
                 loss = sum(losses) / len(losses)
             batch_pos += cfg.grad_accum
             step += 1

@@ -63,6 +63,8 @@ def build_engine(model: MultimodalModel, cfg: TrainConfig, world: int, total_ste
     """(engine, data-parallel rank, data-parallel size, is pipeline)."""
     import deepspeed
 
+    # adopts the process group the launcher (Ray Train) created
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     if cfg.parallel == "pipeline":
         from deepspeed.pipe import PipelineModule
 
