@@ -1,0 +1,76 @@
+"""The plain model: fusion modes, masking, losses — no DeepSpeed, no Ray."""
+
+import pytest
+import torch
+
+from train.config import ModelConfig
+from train.model import MultimodalModel, classification_loss, contrastive_loss
+
+DIMS = {"text": 6, "image": 5, "audio": 4}
+
+
+def batch(n: int = 4, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(n, sum(DIMS.values()), generator=g)
+    mask = torch.ones(n, len(DIMS))
+    return features, mask
+
+
+@pytest.mark.parametrize("fusion", ["concat", "weighted_sum", "attention"])
+def test_absent_modalities_are_masked_not_read(fusion):
+    torch.manual_seed(0)
+    model = MultimodalModel(DIMS, 3, ModelConfig(hidden=16, fusion=fusion, dropout=0.0)).eval()
+    features, mask = batch()
+    mask[:, 2] = 0  # no audio
+    other = features.clone()
+    other[:, -DIMS["audio"]:] = 123.0  # whatever sits in an absent modality's slot
+    out = model((features, mask))
+    assert out.shape == (4, 3)
+    torch.testing.assert_close(out, model((other, mask)))
+    mask_with_audio = mask.clone()
+    mask_with_audio[:, 2] = 1
+    assert not torch.allclose(out, model((features, mask_with_audio)))
+
+
+def test_pipeline_layers_compute_the_same_function():
+    torch.manual_seed(0)
+    model = MultimodalModel(DIMS, 3, ModelConfig(hidden=16, dropout=0.0)).eval()
+    x = batch()
+    out = x
+    for layer in model.layers():
+        out = layer(out)
+    torch.testing.assert_close(out, model(x))
+
+
+def test_image_branch_adds_a_token():
+    torch.manual_seed(0)
+    model = MultimodalModel(DIMS, 3, ModelConfig(hidden=16, image_branch=True, image_branch_size=32)).eval()
+    features, mask = batch(2)
+    pixels = torch.randn(2, 3, 32, 32)
+    assert model((features, mask, pixels)).shape == (2, 3)
+    assert not torch.allclose(model((features, mask, pixels)), model((features, mask, pixels * 2)))
+
+
+def test_padding_rows_carry_no_loss_or_gradient():
+    logits = torch.randn(4, 3, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 0])
+    weights = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    loss = classification_loss(logits, labels, weights)
+    loss.backward()
+    assert torch.all(logits.grad[2:] == 0)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits[:2], labels[:2]))
+
+
+def test_multitask_loss_with_contrastive_term():
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden=16, contrastive_weight=0.5, dropout=0.0)
+    model = MultimodalModel(DIMS, 3, cfg)
+    features, mask = batch(6)
+    loss, logits = model((features, mask), torch.tensor([0, 1, 2, 0, 1, 2]), torch.ones(6))
+    classification_only = MultimodalModel(DIMS, 3, ModelConfig(hidden=16, dropout=0.0))
+    classification_only.load_state_dict(model.state_dict())
+    base, _ = classification_only((features, mask), torch.tensor([0, 1, 2, 0, 1, 2]), torch.ones(6))
+    assert loss > base and torch.isfinite(loss)
+    loss.backward()
+    one = torch.ones(1, 4, dtype=torch.bool)[0, :1]
+    assert contrastive_loss(torch.randn(1, 4), torch.randn(1, 4), one, 0.07) == 0
