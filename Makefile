@@ -18,6 +18,8 @@ setup: $(BIN)/tessera
 
 demo: setup
 	$(BIN)/tessera shard workflows/sample_corpus/manifest.jsonl $(DEMO_OUT)/shards --config configs/demo.yaml
+	$(BIN)/tessera embed $(DEMO_OUT)/shards --config configs/demo.yaml
+	$(BIN)/tessera train $(DEMO_OUT)/shards --run-dir $(DEMO_OUT)/run --config configs/demo.yaml
 
 lint: setup
 	$(BIN)/ruff check .

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -96,39 +95,77 @@ class StreamSpec:
 
 
 class ShardStream(IterableDataset):
-    """Batches of one rank for one epoch, from batch `start` on (a resumed position)."""
+    """A rank's batches from (epoch, batch `start`) to the end of epoch `last_epoch - 1`.
 
-    def __init__(self, spec: StreamSpec, epoch: int, start: int = 0):
+    One stream spans every remaining epoch, so DataLoader workers start once per run."""
+
+    def __init__(self, spec: StreamSpec, epoch: int, start: int = 0, last_epoch: int | None = None):
         self.spec, self.epoch, self.start = spec, epoch, start
+        self.last_epoch = epoch + 1 if last_epoch is None else last_epoch
 
-    def _samples(self, consumer: int) -> Iterator[dict]:
-        spec, info = self.spec, self.spec.info
-        order = list(info.shard_names)
-        np.random.default_rng([spec.seed, self.epoch]).shuffle(order)
-        position = 0
-        wanted = {"json"} | ({"jpg", "png", "webp"} if spec.image_branch_size else set())
+    def _labels(self) -> dict[str, int]:
+        """key -> class of every labelled sample (index.parquet, read once per loader process)."""
+        if not hasattr(self, "_label_of"):
+            info = self.spec.info
+            fs, root = filesystem(info.shards, info.storage_options)
+            table = pq.read_table(io.BytesIO(fs.cat_file(join(root, "index.parquet"))), columns=["key", "label"])
+            self._label_of = {k: info.labels.index(lab) for k, lab in zip(
+                table.column("key").to_pylist(), table.column("label").to_pylist(), strict=True) if lab is not None}
+        return self._label_of
+
+    def _sidecar(self, name: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """(keys, features [n, sum(dims)] with zeros where absent, mask [n, modalities])."""
+        info = self.spec.info
+        fs, root = filesystem(info.shards, info.storage_options)
+        table = pq.read_table(io.BytesIO(fs.cat_file(join(root, name.removesuffix(".tar") + ".emb.parquet"))))
+        n = table.num_rows
+        features = np.zeros((n, sum(info.dims.values())), np.float32)
+        mask = np.zeros((n, len(info.dims)), np.float32)
+        offset = 0
+        for j, (modality, dim) in enumerate(info.dims.items()):
+            if modality in table.column_names:
+                column = table.column(modality).combine_chunks()
+                present = column.is_valid().to_numpy(zero_copy_only=False)
+                values = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+                features[present, offset : offset + dim] = values if len(values) == present.sum() \
+                    else values[present]
+                mask[present, j] = 1.0
+            offset += dim
+        return table.column("key").to_pylist(), features, mask
+
+    def _images(self, name: str, keys: set[str]) -> dict[str, bytes]:
+        info = self.spec.info
 
         def select(member: str) -> bool:
-            return member.partition(".")[2] in wanted
+            key, _, ext = member.partition(".")
+            return key in keys and ext in ("jpg", "png", "webp")
 
+        return {s["__key__"]: next(s[e] for e in ("jpg", "png", "webp") if e in s)
+                for s in iter_shard(join(info.shards, name), info.storage_options, select)}
+
+    def _samples(self, consumer: int, epoch: int) -> Iterator[dict]:
+        """This consumer's samples of the split, dealt round-robin over the epoch's shard order."""
+        spec, info = self.spec, self.spec.info
+        order = list(info.shard_names)
+        np.random.default_rng([spec.seed, epoch]).shuffle(order)
+        label_of = self._labels()
+        position = 0
         for name in order:
-            fs, root = filesystem(info.shards, info.storage_options)
-            sidecar_path = join(root, name.removesuffix(".tar") + ".emb.parquet")
-            sidecar = {r["key"]: r for r in pq.read_table(io.BytesIO(fs.cat_file(sidecar_path))).to_pylist()}
-            for sample in iter_shard(join(info.shards, name), info.storage_options, select):
-                meta = json.loads(sample["json"])
-                key = sample["__key__"]
-                if meta.get("label") is None or split_of(key, spec.val_fraction) != spec.split:
+            keys, features, mask = self._sidecar(name)
+            mine = []
+            for i, key in enumerate(keys):
+                if key not in label_of or split_of(key, spec.val_fraction) != spec.split:
                     continue
-                mine = position % spec.consumers == consumer
+                if position % spec.consumers == consumer:
+                    mine.append(i)
                 position += 1
-                if mine:
-                    yield {"key": key, "label": info.labels.index(str(meta["label"])),
-                           "vectors": sidecar.get(key, {}),
-                           "image": next((sample[e] for e in ("jpg", "png", "webp") if e in sample), None)}
+            images = self._images(name, {keys[i] for i in mine}) if spec.image_branch_size and mine else {}
+            for i in mine:
+                yield {"key": keys[i], "label": label_of[keys[i]], "features": features[i], "mask": mask[i],
+                       "image": images.get(keys[i])}
 
-    def _shuffled(self, samples: Iterator[dict], consumer: int) -> Iterator[dict]:
-        rng = np.random.default_rng([self.spec.seed, self.epoch, consumer, 1])
+    def _shuffled(self, samples: Iterator[dict], consumer: int, epoch: int) -> Iterator[dict]:
+        rng = np.random.default_rng([self.spec.seed, epoch, consumer, 1])
         buffer: list[dict] = []
         for sample in samples:
             buffer.append(sample)
@@ -138,21 +175,12 @@ class ShardStream(IterableDataset):
             yield buffer.pop(int(rng.integers(len(buffer))))
 
     def _collate(self, rows: list[dict], weights: list[float]) -> dict:
-        info, spec = self.spec.info, self.spec
-        features = np.zeros((len(rows), sum(info.dims.values())), np.float32)
-        mask = np.zeros((len(rows), len(info.dims)), np.float32)
-        for i, row in enumerate(rows):
-            offset = 0
-            for j, (modality, dim) in enumerate(info.dims.items()):
-                vector = row["vectors"].get(modality)
-                if vector is not None:
-                    features[i, offset : offset + dim] = vector
-                    mask[i, j] = 1.0
-                offset += dim
-        batch = {"keys": [r["key"] for r in rows], "features": torch.from_numpy(features),
-                 "mask": torch.from_numpy(mask), "labels": torch.tensor([r["label"] for r in rows]),
+        batch = {"keys": [r["key"] for r in rows],
+                 "features": torch.from_numpy(np.stack([r["features"] for r in rows])),
+                 "mask": torch.from_numpy(np.stack([r["mask"] for r in rows])),
+                 "labels": torch.tensor([r["label"] for r in rows]),
                  "weights": torch.tensor(weights, dtype=torch.float32)}
-        if spec.image_branch_size:
+        if self.spec.image_branch_size:
             batch["pixels"] = torch.from_numpy(np.stack([self._pixels(r["image"]) for r in rows]))
         return batch
 
@@ -166,39 +194,42 @@ class ShardStream(IterableDataset):
         x = (rgb.astype(np.float32) / 255.0 - np.float32(info.pixel_mean)) / np.float32(info.pixel_std)
         return np.ascontiguousarray(x.transpose(2, 0, 1))
 
-    def consumer_batches(self, k: int, first: int) -> Iterator[dict]:
-        """Batches `first`.. of this rank's consumer k; its batch i is the rank's batch i*workers + k."""
+    def consumer_batches(self, epoch: int, k: int) -> list[tuple[list[dict], list[float]]]:
+        """Every batch of this rank's consumer k in an epoch; its batch i is the rank's batch i*workers + k."""
         spec = self.spec
         consumer = spec.rank * spec.loader_workers + k
-        rows = list(self._shuffled(self._samples(consumer), consumer))
+        rows = list(self._shuffled(self._samples(consumer, epoch), consumer, epoch))
         wanted = spec.batches_per_consumer * spec.batch_size
         weights = [1.0] * len(rows) + [0.0] * (wanted - len(rows))
         if len(rows) < wanted:  # padding rows: any real row (or the first of the split), weight 0
-            filler = rows[-1] if rows else next(self._samples(0), None)
+            filler = rows[-1] if rows else next(self._samples(0, epoch), None)
             rows += [filler] * (wanted - len(rows))
-        for i in range(first, spec.batches_per_consumer):
-            chunk = slice(i * spec.batch_size, (i + 1) * spec.batch_size)
-            yield self._collate(rows[chunk], weights[chunk])
-
-    def _first(self, k: int) -> int:
-        return max(0, -(-(self.start - k) // self.spec.loader_workers))
+        size = spec.batch_size
+        return [(rows[i * size : (i + 1) * size], weights[i * size : (i + 1) * size])
+                for i in range(spec.batches_per_consumer)]
 
     def __iter__(self) -> Iterator[dict]:
-        workers = self.spec.loader_workers
+        spec = self.spec
+        per_rank, workers = spec.batches_per_rank, spec.loader_workers
         info = get_worker_info()
-        if info is None:  # no DataLoader processes: interleave the rank's consumers here
-            streams = [self.consumer_batches(k, self._first(k)) for k in range(workers)]
-            for b in range(self.start, self.spec.batches_per_rank):
-                yield next(streams[b % workers])
-            return
-        # DataLoader asks its workers in turn from worker 0: worker w serves the consumer
-        # whose next batch is start + w, so batches arrive in rank order after a resume too
-        k = (info.id + self.start) % workers
-        yield from self.consumer_batches(k, self._first(k))
+        me, processes = (info.id, info.num_workers) if info else (0, 1)
+        total = (self.last_epoch - self.epoch) * per_rank - self.start
+        made: dict[tuple[int, int], list] = {}
+        # The DataLoader takes item g from process g % processes, so process `me` yields the
+        # rank's items me, me + processes, ...; with one process per consumer that is always
+        # the same consumer, whatever the start.
+        for g in range(me, total, processes):
+            flat = self.start + g
+            epoch, b = self.epoch + flat // per_rank, flat % per_rank
+            k = b % workers
+            if (epoch, k) not in made:
+                made = {key: v for key, v in made.items() if key[0] == epoch}
+                made[(epoch, k)] = self.consumer_batches(epoch, k)
+            yield self._collate(*made[(epoch, k)][b // workers])
 
 
-def loader(spec: StreamSpec, epoch: int, start: int = 0) -> DataLoader:
-    """The rank's batches in order; DataLoader round-robins its workers, matching the deal."""
+def loader(spec: StreamSpec, epoch: int, start: int = 0, last_epoch: int | None = None) -> DataLoader:
+    """The rank's batches in order from (epoch, start) to the end of last_epoch - 1 (default: epoch)."""
     workers = spec.loader_workers if spec.loader_workers > 1 else 0
-    return DataLoader(ShardStream(spec, epoch, start), batch_size=None, num_workers=workers,
-                      persistent_workers=False, prefetch_factor=4 if workers else None)
+    return DataLoader(ShardStream(spec, epoch, start, last_epoch), batch_size=None, num_workers=workers,
+                      prefetch_factor=4 if workers else None)

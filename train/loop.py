@@ -164,9 +164,9 @@ def run_worker(job: TrainJob, rank: int, world: int) -> dict:
     metrics = (run / METRICS).open("a") if rank == 0 else None
     bar = tqdm(total=total_steps, initial=step, unit="step", desc="train", disable=rank != 0)
     last_saved = step
+    batches = iter(loader(train_spec, epoch, batch_pos, cfg.epochs))
+    pipe_items = _pipeline_items(batches, device) if pipeline else None
     while epoch < cfg.epochs and step < total_steps:
-        batches = iter(loader(train_spec, epoch, batch_pos))
-        pipe_items = _pipeline_items(batches, device) if pipeline else None
         while batch_pos < train_spec.batches_per_rank and step < total_steps:
             started = time.perf_counter()
             _seed_step(cfg, step, rank)
@@ -187,8 +187,8 @@ def run_worker(job: TrainJob, rank: int, world: int) -> dict:
             seconds = time.perf_counter() - started
             samples = cfg.micro_batch_size * cfg.grad_accum * (world // (cfg.pipeline_stages if pipeline else 1))
             if metrics:
-                metrics.write(json.dumps({"step": step, "epoch": epoch, "loss": loss,
-                                          "lr": engine.get_lr()[0], "samples_per_s": samples / seconds}) + "\n")
+                metrics.write(json.dumps({"step": step, "epoch": epoch, "loss": loss, "lr": engine.get_lr()[0],
+                                          "step_seconds": seconds, "samples_per_s": samples / seconds}) + "\n")
                 metrics.flush()
             bar.update()
             bar.set_postfix(loss=f"{loss:.4f}")

@@ -65,3 +65,11 @@ def _all_keys(out):
     import pyarrow.parquet as pq
 
     return [r["key"] for r in pq.read_table(out / "index.parquet").to_pylist()]
+
+
+def test_one_stream_spans_epochs_from_a_resumed_position(embedded_mini):
+    info = DatasetInfo.read(str(embedded_mini), ("text", "image"), 0.2)
+    spec = spec_for(info, 0, batch=2)
+    epochs = [[b["keys"] for b in loader(spec, e)] for e in range(3)]
+    assert [b["keys"] for b in loader(spec, 0, last_epoch=3)] == epochs[0] + epochs[1] + epochs[2]
+    assert [b["keys"] for b in loader(spec, 1, start=3, last_epoch=3)] == epochs[1][3:] + epochs[2]
