@@ -26,7 +26,7 @@ from features.cache import CacheScan, EmbeddingCache
 from features.config import EmbedConfig
 from features.encoders import build_encoders
 from preprocess.stage import committed_shards
-from preprocess.storage import filesystem, join, write_atomic, write_json
+from preprocess.storage import absolute, filesystem, join, write_atomic, write_json
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,7 @@ def run_embed_stage(shards: str, cfg: EmbedConfig, storage_options: dict | None 
     """Embed every committed shard of SHARDS; returns (and writes) the stage summary."""
     storage_options = storage_options or {}
     started = time.perf_counter()
+    shards = absolute(shards)
     fs, root = filesystem(shards, storage_options)
     names = committed_shards(shards, storage_options)
     index = pq.read_table(io.BytesIO(fs.cat_file(join(root, "index.parquet")))).to_pylist()

@@ -19,7 +19,7 @@ from preprocess.config import MODALITIES, ShardConfig
 from preprocess.manifest import LineReject, ManifestRow, read_manifest
 from preprocess.shard import InputDigest, ShardPlan, digest_inputs, write_shard
 from preprocess.stats import DatasetStats
-from preprocess.storage import filesystem, join, read_json, write_atomic, write_json
+from preprocess.storage import absolute, filesystem, join, read_json, write_atomic, write_json
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,7 @@ def run_shard_stage(
     """Shard a manifest into OUT and return the summary. Ray must be initialized."""
     storage_options = storage_options or {}
     started = time.perf_counter()
+    manifest, out = absolute(manifest), absolute(out)
     fs, root = filesystem(out, storage_options)
     claim_output(fs, root, cfg)
     for stale in fs.glob(join(root, "*.tmp-*")):  # left by a killed run; rewritten below

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import uuid
 from typing import Any
@@ -15,6 +16,11 @@ def filesystem(url: str, storage_options: dict[str, dict]) -> tuple[fsspec.Abstr
     """(filesystem, path) for a URL; storage_options are keyed by protocol ('s3': {...})."""
     protocol = split_protocol(url)[0] or "file"
     return url_to_fs(url, **storage_options.get(protocol, {}))
+
+
+def absolute(url: str) -> str:
+    """Local paths made absolute: Ray workers do not share the driver's working directory."""
+    return url if split_protocol(url)[0] else os.path.abspath(url)
 
 
 def join(base: str, *parts: str) -> str:

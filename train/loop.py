@@ -45,12 +45,6 @@ def _pipeline_items(batches, device):
         yield _inputs(batch, device), (batch["labels"].to(device), batch["weights"].to(device))
 
 
-def _mean_over_ranks(value: float, device) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t.item()) / dist.get_world_size()
-
-
 def _sum_over_ranks(values: list[float], device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
@@ -173,17 +167,19 @@ def run_worker(job: TrainJob, rank: int, world: int) -> dict:
             if pipeline:
                 loss = float(engine.train_batch(data_iter=pipe_items))
             else:
-                losses = []
+                weighted, real = 0.0, 0.0
                 for _ in range(cfg.grad_accum):
                     b = next(batches)
                     loss, _ = engine(_inputs(b, device), b["labels"].to(device), b["weights"].to(device))
                     engine.backward(loss)
                     engine.step()
-                    losses.append(loss.item())
-                loss = sum(losses) / len(losses)
+                    weighted += loss.item() * float(b["weights"].sum())
+                    real += float(b["weights"].sum())
+                # the step's loss over its real samples on every rank (padding rows excluded)
+                weighted, real = _sum_over_ranks([weighted, real], device)
+                loss = weighted / real if real else None
             batch_pos += cfg.grad_accum
             step += 1
-            loss = _mean_over_ranks(loss, device) if not pipeline else loss
             seconds = time.perf_counter() - started
             samples = cfg.micro_batch_size * cfg.grad_accum * (world // (cfg.pipeline_stages if pipeline else 1))
             if metrics:
@@ -191,13 +187,14 @@ def run_worker(job: TrainJob, rank: int, world: int) -> dict:
                                           "step_seconds": seconds, "samples_per_s": samples / seconds}) + "\n")
                 metrics.flush()
             bar.update()
-            bar.set_postfix(loss=f"{loss:.4f}")
+            if loss is not None:
+                bar.set_postfix(loss=f"{loss:.4f}")
             if step % cfg.checkpoint_every == 0:
                 _save(engine, ckpt_dir, step, epoch, batch_pos, cfg.keep_checkpoints)
                 last_saved = step
         if batch_pos >= train_spec.batches_per_rank:
             result = _validate(engine, val_spec, epoch, pipeline, device) if info.counts["val"] else {}
-            if metrics:
+            if metrics and result:
                 metrics.write(json.dumps({"epoch": epoch, "step": step, **result}) + "\n")
                 metrics.flush()
             epoch, batch_pos = epoch + 1, 0

@@ -11,6 +11,7 @@ from pathlib import Path
 import ray
 
 from preprocess.stage import OutputConflict
+from preprocess.storage import absolute
 from train.config import TrainConfig
 from train.data import DatasetInfo
 from train.loop import CHECKPOINTS, METRICS, TrainJob, ray_worker
@@ -43,6 +44,7 @@ def run_train_stage(shards: str, run_dir: str, cfg: TrainConfig, storage_options
     from ray.train.torch import TorchConfig, TorchTrainer
 
     started = time.perf_counter()
+    shards = absolute(shards)
     run = Path(run_dir).resolve()
     claim_run_dir(run, cfg, shards)
     info = DatasetInfo.read(shards, cfg.model.modalities, cfg.val_fraction, storage_options)
@@ -61,7 +63,7 @@ def run_train_stage(shards: str, run_dir: str, cfg: TrainConfig, storage_options
     )
     trainer.fit()
     records = [json.loads(line) for line in (run / METRICS).read_text().splitlines()]
-    steps = [r for r in records if "loss" in r]
+    steps = [r for r in records if r.get("loss") is not None]
     epochs = [r for r in records if "val_accuracy" in r]
     summary = {
         "train_samples": info.counts["train"], "val_samples": info.counts["val"], "labels": list(info.labels),

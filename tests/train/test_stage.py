@@ -27,7 +27,7 @@ def losses(run: Path) -> dict[int, float]:
     out = {}
     for line in (run / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
-        if "loss" in record:
+        if record.get("loss") is not None:
             out[record["step"]] = record["loss"]
     return out
 
