@@ -47,6 +47,9 @@ class TrainConfig(Strict):
     shuffle_buffer: int = Field(64, ge=1)
     loader_workers: int = Field(2, ge=0)
     checkpoint_every: int = Field(50, gt=0, description="optimizer steps between checkpoints")
+    # Any fsspec URL (s3://...): every checkpoint is copied there once complete, `latest`
+    # last, and a run whose local checkpoints are gone resumes from it. Null: RUN/checkpoints only.
+    checkpoint_url: str | None = None
     keep_checkpoints: int = Field(3, gt=0)
 
     @model_validator(mode="after")

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from preprocess.storage import filesystem, join, write_atomic
 from train.config import TrainConfig
 from train.data import DatasetInfo, StreamSpec, loader
 from train.model import MultimodalModel
@@ -31,6 +32,38 @@ class TrainJob:
     cfg: TrainConfig
     info: DatasetInfo
     run_dir: str  # a folder every worker can write (local disk or a shared filesystem)
+
+
+class CheckpointMirror:
+    """Copies of the local DeepSpeed checkpoints on any fsspec store, `latest` written last."""
+
+    def __init__(self, url: str, storage_options: dict, local: Path):
+        self.fs, self.root = filesystem(url, storage_options)
+        self.local = local
+
+    def push(self, tag: str) -> None:
+        """Upload the tag's files this node holds (each node's first rank calls it)."""
+        for path in sorted(p for p in (self.local / tag).rglob("*") if p.is_file()):
+            self.fs.put_file(str(path), join(self.root, tag, str(path.relative_to(self.local / tag))))
+
+    def commit(self, tag: str, keep: int) -> None:
+        write_atomic(self.fs, join(self.root, "latest"), tag.encode())
+        tags = sorted(p.rsplit("/", 1)[-1] for p in self.fs.glob(join(self.root, "step-*")))
+        for old in tags[:-keep]:
+            self.fs.rm(join(self.root, old), recursive=True)
+
+    def pull_latest(self) -> None:
+        """Bring the store's latest checkpoint here when this node does not have it."""
+        latest = join(self.root, "latest")
+        if not self.fs.exists(latest):
+            return
+        tag = self.fs.cat_file(latest).decode().strip()
+        local_latest = self.local / "latest"
+        if local_latest.exists() and local_latest.read_text().strip() == tag:
+            return
+        self.fs.get(join(self.root, tag) + "/", str(self.local / tag) + "/", recursive=True)
+        self.local.mkdir(parents=True, exist_ok=True)
+        local_latest.write_text(tag)
 
 
 def _inputs(batch: dict, device) -> tuple:
@@ -83,7 +116,8 @@ def _validate(engine, spec: StreamSpec, epoch: int, pipeline: bool, device) -> d
     return {"val_loss": loss_sum / max(count, 1), "val_accuracy": correct / max(count, 1), "val_samples": count}
 
 
-def _save(engine, ckpt_dir: Path, step: int, epoch: int, batch: int, keep: int) -> None:
+def _save(engine, ckpt_dir: Path, step: int, epoch: int, batch: int, keep: int,
+          mirror: CheckpointMirror | None = None, local_rank: int = 0) -> None:
     """Save a tag, then point `latest` at it only once every rank has written its part.
 
     (DeepSpeed's own `latest` is written by rank 0 without waiting for the others' ZeRO
@@ -92,6 +126,10 @@ def _save(engine, ckpt_dir: Path, step: int, epoch: int, batch: int, keep: int) 
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "epoch": epoch, "batch": batch},
                            save_latest=False)
     dist.barrier()
+    if mirror is not None:
+        if local_rank == 0:
+            mirror.push(tag)
+        dist.barrier()
     if dist.get_rank() == 0:
         tmp = ckpt_dir / f"latest.tmp-{os.getpid()}"
         tmp.write_text(tag)
@@ -99,6 +137,8 @@ def _save(engine, ckpt_dir: Path, step: int, epoch: int, batch: int, keep: int) 
         tags = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())
         for old in tags[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+        if mirror is not None:
+            mirror.commit(tag, keep)
     dist.barrier()
 
 
@@ -127,7 +167,7 @@ def _export(engine, model: MultimodalModel, job: TrainJob, ckpt_dir: Path, tag: 
     }, indent=1))
 
 
-def run_worker(job: TrainJob, rank: int, world: int) -> dict:
+def run_worker(job: TrainJob, rank: int, world: int, local_rank: int | None = None) -> dict:
     cfg, info = job.cfg, job.info
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
@@ -147,6 +187,12 @@ def run_worker(job: TrainJob, rank: int, world: int) -> dict:
     train_spec, val_spec = spec("train", data_rank), spec("val", data_rank)
     run = Path(job.run_dir)
     ckpt_dir = run / CHECKPOINTS
+    local_rank = rank if local_rank is None else local_rank
+    mirror = CheckpointMirror(cfg.checkpoint_url, info.storage_options, ckpt_dir) if cfg.checkpoint_url else None
+    if mirror is not None:
+        if local_rank == 0:
+            mirror.pull_latest()
+        dist.barrier()
     step, epoch, batch_pos = 0, 0, 0
     if (ckpt_dir / "latest").exists():
         _, client = engine.load_checkpoint(str(ckpt_dir))
@@ -190,7 +236,7 @@ def run_worker(job: TrainJob, rank: int, world: int) -> dict:
             if loss is not None:
                 bar.set_postfix(loss=f"{loss:.4f}")
             if step % cfg.checkpoint_every == 0:
-                _save(engine, ckpt_dir, step, epoch, batch_pos, cfg.keep_checkpoints)
+                _save(engine, ckpt_dir, step, epoch, batch_pos, cfg.keep_checkpoints, mirror, local_rank)
                 last_saved = step
         if batch_pos >= train_spec.batches_per_rank:
             result = _validate(engine, val_spec, epoch, pipeline, device) if info.counts["val"] else {}
@@ -200,7 +246,7 @@ def run_worker(job: TrainJob, rank: int, world: int) -> dict:
             epoch, batch_pos = epoch + 1, 0
     bar.close()
     if last_saved != step or not (ckpt_dir / "latest").exists():
-        _save(engine, ckpt_dir, step, epoch, batch_pos, cfg.keep_checkpoints)
+        _save(engine, ckpt_dir, step, epoch, batch_pos, cfg.keep_checkpoints, mirror, local_rank)
     tag = (ckpt_dir / "latest").read_text().strip()
     dist.barrier()
     if rank == 0:
@@ -217,4 +263,4 @@ def ray_worker(config: dict) -> None:
     import ray.train
 
     context = ray.train.get_context()
-    run_worker(config["job"], context.get_world_rank(), context.get_world_size())
+    run_worker(config["job"], context.get_world_rank(), context.get_world_size(), context.get_local_rank())

@@ -2,15 +2,9 @@
 
 import io
 import json
-import socket
-import subprocess
-import sys
 import tarfile
-import time
-from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 import s3fs
 
 from preprocess.config import ShardConfig
@@ -18,32 +12,6 @@ from preprocess.stage import committed_shards, run_shard_stage
 from tests.conftest import LABELS, REPO
 
 SAMPLE = REPO / "workflows" / "sample_corpus"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_options():
-    port = free_port()
-    server = Path(sys.executable).parent / "moto_server"
-    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    options = {"key": "testing", "secret": "testing",
-               "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}
-    yield {"s3": options}
-    proc.terminate()
-    proc.wait()
 
 
 def test_shard_from_s3_to_s3(ray_session, s3_options):

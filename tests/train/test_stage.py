@@ -158,3 +158,21 @@ def test_rank_killed_during_save_leaves_latest_at_the_previous_checkpoint(embedd
     ckpt = tmp_path / "checkpoints"
     assert (ckpt / "latest").read_text() == "step-0000002"
     assert (ckpt / "step-0000004").is_dir()  # written in part, never pointed at
+
+
+def test_checkpoints_mirrored_to_s3_and_resumed_from_there(embedded_mini, tmp_path, s3_options):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_options["s3"])
+    fs.mkdir("checkpoints")
+    cfg = {**BASE, "max_steps": 6, "checkpoint_every": 3, "checkpoint_url": "s3://checkpoints/run"}
+    run_train_stage(str(embedded_mini), str(tmp_path / "first"), TrainConfig(**cfg), s3_options)
+    assert fs.cat_file("checkpoints/run/latest") == b"step-0000006"
+    assert fs.exists("checkpoints/run/step-0000006/mp_rank_00_model_states.pt")
+    assert len(fs.glob("checkpoints/run/step-0000006/zero_pp_rank_*_optim_states.pt")) == 2
+
+    # a fresh machine: nothing local, the run continues from the store
+    fresh = tmp_path / "fresh"
+    summary = run_train_stage(str(embedded_mini), str(fresh), TrainConfig(**{**cfg, "max_steps": 9}), s3_options)
+    assert summary["steps"] == 9 and min(losses(fresh)) == 7
+    assert fs.cat_file("checkpoints/run/latest") == b"step-0000009"
