@@ -4,7 +4,6 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-DEMO_OUT ?= out/demo
 
 .PHONY: demo test lint setup
 
@@ -17,9 +16,7 @@ $(BIN)/tessera: pyproject.toml constraints.txt
 setup: $(BIN)/tessera
 
 demo: setup
-	$(BIN)/tessera shard workflows/sample_corpus/manifest.jsonl $(DEMO_OUT)/shards --config configs/demo.yaml
-	$(BIN)/tessera embed $(DEMO_OUT)/shards --config configs/demo.yaml
-	$(BIN)/tessera train $(DEMO_OUT)/shards --run-dir $(DEMO_OUT)/run --config configs/demo.yaml
+	$(BIN)/tessera run --dry-run
 
 lint: setup
 	$(BIN)/ruff check .

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -36,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("shards", help="a shard stage's output folder, any fsspec URL")
     embed.add_argument("--batch-size", type=int, help="embed.batch_size")
     _common(embed)
+    run = sub.add_parser("run", help="the whole chain shard -> embed -> train; up-to-date stages are skipped")
+    run.add_argument("config_file", nargs="?", metavar="CONFIG", help="YAML config with a job section")
+    run.add_argument("--dry-run", action="store_true",
+                     help="the bundled sample corpus with small limits on an embedded local Ray")
+    _common(run)
     train = sub.add_parser("train", help="DeepSpeed training on the shards and their embeddings, on Ray")
     train.add_argument("shards", help="a shard stage's output folder, embedded")
     train.add_argument("--run-dir", help="checkpoints, metrics and the exported model (default: runs/NAME)")
@@ -43,8 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DRY_RUN_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
 def config_from_args(args: argparse.Namespace) -> TesseraConfig:
     overrides = list(args.overrides)
+    if getattr(args, "dry_run", False):
+        from workflows.jobs import bundled_manifest
+
+        args.config = args.config or args.config_file or (str(DRY_RUN_CONFIG) if DRY_RUN_CONFIG.exists() else None)
+        overrides = [f"job.manifest={json.dumps(bundled_manifest())}", "job.out=out/dry-run",
+                     "runtime.address=null", *overrides]
+    elif getattr(args, "config_file", None):
+        args.config = args.config or args.config_file
     for flag, field in (("address", "runtime.address"), ("workers", "runtime.workers"),
                         ("samples_per_shard", "shard.samples_per_shard"), ("seed", "shard.seed"),
                         ("batch_size", "embed.batch_size")):
@@ -88,7 +105,20 @@ def cmd_train(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     return 0
 
 
-COMMANDS = {"shard": cmd_shard, "embed": cmd_embed, "train": cmd_train}
+def cmd_run(args: argparse.Namespace, cfg: TesseraConfig) -> int:
+    from workflows.jobs import run_pipeline
+    from workflows.runtime import start_ray
+
+    if args.dry_run:  # always the embedded local Ray, whatever the environment points at
+        os.environ.pop("RAY_ADDRESS", None)
+    start_ray(cfg.runtime)
+    report = run_pipeline(cfg)
+    print(json.dumps({stage: {"up_to_date": s["up_to_date"]} for stage, s in report["stages"].items()}
+                     | {"seconds": report["seconds"]}))
+    return 0
+
+
+COMMANDS = {"shard": cmd_shard, "embed": cmd_embed, "train": cmd_train, "run": cmd_run}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     except OutputConflict as e:
         print(f"tessera: {e}", file=sys.stderr)
         return EXIT_CONFLICT
+    except ConfigError as e:
+        print(f"tessera: {e}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 if __name__ == "__main__":

@@ -22,7 +22,15 @@ class RuntimeConfig(Strict):
     progress: bool = True
 
 
+class JobConfig(Strict):
+    """Inputs and outputs of `tessera run`."""
+
+    manifest: str | None = Field(None, description="JSONL or Parquet manifest, any fsspec URL")
+    out: str | None = Field(None, description="output root: OUT/shards (+ sidecars, cache), OUT/train/...")
+
+
 class TesseraConfig(Strict):
+    job: JobConfig = JobConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     shard: ShardConfig = ShardConfig()
     embed: EmbedConfig = EmbedConfig()

@@ -1,0 +1,79 @@
+"""The jobs users run: the whole chain shard -> embed -> train in one Ray job, each stage
+skipped (and saying so) when its outputs are up to date for its inputs and config."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from importlib import resources
+from pathlib import Path
+
+from fsspec.core import split_protocol
+
+from features.stage import run_embed_stage
+from preprocess.stage import run_shard_stage
+from preprocess.storage import absolute, filesystem, join, write_json
+from train.stage import RUN_CONFIG, run_train_stage
+from workflows.config import ConfigError, TesseraConfig
+
+log = logging.getLogger(__name__)
+
+
+def bundled_manifest() -> str:
+    return str(resources.files("workflows") / "sample_corpus" / "manifest.jsonl")
+
+
+def data_digest(shards: str, storage_options: dict) -> str:
+    """What training depends on: the accepted samples and the encoders of their embeddings."""
+    fs, root = filesystem(shards, storage_options)
+    h = hashlib.sha256(fs.cat_file(join(root, "index.parquet")))
+    h.update(json.dumps(json.loads(fs.cat_file(join(root, "embed-summary.json")))["encoders"],
+                        sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _train_is_current(run: Path, cfg: TesseraConfig, shards: str) -> bool:
+    if not ((run / "train-summary.json").exists() and (run / RUN_CONFIG).exists()):
+        return False
+    recorded = json.loads((run / RUN_CONFIG).read_text())
+    return recorded == {"shards": shards, "config": cfg.train.model_dump(mode="json")}
+
+
+def run_pipeline(cfg: TesseraConfig) -> dict:
+    """Shard, embed and train; returns {stage: summary, ...} and writes OUT/run-summary.json."""
+    if not cfg.job.manifest or not cfg.job.out:
+        raise ConfigError("tessera run needs job.manifest and job.out in the config (or --dry-run)")
+    started = time.perf_counter()
+    options, progress = cfg.runtime.storage_options, cfg.runtime.progress
+    out = absolute(cfg.job.out)
+    shards = join(out, "shards")
+    report: dict = {"stages": {}}
+
+    shard = run_shard_stage(cfg.job.manifest, shards, cfg.shard, options, progress)
+    fresh = shard["shards"] - shard["resumed_shards"]
+    report["stages"]["shard"] = {"up_to_date": fresh == 0, **shard}
+    log.info("shard: %s", "up to date" if fresh == 0 else f"{fresh} shards written")
+
+    embed = run_embed_stage(shards, cfg.embed, options, progress)
+    current = embed["computed"] == 0 and embed["sidecars_written"] == 0
+    report["stages"]["embed"] = {"up_to_date": current, **embed}
+    log.info("embed: %s", "up to date" if current else f"{embed['computed']} embeddings computed")
+
+    # one training run per data version; the same data and config again is up to date
+    if split_protocol(out)[0] not in (None, "file"):
+        raise ConfigError("training writes its run folder locally: set job.out to a local path "
+                          "(and train.checkpoint_url to keep checkpoints in an object store)")
+    run = Path(out) / "train" / data_digest(shards, options)[:12]
+    if _train_is_current(run, cfg, shards):
+        train = json.loads((run / "train-summary.json").read_text())
+        report["stages"]["train"] = {"up_to_date": True, **train}
+        log.info("train: up to date (%s)", run)
+    else:
+        train = run_train_stage(shards, str(run), cfg.train, options)
+        report["stages"]["train"] = {"up_to_date": False, **train}
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    fs, root = filesystem(out, options)
+    write_json(fs, join(root, "run-summary.json"), report)
+    return report
