@@ -41,8 +41,16 @@ class OutputConflict(RuntimeError):
 
 # Tasks are idempotent (temporary name + rename), so Ray may retry them on node loss
 # and on I/O errors of the store.
-_digest_task = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=[OSError])(digest_inputs)
-_shard_task = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=[OSError])(write_shard)
+_digest_task = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=[OSError], scheduling_strategy="SPREAD")(
+    digest_inputs)
+
+
+def _write_shard_reporting_node(plan: ShardPlan, cfg: ShardConfig, out: str, storage_options: dict):
+    return write_shard(plan, cfg, out, storage_options), ray.get_runtime_context().get_node_id()
+
+
+_shard_task = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=[OSError], scheduling_strategy="SPREAD")(
+    _write_shard_reporting_node)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -172,10 +180,12 @@ def run_shard_stage(
     pending = {_shard_task.remote(p, cfg, out, storage_options): p for p in plans if p.index not in markers}
     bar = tqdm(total=len(plans), initial=resumed, unit="shard", disable=not progress, desc="shard")
     written = 0
+    nodes: Counter = Counter()  # shards written per Ray node
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         plan = pending.pop(done[0])
-        markers[plan.index] = ray.get(done[0])
+        markers[plan.index], node = ray.get(done[0])
+        nodes[node] += 1
         written += markers[plan.index]["samples"]
         bar.update()
         bar.set_postfix(samples_per_s=f"{written / (time.perf_counter() - started):.1f}")
@@ -185,6 +195,7 @@ def run_shard_stage(
     summary.update(
         inputs=inputs,
         resumed_shards=resumed,
+        shards_by_node=dict(nodes),
         seconds=round(seconds, 3),
         samples_per_s=round(written / seconds, 2),
         config_digest=cfg.digest(),
