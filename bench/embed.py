@@ -89,7 +89,7 @@ def main() -> None:
     cfg = EmbedConfig(batch_size=args.batch_size, video=None,
                       image=ImageEncoderConfig(architecture=ARCH["image"][args.image_arch]),
                       audio=AudioEncoderConfig(architecture=ARCH["audio"][args.audio_arch]))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
         shards = Path(tmp) / "shards"
         run_shard_stage(str(manifest), str(shards), ShardConfig(labels=LABELS), progress=False)

@@ -54,7 +54,7 @@ def start_ray(workers: int) -> float:
     import ray
 
     started = time.perf_counter()
-    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
     # Start every worker process and import the stage there, as (b) and (c) have their
     # imports done before timing; the start-up is reported on its own.
     warm = ray.remote(num_cpus=1)(lambda: __import__("preprocess.shard") and time.sleep(0.5))

@@ -64,7 +64,7 @@ def main() -> None:
     import ray
 
     manifest, _ = ensure_corpus(args.data, args.n)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     base = dict(workers=2, micro_batch_size=32, epochs=args.epochs, checkpoint_every=10_000, loader_workers=2)
     with tempfile.TemporaryDirectory() as tmp:
         shards = Path(tmp) / "shards"

@@ -28,7 +28,7 @@ def ray_session():
     """One local Ray with 2 CPUs for every test that needs it: starting Ray is slow."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

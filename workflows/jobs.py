@@ -34,11 +34,20 @@ def data_digest(shards: str, storage_options: dict) -> str:
     return h.hexdigest()
 
 
-def _train_is_current(run: Path, cfg: TesseraConfig, shards: str) -> bool:
-    if not ((run / "train-summary.json").exists() and (run / RUN_CONFIG).exists()):
+def _train_is_current(fs, remote_run: str, cfg: TesseraConfig, shards: str) -> bool:
+    summary, config = join(remote_run, "train-summary.json"), join(remote_run, RUN_CONFIG)
+    if not (fs.exists(summary) and fs.exists(config)):
         return False
-    recorded = json.loads((run / RUN_CONFIG).read_text())
-    return recorded == {"shards": shards, "config": cfg.train.model_dump(mode="json")}
+    return json.loads(fs.cat_file(config)) == {"shards": shards, "config": cfg.train.model_dump(mode="json")}
+
+
+def _publish(run: Path, fs, remote_run: str) -> None:
+    """A run trained in a local folder, copied to OUT on the store (checkpoints go to
+    train.checkpoint_url; Ray's own records stay local)."""
+    for path in sorted(run.rglob("*")):
+        relative = path.relative_to(run)
+        if path.is_file() and relative.parts[0] not in ("checkpoints", "ray"):
+            fs.put_file(str(path), join(remote_run, str(relative)))
 
 
 def run_pipeline(cfg: TesseraConfig) -> dict:
@@ -62,18 +71,21 @@ def run_pipeline(cfg: TesseraConfig) -> dict:
     log.info("embed: %s", "up to date" if current else f"{embed['computed']} embeddings computed")
 
     # one training run per data version; the same data and config again is up to date
-    if split_protocol(out)[0] not in (None, "file"):
-        raise ConfigError("training writes its run folder locally: set job.out to a local path "
-                          "(and train.checkpoint_url to keep checkpoints in an object store)")
-    run = Path(out) / "train" / data_digest(shards, options)[:12]
-    if _train_is_current(run, cfg, shards):
-        train = json.loads((run / "train-summary.json").read_text())
+    digest = data_digest(shards, options)[:12]
+    fs, root = filesystem(out, options)
+    remote_run = join(root, "train", digest)
+    local = split_protocol(out)[0] in (None, "file")
+    if _train_is_current(fs, remote_run, cfg, shards):
+        train = json.loads(fs.cat_file(join(remote_run, "train-summary.json")))
         report["stages"]["train"] = {"up_to_date": True, **train}
-        log.info("train: up to date (%s)", run)
+        log.info("train: up to date (%s)", remote_run)
     else:
+        # training writes its run folder on the driver's disk; OUT on a store gets a copy
+        run = Path(remote_run) if local else Path("runs") / digest
         train = run_train_stage(shards, str(run), cfg.train, options)
+        if not local:
+            _publish(run, fs, remote_run)
         report["stages"]["train"] = {"up_to_date": False, **train}
     report["seconds"] = round(time.perf_counter() - started, 3)
-    fs, root = filesystem(out, options)
     write_json(fs, join(root, "run-summary.json"), report)
     return report

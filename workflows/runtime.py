@@ -20,5 +20,5 @@ def start_ray(runtime: RuntimeConfig) -> None:
         ray.init(address=address, log_to_driver=True)
         log.info("connected to Ray at %s: %s", address, ray.cluster_resources())
     else:
-        ray.init(num_cpus=runtime.workers, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=runtime.workers, include_dashboard=False, log_to_driver=True)
         log.info("started a local Ray with %d CPUs", runtime.workers)

@@ -9,6 +9,8 @@ def test_checked_in_configs_validate():
     assert load_config(REPO / "configs" / "default.yaml") == TesseraConfig()
     demo = load_config(REPO / "configs" / "demo.yaml")
     assert demo.shard.image.augment.random_resized_crop and demo.shard.labels
+    cluster = load_config(REPO / "configs" / "cluster-job.yaml")
+    assert cluster.job.out.startswith("s3://") and cluster.train.checkpoint_url
 
 
 def test_errors_name_the_field_and_the_value(tmp_path):

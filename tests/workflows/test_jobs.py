@@ -23,3 +23,23 @@ def test_run_chains_the_stages_and_skips_what_is_up_to_date(ray_session, tmp_pat
     assert [s["up_to_date"] for s in second["stages"].values()] == [True, True, True]
     assert second["stages"]["embed"]["computed"] == 0
     assert json.loads((tmp_path / "run-summary.json").read_text())["stages"]["train"]["up_to_date"]
+
+
+def test_run_with_its_output_on_s3(ray_session, tmp_path, monkeypatch, s3_options):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_options["s3"])
+    fs.mkdir("jobs")
+    monkeypatch.chdir(tmp_path)  # the driver's local training folder: runs/<data digest>
+    cfg = load_config(None, [
+        f"job.manifest={json.dumps(bundled_manifest())}", "job.out=s3://jobs/v1", "runtime.progress=false",
+        f"runtime.storage_options={json.dumps(s3_options)}", "shard.samples_per_shard=9",
+        "train.max_steps=2", "train.micro_batch_size=4", "train.val_fraction=0.3",
+    ])
+    first = run_pipeline(cfg)
+    assert first["stages"]["shard"]["accepted"] == 17 and first["stages"]["train"]["steps"] == 2
+    assert fs.exists("jobs/v1/shards/shard-000001.emb.parquet")
+    runs = fs.glob("jobs/v1/train/*/model.safetensors")
+    assert len(runs) == 1 and fs.exists(runs[0].replace("model.safetensors", "metrics.jsonl"))
+    second = run_pipeline(cfg)
+    assert [s["up_to_date"] for s in second["stages"].values()] == [True, True, True]

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,6 +45,10 @@ def cluster(tmp_path_factory):
             process = psutil.Process(pid)
             if "ray" in " ".join(process.cmdline()).lower():
                 process.kill()
+    # `ray start` recorded this cluster as the machine's default; it is gone now
+    current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    if current.exists() and current.read_text().strip().endswith(f":{port}"):
+        current.unlink()
 
 
 def tessera(*args: str, address: str) -> subprocess.Popen:
