@@ -81,12 +81,17 @@ def claim_output(fs, root: str, cfg: ShardConfig) -> None:
     write_json(fs, path, {"config_digest": cfg.digest(), "config": current})
 
 
+def digest_rows(rows: list[ManifestRow], storage_options: dict) -> list[InputDigest | LineReject]:
+    """Raw-input digests of every row (or its read reject), hashed by Ray tasks in chunks."""
+    refs = [_digest_task.remote(rows[i : i + DIGEST_CHUNK], storage_options)
+            for i in range(0, len(rows), DIGEST_CHUNK)]
+    return [d for chunk in ray.get(refs) for d in chunk]
+
+
 def dedup_and_digest(
     rows: list[ManifestRow], storage_options: dict, dedup: bool
 ) -> tuple[list[tuple[ManifestRow, InputDigest]], list[LineReject]]:
-    refs = [_digest_task.remote(rows[i : i + DIGEST_CHUNK], storage_options)
-            for i in range(0, len(rows), DIGEST_CHUNK)]
-    digests = [d for chunk in ray.get(refs) for d in chunk]
+    digests = digest_rows(rows, storage_options)
     kept, rejects, first_by_content = [], [], {}
     for row, digest in zip(rows, digests, strict=True):
         if isinstance(digest, LineReject):

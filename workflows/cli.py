@@ -13,6 +13,7 @@ from workflows.config import ConfigError, TesseraConfig, load_config
 
 EXIT_CONFIG = 2
 EXIT_CONFLICT = 3
+EXIT_LOCKED = 75  # EX_TEMPFAIL: another refresh is running; a scheduler retries later
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true",
                      help="the bundled sample corpus with small limits on an embedded local Ray")
     _common(run)
+    refresh = sub.add_parser("refresh", help="scheduled: shard and embed only new or changed manifest rows "
+                                        "as a new version (exit 0 done, 75 locked: retry later)")
+    refresh.add_argument("config_file", metavar="CONFIG", help="YAML config with a job section")
+    _common(refresh)
+    versions = sub.add_parser("versions", help="the dataset versions under OUT, with their counts")
+    versions.add_argument("out", help="the job's output root (job.out)")
+    _common(versions)
     train = sub.add_parser("train", help="DeepSpeed training on the shards and their embeddings, on Ray")
     train.add_argument("shards", help="a shard stage's output folder, embedded")
     train.add_argument("--run-dir", help="checkpoints, metrics and the exported model (default: runs/NAME)")
@@ -118,7 +126,30 @@ def cmd_run(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     return 0
 
 
-COMMANDS = {"shard": cmd_shard, "embed": cmd_embed, "train": cmd_train, "run": cmd_run}
+def cmd_refresh(args: argparse.Namespace, cfg: TesseraConfig) -> int:
+    from workflows.refresh import Locked, run_refresh
+    from workflows.runtime import start_ray
+
+    start_ray(cfg.runtime)
+    try:
+        result = run_refresh(cfg)
+    except Locked as e:
+        print(f"tessera: {e}", file=sys.stderr)
+        return EXIT_LOCKED
+    print(json.dumps({"version": result["version"], "new_rows": result["new_rows"]}))
+    return 0
+
+
+def cmd_versions(args: argparse.Namespace, cfg: TesseraConfig) -> int:
+    from workflows.refresh import versions
+
+    for version in versions(args.out, cfg.runtime.storage_options):
+        print(json.dumps(version))
+    return 0
+
+
+COMMANDS = {"shard": cmd_shard, "embed": cmd_embed, "train": cmd_train, "run": cmd_run,
+            "refresh": cmd_refresh, "versions": cmd_versions}
 
 
 def main(argv: list[str] | None = None) -> int:
