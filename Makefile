@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint setup
+.PHONY: demo test lint setup browser
 
 $(BIN)/tessera: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,5 +21,10 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check .
 
-test: lint
+# The run-report test renders report.html in Debian's headless Chromium.
+browser:
+	command -v chromium >/dev/null || (apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
+test: lint browser
 	$(BIN)/python -m pytest -q

@@ -182,6 +182,9 @@ def run_shard_stage(
     resumed = len(markers)
     if resumed:
         log.info("resuming: %d of %d shards already committed", resumed, len(plans))
+    if resumed == len(plans) and fs.exists(join(root, "summary.json")):
+        log.info("shard: up to date (%d shards)", resumed)  # nothing to write, the summary stands
+        return {**read_json(fs, join(root, "summary.json")), "resumed_shards": resumed, "shards_by_node": {}}
     pending = {_shard_task.remote(p, cfg, out, storage_options): p for p in plans if p.index not in markers}
     bar = tqdm(total=len(plans), initial=resumed, unit="shard", disable=not progress, desc="shard")
     written = 0

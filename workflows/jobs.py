@@ -17,6 +17,7 @@ from preprocess.stage import run_shard_stage
 from preprocess.storage import absolute, filesystem, join, write_json
 from train.stage import RUN_CONFIG, run_train_stage
 from workflows.config import ConfigError, TesseraConfig
+from workflows.report import write_report
 
 log = logging.getLogger(__name__)
 
@@ -75,17 +76,18 @@ def run_pipeline(cfg: TesseraConfig) -> dict:
     fs, root = filesystem(out, options)
     remote_run = join(root, "train", digest)
     local = split_protocol(out)[0] in (None, "file")
+    # training writes its run folder on the driver's disk; OUT on a store gets a copy
+    run = Path(remote_run) if local else Path("runs") / digest
     if _train_is_current(fs, remote_run, cfg, shards):
         train = json.loads(fs.cat_file(join(remote_run, "train-summary.json")))
         report["stages"]["train"] = {"up_to_date": True, **train}
         log.info("train: up to date (%s)", remote_run)
     else:
-        # training writes its run folder on the driver's disk; OUT on a store gets a copy
-        run = Path(remote_run) if local else Path("runs") / digest
         train = run_train_stage(shards, str(run), cfg.train, options)
         if not local:
             _publish(run, fs, remote_run)
         report["stages"]["train"] = {"up_to_date": False, **train}
     report["seconds"] = round(time.perf_counter() - started, 3)
     write_json(fs, join(root, "run-summary.json"), report)
+    report["report"] = write_report(out, options, run if run.exists() else None)
     return report

@@ -1,9 +1,14 @@
 """`tessera run`: the whole chain on the bundled sample; a second run finds every stage up to date."""
 
 import json
+import re
+import shutil
+import subprocess
 
 from workflows.config import load_config
 from workflows.jobs import bundled_manifest, run_pipeline
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # .ci/run installs Debian's chromium
 
 
 def test_run_chains_the_stages_and_skips_what_is_up_to_date(ray_session, tmp_path):
@@ -23,6 +28,17 @@ def test_run_chains_the_stages_and_skips_what_is_up_to_date(ray_session, tmp_pat
     assert [s["up_to_date"] for s in second["stages"].values()] == [True, True, True]
     assert second["stages"]["embed"]["computed"] == 0
     assert json.loads((tmp_path / "run-summary.json").read_text())["stages"]["train"]["up_to_date"]
+
+    # the run report, rendered by a real browser: every plot decoded and laid out
+    dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                          "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                          f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=5000", "--dump-dom",
+                          (tmp_path / "report.html").as_uri()], capture_output=True, text=True, timeout=120).stdout
+    widths = [int(w) for w in re.findall(r'data-loaded="(\d+)"', dom)]
+    titles = re.findall(r"<figcaption>([^<]+)</figcaption>", dom)
+    assert len(widths) == len(titles) == 7 and min(widths) > 100, (widths, titles)
+    assert {"Samples per label", "Reject reasons", "Stage throughput", "Text embeddings projected to 2-D",
+            "Training"} <= set(titles)
 
 
 def test_run_with_its_output_on_s3(ray_session, tmp_path, monkeypatch, s3_options):

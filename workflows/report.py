@@ -1,0 +1,131 @@
+"""report.html of a run: PNG plots (matplotlib) of the data, the stages and training, inlined
+so the page is one file that opens anywhere."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections import Counter
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from preprocess.storage import filesystem, join, read_json, write_atomic  # noqa: E402
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _bars(counts: dict, title: str, horizontal: bool = False) -> str:
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    labels, values = list(counts), list(counts.values())
+    (ax.barh if horizontal else ax.bar)(labels, values, color="#4C72B0")
+    ax.set_title(title)
+    if not horizontal:
+        ax.tick_params(axis="x", rotation=30)
+    return _png(fig)
+
+
+def _embedding_plots(fs, root: str, index: list[dict]) -> list[tuple[str, str]]:
+    label_of = {r["key"]: r["label"] for r in index}
+    tables = [pq.read_table(io.BytesIO(fs.cat_file(p))) for p in sorted(fs.glob(join(root, "shard-*.emb.parquet")))]
+    if not tables:
+        return []
+    table = pa.concat_tables(tables)
+    plots = []
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for modality in ("text", "image", "audio", "video"):
+        if modality in table.column_names:
+            vectors = [v for v in table.column(modality).to_pylist() if v is not None]
+            if vectors:
+                norms = np.linalg.norm(np.asarray(vectors, np.float32), axis=1)
+                # normalized embeddings (MiniLM's) all have norm 1: one bin, not twenty empty ones
+                ax.hist(norms, bins=20 if np.ptp(norms) > 1e-3 else 1, alpha=0.6, label=modality)
+    ax.set_title("embedding norms")
+    ax.legend()
+    plots.append(("Embedding norms per modality", _png(fig)))
+    if "text" in table.column_names:
+        rows = [(k, v) for k, v in zip(table.column("key").to_pylist(), table.column("text").to_pylist(),
+                                       strict=True) if v is not None]
+        x = np.asarray([v for _, v in rows], np.float32)
+        if len(x) >= 3:
+            x = x - x.mean(0)
+            projected = x @ np.linalg.svd(x, full_matrices=False)[2][:2].T  # PCA to 2-D
+            fig, ax = plt.subplots(figsize=(6, 4))
+            labels = [label_of.get(k) or "none" for k, _ in rows]
+            for label in sorted(set(labels)):
+                mine = np.array([lab == label for lab in labels])
+                ax.scatter(projected[mine, 0], projected[mine, 1], s=14, label=label)
+            ax.set_title("text embeddings, PCA 2-D, coloured by label")
+            ax.legend(fontsize=7)
+            plots.append(("Text embeddings projected to 2-D", _png(fig)))
+    return plots
+
+
+def _training_plots(run: Path) -> list[tuple[str, str]]:
+    metrics = run / "metrics.jsonl"
+    if not metrics.exists():
+        return []
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    steps = {r["step"]: r["loss"] for r in records if r.get("loss") is not None}
+    epochs = [r for r in records if "val_accuracy" in r]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    left.plot(list(steps), list(steps.values()))
+    left.set_title("training loss")
+    left.set_xlabel("step")
+    right.plot([r["epoch"] for r in epochs], [r["val_accuracy"] for r in epochs], marker="o")
+    right.set_title("validation accuracy")
+    right.set_xlabel("epoch")
+    right.set_ylim(0, 1)
+    return [("Training", _png(fig))]
+
+
+def write_report(out: str, storage_options: dict, run: Path | None = None) -> str:
+    """OUT/report.html from OUT/shards (summaries, index, sidecars) and a training run folder."""
+    fs, root = filesystem(out, storage_options)
+    shards = join(root, "shards")
+    summary = read_json(fs, join(shards, "summary.json"))
+    embed = read_json(fs, join(shards, "embed-summary.json")) if fs.exists(join(shards, "embed-summary.json")) else {}
+    index = pq.read_table(io.BytesIO(fs.cat_file(join(shards, "index.parquet")))).to_pylist()
+    modalities = Counter(m for r in index for m in r["modalities"])
+    throughput = {"shard samples/s": summary["samples_per_s"]}  # of the run that wrote the shards
+    throughput |= {f"embed {m}/s": v["embeddings_per_s"] for m, v in embed.get("modalities", {}).items()
+                   if v.get("embeddings_per_s")}
+    plots = [
+        ("Samples per label", _bars(dict(sorted(Counter(r["label"] or "none" for r in index).items())),
+                                    "accepted samples per label")),
+        ("Samples per modality", _bars(dict(modalities), "accepted samples per modality")),
+        ("Reject reasons", _bars(summary["rejected_by_reason"] or {"(none)": 0},
+                                 f"rejected inputs: {summary['rejected']}", horizontal=True)),
+        ("Stage throughput", _bars(throughput, "throughput", horizontal=True)),
+        *_embedding_plots(fs, shards, index),
+        *(_training_plots(run) if run else []),
+    ]
+    figures = "\n".join(
+        f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{data}" '
+        f'onload="this.dataset.loaded=this.naturalWidth"><figcaption>{html.escape(title)}</figcaption></figure>'
+        for title, data in plots)
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>tessera run report</title>
+<style>body{{font-family:sans-serif;margin:2em}} figure{{display:inline-block;margin:1em}}</style></head>
+<body><h1>tessera run report</h1>
+<p>{summary["inputs"]} inputs, {summary["accepted"]} accepted, {summary["rejected"]} rejected,
+{summary["shards"]} shards; {embed.get("computed", 0)} embeddings computed,
+{embed.get("cache_hits", 0)} cache hits.</p>
+{figures}
+</body></html>"""
+    path = join(root, "report.html")
+    write_atomic(fs, path, page.encode())
+    return path
