@@ -36,6 +36,7 @@ from preprocess.shard import fetch_batch  # noqa: E402
 from preprocess.stage import run_shard_stage  # noqa: E402
 
 MAKE_LARGE = REPO.parent / "shared" / "corpus" / "make_large.py"
+MINI = MAKE_LARGE.parent / "mini"
 LABELS = ("person", "animal", "object", "science", "texture", "document", "scene")
 
 

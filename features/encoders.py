@@ -276,6 +276,11 @@ class VideoFramesEncoder:
         frames = np.load(io.BytesIO(payload), allow_pickle=False)
         return np.stack([self.image.pixels(frame) for frame in frames])
 
+    @staticmethod
+    def pooled(frames: np.ndarray, dim: int) -> np.ndarray:
+        """A clip's vector: the mean of its frames' vectors (cached flat, T x D)."""
+        return frames.reshape(-1, dim).mean(0)
+
     def embed(self, items: list[np.ndarray]) -> np.ndarray:
         per_frame = self.image.embed([frame for clip in items for frame in clip])
         counts = [len(clip) for clip in items]

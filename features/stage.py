@@ -24,7 +24,7 @@ from tqdm import tqdm
 from features.actor import EmbedWorker
 from features.cache import CacheScan, EmbeddingCache
 from features.config import EmbedConfig
-from features.encoders import build_encoders
+from features.encoders import VideoFramesEncoder, build_encoders
 from preprocess.stage import committed_shards
 from preprocess.storage import absolute, filesystem, join, write_atomic, write_json
 
@@ -69,7 +69,8 @@ def write_sidecar(shard_url: str, keys: list[str], hashes: dict[str, list], cach
         dim = dims[modality]
         if modality == "video":
             frames = [None if v is None else v.reshape(-1, dim) for v in vectors]
-            columns["video"] = _vector_column([None if f is None else f.mean(0) for f in frames], dim, cfg.dtype)
+            pooled = [None if f is None else VideoFramesEncoder.pooled(f, dim) for f in frames]
+            columns["video"] = _vector_column(pooled, dim, cfg.dtype)
             if cfg.video.keep_frames:
                 columns["video_frames"] = pa.array(
                     [None if f is None else f.astype(cfg.dtype).tolist() for f in frames],
@@ -194,6 +195,7 @@ def run_embed_stage(shards: str, cfg: EmbedConfig, storage_options: dict | None 
         "sidecars_written": len(pending),
         "sidecars_up_to_date": skipped,
         "encoders": identities,
+        "config": cfg.model_dump(mode="json"),  # what rebuilds these encoders (tessera export / predict)
         "dims": dims,
         "modalities": {m: {**c, "missing_in_sidecars": missing.get(m, 0),
                            "embeddings_per_s": round(c["computed"] / compute_seconds, 2) if compute_seconds else None}

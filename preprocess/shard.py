@@ -108,7 +108,7 @@ def digest_inputs(rows: list[ManifestRow], storage_options: dict) -> list[InputD
     return results
 
 
-def _to_output(row: ManifestRow, raw: dict[str, bytes], cfg: ShardConfig) -> SampleOutput | LineReject:
+def sample_or_reject(row: ManifestRow, raw: dict[str, bytes], cfg: ShardConfig) -> SampleOutput | LineReject:
     """The one place a sample's failure becomes a reject line."""
     try:
         return process_sample(row, raw, cfg)
@@ -149,7 +149,7 @@ def write_shard(plan: ShardPlan, cfg: ShardConfig, out_dir: str, storage_options
     ) as tar:
         for start in range(0, len(plan.rows), FETCH_BATCH):
             for row, raw in fetch_batch(list(plan.rows[start : start + FETCH_BATCH]), storage_options):
-                result = raw if isinstance(raw, LineReject) else _to_output(row, raw, cfg)
+                result = raw if isinstance(raw, LineReject) else sample_or_reject(row, raw, cfg)
                 if isinstance(result, LineReject):
                     rejects.append(result.as_record())
                     continue

@@ -33,6 +33,47 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def embedded_mini(ray_session, tmp_path_factory):
+    """The mini corpus sharded (3 shards) and embedded, as training reads it."""
+    from features.config import EmbedConfig
+    from features.stage import run_embed_stage
+    from preprocess.config import ShardConfig
+    from preprocess.stage import run_shard_stage
+
+    out = tmp_path_factory.mktemp("train-mini")
+    run_shard_stage(str(MINI / "manifest.jsonl"), str(out), ShardConfig(labels=LABELS, samples_per_shard=16),
+                    progress=False)
+    run_embed_stage(str(out), EmbedConfig(), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_mini(embedded_mini, tmp_path_factory) -> Path:
+    """A run trained on the embedded mini corpus with a large validation split (~40%), for
+    evaluation, export and prediction."""
+    from train.config import TrainConfig
+    from train.stage import run_train_stage
+
+    run = tmp_path_factory.mktemp("trained-mini")
+    run_train_stage(str(embedded_mini), str(run), TrainConfig(
+        workers=2, micro_batch_size=4, epochs=8, warmup_steps=2, lr=3e-3, val_fraction=0.4, loader_workers=0,
+        checkpoint_every=1000))
+    return run
+
+
+def mini_manifest_lines(stop: int, start: int = 0) -> list[str]:
+    """Rows start..stop-1 of the mini manifest with absolute paths, for manifests written elsewhere."""
+    import json
+
+    rows = [json.loads(line) for line in (MINI / "manifest.jsonl").open()][start:stop]
+    for row in rows:
+        for field in ("image", "audio", "video"):
+            if field in row:
+                row[field] = str(MINI / row[field])
+    return [json.dumps(row) for row in rows]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

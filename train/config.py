@@ -51,6 +51,10 @@ class TrainConfig(Strict):
     # last, and a run whose local checkpoints are gone resumes from it. Null: RUN/checkpoints only.
     checkpoint_url: str | None = None
     keep_checkpoints: int = Field(3, gt=0)
+    # A trained run folder (any fsspec URL) with model.safetensors + model.json: training starts
+    # from those weights with a fresh optimizer and schedule. A checkpoint in the run's own
+    # folder takes precedence, so an interrupted run resumes where it stopped.
+    init_from: str | None = None
 
     @model_validator(mode="after")
     def _compatible(self) -> TrainConfig:
@@ -65,3 +69,14 @@ class TrainConfig(Strict):
         if self.model.contrastive_weight and not {"image", "text"} <= set(self.model.modalities):
             raise ValueError("the contrastive loss needs both image and text in model.modalities")
         return self
+
+
+class ExportConfig(Strict):
+    """`tessera export`: which compressed variants to write beside the fp32 model."""
+
+    int8: bool = True  # dynamic int8 quantization of the linear layers (onnxruntime)
+    prune_sparsity: float | None = Field(None, gt=0, lt=1, description="magnitude-prune this share of "
+                                         "the linear weights (global L1); null: no pruned variant")
+    accuracy_tolerance: float = Field(0.05, ge=0, le=1, description="a variant's validation accuracy may be "
+                                      "this much below fp32's and still pass")
+    batch_size: int = Field(256, gt=0)

@@ -1,5 +1,6 @@
 """Training input: committed shards streamed with their embedding sidecars, split by rank and
-loader worker so that an epoch sees every sample of its split exactly once.
+loader worker so that an epoch sees every sample of its split exactly once. The shards may
+span several folders (the versions a refresh made), the newest copy of a key winning.
 
 Within an epoch, shards come in a seeded order and samples are dealt round-robin to the
 (rank x loader worker) consumers, each of which shuffles through a seeded buffer and batches.
@@ -12,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from preprocess.stage import committed_shards
-from preprocess.storage import filesystem, iter_shard, join, read_json
+from preprocess.storage import filesystem, iter_shard, join, parent, read_json
 
 
 def split_of(key: str, val_fraction: float) -> str:
@@ -30,12 +31,66 @@ def split_of(key: str, val_fraction: float) -> str:
     return "val" if bucket < val_fraction else "train"
 
 
+def pack_vectors(n: int, dims: dict[str, int],
+                 present: dict[str, tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """The model's packed input: features [n, sum(dims)] (the modalities side by side, zeros
+    where absent) and mask [n, modalities]; present[m] = (which rows have m, their vectors)."""
+    features = np.zeros((n, sum(dims.values())), np.float32)
+    mask = np.zeros((n, len(dims)), np.float32)
+    offset = 0
+    for j, (modality, dim) in enumerate(dims.items()):
+        if modality in present:
+            rows, values = present[modality]
+            features[rows, offset : offset + dim] = values
+            mask[rows, j] = 1.0
+        offset += dim
+    return features, mask
+
+
+def branch_pixels(data: bytes | None, size: int, mean, std) -> np.ndarray:
+    """A stored image as the image branch's input: 3 x size x size, normalized with the
+    training data's statistics (zeros when the sample has no image)."""
+    from PIL import Image
+
+    if data is None:
+        return np.zeros((3, size, size), np.float32)
+    rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((size, size), Image.BILINEAR))
+    x = (rgb.astype(np.float32) / 255.0 - np.float32(mean)) / np.float32(std)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def owned_index(roots: tuple[str, ...], storage_options: dict) -> list[dict]:
+    """Labelled index rows of committed shards over one or more shard folders (dataset
+    versions, oldest first), each with its `root` position; a key in several folders is
+    taken from the newest, so a changed sample replaces its earlier version."""
+    rows: dict[str, dict] = {}
+    for position, root_url in enumerate(roots):
+        fs, root = filesystem(root_url, storage_options)
+        committed = set(committed_shards(root_url, storage_options))
+        for row in pq.read_table(io.BytesIO(fs.cat_file(join(root, "index.parquet"))),
+                                 columns=["key", "label", "shard"]).to_pylist():
+            if row["shard"] in committed and row["label"] is not None:
+                rows[row["key"]] = {**row, "root": position}
+    return list(rows.values())
+
+
+def _pixel_statistics(summaries: list[dict]) -> tuple[tuple, tuple]:
+    """Per-channel mean and std over the images of every folder (pooled by pixel count)."""
+    parts = [s["statistics"]["image"] for s in summaries if s["statistics"]["image"]["mean"]]
+    total = sum(p["pixels"] for p in parts)
+    if not total:
+        return (0.5,) * 3, (0.25,) * 3
+    mean = np.sum([np.array(p["mean"]) * p["pixels"] for p in parts], axis=0) / total
+    square = np.sum([(np.array(p["std"]) ** 2 + np.array(p["mean"]) ** 2) * p["pixels"] for p in parts], axis=0)
+    return tuple(mean.tolist()), tuple(np.sqrt(np.maximum(square / total - mean**2, 0)).tolist())
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
-    """What a worker needs to know about SHARDS, read once on the driver."""
+    """What a worker needs to know about the shard folders, read once on the driver."""
 
-    shards: str
-    shard_names: tuple[str, ...]
+    roots: tuple[str, ...]  # shard folders, oldest version first
+    shard_urls: tuple[str, ...]  # every committed tar
     labels: tuple[str, ...]
     dims: dict[str, int]  # modality -> embedding width, in input order
     counts: dict[str, int]  # split -> labelled samples
@@ -44,29 +99,38 @@ class DatasetInfo:
     storage_options: dict
 
     @classmethod
-    def read(cls, shards: str, modalities: tuple[str, ...], val_fraction: float,
+    def read(cls, shards: str | Sequence[str], modalities: tuple[str, ...], val_fraction: float,
              storage_options: dict | None = None) -> DatasetInfo:
         storage_options = storage_options or {}
-        fs, root = filesystem(shards, storage_options)
-        names = committed_shards(shards, storage_options)
-        index = [r for r in pq.read_table(io.BytesIO(fs.cat_file(join(root, "index.parquet")))).to_pylist()
-                 if r["shard"] in set(names) and r["label"] is not None]
-        labels = read_json(fs, join(root, "shard-config.json"))["config"]["labels"]
-        labels = tuple(labels) if labels else tuple(sorted({r["label"] for r in index}))
-        embed = read_json(fs, join(root, "embed-summary.json"))
-        dims = {m: embed["dims"][m] for m in modalities if m in embed["dims"]}
+        roots = tuple(r.rstrip("/") for r in ((shards,) if isinstance(shards, str) else shards))
+        if not roots:
+            raise ValueError("no shard folders to train on")
+        summaries, label_sets, dim_sets, urls = [], [], [], []
+        for root_url in roots:
+            fs, root = filesystem(root_url, storage_options)
+            summaries.append(read_json(fs, join(root, "summary.json")))
+            label_sets.append(read_json(fs, join(root, "shard-config.json"))["config"]["labels"])
+            dim_sets.append(read_json(fs, join(root, "embed-summary.json"))["dims"])
+            urls += [join(root_url, name) for name in committed_shards(root_url, storage_options)]
+        for what, values in (("labels", label_sets), ("embedding widths", dim_sets)):
+            if any(v != values[0] for v in values):
+                raise ValueError(f"the shard folders differ in their {what} ({dict(zip(roots, values, strict=True))}): "
+                                 "they cannot be trained on together")
+        index = owned_index(roots, storage_options)
+        labels = tuple(label_sets[0]) if label_sets[0] else tuple(sorted({r["label"] for r in index}))
+        dims = {m: dim_sets[0][m] for m in modalities if m in dim_sets[0]}
         if not dims:
-            raise ValueError(f"{shards} has no embeddings for any of {list(modalities)}: run `tessera embed` first")
-        stats = read_json(fs, join(root, "summary.json"))["statistics"]["image"]
+            raise ValueError(f"{roots[-1]} has no embeddings for any of {list(modalities)}: run `tessera embed` first")
         counts = {s: sum(1 for r in index if split_of(r["key"], val_fraction) == s) for s in ("train", "val")}
-        return cls(shards, tuple(names), labels, dims, counts, tuple(stats["mean"] or (0.5,) * 3),
-                   tuple(stats["std"] or (0.25,) * 3), storage_options)
+        counts["all"] = len(index)
+        mean, std = _pixel_statistics(summaries)
+        return cls(roots, tuple(urls), labels, dims, counts, mean, std, storage_options)
 
 
 @dataclass(frozen=True)
 class StreamSpec:
     info: DatasetInfo
-    split: str
+    split: str  # train, val, or all (every labelled sample, for evaluation on other shards)
     val_fraction: float
     batch_size: int
     shuffle_buffer: int
@@ -103,37 +167,29 @@ class ShardStream(IterableDataset):
         self.spec, self.epoch, self.start = spec, epoch, start
         self.last_epoch = epoch + 1 if last_epoch is None else last_epoch
 
-    def _labels(self) -> dict[str, int]:
-        """key -> class of every labelled sample (index.parquet, read once per loader process)."""
+    def _labels(self) -> dict[str, tuple[int, int]]:
+        """key -> (folder position, class) of every labelled sample, read once per loader process."""
         if not hasattr(self, "_label_of"):
             info = self.spec.info
-            fs, root = filesystem(info.shards, info.storage_options)
-            table = pq.read_table(io.BytesIO(fs.cat_file(join(root, "index.parquet"))), columns=["key", "label"])
-            self._label_of = {k: info.labels.index(lab) for k, lab in zip(
-                table.column("key").to_pylist(), table.column("label").to_pylist(), strict=True) if lab is not None}
+            self._label_of = {r["key"]: (r["root"], info.labels.index(r["label"]))
+                              for r in owned_index(info.roots, info.storage_options)}
         return self._label_of
 
-    def _sidecar(self, name: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    def _sidecar(self, url: str) -> tuple[list[str], np.ndarray, np.ndarray]:
         """(keys, features [n, sum(dims)] with zeros where absent, mask [n, modalities])."""
         info = self.spec.info
-        fs, root = filesystem(info.shards, info.storage_options)
-        table = pq.read_table(io.BytesIO(fs.cat_file(join(root, name.removesuffix(".tar") + ".emb.parquet"))))
-        n = table.num_rows
-        features = np.zeros((n, sum(info.dims.values())), np.float32)
-        mask = np.zeros((n, len(info.dims)), np.float32)
-        offset = 0
-        for j, (modality, dim) in enumerate(info.dims.items()):
+        fs, path = filesystem(url.removesuffix(".tar") + ".emb.parquet", info.storage_options)
+        table = pq.read_table(io.BytesIO(fs.cat_file(path)))
+        present = {}
+        for modality, dim in info.dims.items():
             if modality in table.column_names:
                 column = table.column(modality).combine_chunks()
-                present = column.is_valid().to_numpy(zero_copy_only=False)
+                rows = column.is_valid().to_numpy(zero_copy_only=False)
                 values = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
-                features[present, offset : offset + dim] = values if len(values) == present.sum() \
-                    else values[present]
-                mask[present, j] = 1.0
-            offset += dim
-        return table.column("key").to_pylist(), features, mask
+                present[modality] = (rows, values if len(values) == rows.sum() else values[rows])
+        return table.column("key").to_pylist(), *pack_vectors(table.num_rows, info.dims, present)
 
-    def _images(self, name: str, keys: set[str]) -> dict[str, bytes]:
+    def _images(self, url: str, keys: set[str]) -> dict[str, bytes]:
         info = self.spec.info
 
         def select(member: str) -> bool:
@@ -141,27 +197,31 @@ class ShardStream(IterableDataset):
             return key in keys and ext in ("jpg", "png", "webp")
 
         return {s["__key__"]: next(s[e] for e in ("jpg", "png", "webp") if e in s)
-                for s in iter_shard(join(info.shards, name), info.storage_options, select)}
+                for s in iter_shard(url, info.storage_options, select)}
 
     def _samples(self, consumer: int, epoch: int) -> Iterator[dict]:
         """This consumer's samples of the split, dealt round-robin over the epoch's shard order."""
         spec, info = self.spec, self.spec.info
-        order = list(info.shard_names)
+        order = list(info.shard_urls)
         np.random.default_rng([spec.seed, epoch]).shuffle(order)
         label_of = self._labels()
+        folder = {root: i for i, root in enumerate(info.roots)}
         position = 0
-        for name in order:
-            keys, features, mask = self._sidecar(name)
+        for url in order:
+            keys, features, mask = self._sidecar(url)
+            here = folder[parent(url)]
             mine = []
             for i, key in enumerate(keys):
-                if key not in label_of or split_of(key, spec.val_fraction) != spec.split:
+                if label_of.get(key, (None,))[0] != here:
+                    continue
+                if spec.split != "all" and split_of(key, spec.val_fraction) != spec.split:
                     continue
                 if position % spec.consumers == consumer:
                     mine.append(i)
                 position += 1
-            images = self._images(name, {keys[i] for i in mine}) if spec.image_branch_size and mine else {}
+            images = self._images(url, {keys[i] for i in mine}) if spec.image_branch_size and mine else {}
             for i in mine:
-                yield {"key": keys[i], "label": label_of[keys[i]], "features": features[i], "mask": mask[i],
+                yield {"key": keys[i], "label": label_of[keys[i]][1], "features": features[i], "mask": mask[i],
                        "image": images.get(keys[i])}
 
     def _shuffled(self, samples: Iterator[dict], consumer: int, epoch: int) -> Iterator[dict]:
@@ -181,18 +241,10 @@ class ShardStream(IterableDataset):
                  "labels": torch.tensor([r["label"] for r in rows]),
                  "weights": torch.tensor(weights, dtype=torch.float32)}
         if self.spec.image_branch_size:
-            batch["pixels"] = torch.from_numpy(np.stack([self._pixels(r["image"]) for r in rows]))
+            info = self.spec.info
+            batch["pixels"] = torch.from_numpy(np.stack([branch_pixels(r["image"], self.spec.image_branch_size,
+                                                                       info.pixel_mean, info.pixel_std) for r in rows]))
         return batch
-
-    def _pixels(self, data: bytes | None) -> np.ndarray:
-        from PIL import Image
-
-        size, info = self.spec.image_branch_size, self.spec.info
-        if data is None:
-            return np.zeros((3, size, size), np.float32)
-        rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((size, size), Image.BILINEAR))
-        x = (rgb.astype(np.float32) / 255.0 - np.float32(info.pixel_mean)) / np.float32(info.pixel_std)
-        return np.ascontiguousarray(x.transpose(2, 0, 1))
 
     def consumer_batches(self, epoch: int, k: int) -> list[tuple[list[dict], list[float]]]:
         """Every batch of this rank's consumer k in an epoch; its batch i is the rank's batch i*workers + k."""

@@ -20,6 +20,7 @@ from train.config import TrainConfig
 from train.data import DatasetInfo, StreamSpec, loader
 from train.model import MultimodalModel
 from train.parallel import build_engine, resolve_precision
+from train.saved import META, WEIGHTS
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class TrainJob:
     cfg: TrainConfig
     info: DatasetInfo
     run_dir: str  # a folder every worker can write (local disk or a shared filesystem)
+    init_state: dict | None = None  # starting weights (cfg.init_from), checked on the driver
 
 
 class CheckpointMirror:
@@ -160,8 +162,8 @@ def _export(engine, model: MultimodalModel, job: TrainJob, ckpt_dir: Path, tag: 
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
     run = Path(job.run_dir)
-    save_file(state, str(run / "model.safetensors"), metadata={"format": "pt"})
-    (run / "model.json").write_text(json.dumps({
+    save_file(state, str(run / WEIGHTS), metadata={"format": "pt"})
+    (run / META).write_text(json.dumps({
         "dims": job.info.dims, "labels": list(job.info.labels), "model": cfg.model.model_dump(mode="json"),
         "pixel_mean": job.info.pixel_mean, "pixel_std": job.info.pixel_std, "checkpoint": tag,
     }, indent=1))
@@ -173,6 +175,8 @@ def run_worker(job: TrainJob, rank: int, world: int, local_rank: int | None = No
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = MultimodalModel(info.dims, len(info.labels), cfg.model)
+    if job.init_state is not None:
+        model.load_state_dict(job.init_state)
     data_world = world // cfg.pipeline_stages if cfg.parallel == "pipeline" else world
 
     def spec(split: str, data_rank: int) -> StreamSpec:

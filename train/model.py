@@ -80,8 +80,9 @@ class FusionEncoder(nn.Module):
         if self.fusion == "weighted_sum":
             weights = masked_softmax(self.logits.expand_as(mask), mask)
             return (weights[..., None] * tokens).sum(1)
-        cls = self.cls.expand(len(tokens), -1, -1)
-        padding = torch.cat([torch.zeros_like(mask[:, :1]), mask], dim=1) <= 0
+        cls = self.cls.expand(tokens.shape[0], -1, -1)  # not len(): export keeps the batch dynamic
+        # the CLS token is always attendable, so a sample with every modality absent gets no NaN
+        padding = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1) <= 0
         return self.attend(torch.cat([cls, tokens], dim=1), src_key_padding_mask=padding)[:, 0]
 
 

@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the bundled sample corpus with small limits on an embedded local Ray")
     _common(run)
     refresh = sub.add_parser("refresh", help="scheduled: shard and embed only new or changed manifest rows "
-                                        "as a new version (exit 0 done, 75 locked: retry later)")
+                                        "as a new version, then train it if job.refresh_train says so "
+                                        "(exit 0 done, 75 locked: retry later)")
     refresh.add_argument("config_file", metavar="CONFIG", help="YAML config with a job section")
     _common(refresh)
     versions = sub.add_parser("versions", help="the dataset versions under OUT, with their counts")
@@ -54,6 +55,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("shards", help="a shard stage's output folder, embedded")
     train.add_argument("--run-dir", help="checkpoints, metrics and the exported model (default: runs/NAME)")
     _common(train)
+    evaluate = sub.add_parser("evaluate", help="metrics of a trained run on its validation split (and other shards)")
+    evaluate.add_argument("run", help="a training run folder (OUT/train/<digest>, runs/NAME)")
+    evaluate.add_argument("--shards", action="append", default=[], metavar="URL",
+                          help="also evaluate every labelled sample of these committed shards (repeatable)")
+    _common(evaluate)
+    export = sub.add_parser("export", help="a trained run -> safetensors + ONNX (fp32, int8, pruned) to serve")
+    export.add_argument("run", help="a training run folder")
+    export.add_argument("out", help="export folder, any fsspec URL")
+    _common(export)
+    predict = sub.add_parser("predict", help="an exported model on raw files or a manifest: one JSON line each")
+    predict.add_argument("model", help="an export folder (tessera export)")
+    predict.add_argument("inputs", nargs="+", help="a .jsonl/.parquet manifest, or files / folders of files "
+                                                   "(files sharing a name stem are one sample)")
+    predict.add_argument("--variant", default="fp32", choices=["fp32", "int8", "pruned"])
+    predict.add_argument("--out", help="write the JSON lines here instead of stdout")
+    _common(predict)
     return parser
 
 
@@ -136,7 +153,8 @@ def cmd_refresh(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     except Locked as e:
         print(f"tessera: {e}", file=sys.stderr)
         return EXIT_LOCKED
-    print(json.dumps({"version": result["version"], "new_rows": result["new_rows"]}))
+    trained = {"val_accuracy": result["train"]["val_accuracy"]} if "train" in result else {}
+    print(json.dumps({"version": result["version"], "new_rows": result["new_rows"], **trained}))
     return 0
 
 
@@ -148,8 +166,48 @@ def cmd_versions(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace, cfg: TesseraConfig) -> int:
+    from train.evaluate import evaluate_run
+    from workflows.report import write_run_report
+
+    result = evaluate_run(args.run, args.shards, cfg.runtime.storage_options, cfg.export.batch_size)
+    write_run_report(args.run, cfg.runtime.storage_options)
+    for name, metrics in result["sets"].items():
+        print(json.dumps({"set": name, **{k: metrics[k] for k in ("samples", "accuracy", "macro_f1", "macro_roc_auc")},
+                          "ablation_accuracy": {m: a["accuracy"] for m, a in metrics["ablation"].items()}}))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, cfg: TesseraConfig) -> int:
+    from train.export import export_run
+
+    result = export_run(args.run, args.out, cfg.export, cfg.runtime.storage_options)
+    for name, variant in result["variants"].items():
+        print(json.dumps({"variant": name, **{k: variant.get(k) for k in (
+            "file", "bytes", "size_ratio_vs_fp32", "accuracy", "macro_f1", "within_tolerance")}}))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace, cfg: TesseraConfig) -> int:
+    from workflows.predict import Predictor, predict_inputs
+
+    predictor = Predictor(args.model, args.variant, cfg.runtime.storage_options, cfg.embed.batch_size)
+    sink = open(args.out, "w") if args.out else sys.stdout  # noqa: SIM115 - stdout is not ours to close
+    counts = {"predicted": 0, "rejected": 0}
+    try:
+        for record in predict_inputs(predictor, args.inputs):
+            counts["rejected" if record.get("rejected") else "predicted"] += 1
+            sink.write(json.dumps(record) + "\n")
+    finally:
+        if args.out:
+            sink.close()
+    print(f"tessera: {counts['predicted']} predicted, {counts['rejected']} rejected", file=sys.stderr)
+    return 0
+
+
 COMMANDS = {"shard": cmd_shard, "embed": cmd_embed, "train": cmd_train, "run": cmd_run,
-            "refresh": cmd_refresh, "versions": cmd_versions}
+            "refresh": cmd_refresh, "versions": cmd_versions, "evaluate": cmd_evaluate, "export": cmd_export,
+            "predict": cmd_predict}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     except OutputConflict as e:
         print(f"tessera: {e}", file=sys.stderr)
         return EXIT_CONFLICT
-    except ConfigError as e:
+    except (ConfigError, FileNotFoundError) as e:  # a bad config, or an input that is not there
         print(f"tessera: {e}", file=sys.stderr)
         return EXIT_CONFIG
 

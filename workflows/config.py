@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError
 
 from features.config import EmbedConfig
 from preprocess.config import ShardConfig, Strict
-from train.config import TrainConfig
+from train.config import ExportConfig, TrainConfig
 
 
 class RuntimeConfig(Strict):
@@ -27,6 +27,9 @@ class JobConfig(Strict):
 
     manifest: str | None = Field(None, description="JSONL or Parquet manifest, any fsspec URL")
     out: str | None = Field(None, description="output root: OUT/shards (+ sidecars, cache), OUT/train/...")
+    # what `tessera refresh` trains after adding a version, starting from the newest earlier
+    # version's model: none; the new version's samples only; or every version so far
+    refresh_train: Literal["none", "new", "all"] = "none"
 
 
 class TesseraConfig(Strict):
@@ -35,6 +38,7 @@ class TesseraConfig(Strict):
     shard: ShardConfig = ShardConfig()
     embed: EmbedConfig = EmbedConfig()
     train: TrainConfig = TrainConfig()
+    export: ExportConfig = ExportConfig()
 
 
 class ConfigError(ValueError):

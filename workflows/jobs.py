@@ -15,6 +15,7 @@ from fsspec.core import split_protocol
 from features.stage import run_embed_stage
 from preprocess.stage import run_shard_stage
 from preprocess.storage import absolute, filesystem, join, write_json
+from train.evaluate import evaluate_run
 from train.stage import RUN_CONFIG, run_train_stage
 from workflows.config import ConfigError, TesseraConfig
 from workflows.report import write_report
@@ -35,7 +36,7 @@ def data_digest(shards: str, storage_options: dict) -> str:
     return h.hexdigest()
 
 
-def _train_is_current(fs, remote_run: str, cfg: TesseraConfig, shards: str) -> bool:
+def _train_is_current(fs, remote_run: str, cfg: TesseraConfig, shards: str | list[str]) -> bool:
     summary, config = join(remote_run, "train-summary.json"), join(remote_run, RUN_CONFIG)
     if not (fs.exists(summary) and fs.exists(config)):
         return False
@@ -49,6 +50,24 @@ def _publish(run: Path, fs, remote_run: str) -> None:
         relative = path.relative_to(run)
         if path.is_file() and relative.parts[0] not in ("checkpoints", "ray"):
             fs.put_file(str(path), join(remote_run, str(relative)))
+
+
+def train_into(cfg: TesseraConfig, out: str, run_path: str, shards: str | list[str]) -> tuple[dict, bool, str]:
+    """Train SHARDS into OUT/RUN_PATH, then evaluate it (eval.json), unless that run is already
+    done for this data and config: (summary, up to date, the run's URL). Training writes on
+    the driver's disk; OUT on a store gets a copy."""
+    fs, root = filesystem(out, cfg.runtime.storage_options)
+    remote_run = join(root, run_path)
+    local = split_protocol(out)[0] in (None, "file")
+    run = Path(remote_run) if local else Path("runs") / run_path
+    if _train_is_current(fs, remote_run, cfg, shards):
+        log.info("train: up to date (%s)", remote_run)
+        return json.loads(fs.cat_file(join(remote_run, "train-summary.json"))), True, join(out, run_path)
+    summary = run_train_stage(shards, str(run), cfg.train, cfg.runtime.storage_options)
+    evaluate_run(str(run), storage_options=cfg.runtime.storage_options)
+    if not local:
+        _publish(run, fs, remote_run)
+    return summary, False, join(out, run_path)
 
 
 def run_pipeline(cfg: TesseraConfig) -> dict:
@@ -72,22 +91,10 @@ def run_pipeline(cfg: TesseraConfig) -> dict:
     log.info("embed: %s", "up to date" if current else f"{embed['computed']} embeddings computed")
 
     # one training run per data version; the same data and config again is up to date
-    digest = data_digest(shards, options)[:12]
-    fs, root = filesystem(out, options)
-    remote_run = join(root, "train", digest)
-    local = split_protocol(out)[0] in (None, "file")
-    # training writes its run folder on the driver's disk; OUT on a store gets a copy
-    run = Path(remote_run) if local else Path("runs") / digest
-    if _train_is_current(fs, remote_run, cfg, shards):
-        train = json.loads(fs.cat_file(join(remote_run, "train-summary.json")))
-        report["stages"]["train"] = {"up_to_date": True, **train}
-        log.info("train: up to date (%s)", remote_run)
-    else:
-        train = run_train_stage(shards, str(run), cfg.train, options)
-        if not local:
-            _publish(run, fs, remote_run)
-        report["stages"]["train"] = {"up_to_date": False, **train}
+    train, current, run = train_into(cfg, out, join("train", data_digest(shards, options)[:12]), shards)
+    report["stages"]["train"] = {"up_to_date": current, **train}
     report["seconds"] = round(time.perf_counter() - started, 3)
+    fs, root = filesystem(out, options)
     write_json(fs, join(root, "run-summary.json"), report)
-    report["report"] = write_report(out, options, run if run.exists() else None)
+    report["report"] = write_report(out, options, run)
     return report

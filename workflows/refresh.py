@@ -4,7 +4,9 @@ OUT/versions/vNNNNNN/ holds a version's shards (with sidecars); OUT/embed-cache 
 so embeddings are computed for new content only. A row's identity is its JSON plus the
 sha256 of every file it names: a row is new when no earlier version saw that identity, so
 rejected rows are not retried until they change. OUT/refresh.lock keeps two refreshes from
-overlapping; a lock left by a dead process (or older than the timeout) is taken over."""
+overlapping; a lock left by a dead process (or older than the timeout) is taken over.
+With job.refresh_train, the new version is then trained into vNNNNNN/train, starting from
+the newest earlier version's model."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from preprocess.reject import Reject
 from preprocess.shard import InputDigest
 from preprocess.stage import OutputConflict, digest_rows, run_shard_stage
 from preprocess.storage import absolute, filesystem, join, parent, read_json, resolve, write_atomic
+from train.saved import WEIGHTS
 from workflows.config import ConfigError, TesseraConfig
 
 log = logging.getLogger(__name__)
@@ -64,9 +67,12 @@ def versions(out: str, storage_options: dict) -> list[dict]:
     fs, root = filesystem(absolute(out), storage_options)
     found = []
     for path in sorted(fs.glob(join(root, "versions", "v*", INPUTS))):  # complete versions only
-        summary = read_json(fs, path.rsplit("/", 1)[0] + "/summary.json")
-        found.append({"version": path.rsplit("/", 2)[-2], "inputs": summary["inputs"],
-                      "accepted": summary["accepted"], "rejected": summary["rejected"], "shards": summary["shards"]})
+        folder = path.rsplit("/", 1)[0]
+        summary = read_json(fs, join(folder, "summary.json"))
+        trained = join(folder, "train", "train-summary.json")
+        found.append({"version": folder.rsplit("/", 1)[-1], "inputs": summary["inputs"],
+                      "accepted": summary["accepted"], "rejected": summary["rejected"], "shards": summary["shards"],
+                      "val_accuracy": read_json(fs, trained)["val_accuracy"] if fs.exists(trained) else None})
     return found
 
 
@@ -126,8 +132,29 @@ def run_refresh(cfg: TesseraConfig) -> dict:
                                     cfg.runtime.progress)
         embed_cfg = cfg.embed if cfg.embed.cache else cfg.embed.model_copy(update={"cache": join(out, "embed-cache")})
         embed = run_embed_stage(version, embed_cfg, options, cfg.runtime.progress)
+        result = {"version": f"v{number:06d}", "new_rows": len(fresh), "shard": shard, "embed": embed}
+        if cfg.job.refresh_train != "none":
+            result["train"] = _train_version(cfg, out, version)
         buf = io.BytesIO()
         pq.write_table(pa.table({"identity": [identity for identity, _ in fresh]}), buf)
         write_atomic(vfs, join(vroot, INPUTS), buf.getvalue())  # last: the version is complete
         log.info("refresh: version v%06d with %d new or changed rows", number, len(fresh))
-        return {"version": f"v{number:06d}", "new_rows": len(fresh), "shard": shard, "embed": embed}
+        return result
+
+
+def _train_version(cfg: TesseraConfig, out: str, version: str) -> dict:
+    """Train on the new version (or on every version) into VERSION/train, starting from the
+    newest earlier version's model (else train.init_from, else from scratch)."""
+    from workflows.jobs import train_into
+
+    options = cfg.runtime.storage_options
+    fs = filesystem(out, options)[0]
+    earlier = [join(out, "versions", v["version"]) for v in versions(out, options)]
+    trained = [v for v in earlier if fs.exists(join(filesystem(v, options)[1], "train", WEIGHTS))]
+    start = join(trained[-1], "train") if trained else cfg.train.init_from
+    shards = [*earlier, version] if cfg.job.refresh_train == "all" else [version]
+    run_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"init_from": start})})
+    name = version.rstrip("/").rsplit("/", 1)[-1]
+    summary, _, _ = train_into(run_cfg, out, join("versions", name, "train"), shards)
+    log.info("refresh: trained %s on %d version(s) from %s", name, len(shards), start or "scratch")
+    return summary

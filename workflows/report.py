@@ -8,7 +8,6 @@ import html
 import io
 import json
 from collections import Counter
-from pathlib import Path
 
 import matplotlib
 
@@ -19,6 +18,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from preprocess.storage import filesystem, join, read_json, write_atomic  # noqa: E402
+from train.evaluate import EVAL  # noqa: E402
 
 
 def _png(fig) -> str:
@@ -74,11 +74,11 @@ def _embedding_plots(fs, root: str, index: list[dict]) -> list[tuple[str, str]]:
     return plots
 
 
-def _training_plots(run: Path) -> list[tuple[str, str]]:
-    metrics = run / "metrics.jsonl"
-    if not metrics.exists():
+def _training_plots(fs, run: str) -> list[tuple[str, str]]:
+    metrics = join(run, "metrics.jsonl")
+    if not fs.exists(metrics):
         return []
-    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    records = [json.loads(line) for line in fs.cat_file(metrics).decode().splitlines()]
     steps = {r["step"]: r["loss"] for r in records if r.get("loss") is not None}
     epochs = [r for r in records if "val_accuracy" in r]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
@@ -92,9 +92,71 @@ def _training_plots(run: Path) -> list[tuple[str, str]]:
     return [("Training", _png(fig))]
 
 
-def write_report(out: str, storage_options: dict, run: Path | None = None) -> str:
-    """OUT/report.html from OUT/shards (summaries, index, sidecars) and a training run folder."""
+def _evaluation_plots(fs, run: str) -> list[tuple[str, str]]:
+    """Confusion matrix, one-vs-rest ROC curves and modality ablation of RUN/eval.json's validation set."""
+    path = join(run, EVAL)
+    if not fs.exists(path):
+        return []
+    result = read_json(fs, path)
+    val, labels = result["sets"]["val"], result["labels"]
+    if not val["samples"]:
+        return []
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    matrix = np.asarray(val["confusion_matrix"])
+    ax.imshow(matrix, cmap="Blues")
+    for (i, j), n in np.ndenumerate(matrix):
+        ax.text(j, i, str(n), ha="center", va="center", color="white" if n > matrix.max() / 2 else "black")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"confusion matrix, {val['samples']} validation samples")
+    plots = [("Confusion matrix", _png(fig))]
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    for label, curve in val["roc_curves"].items():
+        ax.plot(curve["fpr"], curve["tpr"], label=f"{label} (AUC {val['per_class'][label]['roc_auc']:.2f})")
+    ax.plot([0, 1], [0, 1], "k:", linewidth=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title("ROC, one class vs the rest")
+    ax.legend(fontsize=7)
+    plots.append(("ROC curves", _png(fig)))
+    ablation = {"all": val["accuracy"]} | {f"no {m}": a["accuracy"] for m, a in val["ablation"].items()}
+    plots.append(("Modality ablation", _bars(ablation, "validation accuracy with one modality masked")))
+    return plots
+
+
+def _page(title: str, summary: str, plots: list[tuple[str, str]]) -> bytes:
+    figures = "\n".join(
+        f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{data}" '
+        f'onload="this.dataset.loaded=this.naturalWidth"><figcaption>{html.escape(name)}</figcaption></figure>'
+        for name, data in plots)
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;margin:2em}} figure{{display:inline-block;margin:1em}}</style></head>
+<body><h1>{html.escape(title)}</h1>
+<p>{summary}</p>
+{figures}
+</body></html>""".encode()
+
+
+def write_run_report(run: str, storage_options: dict) -> str:
+    """RUN/report.html: a training run's loss, validation accuracy and evaluation plots."""
+    fs, root = filesystem(run, storage_options)
+    summary = read_json(fs, join(root, "train-summary.json"))
+    text = (f"{summary['train_samples']} training and {summary['val_samples']} validation samples, "
+            f"{summary['steps']} steps, final loss {summary['final_loss']:.4f}.")
+    path = join(root, "report.html")
+    write_atomic(fs, path, _page("tessera training run", text, _training_plots(fs, root) +
+                                 _evaluation_plots(fs, root)))
+    return path
+
+
+def write_report(out: str, storage_options: dict, run: str | None = None) -> str:
+    """OUT/report.html from OUT/shards (summaries, index, sidecars) and a training run folder
+    (any URL; its loss, validation accuracy and evaluation plots)."""
     fs, root = filesystem(out, storage_options)
+    run_fs = filesystem(run, storage_options) if run else None
     shards = join(root, "shards")
     summary = read_json(fs, join(shards, "summary.json"))
     embed = read_json(fs, join(shards, "embed-summary.json")) if fs.exists(join(shards, "embed-summary.json")) else {}
@@ -111,21 +173,11 @@ def write_report(out: str, storage_options: dict, run: Path | None = None) -> st
                                  f"rejected inputs: {summary['rejected']}", horizontal=True)),
         ("Stage throughput", _bars(throughput, "throughput", horizontal=True)),
         *_embedding_plots(fs, shards, index),
-        *(_training_plots(run) if run else []),
+        *(_training_plots(*run_fs) + _evaluation_plots(*run_fs) if run else []),
     ]
-    figures = "\n".join(
-        f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{data}" '
-        f'onload="this.dataset.loaded=this.naturalWidth"><figcaption>{html.escape(title)}</figcaption></figure>'
-        for title, data in plots)
-    page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>tessera run report</title>
-<style>body{{font-family:sans-serif;margin:2em}} figure{{display:inline-block;margin:1em}}</style></head>
-<body><h1>tessera run report</h1>
-<p>{summary["inputs"]} inputs, {summary["accepted"]} accepted, {summary["rejected"]} rejected,
-{summary["shards"]} shards; {embed.get("computed", 0)} embeddings computed,
-{embed.get("cache_hits", 0)} cache hits.</p>
-{figures}
-</body></html>"""
+    text = (f"{summary['inputs']} inputs, {summary['accepted']} accepted, {summary['rejected']} rejected, "
+            f"{summary['shards']} shards; {embed.get('computed', 0)} embeddings computed, "
+            f"{embed.get('cache_hits', 0)} cache hits.")
     path = join(root, "report.html")
-    write_atomic(fs, path, page.encode())
+    write_atomic(fs, path, _page("tessera run report", text, plots))
     return path

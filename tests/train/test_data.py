@@ -1,8 +1,11 @@
 """The training stream: split by rank and loader worker, resumable, deterministic."""
 
+import json
 from collections import Counter
 
+import pyarrow.parquet as pq
 import pytest
+import torch
 
 from train.data import DatasetInfo, StreamSpec, loader, split_of
 
@@ -62,8 +65,6 @@ def test_pixels_for_the_image_branch(embedded_mini):
 
 
 def _all_keys(out):
-    import pyarrow.parquet as pq
-
     return [r["key"] for r in pq.read_table(out / "index.parquet").to_pylist()]
 
 
@@ -73,3 +74,65 @@ def test_one_stream_spans_epochs_from_a_resumed_position(embedded_mini):
     epochs = [[b["keys"] for b in loader(spec, e)] for e in range(3)]
     assert [b["keys"] for b in loader(spec, 0, last_epoch=3)] == epochs[0] + epochs[1] + epochs[2]
     assert [b["keys"] for b in loader(spec, 1, start=3, last_epoch=3)] == epochs[1][3:] + epochs[2]
+
+
+@pytest.fixture(scope="module")
+def two_versions(ray_session, tmp_path_factory):
+    """Two embedded shard folders as a refresh leaves them: rows 0-11, then rows 8-19 with
+    row 9's caption changed (rows 8-11 appear in both)."""
+    from features.config import EmbedConfig
+    from features.stage import run_embed_stage
+    from preprocess.config import ShardConfig
+    from preprocess.stage import run_shard_stage
+    from tests.conftest import LABELS, mini_manifest_lines
+
+    newer = mini_manifest_lines(20, start=8)
+    row = json.loads(newer[1])
+    row["text"] = "A caption that changed in the newer version."
+    newer[1] = json.dumps(row)
+    folders = []
+    for name, lines in (("v1", mini_manifest_lines(12)), ("v2", newer)):
+        root = tmp_path_factory.mktemp(name)
+        (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+        run_shard_stage(str(root / "manifest.jsonl"), str(root / "shards"),
+                        ShardConfig(labels=LABELS, samples_per_shard=5), progress=False)
+        run_embed_stage(str(root / "shards"), EmbedConfig(audio=None, video=None), progress=False)
+        folders.append(root / "shards")
+    return folders, row["key"]
+
+
+def test_several_versions_train_as_one_dataset_with_the_newest_copy_of_each_key(two_versions):
+    folders, changed = two_versions
+    info = DatasetInfo.read([str(f) for f in folders], ("text", "image"), 0.2)
+    keys = set(_all_keys(folders[0])) | set(_all_keys(folders[1]))
+    assert len(keys) == 20 and info.counts["train"] + info.counts["val"] == 20
+    split = "train" if split_of(changed, 0.2) == "train" else "val"
+    seen, features = [], {}
+    for rank in range(2):
+        for batch in loader(spec_for(info, rank, split=split), epoch=0):
+            for key, weight, row in zip(batch["keys"], batch["weights"].tolist(), batch["features"], strict=True):
+                if weight > 0:
+                    seen.append(key)
+                    features[key] = row
+    assert Counter(seen) == Counter({k for k in keys if split_of(k, 0.2) == split})
+    newer_text = pq.read_table(folders[1] / _sidecar_of(folders[1], changed))
+    text = dict(zip(newer_text.column("key").to_pylist(), newer_text.column("text").to_pylist(), strict=True))
+    assert torch.allclose(features[changed][: info.dims["text"]], torch.tensor(text[changed]))
+
+
+def test_versions_with_different_labels_are_refused(two_versions, tmp_path):
+    import shutil
+
+    folders, _ = two_versions
+    other = tmp_path / "other"
+    shutil.copytree(folders[1], other)
+    config = json.loads((other / "shard-config.json").read_text())
+    config["config"]["labels"] = ["cat", "dog"]
+    (other / "shard-config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="differ in their labels"):
+        DatasetInfo.read([str(folders[0]), str(other)], ("text",), 0.2)
+
+
+def _sidecar_of(shards, key) -> str:
+    row = next(r for r in pq.read_table(shards / "index.parquet").to_pylist() if r["key"] == key)
+    return row["shard"].removesuffix(".tar") + ".emb.parquet"

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from preprocess.stage import OutputConflict
 from tests.conftest import REPO
-from train.config import TrainConfig
+from train.config import ModelConfig, TrainConfig
 from train.model import MultimodalModel
+from train.saved import load_model, read_saved
 from train.stage import run_train_stage
 
 BASE = {"workers": 2, "micro_batch_size": 4, "epochs": 4, "checkpoint_every": 6, "loader_workers": 2,
@@ -33,12 +34,7 @@ def losses(run: Path) -> dict[int, float]:
 
 
 def exported_model(run: Path) -> MultimodalModel:
-    meta = json.loads((run / "model.json").read_text())
-    from train.config import ModelConfig
-
-    model = MultimodalModel(meta["dims"], len(meta["labels"]), ModelConfig(**meta["model"]))
-    model.load_state_dict(load_file(run / "model.safetensors"))
-    return model
+    return load_model(*read_saved(str(run)))
 
 
 def assert_learns(run: Path) -> None:
@@ -64,6 +60,23 @@ def test_zero2_data_parallel_reduces_the_loss_and_exports(zero2_run):
     assert len(epochs) == 4 and epochs[-1]["val_samples"] == summary["val_samples"]
     model = exported_model(zero2_run)
     assert all(t.dtype == torch.float32 for t in model.state_dict().values())
+
+
+def test_training_can_start_from_an_earlier_runs_weights(zero2_run, embedded_mini, tmp_path):
+    cold = json.loads((zero2_run / "train-summary.json").read_text())
+    warm = run_train_stage(str(embedded_mini), str(tmp_path),
+                           TrainConfig(zero_stage=2, init_from=str(zero2_run), **{**BASE, "epochs": 1}))
+    assert warm["init_from"] == str(zero2_run) and not warm["resumed"]
+    # the first step already has the trained model's loss, not a fresh model's
+    assert warm["first_loss"] < 0.5 * cold["first_loss"], (warm["first_loss"], cold["first_loss"])
+
+
+def test_starting_from_weights_of_another_model_shape_is_refused(zero2_run, embedded_mini, tmp_path):
+    other = TrainConfig(init_from=str(zero2_run), model=ModelConfig(hidden=64), **BASE)
+    with pytest.raises(OutputConflict, match="its model differ"):
+        run_train_stage(str(embedded_mini), str(tmp_path), other)
+    with pytest.raises(OutputConflict, match="holds no trained model"):
+        run_train_stage(str(embedded_mini), str(tmp_path / "b"), TrainConfig(init_from=str(tmp_path), **BASE))
 
 
 def test_pipeline_two_stages_reduces_the_loss(embedded_mini, tmp_path):

@@ -4,9 +4,15 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
+from tests.conftest import LABELS
+from train.config import ExportConfig
+from train.evaluate import evaluate_run
+from train.export import export_run
 from workflows.config import load_config
 from workflows.jobs import bundled_manifest, run_pipeline
+from workflows.predict import Predictor, predict_inputs
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # .ci/run installs Debian's chromium
 
@@ -36,9 +42,11 @@ def test_run_chains_the_stages_and_skips_what_is_up_to_date(ray_session, tmp_pat
                           (tmp_path / "report.html").as_uri()], capture_output=True, text=True, timeout=120).stdout
     widths = [int(w) for w in re.findall(r'data-loaded="(\d+)"', dom)]
     titles = re.findall(r"<figcaption>([^<]+)</figcaption>", dom)
-    assert len(widths) == len(titles) == 7 and min(widths) > 100, (widths, titles)
+    assert len(widths) == len(titles) == 10 and min(widths) > 100, (widths, titles)
     assert {"Samples per label", "Reject reasons", "Stage throughput", "Text embeddings projected to 2-D",
-            "Training"} <= set(titles)
+            "Training", "Confusion matrix", "ROC curves", "Modality ablation"} <= set(titles)
+    evaluation = json.loads((Path(model).parent / "eval.json").read_text())  # each trained run is evaluated
+    assert evaluation["sets"]["val"]["samples"] == first["stages"]["train"]["val_samples"]
 
 
 def test_run_with_its_output_on_s3(ray_session, tmp_path, monkeypatch, s3_options):
@@ -59,3 +67,12 @@ def test_run_with_its_output_on_s3(ray_session, tmp_path, monkeypatch, s3_option
     assert len(runs) == 1 and fs.exists(runs[0].replace("model.safetensors", "metrics.jsonl"))
     second = run_pipeline(cfg)
     assert [s["up_to_date"] for s in second["stages"].values()] == [True, True, True]
+
+    # evaluate, export and predict straight from the store
+    run = "s3://" + runs[0].rsplit("/", 1)[0]
+    assert evaluate_run(run, storage_options=s3_options)["sets"]["val"]["samples"] > 0
+    export_run(run, "s3://jobs/v1/model", ExportConfig(), s3_options)
+    assert json.loads(fs.cat_file("jobs/v1/model/export.json"))["variants"]["int8"]["bytes"] > 0
+    records = list(predict_inputs(Predictor("s3://jobs/v1/model", storage_options=s3_options),
+                                  [bundled_manifest()]))
+    assert len(records) == 17 and all(r["label"] in LABELS for r in records)

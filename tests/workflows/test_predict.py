@@ -1,0 +1,93 @@
+"""tessera predict: the shard stage's preprocessing and the embedding stage's encoders on raw
+inputs give the probabilities evaluation computed from the shards; bad inputs, the same reasons."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from preprocess.config import ShardConfig
+from preprocess.stage import run_shard_stage
+from tests.conftest import DIRTY, MINI, REPO, mini_manifest_lines
+from train.config import ExportConfig
+from train.evaluate import evaluate_run
+from train.export import export_run
+from workflows.predict import Predictor, predict_inputs
+
+
+@pytest.fixture(scope="module")
+def exported_mini(trained_mini, tmp_path_factory):
+    out = tmp_path_factory.mktemp("model")
+    export_run(str(trained_mini), str(out), ExportConfig())
+    evaluate_run(str(trained_mini))
+    rows = pq.read_table(trained_mini / "eval-predictions.parquet").to_pylist()
+    return out, {r["key"]: r["probabilities"] for r in rows if r["set"] == "val"}
+
+
+def assert_same_probabilities(records, evaluated, tolerance=1e-4):
+    assert records and all(not r.get("rejected") for r in records)
+    for record in records:
+        expected = evaluated[record["key"]]
+        assert max(abs(a - b) for a, b in zip(record["probabilities"].values(), expected, strict=True)) < tolerance
+
+
+def test_raw_files_give_the_probabilities_evaluation_gave_from_the_shards(exported_mini, tmp_path):
+    model, evaluated = exported_mini
+    rows = [json.loads(line) for line in mini_manifest_lines(43)]
+    chosen = [r for r in rows if r["key"] in evaluated and {"image", "audio", "video"} <= set(r)][:2]
+    chosen += [r for r in rows if r["key"] in evaluated and "audio" not in r][:1]
+    assert len(chosen) == 3
+    for row in chosen:  # one folder of files named by key: .png/.jpg, .wav, .mp4, .txt
+        for field in ("image", "audio", "video"):
+            if field in row:
+                shutil.copy(row[field], tmp_path / (row["key"] + "." + row[field].rsplit(".", 1)[1]))
+        (tmp_path / f"{row['key']}.txt").write_text(row["text"])
+    records = list(predict_inputs(Predictor(str(model)), [str(tmp_path)]))
+    assert sorted(r["key"] for r in records) == sorted(r["key"] for r in chosen)
+    assert_same_probabilities(records, evaluated)
+
+
+def test_a_manifest_gives_the_probabilities_of_evaluation_for_every_validation_sample(exported_mini, tmp_path):
+    model, evaluated = exported_mini
+    manifest = tmp_path / "new.jsonl"
+    manifest.write_text("\n".join(line for line in mini_manifest_lines(43) if json.loads(line)["key"] in evaluated))
+    records = list(predict_inputs(Predictor(str(model), batch_size=5), [str(manifest)]))
+    assert len(records) == len(evaluated) > 10
+    assert_same_probabilities(records, evaluated)
+    int8 = list(predict_inputs(Predictor(str(model), variant="int8"), [str(manifest)]))
+    assert_same_probabilities(int8, evaluated, tolerance=0.05)  # quantized: close, not equal
+
+
+def test_bad_inputs_are_rejected_with_the_reasons_of_the_shard_stage(exported_mini, ray_session, tmp_path):
+    model, _ = exported_mini
+    predictor = Predictor(str(model))
+    records = list(predict_inputs(predictor, [str(DIRTY / "manifest.jsonl")]))
+    predicted_rejects = {r["line"]: r["reason"] for r in records if r.get("rejected")}
+    shard_cfg = ShardConfig.model_validate(json.loads((model / "preprocess.json").read_text())["shard"])
+    run_shard_stage(str(DIRTY / "manifest.jsonl"), str(tmp_path / "shards"), shard_cfg, progress=False)
+    shard_rejects = {r["line"]: r["reason"] for r in map(json.loads, (tmp_path / "shards" / "rejects.jsonl").open())}
+    dedup = {line for line, reason in shard_rejects.items() if reason.startswith("duplicate content")}
+    assert predicted_rejects == {line: r for line, r in shard_rejects.items() if line not in dedup}
+    assert len(predicted_rejects) >= 10
+    assert len(records) == sum(1 for line in (DIRTY / "manifest.jsonl").open() if line.strip())
+
+
+def test_cli_predict_writes_one_json_line_per_input(exported_mini, tmp_path):
+    model, evaluated = exported_mini
+    key = next(iter(evaluated))
+    row = next(json.loads(line) for line in mini_manifest_lines(43) if json.loads(line)["key"] == key)
+    (tmp_path / f"{key}.txt").write_text(row["text"])
+    shutil.copy(MINI / "images" / "brick.png", tmp_path / "other.png")
+    (tmp_path / "notes.xyz").write_text("?")
+    out = tmp_path / "predictions.jsonl"
+    done = subprocess.run([sys.executable, "-m", "workflows", "predict", str(model), str(tmp_path / f"{key}.txt"),
+                           str(tmp_path / "other.png"), str(tmp_path / "notes.xyz"), "--out", str(out),
+                           "--variant", "int8"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["key"] for r in records} == {key, "other", "notes"}
+    assert next(r for r in records if r["key"] == "notes")["reason"] == "unknown file type .xyz"
+    assert "2 predicted, 1 rejected" in done.stderr

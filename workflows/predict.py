@@ -1,0 +1,160 @@
+"""`tessera predict`: an exported model on new raw data. Inputs go through the shard stage's
+own per-sample code (fetch, validate, normalize: `fetch_batch`, `sample_or_reject`) and the
+embedding stage's encoders, then the exported ONNX graph; a bad input gets the reason
+rejects.jsonl would give it. Inference never augments and does not need labels."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import PurePosixPath
+
+import numpy as np
+
+from features.config import EmbedConfig
+from features.encoders import VideoFramesEncoder, build_encoders
+from preprocess.config import AugmentConfig, ShardConfig
+from preprocess.manifest import LineReject, ManifestRow, parse_row, read_manifest
+from preprocess.reject import Reject
+from preprocess.shard import fetch_batch, sample_or_reject
+from preprocess.storage import absolute, filesystem, join
+from train.data import branch_pixels, pack_vectors
+from train.export import ONNX, PREPROCESS, onnx_scorer
+from train.saved import META
+
+log = logging.getLogger(__name__)
+
+MANIFEST_SUFFIXES = (".jsonl", ".parquet")
+FIELD_OF_SUFFIX = {**dict.fromkeys(("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"), "image"),
+                   **dict.fromkeys(("wav", "flac", "ogg", "mp3"), "audio"),
+                   **dict.fromkeys(("mp4", "webm", "mkv", "mov", "avi"), "video"), "txt": "text_file"}
+
+
+class Predictor:
+    """Loads an export folder (`tessera export`) once; predicts batches of manifest rows."""
+
+    def __init__(self, model_dir: str, variant: str = "fp32", storage_options: dict | None = None,
+                 batch_size: int = 32, device: str = "cpu"):
+        self.storage_options = storage_options or {}
+        fs, root = filesystem(model_dir, self.storage_options)
+        self.meta = json.loads(fs.cat_file(join(root, META)))
+        preprocess = json.loads(fs.cat_file(join(root, PREPROCESS)))
+        if variant not in ONNX or not fs.exists(join(root, ONNX[variant])):
+            have = [v for v, f in ONNX.items() if fs.exists(join(root, f))]
+            raise ValueError(f"{model_dir} has no {variant!r} model; it has {have}")
+        shard = ShardConfig.model_validate(preprocess["shard"])
+        image = shard.image.model_copy(update={"augment": AugmentConfig()})
+        self.shard_cfg = shard.model_copy(update={"require_label": False, "image": image})
+        embed_cfg = EmbedConfig.model_validate(preprocess["embed"])
+        self.vector_dtype = embed_cfg.dtype  # the precision training saw
+        encoders = build_encoders(embed_cfg)
+        self.encoders = {m: encoders[m] for m in self.meta["dims"]}
+        for modality, encoder in self.encoders.items():
+            if encoder.identity() != preprocess["encoders"][modality]:
+                raise ValueError(f"the {modality} encoder found here ({encoder.identity()}) is not the one the "
+                                 f"model was trained with ({preprocess['encoders'][modality]}): its weights differ")
+            encoder.load(device, embed_cfg.precision)
+        self.score = onnx_scorer(fs.cat_file(join(root, ONNX[variant])))
+        self.batch_size = batch_size
+
+    def _embed(self, outputs: list) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[int, LineReject]]:
+        """Vectors per modality for the samples that have it, as the embedding stage makes them."""
+        present, failed = {}, {}
+        for modality, encoder in self.encoders.items():
+            rows, items = [], []
+            for i, (row, out) in enumerate(outputs):
+                payload = out.payload(modality)
+                if payload is None or i in failed:
+                    continue
+                try:
+                    items.append(encoder.prepare(payload))
+                    rows.append(i)
+                except Exception as e:  # a member the encoder cannot read rejects its sample
+                    failed[i] = LineReject(row.line, row.source_key, modality, f"{modality} cannot be embedded: {e}")
+            if not items:
+                continue
+            vectors = encoder.embed(items)
+            if modality == "video":
+                vectors = np.stack([VideoFramesEncoder.pooled(v, encoder.dim) for v in vectors])
+            mask = np.zeros(len(outputs), bool)
+            mask[rows] = True
+            present[modality] = (mask, vectors.astype(self.vector_dtype).astype(np.float32))
+        return present, failed
+
+    def predict_rows(self, rows: list[ManifestRow]) -> Iterator[dict]:
+        """One record per row, in order: the prediction, or the reject with its reason."""
+        labels = self.meta["labels"]
+        for start in range(0, len(rows), self.batch_size):
+            outputs, results = [], {}
+            for row, raw in fetch_batch(rows[start : start + self.batch_size], self.storage_options):
+                result = raw if isinstance(raw, LineReject) else sample_or_reject(row, raw, self.shard_cfg)
+                if isinstance(result, LineReject):
+                    results[row.line] = {"rejected": True, **result.as_record()}
+                else:
+                    outputs.append((row, result))
+            present, failed = self._embed(outputs)
+            if outputs:
+                features, mask = pack_vectors(len(outputs), self.meta["dims"], present)
+                batch = {"features": features, "mask": mask}
+                if self.meta["model"]["image_branch"]:
+                    size = self.meta["model"]["image_branch_size"]
+                    batch["pixels"] = np.stack([branch_pixels(out.payload("image"), size, self.meta["pixel_mean"],
+                                                              self.meta["pixel_std"]) for _, out in outputs])
+                probs = self.score(batch)
+                for i, (row, _) in enumerate(outputs):
+                    if i in failed:
+                        results[row.line] = {"rejected": True, **failed[i].as_record()}
+                        continue
+                    best = int(probs[i].argmax())
+                    results[row.line] = {"key": row.source_key, "line": row.line, "label": labels[best],
+                                         "probability": float(probs[i, best]),
+                                         "probabilities": dict(zip(labels, probs[i].tolist(), strict=True))}
+            yield from (results[line] for line in sorted(results))
+
+
+def rows_from_files(paths: list[str], cfg: ShardConfig, storage_options: dict) -> tuple[list, list[LineReject]]:
+    """Raw files (or folders of them) as samples: files sharing a name stem are one sample,
+    each file's type given by its suffix (.jpg image, .wav audio, .mp4 video, .txt caption)."""
+    files: list[str] = []
+    for path in paths:
+        path = absolute(path)
+        fs, root = filesystem(path, storage_options)
+        if fs.isdir(root):
+            files += sorted(join(path, PurePosixPath(p).name) for p in fs.ls(root, detail=False) if fs.isfile(p))
+        else:
+            files.append(path)
+    samples: dict[str, dict] = {}
+    rejects = []
+    for number, path in enumerate(files, start=1):
+        name = PurePosixPath(path).name
+        stem, _, suffix = name.partition(".")
+        field = FIELD_OF_SUFFIX.get(suffix.lower())
+        if field is None:
+            rejects.append(LineReject(number, stem, None, f"unknown file type .{suffix}"))
+            continue
+        sample = samples.setdefault(stem, {"key": stem, "_line": number})
+        if field in sample:
+            rejects.append(LineReject(number, stem, None, f"two {field} files for {stem}"))
+            continue
+        sample[field] = path
+    rows = []
+    for sample in samples.values():
+        line = sample.pop("_line")
+        try:
+            rows.append(parse_row(sample, line, "/", cfg))  # the paths are absolute
+        except Reject as r:
+            rejects.append(LineReject(line, sample["key"], r.modality, r.reason))
+    return rows, rejects
+
+
+def predict_inputs(predictor: Predictor, inputs: list[str]) -> Iterator[dict]:
+    """Predictions for a manifest (one .jsonl / .parquet) or raw files; rejects included."""
+    options = predictor.storage_options
+    if len(inputs) == 1 and inputs[0].endswith(MANIFEST_SUFFIXES):
+        rows, rejects = read_manifest(inputs[0], predictor.shard_cfg, options)
+    else:
+        rows, rejects = rows_from_files(inputs, predictor.shard_cfg, options)
+    for reject in rejects:
+        yield {"rejected": True, **reject.as_record()}
+    yield from predictor.predict_rows(rows)
