@@ -15,7 +15,7 @@ from fsspec.core import split_protocol
 from features.stage import run_embed_stage
 from preprocess.stage import run_shard_stage
 from preprocess.storage import absolute, filesystem, join, write_json
-from train.evaluate import evaluate_run
+from train.evaluate import EVAL, evaluate_run
 from train.stage import RUN_CONFIG, run_train_stage
 from workflows.config import ConfigError, TesseraConfig
 from workflows.report import write_report
@@ -38,8 +38,8 @@ def data_digest(shards: str, storage_options: dict) -> str:
 
 def _train_is_current(fs, remote_run: str, cfg: TesseraConfig, shards: str | list[str]) -> bool:
     summary, config = join(remote_run, "train-summary.json"), join(remote_run, RUN_CONFIG)
-    if not (fs.exists(summary) and fs.exists(config)):
-        return False
+    if not (fs.exists(summary) and fs.exists(config) and fs.exists(join(remote_run, EVAL))):
+        return False  # (a run stopped before its evaluation is finished by the next one)
     return json.loads(fs.cat_file(config)) == {"shards": shards, "config": cfg.train.model_dump(mode="json")}
 
 

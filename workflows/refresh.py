@@ -31,6 +31,7 @@ from preprocess.stage import OutputConflict, digest_rows, run_shard_stage
 from preprocess.storage import absolute, filesystem, join, parent, read_json, resolve, write_atomic
 from train.saved import WEIGHTS
 from workflows.config import ConfigError, TesseraConfig
+from workflows.jobs import train_into
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +146,6 @@ def run_refresh(cfg: TesseraConfig) -> dict:
 def _train_version(cfg: TesseraConfig, out: str, version: str) -> dict:
     """Train on the new version (or on every version) into VERSION/train, starting from the
     newest earlier version's model (else train.init_from, else from scratch)."""
-    from workflows.jobs import train_into
-
     options = cfg.runtime.storage_options
     fs = filesystem(out, options)[0]
     earlier = [join(out, "versions", v["version"]) for v in versions(out, options)]
