@@ -8,7 +8,7 @@ import dataclasses
 import io
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -96,14 +96,21 @@ def eager_scorer(model: MultimodalModel) -> Scorer:
     return score
 
 
-def score_set(batches: list[dict], score: Scorer, dims: dict[str, int], ablate: bool = True) -> dict:
-    """Probabilities of every sample, and (ablate) with each modality masked in turn."""
-    out = {"keys": [k for b in batches for k in b["keys"]],
-           "labels": np.concatenate([b["labels"].numpy() for b in batches]) if batches else np.zeros(0, int),
-           "probs": np.concatenate([score(b) for b in batches]) if batches else np.zeros((0, 0))}
+def score_set(batches: Iterable[dict], score: Scorer, dims: dict[str, int], ablate: bool = True) -> dict:
+    """Probabilities of every sample, and (ablate) with each modality masked in turn; one
+    pass over the batches, so a large set streams."""
+    keys, labels, probs = [], [], []
+    ablated: dict[str, list] = {m: [] for m in dims} if ablate else {}
+    for batch in batches:
+        keys += batch["keys"]
+        labels.append(batch["labels"].numpy())
+        probs.append(score(batch))
+        for modality, parts in ablated.items():
+            parts.append(score(without(batch, dims, modality)))
+    out = {"keys": keys, "labels": np.concatenate(labels) if labels else np.zeros(0, int),
+           "probs": np.concatenate(probs) if probs else np.zeros((0, 0))}
     if ablate:
-        out["ablated"] = {m: np.concatenate([score(without(b, dims, m)) for b in batches]) if batches else None
-                          for m in dims}
+        out["ablated"] = {m: np.concatenate(parts) if parts else None for m, parts in ablated.items()}
     return out
 
 
@@ -150,7 +157,7 @@ def evaluate_run(run: str, other_shards: list[str] = (), storage_options: dict |
     columns: dict[str, list] = {"set": [], "key": [], "label": [], "predicted": [], "probabilities": []}
     for name, (source, split) in sets.items():
         info = data_for(meta, source, cfg, storage_options)
-        scored = score_set(list(eval_batches(info, split, cfg, batch_size)), eager_scorer(model), info.dims)
+        scored = score_set(eval_batches(info, split, cfg, batch_size), eager_scorer(model), info.dims)
         result["sets"][name] = _report(scored, meta["labels"])
         columns["set"] += [name] * len(scored["keys"])
         columns["key"] += scored["keys"]
