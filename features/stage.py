@@ -25,12 +25,12 @@ from features.actor import EmbedWorker
 from features.cache import CacheScan, EmbeddingCache
 from features.config import EmbedConfig
 from features.encoders import VideoFramesEncoder, build_encoders
-from preprocess.stage import committed_shards
+from preprocess.stage import INDEX, committed_shards
 from preprocess.storage import absolute, filesystem, join, write_atomic, write_json
 
 log = logging.getLogger(__name__)
 
-SUMMARY = "embed-summary.json"
+EMBED_SUMMARY = "embed-summary.json"
 EmbedActor = ray.remote(EmbedWorker)
 
 
@@ -117,7 +117,7 @@ def run_embed_stage(shards: str, cfg: EmbedConfig, storage_options: dict | None 
     shards = absolute(shards)
     fs, root = filesystem(shards, storage_options)
     names = committed_shards(shards, storage_options)
-    index = pq.read_table(io.BytesIO(fs.cat_file(join(root, "index.parquet")))).to_pylist()
+    index = pq.read_table(io.BytesIO(fs.cat_file(join(root, INDEX)))).to_pylist()
     index = [row for row in index if row["shard"] in set(names)]
     encoders = build_encoders(cfg)
     identities = {m: e.identity() for m, e in encoders.items()}
@@ -206,7 +206,7 @@ def run_embed_stage(shards: str, cfg: EmbedConfig, storage_options: dict | None 
         "compute_seconds": round(compute_seconds, 3),
         "seconds": round(seconds, 3),
     }
-    write_json(fs, join(root, SUMMARY), summary)
+    write_json(fs, join(root, EMBED_SUMMARY), summary)
     log.info("embedded %d samples: %d computed, %d cache hits, in %.1f s", len(index), summary["computed"],
              summary["cache_hits"], seconds)
     return summary

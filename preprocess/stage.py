@@ -24,7 +24,8 @@ from preprocess.storage import absolute, filesystem, join, read_json, write_atom
 log = logging.getLogger(__name__)
 
 DIGEST_CHUNK = 256  # rows hashed per Ray task
-RUN_CONFIG = "shard-config.json"
+SHARD_CONFIG = "shard-config.json"
+INDEX = "index.parquet"
 SHARD_MARKER = re.compile(r"shard-\d{6,}\.json")
 INDEX_SCHEMA = pa.schema([
     ("key", pa.string()), ("source_key", pa.string()), ("shard", pa.string()), ("line", pa.int64()),
@@ -65,7 +66,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 def claim_output(fs, root: str, cfg: ShardConfig) -> None:
     """Record the config in OUT, or refuse when OUT was written with another one."""
-    path = join(root, RUN_CONFIG)
+    path = join(root, SHARD_CONFIG)
     current = cfg.model_dump(mode="json")
     if fs.exists(path):
         previous = read_json(fs, path)
@@ -220,7 +221,7 @@ def _merge_outputs(fs, root: str, markers: list[dict], rejects: list[dict]) -> d
     rejects = sorted(rejects + [r for m in markers for r in m["rejects"]], key=lambda r: r["line"])
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(index, schema=INDEX_SCHEMA), buf)
-    write_atomic(fs, join(root, "index.parquet"), buf.getvalue())
+    write_atomic(fs, join(root, INDEX), buf.getvalue())
     write_atomic(fs, join(root, "rejects.jsonl"),
                  "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects).encode())
     stats = DatasetStats()

@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from preprocess.stage import committed_shards
+from features.stage import EMBED_SUMMARY
+from preprocess.stage import INDEX, SHARD_CONFIG, committed_shards
 from preprocess.storage import filesystem, iter_shard, join, parent, read_json
 
 
@@ -59,17 +60,17 @@ def branch_pixels(data: bytes | None, size: int, mean, std) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
-def owned_index(roots: tuple[str, ...], storage_options: dict) -> list[dict]:
-    """Labelled index rows of committed shards over one or more shard folders (dataset
-    versions, oldest first), each with its `root` position; a key in several folders is
-    taken from the newest, so a changed sample replaces its earlier version."""
+def owned_index(roots: tuple[str, ...], shard_urls: tuple[str, ...], storage_options: dict) -> list[dict]:
+    """Labelled index rows of the given (committed) shards over one or more shard folders
+    (dataset versions, oldest first), each with its `root` position; a key in several folders
+    is taken from the newest, so a changed sample replaces its earlier version."""
     rows: dict[str, dict] = {}
     for position, root_url in enumerate(roots):
         fs, root = filesystem(root_url, storage_options)
-        committed = set(committed_shards(root_url, storage_options))
-        for row in pq.read_table(io.BytesIO(fs.cat_file(join(root, "index.parquet"))),
+        mine = {url.rsplit("/", 1)[1] for url in shard_urls if parent(url) == root_url}
+        for row in pq.read_table(io.BytesIO(fs.cat_file(join(root, INDEX))),
                                  columns=["key", "label", "shard"]).to_pylist():
-            if row["shard"] in committed and row["label"] is not None:
+            if row["shard"] in mine and row["label"] is not None:
                 rows[row["key"]] = {**row, "root": position}
     return list(rows.values())
 
@@ -109,14 +110,14 @@ class DatasetInfo:
         for root_url in roots:
             fs, root = filesystem(root_url, storage_options)
             summaries.append(read_json(fs, join(root, "summary.json")))
-            label_sets.append(read_json(fs, join(root, "shard-config.json"))["config"]["labels"])
-            dim_sets.append(read_json(fs, join(root, "embed-summary.json"))["dims"])
+            label_sets.append(read_json(fs, join(root, SHARD_CONFIG))["config"]["labels"])
+            dim_sets.append(read_json(fs, join(root, EMBED_SUMMARY))["dims"])
             urls += [join(root_url, name) for name in committed_shards(root_url, storage_options)]
         for what, values in (("labels", label_sets), ("embedding widths", dim_sets)):
             if any(v != values[0] for v in values):
                 raise ValueError(f"the shard folders differ in their {what} ({dict(zip(roots, values, strict=True))}): "
                                  "they cannot be trained on together")
-        index = owned_index(roots, storage_options)
+        index = owned_index(roots, tuple(urls), storage_options)
         labels = tuple(label_sets[0]) if label_sets[0] else tuple(sorted({r["label"] for r in index}))
         dims = {m: dim_sets[0][m] for m in modalities if m in dim_sets[0]}
         if not dims:
@@ -172,7 +173,7 @@ class ShardStream(IterableDataset):
         if not hasattr(self, "_label_of"):
             info = self.spec.info
             self._label_of = {r["key"]: (r["root"], info.labels.index(r["label"]))
-                              for r in owned_index(info.roots, info.storage_options)}
+                              for r in owned_index(info.roots, info.shard_urls, info.storage_options)}
         return self._label_of
 
     def _sidecar(self, url: str) -> tuple[list[str], np.ndarray, np.ndarray]:

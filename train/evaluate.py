@@ -19,7 +19,7 @@ from preprocess.storage import filesystem, join, write_atomic, write_json
 from train.config import TrainConfig
 from train.data import DatasetInfo, StreamSpec, loader
 from train.model import MultimodalModel
-from train.saved import load_model, read_saved
+from train.saved import RUN_CONFIG, load_model, read_saved
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def _report(scored: dict, labels: list[str]) -> dict:
 def run_record(run: str, storage_options: dict) -> tuple[str | list[str], TrainConfig]:
     """The shards a run trained on and its training config (RUN/train-config.json)."""
     fs, root = filesystem(run, storage_options)
-    record = json.loads(fs.cat_file(join(root, "train-config.json")))
+    record = json.loads(fs.cat_file(join(root, RUN_CONFIG)))
     return record["shards"], TrainConfig.model_validate(record["config"])
 
 

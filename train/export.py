@@ -18,6 +18,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from features.stage import EMBED_SUMMARY
+from preprocess.stage import SHARD_CONFIG
 from preprocess.storage import filesystem, join, read_json, write_json
 from train.config import ExportConfig
 from train.evaluate import Scorer, classification_metrics, data_for, eager_scorer, eval_batches, run_record, score_set
@@ -92,10 +94,10 @@ def export_run(run: str, out: str, cfg: ExportConfig, storage_options: dict | No
     shards, train_cfg = run_record(run, storage_options)
     info = data_for(meta, shards, train_cfg, storage_options)
     fs, newest = filesystem(info.roots[-1], storage_options)
-    embed = read_json(fs, join(newest, "embed-summary.json"))
+    embed = read_json(fs, join(newest, EMBED_SUMMARY))
     if "config" not in embed:
         raise ValueError(f"{info.roots[-1]} was embedded by an older tessera: run `tessera embed` on it again")
-    preprocess = {"shard": read_json(fs, join(newest, "shard-config.json"))["config"], "embed": embed["config"],
+    preprocess = {"shard": read_json(fs, join(newest, SHARD_CONFIG))["config"], "embed": embed["config"],
                   "encoders": {m: embed["encoders"][m] for m in meta["dims"]}}
     batches = list(eval_batches(info, "val", train_cfg, cfg.batch_size))
     reference = score_set(batches, eager_scorer(model), info.dims, ablate=False)

@@ -14,6 +14,7 @@ from train.config import ModelConfig
 from train.model import MultimodalModel
 
 WEIGHTS, META = "model.safetensors", "model.json"
+RUN_CONFIG, TRAIN_SUMMARY = "train-config.json", "train-summary.json"
 
 
 def read_saved(run: str, storage_options: dict | None = None) -> tuple[dict, dict[str, torch.Tensor]]:

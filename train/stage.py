@@ -15,11 +15,10 @@ from preprocess.storage import absolute
 from train.config import TrainConfig
 from train.data import DatasetInfo
 from train.loop import CHECKPOINTS, METRICS, TrainJob, ray_worker
-from train.saved import WEIGHTS, compatible_start
+from train.saved import RUN_CONFIG, TRAIN_SUMMARY, WEIGHTS, compatible_start
 
 log = logging.getLogger(__name__)
 
-RUN_CONFIG = "train-config.json"
 
 
 def claim_run_dir(run: Path, cfg: TrainConfig, shards: str | list[str]) -> None:
@@ -79,5 +78,5 @@ def run_train_stage(shards: str | list[str], run_dir: str, cfg: TrainConfig,
         "checkpoint": (run / CHECKPOINTS / "latest").read_text().strip(),
         "model": str(run / WEIGHTS), "seconds": round(time.perf_counter() - started, 3),
     }
-    (run / "train-summary.json").write_text(json.dumps(summary, indent=1))
+    (run / TRAIN_SUMMARY).write_text(json.dumps(summary, indent=1))
     return summary

@@ -12,11 +12,12 @@ from pathlib import Path
 
 from fsspec.core import split_protocol
 
-from features.stage import run_embed_stage
-from preprocess.stage import run_shard_stage
+from features.stage import EMBED_SUMMARY, run_embed_stage
+from preprocess.stage import INDEX, run_shard_stage
 from preprocess.storage import absolute, filesystem, join, write_json
 from train.evaluate import EVAL, evaluate_run
-from train.stage import RUN_CONFIG, run_train_stage
+from train.saved import RUN_CONFIG, TRAIN_SUMMARY
+from train.stage import run_train_stage
 from workflows.config import ConfigError, TesseraConfig
 from workflows.report import write_report
 
@@ -30,14 +31,14 @@ def bundled_manifest() -> str:
 def data_digest(shards: str, storage_options: dict) -> str:
     """What training depends on: the accepted samples and the encoders of their embeddings."""
     fs, root = filesystem(shards, storage_options)
-    h = hashlib.sha256(fs.cat_file(join(root, "index.parquet")))
-    h.update(json.dumps(json.loads(fs.cat_file(join(root, "embed-summary.json")))["encoders"],
+    h = hashlib.sha256(fs.cat_file(join(root, INDEX)))
+    h.update(json.dumps(json.loads(fs.cat_file(join(root, EMBED_SUMMARY)))["encoders"],
                         sort_keys=True).encode())
     return h.hexdigest()
 
 
 def _train_is_current(fs, remote_run: str, cfg: TesseraConfig, shards: str | list[str]) -> bool:
-    summary, config = join(remote_run, "train-summary.json"), join(remote_run, RUN_CONFIG)
+    summary, config = join(remote_run, TRAIN_SUMMARY), join(remote_run, RUN_CONFIG)
     if not (fs.exists(summary) and fs.exists(config) and fs.exists(join(remote_run, EVAL))):
         return False  # (a run stopped before its evaluation is finished by the next one)
     return json.loads(fs.cat_file(config)) == {"shards": shards, "config": cfg.train.model_dump(mode="json")}
@@ -62,7 +63,7 @@ def train_into(cfg: TesseraConfig, out: str, run_path: str, shards: str | list[s
     run = Path(remote_run) if local else Path("runs") / run_path
     if _train_is_current(fs, remote_run, cfg, shards):
         log.info("train: up to date (%s)", remote_run)
-        return json.loads(fs.cat_file(join(remote_run, "train-summary.json"))), True, join(out, run_path)
+        return json.loads(fs.cat_file(join(remote_run, TRAIN_SUMMARY))), True, join(out, run_path)
     summary = run_train_stage(shards, str(run), cfg.train, cfg.runtime.storage_options)
     evaluate_run(str(run), storage_options=cfg.runtime.storage_options)
     if not local:

@@ -29,7 +29,7 @@ from preprocess.reject import Reject
 from preprocess.shard import InputDigest
 from preprocess.stage import OutputConflict, digest_rows, run_shard_stage
 from preprocess.storage import absolute, filesystem, join, parent, read_json, resolve, write_atomic
-from train.saved import WEIGHTS
+from train.saved import TRAIN_SUMMARY, WEIGHTS
 from workflows.config import ConfigError, TesseraConfig
 from workflows.jobs import train_into
 
@@ -70,7 +70,7 @@ def versions(out: str, storage_options: dict) -> list[dict]:
     for path in sorted(fs.glob(join(root, "versions", "v*", INPUTS))):  # complete versions only
         folder = path.rsplit("/", 1)[0]
         summary = read_json(fs, join(folder, "summary.json"))
-        trained = join(folder, "train", "train-summary.json")
+        trained = join(folder, "train", TRAIN_SUMMARY)
         found.append({"version": folder.rsplit("/", 1)[-1], "inputs": summary["inputs"],
                       "accepted": summary["accepted"], "rejected": summary["rejected"], "shards": summary["shards"],
                       "val_accuracy": read_json(fs, trained)["val_accuracy"] if fs.exists(trained) else None})

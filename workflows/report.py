@@ -17,8 +17,11 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
+from features.stage import EMBED_SUMMARY  # noqa: E402
+from preprocess.stage import INDEX  # noqa: E402
 from preprocess.storage import filesystem, join, read_json, write_atomic  # noqa: E402
 from train.evaluate import EVAL  # noqa: E402
+from train.saved import TRAIN_SUMMARY  # noqa: E402
 
 
 def _png(fig) -> str:
@@ -143,7 +146,7 @@ def _page(title: str, summary: str, plots: list[tuple[str, str]]) -> bytes:
 def write_run_report(run: str, storage_options: dict) -> str:
     """RUN/report.html: a training run's loss, validation accuracy and evaluation plots."""
     fs, root = filesystem(run, storage_options)
-    summary = read_json(fs, join(root, "train-summary.json"))
+    summary = read_json(fs, join(root, TRAIN_SUMMARY))
     text = (f"{summary['train_samples']} training and {summary['val_samples']} validation samples, "
             f"{summary['steps']} steps, final loss {summary['final_loss']:.4f}.")
     path = join(root, "report.html")
@@ -159,8 +162,8 @@ def write_report(out: str, storage_options: dict, run: str | None = None) -> str
     run_fs = filesystem(run, storage_options) if run else None
     shards = join(root, "shards")
     summary = read_json(fs, join(shards, "summary.json"))
-    embed = read_json(fs, join(shards, "embed-summary.json")) if fs.exists(join(shards, "embed-summary.json")) else {}
-    index = pq.read_table(io.BytesIO(fs.cat_file(join(shards, "index.parquet")))).to_pylist()
+    embed = read_json(fs, join(shards, EMBED_SUMMARY)) if fs.exists(join(shards, EMBED_SUMMARY)) else {}
+    index = pq.read_table(io.BytesIO(fs.cat_file(join(shards, INDEX)))).to_pylist()
     modalities = Counter(m for r in index for m in r["modalities"])
     throughput = {"shard samples/s": summary["samples_per_s"]}  # of the run that wrote the shards
     throughput |= {f"embed {m}/s": v["embeddings_per_s"] for m, v in embed.get("modalities", {}).items()
