@@ -1,6 +1,6 @@
 """Driver of the embedding stage.
 
-1. Plan from index.parquet (payload hashes) and the cache: each distinct payload not yet
+1. Plan from the index (payload hashes) and the cache: each distinct payload not yet
    cached is given to exactly one sample, so identical content costs one model call.
 2. Encoder actors embed the planned members shard by shard and append to the cache.
 3. Ray tasks write one sidecar per shard, `shard-NNNNNN.emb.parquet`, from the cache;
@@ -25,8 +25,9 @@ from features.actor import EmbedWorker
 from features.cache import CacheScan, EmbeddingCache
 from features.config import EmbedConfig
 from features.encoders import VideoFramesEncoder, build_encoders
-from preprocess.stage import INDEX, committed_shards
-from preprocess.storage import absolute, filesystem, join, write_atomic, write_json
+from preprocess.config import MODALITIES
+from preprocess.layout import committed_shards, read_index
+from preprocess.storage import Store, absolute, filesystem, join, write_atomic, write_json
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +117,9 @@ def run_embed_stage(shards: str, cfg: EmbedConfig, storage_options: dict | None 
     started = time.perf_counter()
     shards = absolute(shards)
     fs, root = filesystem(shards, storage_options)
-    names = committed_shards(shards, storage_options)
-    index = pq.read_table(io.BytesIO(fs.cat_file(join(root, INDEX)))).to_pylist()
-    index = [row for row in index if row["shard"] in set(names)]
+    names = committed_shards(Store(shards, storage_options))
+    index = read_index(Store(shards, storage_options),
+                       ["key", "shard", *(f"{m}_payload_sha256" for m in MODALITIES)]).to_pylist()
     encoders = build_encoders(cfg)
     identities = {m: e.identity() for m, e in encoders.items()}
     cache_root = cfg.cache or join(shards, "embed-cache")

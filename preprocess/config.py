@@ -79,10 +79,9 @@ class VideoConfig(Strict):
 
 
 class ShardConfig(Strict):
+    # shard i holds the manifest's i-th run of this many rows (what reaches the tar is fewer
+    # when rows are rejected): boundaries are fixed before any input is read
     samples_per_shard: int = Field(256, gt=0)
-    # Planning uses raw input sizes (known before decoding) so shard boundaries are
-    # fixed before any task runs; null means no byte limit.
-    max_input_bytes_per_shard: int | None = Field(None, gt=0)
     seed: int = 0
     dedup: bool = True
     required_modalities: tuple[Modality, ...] = ()

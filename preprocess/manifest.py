@@ -1,33 +1,183 @@
-"""Manifest rows (JSONL or Parquet, any fsspec URL) -> validated rows or rejects."""
+"""Manifests (JSONL or Parquet; one file, a folder or a glob of parts; any fsspec URL) ->
+chunks of consecutive rows -> validated rows or rejects.
+
+The driver never holds rows: it lists the manifest's files with their metadata (the
+fingerprint an up-to-date run is recognised by) and cuts them into chunks — JSONL at line
+boundaries found by a streaming scan, Parquet at row offsets from its footer — that tasks read."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
-import math
+import posixpath
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from preprocess.config import MODALITIES, ShardConfig
 from preprocess.keys import safe_key
 from preprocess.reject import Reject
-from preprocess.storage import filesystem, parent, resolve
+from preprocess.storage import absolute, file_tag, filesystem, parent, resolve
 
 FILE_FIELDS = {"image": "image", "audio": "audio", "video": "video", "text_file": "text"}
 KNOWN_FIELDS = {"key", "label", "text", *FILE_FIELDS}
+SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+SCAN_BLOCK = 8 << 20  # bytes read at a time while finding JSONL line boundaries
+
+
+@dataclass(frozen=True)
+class ManifestFile:
+    url: str
+    name: str  # relative to the manifest's root: what reject lines and the dedup order use
+    size: int
+    tag: str  # changes when the file changes (ETag, version id or mtime)
+
+    @property
+    def kind(self) -> str:
+        return SUFFIXES[posixpath.splitext(self.url)[1]]
+
+
+@dataclass(frozen=True)
+class ManifestSource:
+    """The files of a manifest in their order (sorted by name), from metadata only."""
+
+    url: str
+    files: tuple[ManifestFile, ...]
+
+    @classmethod
+    def open(cls, url: str, storage_options: dict | None = None) -> ManifestSource:
+        url = absolute(url)
+        fs, path = filesystem(url, storage_options or {})
+        protocol = url.split("://", 1)[0] + "://" if "://" in url else ""
+        if re.search(r"[*?[]", path):
+            root, infos = re.split(r"[*?[]", path, maxsplit=1)[0].rsplit("/", 1)[0], fs.glob(path, detail=True).values()
+        elif fs.isdir(path):
+            root, infos = path.rstrip("/"), list(fs.find(path, detail=True).values())
+        else:
+            root, infos = posixpath.dirname(path), [fs.info(path)]
+        infos = sorted((i for i in infos if posixpath.splitext(i["name"])[1] in SUFFIXES and i["type"] == "file"),
+                       key=lambda i: i["name"])
+        if not infos:
+            raise FileNotFoundError(f"no manifest at {url} (JSONL or Parquet files: {', '.join(SUFFIXES)})")
+        files = tuple(ManifestFile(protocol + i["name"], posixpath.relpath(i["name"], root), int(i["size"]),
+                                   file_tag(i)) for i in infos)
+        return cls(url, files)
+
+    @property
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for f in self.files:
+            h.update(f"{f.name}\0{f.size}\0{f.tag}\0".encode())
+        return h.hexdigest()[:16]
+
+    def describe(self) -> dict:
+        return {"url": self.url, "fingerprint": self.fingerprint,
+                "files": [{"name": f.name, "size": f.size, "tag": f.tag} for f in self.files]}
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Consecutive rows of one manifest file: bytes [start, stop) of a JSONL file (whole
+    lines), or rows [start, stop) of a Parquet file; first_line is the first row's number."""
+
+    file: ManifestFile
+    start: int
+    stop: int
+    first_line: int
+
+
+def _jsonl_chunks(f: ManifestFile, rows: int, storage_options: dict) -> Iterator[Chunk]:
+    """Cut at every ROWS-th line, streaming the file block by block (memory: one block)."""
+    fs, path = filesystem(f.url, storage_options)
+    start, line, seen, offset = 0, 1, 0, 0
+    with fs.open(path, "rb", block_size=SCAN_BLOCK) as stream:
+        while block := stream.read(SCAN_BLOCK):
+            ends = np.flatnonzero(np.frombuffer(block, np.uint8) == 10)  # newline positions
+            cuts = ends[rows - seen - 1 :: rows]
+            for end in cuts:
+                stop = offset + int(end) + 1
+                yield Chunk(f, start, stop, line)
+                start, line = stop, line + rows
+            seen = (seen + len(ends)) % rows
+            offset += len(block)
+    if start < f.size:
+        yield Chunk(f, start, f.size, line)
+
+
+def _parquet_chunks(f: ManifestFile, rows: int, storage_options: dict) -> Iterator[Chunk]:
+    fs, path = filesystem(f.url, storage_options)
+    with fs.open(path, "rb") as stream:
+        total = pq.ParquetFile(stream).metadata.num_rows
+    for start in range(0, total, rows):
+        yield Chunk(f, start, min(start + rows, total), start + 1)
+
+
+def chunks(source: ManifestSource, rows: int, storage_options: dict | None = None) -> Iterator[Chunk]:
+    """The manifest as chunks of at most ROWS lines, file after file, lazily."""
+    for f in source.files:
+        cut = _parquet_chunks if f.kind == "parquet" else _jsonl_chunks
+        yield from cut(f, rows, storage_options or {})
+
+
+def _parquet_rows(chunk: Chunk, storage_options: dict) -> Iterator[dict]:
+    """Rows [start, stop) of a Parquet file, reading only the row groups that hold them."""
+    fs, path = filesystem(chunk.file.url, storage_options)
+    with fs.open(path, "rb") as stream:
+        pf = pq.ParquetFile(stream)
+        bounds = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
+        groups = [i for i in range(pf.num_row_groups) if bounds[i] < chunk.stop and bounds[i + 1] > chunk.start]
+        position = int(bounds[groups[0]]) if groups else chunk.start
+        for batch in pf.iter_batches(row_groups=groups, batch_size=4096):
+            lo, hi = max(chunk.start - position, 0), min(chunk.stop - position, batch.num_rows)
+            if hi > lo:
+                yield from batch.slice(lo, hi - lo).to_pylist()
+            position += batch.num_rows
+            if position >= chunk.stop:
+                return
+
+
+def raw_records(chunk: Chunk, storage_options: dict | None = None) -> Iterator[tuple[int, bytes | dict]]:
+    """(line, row) per row of the chunk: a JSONL line's bytes, or a Parquet row's fields."""
+    storage_options = storage_options or {}
+    if chunk.file.kind == "parquet":
+        for number, row in enumerate(_parquet_rows(chunk, storage_options), start=chunk.first_line):
+            yield number, {k: v for k, v in row.items() if v is not None}
+        return
+    fs, path = filesystem(chunk.file.url, storage_options)
+    data = fs.cat_file(path, start=chunk.start, end=chunk.stop)
+    for number, raw in enumerate(io.BytesIO(data), start=chunk.first_line):
+        if raw.strip():
+            yield number, raw
+
+
+def read_chunk(chunk: Chunk, storage_options: dict | None = None) -> Iterator[tuple[int, dict | str]]:
+    """(line, object) per row of the chunk; a line that is not a JSON object comes as its error text."""
+    for number, row in raw_records(chunk, storage_options):
+        yield number, row if isinstance(row, dict) else parse_json_line(row)
+
+
+def parse_json_line(raw: bytes) -> dict | str:
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return f"manifest line is not valid JSON: {e}"
+    return obj if isinstance(obj, dict) else f"manifest line is a {type(obj).__name__}, not an object"
 
 
 @dataclass(frozen=True)
 class ManifestRow:
-    line: int  # 1-based line (JSONL) or row number (Parquet)
+    line: int  # 1-based line (JSONL) or row number (Parquet) in its manifest file
     source_key: str
     key: str  # safe for tar and WebDataset
     label: str | int | None
     text: str | None  # inline caption; a text_file is in `files`
     files: dict[str, str]  # modality -> resolved URL
     metadata: dict = field(default_factory=dict)
+    file: str = ""  # the manifest file, relative to the manifest's root
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -41,29 +191,12 @@ class LineReject:
     key: str | None
     modality: str | None
     reason: str
+    file: str = ""
+    sample_key: str | None = None  # the safe key, once the row parsed
 
     def as_record(self) -> dict:
-        return {"key": self.key, "line": self.line, "modality": self.modality, "reason": self.reason}
-
-
-def read_records(url: str, storage_options: dict) -> Iterator[tuple[int, dict | str]]:
-    """(line, object) per manifest row; a line that is not a JSON object comes as its error text."""
-    fs, path = filesystem(url, storage_options)
-    if path.endswith(".parquet"):
-        table = pq.read_table(io.BytesIO(fs.cat_file(path)))
-        for number, row in enumerate(table.to_pylist(), start=1):
-            yield number, {k: v for k, v in row.items() if v is not None}
-        return
-    with fs.open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                yield number, f"manifest line is not valid JSON: {e}"
-                continue
-            yield number, obj if isinstance(obj, dict) else f"manifest line is a {type(obj).__name__}, not an object"
+        return {"key": self.key, "sample_key": self.sample_key, "file": self.file, "line": self.line,
+                "modality": self.modality, "reason": self.reason}
 
 
 def check_label(label: object, cfg: ShardConfig) -> str | int | None:
@@ -83,13 +216,20 @@ def check_label(label: object, cfg: ShardConfig) -> str | int | None:
     return label
 
 
-def parse_row(obj: dict, line: int, base_dir: str, cfg: ShardConfig) -> ManifestRow:
+def source_key(obj: dict) -> str | None:
+    """The row's key as given, when it is a usable one (a non-empty string or an integer)."""
     key = obj.get("key")
-    if isinstance(key, bool) or not isinstance(key, str | int) or (isinstance(key, float) and math.isnan(key)):
-        raise Reject(None, f"key is missing or not a string: {key!r}")
+    if isinstance(key, bool) or not isinstance(key, str | int):
+        return None
     key = str(key)
-    if not key.strip():
-        raise Reject(None, "key is empty")
+    return key if key.strip() else None
+
+
+def parse_row(obj: dict, line: int, base_dir: str, cfg: ShardConfig, file: str = "") -> ManifestRow:
+    key = source_key(obj)
+    if key is None:
+        raw = obj.get("key")
+        raise Reject(None, "key is empty" if isinstance(raw, str) else f"key is missing or not a string: {raw!r}")
     label = check_label(obj.get("label"), cfg)
     text = obj.get("text")
     if text is not None and not isinstance(text, str):
@@ -105,7 +245,7 @@ def parse_row(obj: dict, line: int, base_dir: str, cfg: ShardConfig) -> Manifest
             raise Reject(modality, f"{name} must be a path, got {value!r}")
         files[modality] = resolve(base_dir, value)
     row = ManifestRow(line, key, safe_key(key), label, text, files,
-                      {k: v for k, v in obj.items() if k not in KNOWN_FIELDS})
+                      {k: v for k, v in obj.items() if k not in KNOWN_FIELDS}, file)
     if not row.modalities:
         raise Reject(None, "sample has no modality")
     missing = [m for m in cfg.required_modalities if m not in row.modalities]
@@ -114,27 +254,24 @@ def parse_row(obj: dict, line: int, base_dir: str, cfg: ShardConfig) -> Manifest
     return row
 
 
-def read_manifest(url: str, cfg: ShardConfig, storage_options: dict) -> tuple[list[ManifestRow], list[LineReject]]:
-    """All rows of a manifest, checked without reading any sample file.
-
-    Duplicate keys (as given, or after making them safe) reject the later row."""
-    base_dir = parent(url)
-    rows: list[ManifestRow] = []
-    rejects: list[LineReject] = []
-    seen: dict[str, int] = {}
-    for line, obj in read_records(url, storage_options):
+def chunk_rows(chunk: Chunk, cfg: ShardConfig, storage_options: dict | None = None
+               ) -> Iterator[ManifestRow | LineReject]:
+    """The chunk's rows, checked without reading any sample file."""
+    base_dir = parent(chunk.file.url)
+    for line, obj in read_chunk(chunk, storage_options):
         if isinstance(obj, str):
-            rejects.append(LineReject(line, None, None, obj))
+            yield LineReject(line, None, None, obj, chunk.file.name)
             continue
-        raw_key = obj.get("key") if isinstance(obj.get("key"), str) else None
         try:
-            row = parse_row(obj, line, base_dir, cfg)
+            yield parse_row(obj, line, base_dir, cfg, chunk.file.name)
         except Reject as r:
-            rejects.append(LineReject(line, raw_key, r.modality, r.reason))
-            continue
-        if row.key in seen:
-            rejects.append(LineReject(line, row.source_key, None, f"duplicate key (first on line {seen[row.key]})"))
-            continue
-        seen[row.key] = line
-        rows.append(row)
-    return rows, rejects
+            key = obj.get("key") if isinstance(obj.get("key"), str) else None
+            yield LineReject(line, key, r.modality, r.reason, chunk.file.name)
+
+
+def iter_manifest(url: str, cfg: ShardConfig, storage_options: dict | None = None,
+                  rows_per_chunk: int = 4096) -> Iterator[ManifestRow | LineReject]:
+    """Every row of a manifest in order, streamed in one process (prediction, benchmarks)."""
+    source = ManifestSource.open(url, storage_options)
+    for chunk in chunks(source, rows_per_chunk, storage_options):
+        yield from chunk_rows(chunk, cfg, storage_options)

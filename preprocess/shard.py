@@ -1,21 +1,26 @@
-"""Work of one Ray task: hash a chunk of inputs, or turn a planned shard into a committed tar.
+"""Work of one Ray task: turn a planned chunk of manifest rows into a committed shard.
 
-Both are plain functions over plain data; the driver (stage.py) decides where they run."""
+Plain functions over plain data; the driver (stage.py) decides where they run. A task reads
+its rows from the manifest itself (the plan says where they are, not what they are) and
+every input file once: the raw bytes are hashed for the dedup pass while they are processed."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from collections import Counter
 from dataclasses import dataclass
 
+import pyarrow as pa
 import webdataset as wds
 
 from preprocess.config import MODALITIES, ShardConfig
-from preprocess.manifest import LineReject, ManifestRow
+from preprocess.layout import INDEX_SCHEMA, REJECT_SCHEMA, index_part, rejects_part, shard_stem
+from preprocess.manifest import Chunk, LineReject, ManifestRow, chunk_rows
 from preprocess.reject import Reject
 from preprocess.sample import SampleOutput, process_sample
 from preprocess.stats import DatasetStats
-from preprocess.storage import filesystem, join, read_many, write_json
+from preprocess.storage import Store, read_many
 
 log = logging.getLogger(__name__)
 
@@ -25,34 +30,27 @@ TAR_MTIME = 0  # fixed so the same inputs give byte-identical tars
 
 
 @dataclass(frozen=True)
-class InputDigest:
-    sha256: dict[str, str]  # modality -> sha256 of the raw input (file bytes or inline text)
-    sizes: dict[str, int]
-
-    @property
-    def content_id(self) -> str:
-        """Identity of a sample's content over all its modalities (for exact dedup)."""
-        return hashlib.sha256(repr(sorted(self.sha256.items())).encode()).hexdigest()
-
-
-@dataclass(frozen=True)
 class ShardPlan:
     index: int
-    rows: tuple[ManifestRow, ...]
-    digests: tuple[InputDigest, ...]
+    chunk: Chunk
     config_digest: str
 
     @property
     def name(self) -> str:
-        return f"shard-{self.index:06d}"
+        return shard_stem(self.index)
 
     @property
     def plan_digest(self) -> str:
-        """Changes when the config, or any key or content planned into this shard, changes."""
-        h = hashlib.sha256(self.config_digest.encode())
-        for row, digest in zip(self.rows, self.digests, strict=True):
-            h.update(f"\0{row.key}\0{row.label}\0{digest.content_id}".encode())
-        return h.hexdigest()[:16]
+        """Changes when the config, the manifest file or the rows planned into this shard change."""
+        f, c = self.chunk.file, self.chunk
+        text = f"{self.config_digest}\0{f.name}\0{f.size}\0{f.tag}\0{c.start}\0{c.stop}\0{c.first_line}"
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def content_id(sha256: dict[str, str]) -> str:
+    """Identity of a sample's content over all its modalities (what exact dedup compares),
+    from the sha256 of each raw input."""
+    return hashlib.sha256(repr(sorted(sha256.items())).encode()).hexdigest()
 
 
 def _sha256(data: bytes | None) -> str | None:
@@ -60,7 +58,7 @@ def _sha256(data: bytes | None) -> str | None:
 
 
 def _reject(row: ManifestRow, modality: str | None, reason: str) -> LineReject:
-    return LineReject(row.line, row.source_key, modality, reason)
+    return LineReject(row.line, row.source_key, modality, reason, row.file, row.key)
 
 
 def _read_error(url: str, err: Exception) -> str:
@@ -91,23 +89,6 @@ def fetch_batch(
     return out
 
 
-def digest_inputs(rows: list[ManifestRow], storage_options: dict) -> list[InputDigest | LineReject]:
-    """Hash the raw inputs of each row, so dedup and shard planning happen before decoding."""
-    results: list[InputDigest | LineReject] = []
-    for start in range(0, len(rows), FETCH_BATCH):
-        for row, raw in fetch_batch(rows[start : start + FETCH_BATCH], storage_options):
-            if isinstance(raw, LineReject):
-                results.append(raw)
-                continue
-            if row.text is not None:
-                raw = {**raw, "text": row.text.encode()}
-            results.append(InputDigest(
-                {m: hashlib.sha256(b).hexdigest() for m, b in sorted(raw.items())},
-                {m: len(b) for m, b in sorted(raw.items())},
-            ))
-    return results
-
-
 def sample_or_reject(row: ManifestRow, raw: dict[str, bytes], cfg: ShardConfig) -> SampleOutput | LineReject:
     """The one place a sample's failure becomes a reject line."""
     try:
@@ -119,57 +100,94 @@ def sample_or_reject(row: ManifestRow, raw: dict[str, bytes], cfg: ShardConfig) 
         return _reject(row, None, f"unexpected error: {type(e).__name__}: {e}")
 
 
-def index_row(plan: ShardPlan, row: ManifestRow, digest: InputDigest, out: SampleOutput) -> dict:
+def reason_class(reason: str, modality: str | None) -> str:
+    """A reject reason without its particulars (paths, sizes, keys): what summaries count."""
+    reason = reason.split(":")[0].split(" (")[0].split(" of '")[0]
+    return f"{modality}: {reason}" if modality else reason
+
+
+def index_row(plan: ShardPlan, row: ManifestRow, raw: dict[str, bytes], out: SampleOutput) -> dict:
+    raw_sha256 = {m: hashlib.sha256(b).hexdigest() for m, b in raw.items()}
     return {
         "key": row.key,
         "source_key": row.source_key,
         "shard": plan.name + ".tar",
+        "file": row.file,
         "line": row.line,
         "label": None if row.label is None else str(row.label),
         "modalities": list(out.modalities),
-        **{f"{m}_sha256": digest.sha256.get(m) for m in MODALITIES},
+        **{f"{m}_sha256": raw_sha256.get(m) for m in MODALITIES},
         # what the embedding cache is keyed by: the stored (normalized) member's bytes
         **{f"{m}_payload_sha256": _sha256(out.payload(m)) for m in MODALITIES},
-        "raw_bytes": sum(digest.sizes.values()),
+        "content_id": content_id(raw_sha256),
+        "raw_bytes": sum(len(b) for b in raw.values()),
         "stored_bytes": out.stored_bytes,
+        "duplicate_of": None,
     }
 
 
-def write_shard(plan: ShardPlan, cfg: ShardConfig, out_dir: str, storage_options: dict) -> dict:
-    """Process a planned shard and commit it: tar under a temporary name, rename, then the
-    JSON marker (index rows, rejects, statistics) written last. Returns the marker."""
-    fs, root = filesystem(out_dir, storage_options)
-    tar_path = join(root, plan.name + ".tar")
+def _parsed_rows(plan: ShardPlan, cfg: ShardConfig, storage_options: dict, rejects: list[LineReject]):
+    """The chunk's rows; a key seen earlier in this shard is rejected here (a tar cannot hold
+    two samples of one key); keys repeated across shards are left to the dedup pass."""
+    first_line: dict[str, int] = {}
+    for row in chunk_rows(plan.chunk, cfg, storage_options):
+        if isinstance(row, LineReject):
+            rejects.append(row)
+        elif row.key in first_line:
+            rejects.append(_reject(row, None, f"duplicate key (first on line {first_line[row.key]})"))
+        else:
+            first_line[row.key] = row.line
+            yield row
+
+
+def write_shard(plan: ShardPlan, cfg: ShardConfig, out: Store) -> dict:
+    """Process a planned shard and commit it: the tar under a temporary name, renamed, then
+    its index and rejects parts, then the JSON marker (counts, statistics) written last."""
+    tar_path = out.path(plan.name + ".tar")
     tmp_path = f"{tar_path}.tmp-{plan.plan_digest}"
     stats = DatasetStats()
-    index, rejects = [], []
-    digests = {row.key: digest for row, digest in zip(plan.rows, plan.digests, strict=True)}
-    with fs.open(tmp_path, "wb") as f, wds.TarWriter(
+    index, rejects, rows = [], [], []
+    with out.fs.open(tmp_path, "wb") as f, wds.TarWriter(
         f, user=TAR_OWNER, group=TAR_OWNER, mode=0o444, mtime=TAR_MTIME, encoder=False
     ) as tar:
-        for start in range(0, len(plan.rows), FETCH_BATCH):
-            for row, raw in fetch_batch(list(plan.rows[start : start + FETCH_BATCH]), storage_options):
-                result = raw if isinstance(raw, LineReject) else sample_or_reject(row, raw, cfg)
-                if isinstance(result, LineReject):
-                    rejects.append(result.as_record())
-                    continue
-                tar.write(result.record)
-                index.append(index_row(plan, row, digests[row.key], result))
-                if result.pixel_histogram is not None:
-                    stats.add_image(result.pixel_histogram)
-                if result.audio_rms_db is not None:
-                    stats.add_audio(result.audio_rms_db)
-                if result.text_chars is not None:
-                    stats.add_text(result.text_chars)
-    fs.mv(tmp_path, tar_path)
+        for row in _parsed_rows(plan, cfg, out.options, rejects):
+            rows.append(row)
+            if len(rows) == FETCH_BATCH:
+                _write_batch(plan, rows, cfg, out, tar, index, rejects, stats)
+                rows = []
+        _write_batch(plan, rows, cfg, out, tar, index, rejects, stats)
+    out.fs.mv(tmp_path, tar_path)
+    rejects.sort(key=lambda r: r.line)
+    out.write_parquet(index_part(plan.name), pa.Table.from_pylist(index, schema=INDEX_SCHEMA))
+    out.write_parquet(rejects_part(plan.name),
+                      pa.Table.from_pylist([r.as_record() for r in rejects], schema=REJECT_SCHEMA))
     marker = {
         "shard": plan.name + ".tar",
         "plan_digest": plan.plan_digest,
-        "samples": len(index),
-        "bytes": fs.size(tar_path),
-        "index": index,
-        "rejects": rejects,
+        "rows": len(index) + len(rejects),
+        "written": len(index),
+        "rejected": len(rejects),
+        "rejected_by_reason": dict(Counter(reason_class(r.reason, r.modality) for r in rejects)),
+        "bytes": out.fs.size(tar_path),
         "stats": stats.to_dict(),
     }
-    write_json(fs, join(root, plan.name + ".json"), marker)
+    out.write_json(plan.name + ".json", marker)
     return marker
+
+
+def _write_batch(plan, rows, cfg, out: Store, tar, index: list, rejects: list, stats: DatasetStats) -> None:
+    for row, raw in fetch_batch(rows, out.options):
+        result = raw if isinstance(raw, LineReject) else sample_or_reject(row, raw, cfg)
+        if isinstance(result, LineReject):
+            rejects.append(result)
+            continue
+        tar.write(result.record)
+        if row.text is not None:
+            raw = {**raw, "text": row.text.encode()}
+        index.append(index_row(plan, row, raw, result))
+        if result.pixel_histogram is not None:
+            stats.add_image(result.pixel_histogram)
+        if result.audio_rms_db is not None:
+            stats.add_audio(result.audio_rms_db)
+        if result.text_chars is not None:
+            stats.add_text(result.text_chars)

@@ -13,7 +13,7 @@ LEVELS = np.arange(256, dtype=np.float64) / 255.0
 class DatasetStats:
     # Per-channel 8-bit histograms (3 x 256 counts): exact, cheap to gather (Pillow counts
     # them in C) and to merge; means and deviations are derived from them.
-    pixel_histogram: list[int] = field(default_factory=lambda: [0] * 768)
+    pixel_histogram: np.ndarray = field(default_factory=lambda: np.zeros(768, np.int64))
     audio_count: int = 0
     audio_db_sum: float = 0.0
     audio_db_sumsq: float = 0.0
@@ -23,7 +23,7 @@ class DatasetStats:
 
     def add_image(self, histogram: list[int]) -> None:
         """histogram: Pillow's Image.histogram() of an RGB image."""
-        self.pixel_histogram = (np.add(self.pixel_histogram, histogram, dtype=np.int64)).tolist()
+        self.pixel_histogram += histogram
 
     def add_audio(self, rms_db: float) -> None:
         self.audio_count += 1
@@ -37,7 +37,7 @@ class DatasetStats:
 
     def merge(self, other: DatasetStats) -> DatasetStats:
         return DatasetStats(
-            np.add(self.pixel_histogram, other.pixel_histogram, dtype=np.int64).tolist(),
+            self.pixel_histogram + other.pixel_histogram,
             self.audio_count + other.audio_count,
             self.audio_db_sum + other.audio_db_sum,
             self.audio_db_sumsq + other.audio_db_sumsq,
@@ -47,11 +47,11 @@ class DatasetStats:
         )
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "pixel_histogram": self.pixel_histogram.tolist()}
 
     @classmethod
     def from_dict(cls, d: dict) -> DatasetStats:
-        return cls(**d)
+        return cls(**{**d, "pixel_histogram": np.asarray(d["pixel_histogram"], np.int64)})
 
     def summary(self) -> dict:
         """Means and standard deviations that training normalizes with."""

@@ -74,6 +74,22 @@ def mini_manifest_lines(stop: int, start: int = 0) -> list[str]:
     return [json.dumps(row) for row in rows]
 
 
+def index_rows(out) -> list[dict]:
+    """The kept samples of a local shard output (duplicates excluded), as records."""
+    from preprocess.layout import INDEX_SCHEMA, read_index
+    from preprocess.storage import Store
+
+    return read_index(Store(str(out)), INDEX_SCHEMA.names).to_pylist()
+
+
+def reject_rows(out) -> list[dict]:
+    """Every reject of a local shard output (the shard tasks' and the dedup pass's)."""
+    from preprocess.layout import reject_batches
+    from preprocess.storage import Store
+
+    return [r for batch in reject_batches(Store(str(out))) for r in batch.to_pylist()]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -13,17 +13,20 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from features.stage import EMBED_SUMMARY
-from preprocess.stage import INDEX, SHARD_CONFIG, committed_shards
-from preprocess.storage import filesystem, iter_shard, join, parent, read_json
+from preprocess.layout import CHANGES, SHARD_CONFIG, SUMMARY, committed_shards, read_index
+from preprocess.storage import Store, filesystem, iter_shard, join, parent, read_json
 
 
 def split_of(key: str, val_fraction: float) -> str:
@@ -60,19 +63,25 @@ def branch_pixels(data: bytes | None, size: int, mean, std) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
-def owned_index(roots: tuple[str, ...], shard_urls: tuple[str, ...], storage_options: dict) -> list[dict]:
-    """Labelled index rows of the given (committed) shards over one or more shard folders
-    (dataset versions, oldest first), each with its `root` position; a key in several folders
-    is taken from the newest, so a changed sample replaces its earlier version."""
-    rows: dict[str, dict] = {}
+def owned_index(roots: tuple[str, ...], storage_options: dict) -> pa.Table:
+    """(key, label, shard, root) of every labelled sample over one or more shard folders
+    (dataset versions, oldest first): duplicates excluded, a key in several folders taken from
+    the newest, and a key that a later version removed (CHANGES) not at all."""
+    taken, removed = [], []
     for position, root_url in enumerate(roots):
-        fs, root = filesystem(root_url, storage_options)
-        mine = {url.rsplit("/", 1)[1] for url in shard_urls if parent(url) == root_url}
-        for row in pq.read_table(io.BytesIO(fs.cat_file(join(root, INDEX))),
-                                 columns=["key", "label", "shard"]).to_pylist():
-            if row["shard"] in mine and row["label"] is not None:
-                rows[row["key"]] = {**row, "root": position}
-    return list(rows.values())
+        store = Store(root_url, storage_options)
+        part = read_index(store, ["key", "label", "shard"], pc.field("label").is_valid())
+        taken.append(part.append_column("root", pa.array([position] * part.num_rows, pa.int32())))
+        if store.exists(CHANGES):
+            gone = pq.read_table(pa.BufferReader(store.read_bytes(CHANGES)), columns=["key", "change"],
+                                 filters=[("change", "=", "removed")]).select(["key"])
+            removed.append(gone.append_column("root", pa.array([position] * gone.num_rows, pa.int32())))
+    rows = pa.concat_tables(taken)
+    if len(roots) == 1:
+        return rows
+    events = pa.concat_tables([rows.select(["key", "root"]), *removed])
+    last = events.group_by("key").aggregate([("root", "max")]).rename_columns(["key", "root"])
+    return rows.join(last, keys=["key", "root"], join_type="inner").sort_by([("root", "ascending")])
 
 
 def _pixel_statistics(summaries: list[dict]) -> tuple[tuple, tuple]:
@@ -109,21 +118,21 @@ class DatasetInfo:
         summaries, label_sets, dim_sets, urls = [], [], [], []
         for root_url in roots:
             fs, root = filesystem(root_url, storage_options)
-            summaries.append(read_json(fs, join(root, "summary.json")))
+            summaries.append(read_json(fs, join(root, SUMMARY)))
             label_sets.append(read_json(fs, join(root, SHARD_CONFIG))["config"]["labels"])
             dim_sets.append(read_json(fs, join(root, EMBED_SUMMARY))["dims"])
-            urls += [join(root_url, name) for name in committed_shards(root_url, storage_options)]
+            urls += [join(root_url, name) for name in committed_shards(Store(root_url, storage_options))]
         for what, values in (("labels", label_sets), ("embedding widths", dim_sets)):
             if any(v != values[0] for v in values):
                 raise ValueError(f"the shard folders differ in their {what} ({dict(zip(roots, values, strict=True))}): "
                                  "they cannot be trained on together")
-        index = owned_index(roots, tuple(urls), storage_options)
-        labels = tuple(label_sets[0]) if label_sets[0] else tuple(sorted({r["label"] for r in index}))
+        index = owned_index(roots, storage_options)
+        labels = tuple(label_sets[0]) if label_sets[0] else tuple(sorted(pc.unique(index.column("label")).to_pylist()))
         dims = {m: dim_sets[0][m] for m in modalities if m in dim_sets[0]}
         if not dims:
             raise ValueError(f"{roots[-1]} has no embeddings for any of {list(modalities)}: run `tessera embed` first")
-        counts = {s: sum(1 for r in index if split_of(r["key"], val_fraction) == s) for s in ("train", "val")}
-        counts["all"] = len(index)
+        splits = Counter(split_of(key, val_fraction) for key in index.column("key").to_pylist())
+        counts = {"train": splits["train"], "val": splits["val"], "all": index.num_rows}
         mean, std = _pixel_statistics(summaries)
         return cls(roots, tuple(urls), labels, dims, counts, mean, std, storage_options)
 
@@ -172,8 +181,9 @@ class ShardStream(IterableDataset):
         """key -> (folder position, class) of every labelled sample, read once per loader process."""
         if not hasattr(self, "_label_of"):
             info = self.spec.info
-            self._label_of = {r["key"]: (r["root"], info.labels.index(r["label"]))
-                              for r in owned_index(info.roots, info.shard_urls, info.storage_options)}
+            index = owned_index(info.roots, info.storage_options)
+            self._label_of = {key: (root, info.labels.index(label)) for key, root, label in zip(
+                *(index.column(c).to_pylist() for c in ("key", "root", "label")), strict=True)}
         return self._label_of
 
     def _sidecar(self, url: str) -> tuple[list[str], np.ndarray, np.ndarray]:

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from features.stage import EMBED_SUMMARY
-from preprocess.stage import SHARD_CONFIG
+from preprocess.layout import SHARD_CONFIG
 from preprocess.storage import filesystem, join, read_json, write_json
 from train.config import ExportConfig
 from train.evaluate import Scorer, classification_metrics, data_for, eager_scorer, eval_batches, run_record, score_set

@@ -8,7 +8,7 @@ import json
 import torch
 from safetensors.torch import load as load_safetensors
 
-from preprocess.stage import OutputConflict
+from preprocess.layout import OutputConflict
 from preprocess.storage import filesystem, join
 from train.config import ModelConfig
 from train.model import MultimodalModel

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import ray
 
-from preprocess.stage import OutputConflict
+from preprocess.layout import OutputConflict
 from preprocess.storage import absolute
 from train.config import TrainConfig
 from train.data import DatasetInfo

@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--samples-per-shard", type=int, help="shard.samples_per_shard")
     shard.add_argument("--seed", type=int, help="shard.seed")
     _common(shard)
+    rejects = sub.add_parser("rejects", help="every rejected input of a shard output: one JSON line each "
+                                             "(key, file, line, modality, reason)")
+    rejects.add_argument("out", help="a shard stage's output folder, any fsspec URL")
+    _common(rejects)
     embed = sub.add_parser("embed", help="committed shards -> per-modality embeddings (cached by content)")
     embed.add_argument("shards", help="a shard stage's output folder, any fsspec URL")
     embed.add_argument("--batch-size", type=int, help="embed.batch_size")
@@ -48,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(exit 0 done, 75 locked: retry later)")
     refresh.add_argument("config_file", metavar="CONFIG", help="YAML config with a job section")
     _common(refresh)
-    versions = sub.add_parser("versions", help="the dataset versions under OUT, with their counts")
+    versions = sub.add_parser("versions", help="the dataset versions under OUT: rows added, changed and removed, "
+                                               "inputs, accepted, rejected, shards, validation accuracy")
     versions.add_argument("out", help="the job's output root (job.out)")
     _common(versions)
     train = sub.add_parser("train", help="DeepSpeed training on the shards and their embeddings, on Ray")
@@ -99,13 +104,31 @@ def config_from_args(args: argparse.Namespace) -> TesseraConfig:
 
 
 def cmd_shard(args: argparse.Namespace, cfg: TesseraConfig) -> int:
-    from preprocess.stage import run_shard_stage
-    from workflows.runtime import start_ray
+    from preprocess.layout import current_summary
+    from preprocess.manifest import ManifestSource
+    from preprocess.storage import Store
 
-    start_ray(cfg.runtime)
-    summary = run_shard_stage(args.manifest, args.out, cfg.shard, cfg.runtime.storage_options,
-                              cfg.runtime.progress)
-    print(json.dumps({k: summary[k] for k in ("inputs", "accepted", "rejected", "shards", "samples_per_s")}))
+    options = cfg.runtime.storage_options
+    # an OUT that is complete for this manifest and config is known from metadata: no Ray
+    summary = current_summary(Store(args.out, options), cfg.shard, ManifestSource.open(args.manifest, options))
+    if summary is None:
+        from preprocess.stage import run_shard_stage
+        from workflows.runtime import start_ray
+
+        start_ray(cfg.runtime)
+        summary = run_shard_stage(args.manifest, args.out, cfg.shard, options, cfg.runtime.progress)
+    print(json.dumps({k: summary[k] for k in ("inputs", "accepted", "rejected", "shards", "samples_per_s")}
+                     | {"up_to_date": summary["resumed_shards"] == summary["shards"]}))
+    return 0
+
+
+def cmd_rejects(args: argparse.Namespace, cfg: TesseraConfig) -> int:
+    from preprocess.layout import reject_batches
+    from preprocess.storage import Store
+
+    for batch in reject_batches(Store(args.out, cfg.runtime.storage_options)):
+        for record in batch.to_pylist():
+            print(json.dumps(record))
     return 0
 
 
@@ -147,14 +170,14 @@ def cmd_refresh(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     from workflows.refresh import Locked, run_refresh
     from workflows.runtime import start_ray
 
-    start_ray(cfg.runtime)
-    try:
-        result = run_refresh(cfg)
+    try:  # the lock first: a refresh that finds another running exits without starting Ray
+        result = run_refresh(cfg, start=lambda: start_ray(cfg.runtime))
     except Locked as e:
         print(f"tessera: {e}", file=sys.stderr)
         return EXIT_LOCKED
     trained = {"val_accuracy": result["train"]["val_accuracy"]} if "train" in result else {}
-    print(json.dumps({"version": result["version"], "new_rows": result["new_rows"], **trained}))
+    counts = {k: result[k] for k in ("added", "changed", "removed") if k in result}
+    print(json.dumps({"version": result["version"], "new_rows": result["new_rows"], **counts, **trained}))
     return 0
 
 
@@ -205,7 +228,7 @@ def cmd_predict(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     return 0
 
 
-COMMANDS = {"shard": cmd_shard, "embed": cmd_embed, "train": cmd_train, "run": cmd_run,
+COMMANDS = {"shard": cmd_shard, "rejects": cmd_rejects, "embed": cmd_embed, "train": cmd_train, "run": cmd_run,
             "refresh": cmd_refresh, "versions": cmd_versions, "evaluate": cmd_evaluate, "export": cmd_export,
             "predict": cmd_predict}
 
@@ -218,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"tessera: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    from preprocess.stage import OutputConflict
+    from preprocess.layout import OutputConflict
 
     try:
         return COMMANDS[args.command](args, cfg)

@@ -30,6 +30,9 @@ class JobConfig(Strict):
     # what `tessera refresh` trains after adding a version, starting from the newest earlier
     # version's model: none; the new version's samples only; or every version so far
     refresh_train: Literal["none", "new", "all"] = "none"
+    # what a row's identity holds of each file it names: its metadata (size + ETag / version /
+    # mtime; no input is read to find what changed) or its content (sha256; every file is read)
+    refresh_identity: Literal["metadata", "content"] = "metadata"
 
 
 class TesseraConfig(Strict):

@@ -13,8 +13,9 @@ from pathlib import Path
 from fsspec.core import split_protocol
 
 from features.stage import EMBED_SUMMARY, run_embed_stage
-from preprocess.stage import INDEX, run_shard_stage
-from preprocess.storage import absolute, filesystem, join, write_json
+from preprocess.layout import SUMMARY
+from preprocess.stage import run_shard_stage
+from preprocess.storage import Store, absolute, filesystem, join, write_json
 from train.evaluate import EVAL, evaluate_run
 from train.saved import RUN_CONFIG, TRAIN_SUMMARY
 from train.stage import run_train_stage
@@ -29,12 +30,13 @@ def bundled_manifest() -> str:
 
 
 def data_digest(shards: str, storage_options: dict) -> str:
-    """What training depends on: the accepted samples and the encoders of their embeddings."""
-    fs, root = filesystem(shards, storage_options)
-    h = hashlib.sha256(fs.cat_file(join(root, INDEX)))
-    h.update(json.dumps(json.loads(fs.cat_file(join(root, EMBED_SUMMARY)))["encoders"],
-                        sort_keys=True).encode())
-    return h.hexdigest()
+    """What training depends on: the samples (the shard config and the manifest they came
+    from) and the encoders of their embeddings."""
+    store = Store(shards, storage_options)
+    summary = store.read_json(SUMMARY)
+    encoders = store.read_json(EMBED_SUMMARY)["encoders"]
+    return hashlib.sha256(json.dumps([summary["config_digest"], summary["manifest"]["fingerprint"], encoders],
+                                     sort_keys=True).encode()).hexdigest()
 
 
 def _train_is_current(fs, remote_run: str, cfg: TesseraConfig, shards: str | list[str]) -> bool:

@@ -5,6 +5,7 @@ rejects.jsonl would give it. Inference never augments and does not need labels."
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ import numpy as np
 from features.config import EmbedConfig
 from features.encoders import VideoFramesEncoder, build_encoders
 from preprocess.config import AugmentConfig, ShardConfig
-from preprocess.manifest import LineReject, ManifestRow, parse_row, read_manifest
+from preprocess.manifest import LineReject, ManifestRow, iter_manifest, parse_row
 from preprocess.reject import Reject
 from preprocess.shard import fetch_batch, sample_or_reject
 from preprocess.storage import absolute, filesystem, join
@@ -149,12 +150,21 @@ def rows_from_files(paths: list[str], cfg: ShardConfig, storage_options: dict) -
 
 
 def predict_inputs(predictor: Predictor, inputs: list[str]) -> Iterator[dict]:
-    """Predictions for a manifest (one .jsonl / .parquet) or raw files; rejects included."""
+    """Predictions for a manifest (one .jsonl / .parquet, streamed) or raw files; rejects
+    included. Nothing is deduplicated: every input gets its line."""
     options = predictor.storage_options
     if len(inputs) == 1 and inputs[0].endswith(MANIFEST_SUFFIXES):
-        rows, rejects = read_manifest(inputs[0], predictor.shard_cfg, options)
+        items = iter_manifest(inputs[0], predictor.shard_cfg, options)
     else:
         rows, rejects = rows_from_files(inputs, predictor.shard_cfg, options)
-    for reject in rejects:
-        yield {"rejected": True, **reject.as_record()}
-    yield from predictor.predict_rows(rows)
+        items = itertools.chain(rejects, rows)
+    batch: list[ManifestRow] = []
+    for item in items:
+        if isinstance(item, LineReject):
+            yield {"rejected": True, **item.as_record()}
+            continue
+        batch.append(item)
+        if len(batch) == predictor.batch_size:
+            yield from predictor.predict_rows(batch)
+            batch = []
+    yield from predictor.predict_rows(batch)

@@ -1,159 +1,400 @@
-"""Scheduled incremental refresh: only new or changed manifest rows become a new dataset version.
+"""Scheduled incremental refresh: new or changed manifest rows become a new dataset version,
+rows gone from the manifest are recorded as removals.
 
-OUT/versions/vNNNNNN/ holds a version's shards (with sidecars); OUT/embed-cache is shared,
-so embeddings are computed for new content only. A row's identity is its JSON plus the
-sha256 of every file it names: a row is new when no earlier version saw that identity, so
-rejected rows are not retried until they change. OUT/refresh.lock keeps two refreshes from
-overlapping; a lock left by a dead process (or older than the timeout) is taken over.
-With job.refresh_train, the new version is then trained into vNNNNNN/train, starting from
-the newest earlier version's model."""
+    OUT/versions/vNNNNNN/   a version: manifest.jsonl (the rows it took in), changes.parquet
+                            (rows added / changed, keys removed), its shards and sidecars,
+                            version.json (its counts; written last: the version is complete)
+    OUT/embed-cache/        shared: embeddings are computed for new content only
+    OUT/refresh/state.json  the manifest and row identities the last refresh saw
+    OUT/refresh.lock        one refresh at a time (an exclusive create)
+
+A row's identity is its JSON (paths resolved) plus cheap metadata of every file it names (size
+and ETag / version id / mtime from `fs.info`), or with `job.refresh_identity: content` the
+sha256 of each file. Ray tasks compute the identities chunk by chunk into Parquet; one DuckDB
+query (in a Ray task, memory-limited, spilling) diffs them against every earlier version's
+changes. Per key, the first manifest row counts (later rows of the same key are reported once
+as duplicate keys):
+  added    a key that is not in the dataset (never seen, or removed before),
+  changed  a key whose row has another identity than the one the dataset holds,
+  removed  a key of the dataset that is no longer in the manifest (takedowns, opt-outs);
+           training over every version and evaluation leave its rows out.
+A refresh whose manifest files have the sizes and tags the last one saw stats the files its
+rows name (no file when rows are text) and opens no input: a no-op costs next to nothing."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import logging
 import os
 import socket
+import tempfile
 import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 
-from features.stage import run_embed_stage
-from preprocess.manifest import parse_row, read_records
-from preprocess.reject import Reject
-from preprocess.shard import InputDigest
-from preprocess.stage import OutputConflict, digest_rows, run_shard_stage
-from preprocess.storage import absolute, filesystem, join, parent, read_json, resolve, write_atomic
-from train.saved import TRAIN_SUMMARY, WEIGHTS
+from preprocess.layout import CHANGES, REJECT_SCHEMA, REJECTS, SUMMARY, OutputConflict
+from preprocess.manifest import FILE_FIELDS, Chunk, ManifestSource, chunks, parse_json_line, raw_records, source_key
+from preprocess.storage import Store, duckdb_over, file_tag, filesystem, is_local, parent, read_many, resolve
 from workflows.config import ConfigError, TesseraConfig
-from workflows.jobs import train_into
+
+# The stages (and torch) are imported where a version is made: a no-op refresh, and the
+# refreshes that find another one running, start in a fraction of a second.
 
 log = logging.getLogger(__name__)
 
 LOCK = "refresh.lock"
-INPUTS = "inputs.parquet"  # identities of the rows a version took in
+STATE = "refresh/state.json"
+VERSION_MANIFEST = "manifest.jsonl"
+VERSION_DONE = "version.json"
 LOCK_TIMEOUT_S = 24 * 3600
+ROWS_PER_TASK = 16384  # manifest rows per identity task
+STAT_IN_PROCESS = 100_000  # up to this many file references, a no-op check stats them without Ray
+MEMORY_LIMIT = "256MB"  # the diff query spills to local scratch beyond this
+IDENTITY_SCHEMA = pa.schema([("key", pa.string()), ("identity", pa.string()), ("file", pa.string()),
+                             ("line", pa.int64()), ("row", pa.binary()), ("files", pa.list_(pa.string())),
+                             ("tags", pa.list_(pa.string()))])
+CHANGES_SCHEMA = pa.schema([("version", pa.int32()), ("key", pa.string()), ("identity", pa.string()),
+                            ("change", pa.string())])
 
 
 class Locked(RuntimeError):
     """Another refresh holds OUT."""
 
 
+# ---------------------------------------------------------------------------------------------
+# the lock
+
+def _holder_is_alive(holder: dict) -> bool:
+    if holder["host"] == socket.gethostname():
+        return psutil.pid_exists(holder["pid"])
+    return time.time() - holder["started"] < LOCK_TIMEOUT_S
+
+
 @contextlib.contextmanager
-def refresh_lock(fs, root: str):
-    path = join(root, LOCK)
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
-    if fs.exists(path):
-        holder = json.loads(fs.cat_file(path))
-        alive = holder["host"] == me["host"] and psutil.pid_exists(holder["pid"])
-        if alive or (holder["host"] != me["host"] and time.time() - holder["started"] < LOCK_TIMEOUT_S):
-            raise Locked(f"{path} is held by pid {holder['pid']} on {holder['host']} since "
-                         f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder['started']))}")
-        log.warning("taking over a stale lock left by pid %d on %s", holder["pid"], holder["host"])
-    fs.makedirs(root, exist_ok=True)
-    write_atomic(fs, path, json.dumps(me).encode())
+def refresh_lock(out: Store):
+    """OUT/refresh.lock, created exclusively (O_EXCL, or S3's If-None-Match: *): of refreshes
+    started together exactly one proceeds, the others raise Locked. A lock whose holder is
+    dead (or older than LOCK_TIMEOUT_S, on another host) is taken over by exactly one
+    process: the one that creates refresh/takeover-<its token>."""
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "token": uuid.uuid4().hex}
+    if not out.create_exclusive(LOCK, json.dumps(me).encode()):
+        try:
+            holder = out.read_json(LOCK)
+        except (OSError, ValueError):  # released meanwhile, or being written: someone else is first
+            raise Locked(f"{out.url_of(LOCK)} is being taken by another refresh") from None
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["started"]))
+        if _holder_is_alive(holder):
+            raise Locked(f"{out.url_of(LOCK)} is held by pid {holder['pid']} on {holder['host']} since {since}")
+        if not out.create_exclusive(f"refresh/takeover-{holder['token']}", json.dumps(me).encode()):
+            raise Locked(f"{out.url_of(LOCK)}: another refresh is taking over the stale lock")
+        log.warning("taking over a stale lock left by pid %d on %s since %s", holder["pid"], holder["host"], since)
+        with contextlib.suppress(FileNotFoundError):
+            out.remove(LOCK)
+        if not out.create_exclusive(LOCK, json.dumps(me).encode()):
+            raise Locked(f"{out.url_of(LOCK)} was taken by another refresh")
     try:
         yield
     finally:
-        fs.rm(path)
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            if out.read_json(LOCK)["token"] == me["token"]:
+                out.remove(LOCK)
 
+
+# ---------------------------------------------------------------------------------------------
+# row identities (Ray tasks, one per chunk of the manifest)
+
+def _file_tags(urls: list[str], mode: str, storage_options: dict) -> dict[str, str]:
+    """url -> what the identity holds of the file: its metadata tag, or its sha256 (content)."""
+    if mode == "content":
+        got = read_many(urls, storage_options)
+        return {u: "missing" if isinstance(b, Exception) else hashlib.sha256(b).hexdigest() for u, b in got.items()}
+
+    def tag(url: str) -> str:
+        fs, path = filesystem(url, storage_options)
+        try:
+            return file_tag(fs.info(path))
+        except FileNotFoundError:
+            return "missing"
+
+    if all(is_local(u) for u in urls):  # a stat is microseconds: threads would only add overhead
+        return {u: tag(u) for u in urls}
+    with ThreadPoolExecutor(16) as pool:  # HEAD requests on object stores
+        return dict(zip(urls, pool.map(tag, urls), strict=True))
+
+
+def row_identities(chunk: Chunk, mode: str, staging: Store, name: str) -> int:
+    """Write the chunk's rows with their identities to STAGING/NAME; returns the files they name."""
+    options = staging.options
+    base = parent(chunk.file.url)
+    records = []
+    for line, raw in raw_records(chunk, options):
+        obj = raw if isinstance(raw, dict) else parse_json_line(raw)
+        if isinstance(obj, str):  # not a JSON object: its bytes are its identity
+            text = raw.strip()
+            records.append((None, text, line, text, []))
+            continue
+        resolved = {k: resolve(base, v) if k in FILE_FIELDS and isinstance(v, str) and v else v
+                    for k, v in obj.items()}
+        text = json.dumps(resolved, sort_keys=True, default=str).encode()
+        files = [resolved[f] for f in FILE_FIELDS if isinstance(resolved.get(f), str) and resolved[f]]
+        records.append((source_key(obj), text, line, text, files))
+    tags = _file_tags(sorted({u for r in records for u in r[4]}), mode, options)
+    table = pa.table({
+        "key": [r[0] for r in records],
+        "identity": [hashlib.sha256(r[1] + b"".join(f"\0{u}={tags[u]}".encode() for u in r[4])).hexdigest()
+                     for r in records],
+        "file": [chunk.file.name] * len(records),
+        "line": [r[2] for r in records],
+        "row": [r[3] for r in records],
+        "files": [r[4] for r in records],
+        "tags": [[tags[u] for u in r[4]] for r in records],
+    }, schema=IDENTITY_SCHEMA)
+    staging.write_parquet(name, table)
+    return sum(len(r[4]) for r in records)
+
+
+def files_unchanged(staging: Store, name: str) -> bool:
+    """Whether every file the rows of a staged part name still has the tag it had."""
+    table = pq.read_table(pa.BufferReader(staging.read_bytes(name)), columns=["files", "tags"])
+    pairs = {(u, t) for us, ts in zip(*(table.column(c).to_pylist() for c in ("files", "tags")), strict=True)
+             for u, t in zip(us, ts, strict=True)}
+    tags = _file_tags(sorted({u for u, _ in pairs}), "metadata", staging.options)
+    return all(tags[u] == t for u, t in pairs)
+
+
+_identity_task = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=[OSError], scheduling_strategy="SPREAD")(
+    row_identities)
+_unchanged_task = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=[OSError], scheduling_strategy="SPREAD")(
+    files_unchanged)
+
+
+# ---------------------------------------------------------------------------------------------
+# the diff (one DuckDB query in a Ray task)
+
+# Aggregates and anti-joins, no window functions: DuckDB spills them, memory stays bounded.
+DIFF = """
+CREATE TEMP TABLE firsts AS  -- per key, its first row in the manifest
+    SELECT key, min({'file': file, 'line': line}) AS first, count(*) AS n FROM ids
+    WHERE key IS NOT NULL GROUP BY key;
+CREATE TEMP TABLE state AS  -- per key: the identity the dataset holds, when the key is in it
+    WITH last AS (
+        SELECT key, max(version) FILTER (WHERE change IN ('added', 'changed')) AS taken,
+               coalesce(max(version) FILTER (WHERE change = 'removed'), 0) AS removed
+        FROM history WHERE key IS NOT NULL GROUP BY key)
+    SELECT h.key, h.identity FROM history h JOIN last l ON h.key = l.key AND h.version = l.taken
+    WHERE h.change IN ('added', 'changed') AND l.taken > l.removed;
+CREATE TEMP TABLE changes AS
+    SELECT i.key, i.identity, i.file, i.line, CASE WHEN s.key IS NULL THEN 'added' ELSE 'changed' END AS change,
+           NULL AS reason
+    FROM ids i JOIN firsts f ON i.key = f.key AND i.file = f.first.file AND i.line = f.first.line
+    LEFT JOIN state s ON i.key = s.key
+    WHERE s.key IS NULL OR s.identity <> i.identity
+    UNION ALL
+    SELECT i.key, i.identity, i.file, i.line, 'duplicate_key', 'duplicate key (first on line ' || f.first.line ||
+           CASE WHEN f.first.file <> i.file THEN ' of ' || f.first.file ELSE '' END || ')'
+    FROM ids i JOIN firsts f ON i.key = f.key
+    WHERE f.n > 1 AND (i.file <> f.first.file OR i.line <> f.first.line)
+      AND NOT EXISTS (SELECT 1 FROM history h WHERE h.change = 'duplicate_key' AND h.identity = i.identity)
+    UNION ALL
+    SELECT key, identity, file, line, 'no_key', NULL FROM ids i
+    WHERE key IS NULL AND NOT EXISTS (SELECT 1 FROM history h WHERE h.change = 'no_key' AND h.identity = i.identity)
+    UNION ALL
+    SELECT s.key, NULL, NULL, NULL, 'removed', NULL FROM state s
+    WHERE NOT EXISTS (SELECT 1 FROM firsts f WHERE f.key = s.key);
+"""
+
+
+def _view(con, name: str, urls: list[str], schema: pa.Schema) -> None:
+    """NAME over these Parquet files (DuckDB's own reader), or empty with SCHEMA when there are none."""
+    if urls:
+        files = ", ".join("'" + url.replace("'", "''") + "'" for url in urls)
+        con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet([{files}])")
+    else:
+        con.register(name, schema.empty_table())
+
+
+def diff_manifest(out: Store, staging: Store, version: str, number: int, complete: list[str]) -> dict:
+    """Compare the staged identities with the changes of every COMPLETE version; write the new
+    version's manifest.jsonl, its duplicate-key rejects and changes.parquet."""
+    target = out.child(version)
+    with tempfile.TemporaryDirectory(prefix="tessera-refresh-") as scratch:
+        con = duckdb_over(out, scratch, MEMORY_LIMIT)
+        _view(con, "ids", [staging.url_of(name) for name in staging.names("*.parquet")], IDENTITY_SCHEMA)
+        _view(con, "history", [out.url_of(v, CHANGES) for v in complete], CHANGES_SCHEMA)
+        con.execute(DIFF)
+        counts = dict(con.execute("SELECT change, count(*) FROM changes GROUP BY change").fetchall())
+        # the rows the version takes in, in manifest order, as JSONL: streamed, never whole
+        rows = con.execute("SELECT i.row FROM changes c JOIN ids i ON c.file = i.file AND c.line = i.line "
+                           "WHERE c.change IN ('added', 'changed', 'no_key') ORDER BY c.file, c.line"
+                           ).to_arrow_reader(65536)
+        local = f"{scratch}/{VERSION_MANIFEST}"
+        with open(local, "wb") as f:
+            for batch in rows:
+                for row in batch.column(0).to_pylist():
+                    f.write(row.rstrip(b"\r\n") + b"\n")
+        _publish_unless_same(local, target, VERSION_MANIFEST)
+        rejects = con.execute("SELECT key, key AS sample_key, file, line, NULL AS modality, reason FROM changes "
+                              "WHERE change = 'duplicate_key' ORDER BY file, line").to_arrow_table()
+        target.write_parquet(f"{REJECTS}/refresh.parquet", rejects.cast(REJECT_SCHEMA))
+        changes = con.execute(f"SELECT {number}::INTEGER AS version, key, identity, change FROM changes "
+                              "ORDER BY change, key").to_arrow_table()
+        target.write_parquet(CHANGES, changes.cast(CHANGES_SCHEMA))
+    return {c: counts.get(c, 0) for c in ("added", "changed", "removed", "duplicate_key", "no_key")}
+
+
+def _publish_unless_same(local: str, target: Store, name: str) -> None:
+    """Copy a local file to TARGET/NAME unless that holds the same bytes already: an
+    interrupted refresh that takes in the same rows then resumes its version's shards (a
+    rewritten manifest would look like another one)."""
+    def sha256(f) -> str:
+        digest = hashlib.sha256()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+        return digest.hexdigest()
+
+    if target.exists(name) and target.fs.size(target.path(name)) == os.path.getsize(local):
+        with open(local, "rb") as mine, target.fs.open(target.path(name), "rb") as theirs:
+            if sha256(mine) == sha256(theirs):
+                return
+    target.put_file(local, name)
+
+
+_diff_task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=[OSError])(diff_manifest)
+
+
+# ---------------------------------------------------------------------------------------------
+# versions and the job
 
 def versions(out: str, storage_options: dict) -> list[dict]:
-    """Every version under OUT with its counts, oldest first."""
-    fs, root = filesystem(absolute(out), storage_options)
+    """Every complete version under OUT with its counts, oldest first."""
+    from train.saved import TRAIN_SUMMARY
+
+    store = Store(out, storage_options)
     found = []
-    for path in sorted(fs.glob(join(root, "versions", "v*", INPUTS))):  # complete versions only
-        folder = path.rsplit("/", 1)[0]
-        summary = read_json(fs, join(folder, "summary.json"))
-        trained = join(folder, "train", TRAIN_SUMMARY)
-        found.append({"version": folder.rsplit("/", 1)[-1], "inputs": summary["inputs"],
-                      "accepted": summary["accepted"], "rejected": summary["rejected"], "shards": summary["shards"],
-                      "val_accuracy": read_json(fs, trained)["val_accuracy"] if fs.exists(trained) else None})
+    for name in store.names(f"versions/v*/{VERSION_DONE}"):
+        folder = store.child(name.rsplit("/", 1)[0])
+        summary, counts = folder.read_json(SUMMARY), folder.read_json(VERSION_DONE)
+        trained = folder.path("train", TRAIN_SUMMARY)
+        found.append({
+            "version": folder.url.rsplit("/", 1)[-1],
+            **{c: counts[c] for c in ("added", "changed", "removed", "duplicate_key")},
+            **{c: summary[c] for c in ("inputs", "accepted", "rejected", "shards")},
+            "val_accuracy": json.loads(folder.fs.cat_file(trained))["val_accuracy"] if folder.fs.exists(trained)
+            else None})
     return found
 
 
-def _identities(cfg: TesseraConfig) -> list[tuple[str, dict]]:
-    """(identity, manifest object with resolved paths) for every manifest row."""
-    options = cfg.runtime.storage_options
-    manifest = absolute(cfg.job.manifest)
-    base = parent(manifest)
-    rows, parsed = [], []
-    for line, obj in read_records(manifest, options):
-        text = obj if isinstance(obj, str) else json.dumps(obj, sort_keys=True, default=str)
-        rows.append([hashlib.sha256(text.encode()).hexdigest(), obj, line])
-        if isinstance(obj, dict):
-            with contextlib.suppress(Reject):
-                parsed.append((len(rows) - 1, parse_row(obj, line, base, cfg.shard)))
-    digests = digest_rows([row for _, row in parsed], options)
-    for (i, _), digest in zip(parsed, digests, strict=True):
-        content = digest.content_id if isinstance(digest, InputDigest) else digest.reason
-        rows[i][0] = hashlib.sha256((rows[i][0] + content).encode()).hexdigest()
-        obj = dict(rows[i][1])
-        for name in ("image", "audio", "video", "text_file"):
-            if isinstance(obj.get(name), str):
-                obj[name] = resolve(base, obj[name])
-        rows[i][1] = obj
-    return [(identity, obj) for identity, obj, _ in rows]
+def _unchanged_since_last(out: Store, source: ManifestSource, mode: str, start: Callable[[], None]) -> bool:
+    """Whether the last refresh saw this very manifest and every file its rows name is as it was."""
+    if not out.exists(STATE):
+        return False
+    state = out.read_json(STATE)
+    if (state["manifest"], state["identity"]) != (source.fingerprint, mode):
+        return False
+    if not state["file_refs"]:
+        return True
+    if mode == "content":  # no cheap way to know the files' content is the same
+        return False
+    staging = out.child(state["identities"])
+    parts = staging.names("*.parquet")
+    if state["file_refs"] <= STAT_IN_PROCESS:
+        return all(files_unchanged(staging, name) for name in parts)
+    start()
+    return all(ray.get([_unchanged_task.remote(staging, name) for name in parts]))
 
 
-def run_refresh(cfg: TesseraConfig) -> dict:
-    """Shard and embed what is new since the last version; {'version': None} when nothing is."""
+def run_refresh(cfg: TesseraConfig, start: Callable[[], None] = lambda: None) -> dict:
+    """Shard, embed (and train, job.refresh_train) what is new since the last version; record
+    what was removed. {'version': None} when nothing changed. START brings Ray up, once the lock
+    is held and there is work (a no-op refresh runs without it)."""
     if not cfg.job.manifest or not cfg.job.out:
         raise ConfigError("tessera refresh needs job.manifest and job.out in the config")
-    options = cfg.runtime.storage_options
-    out = absolute(cfg.job.out)
-    fs, root = filesystem(out, options)
-    with refresh_lock(fs, root):
-        seen: set[str] = set()
-        for path in fs.glob(join(root, "versions", "v*", INPUTS)):
-            seen.update(pq.read_table(io.BytesIO(fs.cat_file(path))).column("identity").to_pylist())
-        fresh = [(identity, obj) for identity, obj in _identities(cfg) if identity not in seen]
-        if not fresh:
+    options, mode = cfg.runtime.storage_options, cfg.job.refresh_identity
+    out = Store(cfg.job.out, options)
+    with refresh_lock(out):
+        source = ManifestSource.open(cfg.job.manifest, options)
+        if _unchanged_since_last(out, source, mode, start):
             log.info("refresh: nothing new in %s", cfg.job.manifest)
             return {"version": None, "new_rows": 0}
-        number = len(fs.glob(join(root, "versions", "v*", INPUTS))) + 1
-        version = join(out, "versions", f"v{number:06d}")
-        vfs, vroot = filesystem(version, options)
-        vfs.makedirs(vroot, exist_ok=True)
-        lines = "".join((obj if isinstance(obj, str) else json.dumps(obj)) + "\n" for _, obj in fresh)
-        write_atomic(vfs, join(vroot, "manifest.jsonl"), lines.encode())
-        try:  # an interrupted refresh of the same rows resumes its version
-            shard = run_shard_stage(join(version, "manifest.jsonl"), version, cfg.shard, options,
-                                    cfg.runtime.progress)
-        except OutputConflict:  # ... of other rows: that incomplete version is redone
-            for path in vfs.ls(vroot):
-                if not path.endswith("manifest.jsonl"):
-                    vfs.rm(path, recursive=True)
-            shard = run_shard_stage(join(version, "manifest.jsonl"), version, cfg.shard, options,
-                                    cfg.runtime.progress)
-        embed_cfg = cfg.embed if cfg.embed.cache else cfg.embed.model_copy(update={"cache": join(out, "embed-cache")})
-        embed = run_embed_stage(version, embed_cfg, options, cfg.runtime.progress)
-        result = {"version": f"v{number:06d}", "new_rows": len(fresh), "shard": shard, "embed": embed}
-        if cfg.job.refresh_train != "none":
-            result["train"] = _train_version(cfg, out, version)
-        buf = io.BytesIO()
-        pq.write_table(pa.table({"identity": [identity for identity, _ in fresh]}), buf)
-        write_atomic(vfs, join(vroot, INPUTS), buf.getvalue())  # last: the version is complete
-        log.info("refresh: version v%06d with %d new or changed rows", number, len(fresh))
+        start()
+        if out.names("versions/v*/inputs.parquet"):
+            raise OutputConflict(f"{out.url} was made by an older tessera refresh (versions/*/inputs.parquet): "
+                                 "refresh into a new output")
+        for stale in out.names("refresh/identities-*"):  # left by an interrupted refresh
+            if not out.exists(STATE) or stale != out.read_json(STATE)["identities"]:
+                out.remove(stale, recursive=True)
+        staging_name = f"refresh/identities-{uuid.uuid4().hex[:12]}"
+        staging = out.child(staging_name)
+        parts = [_identity_task.remote(chunk, mode, staging, f"chunk-{i:06d}.parquet")
+                 for i, chunk in enumerate(chunks(source, ROWS_PER_TASK, options))]
+        file_refs = sum(ray.get(parts))
+        complete = [name.rsplit("/", 1)[0] for name in out.names(f"versions/v*/{VERSION_DONE}")]
+        number = len(complete) + 1
+        version = f"versions/v{number:06d}"
+        counts = ray.get(_diff_task.remote(out, staging, version, number, complete))
+        new_rows = counts["added"] + counts["changed"] + counts["no_key"]
+        result: dict = {"version": None, "new_rows": 0}
+        if new_rows or counts["removed"] or counts["duplicate_key"]:
+            result = _make_version(cfg, out, version, number, counts) | {"new_rows": new_rows, **counts}
+        else:
+            out.remove(version, recursive=True)
+        previous = out.read_json(STATE)["identities"] if out.exists(STATE) else None
+        out.write_json(STATE, {"manifest": source.fingerprint, "identity": mode, "file_refs": file_refs,
+                               "identities": staging_name})
+        if previous:
+            with contextlib.suppress(FileNotFoundError):
+                out.remove(previous, recursive=True)
+        log.info("refresh: %s", "nothing new" if result["version"] is None else
+                 f"{result['version']}: {counts['added']} added, {counts['changed']} changed, "
+                 f"{counts['removed']} removed")
         return result
 
 
-def _train_version(cfg: TesseraConfig, out: str, version: str) -> dict:
+def _make_version(cfg: TesseraConfig, out: Store, version: str, number: int, counts: dict) -> dict:
+    """Shard and embed the version's rows (and train), then commit it: version.json last."""
+    from features.stage import run_embed_stage
+    from preprocess.stage import run_shard_stage
+
+    options = cfg.runtime.storage_options
+    target = out.child(version)
+    try:  # an interrupted refresh of the same rows resumes its version
+        shard = run_shard_stage(target.url_of(VERSION_MANIFEST), target.url, cfg.shard, options, cfg.runtime.progress)
+    except OutputConflict:  # ... of other rows: that incomplete version's shards are redone
+        keep = {VERSION_MANIFEST, CHANGES, REJECTS, f"{REJECTS}/refresh.parquet"}
+        for name in [*target.names("*"), *target.names(f"{REJECTS}/*")]:
+            if name not in keep:
+                target.remove(name, recursive=True)
+        shard = run_shard_stage(target.url_of(VERSION_MANIFEST), target.url, cfg.shard, options, cfg.runtime.progress)
+    embed_cfg = cfg.embed if cfg.embed.cache else cfg.embed.model_copy(update={"cache": out.url_of("embed-cache")})
+    embed = run_embed_stage(target.url, embed_cfg, options, cfg.runtime.progress)
+    result = {"version": f"v{number:06d}", "shard": shard, "embed": embed}
+    if cfg.job.refresh_train == "all" or (cfg.job.refresh_train == "new" and shard["accepted"]):
+        result["train"] = _train_version(cfg, out, target)
+    target.write_json(VERSION_DONE, counts)  # the version is complete
+    return result
+
+
+def _train_version(cfg: TesseraConfig, out: Store, version: Store) -> dict:
     """Train on the new version (or on every version) into VERSION/train, starting from the
     newest earlier version's model (else train.init_from, else from scratch)."""
+    from train.saved import WEIGHTS
+    from workflows.jobs import train_into
+
     options = cfg.runtime.storage_options
-    fs = filesystem(out, options)[0]
-    earlier = [join(out, "versions", v["version"]) for v in versions(out, options)]
-    trained = [v for v in earlier if fs.exists(join(filesystem(v, options)[1], "train", WEIGHTS))]
-    start = join(trained[-1], "train") if trained else cfg.train.init_from
-    shards = [*earlier, version] if cfg.job.refresh_train == "all" else [version]
+    earlier = [out.url_of("versions", v["version"]) for v in versions(out.url, options)]
+    trained = [v for v in earlier if Store(v, options).exists(f"train/{WEIGHTS}")]
+    start = f"{trained[-1]}/train" if trained else cfg.train.init_from
+    shards = [*earlier, version.url] if cfg.job.refresh_train == "all" else [version.url]
     run_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"init_from": start})})
-    name = version.rstrip("/").rsplit("/", 1)[-1]
-    summary, _, _ = train_into(run_cfg, out, join("versions", name, "train"), shards)
+    name = version.url.rsplit("/", 1)[-1]
+    summary, _, _ = train_into(run_cfg, out.url, f"versions/{name}/train", shards)
     log.info("refresh: trained %s on %d version(s) from %s", name, len(shards), start or "scratch")
     return summary

@@ -18,8 +18,8 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from features.stage import EMBED_SUMMARY  # noqa: E402
-from preprocess.stage import INDEX  # noqa: E402
-from preprocess.storage import filesystem, join, read_json, write_atomic  # noqa: E402
+from preprocess.layout import SUMMARY, index_batches  # noqa: E402
+from preprocess.storage import Store, filesystem, join, read_json, write_atomic  # noqa: E402
 from train.evaluate import EVAL  # noqa: E402
 from train.saved import TRAIN_SUMMARY  # noqa: E402
 
@@ -41,8 +41,7 @@ def _bars(counts: dict, title: str, horizontal: bool = False) -> str:
     return _png(fig)
 
 
-def _embedding_plots(fs, root: str, index: list[dict]) -> list[tuple[str, str]]:
-    label_of = {r["key"]: r["label"] for r in index}
+def _embedding_plots(fs, root: str, label_of: dict) -> list[tuple[str, str]]:
     tables = [pq.read_table(io.BytesIO(fs.cat_file(p))) for p in sorted(fs.glob(join(root, "shard-*.emb.parquet")))]
     if not tables:
         return []
@@ -161,21 +160,23 @@ def write_report(out: str, storage_options: dict, run: str | None = None) -> str
     fs, root = filesystem(out, storage_options)
     run_fs = filesystem(run, storage_options) if run else None
     shards = join(root, "shards")
-    summary = read_json(fs, join(shards, "summary.json"))
+    summary = read_json(fs, join(shards, SUMMARY))
     embed = read_json(fs, join(shards, EMBED_SUMMARY)) if fs.exists(join(shards, EMBED_SUMMARY)) else {}
-    index = pq.read_table(io.BytesIO(fs.cat_file(join(shards, INDEX)))).to_pylist()
-    modalities = Counter(m for r in index for m in r["modalities"])
+    labels, modalities, label_of = Counter(), Counter(), {}
+    for batch in index_batches(Store(join(out, "shards"), storage_options), ["key", "label", "modalities"]):
+        labels.update(label or "none" for label in batch.column("label").to_pylist())
+        modalities.update(m for ms in batch.column("modalities").to_pylist() for m in ms)
+        label_of.update(zip(batch.column("key").to_pylist(), batch.column("label").to_pylist(), strict=True))
     throughput = {"shard samples/s": summary["samples_per_s"]}  # of the run that wrote the shards
     throughput |= {f"embed {m}/s": v["embeddings_per_s"] for m, v in embed.get("modalities", {}).items()
                    if v.get("embeddings_per_s")}
     plots = [
-        ("Samples per label", _bars(dict(sorted(Counter(r["label"] or "none" for r in index).items())),
-                                    "accepted samples per label")),
+        ("Samples per label", _bars(dict(sorted(labels.items())), "accepted samples per label")),
         ("Samples per modality", _bars(dict(modalities), "accepted samples per modality")),
         ("Reject reasons", _bars(summary["rejected_by_reason"] or {"(none)": 0},
                                  f"rejected inputs: {summary['rejected']}", horizontal=True)),
         ("Stage throughput", _bars(throughput, "throughput", horizontal=True)),
-        *_embedding_plots(fs, shards, index),
+        *_embedding_plots(fs, shards, label_of),
         *(_training_plots(*run_fs) + _evaluation_plots(*run_fs) if run else []),
     ]
     text = (f"{summary['inputs']} inputs, {summary['accepted']} accepted, {summary['rejected']} rejected, "

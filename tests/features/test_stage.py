@@ -13,7 +13,7 @@ from features.config import EmbedConfig, TextEncoderConfig
 from features.stage import run_embed_stage
 from preprocess.config import ShardConfig
 from preprocess.stage import run_shard_stage
-from tests.conftest import LABELS, MINI, REPO
+from tests.conftest import LABELS, MINI, REPO, index_rows
 
 SAMPLE = REPO / "workflows" / "sample_corpus" / "manifest.jsonl"
 
@@ -52,7 +52,7 @@ def embed(shards: Path, **cfg) -> dict:
 
 def test_mini_every_modality_embedded_text_exact_and_rerun_computes_nothing(mini_shards):
     first = embed(mini_shards)
-    index = {r["key"]: r for r in pq.read_table(mini_shards / "index.parquet").to_pylist()}
+    index = {r["key"]: r for r in index_rows(mini_shards)}
     vectors = sidecars(mini_shards)
     assert set(vectors) == set(index) and len(vectors) == 43
     for key, row in index.items():

@@ -1,11 +1,12 @@
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from preprocess.config import ShardConfig
-from preprocess.manifest import read_manifest
+from preprocess.manifest import LineReject, ManifestSource, chunks, iter_manifest, read_chunk
 from tests.conftest import LABELS, MINI
 
 
@@ -14,12 +15,17 @@ def write_jsonl(path, lines):
     return str(path)
 
 
+def read_manifest(url, cfg, rows_per_chunk=4096):
+    items = list(iter_manifest(url, cfg, rows_per_chunk=rows_per_chunk))
+    return [r for r in items if not isinstance(r, LineReject)], [r for r in items if isinstance(r, LineReject)]
+
+
 def test_mini_manifest_rows_resolve_relative_paths():
-    rows, rejects = read_manifest(str(MINI / "manifest.jsonl"), ShardConfig(labels=LABELS), {})
+    rows, rejects = read_manifest(str(MINI / "manifest.jsonl"), ShardConfig(labels=LABELS))
     assert len(rows) == 43 and rejects == []
     astronaut = rows[0]
     assert astronaut.files["image"] == str(MINI / "images" / "astronaut.png")
-    assert astronaut.modalities == ("image", "text", "audio", "video")
+    assert astronaut.modalities == ("image", "text", "audio", "video") and astronaut.file == "manifest.jsonl"
     note = next(r for r in rows if r.key == "note-only")
     assert note.modalities == ("text",) and note.files == {}
 
@@ -27,7 +33,6 @@ def test_mini_manifest_rows_resolve_relative_paths():
 def test_row_checks(tmp_path):
     lines = [
         {"key": "a", "text": "x", "label": "cat", "source": "crawl-7"},
-        {"key": "a", "text": "again"},
         {"text": "no key"},
         {"key": "b", "label": "cat"},
         {"key": "c", "text": "x", "label": 3},
@@ -35,34 +40,35 @@ def test_row_checks(tmp_path):
         [1, 2],
         "{broken",
         {"key": "e", "image": "img/e.jpg", "label": "dog"},
+        {"key": "  ", "text": "blank key"},
     ]
-    rows, rejects = read_manifest(write_jsonl(tmp_path / "m.jsonl", lines), ShardConfig(), {})
+    rows, rejects = read_manifest(write_jsonl(tmp_path / "m.jsonl", lines), ShardConfig())
     assert [r.key for r in rows] == ["a", "e"]
     assert rows[0].metadata == {"source": "crawl-7"}
     assert rows[1].files["image"] == str(tmp_path / "img" / "e.jpg")
     got = {r.line: (r.key, r.modality, r.reason) for r in rejects}
-    assert got[2] == ("a", None, "duplicate key (first on line 1)")
-    assert got[3][2].startswith("key is missing")
-    assert got[4] == ("b", None, "sample has no modality")
-    assert got[5] == ("c", "label", "label has the wrong type int, expected str")
-    assert got[6][1:] == ("text", "text has the wrong type int, expected a string")
-    assert got[7] == (None, None, "manifest line is a list, not an object")
-    assert got[8][0] is None and got[8][2].startswith("manifest line is not valid JSON")
+    assert got[2][2].startswith("key is missing")
+    assert got[3] == ("b", None, "sample has no modality")
+    assert got[4] == ("c", "label", "label has the wrong type int, expected str")
+    assert got[5][1:] == ("text", "text has the wrong type int, expected a string")
+    assert got[6] == (None, None, "manifest line is a list, not an object")
+    assert got[7][0] is None and got[7][2].startswith("manifest line is not valid JSON")
+    assert got[9][2] == "key is empty"
 
 
 def test_label_set_and_required_modalities(tmp_path):
     lines = [{"key": "a", "text": "x", "label": "cat"}, {"key": "b", "text": "x", "label": "person"}]
     cfg = ShardConfig(labels=LABELS, required_modalities=("text",))
-    rows, rejects = read_manifest(write_jsonl(tmp_path / "m.jsonl", lines), cfg, {})
+    rows, rejects = read_manifest(write_jsonl(tmp_path / "m.jsonl", lines), cfg)
     assert [r.key for r in rows] == ["b"] and rejects[0].reason == "label 'cat' is not in the label set"
     cfg = ShardConfig(required_modalities=("image",))
-    rows, rejects = read_manifest(str(tmp_path / "m.jsonl"), cfg, {})
+    rows, rejects = read_manifest(str(tmp_path / "m.jsonl"), cfg)
     assert rows == [] and {r.reason for r in rejects} == {"required modality image is missing"}
 
 
 def test_keys_that_collide_after_making_them_safe_are_not_confused(tmp_path):
     rows, rejects = read_manifest(write_jsonl(tmp_path / "m.jsonl", [
-        {"key": "v1.2", "text": "x"}, {"key": "v1_2", "text": "y"}]), ShardConfig(), {})
+        {"key": "v1.2", "text": "x"}, {"key": "v1_2", "text": "y"}]), ShardConfig())
     assert len(rows) == 2 and len({r.key for r in rows}) == 2 and rejects == []
 
 
@@ -70,7 +76,7 @@ def test_parquet_manifest(tmp_path):
     table = pa.table({"key": ["a", "b"], "text": ["hello", None], "image": [None, str(MINI / "images" / "horse.png")],
                       "label": ["animal", "animal"]})
     pq.write_table(table, tmp_path / "m.parquet")
-    rows, rejects = read_manifest(str(tmp_path / "m.parquet"), ShardConfig(), {})
+    rows, rejects = read_manifest(str(tmp_path / "m.parquet"), ShardConfig())
     assert [r.modalities for r in rows] == [("text",), ("image",)] and rejects == []
 
 
@@ -82,5 +88,51 @@ def test_manifest_from_other_fsspec_urls(tmp_path, prefix):
     url = f"{prefix}{tmp_path}/m.jsonl" if prefix == "file://" else "memory://manifests/m.jsonl"
     with fsspec.open(url, "w") as f:
         f.write(line)
-    rows, _ = read_manifest(url, ShardConfig(), {})
+    rows, _ = read_manifest(url, ShardConfig())
     assert rows[0].files["image"] == str(MINI / "images" / "horse.png")
+
+
+def test_jsonl_chunks_cut_at_line_boundaries_and_keep_line_numbers(tmp_path, monkeypatch):
+    import preprocess.manifest
+
+    monkeypatch.setattr(preprocess.manifest, "SCAN_BLOCK", 64)  # many blocks: cuts fall inside and across them
+    lines = [json.dumps({"key": f"k{i}", "text": "x" * (i % 7)}) for i in range(1, 41)]
+    lines[9] = ""  # a blank line is a line (numbering follows the file) but not a row
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(("\r\n".join(lines)).encode())  # CRLF, no newline at the end
+    source = ManifestSource.open(str(path))
+    cut = list(chunks(source, 7))
+    assert [c.first_line for c in cut] == [1, 8, 15, 22, 29, 36]
+    assert [(a.stop, b.start) for a, b in zip(cut, cut[1:], strict=False)] == [(a.stop, a.stop) for a in cut[:-1]]
+    assert cut[0].start == 0 and cut[-1].stop == path.stat().st_size
+    got = [(line, obj["key"]) for c in cut for line, obj in read_chunk(c)]
+    assert got == [(i, f"k{i}") for i in range(1, 41) if i != 10]
+
+
+def test_parquet_chunks_read_only_their_rows_across_row_groups(tmp_path):
+    table = pa.table({"key": [f"k{i}" for i in range(1, 101)], "text": ["t"] * 100})
+    pq.write_table(table, tmp_path / "m.parquet", row_group_size=9)
+    cut = list(chunks(ManifestSource.open(str(tmp_path / "m.parquet")), 25))
+    assert [(c.start, c.stop, c.first_line) for c in cut] == [(0, 25, 1), (25, 50, 26), (50, 75, 51), (75, 100, 76)]
+    assert [(line, obj["key"]) for c in cut for line, obj in read_chunk(c)] == [(i, f"k{i}") for i in range(1, 101)]
+
+
+def test_a_folder_or_glob_of_jsonl_and_parquet_parts_is_one_manifest(tmp_path):
+    folder = tmp_path / "parts"
+    (folder / "b").mkdir(parents=True)
+    write_jsonl(folder / "a.jsonl", [{"key": "a1", "text": "x"}, {"key": "a2", "text": "y"}])
+    pq.write_table(pa.table({"key": ["b1", "b2"], "text": ["u", "v"]}), folder / "b" / "part-0.parquet")
+    write_jsonl(folder / "c.jsonl", [{"key": "c1", "text": "z"}])
+    (folder / "README.md").write_text("not a manifest")
+    source = ManifestSource.open(str(folder))
+    assert [f.name for f in source.files] == ["a.jsonl", "b/part-0.parquet", "c.jsonl"]
+    rows, _ = read_manifest(str(folder), ShardConfig())
+    assert [(r.file, r.line, r.key) for r in rows] == [("a.jsonl", 1, "a1"), ("a.jsonl", 2, "a2"),
+                                                       ("b/part-0.parquet", 1, "b1"), ("b/part-0.parquet", 2, "b2"),
+                                                       ("c.jsonl", 1, "c1")]
+    assert [f.name for f in ManifestSource.open(str(folder / "*.jsonl")).files] == ["a.jsonl", "c.jsonl"]
+    before = source.fingerprint
+    os.utime(folder / "c.jsonl", ns=(0, 0))  # same size, another mtime: the file may have changed
+    assert ManifestSource.open(str(folder)).fingerprint != before
+    with pytest.raises(FileNotFoundError, match="no manifest"):
+        ManifestSource.open(str(folder / "b" / "*.jsonl"))

@@ -4,11 +4,12 @@ import io
 import json
 import tarfile
 
-import pyarrow.parquet as pq
 import s3fs
 
 from preprocess.config import ShardConfig
-from preprocess.stage import committed_shards, run_shard_stage
+from preprocess.layout import committed_shards, read_index
+from preprocess.stage import run_shard_stage
+from preprocess.storage import Store
 from tests.conftest import LABELS, REPO
 
 SAMPLE = REPO / "workflows" / "sample_corpus"
@@ -22,13 +23,14 @@ def test_shard_from_s3_to_s3(ray_session, s3_options):
     summary = run_shard_stage("s3://corpus/sample/manifest.jsonl", "s3://corpus/out", cfg, s3_options,
                               progress=False)
     assert (summary["inputs"], summary["accepted"], summary["shards"]) == (17, 17, 3)
-    assert committed_shards("s3://corpus/out", s3_options) == [f"shard-00000{i}.tar" for i in range(3)]
-    assert not fs.glob("corpus/out/*.tmp-*")
+    out = Store("s3://corpus/out", s3_options)
+    assert committed_shards(out) == [f"shard-00000{i}.tar" for i in range(3)]
+    assert not fs.glob("corpus/out/*.tmp-*") and not fs.glob("corpus/out/*/*.tmp-*")
     with tarfile.open(fileobj=io.BytesIO(fs.cat_file("corpus/out/shard-000000.tar"))) as tar:
         names = tar.getnames()
     assert "camera.jpg" in names and "page.txt" in names
-    index = pq.read_table(io.BytesIO(fs.cat_file("corpus/out/index.parquet")))
-    assert index.num_rows == 17
+    assert read_index(out, ["key", "label"]).num_rows == 17
+    assert len(fs.glob("corpus/out/index/shard-*.parquet")) == 3
     assert json.loads(fs.cat_file("corpus/out/summary.json"))["accepted"] == 17
 
     again = run_shard_stage("s3://corpus/sample/manifest.jsonl", "s3://corpus/out", cfg, s3_options,

@@ -12,15 +12,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 import webdataset as wds
 from PIL import Image
 
 from preprocess.config import AugmentConfig, ImageConfig, ShardConfig
-from preprocess.stage import OutputConflict, committed_shards, run_shard_stage
-from tests.conftest import DIRTY, LABELS, MINI, REPO
+from preprocess.layout import OutputConflict, committed_shards
+from preprocess.stage import run_shard_stage
+from preprocess.storage import Store
+from tests.conftest import DIRTY, LABELS, MINI, REPO, index_rows, reject_rows
 
 SAMPLE = REPO / "workflows" / "sample_corpus" / "manifest.jsonl"
 
@@ -49,7 +50,7 @@ def read_samples(out: Path) -> dict[str, dict]:
                 decoded["cls"] = int(data)
         return decoded
 
-    urls = [str(out / name) for name in committed_shards(str(out))]
+    urls = [str(out / name) for name in committed_shards(Store(str(out)))]
     dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False).map(decode)
     return {s["__key__"]: s for s in dataset}
 
@@ -57,11 +58,10 @@ def read_samples(out: Path) -> dict[str, dict]:
 def outcomes(out: Path) -> dict[int, tuple[str, dict]]:
     """Manifest line -> ('accept', index row) or ('reject', reject line)."""
     result = {}
-    for row in pq.read_table(out / "index.parquet").to_pylist():
+    for row in index_rows(out):
         assert row["line"] not in result
         result[row["line"]] = ("accept", row)
-    for line in (out / "rejects.jsonl").read_text().splitlines():
-        reject = json.loads(line)
+    for reject in reject_rows(out):
         assert reject["line"] not in result, f"line {reject['line']} both accepted and rejected"
         result[reject["line"]] = ("reject", reject)
     return result
@@ -78,8 +78,8 @@ DIRTY_REASONS = {
     "one-pixel": "below the minimum side",
     "truncated-wav": "audio truncated",
     "nan-audio": "audio contains NaN",
-    "ok": "duplicate key",
-    "ok-copy": "duplicate content of 'ok'",
+    "ok": "duplicate key (first on line 1)",
+    "ok-copy": "duplicate content of 'ok' (first on line 1)",
     "odd-label": "label has the wrong type",
     "huge-caption": "over the maximum",
     None: "not valid JSON",
@@ -117,7 +117,7 @@ def test_dirty_corpus_ends_as_expected_line_by_line(ray_session, tmp_path):
 def test_mini_corpus_every_modality_decodes(ray_session, tmp_path):
     summary = shard(MINI / "manifest.jsonl", tmp_path, samples_per_shard=16)
     assert (summary["inputs"], summary["accepted"], summary["rejected"], summary["shards"]) == (43, 43, 0, 3)
-    index = {row["key"]: row for row in pq.read_table(tmp_path / "index.parquet").to_pylist()}
+    index = {row["key"]: row for row in index_rows(tmp_path)}
     samples = read_samples(tmp_path)
     assert set(samples) == set(index)
     manifest = {json.loads(line)["key"]: json.loads(line) for line in (MINI / "manifest.jsonl").open()}
@@ -151,15 +151,16 @@ AUGMENTED = {"image": ImageConfig(size=96, augment=AugmentConfig(random_resized_
 
 
 def output_bytes(out: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir())
-            if p.suffix == ".tar" or p.name in ("index.parquet", "rejects.jsonl")}
+    """The tars, the index and the reject parts."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.suffix == ".tar" or p.parent.name in ("index", "rejects")}
 
 
 def test_same_inputs_config_and_seed_give_identical_bytes(ray_session, tmp_path):
     shard(SAMPLE, tmp_path / "a", samples_per_shard=5, **AUGMENTED)
     shard(SAMPLE, tmp_path / "b", samples_per_shard=5, **AUGMENTED)
     a, b = output_bytes(tmp_path / "a"), output_bytes(tmp_path / "b")
-    assert len(a) == 6 and a == b
+    assert sum(name.endswith(".tar") for name in a) == 4 and a == b
     shard(SAMPLE, tmp_path / "c", samples_per_shard=5, seed=1, **AUGMENTED)
     assert output_bytes(tmp_path / "c")["shard-000000.tar"] != a["shard-000000.tar"]
 
@@ -202,24 +203,15 @@ def test_other_inputs_never_mix_into_an_existing_output(ray_session, tmp_path):
     fewer.write_text("\n".join(line.replace('"images/', f'"{SAMPLE.parent}/images/')
                                .replace('"audio/', f'"{SAMPLE.parent}/audio/')
                                .replace('"video/', f'"{SAMPLE.parent}/video/') for line in lines))
-    with pytest.raises(OutputConflict, match="committed for other inputs"):
+    with pytest.raises(OutputConflict, match="holds shards of other inputs than this manifest "
+                                             r"\(files added, removed or changed: manifest.jsonl\)"):
         shard(fewer, tmp_path / "out", samples_per_shard=8)
 
 
 def test_only_committed_shards_are_listed(ray_session, tmp_path):
     shard(SAMPLE, tmp_path, samples_per_shard=8)
-    assert committed_shards(str(tmp_path)) == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    out = Store(str(tmp_path))
+    assert committed_shards(out) == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     (tmp_path / "shard-000003.tar.tmp-x").write_bytes(b"partial")
     (tmp_path / "shard-000002.json").unlink()  # as if killed between the rename and the marker
-    assert committed_shards(str(tmp_path)) == ["shard-000000.tar", "shard-000001.tar"]
-
-
-def test_byte_limit_bounds_raw_input_per_shard(ray_session, tmp_path):
-    summary = shard(SAMPLE, tmp_path, max_input_bytes_per_shard=600_000)
-    index = pq.read_table(tmp_path / "index.parquet").to_pylist()
-    per_shard: dict[str, list[int]] = {}
-    for row in index:
-        per_shard.setdefault(row["shard"], []).append(row["raw_bytes"])
-    assert summary["shards"] == len(per_shard) > 1
-    # a single sample over the limit stands alone in its shard
-    assert all(sum(sizes) <= 600_000 or len(sizes) == 1 for sizes in per_shard.values())
+    assert committed_shards(out) == ["shard-000000.tar", "shard-000001.tar"]

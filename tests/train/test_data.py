@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from tests.conftest import index_rows
 from train.data import DatasetInfo, StreamSpec, loader, split_of
 
 
@@ -65,7 +66,7 @@ def test_pixels_for_the_image_branch(embedded_mini):
 
 
 def _all_keys(out):
-    return [r["key"] for r in pq.read_table(out / "index.parquet").to_pylist()]
+    return [r["key"] for r in index_rows(out)]
 
 
 def test_one_stream_spans_epochs_from_a_resumed_position(embedded_mini):
@@ -134,5 +135,5 @@ def test_versions_with_different_labels_are_refused(two_versions, tmp_path):
 
 
 def _sidecar_of(shards, key) -> str:
-    row = next(r for r in pq.read_table(shards / "index.parquet").to_pylist() if r["key"] == key)
+    row = next(r for r in index_rows(shards) if r["key"] == key)
     return row["shard"].removesuffix(".tar") + ".emb.parquet"

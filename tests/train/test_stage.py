@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from preprocess.stage import OutputConflict
+from preprocess.layout import OutputConflict
 from tests.conftest import REPO
 from train.config import ModelConfig, TrainConfig
 from train.model import MultimodalModel

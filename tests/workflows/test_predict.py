@@ -11,7 +11,7 @@ import pytest
 
 from preprocess.config import ShardConfig
 from preprocess.stage import run_shard_stage
-from tests.conftest import DIRTY, MINI, REPO, mini_manifest_lines
+from tests.conftest import DIRTY, MINI, REPO, mini_manifest_lines, reject_rows
 from train.config import ExportConfig
 from train.evaluate import evaluate_run
 from train.export import export_run
@@ -68,11 +68,13 @@ def test_bad_inputs_are_rejected_with_the_reasons_of_the_shard_stage(exported_mi
     predicted_rejects = {r["line"]: r["reason"] for r in records if r.get("rejected")}
     shard_cfg = ShardConfig.model_validate(json.loads((model / "preprocess.json").read_text())["shard"])
     run_shard_stage(str(DIRTY / "manifest.jsonl"), str(tmp_path / "shards"), shard_cfg, progress=False)
-    shard_rejects = {r["line"]: r["reason"] for r in map(json.loads, (tmp_path / "shards" / "rejects.jsonl").open())}
-    dedup = {line for line, reason in shard_rejects.items() if reason.startswith("duplicate content")}
-    assert predicted_rejects == {line: r for line, r in shard_rejects.items() if line not in dedup}
+    shard_rejects = {r["line"]: r["reason"] for r in reject_rows(tmp_path / "shards")}
+    # predict does not dedup: each input gets its own line, duplicate keys and content included
+    dedup = {line for line, reason in shard_rejects.items() if reason.startswith("duplicate")}
+    assert dedup and predicted_rejects == {line: r for line, r in shard_rejects.items() if line not in dedup}
     assert len(predicted_rejects) >= 10
     assert len(records) == sum(1 for line in (DIRTY / "manifest.jsonl").open() if line.strip())
+    assert len(records) - len(predicted_rejects) == 9 + len(dedup)
 
 
 def test_cli_predict_writes_one_json_line_per_input(exported_mini, tmp_path):

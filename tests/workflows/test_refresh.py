@@ -1,14 +1,17 @@
-"""Scheduled refresh: new rows only, a no-op when nothing changed, versions kept, one refresh at a time."""
+"""Scheduled refresh: new and changed rows only, removals recorded, a no-op when nothing changed,
+versions kept, exactly one refresh at a time."""
 
 import json
 import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import LABELS, REPO, mini_manifest_lines
+from train.data import DatasetInfo, owned_index
 from workflows.config import load_config
 from workflows.refresh import LOCK, Locked, run_refresh, versions
 
@@ -19,32 +22,69 @@ def config(manifest, out, *overrides):
                               "shard.samples_per_shard=8", "embed.video=null", "embed.audio=null", *overrides])
 
 
-def test_grown_manifest_adds_only_the_new_rows_then_nothing(ray_session, tmp_path):
+def test_new_changed_and_removed_rows_become_versions_then_nothing(ray_session, tmp_path):
     manifest, out = tmp_path / "manifest.jsonl", tmp_path / "out"
     manifest.write_text("\n".join(mini_manifest_lines(20)) + "\n{broken\n")
     first = run_refresh(config(manifest, out))
-    assert first["version"] == "v000001" and first["new_rows"] == 21
+    assert first["version"] == "v000001" and first["new_rows"] == 21 and first["added"] == 20
     assert first["shard"]["accepted"] == 20 and first["shard"]["rejected"] == 1
 
     manifest.write_text("\n".join(mini_manifest_lines(30)) + "\n{broken\n")
     second = run_refresh(config(manifest, out))
-    assert second["version"] == "v000002" and second["new_rows"] == 10
+    assert second["version"] == "v000002" and (second["new_rows"], second["added"]) == (10, 10)
     assert second["shard"]["inputs"] == 10 and second["shard"]["accepted"] == 10
     assert second["embed"]["samples"] == 10 and second["embed"]["modalities"]["image"]["computed"] <= 10
 
     assert run_refresh(config(manifest, out)) == {"version": None, "new_rows": 0}
-    listed = versions(str(out), {})
-    assert [(v["version"], v["accepted"], v["rejected"]) for v in listed] == [("v000001", 20, 1), ("v000002", 10, 0)]
     assert (out / "versions" / "v000001" / "shard-000000.emb.parquet").exists()  # earlier versions intact
 
-    changed = mini_manifest_lines(30)
-    row = json.loads(changed[3])
-    row["text"] = "A changed caption."
-    changed[3] = json.dumps(row)
-    manifest.write_text("\n".join(changed) + "\n{broken\n")
+    lines = mini_manifest_lines(30)
+    changed, removed = json.loads(lines[3]), json.loads(lines[5])
+    changed["text"] = "A changed caption."
+    lines[3] = json.dumps(changed)
+    del lines[5]  # a takedown: the row is gone from the manifest
+    manifest.write_text("\n".join(lines) + "\n{broken\n")
     third = run_refresh(config(manifest, out))
-    assert third["new_rows"] == 1 and third["embed"]["modalities"]["text"]["computed"] == 1
+    assert (third["added"], third["changed"], third["removed"], third["new_rows"]) == (0, 1, 1, 1)
+    assert third["embed"]["modalities"]["text"]["computed"] == 1
     assert third["embed"]["modalities"]["image"]["cache_hits"] == 1  # the picture did not change
+    listed = versions(str(out), {})
+    assert [(v["version"], v["added"], v["changed"], v["removed"], v["accepted"], v["rejected"]) for v in listed] == [
+        ("v000001", 20, 0, 0, 20, 1), ("v000002", 10, 0, 0, 10, 0), ("v000003", 0, 1, 1, 1, 0)]
+
+    # every version together, as training and evaluation read them: the newest copy of the
+    # changed key, and no trace of the removed one
+    roots = tuple(str(out / "versions" / v["version"]) for v in listed)
+    index = owned_index(roots, {})
+    where = dict(zip(index.column("key").to_pylist(), index.column("root").to_pylist(), strict=True))
+    assert len(where) == 29 and removed["key"] not in where and where[changed["key"]] == 2
+    info = DatasetInfo.read(list(roots), ("text",), 0.0)
+    assert info.counts["all"] == 29
+
+    assert run_refresh(config(manifest, out))["version"] is None
+    lines.insert(5, json.dumps(removed))  # back again: added, not remembered as seen
+    manifest.write_text("\n".join(lines) + "\n{broken\n")
+    back = run_refresh(config(manifest, out))
+    assert (back["added"], back["changed"], back["removed"]) == (1, 0, 0)
+
+
+def test_a_changed_file_is_found_by_its_metadata(ray_session, tmp_path):
+    from PIL import Image
+
+    pictures, manifest, out = tmp_path / "pictures", tmp_path / "manifest.jsonl", tmp_path / "out"
+    pictures.mkdir()
+    rows = []
+    for i in range(3):
+        Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(pictures / f"p{i}.png")
+        rows.append(json.dumps({"key": f"p{i}", "image": f"pictures/p{i}.png", "label": "object"}))
+    manifest.write_text("\n".join(rows) + "\n")
+    overrides = ("embed.text=null", "embed.image=null")
+    assert run_refresh(config(manifest, out, *overrides))["added"] == 3
+    assert run_refresh(config(manifest, out, *overrides))["version"] is None  # stats the files, reads none
+    Image.new("RGB", (32, 32), (0, 0, 255)).save(pictures / "p1.png")  # same path, new picture
+    os.utime(pictures / "p1.png", ns=(1, 1))
+    again = run_refresh(config(manifest, out, *overrides))
+    assert (again["added"], again["changed"], again["removed"]) == (0, 1, 0)
 
 
 def first_epoch_loss(out, version: str) -> float:
@@ -60,7 +100,8 @@ def test_refresh_trains_each_version_from_the_previous_versions_model(ray_sessio
     manifest.write_text("\n".join(mini_manifest_lines(24)) + "\n")
     first = run_refresh(config(manifest, out, *training))
     assert first["train"]["init_from"] is None  # nothing trained before: from scratch
-    manifest.write_text("\n".join(mini_manifest_lines(32)) + "\n")
+    lines = mini_manifest_lines(32)
+    manifest.write_text("\n".join(lines) + "\n")
     second = run_refresh(config(manifest, out, *training))
     assert second["shard"]["inputs"] == 8
     assert second["train"]["init_from"] == str(out / "versions" / "v000001" / "train")
@@ -68,8 +109,18 @@ def test_refresh_trains_each_version_from_the_previous_versions_model(ray_sessio
     # it continued, not restarted: its first epoch is already far below a fresh model's
     assert first_epoch_loss(out, "v000002") < 0.6 * first_epoch_loss(out, "v000001")
     assert (out / "versions" / "v000001" / "train" / "model.safetensors").exists()  # earlier model kept
-    assert all(v["val_accuracy"] is not None for v in versions(str(out), {}))
     assert run_refresh(config(manifest, out, *training)) == {"version": None, "new_rows": 0}
+
+    del lines[2]  # a takedown: a version of removals only, and training leaves the row out
+    manifest.write_text("\n".join(lines) + "\n")
+    third = run_refresh(config(manifest, out, *training))
+    assert (third["removed"], third["new_rows"], third["shard"]["shards"]) == (1, 0, 0)
+    assert third["train"]["train_samples"] + third["train"]["val_samples"] == 31
+    assert all(v["val_accuracy"] is not None for v in versions(str(out), {}))
+
+
+def lock_of(pid: int, started: float = 0) -> str:
+    return json.dumps({"host": socket.gethostname(), "pid": pid, "started": started, "token": f"t{pid}"})
 
 
 def test_a_live_lock_stops_a_second_refresh_and_a_stale_one_is_taken_over(ray_session, tmp_path):
@@ -78,14 +129,18 @@ def test_a_live_lock_stops_a_second_refresh_and_a_stale_one_is_taken_over(ray_se
     out.mkdir()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (out / LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": live.pid, "started": 0}))
+        (out / LOCK).write_text(lock_of(live.pid))
         with pytest.raises(Locked, match=f"held by pid {live.pid}"):
             run_refresh(config(manifest, out))
     finally:
         live.kill()
         live.wait()
     assert run_refresh(config(manifest, out))["new_rows"] == 3  # the holder is dead: stale lock
-    assert not (out / LOCK).exists()
+    assert not (out / LOCK).exists() and (out / "refresh" / f"takeover-t{live.pid}").exists()
+    # a second taker of the same stale lock loses: one takeover per stale holder
+    (out / LOCK).write_text(lock_of(live.pid))
+    with pytest.raises(Locked, match="taking over"):
+        run_refresh(config(manifest, out))
 
 
 def test_refresh_exit_codes(ray_session, tmp_path):
@@ -95,7 +150,41 @@ def test_refresh_exit_codes(ray_session, tmp_path):
     cfg.write_text(json.dumps({"job": {"manifest": str(manifest), "out": str(out)},
                                "embed": {"audio": None, "video": None}}))
     out.mkdir()
-    (out / LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": 0}))
+    (out / LOCK).write_text(lock_of(os.getpid()))
     locked = subprocess.run([sys.executable, "-m", "workflows", "refresh", str(cfg), "--no-progress"], cwd=REPO,
                             capture_output=True, text=True)
     assert locked.returncode == 75 and "is held by pid" in locked.stderr
+
+
+def started_together(cfg: Path, n: int) -> list[subprocess.CompletedProcess]:
+    env = {**os.environ, "RAY_ADDRESS": ""}  # each its own local Ray, if it gets that far
+    procs = [subprocess.Popen([sys.executable, "-m", "workflows", "refresh", str(cfg), "--no-progress"], cwd=REPO,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(n)]
+    return [subprocess.CompletedProcess(p.args, p.wait(timeout=300), *p.communicate()) for p in procs]
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_refreshes_started_together_make_exactly_one_version(tmp_path, store, request):
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps({"key": f"k{i}", "text": f"caption {i}", "label": "object"}) + "\n"
+                                for i in range(12)))
+    job = {"job": {"manifest": str(manifest), "out": str(tmp_path / "out")}, "runtime": {"workers": 1},
+           "shard": {"samples_per_shard": 4}, "embed": {"text": None, "image": None, "audio": None, "video": None}}
+    if store == "s3":
+        import s3fs
+
+        options = request.getfixturevalue("s3_options")
+        s3fs.S3FileSystem(**options["s3"]).mkdir("refreshes")
+        job["job"]["out"], job["runtime"]["storage_options"] = "s3://refreshes/out", options
+    (tmp_path / "job.yaml").write_text(json.dumps(job))
+    runs = started_together(tmp_path / "job.yaml", 6)
+    codes = sorted(r.returncode for r in runs)
+    assert codes == [0, 75, 75, 75, 75, 75], [r.stderr[-2000:] for r in runs]
+    winner = next(r for r in runs if r.returncode == 0)
+    assert json.loads(winner.stdout.splitlines()[-1])["version"] == "v000001"
+    options = job["runtime"].get("storage_options", {})
+    assert [v["version"] for v in versions(job["job"]["out"], options)] == ["v000001"]
+    from preprocess.storage import Store
+
+    out = Store(job["job"]["out"], options)
+    assert out.names("versions/*") == ["versions/v000001"] and not out.exists(LOCK)

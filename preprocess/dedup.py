@@ -1,0 +1,105 @@
+"""Exact dedup after the shard tasks, without a pass that reads the inputs again.
+
+The shard tasks record each written sample's content id (sha256 over its raw inputs) in
+their index parts, and each rejected row's claimed key in their rejects parts. This pass is
+one DuckDB query over those parts (out-of-core: memory-limited, spilling to local scratch),
+run in a Ray task beside the data, never on the driver:
+
+1. duplicate keys: among the rows that claim a key, the earliest (manifest file, line) wins;
+   a later one that was written is dropped ("duplicate key (first on line N)");
+2. duplicate content: among the written key winners, the earliest row of each content id
+   wins; the others are dropped ("duplicate content of 'KEY' (first on line N)").
+
+Earliest is by manifest position, so the result is the same on every run and any number of
+workers. The dropped rows go to rejects/duplicates.parquet (sorted by shard, with the key
+they duplicate); then one Ray task per group of affected shards sets `duplicate_of` in their
+index parts, which every reader filters on. The tars keep their bytes (rewriting them would
+read every shard again): a reader that walks a tar without the index sees the duplicates."""
+
+from __future__ import annotations
+
+import tempfile
+from itertools import groupby
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from preprocess.layout import DUPLICATES, INDEX, INDEX_SCHEMA, REJECTS, index_part
+from preprocess.storage import Store, duckdb_over
+
+MEMORY_LIMIT = "128MB"  # DuckDB spills to local scratch beyond this
+SHARDS_PER_TASK = 256  # index parts rewritten by one task
+
+# Aggregates, not window functions: DuckDB's hash aggregates spill, so memory stays bounded.
+# A row's place in the manifest is the struct {'file': .., 'line': ..}; the smallest is first.
+_FIRST_ON = "(first on line ' || first.line || CASE WHEN first.file <> file THEN ' of ' || first.file ELSE '' END || ')"
+QUERY = """
+WITH claims AS (
+    SELECT key, file, line, shard, source_key, content_id, TRUE AS written FROM idx
+    UNION ALL
+    SELECT sample_key, file, line, NULL, key, NULL, FALSE FROM rej WHERE sample_key IS NOT NULL
+), repeated_keys AS (
+    SELECT key, min({'file': file, 'line': line}) AS first FROM claims GROUP BY key HAVING count(*) > 1
+), key_dups AS (
+    SELECT c.*, r.first FROM claims c JOIN repeated_keys r USING (key)
+    WHERE c.written AND (c.file <> r.first.file OR c.line <> r.first.line)
+), kept AS (
+    SELECT * FROM claims c
+    WHERE written AND $content AND NOT EXISTS (SELECT 1 FROM key_dups d WHERE d.file = c.file AND d.line = c.line)
+), repeated_content AS (
+    SELECT content_id, min({'file': file, 'line': line, 'key': key, 'source': source_key}) AS first
+    FROM kept GROUP BY content_id HAVING count(*) > 1
+), content_dups AS (
+    SELECT k.*, r.first FROM kept k JOIN repeated_content r USING (content_id)
+    WHERE k.file <> r.first.file OR k.line <> r.first.line
+)
+SELECT source_key AS key, key AS sample_key, file, line, NULL::VARCHAR AS modality,
+       'duplicate key $first_on' AS reason, shard, key AS duplicate_of
+FROM key_dups
+UNION ALL
+SELECT source_key, key, file, line, NULL, 'duplicate content of ''' || first.source || ''' $first_on', shard,
+       first.key
+FROM content_dups
+ORDER BY shard, file, line
+""".replace("$first_on", _FIRST_ON)
+
+
+def find_duplicates(out: Store, content: bool) -> dict:
+    """Write rejects/duplicates.parquet; returns the counts and the shards that hold duplicates,
+    in groups of neighbouring shards (one rewrite task each). Every shard has both parts."""
+    with tempfile.TemporaryDirectory(prefix="tessera-dedup-") as scratch:
+        con = duckdb_over(out, scratch, MEMORY_LIMIT)
+        con.execute(f"CREATE VIEW idx AS SELECT * FROM read_parquet('{out.url_of(INDEX, 'shard-*.parquet')}')")
+        con.execute(f"CREATE VIEW rej AS SELECT * FROM read_parquet('{out.url_of(REJECTS, 'shard-*.parquet')}')")
+        local = f"{scratch}/duplicates.parquet"
+        con.execute(f"COPY ({QUERY.replace('$content', str(content).upper())}) TO '{local}' "
+                    "(FORMAT parquet, ROW_GROUP_SIZE 8192)")
+        found = dict(con.execute(f"SELECT CASE WHEN starts_with(reason, 'duplicate key') THEN 'duplicate key' "
+                                 f"ELSE 'duplicate content' END AS kind, count(*) FROM '{local}' GROUP BY kind"
+                                 ).fetchall())
+        shards = [s for (s,) in con.execute(
+            f"SELECT DISTINCT shard FROM '{local}' ORDER BY length(shard), shard").fetchall()]
+        out.put_file(local, DUPLICATES)
+    groups = [list(group) for _, group in groupby(shards, key=lambda s: _number(s) // SHARDS_PER_TASK)]
+    return {"rejected_by_reason": found, "duplicates": sum(found.values()), "shard_groups": groups}
+
+
+def _number(shard: str) -> int:
+    return int(shard.removeprefix("shard-").removesuffix(".tar"))
+
+
+def mark_duplicates(out: Store, shards: list[str]) -> int:
+    """Set `duplicate_of` in the index parts of SHARDS from rejects/duplicates.parquet."""
+    found = ds.dataset(out.path(DUPLICATES), format="parquet", filesystem=out.arrow_filesystem()).to_table(
+        columns=["shard", "sample_key", "duplicate_of"], filter=ds.field("shard").isin(shards))
+    of = {}
+    for shard, key, original in zip(*(found.column(c).to_pylist() for c in ("shard", "sample_key", "duplicate_of")),
+                                    strict=True):
+        of.setdefault(shard, {})[key] = original
+    for shard, duplicates in of.items():
+        part = pq.read_table(pa.BufferReader(out.read_bytes(index_part(shard))), schema=INDEX_SCHEMA)
+        column = pa.array([duplicates.get(k) for k in part.column("key").to_pylist()], pa.string())
+        out.write_parquet(index_part(shard), part.set_column(part.schema.get_field_index("duplicate_of"),
+                                                             "duplicate_of", column))
+    return sum(len(d) for d in of.values())

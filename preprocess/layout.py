@@ -1,0 +1,156 @@
+"""What the shard stage leaves in OUT, each name said once, and how readers find what is committed.
+
+    OUT/shard-config.json          the config OUT is written with
+    OUT/manifest-source.json       the manifest files (sizes, ETags / mtimes) OUT is written from
+    OUT/shard-NNNNNN.tar           WebDataset samples
+    OUT/shard-NNNNNN.json          the shard's commit marker (counts, statistics), written last
+    OUT/index/shard-NNNNNN.parquet one row per sample of the tar; `duplicate_of` set by the dedup pass
+    OUT/rejects/shard-NNNNNN.parquet   one row per manifest row of the shard that was rejected
+    OUT/rejects/duplicates.parquet     rows the dedup pass dropped, with the row they duplicate
+    OUT/summary.json               written last: the stage is complete
+
+Readers take the index as a Parquet dataset, column-projected and filtered to the kept rows
+(`duplicate_of` null); no process loads it whole. Light imports only: the CLI uses this
+module to find an up-to-date OUT before it starts Ray."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from preprocess.config import MODALITIES, ShardConfig
+from preprocess.manifest import ManifestSource
+from preprocess.storage import Store
+
+SHARD_CONFIG = "shard-config.json"
+MANIFEST_SOURCE = "manifest-source.json"
+SUMMARY = "summary.json"
+INDEX = "index"
+REJECTS = "rejects"
+DUPLICATES = f"{REJECTS}/duplicates.parquet"
+# written by `tessera refresh` in a version folder: the rows it added or changed and the keys
+# it removed (change = "removed"), which excludes those keys' rows of earlier versions
+CHANGES = "changes.parquet"
+MARKER = re.compile(r"shard-(\d{6,})\.json")
+
+# WebDataset member extensions of each modality's payload, the first one preferred
+MEMBER_EXTENSIONS = {"text": ("txt",), "image": ("jpg", "png", "webp"), "audio": ("flac", "wav"),
+                     "video": ("frames.npy",)}
+
+INDEX_SCHEMA = pa.schema([
+    ("key", pa.string()), ("source_key", pa.string()), ("shard", pa.string()), ("file", pa.string()),
+    ("line", pa.int64()), ("label", pa.string()), ("modalities", pa.list_(pa.string())),
+    *[(f"{m}_sha256", pa.string()) for m in MODALITIES],
+    *[(f"{m}_payload_sha256", pa.string()) for m in MODALITIES],
+    ("content_id", pa.string()), ("raw_bytes", pa.int64()), ("stored_bytes", pa.int64()),
+    ("duplicate_of", pa.string()),
+])
+# key: as the manifest gave it (null when the line is not JSON); sample_key: the safe key the
+# row claimed once it parsed (what duplicate keys are found by)
+REJECT_SCHEMA = pa.schema([
+    ("key", pa.string()), ("sample_key", pa.string()), ("file", pa.string()), ("line", pa.int64()),
+    ("modality", pa.string()), ("reason", pa.string()),
+])
+KEPT = ds.field("duplicate_of").is_null()
+
+
+def shard_stem(index: int) -> str:
+    return f"shard-{index:06d}"
+
+
+def index_part(shard: str) -> str:
+    """The index part of a shard ('shard-000003.tar' or its stem)."""
+    return f"{INDEX}/{shard.removesuffix('.tar')}.parquet"
+
+
+def rejects_part(shard: str) -> str:
+    return f"{REJECTS}/{shard.removesuffix('.tar')}.parquet"
+
+
+def committed_shards(store: Store) -> list[str]:
+    """Names of the tars whose commit marker is written: the only ones readers may use.
+    One listing of the folder, whatever the store."""
+    names = {name.rsplit("/", 1)[-1] for name in store.names("shard-*")}
+    return [name.removesuffix(".json") + ".tar" for name in sorted(names)
+            if MARKER.fullmatch(name) and name.removesuffix(".json") + ".tar" in names]
+
+
+def index_dataset(store: Store) -> ds.Dataset | None:
+    return store.dataset(f"{INDEX}/*.parquet", schema=INDEX_SCHEMA)
+
+
+def index_batches(store: Store, columns: list[str], where: ds.Expression | None = None) -> Iterator[pa.RecordBatch]:
+    """The kept rows of OUT's index (duplicates excluded), column-projected, in batches."""
+    dataset = index_dataset(store)
+    if dataset is None:
+        return
+    where = KEPT if where is None else KEPT & where
+    yield from dataset.to_batches(columns=columns, filter=where)
+
+
+def read_index(store: Store, columns: list[str], where: ds.Expression | None = None) -> pa.Table:
+    """The kept rows of OUT's index as one table of only COLUMNS (for per-shard or small reads)."""
+    schema = pa.schema([INDEX_SCHEMA.field(c) for c in columns])
+    return pa.Table.from_batches(list(index_batches(store, columns, where)), schema=schema)
+
+
+def reject_batches(store: Store) -> Iterator[pa.RecordBatch]:
+    """Every reject of OUT: the shard tasks' and the dedup pass's."""
+    dataset = store.dataset(f"{REJECTS}/*.parquet", schema=REJECT_SCHEMA)
+    if dataset is not None:
+        yield from dataset.to_batches()
+
+
+class OutputConflict(RuntimeError):
+    """OUT already holds outputs written from another config or other inputs."""
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def claim_output(out: Store, cfg: ShardConfig, source: ManifestSource) -> None:
+    """Record the config and the manifest in OUT, or refuse when OUT holds shards written
+    with another config or from another manifest."""
+    current = cfg.model_dump(mode="json")
+    if out.exists(SHARD_CONFIG):
+        previous = out.read_json(SHARD_CONFIG)
+        if previous["config_digest"] != cfg.digest():
+            old, new = _flatten(previous["config"]), _flatten(current)
+            changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+            raise OutputConflict(f"{out.url} was written with another shard config (fields changed: "
+                                 f"{', '.join(changed)}); write to a new output, or delete it first")
+    else:
+        out.makedirs()
+        out.write_json(SHARD_CONFIG, {"config_digest": cfg.digest(), "config": current})
+    recorded = out.read_json(MANIFEST_SOURCE) if out.exists(MANIFEST_SOURCE) else None
+    if recorded is not None and recorded["fingerprint"] == source.fingerprint:
+        return
+    if recorded is not None and committed_shards(out):
+        old = {f["name"]: (f["size"], f["tag"]) for f in recorded["files"]}
+        new = {f.name: (f.size, f.tag) for f in source.files}
+        changed = sorted(name for name in old.keys() | new.keys() if old.get(name) != new.get(name))
+        raise OutputConflict(f"{out.url} holds shards of other inputs than this manifest (files added, removed or "
+                             f"changed: {', '.join(changed)}); write to a new output, or delete it first")
+    out.write_json(MANIFEST_SOURCE, source.describe())
+
+
+def current_summary(out: Store, cfg: ShardConfig, source: ManifestSource) -> dict | None:
+    """OUT's summary when OUT is complete for this config and manifest (no input is opened:
+    the manifest files' sizes and ETags / mtimes stand for their content), else None."""
+    if not out.exists(SUMMARY):
+        return None
+    summary = out.read_json(SUMMARY)
+    if (summary.get("config_digest"), summary.get("manifest", {}).get("fingerprint")) != (
+            cfg.digest(), source.fingerprint) or len(committed_shards(out)) != summary["shards"]:
+        return None
+    return {**summary, "resumed_shards": summary["shards"], "shards_by_node": {}}
