@@ -31,8 +31,9 @@ from features.config import AudioEncoderConfig, EmbedConfig, ImageEncoderConfig 
 from features.encoders import build_encoders  # noqa: E402
 from features.stage import run_embed_stage  # noqa: E402
 from preprocess.config import ShardConfig  # noqa: E402
-from preprocess.stage import committed_shards, run_shard_stage  # noqa: E402
-from preprocess.storage import iter_shard  # noqa: E402
+from preprocess.layout import committed_shards  # noqa: E402
+from preprocess.stage import run_shard_stage  # noqa: E402
+from preprocess.storage import Store, iter_shard  # noqa: E402
 
 ARCH = {
     "image": {"base": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
@@ -55,7 +56,7 @@ def raw_forward_rate(shards: Path, cfg: EmbedConfig) -> tuple[float, dict]:
     torch.set_num_threads(int(cfg.cpus_per_actor))
     encoders = build_encoders(cfg)
     inputs: dict[str, dict[str, object]] = {m: {} for m in MEMBER}
-    for name in committed_shards(str(shards)):
+    for name in committed_shards(Store(str(shards))):
         for sample in iter_shard(str(shards / name), {}):
             for modality, ext in MEMBER.items():
                 if ext in sample:
@@ -66,6 +67,7 @@ def raw_forward_rate(shards: Path, cfg: EmbedConfig) -> tuple[float, dict]:
     for modality, by_digest in inputs.items():
         items = list(by_digest.values())
         encoders[modality].load()
+        encoders[modality].embed(items[: cfg.batch_size])  # warm-up (the actor's first batch warms it too)
         t0 = time.perf_counter()
         for i in range(0, len(items), cfg.batch_size):
             encoders[modality].embed(items[i : i + cfg.batch_size])
@@ -112,7 +114,10 @@ def main() -> None:
           f"actors {first['compute_seconds']:.1f} s of it)")
     print(f"(b) raw forward       : {raw:7.1f} embeddings/s  (same models and batch size, one process)")
     print(f"(c) stage, warm cache : {cached_wall:7.2f} s wall, {cached['computed']} computed")
-    print(f"a/b = {stage / raw:.2f}   (target >= 0.7)")
+    fair = all(raw_per[m] >= first["modalities"][m]["computed"] / max(first["modalities"][m]["model_seconds"], 1e-9)
+               for m in raw_per if first["modalities"][m]["computed"])
+    print(f"a/b = {stage / raw:.2f}   (target >= 0.7; raw forward no slower per batch than the stage's own model "
+          f"calls: {'yes' if fair else 'NO'})")
     print(f"first/cached wall = {first_wall / cached_wall:.0f}x   (target >= 50x)")
 
 

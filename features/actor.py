@@ -1,5 +1,7 @@
-"""The encoder actor: loads its models once, then embeds the wanted members of a shard,
-decoding the next payloads in a background thread while the model runs."""
+"""The encoder actor: embeds the payloads a shard owns that are not cached yet, decoding the
+next ones in a background thread while the model runs, and writes the shard's sidecar from
+those vectors plus the cached ones fetched by key. Models load on first use, so a shard whose
+vectors are all cached costs lookups only."""
 
 from __future__ import annotations
 
@@ -14,11 +16,12 @@ import numpy as np
 from features.cache import EmbeddingCache
 from features.config import EmbedConfig
 from features.encoders import build_encoders
-from preprocess.storage import iter_shard
+from features.sidecar import ShardRows, owned_by, write_sidecar
+from preprocess.layout import MEMBER_EXTENSIONS
+from preprocess.storage import Store, iter_shard
 
 log = logging.getLogger(__name__)
 
-MEMBER_EXT = {"text": ("txt",), "image": ("jpg", "png", "webp"), "audio": ("flac", "wav"), "video": ("frames.npy",)}
 _DONE = object()
 
 
@@ -42,50 +45,60 @@ def prefetch(items: Iterable, depth: int) -> Iterator:
 
 
 class EmbedWorker:
-    """Plain class (testable without Ray); `EmbedActor` is its Ray actor."""
+    """Plain class (testable without Ray); `EmbedActor` in stage.py is its Ray actor."""
 
-    def __init__(self, cfg: EmbedConfig, modalities: list[str], cache_root: str, storage_options: dict,
+    def __init__(self, cfg: EmbedConfig, identities: dict[str, str], cache_root: str, shards: Store,
                  device: str | None = None):
-        import torch
-
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cpu":
-            torch.set_num_threads(max(1, int(cfg.cpus_per_actor)))
         self.cfg = cfg
-        self.storage_options = storage_options
-        self.encoders = {m: e for m, e in build_encoders(cfg).items() if m in modalities}
-        for encoder in self.encoders.values():
-            encoder.load(device, cfg.precision)
-        self.caches = {m: EmbeddingCache(cache_root, e.identity(), storage_options) for m, e in self.encoders.items()}
+        self.shards = shards
+        self.identities = identities
+        self.encoders = {m: e for m, e in build_encoders(cfg).items() if m in identities}
+        self.caches = {m: EmbeddingCache(cache_root, identities[m], shards.options) for m in identities}
+        self.device = device
+        self.loaded: set[str] = set()
         self.model_calls = 0
 
-    def _prepared(self, shard_url: str, wanted: dict[str, dict[str, str]]):
+    def _load(self, modality: str):
+        """The modality's encoder, its model loaded on first use (once per actor)."""
+        import torch
+
+        encoder = self.encoders[modality]
+        if modality not in self.loaded:
+            if self.device is None:
+                self.device = "cuda" if torch.cuda.is_available() else "cpu"
+            if self.device == "cpu":
+                torch.set_num_threads(max(1, int(self.cfg.cpus_per_actor)))
+            encoder.load(self.device, self.cfg.precision)
+            self.loaded.add(modality)
+        return encoder
+
+    def _prepared(self, shard: str, wanted: dict[str, dict[str, str]]):
         """(modality, payload hash, model input) for each wanted member; bad payloads logged, skipped."""
         keys = {k for per_key in wanted.values() for k in per_key}
+        exts = {e for m in wanted for e in MEMBER_EXTENSIONS[m]}
 
         def select(name: str) -> bool:
             key, _, ext = name.partition(".")
-            return key in keys and any(ext in MEMBER_EXT[m] for m in wanted)
+            return key in keys and ext in exts
 
-        for sample in iter_shard(shard_url, self.storage_options, select):
+        for sample in iter_shard(self.shards.url_of(shard), self.shards.options, select):
             key = sample["__key__"]
             for modality, per_key in wanted.items():
                 digest = per_key.get(key)
-                payload = next((sample[e] for e in MEMBER_EXT[modality] if e in sample), None)
+                payload = next((sample[e] for e in MEMBER_EXTENSIONS[modality] if e in sample), None)
                 if digest is None or payload is None:
                     continue
                 try:
                     yield modality, digest, self.encoders[modality].prepare(payload)
                 except Exception as e:  # a corrupt member must not stop the shard
-                    log.warning("%s of %s in %s cannot be prepared: %s", modality, key, shard_url, e)
+                    log.warning("%s of %s in %s cannot be prepared: %s", modality, key, shard, e)
                     yield modality, digest, e
 
-    def embed_shard(self, shard_url: str, wanted: dict[str, dict[str, str]]) -> dict:
-        """Embed wanted[modality][key] -> payload hash; append the vectors to the cache."""
-        started = time.perf_counter()
+    def compute(self, shard: str, wanted: dict[str, dict[str, str]]) -> tuple[dict, dict, dict]:
+        """Embed wanted[modality][key] -> payload hash and add the vectors to the cache:
+        (vectors by modality and hash, errors, model seconds)."""
         pending: dict[str, tuple[list, list]] = {m: ([], []) for m in wanted}
-        done: dict[str, tuple[list, list]] = {m: ([], []) for m in wanted}
+        vectors: dict[str, dict[str, np.ndarray]] = {m: {} for m in wanted}
         errors = {m: 0 for m in wanted}
         seconds = {m: 0.0 for m in wanted}
 
@@ -93,15 +106,15 @@ class EmbedWorker:
             hashes, items = pending[modality]
             if not items:
                 return
+            encoder = self._load(modality)
             t0 = time.perf_counter()
-            vectors = self.encoders[modality].embed(items)
+            batch = encoder.embed(items)
             seconds[modality] += time.perf_counter() - t0
             self.model_calls += 1
-            done[modality][0].extend(hashes)
-            done[modality][1].append(vectors)
+            vectors[modality].update(zip(hashes, batch, strict=True))
             pending[modality] = ([], [])
 
-        for modality, digest, item in prefetch(self._prepared(shard_url, wanted), depth=2 * self.cfg.batch_size):
+        for modality, digest, item in prefetch(self._prepared(shard, wanted), depth=2 * self.cfg.batch_size):
             if isinstance(item, Exception):
                 errors[modality] += 1
                 continue
@@ -109,13 +122,39 @@ class EmbedWorker:
             pending[modality][1].append(item)
             if len(pending[modality][1]) >= self.cfg.batch_size:
                 flush(modality)
-        computed = {}
         for modality in wanted:
             flush(modality)
-            hashes, blocks = done[modality]
-            if hashes:
-                vectors = np.concatenate(blocks)
-                self.caches[modality].append(hashes, vectors, self.encoders[modality].dim)
-            computed[modality] = len(hashes)
-        return {"computed": computed, "errors": errors, "model_seconds": seconds,
-                "seconds": time.perf_counter() - started}
+            done = vectors[modality]
+            if done:
+                self.caches[modality].insert(list(done), list(done.values()))
+        return vectors, errors, seconds
+
+    def embed_shard(self, shard: str, plan: str, digest: str) -> dict:
+        """Compute the payloads SHARD owns in the PLAN (the first shard holding each payload)
+        that are not cached, then write its sidecar; `deferred` when another shard still owes
+        one of its vectors (the stage writes that sidecar at the end)."""
+        started = time.perf_counter()
+        rows = ShardRows.read(self.shards, shard, list(self.identities))
+        owned = owned_by(self.shards, plan, shard)
+        have = {m: self.caches[m].lookup(rows.hashes(m)) for m in self.identities}
+        wanted = {m: {key: h for h, key in owned.get(m, {}).items() if h not in have[m]} for m in self.identities}
+        wanted = {m: w for m, w in wanted.items() if w}
+        computed, errors, seconds = self.compute(shard, wanted) if wanted else ({}, {}, {})
+        for modality, vectors in computed.items():
+            have[modality].update(vectors)
+        failed = {m: set(wanted[m].values()) - set(computed.get(m, {})) for m in wanted}
+        for modality in self.identities:  # vectors other shards owed, computed meanwhile
+            rest = rows.hashes(modality) - have[modality].keys() - failed.get(modality, set())
+            if rest:
+                have[modality].update(self.caches[modality].lookup(rest, refresh=True))
+        waiting = any(rows.hashes(m) - have[m].keys() - failed.get(m, set()) for m in self.identities)
+        result = {"shard": shard, "computed": {m: len(v) for m, v in computed.items()}, "errors": errors,
+                  "model_seconds": seconds, "deferred": waiting, "missing": {},
+                  "corrupt": [c for cache in self.caches.values() for c in cache.corrupt]}
+        for cache in self.caches.values():
+            cache.corrupt.clear()
+        if not waiting:
+            dims = {m: self.encoders[m].dim for m in self.identities}
+            result["missing"] = write_sidecar(self.shards, shard, rows, have, dims, self.identities, digest, self.cfg)
+        result["seconds"] = time.perf_counter() - started
+        return result

@@ -1,110 +1,208 @@
-"""Embedding cache: vectors keyed by (payload sha256, encoder identity), on any fsspec URL.
+"""Embedding cache: vectors keyed by the sha256 of the payload they embed, one Lance dataset
+per encoder identity, on any store Lance reaches (local disk, S3): ROOT/<sha256(identity)[:24]>.lance
 
-Layout: ROOT/<sha256(identity)[:24]>/part-<sha256 of the part's bytes>.parquet. Parts are
-immutable and content-addressed, written under a temporary name then renamed, so
-  - concurrent writers (actors, jobs) never touch each other's files and lose nothing;
-  - a truncated or altered part no longer matches its name: it is reported, set aside as
-    `.corrupt`, and its entries are recomputed — a wrong vector is never served.
-Each part holds one batch of appends (a shard's new vectors for one encoder)."""
+- Lookups by key use a BTREE scalar index on `sha256`: a shard's lookup costs what it fetches,
+  not what the cache holds (`maintain` folds newly appended rows into the index).
+- Writers append with merge_insert on `sha256`, declared the (unenforced) primary key, so
+  concurrent inserts of the same hashes by several actors or jobs conflict and retry instead
+  of duplicating; different hashes just commit one after the other. Nothing is lost.
+- Integrity: each row carries `check` = crc32(sha256 || vector bytes). A row whose check fails
+  (a flipped bit) is reported, deleted and recomputed; a data file Lance cannot read (a
+  truncated one) is reported and its fragment dropped, its rows recomputed. Neither is served.
+- Vectors are stored as they came, float32 (a video clip's frame vectors, flattened).
+- The earlier layout (immutable Parquet parts in ROOT/<digest>/) is migrated on first use."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import logging
-import re
-from dataclasses import dataclass, field
+import time
+import zlib
+from collections.abc import Iterable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from preprocess.storage import filesystem, join, write_atomic
+from preprocess.storage import Store
 
 log = logging.getLogger(__name__)
 
-PART = re.compile(r"part-([0-9a-f]{64})\.parquet")
+LOOKUP_BATCH = 1024  # hashes per IN filter
+CREATE_WAIT_S = 60  # for the dataset another process is creating
+_READ_ERRORS = (OSError, ValueError)  # what Lance raises for a file it cannot read
 
 
-@dataclass
-class CacheScan:
-    parts: list[str] = field(default_factory=list)  # valid part paths
-    hashes: set[str] = field(default_factory=set)
-    dim: int | None = None
-    corrupt: list[str] = field(default_factory=list)
+def row_check(sha256: str, vector: np.ndarray) -> int:
+    return zlib.crc32(vector.astype(np.float32, copy=False).tobytes(), zlib.crc32(sha256.encode()))
 
 
 class EmbeddingCache:
+    """The vectors of one encoder identity under a cache root. Keeps its Lance dataset open, so
+    an actor's repeated lookups and inserts reuse the loaded index."""
+
     def __init__(self, root: str, identity: str, storage_options: dict | None = None):
         self.identity = identity
-        self.storage_options = storage_options or {}
-        self.fs, base = filesystem(root, self.storage_options)
-        self.folder = join(base, hashlib.sha256(identity.encode()).hexdigest()[:24])
+        self.root = Store(root, storage_options)
+        self.digest = hashlib.sha256(identity.encode()).hexdigest()[:24]
+        self.uri = self.root.url_of(self.digest + ".lance")
+        self.corrupt: list[str] = []  # what this process found broken, for the stage summary
+        self._dataset = None
+        self._migrated = False
 
-    def _read_part(self, path: str) -> pa.Table | None:
-        """The part's table, or None when its bytes do not match its name (or do not parse)."""
-        try:
-            data = self.fs.cat_file(path)
-            match = PART.fullmatch(path.rsplit("/", 1)[-1])
-            if match is None or hashlib.sha256(data).hexdigest() != match.group(1):
-                return None
-            table = pq.read_table(io.BytesIO(data))
-            if table.schema.metadata.get(b"identity", b"").decode() != self.identity:
-                return None
-            return table
-        except (OSError, pa.ArrowException, AttributeError):
-            return None
+    def __reduce__(self):
+        return EmbeddingCache, (self.root.url, self.identity, self.root.options)
 
-    def _set_aside(self, path: str) -> None:
-        log.warning("embedding cache part %s is corrupt: set aside, its entries will be recomputed", path)
-        with contextlib.suppress(OSError):  # another job may have set it aside first
-            self.fs.mv(path, path + ".corrupt")
+    def _schema(self) -> pa.Schema:
+        key = pa.field("sha256", pa.string(), nullable=False,
+                       metadata={"lance-schema:unenforced-primary-key": "true"})
+        return pa.schema([key, pa.field("vector", pa.list_(pa.float32())), pa.field("check", pa.uint32())],
+                         metadata={"identity": self.identity})
 
-    def scan(self) -> CacheScan:
-        """Validate every part; what is cached, and what was found corrupt."""
-        scan = CacheScan()
-        if not self.fs.exists(self.folder):
-            return scan
-        for path in sorted(self.fs.glob(join(self.folder, "part-*.parquet"))):
-            table = self._read_part(path)
-            if table is None:
-                scan.corrupt.append(path)
-                self._set_aside(path)
-                continue
-            scan.parts.append(path)
-            scan.hashes.update(table.column("sha256").to_pylist())
-            scan.dim = int(table.schema.metadata[b"dim"])
-        return scan
 
-    def read(self, parts: list[str], wanted: set[str]) -> dict[str, np.ndarray]:
-        """Vectors of the wanted hashes found in these parts (each part checked again)."""
+    def _open(self, refresh: bool = False):
+        """The dataset (None while nothing is cached); REFRESH moves it to the latest version."""
+        import lance
+
+        if self._dataset is not None and refresh:
+            self._dataset = self._dataset.checkout_version(self._dataset.latest_version)
+        elif self._dataset is None:
+            try:
+                self._dataset = lance.dataset(self.uri, storage_options=self.root.lance_options())
+            except (ValueError, OSError) as e:  # no committed version yet: nothing is cached
+                if "not found" not in str(e).lower():
+                    raise
+                if not self._migrated:
+                    self._migrated = True
+                    self._migrate()
+                return self._dataset
+            held = (self._dataset.schema.metadata or {}).get(b"identity", b"").decode()
+            if held != self.identity:
+                raise ValueError(f"{self.uri} holds vectors of {held!r}, not of {self.identity!r}")
+        return self._dataset
+
+    def lookup(self, hashes: Iterable[str], refresh: bool = False) -> dict[str, np.ndarray]:
+        """The cached vectors of these hashes (those not cached are absent); REFRESH first sees
+        what other writers added since this process opened the cache."""
+        wanted = sorted(set(hashes))
+        dataset = self._open(refresh)
         found: dict[str, np.ndarray] = {}
-        for path in parts:
-            table = self._read_part(path)
-            if table is None:
-                self._set_aside(path)
-                continue
-            hashes = table.column("sha256").to_pylist()
-            vectors = table.column("vector")
-            for i, h in enumerate(hashes):
-                if h in wanted and h not in found:
-                    found[h] = np.asarray(vectors[i].values, dtype=np.float32)
+        if dataset is None or not wanted:
+            return found
+        for start in range(0, len(wanted), LOOKUP_BATCH):
+            found.update(self._fetch(wanted[start : start + LOOKUP_BATCH]))
         return found
 
-    def append(self, hashes: list[str], vectors: np.ndarray, dim: int) -> str | None:
-        """Write one immutable part; returns its path."""
+    def _fetch(self, hashes: list[str]) -> dict[str, np.ndarray]:
+        query = {"columns": ["sha256", "vector", "check"], "filter": pc.field("sha256").isin(hashes)}
+        try:
+            table = self._dataset.to_table(**query)
+        except _READ_ERRORS as e:
+            self._drop_unreadable(e)
+            table = self._dataset.to_table(**query)
+        vectors = table.column("vector").combine_chunks()
+        offsets, values = vectors.offsets.to_numpy(), vectors.values.to_numpy(zero_copy_only=False)
+        found, bad = {}, []
+        for i, (h, check) in enumerate(zip(table.column("sha256").to_pylist(), table.column("check").to_pylist(),
+                                           strict=True)):
+            vector = values[offsets[i] : offsets[i + 1]]
+            if row_check(h, vector) == check:
+                found[h] = vector
+            else:
+                bad.append(h)
+        if bad:
+            self.corrupt.append(f"{self.uri}: {len(bad)} rows fail their check")
+            log.warning("embedding cache %s: %d rows fail their check: deleted, they will be recomputed",
+                        self.uri, len(bad))
+            self._dataset.delete(pc.field("sha256").isin(bad))
+        return found
+
+    def _drop_unreadable(self, error: Exception) -> None:
+        """Find the fragments Lance cannot read and drop them (their rows are recomputed)."""
+        import lance
+
+        dataset = self._open(refresh=True)
+        broken = []
+        for fragment in dataset.get_fragments():
+            try:
+                fragment.to_table(columns=["sha256", "vector", "check"])
+            except _READ_ERRORS:
+                broken.append(fragment.fragment_id)
+        if not broken:
+            raise error
+        self.corrupt.append(f"{self.uri}: unreadable fragments {broken} ({error})")
+        log.warning("embedding cache %s: fragments %s cannot be read (%s): dropped, their rows will be "
+                    "recomputed", self.uri, broken, error)
+        op = lance.LanceOperation.Delete(updated_fragments=[], deleted_fragment_ids=broken, predicate="true")
+        self._dataset = lance.LanceDataset.commit(self.uri, op, read_version=dataset.version,
+                                                  storage_options=self.root.lance_options())
+
+    def insert(self, hashes: list[str], vectors: list[np.ndarray]) -> None:
+        """Add vectors; hashes already cached (by anyone, even concurrently) are left as they are."""
         if not hashes:
-            return None
-        rows = np.ascontiguousarray(vectors, dtype=np.float32)
-        offsets = pa.array(np.arange(0, rows.size + 1, rows.shape[1], dtype=np.int32))
-        column = pa.ListArray.from_arrays(offsets, pa.array(rows.reshape(-1)))
-        table = pa.table({"sha256": pa.array(hashes, pa.string()), "vector": column})
-        table = table.replace_schema_metadata({"identity": self.identity, "dim": str(dim)})
-        buf = io.BytesIO()
-        pq.write_table(table, buf)
-        data = buf.getvalue()
-        path = join(self.folder, f"part-{hashlib.sha256(data).hexdigest()}.parquet")
-        self.fs.makedirs(self.folder, exist_ok=True)
-        write_atomic(self.fs, path, data)
-        return path
+            return
+        rows = [np.asarray(v, np.float32).reshape(-1) for v in vectors]
+        offsets = np.cumsum([0] + [len(v) for v in rows]).astype(np.int32)
+        table = pa.table({
+            "sha256": pa.array(hashes, pa.string()),
+            "vector": pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(rows), pa.float32())),
+            "check": pa.array([row_check(h, v) for h, v in zip(hashes, rows, strict=True)], pa.uint32()),
+        }, schema=self._schema())
+        if self._open() is None:
+            self._create()
+        self._dataset.merge_insert("sha256").when_not_matched_insert_all().execute(table)
+
+    def _create(self) -> None:
+        """Create the dataset, empty, exactly once: concurrent `create`s in Lance can both commit
+        (the second as an overwrite), so the creator is whoever creates the marker file first
+        (an exclusive create); the others wait for its dataset."""
+        import lance
+
+        if self.root.create_exclusive(self.digest + ".creating", self.identity.encode()):
+            self._dataset = lance.write_dataset(self._schema().empty_table(), self.uri, schema=self._schema(),
+                                                mode="create", storage_options=self.root.lance_options())
+            return
+        deadline = time.monotonic() + CREATE_WAIT_S
+        while self._open() is None:
+            if time.monotonic() > deadline:  # its creator died before creating it
+                self._dataset = lance.write_dataset(self._schema().empty_table(), self.uri, schema=self._schema(),
+                                                    mode="create", storage_options=self.root.lance_options())
+                return
+            time.sleep(0.05)
+
+    def maintain(self) -> None:
+        """Merge small fragments and fold new rows into the index, so lookups stay indexed."""
+        dataset = self._open(refresh=True)
+        if dataset is None:
+            return
+        if len(dataset.get_fragments()) > 64:
+            dataset.optimize.compact_files(target_rows_per_fragment=1 << 20)
+        if dataset.describe_indices():
+            dataset.optimize.optimize_indices()
+        elif dataset.count_rows():
+            dataset.create_scalar_index("sha256", "BTREE")
+        self._dataset = self._open(refresh=True)
+
+    def count(self) -> int:
+        dataset = self._open(refresh=True)
+        return 0 if dataset is None else dataset.count_rows()
+
+    def _migrate(self) -> None:
+        """Vectors of the earlier layout (Parquet parts named by their sha256) moved into the
+        Lance dataset; a part whose bytes do not match its name is reported and not moved."""
+        parts = self.root.names(f"{self.digest}/part-*.parquet")
+        if not parts:
+            return
+        log.info("embedding cache %s: migrating %d Parquet parts to %s", self.root.url, len(parts), self.uri)
+        for name in parts:
+            data = self.root.read_bytes(name)
+            if hashlib.sha256(data).hexdigest() != name.rsplit("part-", 1)[1].removesuffix(".parquet"):
+                self.corrupt.append(f"{self.root.url_of(name)}: bytes do not match the part's name")
+                continue
+            table = pq.read_table(io.BytesIO(data))
+            self.insert(table.column("sha256").to_pylist(),
+                        [np.asarray(v, np.float32) for v in table.column("vector").to_pylist()])
+        self.maintain()
+        self.root.remove(self.digest, recursive=True)

@@ -42,6 +42,24 @@ def folder_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
+def sentence_transformer_width(folder: Path) -> int:
+    """A sentence-transformers model's output width from its module configs (the Pooling
+    modes times the token width, or the last Dense layer's outputs), without its weights."""
+    width = None
+    for module in json.loads((folder / "modules.json").read_text()):
+        kind = module["type"].rsplit(".", 1)[-1]
+        config_path = folder / module["path"] / "config.json"
+        if kind == "Pooling":
+            config = json.loads(config_path.read_text())
+            modes = sum(1 for k, v in config.items() if k.startswith("pooling_mode_") and v is True)
+            width = config["word_embedding_dimension"] * max(modes, 1)
+        elif kind == "Dense":
+            width = json.loads(config_path.read_text())["out_features"]
+    if width is None:
+        raise ValueError(f"{folder}: no Pooling or Dense module says the embedding width")
+    return width
+
+
 def resolve_weights(weights: str) -> Path:
     """A local folder, or a hub id found in the user's model cache (never downloaded)."""
     folder = Path(weights).expanduser()
@@ -122,7 +140,7 @@ class Encoder(ABC):
     @property
     @abstractmethod
     def dim(self) -> int:
-        """Width of a vector."""
+        """Width of a vector, known from the configuration before the weights are loaded."""
 
 
 class TextEncoder(Encoder):
@@ -156,7 +174,7 @@ class TextEncoder(Encoder):
 
     @property
     def dim(self) -> int:
-        return self.model.get_embedding_dimension()
+        return sentence_transformer_width(self.folder())
 
 
 class ClipImageEncoder(Encoder):
@@ -199,7 +217,13 @@ class ClipImageEncoder(Encoder):
 
     @property
     def dim(self) -> int:
-        return self.model.config.projection_dim
+        from transformers import CLIPVisionConfig
+
+        folder = self.folder()
+        if folder is None:
+            return CLIPVisionConfig(**(self.cfg.architecture or TINY_CLIP)).projection_dim
+        config = json.loads((folder / "config.json").read_text())
+        return config.get("projection_dim") or config["vision_config"]["projection_dim"]
 
 
 class Wav2Vec2AudioEncoder(Encoder):
@@ -254,7 +278,12 @@ class Wav2Vec2AudioEncoder(Encoder):
 
     @property
     def dim(self) -> int:
-        return self.model.config.hidden_size
+        from transformers import Wav2Vec2Config
+
+        folder = self.folder()
+        if folder is None:
+            return Wav2Vec2Config(**(self.cfg.architecture or TINY_WAV2VEC2)).hidden_size
+        return json.loads((folder / "config.json").read_text())["hidden_size"]
 
 
 class VideoFramesEncoder:

@@ -97,6 +97,13 @@ def read_index(store: Store, columns: list[str], where: ds.Expression | None = N
     return pa.Table.from_batches(list(index_batches(store, columns, where)), schema=schema)
 
 
+def read_index_part(store: Store, shard: str, columns: list[str], where: ds.Expression | None = None) -> pa.Table:
+    """The kept rows of one shard's index part, only COLUMNS."""
+    part = ds.dataset(store.path(index_part(shard)), schema=INDEX_SCHEMA, format="parquet",
+                      filesystem=store.arrow_filesystem())
+    return part.to_table(columns=columns, filter=KEPT if where is None else KEPT & where)
+
+
 def reject_batches(store: Store) -> Iterator[pa.RecordBatch]:
     """Every reject of OUT: the shard tasks' and the dedup pass's."""
     dataset = store.dataset(f"{REJECTS}/*.parquet", schema=REJECT_SCHEMA)

@@ -213,6 +213,22 @@ class Store:
             return False
         return True
 
+    def lance_options(self) -> dict[str, str]:
+        """The store's fsspec options as Lance (object_store) takes them: S3 keys, endpoint,
+        region; other protocols' options are passed as they are."""
+        protocol = split_protocol(self.url)[0] or "file"
+        given = dict(self.options.get(protocol, {}))
+        if protocol not in ("s3", "s3a"):
+            return {k: str(v) for k, v in given.items()}
+        client = given.pop("client_kwargs", {}) or {}
+        names = {"key": "aws_access_key_id", "secret": "aws_secret_access_key", "token": "aws_session_token"}
+        out = {name: str(given[key]) for key, name in names.items() if given.get(key)}
+        if client.get("endpoint_url"):
+            out["aws_endpoint"] = client["endpoint_url"]
+            out["allow_http"] = str(client["endpoint_url"].startswith("http://")).lower()
+        out["aws_region"] = client.get("region_name") or os.environ.get("AWS_REGION", "us-east-1")
+        return out
+
     def arrow_filesystem(self):
         """The store as a pyarrow filesystem (pyarrow's own for local disk), for datasets."""
         import pyarrow.fs as pafs

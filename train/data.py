@@ -1,11 +1,15 @@
 """Training input: committed shards streamed with their embedding sidecars, split by rank and
 loader worker so that an epoch sees every sample of its split exactly once. The shards may
-span several folders (the versions a refresh made), the newest copy of a key winning.
+span several folders (the versions a refresh made): a key's newest copy wins, and a key a
+later version removed is left out.
 
-Within an epoch, shards come in a seeded order and samples are dealt round-robin to the
-(rank x loader worker) consumers, each of which shuffles through a seeded buffer and batches.
-Every consumer yields the same number of full batches: the few slots past the end of the
-split are padding rows with weight 0 (no loss, no gradient, not counted as seen). A data
+`DatasetInfo` counts each shard's trainable samples per split once (a streaming pass over the
+index parts). An epoch is then the sequence of the split's samples, shards in a seeded
+order; consumer c of the (rank x loader worker) consumers takes the contiguous block
+[c*T/C, (c+1)*T/C) of it, reading only the shards its block touches, one at a time, through a
+seeded shuffle buffer: a loader process holds one shard and the buffer, never the epoch.
+Every consumer yields the same number of full batches: the few slots past the end of its
+block are padding rows with weight 0 (no loss, no gradient, not counted as seen). A data
 position is (epoch, batches consumed by the rank); resuming skips exactly those batches."""
 
 from __future__ import annotations
@@ -13,20 +17,32 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-from collections import Counter
+import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from features.stage import EMBED_SUMMARY
-from preprocess.layout import CHANGES, SHARD_CONFIG, SUMMARY, committed_shards, read_index
-from preprocess.storage import Store, filesystem, iter_shard, join, parent, read_json
+from preprocess.layout import (
+    CHANGES,
+    INDEX,
+    MEMBER_EXTENSIONS,
+    SHARD_CONFIG,
+    SUMMARY,
+    committed_shards,
+    index_batches,
+    read_index_part,
+)
+from preprocess.storage import Store, duckdb_over, iter_shard
+
+SPLITS = ("train", "val")
+MEMORY_LIMIT = "256MB"  # of the query that finds superseded keys across versions
 
 
 def split_of(key: str, val_fraction: float) -> str:
@@ -63,25 +79,29 @@ def branch_pixels(data: bytes | None, size: int, mean, std) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
-def owned_index(roots: tuple[str, ...], storage_options: dict) -> pa.Table:
-    """(key, label, shard, root) of every labelled sample over one or more shard folders
-    (dataset versions, oldest first): duplicates excluded, a key in several folders taken from
-    the newest, and a key that a later version removed (CHANGES) not at all."""
-    taken, removed = [], []
-    for position, root_url in enumerate(roots):
-        store = Store(root_url, storage_options)
-        part = read_index(store, ["key", "label", "shard"], pc.field("label").is_valid())
-        taken.append(part.append_column("root", pa.array([position] * part.num_rows, pa.int32())))
-        if store.exists(CHANGES):
-            gone = pq.read_table(pa.BufferReader(store.read_bytes(CHANGES)), columns=["key", "change"],
-                                 filters=[("change", "=", "removed")]).select(["key"])
-            removed.append(gone.append_column("root", pa.array([position] * gone.num_rows, pa.int32())))
-    rows = pa.concat_tables(taken)
+def superseded(roots: tuple[str, ...], storage_options: dict) -> tuple[frozenset[str], ...]:
+    """Per folder (dataset versions, oldest first), the keys of its samples that a later
+    folder holds again (the newest copy wins) or removed (CHANGES). One DuckDB query over the
+    index parts; what it returns grows with the changes, not with the corpus."""
     if len(roots) == 1:
-        return rows
-    events = pa.concat_tables([rows.select(["key", "root"]), *removed])
-    last = events.group_by("key").aggregate([("root", "max")]).rename_columns(["key", "root"])
-    return rows.join(last, keys=["key", "root"], join_type="inner").sort_by([("root", "ascending")])
+        return (frozenset(),)
+    stores = [Store(r, storage_options) for r in roots]
+    events = []
+    for position, store in enumerate(stores):
+        if store.names(f"{INDEX}/shard-*.parquet"):
+            parts = store.url_of(INDEX, "shard-*.parquet")
+            events.append(f"SELECT key, {position} AS root FROM read_parquet('{parts}') WHERE duplicate_of IS NULL")
+        if store.exists(CHANGES):
+            events.append(f"SELECT key, {position} AS root FROM read_parquet('{store.url_of(CHANGES)}') "
+                          "WHERE change = 'removed'")
+    with tempfile.TemporaryDirectory(prefix="tessera-versions-") as scratch:
+        con = duckdb_over(stores[-1], scratch, MEMORY_LIMIT)
+        found = con.execute(f"WITH events AS ({' UNION ALL '.join(events)}), last AS "
+                            "(SELECT key, max(root) AS last FROM events GROUP BY key) "
+                            "SELECT e.root, list(e.key) FROM events e JOIN last l USING (key) WHERE e.root < l.last "
+                            "GROUP BY e.root").fetchall()
+    keys = dict(found)
+    return tuple(frozenset(keys.get(i, ())) for i in range(len(roots)))
 
 
 def _pixel_statistics(summaries: list[dict]) -> tuple[tuple, tuple]:
@@ -97,15 +117,19 @@ def _pixel_statistics(summaries: list[dict]) -> tuple[tuple, tuple]:
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """What a worker needs to know about the shard folders, read once on the driver."""
+    """What a worker needs to know about the shard folders, read once on the driver: per
+    shard, not per sample (but for the keys later versions replaced or removed)."""
 
     roots: tuple[str, ...]  # shard folders, oldest version first
-    shard_urls: tuple[str, ...]  # every committed tar
+    shards: tuple[tuple[int, str], ...]  # (folder position, tar name) of every committed shard
+    per_shard: np.ndarray  # [shards, 2]: trainable samples of each split (train, val)
+    excluded: tuple[frozenset[str], ...]  # per folder: keys a later folder replaced or removed
     labels: tuple[str, ...]
     dims: dict[str, int]  # modality -> embedding width, in input order
     counts: dict[str, int]  # split -> labelled samples
     pixel_mean: tuple[float, float, float]
     pixel_std: tuple[float, float, float]
+    val_fraction: float
     storage_options: dict
 
     @classmethod
@@ -115,26 +139,42 @@ class DatasetInfo:
         roots = tuple(r.rstrip("/") for r in ((shards,) if isinstance(shards, str) else shards))
         if not roots:
             raise ValueError("no shard folders to train on")
-        summaries, label_sets, dim_sets, urls = [], [], [], []
-        for root_url in roots:
-            fs, root = filesystem(root_url, storage_options)
-            summaries.append(read_json(fs, join(root, SUMMARY)))
-            label_sets.append(read_json(fs, join(root, SHARD_CONFIG))["config"]["labels"])
-            dim_sets.append(read_json(fs, join(root, EMBED_SUMMARY))["dims"])
-            urls += [join(root_url, name) for name in committed_shards(Store(root_url, storage_options))]
+        stores = [Store(r, storage_options) for r in roots]
+        summaries = [s.read_json(SUMMARY) for s in stores]
+        label_sets = [s.read_json(SHARD_CONFIG)["config"]["labels"] for s in stores]
+        dim_sets = [s.read_json(EMBED_SUMMARY)["dims"] for s in stores]
         for what, values in (("labels", label_sets), ("embedding widths", dim_sets)):
             if any(v != values[0] for v in values):
                 raise ValueError(f"the shard folders differ in their {what} ({dict(zip(roots, values, strict=True))}): "
                                  "they cannot be trained on together")
-        index = owned_index(roots, storage_options)
-        labels = tuple(label_sets[0]) if label_sets[0] else tuple(sorted(pc.unique(index.column("label")).to_pylist()))
         dims = {m: dim_sets[0][m] for m in modalities if m in dim_sets[0]}
         if not dims:
             raise ValueError(f"{roots[-1]} has no embeddings for any of {list(modalities)}: run `tessera embed` first")
-        splits = Counter(split_of(key, val_fraction) for key in index.column("key").to_pylist())
-        counts = {"train": splits["train"], "val": splits["val"], "all": index.num_rows}
+        excluded = superseded(roots, storage_options)
+        listed = [(i, name) for i, store in enumerate(stores) for name in committed_shards(store)]
+        position = {shard: n for n, shard in enumerate(listed)}
+        per_shard = np.zeros((len(listed), 2), np.int64)
+        found_labels: set[str] = set()
+        for i, store in enumerate(stores):  # streamed: one batch of keys at a time
+            for batch in index_batches(store, ["key", "label", "shard"], pc.field("label").is_valid()):
+                keys, labels, names = (batch.column(c).to_pylist() for c in ("key", "label", "shard"))
+                found_labels.update(labels)
+                for key, name in zip(keys, names, strict=True):
+                    if key not in excluded[i] and (i, name) in position:
+                        per_shard[position[(i, name)], SPLITS.index(split_of(key, val_fraction))] += 1
+        labels = tuple(label_sets[0]) if label_sets[0] else tuple(sorted(found_labels))
+        counts = {"train": int(per_shard[:, 0].sum()), "val": int(per_shard[:, 1].sum())}
+        counts["all"] = counts["train"] + counts["val"]
         mean, std = _pixel_statistics(summaries)
-        return cls(roots, tuple(urls), labels, dims, counts, mean, std, storage_options)
+        return cls(roots, tuple(listed), per_shard, excluded, labels, dims, counts, mean, std, val_fraction,
+                   storage_options)
+
+    def shard_url(self, n: int) -> str:
+        root, name = self.shards[n]
+        return Store(self.roots[root], self.storage_options).url_of(name)
+
+    def samples(self, n: int, split: str) -> int:
+        return int(self.per_shard[n].sum()) if split == "all" else int(self.per_shard[n, SPLITS.index(split)])
 
 
 @dataclass(frozen=True)
@@ -177,63 +217,64 @@ class ShardStream(IterableDataset):
         self.spec, self.epoch, self.start = spec, epoch, start
         self.last_epoch = epoch + 1 if last_epoch is None else last_epoch
 
-    def _labels(self) -> dict[str, tuple[int, int]]:
-        """key -> (folder position, class) of every labelled sample, read once per loader process."""
-        if not hasattr(self, "_label_of"):
-            info = self.spec.info
-            index = owned_index(info.roots, info.storage_options)
-            self._label_of = {key: (root, info.labels.index(label)) for key, root, label in zip(
-                *(index.column(c).to_pylist() for c in ("key", "root", "label")), strict=True)}
-        return self._label_of
-
-    def _sidecar(self, url: str) -> tuple[list[str], np.ndarray, np.ndarray]:
-        """(keys, features [n, sum(dims)] with zeros where absent, mask [n, modalities])."""
+    def _order(self, epoch: int) -> np.ndarray:
+        """The epoch's shards (those with samples of the split), in a seeded order."""
         info = self.spec.info
-        fs, path = filesystem(url.removesuffix(".tar") + ".emb.parquet", info.storage_options)
-        table = pq.read_table(io.BytesIO(fs.cat_file(path)))
+        order = np.array([n for n in range(len(info.shards)) if info.samples(n, self.spec.split)], np.int64)
+        np.random.default_rng([self.spec.seed, epoch]).shuffle(order)
+        return order
+
+    def _rows(self, n: int) -> list[dict]:
+        """The split's samples of shard n, in index order: key, class, packed vectors, image."""
+        spec, info = self.spec, self.spec.info
+        root, name = info.shards[n]
+        store = Store(info.roots[root], info.storage_options)
+        index = read_index_part(store, name, ["key", "label"], pc.field("label").is_valid())
+        chosen = [(key, label) for key, label in zip(index.column("key").to_pylist(), index.column("label").to_pylist(),
+                                                     strict=True)
+                  if key not in info.excluded[root]
+                  and (spec.split == "all" or split_of(key, spec.val_fraction) == spec.split)]
+        with store.fs.open(store.path(name.removesuffix(".tar") + ".emb.parquet"), "rb") as f:
+            table = pq.read_table(f, columns=["key", *info.dims])
+        where = {key: i for i, key in enumerate(table.column("key").to_pylist())}
+        if len(chosen) != info.samples(n, spec.split) or any(key not in where for key, _ in chosen):
+            raise ValueError(f"{info.shard_url(n)}: its index and sidecar disagree with the dataset's counts; "
+                             "run `tessera embed` again")
+        take = np.array([where[key] for key, _ in chosen], np.int64)
         present = {}
         for modality, dim in info.dims.items():
-            if modality in table.column_names:
-                column = table.column(modality).combine_chunks()
-                rows = column.is_valid().to_numpy(zero_copy_only=False)
-                values = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
-                present[modality] = (rows, values if len(values) == rows.sum() else values[rows])
-        return table.column("key").to_pylist(), *pack_vectors(table.num_rows, info.dims, present)
+            column = table.column(modality).combine_chunks().take(take)
+            rows = column.is_valid().to_numpy(zero_copy_only=False)
+            values = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+            present[modality] = (rows, values if len(values) == rows.sum() else values[rows])
+        features, mask = pack_vectors(len(chosen), info.dims, present)
+        images = self._images(info.shard_url(n), {key for key, _ in chosen}) if spec.image_branch_size else {}
+        return [{"key": key, "label": info.labels.index(label), "features": features[i], "mask": mask[i],
+                 "image": images.get(key)} for i, (key, label) in enumerate(chosen)]
 
     def _images(self, url: str, keys: set[str]) -> dict[str, bytes]:
-        info = self.spec.info
+        exts = MEMBER_EXTENSIONS["image"]
 
         def select(member: str) -> bool:
             key, _, ext = member.partition(".")
-            return key in keys and ext in ("jpg", "png", "webp")
+            return key in keys and ext in exts
 
-        return {s["__key__"]: next(s[e] for e in ("jpg", "png", "webp") if e in s)
-                for s in iter_shard(url, info.storage_options, select)}
+        return {s["__key__"]: next(s[e] for e in exts if e in s)
+                for s in iter_shard(url, self.spec.info.storage_options, select)}
 
     def _samples(self, consumer: int, epoch: int) -> Iterator[dict]:
-        """This consumer's samples of the split, dealt round-robin over the epoch's shard order."""
+        """Consumer's block of the epoch's sequence of samples, shard by shard."""
         spec, info = self.spec, self.spec.info
-        order = list(info.shard_urls)
-        np.random.default_rng([spec.seed, epoch]).shuffle(order)
-        label_of = self._labels()
-        folder = {root: i for i, root in enumerate(info.roots)}
-        position = 0
-        for url in order:
-            keys, features, mask = self._sidecar(url)
-            here = folder[parent(url)]
-            mine = []
-            for i, key in enumerate(keys):
-                if label_of.get(key, (None,))[0] != here:
-                    continue
-                if spec.split != "all" and split_of(key, spec.val_fraction) != spec.split:
-                    continue
-                if position % spec.consumers == consumer:
-                    mine.append(i)
-                position += 1
-            images = self._images(url, {keys[i] for i in mine}) if spec.image_branch_size and mine else {}
-            for i in mine:
-                yield {"key": keys[i], "label": label_of[keys[i]][1], "features": features[i], "mask": mask[i],
-                       "image": images.get(keys[i])}
+        order = self._order(epoch)
+        ends = np.cumsum([info.samples(n, spec.split) for n in order])
+        total = int(ends[-1]) if len(ends) else 0
+        lo, hi = consumer * total // spec.consumers, (consumer + 1) * total // spec.consumers
+        for position in range(int(np.searchsorted(ends, lo, side="right")), len(order)):
+            first = int(ends[position - 1]) if position else 0
+            if first >= hi:
+                return
+            rows = self._rows(int(order[position]))
+            yield from rows[max(lo - first, 0) : hi - first]
 
     def _shuffled(self, samples: Iterator[dict], consumer: int, epoch: int) -> Iterator[dict]:
         rng = np.random.default_rng([self.spec.seed, epoch, consumer, 1])
@@ -257,19 +298,27 @@ class ShardStream(IterableDataset):
                                                                        info.pixel_mean, info.pixel_std) for r in rows]))
         return batch
 
-    def consumer_batches(self, epoch: int, k: int) -> list[tuple[list[dict], list[float]]]:
-        """Every batch of this rank's consumer k in an epoch; its batch i is the rank's batch i*workers + k."""
+    def consumer_batches(self, epoch: int, k: int) -> Iterator[tuple[list[dict], list[float]]]:
+        """The batches of this rank's consumer k in an epoch, streamed; its batch i is the rank's
+        batch i*workers + k. Past its samples, padding rows (a real row, weight 0)."""
         spec = self.spec
         consumer = spec.rank * spec.loader_workers + k
-        rows = list(self._shuffled(self._samples(consumer, epoch), consumer, epoch))
-        wanted = spec.batches_per_consumer * spec.batch_size
-        weights = [1.0] * len(rows) + [0.0] * (wanted - len(rows))
-        if len(rows) < wanted:  # padding rows: any real row (or the first of the split), weight 0
-            filler = rows[-1] if rows else next(self._samples(0, epoch), None)
-            rows += [filler] * (wanted - len(rows))
-        size = spec.batch_size
-        return [(rows[i * size : (i + 1) * size], weights[i * size : (i + 1) * size])
-                for i in range(spec.batches_per_consumer)]
+        batch: list[dict] = []
+        made, last = 0, None
+        for row in self._shuffled(self._samples(consumer, epoch), consumer, epoch):
+            batch.append(row)
+            last = row
+            if len(batch) == spec.batch_size:
+                yield batch, [1.0] * len(batch)
+                batch, made = [], made + 1
+        if made == spec.batches_per_consumer:
+            return
+        filler = last if last is not None else next(self._samples(0, epoch), None)
+        real = len(batch)
+        batch += [filler] * (spec.batch_size - real)
+        yield batch, [1.0] * real + [0.0] * (spec.batch_size - real)
+        for _ in range(spec.batches_per_consumer - made - 1):
+            yield [filler] * spec.batch_size, [0.0] * spec.batch_size
 
     def __iter__(self) -> Iterator[dict]:
         spec = self.spec
@@ -277,18 +326,26 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         me, processes = (info.id, info.num_workers) if info else (0, 1)
         total = (self.last_epoch - self.epoch) * per_rank - self.start
-        made: dict[tuple[int, int], list] = {}
+        streams: dict[tuple[int, int], list] = {}  # (epoch, consumer) -> [its batches, next batch index]
         # The DataLoader takes item g from process g % processes, so process `me` yields the
         # rank's items me, me + processes, ...; with one process per consumer that is always
-        # the same consumer, whatever the start.
+        # the same consumer, whose batches then come in order, each made once.
         for g in range(me, total, processes):
             flat = self.start + g
             epoch, b = self.epoch + flat // per_rank, flat % per_rank
-            k = b % workers
-            if (epoch, k) not in made:
-                made = {key: v for key, v in made.items() if key[0] == epoch}
-                made[(epoch, k)] = self.consumer_batches(epoch, k)
-            yield self._collate(*made[(epoch, k)][b // workers])
+            k, i = b % workers, b // workers
+            if (epoch, k) not in streams:
+                streams = {key: v for key, v in streams.items() if key[0] == epoch}
+                streams[(epoch, k)] = [self.consumer_batches(epoch, k), 0]
+            stream = streams[(epoch, k)]
+            started = time.perf_counter()
+            while stream[1] < i:  # resuming: skip the batches already consumed
+                next(stream[0])
+                stream[1] += 1
+            stream[1] += 1
+            batch = self._collate(*next(stream[0]))
+            batch["made_seconds"] = time.perf_counter() - started  # this loader process's work on it
+            yield batch
 
 
 def loader(spec: StreamSpec, epoch: int, start: int = 0, last_epoch: int | None = None) -> DataLoader:

@@ -1,13 +1,13 @@
-"""How good a trained model is: metrics over (labels, class probabilities) as plain
-functions (scikit-learn's), the batches they are computed on, and per-modality ablation
-(the same model with one modality masked out, as if every sample lacked it)."""
+"""How good a trained model is: metrics over (labels, class probabilities) accumulated batch by
+batch in bounded memory, the batches they are computed on, and per-modality ablation (the
+same model with one modality masked out, as if every sample lacked it)."""
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from preprocess.storage import filesystem, join, write_atomic, write_json
+from preprocess.storage import Store, filesystem, join
 from train.config import TrainConfig
 from train.data import DatasetInfo, StreamSpec, loader
 from train.model import MultimodalModel
@@ -27,41 +27,89 @@ EVAL, PREDICTIONS = "eval.json", "eval-predictions.parquet"
 Scorer = Callable[[dict], np.ndarray]  # a batch (features, mask[, pixels]) -> class probabilities
 
 
-def classification_metrics(labels: np.ndarray, probs: np.ndarray, names: list[str]) -> dict:
-    """Accuracy, per-class precision / recall / F1 / one-vs-rest ROC-AUC, macro-F1, the
-    confusion matrix (rows: true class, columns: predicted). A class's AUC is null when the
-    set has no positive or no negative for it; macro-F1 is over the classes that occur in the
-    labels or the predictions (scikit-learn's convention)."""
-    from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score, roc_curve
+AUC_BINS = 1000
+AUC_METHOD = (f"one-vs-rest, from fixed-bin histograms of each class's predicted probability ({AUC_BINS} bins "
+              "over [0, 1]) for its positives and negatives, accumulated batch by batch; a positive and a negative "
+              "in the same bin count as a tie (half)")
 
-    labels = np.asarray(labels)
-    if not len(labels):
-        return {"samples": 0, "accuracy": None, "macro_f1": None, "macro_roc_auc": None, "per_class": {},
-                "confusion_matrix": [], "roc_curves": {}}
-    predicted = probs.argmax(1)
-    classes = list(range(len(names)))
-    precision, recall, f1, support = precision_recall_fscore_support(labels, predicted, labels=classes,
-                                                                     zero_division=0)
-    per_class, curves = {}, {}
-    for c, name in enumerate(names):
-        positives = labels == c
-        auc = None
-        if 0 < positives.sum() < len(labels):
-            auc = float(roc_auc_score(positives, probs[:, c]))
-            fpr, tpr, _ = roc_curve(positives, probs[:, c])
-            curves[name] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
-        per_class[name] = {"precision": float(precision[c]), "recall": float(recall[c]), "f1": float(f1[c]),
-                           "support": int(support[c]), "roc_auc": auc}
-    aucs = [v["roc_auc"] for v in per_class.values() if v["roc_auc"] is not None]
-    return {
-        "samples": len(labels),
-        "accuracy": float((predicted == labels).mean()),
-        "macro_f1": float(f1_score(labels, predicted, average="macro", zero_division=0)),
-        "macro_roc_auc": float(np.mean(aucs)) if aucs else None,
-        "per_class": per_class,
-        "confusion_matrix": confusion_matrix(labels, predicted, labels=classes).tolist(),
-        "roc_curves": curves,
-    }
+
+class Metrics:
+    """Classification metrics accumulated batch by batch in memory that does not grow with
+    the set: the confusion matrix, and per class the histograms of its predicted probability
+    over positives and negatives (AUC_BINS bins), from which ROC curves and AUC come."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        k = len(names)
+        self.confusion = np.zeros((k, k), np.int64)
+        self.positives = np.zeros((k, AUC_BINS), np.int64)
+        self.negatives = np.zeros((k, AUC_BINS), np.int64)
+
+    def add(self, labels: np.ndarray, probs: np.ndarray) -> None:
+        labels = np.asarray(labels, np.int64)
+        if not len(labels):
+            return
+        np.add.at(self.confusion, (labels, probs.argmax(1)), 1)
+        bins = np.minimum((probs * AUC_BINS).astype(np.int64), AUC_BINS - 1)
+        for c in range(len(self.names)):
+            positive = labels == c
+            self.positives[c] += np.bincount(bins[positive, c], minlength=AUC_BINS)
+            self.negatives[c] += np.bincount(bins[~positive, c], minlength=AUC_BINS)
+
+    def _roc(self, c: int) -> tuple[float, dict] | None:
+        """AUC and the curve (thresholds at bin edges, highest first); None without both classes."""
+        pos, neg = self.positives[c], self.negatives[c]
+        p, n = pos.sum(), neg.sum()
+        if not p or not n:
+            return None
+        below = np.cumsum(neg) - neg  # negatives in lower bins
+        auc = float((pos * (below + neg / 2)).sum() / (p * n))
+        tpr = np.concatenate([[0.0], np.cumsum(pos[::-1]) / p])
+        fpr = np.concatenate([[0.0], np.cumsum(neg[::-1]) / n])
+        keep = np.concatenate([[True], (np.diff(tpr) > 0) | (np.diff(fpr) > 0)])
+        return auc, {"fpr": fpr[keep].tolist(), "tpr": tpr[keep].tolist()}
+
+    def result(self) -> dict:
+        """Accuracy, per-class precision / recall / F1 / ROC-AUC, macro-F1 (over the classes that
+        occur in the labels or the predictions, scikit-learn's convention), the confusion matrix
+        (rows: true class, columns: predicted). A class's AUC is null when the set has no
+        positive or no negative for it."""
+        samples = int(self.confusion.sum())
+        if not samples:
+            return {"samples": 0, "accuracy": None, "macro_f1": None, "macro_roc_auc": None, "per_class": {},
+                    "confusion_matrix": [], "roc_curves": {}, "roc_auc_method": AUC_METHOD}
+        tp = np.diag(self.confusion)
+        support, predicted = self.confusion.sum(1), self.confusion.sum(0)
+        precision = np.divide(tp, predicted, out=np.zeros(len(tp)), where=predicted > 0)
+        recall = np.divide(tp, support, out=np.zeros(len(tp)), where=support > 0)
+        f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(len(tp)),
+                       where=precision + recall > 0)
+        per_class, curves = {}, {}
+        for c, name in enumerate(self.names):
+            roc = self._roc(c)
+            if roc is not None:
+                curves[name] = roc[1]
+            per_class[name] = {"precision": float(precision[c]), "recall": float(recall[c]), "f1": float(f1[c]),
+                               "support": int(support[c]), "roc_auc": None if roc is None else roc[0]}
+        aucs = [v["roc_auc"] for v in per_class.values() if v["roc_auc"] is not None]
+        occurring = (support > 0) | (predicted > 0)
+        return {
+            "samples": samples,
+            "accuracy": float(tp.sum() / samples),
+            "macro_f1": float(f1[occurring].mean()),
+            "macro_roc_auc": float(np.mean(aucs)) if aucs else None,
+            "per_class": per_class,
+            "confusion_matrix": self.confusion.tolist(),
+            "roc_curves": curves,
+            "roc_auc_method": AUC_METHOD,
+        }
+
+
+def classification_metrics(labels: np.ndarray, probs: np.ndarray, names: list[str]) -> dict:
+    """Metrics of one set of (labels, probabilities) held in memory."""
+    metrics = Metrics(names)
+    metrics.add(np.asarray(labels), np.asarray(probs))
+    return metrics.result()
 
 
 def eval_batches(info: DatasetInfo, split: str, cfg: TrainConfig, batch_size: int = 256) -> Iterator[dict]:
@@ -96,36 +144,35 @@ def eager_scorer(model: MultimodalModel) -> Scorer:
     return score
 
 
-def score_set(batches: Iterable[dict], score: Scorer, dims: dict[str, int], ablate: bool = True) -> dict:
-    """Probabilities of every sample, and (ablate) with each modality masked in turn; one
-    pass over the batches, so a large set streams."""
-    keys, labels, probs = [], [], []
-    ablated: dict[str, list] = {m: [] for m in dims} if ablate else {}
+PREDICTION_SCHEMA = pa.schema([("set", pa.string()), ("key", pa.string()), ("label", pa.string()),
+                               ("predicted", pa.string()), ("probabilities", pa.list_(pa.float32()))])
+
+
+def evaluate_set(batches: Iterable[dict], score: Scorer, dims: dict[str, int], names: list[str],
+                 predictions: Callable[[pa.Table], None] | None = None, set_name: str = "") -> dict:
+    """Metrics of the model on every batch, and with each modality masked in turn (ablation),
+    in one pass; each batch's predictions go to PREDICTIONS (a Parquet writer) as they come."""
+    full, ablated = Metrics(names), {m: Metrics(names) for m in dims}
     for batch in batches:
-        keys += batch["keys"]
-        labels.append(batch["labels"].numpy())
-        probs.append(score(batch))
-        for modality, parts in ablated.items():
-            parts.append(score(without(batch, dims, modality)))
-    out = {"keys": keys, "labels": np.concatenate(labels) if labels else np.zeros(0, int),
-           "probs": np.concatenate(probs) if probs else np.zeros((0, 0))}
-    if ablate:
-        out["ablated"] = {m: np.concatenate(parts) if parts else None for m, parts in ablated.items()}
-    return out
-
-
-def _report(scored: dict, labels: list[str]) -> dict:
-    metrics = classification_metrics(scored["labels"], scored["probs"], labels)
-    metrics["ablation"] = {}
-    for modality, probs in scored.get("ablated", {}).items():
-        if probs is None:  # an empty set
-            continue
-        masked = classification_metrics(scored["labels"], probs, labels)
-        metrics["ablation"][modality] = {
-            "accuracy": masked["accuracy"], "macro_f1": masked["macro_f1"],
-            "accuracy_drop": metrics["accuracy"] - masked["accuracy"],
-            "macro_f1_drop": metrics["macro_f1"] - masked["macro_f1"]}
-    return metrics
+        labels = batch["labels"].numpy()
+        probs = score(batch)
+        full.add(labels, probs)
+        for modality, metrics in ablated.items():
+            metrics.add(labels, score(without(batch, dims, modality)))
+        if predictions is not None:
+            predictions(pa.table({"set": [set_name] * len(labels), "key": batch["keys"],
+                                  "label": [names[i] for i in labels], "predicted": [names[i] for i in probs.argmax(1)],
+                                  "probabilities": list(probs.astype(np.float32))}, schema=PREDICTION_SCHEMA))
+    report = full.result()
+    report["ablation"] = {}
+    for modality, metrics in ablated.items():
+        masked = metrics.result()
+        if masked["samples"]:
+            report["ablation"][modality] = {
+                "accuracy": masked["accuracy"], "macro_f1": masked["macro_f1"],
+                "accuracy_drop": report["accuracy"] - masked["accuracy"],
+                "macro_f1_drop": report["macro_f1"] - masked["macro_f1"]}
+    return report
 
 
 def run_record(run: str, storage_options: dict) -> tuple[str | list[str], TrainConfig]:
@@ -147,29 +194,24 @@ def data_for(meta: dict, shards: str | list[str], cfg: TrainConfig, storage_opti
 def evaluate_run(run: str, other_shards: list[str] = (), storage_options: dict | None = None,
                  batch_size: int = 256) -> dict:
     """Metrics of RUN's model on its validation split and on every shard folder in
-    OTHER_SHARDS (all their labelled samples): RUN/eval.json and RUN/eval-predictions.parquet."""
+    OTHER_SHARDS (all their labelled samples): RUN/eval.json and RUN/eval-predictions.parquet,
+    both made in one streaming pass per set."""
     storage_options = storage_options or {}
     meta, state = read_saved(run, storage_options)
     model = load_model(meta, state)
     shards, cfg = run_record(run, storage_options)
     sets = {"val": (shards, "val"), **{f"shards:{url}": (url, "all") for url in other_shards}}
     result: dict = {"model": meta["checkpoint"], "labels": meta["labels"], "sets": {}}
-    columns: dict[str, list] = {"set": [], "key": [], "label": [], "predicted": [], "probabilities": []}
-    for name, (source, split) in sets.items():
-        info = data_for(meta, source, cfg, storage_options)
-        scored = score_set(eval_batches(info, split, cfg, batch_size), eager_scorer(model), info.dims)
-        result["sets"][name] = _report(scored, meta["labels"])
-        columns["set"] += [name] * len(scored["keys"])
-        columns["key"] += scored["keys"]
-        columns["label"] += [meta["labels"][i] for i in scored["labels"]]
-        columns["predicted"] += [meta["labels"][i] for i in scored["probs"].argmax(1)] if len(scored["keys"]) else []
-        columns["probabilities"] += scored["probs"].tolist()
-        log.info("evaluate %s: %d samples, accuracy %s", name, len(scored["keys"]), result["sets"][name]["accuracy"])
-    fs, root = filesystem(run, storage_options)
-    write_json(fs, join(root, EVAL), result)
-    buf = io.BytesIO()
-    pq.write_table(pa.table(columns, schema=pa.schema([("set", pa.string()), ("key", pa.string()),
-                                                        ("label", pa.string()), ("predicted", pa.string()),
-                                                        ("probabilities", pa.list_(pa.float32()))])), buf)
-    write_atomic(fs, join(root, PREDICTIONS), buf.getvalue())
+    out = Store(run, storage_options)
+    with tempfile.TemporaryDirectory(prefix="tessera-eval-") as scratch:
+        local = f"{scratch}/{PREDICTIONS}"
+        with pq.ParquetWriter(local, PREDICTION_SCHEMA) as writer:
+            for name, (source, split) in sets.items():
+                info = data_for(meta, source, cfg, storage_options)
+                result["sets"][name] = evaluate_set(eval_batches(info, split, cfg, batch_size), eager_scorer(model),
+                                                    info.dims, meta["labels"], writer.write_table, name)
+                log.info("evaluate %s: %d samples, accuracy %s", name, result["sets"][name]["samples"],
+                         result["sets"][name]["accuracy"])
+        out.put_file(local, PREDICTIONS)
+    out.write_json(EVAL, result)
     return result

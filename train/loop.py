@@ -75,6 +75,25 @@ def _inputs(batch: dict, device) -> tuple:
     return tuple(inputs)
 
 
+class TimedBatches:
+    """The loader's batches, counting the time this process waited for them and the time the
+    loader processes spent making them (what shows whether the input keeps up with training)."""
+
+    def __init__(self, batches):
+        self.batches = iter(batches)
+        self.waited = self.made = 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        started = time.perf_counter()
+        batch = next(self.batches)
+        self.waited += time.perf_counter() - started
+        self.made += batch.pop("made_seconds", 0.0)
+        return batch
+
+
 def _pipeline_items(batches, device):
     for batch in batches:
         yield _inputs(batch, device), (batch["labels"].to(device), batch["weights"].to(device))
@@ -208,11 +227,11 @@ def run_worker(job: TrainJob, rank: int, world: int, local_rank: int | None = No
     metrics = (run / METRICS).open("a") if rank == 0 else None
     bar = tqdm(total=total_steps, initial=step, unit="step", desc="train", disable=rank != 0)
     last_saved = step
-    batches = iter(loader(train_spec, epoch, batch_pos, cfg.epochs))
+    batches = TimedBatches(loader(train_spec, epoch, batch_pos, cfg.epochs))
     pipe_items = _pipeline_items(batches, device) if pipeline else None
     while epoch < cfg.epochs and step < total_steps:
         while batch_pos < train_spec.batches_per_rank and step < total_steps:
-            started = time.perf_counter()
+            started, waited, made = time.perf_counter(), batches.waited, batches.made
             _seed_step(cfg, step, rank)
             if pipeline:
                 loss = float(engine.train_batch(data_iter=pipe_items))
@@ -234,7 +253,9 @@ def run_worker(job: TrainJob, rank: int, world: int, local_rank: int | None = No
             samples = cfg.micro_batch_size * cfg.grad_accum * (world // (cfg.pipeline_stages if pipeline else 1))
             if metrics:
                 metrics.write(json.dumps({"step": step, "epoch": epoch, "loss": loss, "lr": engine.get_lr()[0],
-                                          "step_seconds": seconds, "samples_per_s": samples / seconds}) + "\n")
+                                          "step_seconds": seconds, "samples_per_s": samples / seconds,
+                                          "data_wait_seconds": batches.waited - waited,
+                                          "data_made_seconds": batches.made - made}) + "\n")
                 metrics.flush()
             bar.update()
             if loss is not None:

@@ -4,6 +4,8 @@ so the page is one file that opens anywhere."""
 from __future__ import annotations
 
 import base64
+import hashlib
+import heapq
 import html
 import io
 import json
@@ -18,10 +20,12 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from features.stage import EMBED_SUMMARY  # noqa: E402
-from preprocess.layout import SUMMARY, index_batches  # noqa: E402
+from preprocess.layout import SUMMARY, committed_shards, index_batches, read_index_part  # noqa: E402
 from preprocess.storage import Store, filesystem, join, read_json, write_atomic  # noqa: E402
 from train.evaluate import EVAL  # noqa: E402
 from train.saved import TRAIN_SUMMARY  # noqa: E402
+
+SAMPLE_ROWS = 2000  # embeddings the report's plots are drawn from
 
 
 def _png(fig) -> str:
@@ -41,38 +45,58 @@ def _bars(counts: dict, title: str, horizontal: bool = False) -> str:
     return _png(fig)
 
 
-def _embedding_plots(fs, root: str, label_of: dict) -> list[tuple[str, str]]:
-    tables = [pq.read_table(io.BytesIO(fs.cat_file(p))) for p in sorted(fs.glob(join(root, "shard-*.emb.parquet")))]
-    if not tables:
+def embedding_sample(shards: Store, size: int = SAMPLE_ROWS, seed: int = 0) -> list[dict]:
+    """A fixed-size, seeded sample of the kept samples' embeddings (with their labels): the
+    SIZE keys of smallest sha256(seed, key), gathered shard by shard with a bounded heap, so
+    it is the same whatever the shard order and never holds more than SIZE rows."""
+    heap: list[tuple[int, int, dict]] = []  # (-priority, tie, row): the largest priority on top
+    modalities = ("text", "image", "audio", "video")
+    for n, name in enumerate(committed_shards(shards)):
+        sidecar = name.removesuffix(".tar") + ".emb.parquet"
+        if not shards.exists(sidecar):
+            continue
+        table = pq.read_table(pa.BufferReader(shards.read_bytes(sidecar)))
+        labels = dict(zip(*(read_index_part(shards, name, ["key", "label"]).column(c).to_pylist()
+                            for c in ("key", "label")), strict=True))
+        columns = [m for m in modalities if m in table.column_names]
+        for i, key in enumerate(table.column("key").to_pylist()):
+            priority = int.from_bytes(hashlib.sha256(f"{seed}\0{key}".encode()).digest()[:8], "big")
+            if len(heap) == size and -heap[0][0] <= priority:
+                continue
+            row = {"key": key, "label": labels.get(key), **{m: table.column(m)[i].as_py() for m in columns}}
+            item = (-priority, n * 10**9 + i, row)
+            heapq.heappush(heap, item) if len(heap) < size else heapq.heapreplace(heap, item)
+    return [row for _, _, row in sorted(heap, key=lambda item: -item[0])]
+
+
+def _embedding_plots(shards: Store) -> list[tuple[str, str]]:
+    sample = embedding_sample(shards)
+    if not sample:
         return []
-    table = pa.concat_tables(tables)
     plots = []
     fig, ax = plt.subplots(figsize=(6, 3.2))
     for modality in ("text", "image", "audio", "video"):
-        if modality in table.column_names:
-            vectors = [v for v in table.column(modality).to_pylist() if v is not None]
-            if vectors:
-                norms = np.linalg.norm(np.asarray(vectors, np.float32), axis=1)
-                # normalized embeddings (MiniLM's) all have norm 1: one bin, not twenty empty ones
-                ax.hist(norms, bins=20 if np.ptp(norms) > 1e-3 else 1, alpha=0.6, label=modality)
-    ax.set_title("embedding norms")
+        vectors = [r[modality] for r in sample if r.get(modality) is not None]
+        if vectors:
+            norms = np.linalg.norm(np.asarray(vectors, np.float32), axis=1)
+            # normalized embeddings (MiniLM's) all have norm 1: one bin, not twenty empty ones
+            ax.hist(norms, bins=20 if np.ptp(norms) > 1e-3 else 1, alpha=0.6, label=modality)
+    ax.set_title(f"embedding norms ({len(sample)} samples, seeded)")
     ax.legend()
     plots.append(("Embedding norms per modality", _png(fig)))
-    if "text" in table.column_names:
-        rows = [(k, v) for k, v in zip(table.column("key").to_pylist(), table.column("text").to_pylist(),
-                                       strict=True) if v is not None]
-        x = np.asarray([v for _, v in rows], np.float32)
-        if len(x) >= 3:
-            x = x - x.mean(0)
-            projected = x @ np.linalg.svd(x, full_matrices=False)[2][:2].T  # PCA to 2-D
-            fig, ax = plt.subplots(figsize=(6, 4))
-            labels = [label_of.get(k) or "none" for k, _ in rows]
-            for label in sorted(set(labels)):
-                mine = np.array([lab == label for lab in labels])
-                ax.scatter(projected[mine, 0], projected[mine, 1], s=14, label=label)
-            ax.set_title("text embeddings, PCA 2-D, coloured by label")
-            ax.legend(fontsize=7)
-            plots.append(("Text embeddings projected to 2-D", _png(fig)))
+    rows = [r for r in sample if r.get("text") is not None]
+    if len(rows) >= 3:
+        x = np.asarray([r["text"] for r in rows], np.float32)
+        x = x - x.mean(0)
+        projected = x @ np.linalg.svd(x, full_matrices=False)[2][:2].T  # PCA to 2-D
+        fig, ax = plt.subplots(figsize=(6, 4))
+        labels = [r["label"] or "none" for r in rows]
+        for label in sorted(set(labels)):
+            mine = np.array([lab == label for lab in labels])
+            ax.scatter(projected[mine, 0], projected[mine, 1], s=14, label=label)
+        ax.set_title(f"text embeddings, PCA 2-D, coloured by label ({len(rows)} samples, seeded)")
+        ax.legend(fontsize=7)
+        plots.append(("Text embeddings projected to 2-D", _png(fig)))
     return plots
 
 
@@ -162,11 +186,10 @@ def write_report(out: str, storage_options: dict, run: str | None = None) -> str
     shards = join(root, "shards")
     summary = read_json(fs, join(shards, SUMMARY))
     embed = read_json(fs, join(shards, EMBED_SUMMARY)) if fs.exists(join(shards, EMBED_SUMMARY)) else {}
-    labels, modalities, label_of = Counter(), Counter(), {}
-    for batch in index_batches(Store(join(out, "shards"), storage_options), ["key", "label", "modalities"]):
+    labels, modalities = Counter(), Counter()
+    for batch in index_batches(Store(join(out, "shards"), storage_options), ["label", "modalities"]):
         labels.update(label or "none" for label in batch.column("label").to_pylist())
         modalities.update(m for ms in batch.column("modalities").to_pylist() for m in ms)
-        label_of.update(zip(batch.column("key").to_pylist(), batch.column("label").to_pylist(), strict=True))
     throughput = {"shard samples/s": summary["samples_per_s"]}  # of the run that wrote the shards
     throughput |= {f"embed {m}/s": v["embeddings_per_s"] for m, v in embed.get("modalities", {}).items()
                    if v.get("embeddings_per_s")}
@@ -176,7 +199,7 @@ def write_report(out: str, storage_options: dict, run: str | None = None) -> str
         ("Reject reasons", _bars(summary["rejected_by_reason"] or {"(none)": 0},
                                  f"rejected inputs: {summary['rejected']}", horizontal=True)),
         ("Stage throughput", _bars(throughput, "throughput", horizontal=True)),
-        *_embedding_plots(fs, shards, label_of),
+        *_embedding_plots(Store(join(out, "shards"), storage_options)),
         *(_training_plots(*run_fs) + _evaluation_plots(*run_fs) if run else []),
     ]
     text = (f"{summary['inputs']} inputs, {summary['accepted']} accepted, {summary['rejected']} rejected, "

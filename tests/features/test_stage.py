@@ -109,30 +109,32 @@ def test_new_weights_change_the_identity(tmp_path):
     assert TextEncoder(TextEncoderConfig(weights=str(weights))).identity() != original
 
 
-def test_corrupt_cache_part_is_reported_and_recomputed(sample_shards, tmp_path):
+def test_corrupt_cache_is_reported_and_recomputed(sample_shards, tmp_path):
     shards = copy_shards(sample_shards, tmp_path / "shards")
     embed(shards, audio=None, video=None, image=None)
     reference = sidecars(shards)
-    parts = sorted((shards / "embed-cache").rglob("part-*.parquet"))
-    assert parts
-    damaged = parts[0]
-    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])  # truncated
+    files = sorted((shards / "embed-cache").rglob("*.lance/data/*.lance"))
+    assert files
+    files[0].write_bytes(files[0].read_bytes()[: files[0].stat().st_size // 2])  # truncated
     for sidecar in shards.glob("*.emb.parquet"):
         sidecar.unlink()
     summary = embed(shards, audio=None, video=None, image=None)
-    assert summary["cache_corrupt_parts"] == [str(damaged)]
-    assert 0 < summary["modalities"]["text"]["computed"] < summary["modalities"]["text"]["unique"]
+    assert summary["cache_corrupt"] and "unreadable fragments" in summary["cache_corrupt"][0]
+    assert 0 < summary["modalities"]["text"]["computed"] < summary["modalities"]["text"]["unique"] == 17
     recomputed = sidecars(shards)
     for key, row in reference.items():
         np.testing.assert_allclose(recomputed[key]["text"], row["text"], atol=1e-6)
-    assert embed(shards, audio=None, video=None, image=None)["cache_corrupt_parts"] == []
+    for sidecar in shards.glob("*.emb.parquet"):
+        sidecar.unlink()
+    again = embed(shards, audio=None, video=None, image=None)
+    assert again["cache_corrupt"] == [] and again["computed"] == 0
 
 
 def test_two_actors_share_the_work_and_the_cache(sample_shards, tmp_path):
     shards = copy_shards(sample_shards, tmp_path / "shards")
     summary = embed(shards, actors=2, cpus_per_actor=1, video=None)
     assert summary["modalities"]["text"]["computed"] == 17
-    assert summary["cache_corrupt_parts"] == []
+    assert summary["cache_corrupt"] == []
     assert embed(shards, actors=2, cpus_per_actor=1, video=None)["computed"] == 0
 
 

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import LABELS
-from train.evaluate import classification_metrics, evaluate_run
+from train.evaluate import Metrics, classification_metrics, evaluate_run
 
 
 def test_metrics_of_a_small_hand_worked_example():
@@ -33,6 +33,24 @@ def test_a_class_absent_from_the_set_has_no_auc():
     assert m["per_class"]["c"]["roc_auc"] is None and m["per_class"]["c"]["support"] == 0
     assert m["macro_roc_auc"] == pytest.approx(np.mean([m["per_class"]["a"]["roc_auc"],
                                                         m["per_class"]["b"]["roc_auc"]]))
+
+
+def test_batch_by_batch_metrics_equal_one_pass_and_the_binned_auc_is_close_to_the_exact_one():
+    from sklearn.metrics import f1_score, roc_auc_score
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 5000)
+    logits = rng.normal(size=(5000, 4)) + 1.5 * np.eye(4)[labels]
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    streamed = Metrics(list("abcd"))
+    for start in range(0, 5000, 128):
+        streamed.add(labels[start : start + 128], probs[start : start + 128])
+    m = streamed.result()
+    assert m == classification_metrics(labels, probs, list("abcd"))
+    assert m["macro_f1"] == pytest.approx(f1_score(labels, probs.argmax(1), average="macro"))
+    for c, name in enumerate("abcd"):
+        assert m["per_class"][name]["roc_auc"] == pytest.approx(roc_auc_score(labels == c, probs[:, c]), abs=1e-3)
+    assert "histogram" in m["roc_auc_method"]
 
 
 def test_evaluating_a_mini_run_matches_a_confusion_matrix_counted_by_hand(trained_mini, embedded_mini):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import LABELS, REPO, mini_manifest_lines
-from train.data import DatasetInfo, owned_index
+from train.data import DatasetInfo, StreamSpec, loader
 from workflows.config import load_config
 from workflows.refresh import LOCK, Locked, run_refresh, versions
 
@@ -54,12 +54,11 @@ def test_new_changed_and_removed_rows_become_versions_then_nothing(ray_session, 
 
     # every version together, as training and evaluation read them: the newest copy of the
     # changed key, and no trace of the removed one
-    roots = tuple(str(out / "versions" / v["version"]) for v in listed)
-    index = owned_index(roots, {})
-    where = dict(zip(index.column("key").to_pylist(), index.column("root").to_pylist(), strict=True))
-    assert len(where) == 29 and removed["key"] not in where and where[changed["key"]] == 2
-    info = DatasetInfo.read(list(roots), ("text",), 0.0)
-    assert info.counts["all"] == 29
+    info = DatasetInfo.read([str(out / "versions" / v["version"]) for v in listed], ("text",), 0.0)
+    assert info.excluded[0] == {changed["key"], removed["key"]} and not info.excluded[1] | info.excluded[2]
+    seen = [k for b in loader(StreamSpec(info, "all", 0.0, 8, 4, 0, None), 0)
+            for k, w in zip(b["keys"], b["weights"].tolist(), strict=True) if w]
+    assert len(seen) == len(set(seen)) == info.counts["all"] == 29 and removed["key"] not in seen
 
     assert run_refresh(config(manifest, out))["version"] is None
     lines.insert(5, json.dumps(removed))  # back again: added, not remembered as seen

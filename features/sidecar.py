@@ -1,0 +1,110 @@
+"""Sidecars: one Parquet per shard, `shard-NNNNNN.emb.parquet`, joinable to the tar by key, one
+column per modality (null where a sample lacks it). Plain functions over a shard's index rows
+and the vectors found for them; the stage and its actors decide where they run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from features.config import EmbedConfig
+from features.encoders import VideoFramesEncoder
+from preprocess.layout import read_index_part
+from preprocess.storage import Store
+
+
+def sidecar_name(shard: str) -> str:
+    return shard.removesuffix(".tar") + ".emb.parquet"
+
+
+@dataclass
+class ShardRows:
+    """The kept samples of one shard (index order) and their payload hashes per modality."""
+
+    keys: list[str]
+    payloads: dict[str, list[str | None]]
+
+    @classmethod
+    def read(cls, shards: Store, shard: str, modalities: list[str]) -> ShardRows:
+        table = read_index_part(shards, shard, ["key", *(f"{m}_payload_sha256" for m in modalities)])
+        return cls(table.column("key").to_pylist(),
+                   {m: table.column(f"{m}_payload_sha256").to_pylist() for m in modalities})
+
+    def hashes(self, modality: str) -> set[str]:
+        """The distinct payloads of a modality in this shard."""
+        return {h for h in self.payloads[modality] if h}
+
+    def hashes_of_samples(self, modality: str) -> list[str]:
+        """The payload of each sample that has the modality."""
+        return [h for h in self.payloads[modality] if h]
+
+    def digest(self, identities: dict[str, str], cfg: EmbedConfig) -> str:
+        """What the sidecar depends on: keys, payloads, encoders, output settings."""
+        keep = bool(cfg.video and cfg.video.keep_frames)
+        text = json.dumps([self.keys, self.payloads, identities, cfg.dtype, keep], sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def owned_by(shards: Store, plan: str, shard: str) -> dict[str, dict[str, str]]:
+    """The payloads the embed plan gives SHARD to compute: modality -> hash -> the key of its
+    first sample there. The plan is sorted by shard, so only a few row groups are read."""
+    import pyarrow.dataset as ds
+
+    table = ds.dataset(shards.path(plan), format="parquet", filesystem=shards.arrow_filesystem()).to_table(
+        columns=["modality", "sha256", "key"], filter=ds.field("shard") == shard)
+    owned: dict[str, dict[str, str]] = {}
+    for modality, h, key in zip(*(table.column(c).to_pylist() for c in ("modality", "sha256", "key")), strict=True):
+        owned.setdefault(modality, {})[h] = key
+    return owned
+
+
+def sidecar_is_current(shards: Store, shard: str, digest: str) -> bool:
+    name = sidecar_name(shard)
+    try:
+        with shards.fs.open(shards.path(name), "rb") as f:
+            metadata = pq.read_schema(f).metadata or {}
+    except (OSError, pa.ArrowException):
+        return False
+    return metadata.get(b"tessera.digest", b"").decode() == digest
+
+
+def _vector_column(vectors: list[np.ndarray | None], dim: int, dtype: str) -> pa.Array:
+    value_type = pa.float16() if dtype == "float16" else pa.float32()
+    flat = np.zeros((len(vectors), dim), dtype=dtype)
+    present = np.array([v is not None for v in vectors], bool)
+    for i, v in enumerate(vectors):
+        if v is not None:
+            flat[i] = v
+    values = pa.array(flat.reshape(-1), type=value_type)
+    return pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.array(~present))
+
+
+def write_sidecar(shards: Store, shard: str, rows: ShardRows, vectors: dict[str, dict[str, np.ndarray]],
+                  dims: dict[str, int], identities: dict[str, str], digest: str, cfg: EmbedConfig) -> dict:
+    """Write the shard's sidecar from vectors[modality][hash]; returns, per modality, the samples
+    whose vector is missing (left null)."""
+    columns = {"key": pa.array(rows.keys, pa.string())}
+    missing = {}
+    for modality, dim in dims.items():
+        per_sample = [vectors[modality].get(h) if h else None for h in rows.payloads[modality]]
+        missing[modality] = sum(1 for h, v in zip(rows.payloads[modality], per_sample, strict=True)
+                                if h and v is None)
+        if modality == "video":
+            frames = [None if v is None else v.reshape(-1, dim) for v in per_sample]
+            columns["video"] = _vector_column([None if f is None else VideoFramesEncoder.pooled(f, dim)
+                                               for f in frames], dim, cfg.dtype)
+            if cfg.video.keep_frames:
+                columns["video_frames"] = pa.array(
+                    [None if f is None else f.astype(cfg.dtype).tolist() for f in frames],
+                    pa.list_(pa.list_(pa.float16() if cfg.dtype == "float16" else pa.float32(), dim)))
+        else:
+            columns[modality] = _vector_column(per_sample, dim, cfg.dtype)
+    metadata = {"tessera.digest": digest, "tessera.encoders": json.dumps({m: identities[m] for m in dims}),
+                "tessera.dims": json.dumps(dims)}
+    shards.write_parquet(sidecar_name(shard), pa.table(columns).replace_schema_metadata(metadata))
+    return missing
