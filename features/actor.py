@@ -23,6 +23,8 @@ from preprocess.storage import Store, iter_shard
 log = logging.getLogger(__name__)
 
 _DONE = object()
+INSERT_ROWS = 4096  # computed vectors added to the cache in one commit
+INDEX_LAG_ROWS = 65536  # cached rows allowed outside the key index before it is refreshed
 
 
 def prefetch(items: Iterable, depth: int) -> Iterator:
@@ -56,6 +58,7 @@ class EmbedWorker:
         self.caches = {m: EmbeddingCache(cache_root, identities[m], shards.options) for m in identities}
         self.device = device
         self.loaded: set[str] = set()
+        self.unsaved: dict[str, dict[str, np.ndarray]] = {m: {} for m in identities}
         self.model_calls = 0
 
     def _load(self, modality: str):
@@ -124,10 +127,29 @@ class EmbedWorker:
                 flush(modality)
         for modality in wanted:
             flush(modality)
-            done = vectors[modality]
-            if done:
-                self.caches[modality].insert(list(done), list(done.values()))
+            self.unsaved[modality].update(vectors[modality])
+            if len(self.unsaved[modality]) >= INSERT_ROWS:
+                self._save(modality)
         return vectors, errors, seconds
+
+    def _known(self, modality: str, hashes: set[str], refresh: bool = False) -> dict[str, np.ndarray]:
+        """Vectors of these hashes this actor holds unsaved, or the cache has."""
+        held = {h: self.unsaved[modality][h] for h in hashes if h in self.unsaved[modality]}
+        return held | self.caches[modality].lookup(hashes - held.keys(), refresh=refresh)
+
+    def _save(self, modality: str) -> None:
+        """Add the computed vectors to the cache: one commit for many shards' worth."""
+        vectors, self.unsaved[modality] = self.unsaved[modality], {}
+        if vectors:
+            self.caches[modality].insert(list(vectors), list(vectors.values()))
+            self.caches[modality].keep_indexed(INDEX_LAG_ROWS)
+
+    def flush(self) -> int:
+        """Add what is still held to the cache (the stage calls it once the actor is done)."""
+        held = sum(len(v) for v in self.unsaved.values())
+        for modality in self.unsaved:
+            self._save(modality)
+        return held
 
     def embed_shard(self, shard: str, plan: str, digest: str) -> dict:
         """Compute the payloads SHARD owns in the PLAN (the first shard holding each payload)
@@ -136,7 +158,7 @@ class EmbedWorker:
         started = time.perf_counter()
         rows = ShardRows.read(self.shards, shard, list(self.identities))
         owned = owned_by(self.shards, plan, shard)
-        have = {m: self.caches[m].lookup(rows.hashes(m)) for m in self.identities}
+        have = {m: self._known(m, rows.hashes(m)) for m in self.identities}
         wanted = {m: {key: h for h, key in owned.get(m, {}).items() if h not in have[m]} for m in self.identities}
         wanted = {m: w for m, w in wanted.items() if w}
         computed, errors, seconds = self.compute(shard, wanted) if wanted else ({}, {}, {})
@@ -146,7 +168,7 @@ class EmbedWorker:
         for modality in self.identities:  # vectors other shards owed, computed meanwhile
             rest = rows.hashes(modality) - have[modality].keys() - failed.get(modality, set())
             if rest:
-                have[modality].update(self.caches[modality].lookup(rest, refresh=True))
+                have[modality].update(self._known(modality, rest, refresh=True))
         waiting = any(rows.hashes(m) - have[m].keys() - failed.get(m, set()) for m in self.identities)
         result = {"shard": shard, "computed": {m: len(v) for m, v in computed.items()}, "errors": errors,
                   "model_seconds": seconds, "deferred": waiting, "missing": {},

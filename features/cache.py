@@ -172,6 +172,21 @@ class EmbeddingCache:
                 return
             time.sleep(0.05)
 
+    def keep_indexed(self, lag: int) -> None:
+        """Fold appended rows into the index once more than LAG are outside it: merge_insert
+        joins against un-indexed rows in full, so they must not pile up during a long run."""
+        dataset = self._open()
+        if dataset is None:
+            return
+        indexes = dataset.describe_indices()
+        if dataset.count_rows() - (indexes[0].num_rows_indexed if indexes else 0) <= lag:
+            return
+        try:
+            dataset.optimize.optimize_indices() if indexes else dataset.create_scalar_index("sha256", "BTREE")
+        except _READ_ERRORS as e:  # another writer is indexing at the same time: theirs will do
+            log.info("embedding cache %s: indexing left to another writer (%s)", self.uri, e)
+        self._open(refresh=True)
+
     def maintain(self) -> None:
         """Merge small fragments and fold new rows into the index, so lookups stay indexed."""
         dataset = self._open(refresh=True)

@@ -146,6 +146,7 @@ def run_embed_stage(shards: str, cfg: EmbedConfig, storage_options: dict | None 
                 owed.append(result["shard"])
             bar.update()
         bar.close()
+        ray.get([actor.flush.remote() for actor in actors])  # their last vectors, before the owed sidecars
         for actor in actors:
             ray.kill(actor)
         compute_seconds = time.perf_counter() - t0
@@ -166,7 +167,7 @@ def run_embed_stage(shards: str, cfg: EmbedConfig, storage_options: dict | None 
         "samples": sum(s["rows"] for s in states),
         "shards": len(names),
         "sidecars_written": written,
-        "sidecars_up_to_date": len(names) - written,
+        "sidecars_up_to_date": len(states) - len(stale),
         "encoders": identities,
         "config": cfg.model_dump(mode="json"),  # what rebuilds these encoders (tessera export / predict)
         "dims": dims,

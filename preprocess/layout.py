@@ -16,10 +16,14 @@ module to find an up-to-date OUT before it starts Ray."""
 from __future__ import annotations
 
 import re
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from preprocess.config import MODALITIES, ShardConfig
 from preprocess.manifest import ManifestSource
@@ -55,6 +59,8 @@ REJECT_SCHEMA = pa.schema([
     ("modality", pa.string()), ("reason", pa.string()),
 ])
 KEPT = ds.field("duplicate_of").is_null()
+SCAN_BATCH = 16384  # index rows per batch when the index is streamed
+READ_AHEAD = 4  # index parts read ahead while streaming
 
 
 def shard_stem(index: int) -> str:
@@ -78,17 +84,29 @@ def committed_shards(store: Store) -> list[str]:
             if MARKER.fullmatch(name) and name.removesuffix(".json") + ".tar" in names]
 
 
-def index_dataset(store: Store) -> ds.Dataset | None:
-    return store.dataset(f"{INDEX}/*.parquet", schema=INDEX_SCHEMA)
+def _batches(store: Store, pattern: str, schema: pa.Schema, columns: list[str] | None,
+             where: ds.Expression | None) -> Iterator[pa.RecordBatch]:
+    """The Parquet files matching PATTERN, filtered and projected, a few files read ahead in
+    threads, in order. One file at a time, not one dataset over all: a dataset keeps every
+    part's footer, memory that would grow with the shard count."""
+
+    def read(name: str) -> pa.Table:
+        table = pq.read_table(store.path(name), filesystem=filesystem, schema=schema, columns=columns, filters=where)
+        return table.select(columns or schema.names)
+
+    filesystem = store.arrow_filesystem()
+    names = iter(store.names(pattern))
+    with ThreadPoolExecutor(READ_AHEAD) as pool:
+        window = deque(pool.submit(read, name) for name in islice(names, READ_AHEAD))
+        while window:
+            table = window.popleft().result()
+            window.extend(pool.submit(read, name) for name in islice(names, 1))
+            yield from table.to_batches(max_chunksize=SCAN_BATCH)
 
 
 def index_batches(store: Store, columns: list[str], where: ds.Expression | None = None) -> Iterator[pa.RecordBatch]:
     """The kept rows of OUT's index (duplicates excluded), column-projected, in batches."""
-    dataset = index_dataset(store)
-    if dataset is None:
-        return
-    where = KEPT if where is None else KEPT & where
-    yield from dataset.to_batches(columns=columns, filter=where)
+    yield from _batches(store, f"{INDEX}/*.parquet", INDEX_SCHEMA, columns, KEPT if where is None else KEPT & where)
 
 
 def read_index(store: Store, columns: list[str], where: ds.Expression | None = None) -> pa.Table:
@@ -105,10 +123,8 @@ def read_index_part(store: Store, shard: str, columns: list[str], where: ds.Expr
 
 
 def reject_batches(store: Store) -> Iterator[pa.RecordBatch]:
-    """Every reject of OUT: the shard tasks' and the dedup pass's."""
-    dataset = store.dataset(f"{REJECTS}/*.parquet", schema=REJECT_SCHEMA)
-    if dataset is not None:
-        yield from dataset.to_batches()
+    """Every reject of OUT: the shard tasks' and the dedup pass's (and the refresh's)."""
+    yield from _batches(store, f"{REJECTS}/*.parquet", REJECT_SCHEMA, None, None)
 
 
 class OutputConflict(RuntimeError):

@@ -120,7 +120,7 @@ def test_corrupt_cache_is_reported_and_recomputed(sample_shards, tmp_path):
         sidecar.unlink()
     summary = embed(shards, audio=None, video=None, image=None)
     assert summary["cache_corrupt"] and "unreadable fragments" in summary["cache_corrupt"][0]
-    assert 0 < summary["modalities"]["text"]["computed"] < summary["modalities"]["text"]["unique"] == 17
+    assert summary["modalities"]["text"]["computed"] == summary["modalities"]["text"]["unique"] == 17  # one fragment
     recomputed = sidecars(shards)
     for key, row in reference.items():
         np.testing.assert_allclose(recomputed[key]["text"], row["text"], atol=1e-6)
