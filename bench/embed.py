@@ -5,8 +5,10 @@
 Shards N samples from make_large.py, then measures in one run:
 (a) the embedding stage (Ray actor(s), decoding overlapped with compute) on a cold cache:
     embeddings/s = vectors computed / stage wall time (actor start and model load included);
-(b) the raw forward throughput of the same models at the same batch size in this process,
-    inputs decoded beforehand (only the model calls are timed);
+(b) the model calls alone: per modality the faster of the bare forward of the same models at
+    the same batch size (in a Ray task with the actor's CPUs, inputs decoded beforehand, only
+    the model calls timed) and the stage's own model calls, so the baseline is never slower
+    per batch than what the stage did;
 (c) the same stage again on the warm cache (zero model calls): wall time.
 Prints a/b (target >= 0.7) and first/cached wall time (target >= 50x).
 Image and audio weights are random (no hub here); `base` uses the real architectures
@@ -43,12 +45,13 @@ ARCH = {
                        "intermediate_size": 3072},
               "tiny": {}},
 }
-MEMBER = {"text": "txt", "image": "jpg", "audio": "flac"}
+MEMBER = {"text": "txt", "image": "jpeg", "audio": "flac"}
 
 
 def raw_forward_rate(shards: Path, cfg: EmbedConfig) -> tuple[float, dict]:
-    """Model calls only, in this process, at the stage's batch size, on pre-decoded inputs:
-    the same distinct payloads the stage computes."""
+    """Model calls only, at the stage's batch size, on pre-decoded inputs: the same distinct
+    payloads the stage computes. Run in a Ray task with the actor's CPUs, so that the baseline
+    has the process settings the stage's actors have (Ray sets their thread counts)."""
     import hashlib
 
     import torch
@@ -101,23 +104,27 @@ def main() -> None:
         t0 = time.perf_counter()
         cached = run_embed_stage(str(shards), cfg, progress=False)
         cached_wall = time.perf_counter() - t0
+        raw, raw_per = ray.get(ray.remote(num_cpus=cfg.cpus_per_actor)(raw_forward_rate).remote(shards, cfg))
         ray.shutdown()
-        raw, raw_per = raw_forward_rate(shards, cfg)
     stage = first["computed"] / first_wall
+    # the baseline must be no slower per batch than the stage's own model calls: per modality,
+    # the faster of the bare forward and the stage's calls
+    stage_calls = {m: v["computed"] / max(v["model_seconds"], 1e-9) for m, v in first["modalities"].items()}
+    best = {m: max(raw_per[m], stage_calls[m]) for m in raw_per}
+    computed = {m: first["modalities"][m]["computed"] for m in raw_per}
+    baseline = sum(computed.values()) / sum(computed[m] / best[m] for m in raw_per if computed[m])
     print(f"samples: {first['samples']}, batch size: {args.batch_size}, image: {args.image_arch} CLIP vision, "
           f"audio: {args.audio_arch} wav2vec2, text: all-MiniLM-L6-v2, CPU actor with 2 threads")
     for modality, m in first["modalities"].items():
         print(f"  {modality:5s}: {m['computed']:5d} computed of {m['samples']} samples; "
-              f"in the stage's model calls {m['computed'] / max(m['model_seconds'], 1e-9):7.1f}/s; "
-              f"raw forward {raw_per[modality]:7.1f}/s")
+              f"in the stage's model calls {stage_calls[modality]:7.1f}/s; bare forward {raw_per[modality]:7.1f}/s")
     print(f"(a) stage, cold cache : {stage:7.1f} embeddings/s  ({first['computed']} in {first_wall:.1f} s; "
           f"actors {first['compute_seconds']:.1f} s of it)")
-    print(f"(b) raw forward       : {raw:7.1f} embeddings/s  (same models and batch size, one process)")
+    print(f"(b) model calls alone : {baseline:7.1f} embeddings/s  (per modality the faster of the bare forward, "
+          f"same models, batch size and CPUs in a Ray task, and the stage's own calls); bare forward alone "
+          f"{raw:.1f}/s")
     print(f"(c) stage, warm cache : {cached_wall:7.2f} s wall, {cached['computed']} computed")
-    fair = all(raw_per[m] >= first["modalities"][m]["computed"] / max(first["modalities"][m]["model_seconds"], 1e-9)
-               for m in raw_per if first["modalities"][m]["computed"])
-    print(f"a/b = {stage / raw:.2f}   (target >= 0.7; raw forward no slower per batch than the stage's own model "
-          f"calls: {'yes' if fair else 'NO'})")
+    print(f"a/b = {stage / baseline:.2f}   (target >= 0.7)")
     print(f"first/cached wall = {first_wall / cached_wall:.0f}x   (target >= 50x)")
 
 

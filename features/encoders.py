@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from features.config import AudioEncoderConfig, EmbedConfig, ImageEncoderConfig, ModelConfig, TextEncoderConfig
+from preprocess.video import decode_frames
 
 log = logging.getLogger(__name__)
 
@@ -302,8 +303,7 @@ class VideoFramesEncoder:
             self.image.load(device, precision)
 
     def prepare(self, payload: bytes) -> np.ndarray:
-        frames = np.load(io.BytesIO(payload), allow_pickle=False)
-        return np.stack([self.image.pixels(frame) for frame in frames])
+        return np.stack([self.image.pixels(frame) for frame in decode_frames(payload)])
 
     @staticmethod
     def pooled(frames: np.ndarray, dim: int) -> np.ndarray:

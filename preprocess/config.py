@@ -76,6 +76,30 @@ class VideoConfig(Strict):
     frames: int = Field(8, gt=0)
     fps: float = Field(4.0, gt=0, description="rate at which the frames are sampled")
     size: int = Field(112, gt=0)
+    # mp4: H.264 at this CRF (18: visually lossless); frames: raw uint8 frames (.npy), exact but large
+    encoding: Literal["mp4", "frames"] = "mp4"
+    crf: int = Field(18, ge=0, le=51)
+
+    @model_validator(mode="after")
+    def _even(self) -> VideoConfig:
+        if self.encoding == "mp4" and self.size % 2:
+            raise ValueError(f"video.size must be even for H.264 (yuv420p), got {self.size}")
+        return self
+
+
+class InputsConfig(Strict):
+    """Where a manifest's inputs may be read from, besides the manifest's own folder or bucket
+    prefix: absolute paths and URL prefixes (`s3://bucket/images/`, `https://cdn.example.com/`;
+    a bare `https://` allows every host). Any other input is a reject line, never read."""
+
+    allow: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _roots(self) -> InputsConfig:
+        for root in self.allow:
+            if not (root.startswith("/") or "://" in root):
+                raise ValueError(f"inputs.allow entries are absolute paths or URLs with a protocol, got {root!r}")
+        return self
 
 
 class ShardConfig(Strict):
@@ -92,6 +116,7 @@ class ShardConfig(Strict):
     text: TextConfig = TextConfig()
     audio: AudioConfig = AudioConfig()
     video: VideoConfig = VideoConfig()
+    inputs: InputsConfig = InputsConfig()
 
     def digest(self) -> str:
         """Hash of every setting that changes the shard bytes."""

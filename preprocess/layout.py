@@ -41,8 +41,13 @@ CHANGES = "changes.parquet"
 MARKER = re.compile(r"shard-(\d{6,})\.json")
 
 # WebDataset member extensions of each modality's payload, the first one preferred
-MEMBER_EXTENSIONS = {"text": ("txt",), "image": ("jpg", "png", "webp"), "audio": ("flac", "wav"),
-                     "video": ("frames.npy",)}
+# The member of an image by image.output_format: JPEG as `.jpeg`, which webdataset and HF
+# datasets decode like `.jpg` but Ray Data's default decoder leaves as bytes (it turns `.jpg`
+# and `.png` into arrays and then fails on a shard where some sample has no image).
+IMAGE_MEMBER = {"jpg": "jpeg", "png": "png", "webp": "webp"}
+VIDEO_MEMBER = {"mp4": "mp4", "frames": "frames.npy"}  # by video.encoding
+MEMBER_EXTENSIONS = {"text": ("txt",), "image": (*IMAGE_MEMBER.values(), "jpg"), "audio": ("flac", "wav"),
+                     "video": tuple(VIDEO_MEMBER.values())}
 
 INDEX_SCHEMA = pa.schema([
     ("key", pa.string()), ("source_key", pa.string()), ("shard", pa.string()), ("file", pa.string()),

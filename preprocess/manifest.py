@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from preprocess.config import MODALITIES, ShardConfig
+from preprocess.inputs import AllowedInputs
 from preprocess.keys import safe_key
 from preprocess.reject import Reject
 from preprocess.storage import absolute, file_tag, filesystem, parent, resolve
@@ -35,6 +36,11 @@ class ManifestFile:
     name: str  # relative to the manifest's root: what reject lines and the dedup order use
     size: int
     tag: str  # changes when the file changes (ETag, version id or mtime)
+
+    @property
+    def root(self) -> str:
+        """The manifest's root: the folder its inputs may lie in by default."""
+        return self.url[: -len(self.name)].rstrip("/")
 
     @property
     def kind(self) -> str:
@@ -225,7 +231,10 @@ def source_key(obj: dict) -> str | None:
     return key if key.strip() else None
 
 
-def parse_row(obj: dict, line: int, base_dir: str, cfg: ShardConfig, file: str = "") -> ManifestRow:
+def parse_row(obj: dict, line: int, base_dir: str, cfg: ShardConfig, file: str = "",
+              allowed: AllowedInputs | None = None) -> ManifestRow:
+    """A checked manifest row (no input read); paths resolved against BASE_DIR and, when
+    ALLOWED is given, refused unless they lie under its roots."""
     key = source_key(obj)
     if key is None:
         raw = obj.get("key")
@@ -244,6 +253,9 @@ def parse_row(obj: dict, line: int, base_dir: str, cfg: ShardConfig, file: str =
         if not isinstance(value, str) or not value:
             raise Reject(modality, f"{name} must be a path, got {value!r}")
         files[modality] = resolve(base_dir, value)
+        refusal = allowed.refusal(files[modality]) if allowed else None
+        if refusal:
+            raise Reject(modality, f"{name}: {refusal}")
     row = ManifestRow(line, key, safe_key(key), label, text, files,
                       {k: v for k, v in obj.items() if k not in KNOWN_FIELDS}, file)
     if not row.modalities:
@@ -254,24 +266,26 @@ def parse_row(obj: dict, line: int, base_dir: str, cfg: ShardConfig, file: str =
     return row
 
 
-def chunk_rows(chunk: Chunk, cfg: ShardConfig, storage_options: dict | None = None
+def chunk_rows(chunk: Chunk, cfg: ShardConfig, storage_options: dict | None = None, confined: bool = True
                ) -> Iterator[ManifestRow | LineReject]:
-    """The chunk's rows, checked without reading any sample file."""
+    """The chunk's rows, checked without reading any sample file; inputs confined to the
+    manifest's root and cfg.inputs.allow unless CONFINED is false."""
     base_dir = parent(chunk.file.url)
+    allowed = AllowedInputs.of(chunk.file.root, cfg.inputs.allow) if confined else None
     for line, obj in read_chunk(chunk, storage_options):
         if isinstance(obj, str):
             yield LineReject(line, None, None, obj, chunk.file.name)
             continue
         try:
-            yield parse_row(obj, line, base_dir, cfg, chunk.file.name)
+            yield parse_row(obj, line, base_dir, cfg, chunk.file.name, allowed)
         except Reject as r:
             key = obj.get("key") if isinstance(obj.get("key"), str) else None
             yield LineReject(line, key, r.modality, r.reason, chunk.file.name)
 
 
 def iter_manifest(url: str, cfg: ShardConfig, storage_options: dict | None = None,
-                  rows_per_chunk: int = 4096) -> Iterator[ManifestRow | LineReject]:
+                  rows_per_chunk: int = 4096, confined: bool = True) -> Iterator[ManifestRow | LineReject]:
     """Every row of a manifest in order, streamed in one process (prediction, benchmarks)."""
     source = ManifestSource.open(url, storage_options)
     for chunk in chunks(source, rows_per_chunk, storage_options):
-        yield from chunk_rows(chunk, cfg, storage_options)
+        yield from chunk_rows(chunk, cfg, storage_options, confined)

@@ -11,12 +11,11 @@ import numpy as np
 from preprocess.audio import process_audio
 from preprocess.config import MODALITIES, ShardConfig
 from preprocess.image import process_image
+from preprocess.layout import IMAGE_MEMBER, VIDEO_MEMBER
 from preprocess.manifest import ManifestRow
 from preprocess.reject import Reject
 from preprocess.text import decode_text, normalize_text
 from preprocess.video import process_video
-
-VIDEO_EXT = "frames.npy"
 
 
 @dataclass
@@ -75,8 +74,9 @@ def process_sample(row: ManifestRow, raw: dict[str, bytes], cfg: ShardConfig) ->
         meta["text"] = text_meta
     if "image" in raw:
         image = process_image(raw["image"], cfg.image, rng)
-        out.record[cfg.image.output_format] = image.data
-        out.members["image"] = cfg.image.output_format
+        ext = IMAGE_MEMBER[cfg.image.output_format]
+        out.record[ext] = image.data
+        out.members["image"] = ext
         out.pixel_histogram = image.histogram
         meta["image"] = image.meta
     if "audio" in raw:
@@ -87,8 +87,9 @@ def process_sample(row: ManifestRow, raw: dict[str, bytes], cfg: ShardConfig) ->
         meta["audio"] = audio.meta
     if "video" in raw:
         video = process_video(raw["video"], cfg.video)
-        out.record[VIDEO_EXT] = video.data
-        out.members["video"] = VIDEO_EXT
+        ext = VIDEO_MEMBER[cfg.video.encoding]
+        out.record[ext] = video.data
+        out.members["video"] = ext
         meta["video"] = video.meta
     out.modalities = tuple(m for m in MODALITIES if m in out.members)
     present = set(out.modalities)

@@ -63,7 +63,8 @@ def trained_mini(embedded_mini, tmp_path_factory) -> Path:
 
 
 def mini_manifest_lines(stop: int, start: int = 0) -> list[str]:
-    """Rows start..stop-1 of the mini manifest with absolute paths, for manifests written elsewhere."""
+    """Rows start..stop-1 of the mini manifest with absolute paths, for manifests written elsewhere
+    (whose shard config must then allow MINI: shard.inputs.allow)."""
     import json
 
     rows = [json.loads(line) for line in (MINI / "manifest.jsonl").open()][start:stop]

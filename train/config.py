@@ -47,10 +47,12 @@ class TrainConfig(Strict):
     shuffle_buffer: int = Field(64, ge=1)
     loader_workers: int = Field(2, ge=0)
     checkpoint_every: int = Field(50, gt=0, description="optimizer steps between checkpoints")
-    # Any fsspec URL (s3://...): every checkpoint is copied there once complete, `latest`
-    # last, and a run whose local checkpoints are gone resumes from it. Null: RUN/checkpoints only.
+    # Any fsspec URL (s3://...) for the checkpoints, `latest` written last; null: RUN/checkpoints.
+    # DeepSpeed loads checkpoints with pickle: this store must be trusted like code.
     checkpoint_url: str | None = None
     keep_checkpoints: int = Field(3, gt=0)
+    max_failures: int = Field(3, ge=0, description="times a failed worker group (a lost node) is restarted "
+                              "from the latest checkpoint")
     # A trained run folder (any fsspec URL) with model.safetensors + model.json: training starts
     # from those weights with a fresh optimizer and schedule. A checkpoint in the run's own
     # folder takes precedence, so an interrupted run resumes where it stopped.

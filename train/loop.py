@@ -6,66 +6,37 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from preprocess.storage import filesystem, join, write_atomic
+from preprocess.storage import Store
 from train.config import TrainConfig
 from train.data import DatasetInfo, StreamSpec, loader
 from train.model import MultimodalModel
 from train.parallel import build_engine, resolve_precision
+from train.run_store import CHECKPOINTS, Checkpoints, MetricsLog, tag_of
 from train.saved import META, WEIGHTS
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
-METRICS = "metrics.jsonl"
 
 
 @dataclass(frozen=True)
 class TrainJob:
     cfg: TrainConfig
     info: DatasetInfo
-    run_dir: str  # a folder every worker can write (local disk or a shared filesystem)
+    run: str  # the run's URL (any fsspec store; on a cluster without a shared disk, an object store)
     init_state: dict | None = None  # starting weights (cfg.init_from), checked on the driver
 
-
-class CheckpointMirror:
-    """Copies of the local DeepSpeed checkpoints on any fsspec store, `latest` written last."""
-
-    def __init__(self, url: str, storage_options: dict, local: Path):
-        self.fs, self.root = filesystem(url, storage_options)
-        self.local = local
-
-    def push(self, tag: str) -> None:
-        """Upload the tag's files this node holds (each node's first rank calls it)."""
-        for path in sorted(p for p in (self.local / tag).rglob("*") if p.is_file()):
-            self.fs.put_file(str(path), join(self.root, tag, str(path.relative_to(self.local / tag))))
-
-    def commit(self, tag: str, keep: int) -> None:
-        write_atomic(self.fs, join(self.root, "latest"), tag.encode())
-        tags = sorted(p.rsplit("/", 1)[-1] for p in self.fs.glob(join(self.root, "step-*")))
-        for old in tags[:-keep]:
-            self.fs.rm(join(self.root, old), recursive=True)
-
-    def pull_latest(self) -> None:
-        """Bring the store's latest checkpoint here when this node does not have it."""
-        latest = join(self.root, "latest")
-        if not self.fs.exists(latest):
-            return
-        tag = self.fs.cat_file(latest).decode().strip()
-        local_latest = self.local / "latest"
-        if local_latest.exists() and local_latest.read_text().strip() == tag:
-            return
-        self.fs.get(join(self.root, tag) + "/", str(self.local / tag) + "/", recursive=True)
-        self.local.mkdir(parents=True, exist_ok=True)
-        local_latest.write_text(tag)
+    def stores(self) -> tuple[Store, Store]:
+        """(the run, its checkpoints: train.checkpoint_url or RUN/checkpoints)."""
+        run = Store(self.run, self.info.storage_options)
+        return run, (Store(self.cfg.checkpoint_url, self.info.storage_options) if self.cfg.checkpoint_url
+                     else run.child(CHECKPOINTS))
 
 
 def _inputs(batch: dict, device) -> tuple:
@@ -137,40 +108,36 @@ def _validate(engine, spec: StreamSpec, epoch: int, pipeline: bool, device) -> d
     return {"val_loss": loss_sum / max(count, 1), "val_accuracy": correct / max(count, 1), "val_samples": count}
 
 
-def _save(engine, ckpt_dir: Path, step: int, epoch: int, batch: int, keep: int,
-          mirror: CheckpointMirror | None = None, local_rank: int = 0) -> None:
-    """Save a tag, then point `latest` at it only once every rank has written its part.
+def _save(engine, checkpoints: Checkpoints, step: int, epoch: int, batch: int, keep: int,
+          local_rank: int) -> str:
+    """Save a tag, then point `latest` at it only once every rank's part is in the store.
 
     (DeepSpeed's own `latest` is written by rank 0 without waiting for the others' ZeRO
     files, so a rank dying mid-save could leave `latest` on an incomplete checkpoint.)"""
-    tag = f"step-{step:07d}"
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "epoch": epoch, "batch": batch},
-                           save_latest=False)
+    tag = tag_of(step)
+    engine.save_checkpoint(str(checkpoints.local), tag=tag,
+                           client_state={"step": step, "epoch": epoch, "batch": batch}, save_latest=False)
     dist.barrier()
-    if mirror is not None:
-        if local_rank == 0:
-            mirror.push(tag)
-        dist.barrier()
+    if local_rank == 0:
+        checkpoints.push(tag)
+    dist.barrier()
     if dist.get_rank() == 0:
-        tmp = ckpt_dir / f"latest.tmp-{os.getpid()}"
-        tmp.write_text(tag)
-        os.replace(tmp, ckpt_dir / "latest")
-        tags = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())
-        for old in tags[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        if mirror is not None:
-            mirror.commit(tag, keep)
+        checkpoints.commit(tag, keep)
     dist.barrier()
+    return tag
 
 
-def _export(engine, model: MultimodalModel, job: TrainJob, ckpt_dir: Path, tag: str, pipeline: bool) -> None:
-    """Consolidated fp32 weights (safetensors) + what is needed to rebuild the model."""
-    from safetensors.torch import save_file
+def _export(engine, model: MultimodalModel, job: TrainJob, checkpoints: Checkpoints, tag: str,
+            pipeline: bool) -> None:
+    """Consolidated fp32 weights (safetensors) + what is needed to rebuild the model, in the run's store."""
+    from safetensors.torch import save
 
     cfg = job.cfg
+    checkpoints.pull(tag)  # every rank's part, wherever it was written
+    local = checkpoints.local
     if pipeline:
         for i, layer in enumerate(model.layers()):
-            path = ckpt_dir / tag / f"layer_{i:02d}-model_states.pt"
+            path = local / tag / f"layer_{i:02d}-model_states.pt"
             layer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         state = model.state_dict()
     elif cfg.zero_stage == 0:
@@ -178,14 +145,15 @@ def _export(engine, model: MultimodalModel, job: TrainJob, ckpt_dir: Path, tag: 
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        state = get_fp32_state_dict_from_zero_checkpoint(str(local), tag=tag)
     state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
-    run = Path(job.run_dir)
-    save_file(state, str(run / WEIGHTS), metadata={"format": "pt"})
-    (run / META).write_text(json.dumps({
+    run, _ = job.stores()
+    run.write_bytes(WEIGHTS, save(state, metadata={"format": "pt"}))
+    # (not write_json: its sorted keys would reorder dims, which is the model's input order)
+    run.write_bytes(META, json.dumps({
         "dims": job.info.dims, "labels": list(job.info.labels), "model": cfg.model.model_dump(mode="json"),
         "pixel_mean": job.info.pixel_mean, "pixel_std": job.info.pixel_std, "checkpoint": tag,
-    }, indent=1))
+    }, indent=1).encode())
 
 
 def run_worker(job: TrainJob, rank: int, world: int, local_rank: int | None = None) -> dict:
@@ -208,23 +176,23 @@ def run_worker(job: TrainJob, rank: int, world: int, local_rank: int | None = No
     engine, data_rank, _, pipeline = build_engine(model, cfg, world, total_steps,
                                                   resolve_precision(cfg, on_gpu))
     train_spec, val_spec = spec("train", data_rank), spec("val", data_rank)
-    run = Path(job.run_dir)
-    ckpt_dir = run / CHECKPOINTS
     local_rank = rank if local_rank is None else local_rank
-    mirror = CheckpointMirror(cfg.checkpoint_url, info.storage_options, ckpt_dir) if cfg.checkpoint_url else None
-    if mirror is not None:
-        if local_rank == 0:
-            mirror.pull_latest()
-        dist.barrier()
+    run, checkpoint_store = job.stores()
+    checkpoints = Checkpoints(checkpoint_store)
+    if local_rank == 0:
+        checkpoints.prepare()  # this node's scratch gets the latest checkpoint, wherever it was made
+    dist.barrier()
+    latest = checkpoints.latest()
     step, epoch, batch_pos = 0, 0, 0
-    if (ckpt_dir / "latest").exists():
-        _, client = engine.load_checkpoint(str(ckpt_dir))
+    if latest is not None:
+        _, client = engine.load_checkpoint(str(checkpoints.local), tag=latest)
         step, epoch, batch_pos = client["step"], client["epoch"], client["batch"]
         if batch_pos >= train_spec.batches_per_rank:
             epoch, batch_pos = epoch + 1, 0
         if rank == 0:
-            log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt_dir, step, epoch, batch_pos)
-    metrics = (run / METRICS).open("a") if rank == 0 else None
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint_store.url_of(latest), step,
+                     epoch, batch_pos)
+    metrics = MetricsLog(run, step if latest else None) if rank == 0 else None
     bar = tqdm(total=total_steps, initial=step, unit="step", desc="train", disable=rank != 0)
     last_saved = step
     batches = TimedBatches(loader(train_spec, epoch, batch_pos, cfg.epochs))
@@ -252,33 +220,34 @@ def run_worker(job: TrainJob, rank: int, world: int, local_rank: int | None = No
             seconds = time.perf_counter() - started
             samples = cfg.micro_batch_size * cfg.grad_accum * (world // (cfg.pipeline_stages if pipeline else 1))
             if metrics:
-                metrics.write(json.dumps({"step": step, "epoch": epoch, "loss": loss, "lr": engine.get_lr()[0],
-                                          "step_seconds": seconds, "samples_per_s": samples / seconds,
-                                          "data_wait_seconds": batches.waited - waited,
-                                          "data_made_seconds": batches.made - made}) + "\n")
-                metrics.flush()
+                metrics.write({"step": step, "epoch": epoch, "loss": loss, "lr": engine.get_lr()[0],
+                               "step_seconds": seconds, "samples_per_s": samples / seconds,
+                               "data_wait_seconds": batches.waited - waited,
+                               "data_made_seconds": batches.made - made})
             bar.update()
             if loss is not None:
                 bar.set_postfix(loss=f"{loss:.4f}")
             if step % cfg.checkpoint_every == 0:
-                _save(engine, ckpt_dir, step, epoch, batch_pos, cfg.keep_checkpoints, mirror, local_rank)
+                latest = _save(engine, checkpoints, step, epoch, batch_pos, cfg.keep_checkpoints, local_rank)
                 last_saved = step
+                if metrics:
+                    metrics.upload()
         if batch_pos >= train_spec.batches_per_rank:
             result = _validate(engine, val_spec, epoch, pipeline, device) if info.counts["val"] else {}
             if metrics and result:
-                metrics.write(json.dumps({"epoch": epoch, "step": step, **result}) + "\n")
-                metrics.flush()
+                metrics.write({"epoch": epoch, "step": step, **result})
+                metrics.upload()
             epoch, batch_pos = epoch + 1, 0
     bar.close()
-    if last_saved != step or not (ckpt_dir / "latest").exists():
-        _save(engine, ckpt_dir, step, epoch, batch_pos, cfg.keep_checkpoints, mirror, local_rank)
-    tag = (ckpt_dir / "latest").read_text().strip()
-    dist.barrier()
+    if latest is None or last_saved != step:
+        latest = _save(engine, checkpoints, step, epoch, batch_pos, cfg.keep_checkpoints, local_rank)
     if rank == 0:
-        _export(engine, model, job, ckpt_dir, tag, pipeline)
+        _export(engine, model, job, checkpoints, latest, pipeline)
         metrics.close()
     dist.barrier()
-    return {"steps": step, "checkpoint": tag}
+    if local_rank == 0:
+        checkpoints.clear_scratch()  # the store has it all
+    return {"steps": step, "checkpoint": latest}
 
 
 def ray_worker(config: dict) -> None:

@@ -3,71 +3,78 @@ Train's TorchTrainer (gloo + DeepSpeed's CPU accelerator on CPUs, nccl on GPUs).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
-from pathlib import Path
 
 import ray
 
 from preprocess.layout import OutputConflict
-from preprocess.storage import absolute
+from preprocess.storage import Store, absolute
 from train.config import TrainConfig
 from train.data import DatasetInfo
-from train.loop import CHECKPOINTS, METRICS, TrainJob, ray_worker
+from train.loop import TrainJob, ray_worker
+from train.run_store import METRICS, Checkpoints, scratch_for
 from train.saved import RUN_CONFIG, TRAIN_SUMMARY, WEIGHTS, compatible_start
 
 log = logging.getLogger(__name__)
 
 
 
-def claim_run_dir(run: Path, cfg: TrainConfig, shards: str | list[str]) -> None:
+RESUMABLE_CHANGES = ("epochs", "max_steps", "max_failures")
+
+
+def claim_run(run: Store, cfg: TrainConfig, shards: str | list[str]) -> None:
     """A run folder holds one training run: resuming it with another config is refused."""
     record = {"shards": shards, "config": cfg.model_dump(mode="json")}
-    path = run / RUN_CONFIG
-    if path.exists():
-        previous = json.loads(path.read_text())
-        # how long to train may change on resume; what is trained may not
-        fixed = {k: v for k, v in previous["config"].items() if k not in ("epochs", "max_steps")}
-        now = {k: v for k, v in record["config"].items() if k not in ("epochs", "max_steps")}
+    if run.exists(RUN_CONFIG):
+        previous = run.read_json(RUN_CONFIG)
+        # how long to train (and how often to retry) may change on resume; what is trained may not
+        fixed = {k: v for k, v in previous["config"].items() if k not in RESUMABLE_CHANGES}
+        now = {k: v for k, v in record["config"].items() if k not in RESUMABLE_CHANGES}
         if fixed != now or previous["shards"] != shards:
             changed = sorted(k for k in fixed.keys() | now.keys() if fixed.get(k) != now.get(k))
-            raise OutputConflict(f"{run} holds a run with another config or data (changed: "
+            raise OutputConflict(f"{run.url} holds a run with another config or data (changed: "
                                  f"{', '.join(changed) or 'shards'}); use a new run folder")
-    run.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=1))
+    run.write_json(RUN_CONFIG, record)
 
 
-def run_train_stage(shards: str | list[str], run_dir: str, cfg: TrainConfig,
+def run_train_stage(shards: str | list[str], run_url: str, cfg: TrainConfig,
                     storage_options: dict | None = None) -> dict:
-    """Train on SHARDS (one folder, or dataset versions oldest first) into RUN_DIR, resuming
-    from its latest checkpoint; returns the summary."""
-    from ray.train import RunConfig, ScalingConfig
+    """Train on SHARDS (one folder, or dataset versions oldest first) into RUN_URL (any fsspec
+    URL), resuming from its latest checkpoint; returns the summary. Workers write everything
+    through the store, so the nodes need no shared disk."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     started = time.perf_counter()
     shards = absolute(shards) if isinstance(shards, str) else [absolute(s) for s in shards]
-    run = Path(run_dir).resolve()
-    claim_run_dir(run, cfg, shards)
     info = DatasetInfo.read(shards, cfg.model.modalities, cfg.val_fraction, storage_options)
+    job = TrainJob(cfg, info, absolute(run_url))
+    run, checkpoint_store = job.stores()
+    claim_run(run, cfg, shards)
     use_gpu = cfg.use_gpu if cfg.use_gpu != "auto" else ray.cluster_resources().get("GPU", 0) > 0
-    resumed = (run / CHECKPOINTS / "latest").exists()
-    init_state = None
+    resumed = Checkpoints(checkpoint_store).latest() is not None
     if cfg.init_from:
-        init_state = compatible_start(cfg.init_from, info.dims, info.labels, cfg.model, storage_options)
+        job = dataclasses.replace(job, init_state=compatible_start(cfg.init_from, info.dims, info.labels, cfg.model,
+                                                                   storage_options))
     log.info("training on %d samples (%d held out), %d workers, %s, %s", info.counts["train"],
              info.counts["val"], cfg.workers, "GPU" if use_gpu else "CPU",
              f"pipeline x{cfg.pipeline_stages}" if cfg.parallel == "pipeline" else f"ZeRO-{cfg.zero_stage}")
     trainer = TorchTrainer(
         ray_worker,
-        train_loop_config={"job": TrainJob(cfg, info, str(run), init_state)},
+        train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(name="ray-train", storage_path=str(run / "ray")),
+        # Ray Train's own records stay on the driver's disk; a failed worker group (a node
+        # lost) is restarted, and resumes from the store's latest checkpoint
+        run_config=RunConfig(name="ray-train", storage_path=str(scratch_for(job.run) / "ray"),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
     )
     trainer.fit()
-    records = [json.loads(line) for line in (run / METRICS).read_text().splitlines()]
+    records = [json.loads(line) for line in run.read_bytes(METRICS).decode().splitlines()]
     steps = [r for r in records if r.get("loss") is not None]
     epochs = [r for r in records if "val_accuracy" in r]
     summary = {
@@ -75,8 +82,8 @@ def run_train_stage(shards: str | list[str], run_dir: str, cfg: TrainConfig,
         "steps": steps[-1]["step"] if steps else 0, "resumed": resumed, "init_from": cfg.init_from,
         "first_loss": steps[0]["loss"] if steps else None, "final_loss": steps[-1]["loss"] if steps else None,
         "val_accuracy": epochs[-1]["val_accuracy"] if epochs else None,
-        "checkpoint": (run / CHECKPOINTS / "latest").read_text().strip(),
-        "model": str(run / WEIGHTS), "seconds": round(time.perf_counter() - started, 3),
+        "checkpoint": Checkpoints(checkpoint_store).latest(),
+        "model": run.url_of(WEIGHTS), "seconds": round(time.perf_counter() - started, 3),
     }
-    (run / TRAIN_SUMMARY).write_text(json.dumps(summary, indent=1))
+    run.write_json(TRAIN_SUMMARY, summary)
     return summary

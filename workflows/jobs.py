@@ -8,9 +8,6 @@ import json
 import logging
 import time
 from importlib import resources
-from pathlib import Path
-
-from fsspec.core import split_protocol
 
 from features.stage import EMBED_SUMMARY, run_embed_stage
 from preprocess.layout import SUMMARY
@@ -39,38 +36,23 @@ def data_digest(shards: str, storage_options: dict) -> str:
                                      sort_keys=True).encode()).hexdigest()
 
 
-def _train_is_current(fs, remote_run: str, cfg: TesseraConfig, shards: str | list[str]) -> bool:
-    summary, config = join(remote_run, TRAIN_SUMMARY), join(remote_run, RUN_CONFIG)
-    if not (fs.exists(summary) and fs.exists(config) and fs.exists(join(remote_run, EVAL))):
+def _train_is_current(run: Store, cfg: TesseraConfig, shards: str | list[str]) -> bool:
+    if not all(run.exists(name) for name in (TRAIN_SUMMARY, RUN_CONFIG, EVAL)):
         return False  # (a run stopped before its evaluation is finished by the next one)
-    return json.loads(fs.cat_file(config)) == {"shards": shards, "config": cfg.train.model_dump(mode="json")}
-
-
-def _publish(run: Path, fs, remote_run: str) -> None:
-    """A run trained in a local folder, copied to OUT on the store (checkpoints go to
-    train.checkpoint_url; Ray's own records stay local)."""
-    for path in sorted(run.rglob("*")):
-        relative = path.relative_to(run)
-        if path.is_file() and relative.parts[0] not in ("checkpoints", "ray"):
-            fs.put_file(str(path), join(remote_run, str(relative)))
+    return run.read_json(RUN_CONFIG) == {"shards": shards, "config": cfg.train.model_dump(mode="json")}
 
 
 def train_into(cfg: TesseraConfig, out: str, run_path: str, shards: str | list[str]) -> tuple[dict, bool, str]:
     """Train SHARDS into OUT/RUN_PATH, then evaluate it (eval.json), unless that run is already
-    done for this data and config: (summary, up to date, the run's URL). Training writes on
-    the driver's disk; OUT on a store gets a copy."""
-    fs, root = filesystem(out, cfg.runtime.storage_options)
-    remote_run = join(root, run_path)
-    local = split_protocol(out)[0] in (None, "file")
-    run = Path(remote_run) if local else Path("runs") / run_path
-    if _train_is_current(fs, remote_run, cfg, shards):
-        log.info("train: up to date (%s)", remote_run)
-        return json.loads(fs.cat_file(join(remote_run, TRAIN_SUMMARY))), True, join(out, run_path)
-    summary = run_train_stage(shards, str(run), cfg.train, cfg.runtime.storage_options)
-    evaluate_run(str(run), storage_options=cfg.runtime.storage_options)
-    if not local:
-        _publish(run, fs, remote_run)
-    return summary, False, join(out, run_path)
+    done for this data and config: (summary, up to date, the run's URL). Every file of the run
+    goes through the store, so OUT may be an object store the nodes share instead of a disk."""
+    run = Store(out, cfg.runtime.storage_options).child(run_path)
+    if _train_is_current(run, cfg, shards):
+        log.info("train: up to date (%s)", run.url)
+        return run.read_json(TRAIN_SUMMARY), True, run.url
+    summary = run_train_stage(shards, run.url, cfg.train, cfg.runtime.storage_options)
+    evaluate_run(run.url, storage_options=cfg.runtime.storage_options)
+    return summary, False, run.url
 
 
 def run_pipeline(cfg: TesseraConfig) -> dict:

@@ -154,7 +154,8 @@ def predict_inputs(predictor: Predictor, inputs: list[str]) -> Iterator[dict]:
     included. Nothing is deduplicated: every input gets its line."""
     options = predictor.storage_options
     if len(inputs) == 1 and inputs[0].endswith(MANIFEST_SUFFIXES):
-        items = iter_manifest(inputs[0], predictor.shard_cfg, options)
+        # what the command line names is the user's own request: not confined like a batch job's manifest
+        items = iter_manifest(inputs[0], predictor.shard_cfg, options, confined=False)
     else:
         rows, rejects = rows_from_files(inputs, predictor.shard_cfg, options)
         items = itertools.chain(rejects, rows)

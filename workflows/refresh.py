@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
+from preprocess.inputs import AllowedInputs
 from preprocess.layout import CHANGES, REJECT_SCHEMA, REJECTS, SUMMARY, OutputConflict
 from preprocess.manifest import FILE_FIELDS, Chunk, ManifestSource, chunks, parse_json_line, raw_records, source_key
 from preprocess.storage import Store, duckdb_over, file_tag, filesystem, is_local, parent, read_many, resolve
@@ -56,6 +57,7 @@ VERSION_MANIFEST = "manifest.jsonl"
 VERSION_DONE = "version.json"
 LOCK_TIMEOUT_S = 24 * 3600
 ROWS_PER_TASK = 16384  # manifest rows per identity task
+REFUSED = "refused"  # the tag of an input outside the allowed roots (never stat'ed)
 STAT_IN_PROCESS = 100_000  # up to this many file references, a no-op check stats them without Ray
 MEMORY_LIMIT = "256MB"  # the diff query spills to local scratch beyond this
 IDENTITY_SCHEMA = pa.schema([("key", pa.string()), ("identity", pa.string()), ("file", pa.string()),
@@ -130,7 +132,7 @@ def _file_tags(urls: list[str], mode: str, storage_options: dict) -> dict[str, s
         return dict(zip(urls, pool.map(tag, urls), strict=True))
 
 
-def row_identities(chunk: Chunk, mode: str, staging: Store, name: str) -> int:
+def row_identities(chunk: Chunk, mode: str, staging: Store, name: str, allow: tuple[str, ...]) -> int:
     """Write the chunk's rows with their identities to STAGING/NAME; returns the files they name."""
     options = staging.options
     base = parent(chunk.file.url)
@@ -146,7 +148,11 @@ def row_identities(chunk: Chunk, mode: str, staging: Store, name: str) -> int:
         text = json.dumps(resolved, sort_keys=True, default=str).encode()
         files = [resolved[f] for f in FILE_FIELDS if isinstance(resolved.get(f), str) and resolved[f]]
         records.append((source_key(obj), text, line, text, files))
-    tags = _file_tags(sorted({u for r in records for u in r[4]}), mode, options)
+    # an input the shard stage will refuse is not even stat'ed (it may be a probe of another host)
+    allowed = AllowedInputs.of(chunk.file.root, allow)
+    named = {u for r in records for u in r[4]}
+    refused = {u for u in named if allowed.refusal(u)}
+    tags = {**_file_tags(sorted(named - refused), mode, options), **dict.fromkeys(refused, REFUSED)}
     table = pa.table({
         "key": [r[0] for r in records],
         "identity": [hashlib.sha256(r[1] + b"".join(f"\0{u}={tags[u]}".encode() for u in r[4])).hexdigest()
@@ -165,7 +171,7 @@ def files_unchanged(staging: Store, name: str) -> bool:
     """Whether every file the rows of a staged part name still has the tag it had."""
     table = pq.read_table(pa.BufferReader(staging.read_bytes(name)), columns=["files", "tags"])
     pairs = {(u, t) for us, ts in zip(*(table.column(c).to_pylist() for c in ("files", "tags")), strict=True)
-             for u, t in zip(us, ts, strict=True)}
+             for u, t in zip(us, ts, strict=True) if t != REFUSED}
     tags = _file_tags(sorted({u for u, _ in pairs}), "metadata", staging.options)
     return all(tags[u] == t for u, t in pairs)
 
@@ -292,12 +298,13 @@ def versions(out: str, storage_options: dict) -> list[dict]:
     return found
 
 
-def _unchanged_since_last(out: Store, source: ManifestSource, mode: str, start: Callable[[], None]) -> bool:
+def _unchanged_since_last(out: Store, source: ManifestSource, mode: str, allow: tuple[str, ...],
+                          start: Callable[[], None]) -> bool:
     """Whether the last refresh saw this very manifest and every file its rows name is as it was."""
     if not out.exists(STATE):
         return False
     state = out.read_json(STATE)
-    if (state["manifest"], state["identity"]) != (source.fingerprint, mode):
+    if (state["manifest"], state["identity"], state.get("allow")) != (source.fingerprint, mode, list(allow)):
         return False
     if not state["file_refs"]:
         return True
@@ -321,7 +328,8 @@ def run_refresh(cfg: TesseraConfig, start: Callable[[], None] = lambda: None) ->
     out = Store(cfg.job.out, options)
     with refresh_lock(out):
         source = ManifestSource.open(cfg.job.manifest, options)
-        if _unchanged_since_last(out, source, mode, start):
+        allow = cfg.shard.inputs.allow
+        if _unchanged_since_last(out, source, mode, allow, start):
             log.info("refresh: nothing new in %s", cfg.job.manifest)
             return {"version": None, "new_rows": 0}
         start()
@@ -333,7 +341,7 @@ def run_refresh(cfg: TesseraConfig, start: Callable[[], None] = lambda: None) ->
                 out.remove(stale, recursive=True)
         staging_name = f"refresh/identities-{uuid.uuid4().hex[:12]}"
         staging = out.child(staging_name)
-        parts = [_identity_task.remote(chunk, mode, staging, f"chunk-{i:06d}.parquet")
+        parts = [_identity_task.remote(chunk, mode, staging, f"chunk-{i:06d}.parquet", allow)
                  for i, chunk in enumerate(chunks(source, ROWS_PER_TASK, options))]
         file_refs = sum(ray.get(parts))
         complete = [name.rsplit("/", 1)[0] for name in out.names(f"versions/v*/{VERSION_DONE}")]
@@ -343,12 +351,12 @@ def run_refresh(cfg: TesseraConfig, start: Callable[[], None] = lambda: None) ->
         new_rows = counts["added"] + counts["changed"] + counts["no_key"]
         result: dict = {"version": None, "new_rows": 0}
         if new_rows or counts["removed"] or counts["duplicate_key"]:
-            result = _make_version(cfg, out, version, number, counts) | {"new_rows": new_rows, **counts}
+            result = _make_version(cfg, out, version, number, counts, source) | {"new_rows": new_rows, **counts}
         else:
             out.remove(version, recursive=True)
         previous = out.read_json(STATE)["identities"] if out.exists(STATE) else None
-        out.write_json(STATE, {"manifest": source.fingerprint, "identity": mode, "file_refs": file_refs,
-                               "identities": staging_name})
+        out.write_json(STATE, {"manifest": source.fingerprint, "identity": mode, "allow": list(allow),
+                               "file_refs": file_refs, "identities": staging_name})
         if previous:
             with contextlib.suppress(FileNotFoundError):
                 out.remove(previous, recursive=True)
@@ -358,21 +366,26 @@ def run_refresh(cfg: TesseraConfig, start: Callable[[], None] = lambda: None) ->
         return result
 
 
-def _make_version(cfg: TesseraConfig, out: Store, version: str, number: int, counts: dict) -> dict:
-    """Shard and embed the version's rows (and train), then commit it: version.json last."""
+def _make_version(cfg: TesseraConfig, out: Store, version: str, number: int, counts: dict,
+                  source: ManifestSource) -> dict:
+    """Shard and embed the version's rows (and train), then commit it: version.json last. The
+    version's manifest lives in OUT and names the inputs by their full URLs: they stay confined
+    to the user's manifest root (and shard.inputs.allow)."""
     from features.stage import run_embed_stage
     from preprocess.stage import run_shard_stage
 
     options = cfg.runtime.storage_options
     target = out.child(version)
+    roots = tuple(dict.fromkeys((*cfg.shard.inputs.allow, *(f.root for f in source.files))))
+    shard_cfg = cfg.shard.model_copy(update={"inputs": cfg.shard.inputs.model_copy(update={"allow": roots})})
     try:  # an interrupted refresh of the same rows resumes its version
-        shard = run_shard_stage(target.url_of(VERSION_MANIFEST), target.url, cfg.shard, options, cfg.runtime.progress)
+        shard = run_shard_stage(target.url_of(VERSION_MANIFEST), target.url, shard_cfg, options, cfg.runtime.progress)
     except OutputConflict:  # ... of other rows: that incomplete version's shards are redone
         keep = {VERSION_MANIFEST, CHANGES, REJECTS, f"{REJECTS}/refresh.parquet"}
         for name in [*target.names("*"), *target.names(f"{REJECTS}/*")]:
             if name not in keep:
                 target.remove(name, recursive=True)
-        shard = run_shard_stage(target.url_of(VERSION_MANIFEST), target.url, cfg.shard, options, cfg.runtime.progress)
+        shard = run_shard_stage(target.url_of(VERSION_MANIFEST), target.url, shard_cfg, options, cfg.runtime.progress)
     embed_cfg = cfg.embed if cfg.embed.cache else cfg.embed.model_copy(update={"cache": out.url_of("embed-cache")})
     embed = run_embed_stage(target.url, embed_cfg, options, cfg.runtime.progress)
     result = {"version": f"v{number:06d}", "shard": shard, "embed": embed}

@@ -23,6 +23,7 @@ from features.stage import EMBED_SUMMARY  # noqa: E402
 from preprocess.layout import SUMMARY, committed_shards, index_batches, read_index_part  # noqa: E402
 from preprocess.storage import Store, filesystem, join, read_json, write_atomic  # noqa: E402
 from train.evaluate import EVAL  # noqa: E402
+from train.run_store import METRICS  # noqa: E402
 from train.saved import TRAIN_SUMMARY  # noqa: E402
 
 SAMPLE_ROWS = 2000  # embeddings the report's plots are drawn from
@@ -101,7 +102,7 @@ def _embedding_plots(shards: Store) -> list[tuple[str, str]]:
 
 
 def _training_plots(fs, run: str) -> list[tuple[str, str]]:
-    metrics = join(run, "metrics.jsonl")
+    metrics = join(run, METRICS)
     if not fs.exists(metrics):
         return []
     records = [json.loads(line) for line in fs.cat_file(metrics).decode().splitlines()]

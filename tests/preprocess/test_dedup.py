@@ -3,6 +3,7 @@ files, whatever the number of workers."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -31,7 +32,8 @@ def write_parts(folder):
                    folder / "b.parquet", row_group_size=4)
     c = [{"key": f"c{i}", "text": f"caption c{i}"} for i in range(1, 9)]
     c[0] = {"key": "c1", "text": "caption b4"}  # content of b.parquet row 4
-    c[7] = {"key": "c8", "image": str(MINI / "images" / "horse.png"), "text": "a horse"}
+    shutil.copy(MINI / "images" / "horse.png", folder / "horse.png")  # (inputs lie under the manifest's root)
+    c[7] = {"key": "c8", "image": "horse.png", "text": "a horse"}
     (folder / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in c))
 
 

@@ -76,7 +76,7 @@ def test_parquet_manifest(tmp_path):
     table = pa.table({"key": ["a", "b"], "text": ["hello", None], "image": [None, str(MINI / "images" / "horse.png")],
                       "label": ["animal", "animal"]})
     pq.write_table(table, tmp_path / "m.parquet")
-    rows, rejects = read_manifest(str(tmp_path / "m.parquet"), ShardConfig())
+    rows, rejects = read_manifest(str(tmp_path / "m.parquet"), ShardConfig(inputs={"allow": [str(MINI)]}))
     assert [r.modalities for r in rows] == [("text",), ("image",)] and rejects == []
 
 
@@ -88,7 +88,7 @@ def test_manifest_from_other_fsspec_urls(tmp_path, prefix):
     url = f"{prefix}{tmp_path}/m.jsonl" if prefix == "file://" else "memory://manifests/m.jsonl"
     with fsspec.open(url, "w") as f:
         f.write(line)
-    rows, _ = read_manifest(url, ShardConfig())
+    rows, _ = read_manifest(url, ShardConfig(inputs={"allow": [str(MINI)]}))
     assert rows[0].files["image"] == str(MINI / "images" / "horse.png")
 
 

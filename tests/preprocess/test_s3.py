@@ -28,7 +28,7 @@ def test_shard_from_s3_to_s3(ray_session, s3_options):
     assert not fs.glob("corpus/out/*.tmp-*") and not fs.glob("corpus/out/*/*.tmp-*")
     with tarfile.open(fileobj=io.BytesIO(fs.cat_file("corpus/out/shard-000000.tar"))) as tar:
         names = tar.getnames()
-    assert "camera.jpg" in names and "page.txt" in names
+    assert "camera.jpeg" in names and "page.txt" in names
     assert read_index(out, ["key", "label"]).num_rows == 17
     assert len(fs.glob("corpus/out/index/shard-*.parquet")) == 3
     assert json.loads(fs.cat_file("corpus/out/summary.json"))["accepted"] == 17

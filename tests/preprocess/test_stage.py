@@ -18,9 +18,10 @@ import webdataset as wds
 from PIL import Image
 
 from preprocess.config import AugmentConfig, ImageConfig, ShardConfig
-from preprocess.layout import OutputConflict, committed_shards
+from preprocess.layout import MEMBER_EXTENSIONS, OutputConflict, committed_shards
 from preprocess.stage import run_shard_stage
 from preprocess.storage import Store
+from preprocess.video import decode_frames
 from tests.conftest import DIRTY, LABELS, MINI, REPO, index_rows, reject_rows
 
 SAMPLE = REPO / "workflows" / "sample_corpus" / "manifest.jsonl"
@@ -36,12 +37,12 @@ def read_samples(out: Path) -> dict[str, dict]:
     def decode(sample):
         decoded = {"__key__": sample["__key__"]}
         for ext, data in sample.items():
-            if ext in ("jpg", "png", "webp"):
+            if ext in MEMBER_EXTENSIONS["image"]:
                 decoded["image"] = np.asarray(Image.open(io.BytesIO(data)))
             elif ext == "flac":
                 decoded["audio"] = sf.read(io.BytesIO(data))
-            elif ext == "frames.npy":
-                decoded["video"] = np.load(io.BytesIO(data), allow_pickle=False)
+            elif ext in MEMBER_EXTENSIONS["video"]:
+                decoded["video"] = decode_frames(data)
             elif ext == "txt":
                 decoded["text"] = data.decode()
             elif ext == "json":
@@ -137,7 +138,7 @@ def test_mini_corpus_every_modality_decodes(ray_session, tmp_path):
     with tarfile.open(tmp_path / "shard-000000.tar") as tar:
         for member in tar.getmembers():
             key, ext = member.name.split(".", 1)
-            modality = {"jpg": "image", "txt": "text", "flac": "audio", "frames.npy": "video"}.get(ext)
+            modality = {"jpeg": "image", "txt": "text", "flac": "audio", "mp4": "video"}.get(ext)
             if modality:
                 payload = tar.extractfile(member).read()
                 assert hashlib.sha256(payload).hexdigest() == index[key][f"{modality}_payload_sha256"]

@@ -6,12 +6,12 @@ import pytest
 
 from preprocess.config import VideoConfig
 from preprocess.reject import Reject
-from preprocess.video import process_video
+from preprocess.video import decode_frames, process_video
 from tests.conftest import MINI
 
 
 def frames_of(result) -> np.ndarray:
-    return np.load(io.BytesIO(result.data), allow_pickle=False)
+    return decode_frames(result.data)
 
 
 def make_video(seconds: float, fps: int = 10, size: int = 64) -> bytes:
@@ -38,7 +38,7 @@ def test_frames_sampled_at_a_fixed_rate_and_resized():
 
 def test_frame_times_follow_the_sampling_rate():
     # brightness steps by 20 per frame at 10 fps; sampling at 2 fps takes every 5th frame
-    arr = frames_of(process_video(make_video(2.0), VideoConfig(frames=4, fps=2, size=16)))
+    arr = frames_of(process_video(make_video(2.0), VideoConfig(frames=4, fps=2, size=16, encoding="frames")))
     levels = arr.reshape(4, -1).mean(1)
     np.testing.assert_allclose(levels, [0, 100, 200, 44], atol=8)
 
@@ -63,3 +63,22 @@ def test_bad_bytes_are_rejected():
         process_video(b"\x00" * 1000, VideoConfig())
     with pytest.raises(Reject, match="empty file"):
         process_video(b"", VideoConfig())
+
+
+def test_mp4_keeps_frame_count_size_and_content_at_a_fraction_of_the_bytes():
+    data = (MINI / "video" / "astronaut.mp4").read_bytes()
+    raw = process_video(data, VideoConfig(encoding="frames"))
+    mp4 = process_video(data, VideoConfig())
+    assert mp4.data[4:8] == b"ftyp" and mp4.meta["encoding"] == "mp4" and mp4.meta["frames"] == 8
+    exact, decoded = frames_of(raw), frames_of(mp4)
+    assert decoded.shape == exact.shape == (8, 112, 112, 3) and decoded.dtype == np.uint8
+    psnr = 10 * np.log10(255**2 / np.mean((decoded.astype(float) - exact) ** 2))
+    assert psnr > 30, psnr  # CRF 18: visually lossless
+    assert len(mp4.data) * 5 < len(raw.data)
+    assert process_video(data, VideoConfig()).data == mp4.data  # deterministic bytes
+
+
+def test_mp4_needs_an_even_size():
+    with pytest.raises(ValueError, match="must be even"):
+        VideoConfig(size=111)
+    assert VideoConfig(size=111, encoding="frames").size == 111

@@ -85,7 +85,7 @@ def two_versions(ray_session, tmp_path_factory):
     from features.stage import run_embed_stage
     from preprocess.config import ShardConfig
     from preprocess.stage import run_shard_stage
-    from tests.conftest import LABELS, mini_manifest_lines
+    from tests.conftest import LABELS, MINI, mini_manifest_lines
 
     newer = mini_manifest_lines(20, start=8)
     row = json.loads(newer[1])
@@ -96,7 +96,8 @@ def two_versions(ray_session, tmp_path_factory):
         root = tmp_path_factory.mktemp(name)
         (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
         run_shard_stage(str(root / "manifest.jsonl"), str(root / "shards"),
-                        ShardConfig(labels=LABELS, samples_per_shard=5), progress=False)
+                        ShardConfig(labels=LABELS, samples_per_shard=5, inputs={"allow": [str(MINI)]}),
+                        progress=False)
         run_embed_stage(str(root / "shards"), EmbedConfig(audio=None, video=None), progress=False)
         folders.append(root / "shards")
     return folders, row["key"]

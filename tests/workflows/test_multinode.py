@@ -1,5 +1,9 @@
-"""A real multi-node Ray cluster on loopback: `ray start --head` plus two worker nodes with their
-own CPUs, `tessera` jobs submitted to it, and a worker node killed in the middle of sharding."""
+"""A real multi-node Ray cluster on loopback whose nodes share no disk: the head (no CPUs: drivers
+only, as in cluster.yaml) on this machine's disk, and worker nodes each started by `ray start`
+inside its own mount namespace with a private tmpfs over the test's folder, so a node sees
+neither the driver's local files nor another node's. The manifest, the inputs, OUT and the
+checkpoints are on the moto S3 server. Worker nodes are killed in the middle of sharding and in
+the middle of training."""
 
 import contextlib
 import json
@@ -15,92 +19,185 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import LABELS, MINI, REPO, free_port, index_rows, reject_rows
+from tests.conftest import LABELS, MINI, REPO, free_port
 
 RAY = str(Path(sys.executable).parent / "ray")
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # a loopback test cluster; no token to hand around
+NODE_NAMESPACE = "unshare --mount --propagation private true"
 
 
-def ray_start(*args: str) -> None:
-    subprocess.run([RAY, "start", "--disable-usage-stats", *args], check=True, env=ENV,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+class LoopbackCluster:
+    """Ray nodes on this machine; worker nodes in private mount namespaces (see the module doc)."""
+
+    def __init__(self, private: Path):
+        self.private = private  # hidden from the worker nodes: each mounts its own tmpfs here
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.before = set(psutil.pids())
+        self.nodes: list[int] = []  # worker nodes' raylet ports
+
+    def start(self, workers: int) -> None:
+        self._ray_start("--head", f"--port={self.port}", "--num-cpus=0", "--include-dashboard=false")
+        for _ in range(workers):
+            self.add_node()
+
+    def add_node(self) -> int:
+        """A worker node with 1 CPU, a private tmpfs over PRIVATE and its scratch (TMPDIR) in it."""
+        port = free_port()
+        script = ('mount -t tmpfs tmpfs "$0" && mkdir "$0/scratch" && '
+                  'TMPDIR="$0/scratch" exec "$1" start --disable-usage-stats --address="$2" --num-cpus=1 '
+                  '--node-manager-port="$3"')
+        subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(self.private),
+                        RAY, self.address, str(port)], check=True, env=ENV,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.nodes.append(port)
+        return port
+
+    def kill_node(self, port: int) -> None:
+        """SIGKILL the node's raylet and everything it started (its workers die mid-task)."""
+        raylet = next(p for p in psutil.process_iter(["name", "cmdline"])
+                      if "raylet" in (p.info["name"] or "") and f"--node_manager_port={port}" in " ".join(
+                          p.info["cmdline"] or []))
+        for p in [raylet, *raylet.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(signal.SIGKILL)
+        self.nodes.remove(port)
+
+    def stop(self) -> None:
+        # `ray stop` would also stop the test session's own local Ray: end only what this
+        # cluster started (daemons detached from this process, so not among its descendants)
+        ours = {p.pid for p in psutil.Process().children(recursive=True)}
+        for pid in set(psutil.pids()) - self.before - ours - {os.getpid()}:
+            with contextlib.suppress(psutil.Error):
+                process = psutil.Process(pid)
+                if "ray" in " ".join(process.cmdline()).lower():
+                    process.kill()
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if current.exists() and current.read_text().strip().endswith(f":{self.port}"):
+            current.unlink()
+
+    def _ray_start(self, *args: str) -> None:
+        subprocess.run([RAY, "start", "--disable-usage-stats", *args], check=True, env=ENV,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """Head (no CPUs: drivers only) + worker nodes A and B (1 CPU each). Yields (address, B's raylet port)."""
-    port, b_port = free_port(), free_port()
-    before = set(psutil.pids())
-    ray_start("--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false")
-    address = f"127.0.0.1:{port}"
-    ray_start(f"--address={address}", "--num-cpus=1")
-    ray_start(f"--address={address}", "--num-cpus=1", f"--node-manager-port={b_port}")
-    yield address, b_port
-    # `ray stop` would also stop the test session's own local Ray: end only what this cluster
-    # started (daemons detached from this process, so not among its descendants)
-    ours = {p.pid for p in psutil.Process().children(recursive=True)}
-    for pid in set(psutil.pids()) - before - ours - {os.getpid()}:
-        with contextlib.suppress(psutil.Error):
-            process = psutil.Process(pid)
-            if "ray" in " ".join(process.cmdline()).lower():
-                process.kill()
-    # `ray start` recorded this cluster as the machine's default; it is gone now
-    current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
-    if current.exists() and current.read_text().strip().endswith(f":{port}"):
-        current.unlink()
+    if subprocess.run(NODE_NAMESPACE.split(), capture_output=True).returncode:
+        pytest.fail(f"`{NODE_NAMESPACE}` failed: this test gives each Ray node a private disk with a mount "
+                    "namespace and a tmpfs, which needs root (CI runs as root)")
+    private = tmp_path_factory.mktemp("private")
+    cluster = LoopbackCluster(private)
+    try:
+        cluster.start(workers=2)
+        yield cluster
+    finally:
+        cluster.stop()
 
 
-def tessera(*args: str, address: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "workflows", *args, "--address", address, "--no-progress"],
-                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+@pytest.fixture(scope="module")
+def s3(s3_options):
+    """The S3 server with the mini corpus uploaded (manifest paths are relative: they follow it)."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_options["s3"])
+    fs.mkdir("corpus")
+    fs.put(str(MINI) + "/", "corpus/mini/", recursive=True)
+    return fs
 
 
-def write_config(path: Path, out: Path) -> Path:
-    path.write_text(json.dumps({
-        "job": {"manifest": str(MINI / "manifest.jsonl"), "out": str(out)},
-        "shard": {"samples_per_shard": 4, "labels": list(LABELS)},
-        "embed": {"actors": 2, "cpus_per_actor": 1},
-        "train": {"workers": 2, "max_steps": 4, "micro_batch_size": 4},
-    }))
-    return path
+def tessera(cluster: LoopbackCluster, *args: str) -> subprocess.Popen:
+    """A `tessera` driver on the head's machine, its scratch in the folder the nodes cannot see."""
+    scratch = cluster.private / "driver"
+    scratch.mkdir(exist_ok=True)
+    return subprocess.Popen([sys.executable, "-m", "workflows", *args, "--address", cluster.address,
+                             "--no-progress"], cwd=REPO, env={**ENV, "TMPDIR": str(scratch)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_tessera_run_spreads_over_the_nodes(cluster, tmp_path):
-    address, _ = cluster
-    out = tmp_path / "out"
-    proc = tessera("run", str(write_config(tmp_path / "job.yaml", out)), address=address)
-    log, _ = proc.communicate(timeout=420)
-    assert proc.returncode == 0, log[-3000:]
-    report = json.loads((out / "run-summary.json").read_text())
-    shard = report["stages"]["shard"]
-    assert shard["accepted"] == 43 and len(shard["shards_by_node"]) >= 2, shard["shards_by_node"]
-    assert report["stages"]["embed"]["samples"] == 43 and report["stages"]["train"]["steps"] == 4
-
-
-def test_worker_node_killed_mid_shard_stage(cluster, tmp_path):
-    address, b_port = cluster
-    out = tmp_path / "shards"
-    proc = tessera("shard", str(MINI / "manifest.jsonl"), str(out), "--samples-per-shard", "2",
-                   "--set", f"shard.labels={json.dumps(list(LABELS))}", address=address)
-    deadline = time.monotonic() + 180
-    while not list(out.glob("shard-0*.json")) and time.monotonic() < deadline:
+def wait_for(predicate, what: str, proc: subprocess.Popen, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"the job ended before {what}:\n{proc.stdout.read()[-3000:]}")
+        assert time.monotonic() < deadline, f"no {what} after {seconds} s"
         time.sleep(0.05)
-    raylet = next(p for p in psutil.process_iter(["name", "cmdline"])
-                  if "raylet" in (p.info["name"] or "") and f"--node_manager_port={b_port}" in " ".join(
-                      p.info["cmdline"] or []))
-    victims = [raylet, *raylet.children(recursive=True)]
-    for p in victims:  # node B dies with whatever shard task it was running
-        p.send_signal(signal.SIGKILL)
-    assert not (out / "summary.json").exists()
+
+
+def test_nodes_cannot_see_each_others_files(cluster):
+    (cluster.private / "on-the-driver").write_text("x")
+    probe = ("import os, ray, sys\n"
+             "ray.init(address=sys.argv[1])\n"
+             "@ray.remote(num_cpus=1)\n"
+             "def look(path):\n"
+             "    import tempfile\n"
+             "    open(os.path.join(tempfile.gettempdir(), 'mine'), 'w').close()\n"
+             "    return os.path.exists(path), sorted(os.listdir(tempfile.gettempdir()))\n"
+             "from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On\n"
+             "nodes = [n['NodeID'] for n in ray.nodes() if n['Alive'] and n['Resources'].get('CPU')]\n"
+             "print(ray.get([look.options(scheduling_strategy=On(n, soft=False)).remote(sys.argv[2]) "
+             "for n in nodes]))\n")
+    result = subprocess.run([sys.executable, "-c", probe, cluster.address, str(cluster.private / "on-the-driver")],
+                            env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    seen = eval(result.stdout.strip().splitlines()[-1])  # a list of (bool, [names]) printed by the probe
+    assert len(seen) == 2
+    for exists, names in seen:  # neither the driver's file nor the other node's scratch file is visible
+        assert not exists and names.count("mine") == 1
+
+
+def test_worker_node_killed_mid_shard_stage(cluster, s3, s3_options, tmp_path):
+    out = "s3://out/shard-kill"
+    s3.mkdir("out")
+    proc = tessera(cluster, "shard", "s3://corpus/mini/manifest.jsonl", out, "--samples-per-shard", "2",
+                   "--set", f"shard.labels={json.dumps(list(LABELS))}",
+                   "--set", f"runtime.storage_options={json.dumps(s3_options)}")
+    wait_for(lambda: s3.glob("out/shard-kill/shard-0*.json"), "a committed shard", proc)
+    cluster.kill_node(cluster.nodes[-1])
+    assert not s3.exists("out/shard-kill/summary.json")
+    cluster.add_node()
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, log[-3000:]
 
-    summary = json.loads((out / "summary.json").read_text())
-    index, rejects = index_rows(out), reject_rows(out)
-    assert summary["inputs"] == 43 and len(index) + len(rejects) == 43 and len(index) == 43
-    markers = sorted(out.glob("shard-0*.json"))
-    assert len(markers) == summary["shards"] == 22
+    summary = json.loads(s3.cat_file("out/shard-kill/summary.json"))
+    assert summary["inputs"] == summary["accepted"] == 43 and summary["shards"] == 22
+    markers = sorted(s3.glob("out/shard-kill/shard-0*.json"))
+    assert len(markers) == 22
     for marker in markers:  # every listed shard is whole: its tar holds exactly its samples
-        with tarfile.open(marker.with_suffix(".tar")) as tar:
+        with s3.open(marker.replace(".json", ".tar"), "rb") as f, tarfile.open(fileobj=f) as tar:
             keys = {name.split(".", 1)[0] for name in tar.getnames()}
-        assert keys == {row["key"] for row in index if row["shard"] == marker.with_suffix(".tar").name}
+        assert len(keys) == json.loads(s3.cat_file(marker))["samples"]
+
+
+def test_run_through_the_store_resumes_training_after_a_node_is_lost(cluster, s3, s3_options, tmp_path):
+    started = time.monotonic()
+    s3.mkdir("runs")
+    config = tmp_path / "job.yaml"
+    config.write_text(json.dumps({
+        "job": {"manifest": "s3://corpus/mini/manifest.jsonl", "out": "s3://runs/mini"},
+        "runtime": {"storage_options": s3_options},
+        "shard": {"samples_per_shard": 4, "labels": list(LABELS)},
+        "embed": {"actors": 2, "cpus_per_actor": 1},
+        "train": {"workers": 2, "max_steps": 40, "epochs": 20, "checkpoint_every": 4, "micro_batch_size": 4,
+                  "loader_workers": 1},
+    }))
+    proc = tessera(cluster, "run", str(config))
+    wait_for(lambda: s3.glob("runs/mini/train/*/checkpoints/latest"), "a training checkpoint", proc)
+    cluster.kill_node(cluster.nodes[0])  # a node holding a training rank
+    cluster.add_node()  # the restarted worker group lands on a node that has never seen this run
+    log, _ = proc.communicate(timeout=480)
+    assert proc.returncode == 0, log[-4000:]
+
+    report = json.loads(s3.cat_file("runs/mini/run-summary.json"))
+    shard, embed, train = (report["stages"][s] for s in ("shard", "embed", "train"))
+    assert shard["accepted"] == 43 and len(shard["shards_by_node"]) >= 2, shard["shards_by_node"]
+    assert embed["samples"] == 43 and train["steps"] == 40
+    run = train["model"].removeprefix("s3://").rsplit("/", 1)[0]
+    metrics = [json.loads(line) for line in s3.cat_file(f"{run}/metrics.jsonl").decode().splitlines()]
+    resumes = [r for r in metrics if "resumed_at" in r]
+    assert resumes and resumes[0]["resumed_at"] % 4 == 0, resumes
+    assert [r["step"] for r in metrics if "loss" in r] == list(range(1, 41))  # each step once, in order
+    assert json.loads(s3.cat_file(f"{run}/eval.json"))["sets"]["val"]["samples"] > 0
+    assert s3.exists("runs/mini/report.html")
+    print(f"\nprivate-disk cluster run: {time.monotonic() - started:.0f} s; resumed at step "
+          f"{resumes[0]['resumed_at']}, {resumes[0]['steps_redone']} steps trained again")

@@ -10,16 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import LABELS, REPO, mini_manifest_lines
+from tests.conftest import LABELS, MINI, REPO, mini_manifest_lines
 from train.data import DatasetInfo, StreamSpec, loader
 from workflows.config import load_config
+from workflows.dataset import open_dataset
 from workflows.refresh import LOCK, Locked, run_refresh, versions
 
 
 def config(manifest, out, *overrides):
     return load_config(None, [f"job.manifest={json.dumps(str(manifest))}", f"job.out={json.dumps(str(out))}",
                               "runtime.progress=false", f"shard.labels={json.dumps(list(LABELS))}",
-                              "shard.samples_per_shard=8", "embed.video=null", "embed.audio=null", *overrides])
+                              "shard.samples_per_shard=8", f"shard.inputs.allow={json.dumps([str(MINI)])}",
+                              "embed.video=null", "embed.audio=null", *overrides])
 
 
 def test_new_changed_and_removed_rows_become_versions_then_nothing(ray_session, tmp_path):
@@ -59,6 +61,9 @@ def test_new_changed_and_removed_rows_become_versions_then_nothing(ray_session, 
     seen = [k for b in loader(StreamSpec(info, "all", 0.0, 8, 4, 0, None), 0)
             for k, w in zip(b["keys"], b["weights"].tolist(), strict=True) if w]
     assert len(seen) == len(set(seen)) == info.counts["all"] == 29 and removed["key"] not in seen
+    # ... and as users open them: one row per live key, the changed one with its new caption
+    rows = {r["key"]: r for r in open_dataset(str(out)).take_all()}
+    assert sorted(rows) == sorted(seen) and rows[changed["key"]]["text"] == "A changed caption."
 
     assert run_refresh(config(manifest, out))["version"] is None
     lines.insert(5, json.dumps(removed))  # back again: added, not remembered as seen

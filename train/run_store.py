@@ -1,0 +1,131 @@
+"""What a training run writes through its store (any fsspec URL), so that no node needs to see
+another's disk: DeepSpeed checkpoints and rank 0's metrics.jsonl. Local disk is scratch only.
+
+A store on the local filesystem is written in place (one machine, or a shared filesystem);
+any other store gets copies of files made in a node-local scratch folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from preprocess.storage import Store, is_local
+
+CHECKPOINTS, LATEST = "checkpoints", "latest"
+METRICS = "metrics.jsonl"
+TAG = re.compile(r"step-\d{7,}")
+UPLOAD_SECONDS = 10.0  # metrics.jsonl reaches a remote store at least this often while training
+
+
+def tag_of(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def scratch_for(url: str) -> Path:
+    """This node's scratch folder for the store at URL (the same on every call, so a worker
+    restarted on the same node finds what it left)."""
+    return Path(tempfile.gettempdir()) / "tessera-train" / hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+class Checkpoints:
+    """DeepSpeed checkpoints saved in `local` and kept in `store`, which is the truth: `latest`
+    there is written last, once every rank's files are in, and a node that lacks that tag
+    pulls it. DeepSpeed loads checkpoints with pickle: the store must be trusted like code."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.in_place = is_local(store.url)
+        self.local = Path(store.path()) if self.in_place else scratch_for(store.url)
+
+    def latest(self) -> str | None:
+        if not self.store.exists(LATEST):
+            return None
+        tag = self.store.read_bytes(LATEST).decode().strip()
+        if not TAG.fullmatch(tag):  # it becomes a path: nothing but a tag name is accepted
+            raise ValueError(f"{self.store.url_of(LATEST)} names {tag[:80]!r}, not a checkpoint tag (step-NNNNNNN)")
+        return tag
+
+    def prepare(self) -> str | None:
+        """Make this node's scratch hold the store's latest checkpoint (each node's first rank
+        calls it); the latest tag, or None for a run with no checkpoint yet."""
+        tag = self.latest()
+        if self.in_place:
+            return tag
+        if tag is None:  # left by an earlier run at this URL that is gone from the store
+            shutil.rmtree(self.local, ignore_errors=True)
+            return None
+        self.pull(tag)
+        return tag
+
+    def pull(self, tag: str) -> None:
+        """Download the files of TAG that this node does not hold (other ranks' ZeRO parts)."""
+        if self.in_place:
+            return
+        remote = self.store.path(tag)
+        for path in self.store.fs.find(remote):
+            target = self.local / tag / path[len(remote):].lstrip("/")
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                partial = target.with_name(target.name + ".part")  # a killed download is never taken as whole
+                self.store.fs.get_file(path, str(partial))
+                partial.replace(target)
+
+    def push(self, tag: str) -> None:
+        """Upload the files of TAG this node wrote (each node's first rank, after every rank saved)."""
+        if self.in_place:
+            return
+        for path in sorted(p for p in (self.local / tag).rglob("*") if p.is_file()):
+            self.store.put_file(str(path), f"{tag}/{path.relative_to(self.local / tag)}")
+
+    def commit(self, tag: str, keep: int) -> None:
+        """Point `latest` at TAG, then drop all but the newest KEEP tags (rank 0 only)."""
+        self.store.write_bytes(LATEST, tag.encode())
+        tags = sorted(name for name in self.store.names("step-*") if TAG.fullmatch(name))
+        for old in tags[:-keep]:
+            self.store.remove(old, recursive=True)
+        if not self.in_place:
+            for old in sorted(p for p in self.local.glob("step-*") if p.name not in tags[-keep:]):
+                shutil.rmtree(old, ignore_errors=True)
+
+    def clear_scratch(self) -> None:
+        if not self.in_place:
+            shutil.rmtree(self.local, ignore_errors=True)
+
+
+class MetricsLog:
+    """Rank 0's metrics.jsonl: appended on its own disk, copied to the run's store at
+    checkpoints, epoch ends, the end, and at most UPLOAD_SECONDS apart in between. On resume
+    the records after the checkpoint's step are dropped (those steps are trained again)."""
+
+    def __init__(self, run: Store, resumed_step: int | None):
+        self.run = run
+        self.local = Path(run.path(METRICS)) if is_local(run.url) else scratch_for(run.url) / METRICS
+        lines = run.read_bytes(METRICS).decode().splitlines() if run.exists(METRICS) else []
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= (resumed_step or 0)]
+        self.local.parent.mkdir(parents=True, exist_ok=True)
+        self.local.write_text("".join(line + "\n" for line in kept))
+        self.file = self.local.open("a")
+        self.uploaded = time.monotonic()
+        if resumed_step is not None:  # steps trained again: those after the checkpoint (as last uploaded)
+            self.write({"resumed_at": resumed_step, "steps_redone": sum(
+                1 for line in lines if "loss" in line and json.loads(line)["step"] > resumed_step)})
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if time.monotonic() - self.uploaded > UPLOAD_SECONDS:
+            self.upload()
+
+    def upload(self) -> None:
+        if not is_local(self.run.url):
+            self.run.put_file(str(self.local), METRICS)
+        self.uploaded = time.monotonic()
+
+    def close(self) -> None:
+        self.file.close()
+        self.upload()
