@@ -109,7 +109,7 @@ def _validate(engine, spec: StreamSpec, epoch: int, pipeline: bool, device) -> d
 
 
 def _save(engine, checkpoints: Checkpoints, step: int, epoch: int, batch: int, keep: int,
-          local_rank: int) -> str:
+          keeper: bool) -> str:
     """Save a tag, then point `latest` at it only once every rank's part is in the store.
 
     (DeepSpeed's own `latest` is written by rank 0 without waiting for the others' ZeRO
@@ -118,7 +118,7 @@ def _save(engine, checkpoints: Checkpoints, step: int, epoch: int, batch: int, k
     engine.save_checkpoint(str(checkpoints.local), tag=tag,
                            client_state={"step": step, "epoch": epoch, "batch": batch}, save_latest=False)
     dist.barrier()
-    if local_rank == 0:
+    if keeper:
         checkpoints.push(tag)
     dist.barrier()
     if dist.get_rank() == 0:
@@ -156,7 +156,16 @@ def _export(engine, model: MultimodalModel, job: TrainJob, checkpoints: Checkpoi
     }, indent=1).encode())
 
 
-def run_worker(job: TrainJob, rank: int, world: int, local_rank: int | None = None) -> dict:
+def _first_on_its_disk(checkpoints: Checkpoints) -> bool:
+    """Whether this rank is the lowest of the ranks that share its scratch disk (and so the
+    files DeepSpeed writes there): that rank pulls and pushes checkpoints for all of them.
+    Found from the disks themselves, not from IPs or Ray's node ranks."""
+    disks = [None] * dist.get_world_size()
+    dist.all_gather_object(disks, checkpoints.disk_id())
+    return disks.index(disks[dist.get_rank()]) == dist.get_rank()
+
+
+def run_worker(job: TrainJob, rank: int, world: int) -> dict:
     cfg, info = job.cfg, job.info
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
@@ -176,10 +185,10 @@ def run_worker(job: TrainJob, rank: int, world: int, local_rank: int | None = No
     engine, data_rank, _, pipeline = build_engine(model, cfg, world, total_steps,
                                                   resolve_precision(cfg, on_gpu))
     train_spec, val_spec = spec("train", data_rank), spec("val", data_rank)
-    local_rank = rank if local_rank is None else local_rank
     run, checkpoint_store = job.stores()
     checkpoints = Checkpoints(checkpoint_store)
-    if local_rank == 0:
+    keeper = _first_on_its_disk(checkpoints)
+    if keeper:
         checkpoints.prepare()  # this node's scratch gets the latest checkpoint, wherever it was made
     dist.barrier()
     latest = checkpoints.latest()
@@ -197,55 +206,60 @@ def run_worker(job: TrainJob, rank: int, world: int, local_rank: int | None = No
     last_saved = step
     batches = TimedBatches(loader(train_spec, epoch, batch_pos, cfg.epochs))
     pipe_items = _pipeline_items(batches, device) if pipeline else None
-    while epoch < cfg.epochs and step < total_steps:
-        while batch_pos < train_spec.batches_per_rank and step < total_steps:
-            started, waited, made = time.perf_counter(), batches.waited, batches.made
-            _seed_step(cfg, step, rank)
-            if pipeline:
-                loss = float(engine.train_batch(data_iter=pipe_items))
-            else:
-                weighted, real = 0.0, 0.0
-                for _ in range(cfg.grad_accum):
-                    b = next(batches)
-                    loss, _ = engine(_inputs(b, device), b["labels"].to(device), b["weights"].to(device))
-                    engine.backward(loss)
-                    engine.step()
-                    weighted += loss.item() * float(b["weights"].sum())
-                    real += float(b["weights"].sum())
-                # the step's loss over its real samples on every rank (padding rows excluded)
-                weighted, real = _sum_over_ranks([weighted, real], device)
-                loss = weighted / real if real else None
-            batch_pos += cfg.grad_accum
-            step += 1
-            seconds = time.perf_counter() - started
-            samples = cfg.micro_batch_size * cfg.grad_accum * (world // (cfg.pipeline_stages if pipeline else 1))
-            if metrics:
-                metrics.write({"step": step, "epoch": epoch, "loss": loss, "lr": engine.get_lr()[0],
-                               "step_seconds": seconds, "samples_per_s": samples / seconds,
-                               "data_wait_seconds": batches.waited - waited,
-                               "data_made_seconds": batches.made - made})
-            bar.update()
-            if loss is not None:
-                bar.set_postfix(loss=f"{loss:.4f}")
-            if step % cfg.checkpoint_every == 0:
-                latest = _save(engine, checkpoints, step, epoch, batch_pos, cfg.keep_checkpoints, local_rank)
-                last_saved = step
+    try:
+        while epoch < cfg.epochs and step < total_steps:
+            while batch_pos < train_spec.batches_per_rank and step < total_steps:
+                started, waited, made = time.perf_counter(), batches.waited, batches.made
+                _seed_step(cfg, step, rank)
+                if pipeline:
+                    loss = float(engine.train_batch(data_iter=pipe_items))
+                else:
+                    weighted, real = 0.0, 0.0
+                    for _ in range(cfg.grad_accum):
+                        b = next(batches)
+                        loss, _ = engine(_inputs(b, device), b["labels"].to(device), b["weights"].to(device))
+                        engine.backward(loss)
+                        engine.step()
+                        weighted += loss.item() * float(b["weights"].sum())
+                        real += float(b["weights"].sum())
+                    # the step's loss over its real samples on every rank (padding rows excluded)
+                    weighted, real = _sum_over_ranks([weighted, real], device)
+                    loss = weighted / real if real else None
+                batch_pos += cfg.grad_accum
+                step += 1
+                seconds = time.perf_counter() - started
+                samples = cfg.micro_batch_size * cfg.grad_accum * (world // (cfg.pipeline_stages if pipeline else 1))
                 if metrics:
+                    metrics.write({"step": step, "epoch": epoch, "loss": loss, "lr": engine.get_lr()[0],
+                                   "step_seconds": seconds, "samples_per_s": samples / seconds,
+                                   "data_wait_seconds": batches.waited - waited,
+                                   "data_made_seconds": batches.made - made})
+                bar.update()
+                if loss is not None:
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                if step % cfg.checkpoint_every == 0:
+                    latest = _save(engine, checkpoints, step, epoch, batch_pos, cfg.keep_checkpoints, keeper)
+                    last_saved = step
+                    if metrics:
+                        metrics.upload()
+            if batch_pos >= train_spec.batches_per_rank:
+                result = _validate(engine, val_spec, epoch, pipeline, device) if info.counts["val"] else {}
+                if metrics and result:
+                    metrics.write({"epoch": epoch, "step": step, **result})
                     metrics.upload()
-        if batch_pos >= train_spec.batches_per_rank:
-            result = _validate(engine, val_spec, epoch, pipeline, device) if info.counts["val"] else {}
-            if metrics and result:
-                metrics.write({"epoch": epoch, "step": step, **result})
-                metrics.upload()
-            epoch, batch_pos = epoch + 1, 0
+                epoch, batch_pos = epoch + 1, 0
+    except BaseException:
+        if metrics:  # (a peer died, say): the steps trained since the checkpoint reach the store
+            metrics.upload()
+        raise
     bar.close()
     if latest is None or last_saved != step:
-        latest = _save(engine, checkpoints, step, epoch, batch_pos, cfg.keep_checkpoints, local_rank)
+        latest = _save(engine, checkpoints, step, epoch, batch_pos, cfg.keep_checkpoints, keeper)
     if rank == 0:
         _export(engine, model, job, checkpoints, latest, pipeline)
         metrics.close()
     dist.barrier()
-    if local_rank == 0:
+    if keeper:
         checkpoints.clear_scratch()  # the store has it all
     return {"steps": step, "checkpoint": latest}
 
@@ -257,4 +271,4 @@ def ray_worker(config: dict) -> None:
     import ray.train
 
     context = ray.train.get_context()
-    run_worker(config["job"], context.get_world_rank(), context.get_world_size(), context.get_local_rank())
+    run_worker(config["job"], context.get_world_rank(), context.get_world_size())

@@ -6,12 +6,15 @@ any other store gets copies of files made in a node-local scratch folder."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import re
 import shutil
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 from preprocess.storage import Store, is_local
@@ -42,6 +45,18 @@ class Checkpoints:
         self.in_place = is_local(store.url)
         self.local = Path(store.path()) if self.in_place else scratch_for(store.url)
 
+    def disk_id(self) -> str:
+        """An id of the disk this node's scratch is on, the same for every process that sees it."""
+        path = Path(tempfile.gettempdir()) / "tessera-train" / "disk-id"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"disk-id.{uuid.uuid4().hex}")
+            tmp.write_text(uuid.uuid4().hex)
+            with contextlib.suppress(FileExistsError):  # another process made it first: its id holds
+                os.link(tmp, path)
+            tmp.unlink()
+        return path.read_text()
+
     def latest(self) -> str | None:
         if not self.store.exists(LATEST):
             return None
@@ -51,8 +66,8 @@ class Checkpoints:
         return tag
 
     def prepare(self) -> str | None:
-        """Make this node's scratch hold the store's latest checkpoint (each node's first rank
-        calls it); the latest tag, or None for a run with no checkpoint yet."""
+        """Make this disk's scratch hold the store's latest checkpoint (the first rank on each
+        disk calls it); the latest tag, or None for a run with no checkpoint yet."""
         tag = self.latest()
         if self.in_place:
             return tag
@@ -76,7 +91,7 @@ class Checkpoints:
                 partial.replace(target)
 
     def push(self, tag: str) -> None:
-        """Upload the files of TAG this node wrote (each node's first rank, after every rank saved)."""
+        """Upload the files of TAG written on this disk (its first rank, after every rank saved)."""
         if self.in_place:
             return
         for path in sorted(p for p in (self.local / tag).rglob("*") if p.is_file()):
