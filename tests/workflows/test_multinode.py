@@ -3,7 +3,7 @@ only, as in cluster.yaml) on this machine's disk, and worker nodes each started 
 inside its own mount namespace with a private tmpfs over the test's folder, so a node sees
 neither the driver's local files nor another node's. The manifest, the inputs, OUT and the
 checkpoints are on the moto S3 server. Worker nodes are killed in the middle of sharding and in
-the middle of training."""
+the middle of training of one `tessera run`."""
 
 import contextlib
 import json
@@ -113,8 +113,9 @@ def s3(s3_options):
     import s3fs
 
     fs = s3fs.S3FileSystem(**s3_options["s3"], use_listings_cache=False)  # the test polls for new files
-    fs.mkdir("corpus")
-    fs.put(str(MINI) + "/", "corpus/mini/", recursive=True)
+    for bucket in ("mn-corpus", "mn-runs"):  # (the S3 server is shared with other test modules)
+        fs.mkdir(bucket)
+    fs.put(str(MINI) + "/", "mn-corpus/mini/", recursive=True)
     return fs
 
 
@@ -158,35 +159,12 @@ def test_nodes_cannot_see_each_others_files(cluster):
         assert not exists and names.count("mine") == 1
 
 
-def test_worker_node_killed_mid_shard_stage(cluster, s3, s3_options, tmp_path):
-    out = "s3://out/shard-kill"
-    s3.mkdir("out")
-    proc = tessera(cluster, "shard", "s3://corpus/mini/manifest.jsonl", out, "--samples-per-shard", "2",
-                   "--set", f"shard.labels={json.dumps(list(LABELS))}",
-                   "--set", f"runtime.storage_options={json.dumps(s3_options)}")
-    wait_for(lambda: s3.glob("out/shard-kill/shard-0*.json"), "a committed shard", proc)
-    cluster.kill_node(cluster.nodes[-1])
-    assert not s3.exists("out/shard-kill/summary.json")
-    cluster.add_node()
-    log, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, log[-3000:]
-
-    summary = json.loads(s3.cat_file("out/shard-kill/summary.json"))
-    assert summary["inputs"] == summary["accepted"] == 43 and summary["shards"] == 22
-    markers = sorted(s3.glob("out/shard-kill/shard-0*.json"))
-    assert len(markers) == 22
-    for marker in markers:  # every listed shard is whole: its tar holds exactly its samples
-        with s3.open(marker.replace(".json", ".tar"), "rb") as f, tarfile.open(fileobj=f) as tar:
-            keys = {name.split(".", 1)[0] for name in tar.getnames()}
-        assert len(keys) == json.loads(s3.cat_file(marker))["written"]
-
-
-def test_run_through_the_store_resumes_training_after_a_node_is_lost(cluster, s3, s3_options, tmp_path):
+def test_run_through_the_store_survives_losing_a_node_while_sharding_and_another_while_training(
+        cluster, s3, s3_options, tmp_path):
     started = time.monotonic()
-    s3.mkdir("runs")
     config = tmp_path / "job.yaml"
     config.write_text(json.dumps({
-        "job": {"manifest": "s3://corpus/mini/manifest.jsonl", "out": "s3://runs/mini"},
+        "job": {"manifest": "s3://mn-corpus/mini/manifest.jsonl", "out": "s3://mn-runs/mini"},
         "runtime": {"storage_options": s3_options},
         "shard": {"samples_per_shard": 4, "labels": list(LABELS)},
         "embed": {"actors": 2, "cpus_per_actor": 1},
@@ -194,7 +172,11 @@ def test_run_through_the_store_resumes_training_after_a_node_is_lost(cluster, s3
                   "loader_workers": 1},
     }))
     proc = tessera(cluster, "run", str(config))
-    wait_for(lambda: s3.glob("runs/mini/train/*/checkpoints/latest"), "a training checkpoint", proc)
+    wait_for(lambda: s3.glob("mn-runs/mini/shards/shard-0*.json"), "a committed shard", proc)
+    cluster.kill_node(cluster.nodes[-1])  # it dies with whatever shard task it was running
+    assert not s3.exists("mn-runs/mini/shards/summary.json")
+    cluster.add_node()
+    wait_for(lambda: s3.glob("mn-runs/mini/train/*/checkpoints/latest"), "a training checkpoint", proc)
     time.sleep(1.0)  # some steps past the checkpoint
     # the node of rank 1 (rank 0 keeps metrics.jsonl in its scratch): rank 0 survives to record
     # exactly how far training got, so the steps lost are measured, not estimated
@@ -204,9 +186,14 @@ def test_run_through_the_store_resumes_training_after_a_node_is_lost(cluster, s3
     log, _ = proc.communicate(timeout=480)
     assert proc.returncode == 0, log[-4000:]
 
-    report = json.loads(s3.cat_file("runs/mini/run-summary.json"))
+    report = json.loads(s3.cat_file("mn-runs/mini/run-summary.json"))
     shard, embed, train = (report["stages"][s] for s in ("shard", "embed", "train"))
-    assert shard["accepted"] == 43 and len(shard["shards_by_node"]) >= 2, shard["shards_by_node"]
+    assert shard["inputs"] == shard["accepted"] == 43 and shard["shards"] == 11
+    assert len(shard["shards_by_node"]) >= 2, shard["shards_by_node"]
+    for marker in s3.glob("mn-runs/mini/shards/shard-0*.json"):  # every committed shard is whole
+        with s3.open(marker.replace(".json", ".tar"), "rb") as f, tarfile.open(fileobj=f) as tar:
+            keys = {name.split(".", 1)[0] for name in tar.getnames()}
+        assert len(keys) == json.loads(s3.cat_file(marker))["written"]
     assert embed["samples"] == 43 and train["steps"] == 40
     run = train["model"].removeprefix("s3://").rsplit("/", 1)[0]
     metrics = [json.loads(line) for line in s3.cat_file(f"{run}/metrics.jsonl").decode().splitlines()]
@@ -214,7 +201,7 @@ def test_run_through_the_store_resumes_training_after_a_node_is_lost(cluster, s3
     assert len(resumes) == 1 and resumes[0]["resumed_at"] % 4 == 0 and resumes[0]["steps_redone"] < 4, resumes
     assert [r["step"] for r in metrics if "loss" in r] == list(range(1, 41))  # each step once, in order
     assert json.loads(s3.cat_file(f"{run}/eval.json"))["sets"]["val"]["samples"] > 0
-    assert s3.exists("runs/mini/report.html")
+    assert s3.exists("mn-runs/mini/report.html")
     print(f"\nprivate-disk cluster run: {time.monotonic() - started:.0f} s; resumed at step "
           f"{resumes[0]['resumed_at']} after a node was lost, {resumes[0]['steps_redone']} steps trained again "
           "(checkpoints every 4)")
