@@ -173,19 +173,17 @@ def test_rank_killed_during_save_leaves_latest_at_the_previous_checkpoint(embedd
     assert (ckpt / "step-0000004").is_dir()  # written in part, never pointed at
 
 
-def test_checkpoints_mirrored_to_s3_and_resumed_from_there(embedded_mini, tmp_path, s3_options):
+def test_checkpoints_go_to_their_own_store(embedded_mini, tmp_path, s3_options):
+    """train.checkpoint_url apart from the run folder (resuming from a store on nodes without
+    the files: tests/train/test_run_store.py and the private-disk cluster test)."""
     import s3fs
 
     fs = s3fs.S3FileSystem(**s3_options["s3"])
     fs.mkdir("checkpoints")
     cfg = {**BASE, "max_steps": 6, "checkpoint_every": 3, "checkpoint_url": "s3://checkpoints/run"}
-    run_train_stage(str(embedded_mini), str(tmp_path / "first"), TrainConfig(**cfg), s3_options)
-    assert fs.cat_file("checkpoints/run/latest") == b"step-0000006"
-    assert fs.exists("checkpoints/run/step-0000006/mp_rank_00_model_states.pt")
+    summary = run_train_stage(str(embedded_mini), str(tmp_path / "run"), TrainConfig(**cfg), s3_options)
+    assert summary["checkpoint"] == "step-0000006" and fs.cat_file("checkpoints/run/latest") == b"step-0000006"
+    assert fs.exists("checkpoints/run/step-0000003/mp_rank_00_model_states.pt")
     assert len(fs.glob("checkpoints/run/step-0000006/zero_pp_rank_*_optim_states.pt")) == 2
-
-    # a fresh machine: nothing local, the run continues from the store
-    fresh = tmp_path / "fresh"
-    summary = run_train_stage(str(embedded_mini), str(fresh), TrainConfig(**{**cfg, "max_steps": 9}), s3_options)
-    assert summary["steps"] == 9 and min(losses(fresh)) == 7
-    assert fs.cat_file("checkpoints/run/latest") == b"step-0000009"
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert isinstance(exported_model(tmp_path / "run"), MultimodalModel)  # consolidated from the store's files

@@ -6,13 +6,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tests.conftest import LABELS
-from train.config import ExportConfig
-from train.evaluate import evaluate_run
-from train.export import export_run
 from workflows.config import load_config
 from workflows.jobs import bundled_manifest, run_pipeline
-from workflows.predict import Predictor, predict_inputs
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # .ci/run installs Debian's chromium
 
@@ -47,32 +42,3 @@ def test_run_chains_the_stages_and_skips_what_is_up_to_date(ray_session, tmp_pat
             "Training", "Confusion matrix", "ROC curves", "Modality ablation"} <= set(titles)
     evaluation = json.loads((Path(model).parent / "eval.json").read_text())  # each trained run is evaluated
     assert evaluation["sets"]["val"]["samples"] == first["stages"]["train"]["val_samples"]
-
-
-def test_run_with_its_output_on_s3(ray_session, tmp_path, monkeypatch, s3_options):
-    import s3fs
-
-    fs = s3fs.S3FileSystem(**s3_options["s3"])
-    fs.mkdir("jobs")
-    monkeypatch.chdir(tmp_path)  # the driver's local training folder: runs/<data digest>
-    cfg = load_config(None, [
-        f"job.manifest={json.dumps(bundled_manifest())}", "job.out=s3://jobs/v1", "runtime.progress=false",
-        f"runtime.storage_options={json.dumps(s3_options)}", "shard.samples_per_shard=9",
-        "train.max_steps=2", "train.micro_batch_size=4", "train.val_fraction=0.3",
-    ])
-    first = run_pipeline(cfg)
-    assert first["stages"]["shard"]["accepted"] == 17 and first["stages"]["train"]["steps"] == 2
-    assert fs.exists("jobs/v1/shards/shard-000001.emb.parquet")
-    runs = fs.glob("jobs/v1/train/*/model.safetensors")
-    assert len(runs) == 1 and fs.exists(runs[0].replace("model.safetensors", "metrics.jsonl"))
-    second = run_pipeline(cfg)
-    assert [s["up_to_date"] for s in second["stages"].values()] == [True, True, True]
-
-    # evaluate, export and predict straight from the store
-    run = "s3://" + runs[0].rsplit("/", 1)[0]
-    assert evaluate_run(run, storage_options=s3_options)["sets"]["val"]["samples"] > 0
-    export_run(run, "s3://jobs/v1/model", ExportConfig(), s3_options)
-    assert json.loads(fs.cat_file("jobs/v1/model/export.json"))["variants"]["int8"]["bytes"] > 0
-    records = list(predict_inputs(Predictor("s3://jobs/v1/model", storage_options=s3_options),
-                                  [bundled_manifest()]))
-    assert len(records) == 17 and all(r["label"] in LABELS for r in records)

@@ -20,6 +20,10 @@ import psutil
 import pytest
 
 from tests.conftest import LABELS, MINI, REPO, free_port
+from train.config import ExportConfig
+from train.export import export_run
+from workflows.jobs import bundled_manifest
+from workflows.predict import Predictor, predict_inputs
 
 RAY = str(Path(sys.executable).parent / "ray")
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # a loopback test cluster; no token to hand around
@@ -167,9 +171,9 @@ def test_run_through_the_store_survives_losing_a_node_while_sharding_and_another
         "job": {"manifest": "s3://mn-corpus/mini/manifest.jsonl", "out": "s3://mn-runs/mini"},
         "runtime": {"storage_options": s3_options},
         "shard": {"samples_per_shard": 4, "labels": list(LABELS)},
-        "embed": {"actors": 2, "cpus_per_actor": 1},
+        "embed": {"actors": 2, "cpus_per_actor": 1, "audio": None, "video": None},
         "train": {"workers": 2, "max_steps": 40, "epochs": 20, "checkpoint_every": 4, "micro_batch_size": 4,
-                  "loader_workers": 1},
+                  "loader_workers": 1, "model": {"modalities": ["text", "image"]}},
     }))
     proc = tessera(cluster, "run", str(config))
     wait_for(lambda: s3.glob("mn-runs/mini/shards/shard-0*.json"), "a committed shard", proc)
@@ -202,6 +206,19 @@ def test_run_through_the_store_survives_losing_a_node_while_sharding_and_another
     assert [r["step"] for r in metrics if "loss" in r] == list(range(1, 41))  # each step once, in order
     assert json.loads(s3.cat_file(f"{run}/eval.json"))["sets"]["val"]["samples"] > 0
     assert s3.exists("mn-runs/mini/report.html")
-    print(f"\nprivate-disk cluster run: {time.monotonic() - started:.0f} s; resumed at step "
+    seconds = time.monotonic() - started
+
+    again = tessera(cluster, "run", str(config))  # every stage up to date, read from the store
+    log, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, log[-3000:]
+    assert all(stage["up_to_date"] for stage in json.loads(s3.cat_file("mn-runs/mini/run-summary.json"))["stages"]
+               .values())
+    # export and predict straight from the store
+    export_run(f"s3://{run}", "s3://mn-runs/mini/model", ExportConfig(), s3_options)
+    assert json.loads(s3.cat_file("mn-runs/mini/model/export.json"))["variants"]["int8"]["bytes"] > 0
+    records = list(predict_inputs(Predictor("s3://mn-runs/mini/model", storage_options=s3_options),
+                                  [bundled_manifest()]))
+    assert len(records) == 17 and all(r["label"] in LABELS for r in records)
+    print(f"\nprivate-disk cluster run: {seconds:.0f} s; resumed at step "
           f"{resumes[0]['resumed_at']} after a node was lost, {resumes[0]['steps_redone']} steps trained again "
           "(checkpoints every 4)")
