@@ -87,6 +87,23 @@ class VideoConfig(Strict):
         return self
 
 
+class TargetConfig(Strict):
+    """A training target carried by a manifest field besides `label` (multi-task training):
+    checked like `label` (a bad value is a reject line naming the field), recorded in the index."""
+
+    field: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    kind: Literal["classification", "multilabel", "regression"]
+    labels: tuple[str, ...] | None = Field(None, description="allowed values (classification, multilabel)")
+
+    @model_validator(mode="after")
+    def _fits(self) -> TargetConfig:
+        if self.field in ("key", "label", "text", "text_file", "image", "audio", "video"):
+            raise ValueError(f"targets: {self.field!r} is a manifest field of its own, not a target")
+        if self.kind == "regression" and self.labels is not None:
+            raise ValueError(f"targets: {self.field} is a regression target: it takes no labels")
+        return self
+
+
 class InputsConfig(Strict):
     """Where a manifest's inputs may be read from, besides the manifest's own folder or bucket
     prefix: absolute paths and URL prefixes (`s3://bucket/images/`, `https://cdn.example.com/`;
@@ -117,6 +134,14 @@ class ShardConfig(Strict):
     audio: AudioConfig = AudioConfig()
     video: VideoConfig = VideoConfig()
     inputs: InputsConfig = InputsConfig()
+    targets: tuple[TargetConfig, ...] = ()
+
+    @model_validator(mode="after")
+    def _distinct_targets(self) -> ShardConfig:
+        fields = [t.field for t in self.targets]
+        if len(set(fields)) != len(fields):
+            raise ValueError(f"targets: each field once, got {fields}")
+        return self
 
     def digest(self) -> str:
         """Hash of every setting that changes the shard bytes."""

@@ -51,7 +51,9 @@ MEMBER_EXTENSIONS = {"text": ("txt",), "image": (*IMAGE_MEMBER.values(), "jpg"),
 
 INDEX_SCHEMA = pa.schema([
     ("key", pa.string()), ("source_key", pa.string()), ("shard", pa.string()), ("file", pa.string()),
-    ("line", pa.int64()), ("label", pa.string()), ("modalities", pa.list_(pa.string())),
+    ("line", pa.int64()), ("label", pa.string()),
+    ("targets", pa.string()),  # JSON of shard.targets' values present in the row (null: none)
+    ("modalities", pa.list_(pa.string())),
     *[(f"{m}_sha256", pa.string()) for m in MODALITIES],
     *[(f"{m}_payload_sha256", pa.string()) for m in MODALITIES],
     ("content_id", pa.string()), ("raw_bytes", pa.int64()), ("stored_bytes", pa.int64()),

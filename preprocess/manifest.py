@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import posixpath
 import re
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow.parquet as pq
 
-from preprocess.config import MODALITIES, ShardConfig
+from preprocess.config import MODALITIES, ShardConfig, TargetConfig
 from preprocess.inputs import AllowedInputs
 from preprocess.keys import safe_key
 from preprocess.reject import Reject
@@ -184,6 +185,7 @@ class ManifestRow:
     files: dict[str, str]  # modality -> resolved URL
     metadata: dict = field(default_factory=dict)
     file: str = ""  # the manifest file, relative to the manifest's root
+    targets: dict = field(default_factory=dict)  # shard.targets' fields present in the row, checked
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -222,6 +224,28 @@ def check_label(label: object, cfg: ShardConfig) -> str | int | None:
     return label
 
 
+def check_target(value: object, target: TargetConfig) -> object:
+    """A target field's value as recorded (None: missing, which masks that task for the sample)."""
+    if value is None:
+        return None
+    field, kind = target.field, target.kind
+    if kind == "regression":
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise Reject(None, f"target {field}: {value!r} is not a finite number")
+        return float(value)
+    values = value if kind == "multilabel" else [value]
+    if kind == "multilabel" and not isinstance(value, list):
+        raise Reject(None, f"target {field}: expected a list of labels, got {type(value).__name__}")
+    for v in values:
+        if not isinstance(v, str):
+            raise Reject(None, f"target {field}: label {v!r} is not a string")
+        if target.labels is not None and v not in target.labels:
+            raise Reject(None, f"target {field}: {v!r} is not in its label set")
+    if kind == "multilabel" and len(set(values)) != len(values):
+        raise Reject(None, f"target {field}: a label is repeated in {values!r}")
+    return sorted(values) if kind == "multilabel" else value
+
+
 def source_key(obj: dict) -> str | None:
     """The row's key as given, when it is a usable one (a non-empty string or an integer)."""
     key = obj.get("key")
@@ -256,8 +280,10 @@ def parse_row(obj: dict, line: int, base_dir: str, cfg: ShardConfig, file: str =
         refusal = allowed.refusal(files[modality]) if allowed else None
         if refusal:
             raise Reject(modality, f"{name}: {refusal}")
+    targets = {t.field: check_target(obj.get(t.field), t) for t in cfg.targets}
     row = ManifestRow(line, key, safe_key(key), label, text, files,
-                      {k: v for k, v in obj.items() if k not in KNOWN_FIELDS}, file)
+                      {k: v for k, v in obj.items() if k not in KNOWN_FIELDS and k not in targets}, file,
+                      {k: v for k, v in targets.items() if v is not None})
     if not row.modalities:
         raise Reject(None, "sample has no modality")
     missing = [m for m in cfg.required_modalities if m not in row.modalities]

@@ -64,6 +64,8 @@ def process_sample(row: ManifestRow, raw: dict[str, bytes], cfg: ShardConfig) ->
     meta: dict = {"source_key": row.source_key, "label": row.label, "line": row.line}
     if row.metadata:
         meta["metadata"] = row.metadata
+    if row.targets:
+        meta["targets"] = row.targets
     text_meta: dict = {}
     text = _text(row, raw, cfg, text_meta)
     if text is not None:

@@ -7,6 +7,7 @@ every input file once: the raw bytes are hashed for the dedup pass while they ar
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -115,6 +116,7 @@ def index_row(plan: ShardPlan, row: ManifestRow, raw: dict[str, bytes], out: Sam
         "file": row.file,
         "line": row.line,
         "label": None if row.label is None else str(row.label),
+        "targets": json.dumps(row.targets, sort_keys=True) if row.targets else None,
         "modalities": list(out.modalities),
         **{f"{m}_sha256": raw_sha256.get(m) for m in MODALITIES},
         # what the embedding cache is keyed by: the stored (normalized) member's bytes

