@@ -121,14 +121,15 @@ class MetricsLog:
         self.run = run
         self.local = Path(run.path(METRICS)) if is_local(run.url) else scratch_for(run.url) / METRICS
         lines = run.read_bytes(METRICS).decode().splitlines() if run.exists(METRICS) else []
-        kept = [line for line in lines if json.loads(line).get("step", 0) <= (resumed_step or 0)]
+        records = [json.loads(line) for line in lines]
+        kept = [line for line, r in zip(lines, records, strict=True) if r.get("step", 0) <= (resumed_step or 0)]
         self.local.parent.mkdir(parents=True, exist_ok=True)
         self.local.write_text("".join(line + "\n" for line in kept))
         self.file = self.local.open("a")
         self.uploaded = time.monotonic()
         if resumed_step is not None:  # steps trained again: those after the checkpoint (as last uploaded)
             self.write({"resumed_at": resumed_step, "steps_redone": sum(
-                1 for line in lines if "loss" in line and json.loads(line)["step"] > resumed_step)})
+                1 for r in records if "loss" in r and r["step"] > resumed_step)})
 
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")

@@ -41,10 +41,12 @@ def test_a_node_pulls_the_files_it_lacks_and_forgets_a_run_the_store_lost(s3_opt
 
 def test_metrics_are_cut_back_to_the_checkpoint_on_resume(tmp_path):
     run = Store(str(tmp_path / "run"))
-    run.write_bytes(METRICS, "".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 11)).encode())
+    records = [{"step": s, "loss": 1.0 / s} for s in range(1, 11)]
+    records.insert(8, {"epoch": 0, "step": 8, "val_loss": 0.5})  # a validation record: not a step
+    run.write_bytes(METRICS, "".join(json.dumps(r) + "\n" for r in records).encode())
     log = MetricsLog(run, resumed_step=6)
     log.write({"step": 7, "loss": 0.5})
     log.close()
     records = [json.loads(line) for line in run.read_bytes(METRICS).decode().splitlines()]
     assert [r.get("step") for r in records] == [1, 2, 3, 4, 5, 6, None, 7]
-    assert records[6] == {"resumed_at": 6, "steps_redone": 4}
+    assert records[6] == {"resumed_at": 6, "steps_redone": 4}  # steps 7-10 (the validation record is no step)

@@ -203,7 +203,8 @@ def test_run_through_the_store_survives_losing_a_node_while_sharding_and_another
     run = train["model"].removeprefix("s3://").rsplit("/", 1)[0]
     metrics = [json.loads(line) for line in s3.cat_file(f"{run}/metrics.jsonl").decode().splitlines()]
     resumes = [r for r in metrics if "resumed_at" in r]
-    assert len(resumes) == 1 and resumes[0]["resumed_at"] % 4 == 0 and resumes[0]["steps_redone"] < 4, resumes
+    # at most a checkpoint interval is trained again (a kill during a save loses the step saved)
+    assert len(resumes) == 1 and resumes[0]["resumed_at"] % 4 == 0 and resumes[0]["steps_redone"] <= 4, resumes
     assert [r["step"] for r in metrics if "loss" in r] == list(range(1, 41))  # each step once, in order
     assert json.loads(s3.cat_file(f"{run}/eval.json"))["sets"]["val"]["samples"] > 0
     assert s3.exists("mn-runs/mini/report.html")
