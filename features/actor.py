@@ -17,7 +17,7 @@ from features.cache import EmbeddingCache
 from features.config import EmbedConfig
 from features.encoders import build_encoders
 from features.sidecar import ShardRows, owned_by, write_sidecar
-from preprocess.layout import MEMBER_EXTENSIONS
+from preprocess.layout import MEMBER_EXTENSIONS, member_payload
 from preprocess.storage import Store, iter_shard
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class EmbedWorker:
             key = sample["__key__"]
             for modality, per_key in wanted.items():
                 digest = per_key.get(key)
-                payload = next((sample[e] for e in MEMBER_EXTENSIONS[modality] if e in sample), None)
+                payload = member_payload(sample, modality)
                 if digest is None or payload is None:
                     continue
                 try:

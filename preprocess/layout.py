@@ -49,6 +49,13 @@ VIDEO_MEMBER = {"mp4": "mp4", "frames": "frames.npy"}  # by video.encoding
 MEMBER_EXTENSIONS = {"text": ("txt",), "image": (*IMAGE_MEMBER.values(), "jpg"), "audio": ("flac", "wav"),
                      "video": tuple(VIDEO_MEMBER.values())}
 
+
+
+def member_payload(sample: dict, modality: str) -> bytes | None:
+    """A WebDataset sample's payload of MODALITY (its first member extension present), or None."""
+    return next((sample[ext] for ext in MEMBER_EXTENSIONS[modality] if ext in sample), None)
+
+
 INDEX_SCHEMA = pa.schema([
     ("key", pa.string()), ("source_key", pa.string()), ("shard", pa.string()), ("file", pa.string()),
     ("line", pa.int64()), ("label", pa.string()),

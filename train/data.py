@@ -37,6 +37,7 @@ from preprocess.layout import (
     SUMMARY,
     committed_shards,
     index_batches,
+    member_payload,
     read_index_part,
 )
 from preprocess.storage import Store, duckdb_over, iter_shard
@@ -259,8 +260,8 @@ class ShardStream(IterableDataset):
             key, _, ext = member.partition(".")
             return key in keys and ext in exts
 
-        return {s["__key__"]: next(s[e] for e in exts if e in s)
-                for s in iter_shard(url, self.spec.info.storage_options, select)}
+        samples = iter_shard(url, self.spec.info.storage_options, select)
+        return {s["__key__"]: member_payload(s, "image") for s in samples}
 
     def _samples(self, consumer: int, epoch: int) -> Iterator[dict]:
         """Consumer's block of the epoch's sequence of samples, shard by shard."""

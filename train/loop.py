@@ -18,7 +18,7 @@ from train.config import TrainConfig
 from train.data import DatasetInfo, StreamSpec, loader
 from train.model import MultimodalModel
 from train.parallel import build_engine, resolve_precision
-from train.run_store import CHECKPOINTS, Checkpoints, MetricsLog, tag_of
+from train.run_store import CHECKPOINTS, Checkpoints, MetricsLog, disk_id, tag_of
 from train.saved import META, WEIGHTS
 
 log = logging.getLogger(__name__)
@@ -156,12 +156,12 @@ def _export(engine, model: MultimodalModel, job: TrainJob, checkpoints: Checkpoi
     }, indent=1).encode())
 
 
-def _first_on_its_disk(checkpoints: Checkpoints) -> bool:
+def _first_on_its_disk() -> bool:
     """Whether this rank is the lowest of the ranks that share its scratch disk (and so the
     files DeepSpeed writes there): that rank pulls and pushes checkpoints for all of them.
     Found from the disks themselves, not from IPs or Ray's node ranks."""
     disks = [None] * dist.get_world_size()
-    dist.all_gather_object(disks, checkpoints.disk_id())
+    dist.all_gather_object(disks, disk_id())
     return disks.index(disks[dist.get_rank()]) == dist.get_rank()
 
 
@@ -187,7 +187,7 @@ def run_worker(job: TrainJob, rank: int, world: int) -> dict:
     train_spec, val_spec = spec("train", data_rank), spec("val", data_rank)
     run, checkpoint_store = job.stores()
     checkpoints = Checkpoints(checkpoint_store)
-    keeper = _first_on_its_disk(checkpoints)
+    keeper = _first_on_its_disk()
     if keeper:
         checkpoints.prepare()  # this node's scratch gets the latest checkpoint, wherever it was made
     dist.barrier()

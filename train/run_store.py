@@ -29,10 +29,27 @@ def tag_of(step: int) -> str:
     return f"step-{step:07d}"
 
 
+def _scratch_root() -> Path:
+    return Path(tempfile.gettempdir()) / "tessera-train"
+
+
 def scratch_for(url: str) -> Path:
     """This node's scratch folder for the store at URL (the same on every call, so a worker
     restarted on the same node finds what it left)."""
-    return Path(tempfile.gettempdir()) / "tessera-train" / hashlib.sha256(url.encode()).hexdigest()[:16]
+    return _scratch_root() / hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+def disk_id() -> str:
+    """An id of the disk this process's scratch is on, the same for every process that sees it."""
+    path = _scratch_root() / "disk-id"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"disk-id.{uuid.uuid4().hex}")
+        tmp.write_text(uuid.uuid4().hex)
+        with contextlib.suppress(FileExistsError):  # another process made it first: its id holds
+            os.link(tmp, path)
+        tmp.unlink()
+    return path.read_text()
 
 
 class Checkpoints:
@@ -44,18 +61,6 @@ class Checkpoints:
         self.store = store
         self.in_place = is_local(store.url)
         self.local = Path(store.path()) if self.in_place else scratch_for(store.url)
-
-    def disk_id(self) -> str:
-        """An id of the disk this node's scratch is on, the same for every process that sees it."""
-        path = Path(tempfile.gettempdir()) / "tessera-train" / "disk-id"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"disk-id.{uuid.uuid4().hex}")
-            tmp.write_text(uuid.uuid4().hex)
-            with contextlib.suppress(FileExistsError):  # another process made it first: its id holds
-                os.link(tmp, path)
-            tmp.unlink()
-        return path.read_text()
 
     def latest(self) -> str | None:
         if not self.store.exists(LATEST):
@@ -91,11 +96,15 @@ class Checkpoints:
                 partial.replace(target)
 
     def push(self, tag: str) -> None:
-        """Upload the files of TAG written on this disk (its first rank, after every rank saved)."""
+        """Upload the files of TAG written on this disk (its first rank, after every rank saved);
+        older tags on this disk are dropped (the store holds them)."""
         if self.in_place:
             return
         for path in sorted(p for p in (self.local / tag).rglob("*") if p.is_file()):
             self.store.put_file(str(path), f"{tag}/{path.relative_to(self.local / tag)}")
+        for old in self.local.glob("step-*"):
+            if old.name != tag:
+                shutil.rmtree(old, ignore_errors=True)
 
     def commit(self, tag: str, keep: int) -> None:
         """Point `latest` at TAG, then drop all but the newest KEEP tags (rank 0 only)."""
@@ -103,9 +112,6 @@ class Checkpoints:
         tags = sorted(name for name in self.store.names("step-*") if TAG.fullmatch(name))
         for old in tags[:-keep]:
             self.store.remove(old, recursive=True)
-        if not self.in_place:
-            for old in sorted(p for p in self.local.glob("step-*") if p.name not in tags[-keep:]):
-                shutil.rmtree(old, ignore_errors=True)
 
     def clear_scratch(self) -> None:
         if not self.in_place:

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from features.sidecar import sidecar_name
-from preprocess.layout import MEMBER_EXTENSIONS, SUMMARY, committed_shards, read_index_part
+from preprocess.layout import MEMBER_EXTENSIONS, SUMMARY, committed_shards, member_payload, read_index_part
 from preprocess.storage import Store, iter_shard
 from train.data import superseded
 from workflows.refresh import versions
@@ -48,10 +48,9 @@ def read_shard(root: str, shard: str, excluded: frozenset[str], storage_options:
                              lambda member: member.partition(".")[0] in wanted):
         key = sample["__key__"]
         meta[key] = sample.get("json")
-        for modality, exts in MEMBER_EXTENSIONS.items():
-            ext = next((e for e in exts if e in sample), None)
-            if ext is not None:
-                data = sample[ext]
+        for modality in MEMBER_EXTENSIONS:
+            data = member_payload(sample, modality)
+            if data is not None:
                 payloads[modality][key] = data.decode() if modality == "text" else data
     columns = {"key": index.column("key"), "source_key": index.column("source_key"), "label": index.column("label"),
                "shard": pa.array([store.url_of(shard)] * len(keys), pa.string()),
