@@ -49,7 +49,7 @@ def timed_pass(model: Path, variant: str, manifest: Path) -> dict:
     seconds = time.perf_counter() - t0
     predicted = [r for r in records if not r.get("rejected")]
     return {"samples": len(predicted), "seconds": seconds, "model_seconds": model_seconds[0],
-            "labels": {r["key"]: r["label"] for r in predicted}}
+            "labels": {r["key"]: r["predictions"]["label"] for r in predicted}}
 
 
 def main() -> None:

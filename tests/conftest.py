@@ -33,36 +33,59 @@ def ray_session():
     ray.shutdown()
 
 
+# Targets the tests add to the mini corpus besides its labels (multi-task training): whether a
+# sample has audio (left out of every 7th row, so that some samples lack it), which of
+# image/audio/video it has, and its caption's word count.
+MINI_TARGETS = [{"field": "has_audio", "kind": "classification", "labels": ["no", "yes"]},
+                {"field": "media", "kind": "multilabel", "labels": ["audio", "image", "video"]},
+                {"field": "words", "kind": "regression"}]
+MINI_TASKS = [{"name": "label"}, {"name": "has_audio", "weight": 0.5}, {"name": "media"}, {"name": "words"}]
+
+
+def with_targets(row: dict, line: int) -> dict:
+    row = {**row, "media": sorted(m for m in ("audio", "image", "video") if m in row)}
+    if line % 7:
+        row["has_audio"] = "yes" if "audio" in row else "no"
+    if row.get("text"):
+        row["words"] = len(row["text"].split())
+    return row
+
+
 @pytest.fixture(scope="session")
 def embedded_mini(ray_session, tmp_path_factory):
-    """The mini corpus sharded (3 shards) and embedded, as training reads it."""
+    """The mini corpus with MINI_TARGETS, sharded (3 shards) and embedded, as training reads it."""
+    import json
+
     from features.config import EmbedConfig
     from features.stage import run_embed_stage
     from preprocess.config import ShardConfig
     from preprocess.stage import run_shard_stage
 
     out = tmp_path_factory.mktemp("train-mini")
-    run_shard_stage(str(MINI / "manifest.jsonl"), str(out), ShardConfig(labels=LABELS, samples_per_shard=16),
-                    progress=False)
+    manifest = out.parent / f"{out.name}-manifest.jsonl"
+    manifest.write_text("".join(json.dumps(with_targets(json.loads(line), n)) + "\n"
+                                for n, line in enumerate(mini_manifest_lines(None))))
+    cfg = ShardConfig(labels=LABELS, samples_per_shard=16, targets=MINI_TARGETS, inputs={"allow": [str(MINI)]})
+    run_shard_stage(str(manifest), str(out), cfg, progress=False)
     run_embed_stage(str(out), EmbedConfig(), progress=False)
     return out
 
 
 @pytest.fixture(scope="session")
 def trained_mini(embedded_mini, tmp_path_factory) -> Path:
-    """A run trained on the embedded mini corpus with a large validation split (~40%), for
-    evaluation, export and prediction."""
+    """A run of MINI_TASKS trained on the embedded mini corpus with a large validation split
+    (~40%), for evaluation, export and prediction."""
     from train.config import TrainConfig
     from train.stage import run_train_stage
 
     run = tmp_path_factory.mktemp("trained-mini")
     run_train_stage(str(embedded_mini), str(run), TrainConfig(
         workers=2, micro_batch_size=4, epochs=8, warmup_steps=2, lr=3e-3, val_fraction=0.4, loader_workers=0,
-        checkpoint_every=1000))
+        checkpoint_every=1000, tasks=MINI_TASKS))
     return run
 
 
-def mini_manifest_lines(stop: int, start: int = 0) -> list[str]:
+def mini_manifest_lines(stop: int | None, start: int = 0) -> list[str]:
     """Rows start..stop-1 of the mini manifest with absolute paths, for manifests written elsewhere
     (whose shard config must then allow MINI: shard.inputs.allow)."""
     import json

@@ -19,13 +19,34 @@ class ModelConfig(Strict):
     # a small trainable CNN on the shard's pixels, normalized with the shard statistics
     image_branch: bool = False
     image_branch_size: int = Field(64, gt=0)
-    classification_weight: float = Field(1.0, ge=0)
     contrastive_weight: float = Field(0.0, ge=0, description="image-text InfoNCE loss weight")
     temperature: float = Field(0.07, gt=0)
 
 
+class TaskConfig(Strict):
+    """One head of the model. Its kind and label set are the field's own: `label` is a
+    classification over shard.labels (or the labels found), any other field is declared in
+    shard.targets, where its values are checked before training ever sees them."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    field: str | None = Field(None, description="manifest field (default: the task's name)")
+    weight: float = Field(1.0, ge=0, description="its share of the total loss")
+
+    @property
+    def source(self) -> str:
+        return self.field or self.name
+
+
+class DistillConfig(Strict):
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the teacher's soft targets; 1 - alpha: the "
+                         "hard labels")
+    temperature: float = Field(2.0, gt=0)
+
+
 class TrainConfig(Strict):
     model: ModelConfig = ModelConfig()
+    # the model's heads; none: one classification task named `label` from the label field
+    tasks: tuple[TaskConfig, ...] = ()
     workers: int = Field(2, gt=0, description="Ray Train workers (processes)")
     cpus_per_worker: float = Field(1, gt=0)
     use_gpu: bool | Literal["auto"] = "auto"
@@ -57,9 +78,19 @@ class TrainConfig(Strict):
     # from those weights with a fresh optimizer and schedule. A checkpoint in the run's own
     # folder takes precedence, so an interrupted run resumes where it stopped.
     init_from: str | None = None
+    # A trained run (the teacher): this run trains a student (its own `model` settings) on
+    # the teacher's outputs, computed on the fly from the same batches by the frozen teacher
+    # on every rank, and the hard targets (train/tasks.py: TaskLoss).
+    distill_from: str | None = None
+    distill: DistillConfig = DistillConfig()
 
     @model_validator(mode="after")
     def _compatible(self) -> TrainConfig:
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tasks: each name once, got {names}")
+        if self.init_from and self.distill_from:
+            raise ValueError("init_from and distill_from exclude each other: a student starts from its own weights")
         if self.parallel == "pipeline":
             if self.workers % self.pipeline_stages:
                 raise ValueError(f"workers ({self.workers}) must be a multiple of pipeline_stages "

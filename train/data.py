@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import math
 import tempfile
 import time
@@ -41,6 +42,8 @@ from preprocess.layout import (
     read_index_part,
 )
 from preprocess.storage import Store, duckdb_over, iter_shard
+from train.config import TaskConfig
+from train.tasks import LABEL, Task, pack_targets
 
 SPLITS = ("train", "val")
 MEMORY_LIMIT = "256MB"  # of the query that finds superseded keys across versions
@@ -116,6 +119,50 @@ def _pixel_statistics(summaries: list[dict]) -> tuple[tuple, tuple]:
     return tuple(mean.tolist()), tuple(np.sqrt(np.maximum(square / total - mean**2, 0)).tolist())
 
 
+def _index_targets(batch, fields: list[str]) -> Iterator[tuple]:
+    """(key, shard, label, {field: value}) of an index batch's rows, only the fields asked for."""
+    keys, names, labels = (batch.column(c).to_pylist() for c in ("key", "shard", "label"))
+    targets = batch.column("targets").to_pylist() if fields != [LABEL] else [None] * len(keys)
+    for key, name, label, found in zip(keys, names, labels, targets, strict=True):
+        values = json.loads(found) if found else {}
+        yield key, name, label, {f: label if f == LABEL else values.get(f) for f in fields}
+
+
+def _trainable(fields: list[str]):
+    """The index filter that keeps the rows that may carry a target of these fields."""
+    with_label = pc.field(LABEL).is_valid()
+    return with_label if fields == [LABEL] else with_label | pc.field("targets").is_valid()
+
+
+def resolve_tasks(configs: Sequence[TaskConfig], shard_config: dict, found: dict[str, set],
+                  moments: dict[str, np.ndarray]) -> tuple[Task, ...]:
+    """The tasks with their kinds and label sets (declared, or else the values found) and the
+    regression targets' mean and standard deviation over the training split."""
+    declared = {t["field"]: t for t in shard_config.get("targets") or ()}
+    tasks = []
+    for cfg in configs or (TaskConfig(name=LABEL),):
+        field = cfg.source
+        if field == LABEL:
+            kind, labels = "classification", shard_config["labels"]
+        elif field in declared:
+            kind, labels = declared[field]["kind"], declared[field]["labels"]
+        else:
+            raise ValueError(f"task {cfg.name}: field {field!r} is neither `label` nor one of shard.targets "
+                             f"({sorted(declared) or 'none declared'}); declare it there so that the shard stage "
+                             "checks its values")
+        center, scale = 0.0, 1.0
+        if kind == "regression":
+            n, total, squares = moments.get(field, np.zeros(3))
+            center = total / n if n else 0.0
+            spread = math.sqrt(max(squares / n - center**2, 0.0)) if n else 0.0
+            scale = spread if spread > 1e-8 else 1.0
+        names = () if kind == "regression" else tuple(labels) if labels else tuple(sorted(found.get(field, ())))
+        if kind != "regression" and not names:
+            raise ValueError(f"task {cfg.name}: no sample carries a value of {field!r}, so it has no classes")
+        tasks.append(Task(cfg.name, field, kind, names, cfg.weight, float(center), float(scale)))
+    return tuple(tasks)
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
     """What a worker needs to know about the shard folders, read once on the driver: per
@@ -125,9 +172,9 @@ class DatasetInfo:
     shards: tuple[tuple[int, str], ...]  # (folder position, tar name) of every committed shard
     per_shard: np.ndarray  # [shards, 2]: trainable samples of each split (train, val)
     excluded: tuple[frozenset[str], ...]  # per folder: keys a later folder replaced or removed
-    labels: tuple[str, ...]
+    tasks: tuple[Task, ...]
     dims: dict[str, int]  # modality -> embedding width, in input order
-    counts: dict[str, int]  # split -> labelled samples
+    counts: dict[str, int]  # split -> samples with a target of at least one task
     pixel_mean: tuple[float, float, float]
     pixel_std: tuple[float, float, float]
     val_fraction: float
@@ -135,40 +182,52 @@ class DatasetInfo:
 
     @classmethod
     def read(cls, shards: str | Sequence[str], modalities: tuple[str, ...], val_fraction: float,
-             storage_options: dict | None = None) -> DatasetInfo:
+             storage_options: dict | None = None, tasks: Sequence[TaskConfig] = ()) -> DatasetInfo:
         storage_options = storage_options or {}
         roots = tuple(r.rstrip("/") for r in ((shards,) if isinstance(shards, str) else shards))
         if not roots:
             raise ValueError("no shard folders to train on")
         stores = [Store(r, storage_options) for r in roots]
         summaries = [s.read_json(SUMMARY) for s in stores]
-        label_sets = [s.read_json(SHARD_CONFIG)["config"]["labels"] for s in stores]
+        shard_configs = [s.read_json(SHARD_CONFIG)["config"] for s in stores]
+        target_sets = [{"labels": c["labels"], "targets": c.get("targets") or []} for c in shard_configs]
         dim_sets = [s.read_json(EMBED_SUMMARY)["dims"] for s in stores]
-        for what, values in (("labels", label_sets), ("embedding widths", dim_sets)):
+        for what, values in (("labels and targets", target_sets), ("embedding widths", dim_sets)):
             if any(v != values[0] for v in values):
                 raise ValueError(f"the shard folders differ in their {what} ({dict(zip(roots, values, strict=True))}): "
                                  "they cannot be trained on together")
         dims = {m: dim_sets[0][m] for m in modalities if m in dim_sets[0]}
         if not dims:
             raise ValueError(f"{roots[-1]} has no embeddings for any of {list(modalities)}: run `tessera embed` first")
+        fields = list(dict.fromkeys(t.source for t in tasks)) or [LABEL]
         excluded = superseded(roots, storage_options)
         listed = [(i, name) for i, store in enumerate(stores) for name in committed_shards(store)]
         position = {shard: n for n, shard in enumerate(listed)}
         per_shard = np.zeros((len(listed), 2), np.int64)
-        found_labels: set[str] = set()
-        for i, store in enumerate(stores):  # streamed: one batch of keys at a time
-            for batch in index_batches(store, ["key", "label", "shard"], pc.field("label").is_valid()):
-                keys, labels, names = (batch.column(c).to_pylist() for c in ("key", "label", "shard"))
-                found_labels.update(labels)
-                for key, name in zip(keys, names, strict=True):
-                    if key not in excluded[i] and (i, name) in position:
-                        per_shard[position[(i, name)], SPLITS.index(split_of(key, val_fraction))] += 1
-        labels = tuple(label_sets[0]) if label_sets[0] else tuple(sorted(found_labels))
+        found: dict[str, set] = {f: set() for f in fields}
+        moments = {f: np.zeros(3) for f in fields}  # n, sum, sum of squares (training split)
+        for i, store in enumerate(stores):  # streamed: one batch of index rows at a time
+            for batch in index_batches(store, ["key", "shard", LABEL, "targets"], _trainable(fields)):
+                for key, name, _, values in _index_targets(batch, fields):
+                    present = {f: v for f, v in values.items() if v is not None}
+                    if not present or key in excluded[i] or (i, name) not in position:
+                        continue
+                    split = split_of(key, val_fraction)
+                    per_shard[position[(i, name)], SPLITS.index(split)] += 1
+                    for f, v in present.items():
+                        if isinstance(v, float):
+                            moments[f] += (split == "train") * np.array([1.0, v, v * v])
+                        else:
+                            found[f].update(v if isinstance(v, list) else [v])
         counts = {"train": int(per_shard[:, 0].sum()), "val": int(per_shard[:, 1].sum())}
         counts["all"] = counts["train"] + counts["val"]
         mean, std = _pixel_statistics(summaries)
-        return cls(roots, tuple(listed), per_shard, excluded, labels, dims, counts, mean, std, val_fraction,
-                   storage_options)
+        return cls(roots, tuple(listed), per_shard, excluded, resolve_tasks(tasks, shard_configs[0], found, moments),
+                   dims, counts, mean, std, val_fraction, storage_options)
+
+    @property
+    def fields(self) -> list[str]:
+        return list(dict.fromkeys(t.field for t in self.tasks))
 
     def shard_url(self, n: int) -> str:
         root, name = self.shards[n]
@@ -181,7 +240,7 @@ class DatasetInfo:
 @dataclass(frozen=True)
 class StreamSpec:
     info: DatasetInfo
-    split: str  # train, val, or all (every labelled sample, for evaluation on other shards)
+    split: str  # train, val, or all (every sample with a target, for evaluation on other shards)
     val_fraction: float
     batch_size: int
     shuffle_buffer: int
@@ -226,22 +285,25 @@ class ShardStream(IterableDataset):
         return order
 
     def _rows(self, n: int) -> list[dict]:
-        """The split's samples of shard n, in index order: key, class, packed vectors, image."""
+        """The split's samples of shard n, in index order: key, packed targets and vectors, image."""
         spec, info = self.spec, self.spec.info
         root, name = info.shards[n]
         store = Store(info.roots[root], info.storage_options)
-        index = read_index_part(store, name, ["key", "label"], pc.field("label").is_valid())
-        chosen = [(key, label) for key, label in zip(index.column("key").to_pylist(), index.column("label").to_pylist(),
-                                                     strict=True)
-                  if key not in info.excluded[root]
-                  and (spec.split == "all" or split_of(key, spec.val_fraction) == spec.split)]
+        fields = info.fields
+        index = read_index_part(store, name, ["key", "shard", LABEL, "targets"], _trainable(fields))
+        chosen = []
+        for key, _, label, values in _index_targets(index, fields):
+            packed = pack_targets(info.tasks, label, values)
+            if packed is not None and key not in info.excluded[root] \
+                    and (spec.split == "all" or split_of(key, spec.val_fraction) == spec.split):
+                chosen.append((key, *packed))
         with store.fs.open(store.path(name.removesuffix(".tar") + ".emb.parquet"), "rb") as f:
             table = pq.read_table(f, columns=["key", *info.dims])
         where = {key: i for i, key in enumerate(table.column("key").to_pylist())}
-        if len(chosen) != info.samples(n, spec.split) or any(key not in where for key, _ in chosen):
+        if len(chosen) != info.samples(n, spec.split) or any(c[0] not in where for c in chosen):
             raise ValueError(f"{info.shard_url(n)}: its index and sidecar disagree with the dataset's counts; "
                              "run `tessera embed` again")
-        take = np.array([where[key] for key, _ in chosen], np.int64)
+        take = np.array([where[c[0]] for c in chosen], np.int64)
         present = {}
         for modality, dim in info.dims.items():
             column = table.column(modality).combine_chunks().take(take)
@@ -249,9 +311,9 @@ class ShardStream(IterableDataset):
             values = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
             present[modality] = (rows, values if len(values) == rows.sum() else values[rows])
         features, mask = pack_vectors(len(chosen), info.dims, present)
-        images = self._images(info.shard_url(n), {key for key, _ in chosen}) if spec.image_branch_size else {}
-        return [{"key": key, "label": info.labels.index(label), "features": features[i], "mask": mask[i],
-                 "image": images.get(key)} for i, (key, label) in enumerate(chosen)]
+        images = self._images(info.shard_url(n), {c[0] for c in chosen}) if spec.image_branch_size else {}
+        return [{"key": key, "targets": targets, "present": has, "features": features[i], "mask": mask[i],
+                 "image": images.get(key)} for i, (key, targets, has) in enumerate(chosen)]
 
     def _images(self, url: str, keys: set[str]) -> dict[str, bytes]:
         exts = MEMBER_EXTENSIONS["image"]
@@ -291,7 +353,8 @@ class ShardStream(IterableDataset):
         batch = {"keys": [r["key"] for r in rows],
                  "features": torch.from_numpy(np.stack([r["features"] for r in rows])),
                  "mask": torch.from_numpy(np.stack([r["mask"] for r in rows])),
-                 "labels": torch.tensor([r["label"] for r in rows]),
+                 "targets": torch.from_numpy(np.stack([r["targets"] for r in rows])),
+                 "present": torch.from_numpy(np.stack([r["present"] for r in rows])),
                  "weights": torch.tensor(weights, dtype=torch.float32)}
         if self.spec.image_branch_size:
             info = self.spec.info

@@ -1,6 +1,7 @@
-"""How good a trained model is: metrics over (labels, class probabilities) accumulated batch by
-batch in bounded memory, the batches they are computed on, and per-modality ablation (the
-same model with one modality masked out, as if every sample lacked it)."""
+"""How good a trained model is: each task's metrics of its kind (classification, multilabel,
+regression) accumulated batch by batch in bounded memory, the batches they are computed on,
+and per-modality ablation (the same model with one modality masked out, as if every sample
+lacked it)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import dataclasses
 import json
 import logging
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -20,11 +21,12 @@ from train.config import TrainConfig
 from train.data import DatasetInfo, StreamSpec, loader
 from train.model import MultimodalModel
 from train.saved import RUN_CONFIG, load_model, read_saved
+from train.tasks import Task, split_outputs, split_targets, tasks_from_meta
 
 log = logging.getLogger(__name__)
 
 EVAL, PREDICTIONS = "eval.json", "eval-predictions.parquet"
-Scorer = Callable[[dict], np.ndarray]  # a batch (features, mask[, pixels]) -> class probabilities
+Scorer = Callable[[dict], dict[str, np.ndarray]]  # a batch (features, mask[, pixels]) -> each task's scores
 
 
 AUC_BINS = 1000
@@ -33,30 +35,22 @@ AUC_METHOD = (f"one-vs-rest, from fixed-bin histograms of each class's predicted
               "in the same bin count as a tie (half)")
 
 
-class Metrics:
-    """Classification metrics accumulated batch by batch in memory that does not grow with
-    the set: the confusion matrix, and per class the histograms of its predicted probability
-    over positives and negatives (AUC_BINS bins), from which ROC curves and AUC come."""
+class Histograms:
+    """Per class (or tag), histograms of its predicted probability over its positives and its
+    negatives: ROC curves and AUC in memory that does not grow with the set."""
 
-    def __init__(self, names: list[str]):
-        self.names = names
-        k = len(names)
-        self.confusion = np.zeros((k, k), np.int64)
+    def __init__(self, k: int):
         self.positives = np.zeros((k, AUC_BINS), np.int64)
         self.negatives = np.zeros((k, AUC_BINS), np.int64)
 
-    def add(self, labels: np.ndarray, probs: np.ndarray) -> None:
-        labels = np.asarray(labels, np.int64)
-        if not len(labels):
-            return
-        np.add.at(self.confusion, (labels, probs.argmax(1)), 1)
+    def add(self, positive: np.ndarray, probs: np.ndarray) -> None:
+        """positive, probs: [n, k] (whether the sample is a positive of column c; its probability)."""
         bins = np.minimum((probs * AUC_BINS).astype(np.int64), AUC_BINS - 1)
-        for c in range(len(self.names)):
-            positive = labels == c
-            self.positives[c] += np.bincount(bins[positive, c], minlength=AUC_BINS)
-            self.negatives[c] += np.bincount(bins[~positive, c], minlength=AUC_BINS)
+        for c in range(len(self.positives)):
+            self.positives[c] += np.bincount(bins[positive[:, c], c], minlength=AUC_BINS)
+            self.negatives[c] += np.bincount(bins[~positive[:, c], c], minlength=AUC_BINS)
 
-    def _roc(self, c: int) -> tuple[float, dict] | None:
+    def roc(self, c: int) -> tuple[float, dict] | None:
         """AUC and the curve (thresholds at bin edges, highest first); None without both classes."""
         pos, neg = self.positives[c], self.negatives[c]
         p, n = pos.sum(), neg.sum()
@@ -69,6 +63,34 @@ class Metrics:
         keep = np.concatenate([[True], (np.diff(tpr) > 0) | (np.diff(fpr) > 0)])
         return auc, {"fpr": fpr[keep].tolist(), "tpr": tpr[keep].tolist()}
 
+
+def _f1(tp: np.ndarray, predicted: np.ndarray, support: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    precision = np.divide(tp, predicted, out=np.zeros(len(tp)), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros(len(tp)), where=support > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(len(tp)), where=precision + recall > 0)
+    return precision, recall, f1
+
+
+class Metrics:
+    """Classification metrics accumulated batch by batch in memory that does not grow with
+    the set: the confusion matrix and the per-class probability histograms."""
+
+    HEADLINE = ("accuracy", "macro_f1")
+
+    def __init__(self, names: list[str] | tuple[str, ...]):
+        self.names = list(names)
+        k = len(names)
+        self.confusion = np.zeros((k, k), np.int64)
+        self.histograms = Histograms(k)
+
+    def add(self, labels: np.ndarray, probs: np.ndarray) -> None:
+        """labels: [n] class indices (or [n, 1], as packed targets are)."""
+        labels = np.asarray(labels, np.int64).reshape(-1)
+        if not len(labels):
+            return
+        np.add.at(self.confusion, (labels, probs.argmax(1)), 1)
+        self.histograms.add(labels[:, None] == np.arange(len(self.names)), probs)
+
     def result(self) -> dict:
         """Accuracy, per-class precision / recall / F1 / ROC-AUC, macro-F1 (over the classes that
         occur in the labels or the predictions, scikit-learn's convention), the confusion matrix
@@ -80,13 +102,10 @@ class Metrics:
                     "confusion_matrix": [], "roc_curves": {}, "roc_auc_method": AUC_METHOD}
         tp = np.diag(self.confusion)
         support, predicted = self.confusion.sum(1), self.confusion.sum(0)
-        precision = np.divide(tp, predicted, out=np.zeros(len(tp)), where=predicted > 0)
-        recall = np.divide(tp, support, out=np.zeros(len(tp)), where=support > 0)
-        f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(len(tp)),
-                       where=precision + recall > 0)
+        precision, recall, f1 = _f1(tp, predicted, support)
         per_class, curves = {}, {}
         for c, name in enumerate(self.names):
-            roc = self._roc(c)
+            roc = self.histograms.roc(c)
             if roc is not None:
                 curves[name] = roc[1]
             per_class[name] = {"precision": float(precision[c]), "recall": float(recall[c]), "f1": float(f1[c]),
@@ -105,21 +124,95 @@ class Metrics:
         }
 
 
-def classification_metrics(labels: np.ndarray, probs: np.ndarray, names: list[str]) -> dict:
-    """Metrics of one set of (labels, probabilities) held in memory."""
-    metrics = Metrics(names)
-    metrics.add(np.asarray(labels), np.asarray(probs))
+class MultilabelMetrics:
+    """Multi-label metrics (a tag is predicted at probability >= 0.5): per tag the counts of
+    true / false positives and false negatives, and its probability histograms."""
+
+    HEADLINE = ("micro_f1", "macro_f1")
+
+    def __init__(self, names: list[str] | tuple[str, ...]):
+        self.names = list(names)
+        self.samples = 0
+        self.counts = np.zeros((3, len(names)), np.int64)  # tp, fp, fn per tag
+        self.histograms = Histograms(len(names))
+
+    def add(self, targets: np.ndarray, probs: np.ndarray) -> None:
+        """targets: [n, tags] multi-hot; probs: [n, tags]."""
+        actual, predicted = np.asarray(targets) > 0.5, probs >= 0.5
+        self.samples += len(actual)
+        self.counts += np.stack([(predicted & actual).sum(0), (predicted & ~actual).sum(0),
+                                 (~predicted & actual).sum(0)])
+        self.histograms.add(actual, probs)
+
+    def result(self) -> dict:
+        """Micro-F1 (over every (sample, tag) decision), macro-F1 (mean over the tags that occur
+        in the targets or the predictions), per tag precision / recall / F1 / ROC-AUC."""
+        tp, fp, fn = self.counts
+        if not self.samples:
+            return {"samples": 0, "micro_f1": None, "macro_f1": None, "macro_roc_auc": None, "per_tag": {},
+                    "roc_auc_method": AUC_METHOD}
+        precision, recall, f1 = _f1(tp, tp + fp, tp + fn)
+        per_tag = {}
+        for c, name in enumerate(self.names):
+            roc = self.histograms.roc(c)
+            per_tag[name] = {"precision": float(precision[c]), "recall": float(recall[c]), "f1": float(f1[c]),
+                             "support": int(tp[c] + fn[c]), "roc_auc": None if roc is None else roc[0]}
+        aucs = [v["roc_auc"] for v in per_tag.values() if v["roc_auc"] is not None]
+        occurring = (tp + fn + fp) > 0
+        micro = 2 * tp.sum() + fp.sum() + fn.sum()
+        return {"samples": self.samples,
+                "micro_f1": float(2 * tp.sum() / micro) if micro else 0.0,
+                "macro_f1": float(f1[occurring].mean()) if occurring.any() else 0.0,
+                "macro_roc_auc": float(np.mean(aucs)) if aucs else None,
+                "per_tag": per_tag, "roc_auc_method": AUC_METHOD}
+
+
+class RegressionMetrics:
+    """MAE, RMSE and R² from running sums (float64)."""
+
+    HEADLINE = ("r2", "mae", "rmse")
+
+    def __init__(self, names=()):
+        self.sums = np.zeros(5)  # n, |error|, error², y, y²
+
+    def add(self, targets: np.ndarray, predicted: np.ndarray) -> None:
+        y = np.asarray(targets, np.float64).reshape(-1)
+        error = np.asarray(predicted, np.float64).reshape(-1) - y
+        self.sums += [len(y), np.abs(error).sum(), (error**2).sum(), y.sum(), (y**2).sum()]
+
+    def result(self) -> dict:
+        n, absolute, squares, total, total_squares = self.sums
+        if not n:
+            return {"samples": 0, "mae": None, "rmse": None, "r2": None}
+        variance = total_squares - total**2 / n  # of the targets, times n
+        return {"samples": int(n), "mae": absolute / n, "rmse": float(np.sqrt(squares / n)),
+                "r2": float(1 - squares / variance) if variance > 0 else None}
+
+
+METRICS = {"classification": Metrics, "multilabel": MultilabelMetrics, "regression": RegressionMetrics}
+LOWER_IS_BETTER = ("mae", "rmse")
+
+
+def metrics_for(task: Task):
+    return METRICS[task.kind](task.labels)
+
+
+def task_metrics(task: Task, targets: np.ndarray, scores: np.ndarray) -> dict:
+    """Metrics of one set of (packed targets, served scores) held in memory."""
+    metrics = metrics_for(task)
+    metrics.add(np.asarray(targets), np.asarray(scores))
     return metrics.result()
 
 
 def eval_batches(info: DatasetInfo, split: str, cfg: TrainConfig, batch_size: int = 256) -> Iterator[dict]:
-    """Every labelled sample of the split once, in batches, padding rows dropped."""
+    """Every sample of the split with a target once, in batches, padding rows dropped."""
     spec = StreamSpec(info, split, cfg.val_fraction, batch_size, 1, cfg.seed,
                       cfg.model.image_branch_size if cfg.model.image_branch else None)
     for batch in loader(spec, 0):
         real = batch["weights"] > 0
         yield {"keys": [k for k, r in zip(batch["keys"], real.tolist(), strict=True) if r],
-               **{name: batch[name][real] for name in ("features", "mask", "labels", "pixels") if name in batch}}
+               **{name: batch[name][real] for name in ("features", "mask", "targets", "present", "pixels")
+                  if name in batch}}
 
 
 def without(batch: dict, dims: dict[str, int], modality: str) -> dict:
@@ -136,42 +229,89 @@ def without(batch: dict, dims: dict[str, int], modality: str) -> dict:
 
 
 def eager_scorer(model: MultimodalModel) -> Scorer:
-    def score(batch: dict) -> np.ndarray:
+    def score(batch: dict) -> dict[str, np.ndarray]:
         inputs = (batch["features"], batch["mask"], *([batch["pixels"]] if "pixels" in batch else []))
         with torch.no_grad():
-            return torch.softmax(model(inputs), -1).numpy()
+            logits = model(inputs)
+        return {t.name: t.activate(part).numpy() for t, part in zip(model.tasks, split_outputs(model.tasks, logits),
+                                                                   strict=True)}
 
     return score
 
 
-PREDICTION_SCHEMA = pa.schema([("set", pa.string()), ("key", pa.string()), ("label", pa.string()),
-                               ("predicted", pa.string()), ("probabilities", pa.list_(pa.float32()))])
+PREDICTION_SCHEMA = pa.schema([("set", pa.string()), ("key", pa.string()), ("task", pa.string()),
+                               ("target", pa.string()), ("predicted", pa.string()),
+                               ("scores", pa.list_(pa.float32()))])
 
 
-def evaluate_set(batches: Iterable[dict], score: Scorer, dims: dict[str, int], names: list[str],
+class TaskMetrics:
+    """Each task's metrics of its kind over the samples that carry its target."""
+
+    def __init__(self, tasks: Sequence[Task]):
+        self.tasks = tuple(tasks)
+        self.metrics = {t.name: metrics_for(t) for t in tasks}
+
+    def add(self, batch: dict, scores: dict[str, np.ndarray]) -> None:
+        present = batch["present"].numpy() > 0
+        for t, (task, targets) in enumerate(zip(self.tasks, split_targets(self.tasks, batch["targets"]), strict=True)):
+            rows = present[:, t]
+            self.metrics[task.name].add(targets.numpy()[rows], scores[task.name][rows])
+
+    def result(self) -> dict[str, dict]:
+        return {task.name: {"kind": task.kind, **self.metrics[task.name].result()} for task in self.tasks}
+
+
+def headline(task: Task, result: dict) -> dict:
+    return {m: result[m] for m in METRICS[task.kind].HEADLINE}
+
+
+def _prediction_rows(tasks: Sequence[Task], batch: dict, scores: dict[str, np.ndarray], set_name: str) -> pa.Table:
+    """One row per (sample, task): its target (null where the sample has none), the prediction."""
+    present = batch["present"].numpy() > 0
+    columns: dict[str, list] = {name: [] for name in PREDICTION_SCHEMA.names}
+    for t, (task, targets) in enumerate(zip(tasks, split_targets(tasks, batch["targets"]), strict=True)):
+        task_scores = scores[task.name].reshape(len(present), -1)
+        for i, key in enumerate(batch["keys"]):
+            columns["set"].append(set_name)
+            columns["key"].append(key)
+            columns["task"].append(task.name)
+            columns["target"].append(task.target_text(targets[i].numpy()) if present[i, t] else None)
+            prediction = task.decode(scores[task.name][i])
+            columns["predicted"].append(prediction if isinstance(prediction, str) else json.dumps(prediction))
+            columns["scores"].append(task_scores[i].astype(np.float32))
+    return pa.table(columns, schema=PREDICTION_SCHEMA)
+
+
+def evaluate_set(batches: Iterable[dict], score: Scorer, dims: dict[str, int], tasks: Sequence[Task],
                  predictions: Callable[[pa.Table], None] | None = None, set_name: str = "") -> dict:
-    """Metrics of the model on every batch, and with each modality masked in turn (ablation),
-    in one pass; each batch's predictions go to PREDICTIONS (a Parquet writer) as they come."""
-    full, ablated = Metrics(names), {m: Metrics(names) for m in dims}
+    """Each task's metrics on every batch, and with each modality masked in turn (ablation),
+    in one pass; each batch's predictions go to PREDICTIONS (a Parquet writer) as they come.
+    An ablation's `<metric>_drop` is how much worse the task got without the modality
+    (positive: worse, for scores and errors alike)."""
+    full, ablated = TaskMetrics(tasks), {m: TaskMetrics(tasks) for m in dims}
+    samples = 0
     for batch in batches:
-        labels = batch["labels"].numpy()
-        probs = score(batch)
-        full.add(labels, probs)
+        scores = score(batch)
+        samples += len(batch["keys"])
+        full.add(batch, scores)
         for modality, metrics in ablated.items():
-            metrics.add(labels, score(without(batch, dims, modality)))
+            metrics.add(batch, score(without(batch, dims, modality)))
         if predictions is not None:
-            predictions(pa.table({"set": [set_name] * len(labels), "key": batch["keys"],
-                                  "label": [names[i] for i in labels], "predicted": [names[i] for i in probs.argmax(1)],
-                                  "probabilities": list(probs.astype(np.float32))}, schema=PREDICTION_SCHEMA))
-    report = full.result()
-    report["ablation"] = {}
-    for modality, metrics in ablated.items():
-        masked = metrics.result()
-        if masked["samples"]:
-            report["ablation"][modality] = {
-                "accuracy": masked["accuracy"], "macro_f1": masked["macro_f1"],
-                "accuracy_drop": report["accuracy"] - masked["accuracy"],
-                "macro_f1_drop": report["macro_f1"] - masked["macro_f1"]}
+            predictions(_prediction_rows(tasks, batch, scores, set_name))
+    report = {"samples": samples, "tasks": full.result()}
+    masked_results = {m: metrics.result() for m, metrics in ablated.items()}
+    for task in tasks:
+        mine, ablation = report["tasks"][task.name], {}
+        for modality, masked in masked_results.items():
+            if not masked[task.name]["samples"]:
+                continue
+            values = headline(task, masked[task.name])
+            ablation[modality] = dict(values)
+            for metric, value in values.items():
+                if value is not None and mine[metric] is not None:
+                    worse = value - mine[metric] if metric in LOWER_IS_BETTER else mine[metric] - value
+                    ablation[modality][f"{metric}_drop"] = worse
+        mine["ablation"] = ablation
     return report
 
 
@@ -183,25 +323,30 @@ def run_record(run: str, storage_options: dict) -> tuple[str | list[str], TrainC
 
 
 def data_for(meta: dict, shards: str | list[str], cfg: TrainConfig, storage_options: dict) -> DatasetInfo:
-    """The shards as the model saw its training data: its labels, widths and pixel statistics."""
-    info = DatasetInfo.read(shards, cfg.model.modalities, cfg.val_fraction, storage_options)
-    if list(info.labels) != meta["labels"] or info.dims != meta["dims"]:
-        raise ValueError(f"{shards} do not fit this model: labels {list(info.labels)} vs {meta['labels']}, "
+    """The shards as the model saw its training data: its tasks (with their label sets and
+    regression statistics), widths and pixel statistics."""
+    info = DatasetInfo.read(shards, cfg.model.modalities, cfg.val_fraction, storage_options, cfg.tasks)
+    tasks = tasks_from_meta(meta["tasks"])
+    found = [(t.name, t.kind, t.labels) for t in info.tasks]
+    wanted = [(t.name, t.kind, t.labels) for t in tasks]
+    if found != wanted or info.dims != meta["dims"]:
+        raise ValueError(f"{shards} do not fit this model: tasks {found} vs {wanted}, "
                          f"embedding widths {info.dims} vs {meta['dims']}")
-    return dataclasses.replace(info, pixel_mean=tuple(meta["pixel_mean"]), pixel_std=tuple(meta["pixel_std"]))
+    return dataclasses.replace(info, tasks=tasks, pixel_mean=tuple(meta["pixel_mean"]),
+                               pixel_std=tuple(meta["pixel_std"]))
 
 
 def evaluate_run(run: str, other_shards: list[str] = (), storage_options: dict | None = None,
                  batch_size: int = 256) -> dict:
     """Metrics of RUN's model on its validation split and on every shard folder in
-    OTHER_SHARDS (all their labelled samples): RUN/eval.json and RUN/eval-predictions.parquet,
+    OTHER_SHARDS (all their samples with a target): RUN/eval.json and RUN/eval-predictions.parquet,
     both made in one streaming pass per set."""
     storage_options = storage_options or {}
     meta, state = read_saved(run, storage_options)
     model = load_model(meta, state)
     shards, cfg = run_record(run, storage_options)
     sets = {"val": (shards, "val"), **{f"shards:{url}": (url, "all") for url in other_shards}}
-    result: dict = {"model": meta["checkpoint"], "labels": meta["labels"], "sets": {}}
+    result: dict = {"model": meta["checkpoint"], "tasks": meta["tasks"], "sets": {}}
     out = Store(run, storage_options)
     with tempfile.TemporaryDirectory(prefix="tessera-eval-") as scratch:
         local = f"{scratch}/{PREDICTIONS}"
@@ -209,9 +354,9 @@ def evaluate_run(run: str, other_shards: list[str] = (), storage_options: dict |
             for name, (source, split) in sets.items():
                 info = data_for(meta, source, cfg, storage_options)
                 result["sets"][name] = evaluate_set(eval_batches(info, split, cfg, batch_size), eager_scorer(model),
-                                                    info.dims, meta["labels"], writer.write_table, name)
-                log.info("evaluate %s: %d samples, accuracy %s", name, result["sets"][name]["samples"],
-                         result["sets"][name]["accuracy"])
+                                                    info.dims, info.tasks, writer.write_table, name)
+                log.info("evaluate %s: %d samples, %s", name, result["sets"][name]["samples"],
+                         {t.name: headline(t, result["sets"][name]["tasks"][t.name]) for t in info.tasks})
         out.put_file(local, PREDICTIONS)
     out.write_json(EVAL, result)
     return result

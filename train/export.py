@@ -11,7 +11,8 @@ import gzip
 import json
 import logging
 import tempfile
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +24,10 @@ from features.stage import EMBED_SUMMARY
 from preprocess.layout import SHARD_CONFIG
 from preprocess.storage import filesystem, join, read_json, write_json
 from train.config import ExportConfig
-from train.evaluate import Metrics, Scorer, data_for, eager_scorer, eval_batches, run_record
+from train.evaluate import METRICS, Scorer, TaskMetrics, data_for, eager_scorer, eval_batches, headline, run_record
 from train.model import MultimodalModel
 from train.saved import META, WEIGHTS, load_model, read_saved
+from train.tasks import Task, split_outputs
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,8 @@ ONNX = {"fp32": "model.onnx", "int8": "model-int8.onnx", "pruned": "model-pruned
 
 
 class Serving(nn.Module):
-    """The exported graph: packed embeddings (+ pixels) -> class probabilities."""
+    """The exported graph: packed embeddings (+ pixels) -> one output per task, named after it
+    (class probabilities, tag probabilities, or the predicted number)."""
 
     def __init__(self, model: MultimodalModel):
         super().__init__()
@@ -42,7 +45,8 @@ class Serving(nn.Module):
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor, pixels: torch.Tensor | None = None):
         inputs = (features, mask) if pixels is None else (features, mask, pixels)
-        return torch.softmax(self.model(inputs), dim=-1)
+        parts = split_outputs(self.model.tasks, self.model(inputs))
+        return tuple(task.activate(part) for task, part in zip(self.model.tasks, parts, strict=True))
 
 
 def to_onnx(model: MultimodalModel, path: Path) -> None:
@@ -55,22 +59,36 @@ def to_onnx(model: MultimodalModel, path: Path) -> None:
     batch = torch.export.Dim("batch")
     names = ["features", "mask", "pixels"][: len(args)]
     program = torch.onnx.export(Serving(model).eval(), tuple(args), dynamo=True, verbose=False,
-                                dynamic_shapes={n: {0: batch} for n in names}, output_names=["probabilities"])
+                                dynamic_shapes={n: {0: batch} for n in names},
+                                output_names=[t.name for t in model.tasks])
     program.save(str(path))
 
 
 def onnx_scorer(model: Path | str | bytes) -> Scorer:
-    """Class probabilities from an ONNX file (a path, or its bytes) with onnxruntime."""
+    """Each task's scores (its output of the same name) from an ONNX file (a path, or its
+    bytes) with onnxruntime."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(model if isinstance(model, bytes) else str(model),
                                    providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
 
-    def score(batch: dict) -> np.ndarray:
-        return session.run(None, {n: np.asarray(batch[n], np.float32) for n in names})[0]
+    def score(batch: dict) -> dict[str, np.ndarray]:
+        return dict(zip(outputs, session.run(None, {n: np.asarray(batch[n], np.float32) for n in names}),
+                        strict=True))
 
     return score
+
+
+def samples_per_second(score: Scorer, batch: dict, seconds: float = 0.5) -> float:
+    """Throughput of a scorer alone on one batch, repeated for at least SECONDS (3 runs at least)."""
+    score(batch)  # warm-up: onnxruntime plans its kernels on the first run
+    runs, started = 0, time.perf_counter()
+    while runs < 3 or time.perf_counter() - started < seconds:
+        score(batch)
+        runs += 1
+    return runs * len(batch["keys"]) / (time.perf_counter() - started)
 
 
 def pruned(model: MultimodalModel, sparsity: float) -> MultimodalModel:
@@ -85,33 +103,88 @@ def pruned(model: MultimodalModel, sparsity: float) -> MultimodalModel:
     return copied
 
 
-def compare_variants(batches: Iterable[dict], eager: Scorer, variants: dict[str, Scorer], names: list[str]
+def agreement(task: Task, a: np.ndarray, b: np.ndarray) -> float:
+    """How many of the predictions two models make alike: the same class; the same decision
+    per (sample, tag); a regression prediction within 5 % of the target's spread."""
+    if task.kind == "classification":
+        return float((a.argmax(1) == b.argmax(1)).sum())
+    if task.kind == "multilabel":
+        return float(((a >= 0.5) == (b >= 0.5)).mean(1).sum())
+    return float((np.abs(a - b) <= 0.05 * task.scale).sum())
+
+
+def compare_variants(batches: Iterable[dict], eager: Scorer, variants: dict[str, Scorer], tasks: Sequence[Task]
                      ) -> tuple[dict[str, dict], int]:
-    """Each variant's accuracy and macro-F1, its largest probability difference from the eager
-    model and how often it predicts what eager predicts: one pass over the batches."""
-    metrics = {n: Metrics(names) for n in variants}
-    worst, same, samples = dict.fromkeys(variants, 0.0), dict.fromkeys(variants, 0), 0
+    """Per variant and task: its metrics, its largest score difference from the eager model (a
+    regression value's in standard units) and how often it predicts what eager predicts; one
+    pass over the batches."""
+    metrics = {n: TaskMetrics(tasks) for n in variants}
+    worst = {n: dict.fromkeys((t.name for t in tasks), 0.0) for n in variants}
+    same = {n: dict.fromkeys((t.name for t in tasks), 0.0) for n in variants}
+    samples = 0
     for batch in batches:
-        labels, reference = batch["labels"].numpy(), eager(batch)
-        samples += len(labels)
+        reference = eager(batch)
+        samples += len(batch["keys"])
         for name, score in variants.items():
-            probs = score(batch)
-            metrics[name].add(labels, probs)
-            worst[name] = max(worst[name], float(np.abs(probs - reference).max()))
-            same[name] += int((probs.argmax(1) == reference.argmax(1)).sum())
+            scores = score(batch)
+            metrics[name].add(batch, scores)
+            for task in tasks:
+                mine, theirs = scores[task.name], reference[task.name]
+                unit = task.scale if task.kind == "regression" else 1.0  # a number: in standard units
+                worst[name][task.name] = max(worst[name][task.name], float(np.abs(mine - theirs).max()) / unit)
+                same[name][task.name] += agreement(task, mine, theirs)
     result = {}
     for name, m in metrics.items():
-        scores = m.result()
-        result[name] = {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"],
-                        "max_abs_diff_vs_eager": worst[name] if samples else None,
-                        "same_prediction_as_eager": same[name] / samples if samples else None}
+        scored = m.result()
+        result[name] = {"tasks": {t.name: {**headline(t, scored[t.name]),
+                                           "max_abs_diff_vs_eager": worst[name][t.name] if samples else None,
+                                           "same_prediction_as_eager": same[name][t.name] / samples if samples
+                                           else None} for t in tasks}}
     return result, samples
 
 
-def export_run(run: str, out: str, cfg: ExportConfig, storage_options: dict | None = None) -> dict:
-    """Write RUN's model and its variants to OUT; returns export.json's content."""
+def within_tolerance(tasks: Sequence[Task], variant: dict, reference: dict, tolerance: float) -> bool | None:
+    """Whether every task's first headline metric (accuracy, micro-F1, R²) is at most TOLERANCE
+    below the reference's; None when the validation set gave none."""
+    checks = []
+    for task in tasks:
+        metric = METRICS[task.kind].HEADLINE[0]
+        mine, theirs = variant["tasks"][task.name][metric], reference["tasks"][task.name][metric]
+        if mine is not None and theirs is not None:
+            checks.append(theirs - mine <= tolerance)
+    return all(checks) if checks else None
+
+
+def _onnx_files(model: MultimodalModel, folder: Path, cfg: ExportConfig) -> dict[str, Path]:
+    """The model's ONNX variants written into FOLDER: fp32, and int8 / pruned as configured."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    files = {"fp32": folder / ONNX["fp32"]}
+    to_onnx(model, files["fp32"])
+    if cfg.int8:
+        files["int8"] = folder / ONNX["int8"]
+        quantize_dynamic(str(files["fp32"]), str(files["int8"]), weight_type=QuantType.QInt8)
+    if cfg.prune_sparsity:
+        files["pruned"] = folder / ONNX["pruned"]
+        to_onnx(pruned(model, cfg.prune_sparsity), files["pruned"])
+    return files
+
+
+def _metrics_only(tasks: dict[str, dict]) -> dict[str, dict]:
+    """Per task, the metrics of a compare_variants entry without its comparison to eager."""
+    return {t: {k: v for k, v in m.items() if k not in ("max_abs_diff_vs_eager", "same_prediction_as_eager")}
+            for t, m in tasks.items()}
+
+
+def _size(model: MultimodalModel, files: dict[str, Path]) -> dict:
+    return {"parameters": sum(p.numel() for p in model.parameters()),
+            **{f"bytes_{name}": path.stat().st_size for name, path in files.items() if name in ("fp32", "int8")}}
+
+
+def export_run(run: str, out: str, cfg: ExportConfig, storage_options: dict | None = None) -> dict:
+    """Write RUN's model and its variants to OUT; returns export.json's content. A distilled
+    run (train.distill_from) is reported beside its teacher: size, metrics per task,
+    agreement, ONNX throughput (the teacher's files stay in scratch)."""
     storage_options = storage_options or {}
     meta, state = read_saved(run, storage_options)
     model = load_model(meta, state)
@@ -125,38 +198,57 @@ def export_run(run: str, out: str, cfg: ExportConfig, storage_options: dict | No
                   "encoders": {m: embed["encoders"][m] for m in meta["dims"]}}
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
+        folder = Path(tmp) / "export"
+        folder.mkdir()
         save_file(state, str(folder / WEIGHTS), metadata={"format": "pt"})
         (folder / META).write_text(json.dumps(meta, indent=1))
         (folder / PREPROCESS).write_text(json.dumps(preprocess, indent=1))
-        to_onnx(model, folder / ONNX["fp32"])
-        if cfg.int8:
-            quantize_dynamic(str(folder / ONNX["fp32"]), str(folder / ONNX["int8"]), weight_type=QuantType.QInt8)
-        if cfg.prune_sparsity:
-            to_onnx(pruned(model, cfg.prune_sparsity), folder / ONNX["pruned"])
-        files = {name: file for name, file in ONNX.items() if (folder / file).exists()}
+        files = _onnx_files(model, folder, cfg)
+        scorers = {n: onnx_scorer(f) for n, f in files.items()}
+        teacher = None
+        if train_cfg.distill_from:
+            teacher_meta, teacher_state = read_saved(train_cfg.distill_from, storage_options)
+            teacher = load_model(teacher_meta, teacher_state)
+            (Path(tmp) / "teacher").mkdir()
+            teacher_files = _onnx_files(teacher, Path(tmp) / "teacher", cfg.model_copy(update={"prune_sparsity": None}))
+            scorers["teacher"] = onnx_scorer(teacher_files["fp32"])
         scored, samples = compare_variants(eval_batches(info, "val", train_cfg, cfg.batch_size), eager_scorer(model),
-                                           {n: onnx_scorer(folder / f) for n, f in files.items()}, meta["labels"])
+                                           scorers, info.tasks)
+        first = next(eval_batches(info, "val", train_cfg, cfg.batch_size), None)
+        speed = {n: samples_per_second(scorers[n], first) if first else None for n in ("fp32", "teacher")
+                 if n in scorers}
         variants = {}
-        for name, file in files.items():
-            data = (folder / file).read_bytes()
-            variants[name] = {"file": file, "bytes": len(data), "gzip_bytes": len(gzip.compress(data)),
+        for name, path in files.items():
+            data = path.read_bytes()
+            variants[name] = {"file": path.name, "bytes": len(data), "gzip_bytes": len(gzip.compress(data)),
                               **scored[name]}
         fp32 = variants["fp32"]
+        fp32["onnx_samples_per_s"] = speed["fp32"]
         for name, variant in variants.items():
             variant["size_ratio_vs_fp32"] = round(fp32["bytes"] / variant["bytes"], 3)
-            if fp32["accuracy"] is not None:
-                variant["within_tolerance"] = fp32["accuracy"] - variant["accuracy"] <= cfg.accuracy_tolerance
+            variant["within_tolerance"] = within_tolerance(info.tasks, variant, fp32, cfg.accuracy_tolerance)
             if name == "pruned":
                 variant["sparsity"] = cfg.prune_sparsity
+        result = {"run": run, "model": meta["checkpoint"], "val_samples": samples,
+                  "accuracy_tolerance": cfg.accuracy_tolerance, "tasks": [t.name for t in info.tasks],
+                  "variants": variants}
+        if teacher is not None:
+            student, teacher_size = _size(model, files), _size(teacher, teacher_files)
+            result["distillation"] = {
+                "teacher": {"run": train_cfg.distill_from, **teacher_size, "onnx_samples_per_s": speed["teacher"],
+                            "tasks": _metrics_only(scored["teacher"]["tasks"])},
+                "student": {**student, "onnx_samples_per_s": speed["fp32"], "tasks": _metrics_only(fp32["tasks"]),
+                            # the teacher scored as a variant: how often it predicts what the student does
+                            "agreement_with_teacher": {t: m["same_prediction_as_eager"]
+                                                       for t, m in scored["teacher"]["tasks"].items()}},
+                "parameter_ratio": student["parameters"] / teacher_size["parameters"],
+            }
         out_fs, out_root = filesystem(out, storage_options)
         out_fs.makedirs(out_root, exist_ok=True)
         for path in sorted(folder.iterdir()):
             out_fs.put_file(str(path), join(out_root, path.name))
-    result = {"run": run, "model": meta["checkpoint"], "val_samples": samples,
-              "accuracy_tolerance": cfg.accuracy_tolerance, "variants": variants}
     write_json(out_fs, join(out_root, EXPORT), result)
     for name, v in variants.items():
-        log.info("export %s: %s, %d bytes (x%.2f smaller), val accuracy %s", name, v["file"], v["bytes"],
-                 v["size_ratio_vs_fp32"], v["accuracy"])
+        log.info("export %s: %s, %d bytes (x%.2f smaller), val %s", name, v["file"], v["bytes"],
+                 v["size_ratio_vs_fp32"], v["tasks"])
     return result

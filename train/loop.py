@@ -9,6 +9,7 @@ import os
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -19,7 +20,8 @@ from train.data import DatasetInfo, StreamSpec, loader
 from train.model import MultimodalModel
 from train.parallel import build_engine, resolve_precision
 from train.run_store import CHECKPOINTS, Checkpoints, MetricsLog, disk_id, tag_of
-from train.saved import META, WEIGHTS
+from train.saved import META, WEIGHTS, load_model
+from train.tasks import TALLY, Distillation, TaskLoss, tally, tasks_meta, validation_record
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,7 @@ class TrainJob:
     info: DatasetInfo
     run: str  # the run's URL (any fsspec store; on a cluster without a shared disk, an object store)
     init_state: dict | None = None  # starting weights (cfg.init_from), checked on the driver
+    teacher: tuple[dict, dict] | None = None  # (model.json, weights) of cfg.distill_from, checked on the driver
 
     def stores(self) -> tuple[Store, Store]:
         """(the run, its checkpoints: train.checkpoint_url or RUN/checkpoints)."""
@@ -65,9 +68,28 @@ class TimedBatches:
         return batch
 
 
-def _pipeline_items(batches, device):
+def _targets(batch: dict, inputs: tuple, device, teacher: torch.nn.Module | None) -> tuple:
+    """(values, present, weights[, the teacher's logits on the same inputs])."""
+    targets = (batch["targets"].to(device), batch["present"].to(device), batch["weights"].to(device))
+    if teacher is None:
+        return targets
+    with torch.no_grad():
+        return (*targets, teacher(inputs))
+
+
+def _pipeline_items(batches, device, teacher: torch.nn.Module | None = None):
     for batch in batches:
-        yield _inputs(batch, device), (batch["labels"].to(device), batch["weights"].to(device))
+        inputs = _inputs(batch, device)
+        yield inputs, _targets(batch, inputs, device, teacher)
+
+
+def _teacher(job: TrainJob, device) -> torch.nn.Module | None:
+    """The frozen teacher (eval mode: no dropout), when this run distills."""
+    if job.teacher is None:
+        return None
+    model = load_model(*job.teacher).to(device)
+    model.requires_grad_(False)
+    return model
 
 
 def _sum_over_ranks(values: list[float], device) -> list[float]:
@@ -82,30 +104,30 @@ def _seed_step(cfg: TrainConfig, step: int, rank: int) -> None:
 
 
 def _validate(engine, spec: StreamSpec, epoch: int, pipeline: bool, device) -> dict:
-    loss_sum = correct = count = 0.0
+    """Every task's loss (hard targets only) and headline metric on the validation split."""
+    tasks = spec.info.tasks
+    loss = TaskLoss(tasks)
+    sums, samples = np.zeros(len(tasks) * TALLY), 0.0
     engine.eval()
     with torch.no_grad():
         if pipeline:
             items = _pipeline_items(loader(spec, epoch), device)
             for _ in range(spec.batches_per_rank // engine.micro_batches):
                 micro = [next(items) for _ in range(engine.micro_batches)]
-                loss, logits = engine.eval_batch(iter(micro), return_logits=True)
+                _, logits = engine.eval_batch(iter(micro), return_logits=True)
                 if engine.is_last_stage():
-                    labels = torch.cat([m[1][0] for m in micro])
-                    weights = torch.cat([m[1][1] for m in micro])
-                    correct += float(((logits.argmax(-1) == labels).float() * weights).sum())
-                    count += float(weights.sum())
-                    loss_sum += float(loss) * float(weights.sum())
+                    targets = tuple(torch.cat([m[1][i] for m in micro]) for i in range(3))
+                    sums += tally(tasks, logits, targets, loss)
+                    samples += float(targets[2].sum())
         else:
             for batch in loader(spec, epoch):
-                loss, logits = engine(_inputs(batch, device), batch["labels"].to(device), batch["weights"].to(device))
-                weights = batch["weights"].to(device)
-                correct += float(((logits.argmax(-1) == batch["labels"].to(device)).float() * weights).sum())
-                count += float(weights.sum())
-                loss_sum += float(loss) * float(weights.sum())
+                inputs = _inputs(batch, device)
+                targets = _targets(batch, inputs, device, None)
+                sums += tally(tasks, engine(inputs), targets, loss)
+                samples += float(targets[2].sum())
     engine.train()
-    loss_sum, correct, count = _sum_over_ranks([loss_sum, correct, count], device)
-    return {"val_loss": loss_sum / max(count, 1), "val_accuracy": correct / max(count, 1), "val_samples": count}
+    *sums, samples = _sum_over_ranks([*sums, samples], device)
+    return validation_record(tasks, sums, int(samples))
 
 
 def _save(engine, checkpoints: Checkpoints, step: int, epoch: int, batch: int, keep: int,
@@ -151,7 +173,7 @@ def _export(engine, model: MultimodalModel, job: TrainJob, checkpoints: Checkpoi
     run.write_bytes(WEIGHTS, save(state, metadata={"format": "pt"}))
     # (not write_json: its sorted keys would reorder dims, which is the model's input order)
     run.write_bytes(META, json.dumps({
-        "dims": job.info.dims, "labels": list(job.info.labels), "model": cfg.model.model_dump(mode="json"),
+        "dims": job.info.dims, "tasks": tasks_meta(job.info.tasks), "model": cfg.model.model_dump(mode="json"),
         "pixel_mean": job.info.pixel_mean, "pixel_std": job.info.pixel_std, "checkpoint": tag,
     }, indent=1).encode())
 
@@ -170,7 +192,8 @@ def run_worker(job: TrainJob, rank: int, world: int) -> dict:
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = MultimodalModel(info.dims, len(info.labels), cfg.model)
+    distillation = Distillation(cfg.distill.alpha, cfg.distill.temperature) if job.teacher else None
+    model = MultimodalModel(info.dims, info.tasks, cfg.model, TaskLoss(info.tasks, distillation))
     if job.init_state is not None:
         model.load_state_dict(job.init_state)
     data_world = world // cfg.pipeline_stages if cfg.parallel == "pipeline" else world
@@ -205,7 +228,8 @@ def run_worker(job: TrainJob, rank: int, world: int) -> dict:
     bar = tqdm(total=total_steps, initial=step, unit="step", desc="train", disable=rank != 0)
     last_saved = step
     batches = TimedBatches(loader(train_spec, epoch, batch_pos, cfg.epochs))
-    pipe_items = _pipeline_items(batches, device) if pipeline else None
+    teacher = _teacher(job, device) if not pipeline or engine.is_last_stage() else None
+    pipe_items = _pipeline_items(batches, device, teacher) if pipeline else None
     try:
         while epoch < cfg.epochs and step < total_steps:
             while batch_pos < train_spec.batches_per_rank and step < total_steps:
@@ -213,24 +237,33 @@ def run_worker(job: TrainJob, rank: int, world: int) -> dict:
                 _seed_step(cfg, step, rank)
                 if pipeline:
                     loss = float(engine.train_batch(data_iter=pipe_items))
+                    task_sums = engine.module.loss_fn.take()
                 else:
+                    task_sums = torch.zeros(2, len(info.tasks), dtype=torch.float64)
                     weighted, real = 0.0, 0.0
                     for _ in range(cfg.grad_accum):
                         b = next(batches)
-                        loss, _ = engine(_inputs(b, device), b["labels"].to(device), b["weights"].to(device))
+                        inputs = _inputs(b, device)
+                        loss, per_task, counts, _ = engine(inputs, _targets(b, inputs, device, teacher))
                         engine.backward(loss)
                         engine.step()
                         weighted += loss.item() * float(b["weights"].sum())
                         real += float(b["weights"].sum())
+                        task_sums += torch.stack([(per_task * counts).cpu(), counts.cpu()]).double()
                     # the step's loss over its real samples on every rank (padding rows excluded)
                     weighted, real = _sum_over_ranks([weighted, real], device)
                     loss = weighted / real if real else None
+                # each task's loss over the samples that had its target, on every rank
+                task_sums = np.array(_sum_over_ranks(task_sums.ravel().tolist(), device)).reshape(2, -1)
+                task_loss = {t.name: (float(s / n) if n else None)
+                             for t, s, n in zip(info.tasks, *task_sums, strict=True)}
                 batch_pos += cfg.grad_accum
                 step += 1
                 seconds = time.perf_counter() - started
                 samples = cfg.micro_batch_size * cfg.grad_accum * (world // (cfg.pipeline_stages if pipeline else 1))
                 if metrics:
-                    metrics.write({"step": step, "epoch": epoch, "loss": loss, "lr": engine.get_lr()[0],
+                    metrics.write({"step": step, "epoch": epoch, "loss": loss, "task_loss": task_loss,
+                                   "lr": engine.get_lr()[0],
                                    "step_seconds": seconds, "samples_per_s": samples / seconds,
                                    "data_wait_seconds": batches.waited - waited,
                                    "data_made_seconds": batches.made - made})

@@ -8,11 +8,14 @@ Inputs are packed tensors so the same modules serve data and pipeline parallelis
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from train.config import ModelConfig
+from train.tasks import Task, TaskLoss
 
 
 class ImageBranch(nn.Module):
@@ -96,47 +99,56 @@ class Block(nn.Module):
         return x + self.mlp(x)
 
 
-class Head(nn.Module):
-    def __init__(self, hidden: int, classes: int):
+class Heads(nn.Module):
+    """One linear head per task on the shared representation, their logits side by side; a
+    regression head answers in its target's units (scaled and centred by the training split's
+    statistics, so that its raw output starts near the mean)."""
+
+    def __init__(self, hidden: int, tasks: Sequence[Task]):
         super().__init__()
         self.norm = nn.LayerNorm(hidden)
-        self.out = nn.Linear(hidden, classes)
+        self.out = nn.ModuleList(nn.Linear(hidden, t.outputs) for t in tasks)
+        self.register_buffer("scale", torch.tensor([s for t in tasks for s in [t.scale] * t.outputs]),
+                             persistent=False)
+        self.register_buffer("center", torch.tensor([c for t in tasks for c in [t.center] * t.outputs]),
+                             persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.norm(x))
+        x = self.norm(x)
+        return torch.cat([head(x) for head in self.out], dim=1) * self.scale + self.center
 
 
 class MultimodalModel(nn.Module):
-    def __init__(self, dims: dict[str, int], classes: int, cfg: ModelConfig):
+    """One fused representation of the modalities, residual blocks, one head per task."""
+
+    def __init__(self, dims: dict[str, int], tasks: Sequence[Task], cfg: ModelConfig, loss: TaskLoss | None = None):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.tasks = cfg, tuple(tasks)
+        self.loss = loss or TaskLoss(tasks)
         self.encoder = FusionEncoder(dims, cfg)
         self.blocks = nn.Sequential(*[Block(cfg.hidden, cfg.dropout) for _ in range(cfg.blocks)])
-        self.head = Head(cfg.hidden, classes)
+        self.head = Heads(cfg.hidden, tasks)
 
     def layers(self) -> list[nn.Module]:
-        """The same modules in order, for pipeline stages."""
+        """The same modules in order, for pipeline stages (the heads on the last one)."""
         return [self.encoder, *self.blocks, self.head]
 
-    def forward(self, inputs, labels: torch.Tensor | None = None, weights: torch.Tensor | None = None):
-        """Logits; with labels, (weighted multi-task loss, logits). Weight-0 rows (padding) add nothing."""
+    def forward(self, inputs, targets: tuple | None = None):
+        """The tasks' logits; with targets (values, present, weights[, teacher logits]): (loss,
+        per-task losses, per-task sample counts, logits). Weight-0 rows (padding) add nothing."""
         features, mask, *rest = inputs
         tokens, mask = self.encoder.tokens(features, mask, rest[0] if rest else None)
         logits = self.head(self.blocks(self.encoder.fuse(tokens, mask)))
-        if labels is None:
+        if targets is None:
             return logits
-        loss = self.cfg.classification_weight * classification_loss(logits, labels, weights)
+        loss, per_task, counts = self.loss(logits, targets)
         if self.cfg.contrastive_weight:
+            weights = targets[2]
             image, text = self.encoder.names.index("image"), self.encoder.names.index("text")
             both = (mask[:, image] * mask[:, text] * weights) > 0
             loss = loss + self.cfg.contrastive_weight * contrastive_loss(
                 tokens[:, image], tokens[:, text], both, self.cfg.temperature)
-        return loss, logits
-
-
-def classification_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    per_sample = F.cross_entropy(logits.float(), labels, reduction="none")
-    return (per_sample * weights).sum() / weights.sum().clamp(min=1)
+        return loss, per_task, counts, logits
 
 
 def contrastive_loss(image: torch.Tensor, text: torch.Tensor, both: torch.Tensor, temperature: float):

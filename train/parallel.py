@@ -8,7 +8,8 @@ import math
 import torch
 
 from train.config import TrainConfig
-from train.model import MultimodalModel, classification_loss
+from train.model import MultimodalModel
+from train.tasks import TaskLoss
 
 
 def resolve_precision(cfg: TrainConfig, on_gpu: bool) -> str:
@@ -52,11 +53,22 @@ def optimizer_and_schedule(params, cfg: TrainConfig, total_steps: int):
 
 
 class PipelineLoss:
-    """Loss of the last pipeline stage: labels arrive as (class, weight)."""
+    """Loss of the last pipeline stage (targets arrive as the micro-batch's label tuple); keeps
+    the per-task sums of the micro-batches since the last `take()`, for logging."""
 
-    def __call__(self, logits: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        classes, weights = labels
-        return classification_loss(logits, classes, weights)
+    def __init__(self, loss: TaskLoss):
+        self.loss = loss
+        self.sums = torch.zeros(2, len(loss.tasks), dtype=torch.float64)
+
+    def __call__(self, logits: torch.Tensor, targets: tuple) -> torch.Tensor:
+        total, per_task, counts = self.loss(logits, targets)
+        self.sums += torch.stack([(per_task * counts).cpu(), counts.cpu()]).double()
+        return total
+
+    def take(self) -> torch.Tensor:
+        """[2, tasks]: loss x samples and samples per task (zeros on the other stages)."""
+        sums, self.sums = self.sums, torch.zeros_like(self.sums)
+        return sums
 
 
 def build_engine(model: MultimodalModel, cfg: TrainConfig, world: int, total_steps: int, precision: str):
@@ -68,7 +80,8 @@ def build_engine(model: MultimodalModel, cfg: TrainConfig, world: int, total_ste
     if cfg.parallel == "pipeline":
         from deepspeed.pipe import PipelineModule
 
-        module = PipelineModule(layers=model.layers(), num_stages=cfg.pipeline_stages, loss_fn=PipelineLoss(),
+        module = PipelineModule(layers=model.layers(), num_stages=cfg.pipeline_stages,
+                                loss_fn=PipelineLoss(model.loss),
                                 partition_method="parameters", activation_checkpoint_interval=0)
         data_parallel = world // cfg.pipeline_stages
     else:

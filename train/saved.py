@@ -1,5 +1,5 @@
 """A trained model as a run leaves it: model.safetensors (consolidated fp32) + model.json
-(what rebuilds it: embedding widths, labels, model config, pixel statistics)."""
+(what rebuilds it: embedding widths, tasks, model config, pixel statistics)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from preprocess.layout import OutputConflict
 from preprocess.storage import filesystem, join
 from train.config import ModelConfig
 from train.model import MultimodalModel
+from train.tasks import Task, tasks_from_meta, tasks_meta
 
 WEIGHTS, META = "model.safetensors", "model.json"
 RUN_CONFIG, TRAIN_SUMMARY = "train-config.json", "train-summary.json"
@@ -27,21 +28,49 @@ def read_saved(run: str, storage_options: dict | None = None) -> tuple[dict, dic
 
 
 def load_model(meta: dict, state: dict[str, torch.Tensor]) -> MultimodalModel:
-    model = MultimodalModel(meta["dims"], len(meta["labels"]), ModelConfig.model_validate(meta["model"]))
+    if "tasks" not in meta:
+        raise ValueError("this model was trained by an older tessera (model.json has no tasks): train it again")
+    model = MultimodalModel(meta["dims"], tasks_from_meta(meta["tasks"]), ModelConfig.model_validate(meta["model"]))
     model.load_state_dict(state)
     return model.eval()
 
 
-def compatible_start(run: str, dims: dict[str, int], labels: tuple[str, ...], model: ModelConfig,
+def saved_for(run: str, what: str, storage_options: dict | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """read_saved, its failure said as a conflict of WHAT (starting from it, distilling it)."""
+    try:
+        return read_saved(run, storage_options)
+    except FileNotFoundError as e:
+        raise OutputConflict(f"cannot {what}: {e}") from None
+
+
+def compatible_start(run: str, dims: dict[str, int], tasks: tuple[Task, ...], model: ModelConfig,
                      storage_options: dict | None = None) -> dict[str, torch.Tensor]:
     """The weights of RUN to start a new training from, when they fit this data and model."""
-    try:
-        meta, state = read_saved(run, storage_options)
-    except FileNotFoundError as e:
-        raise OutputConflict(f"cannot start from it: {e}") from None
-    wanted = {"dims": dims, "labels": list(labels), "model": model.model_dump(mode="json")}
+    meta, state = saved_for(run, "start from it", storage_options)
+    wanted = {"dims": dims, "tasks": tasks_meta(tasks), "model": model.model_dump(mode="json")}
     changed = sorted(k for k, v in wanted.items() if meta[k] != v)
     if changed:
         raise OutputConflict(f"cannot start from {run}: its {' and '.join(changed)} differ from this training's "
-                         f"({', '.join(f'{k}: {meta[k]} vs {wanted[k]}' for k in changed)})")
+                             f"({', '.join(f'{k}: {meta.get(k)} vs {wanted[k]}' for k in changed)})")
     return state
+
+
+def teacher_for(run: str, dims: dict[str, int], tasks: tuple[Task, ...], model: ModelConfig,
+                storage_options: dict | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(model.json, weights) of the teacher RUN, when a student of MODEL on this data can learn
+    from it: the same inputs (embedding widths, image branch) and the same tasks (names,
+    kinds, label sets; a regression target's statistics may differ)."""
+    meta, state = saved_for(run, "distill it", storage_options)
+    teacher = ModelConfig.model_validate(meta["model"])
+    problems = []
+    if meta["dims"] != dims:
+        problems.append(f"embedding widths {meta['dims']} vs {dims}")
+    if (teacher.image_branch, teacher.image_branch_size) != (model.image_branch, model.image_branch_size):
+        problems.append("image branch settings (image_branch, image_branch_size) differ")
+    mine = [(t.name, t.kind, list(t.labels)) for t in tasks]
+    theirs = [(t["name"], t["kind"], list(t["labels"])) for t in meta.get("tasks", [])]
+    if mine != theirs:
+        problems.append(f"tasks {theirs} vs {mine}")
+    if problems:
+        raise OutputConflict(f"cannot distill {run} into this model: {'; '.join(problems)}")
+    return meta, state

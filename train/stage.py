@@ -16,7 +16,7 @@ from train.config import TrainConfig
 from train.data import DatasetInfo
 from train.loop import TrainJob, ray_worker
 from train.run_store import METRICS, Checkpoints, scratch_for
-from train.saved import RUN_CONFIG, TRAIN_SUMMARY, WEIGHTS, compatible_start
+from train.saved import RUN_CONFIG, TRAIN_SUMMARY, WEIGHTS, compatible_start, teacher_for
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +50,18 @@ def run_train_stage(shards: str | list[str], run_url: str, cfg: TrainConfig,
 
     started = time.perf_counter()
     shards = absolute(shards) if isinstance(shards, str) else [absolute(s) for s in shards]
-    info = DatasetInfo.read(shards, cfg.model.modalities, cfg.val_fraction, storage_options)
+    info = DatasetInfo.read(shards, cfg.model.modalities, cfg.val_fraction, storage_options, cfg.tasks)
     job = TrainJob(cfg, info, absolute(run_url))
     run, checkpoint_store = job.stores()
     claim_run(run, cfg, shards)
     use_gpu = cfg.use_gpu if cfg.use_gpu != "auto" else ray.cluster_resources().get("GPU", 0) > 0
     resumed = Checkpoints(checkpoint_store).latest() is not None
     if cfg.init_from:
-        job = dataclasses.replace(job, init_state=compatible_start(cfg.init_from, info.dims, info.labels, cfg.model,
+        job = dataclasses.replace(job, init_state=compatible_start(cfg.init_from, info.dims, info.tasks, cfg.model,
                                                                    storage_options))
+    if cfg.distill_from:
+        job = dataclasses.replace(job, teacher=teacher_for(cfg.distill_from, info.dims, info.tasks, cfg.model,
+                                                           storage_options))
     log.info("training on %d samples (%d held out), %d workers, %s, %s", info.counts["train"],
              info.counts["val"], cfg.workers, "GPU" if use_gpu else "CPU",
              f"pipeline x{cfg.pipeline_stages}" if cfg.parallel == "pipeline" else f"ZeRO-{cfg.zero_stage}")
@@ -76,12 +79,13 @@ def run_train_stage(shards: str | list[str], run_url: str, cfg: TrainConfig,
     trainer.fit()
     records = [json.loads(line) for line in run.read_bytes(METRICS).decode().splitlines()]
     steps = [r for r in records if r.get("loss") is not None]
-    epochs = [r for r in records if "val_accuracy" in r]
+    epochs = [r for r in records if "val_tasks" in r]
     summary = {
-        "train_samples": info.counts["train"], "val_samples": info.counts["val"], "labels": list(info.labels),
+        "train_samples": info.counts["train"], "val_samples": info.counts["val"], "tasks": [t.name for t in info.tasks],
         "steps": steps[-1]["step"] if steps else 0, "resumed": resumed, "init_from": cfg.init_from,
         "first_loss": steps[0]["loss"] if steps else None, "final_loss": steps[-1]["loss"] if steps else None,
         "val_accuracy": epochs[-1]["val_accuracy"] if epochs else None,
+        "val_tasks": epochs[-1]["val_tasks"] if epochs else None, "distilled_from": cfg.distill_from,
         "checkpoint": Checkpoints(checkpoint_store).latest(),
         "model": run.url_of(WEIGHTS), "seconds": round(time.perf_counter() - started, 3),
     }

@@ -149,7 +149,7 @@ def cmd_train(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     start_ray(cfg.runtime)
     run_dir = args.run_dir or str(Path("runs") / Path(args.shards.rstrip("/")).name)
     summary = run_train_stage(args.shards, run_dir, cfg.train, cfg.runtime.storage_options)
-    print(json.dumps({k: summary[k] for k in ("steps", "final_loss", "val_accuracy", "model")}))
+    print(json.dumps({k: summary[k] for k in ("steps", "final_loss", "val_accuracy", "val_tasks", "model")}))
     return 0
 
 
@@ -190,14 +190,17 @@ def cmd_versions(args: argparse.Namespace, cfg: TesseraConfig) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace, cfg: TesseraConfig) -> int:
-    from train.evaluate import evaluate_run
+    from train.evaluate import evaluate_run, headline
+    from train.tasks import tasks_from_meta
     from workflows.report import write_run_report
 
     result = evaluate_run(args.run, args.shards, cfg.runtime.storage_options, cfg.export.batch_size)
     write_run_report(args.run, cfg.runtime.storage_options)
+    tasks = tasks_from_meta(result["tasks"])
     for name, metrics in result["sets"].items():
-        print(json.dumps({"set": name, **{k: metrics[k] for k in ("samples", "accuracy", "macro_f1", "macro_roc_auc")},
-                          "ablation_accuracy": {m: a["accuracy"] for m, a in metrics["ablation"].items()}}))
+        print(json.dumps({"set": name, "samples": metrics["samples"], "tasks": {
+            t.name: {**headline(t, metrics["tasks"][t.name]), "ablation": metrics["tasks"][t.name]["ablation"]}
+            for t in tasks}}))
     return 0
 
 
@@ -207,7 +210,9 @@ def cmd_export(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     result = export_run(args.run, args.out, cfg.export, cfg.runtime.storage_options)
     for name, variant in result["variants"].items():
         print(json.dumps({"variant": name, **{k: variant.get(k) for k in (
-            "file", "bytes", "size_ratio_vs_fp32", "accuracy", "macro_f1", "within_tolerance")}}))
+            "file", "bytes", "size_ratio_vs_fp32", "tasks", "within_tolerance")}}))
+    if "distillation" in result:
+        print(json.dumps({"distillation": result["distillation"]}))
     return 0
 
 

@@ -23,6 +23,7 @@ from preprocess.storage import absolute, filesystem, join
 from train.data import branch_pixels, pack_vectors
 from train.export import ONNX, PREPROCESS, onnx_scorer
 from train.saved import META
+from train.tasks import tasks_from_meta
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +41,15 @@ class Predictor:
         self.storage_options = storage_options or {}
         fs, root = filesystem(model_dir, self.storage_options)
         self.meta = json.loads(fs.cat_file(join(root, META)))
+        self.tasks = tasks_from_meta(self.meta["tasks"])
         preprocess = json.loads(fs.cat_file(join(root, PREPROCESS)))
         if variant not in ONNX or not fs.exists(join(root, ONNX[variant])):
             have = [v for v, f in ONNX.items() if fs.exists(join(root, f))]
             raise ValueError(f"{model_dir} has no {variant!r} model; it has {have}")
         shard = ShardConfig.model_validate(preprocess["shard"])
         image = shard.image.model_copy(update={"augment": AugmentConfig()})
-        self.shard_cfg = shard.model_copy(update={"require_label": False, "image": image})
+        # new data needs no label and no targets (a stray target value is not a reason to reject it)
+        self.shard_cfg = shard.model_copy(update={"require_label": False, "targets": (), "image": image})
         embed_cfg = EmbedConfig.model_validate(preprocess["embed"])
         self.vector_dtype = embed_cfg.dtype  # the precision training saw
         encoders = build_encoders(embed_cfg)
@@ -83,9 +86,14 @@ class Predictor:
             present[modality] = (mask, vectors.astype(self.vector_dtype).astype(np.float32))
         return present, failed
 
+    def _record(self, scores: dict[str, np.ndarray], i: int) -> dict:
+        """Sample i's prediction per task, and the class / tag probabilities behind it."""
+        return {"predictions": {t.name: t.decode(scores[t.name][i]) for t in self.tasks},
+                "scores": {t.name: dict(zip(t.labels, scores[t.name][i].tolist(), strict=True))
+                           for t in self.tasks if t.kind != "regression"}}
+
     def predict_rows(self, rows: list[ManifestRow]) -> Iterator[dict]:
         """One record per row, in order: the prediction, or the reject with its reason."""
-        labels = self.meta["labels"]
         for start in range(0, len(rows), self.batch_size):
             outputs, results = [], {}
             for row, raw in fetch_batch(rows[start : start + self.batch_size], self.storage_options):
@@ -102,15 +110,12 @@ class Predictor:
                     size = self.meta["model"]["image_branch_size"]
                     batch["pixels"] = np.stack([branch_pixels(out.payload("image"), size, self.meta["pixel_mean"],
                                                               self.meta["pixel_std"]) for _, out in outputs])
-                probs = self.score(batch)
+                scores = self.score(batch)
                 for i, (row, _) in enumerate(outputs):
                     if i in failed:
                         results[row.line] = {"rejected": True, **failed[i].as_record()}
                         continue
-                    best = int(probs[i].argmax())
-                    results[row.line] = {"key": row.source_key, "line": row.line, "label": labels[best],
-                                         "probability": float(probs[i, best]),
-                                         "probabilities": dict(zip(labels, probs[i].tolist(), strict=True))}
+                    results[row.line] = {"key": row.source_key, "line": row.line, **self._record(scores, i)}
             yield from (results[line] for line in sorted(results))
 
 

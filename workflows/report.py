@@ -22,9 +22,10 @@ import pyarrow.parquet as pq  # noqa: E402
 from features.stage import EMBED_SUMMARY  # noqa: E402
 from preprocess.layout import SUMMARY, committed_shards, index_batches, read_index_part  # noqa: E402
 from preprocess.storage import Store, filesystem, join, read_json, write_atomic  # noqa: E402
-from train.evaluate import EVAL  # noqa: E402
+from train.evaluate import EVAL, headline  # noqa: E402
 from train.run_store import METRICS  # noqa: E402
 from train.saved import TRAIN_SUMMARY  # noqa: E402
+from train.tasks import tasks_from_meta  # noqa: E402
 
 SAMPLE_ROWS = 2000  # embeddings the report's plots are drawn from
 
@@ -102,34 +103,33 @@ def _embedding_plots(shards: Store) -> list[tuple[str, str]]:
 
 
 def _training_plots(fs, run: str) -> list[tuple[str, str]]:
+    """Each task's training loss, and its headline validation metric per epoch."""
     metrics = join(run, METRICS)
     if not fs.exists(metrics):
         return []
     records = [json.loads(line) for line in fs.cat_file(metrics).decode().splitlines()]
-    steps = {r["step"]: r["loss"] for r in records if r.get("loss") is not None}
-    epochs = [r for r in records if "val_accuracy" in r]
+    steps = [r for r in records if r.get("loss") is not None]
+    epochs = [r for r in records if "val_tasks" in r]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
-    left.plot(list(steps), list(steps.values()))
+    left.plot([r["step"] for r in steps], [r["loss"] for r in steps], label="total (weighted)")
+    for task in steps[0]["task_loss"] if steps and len(steps[0]["task_loss"]) > 1 else ():
+        left.plot([r["step"] for r in steps], [r["task_loss"][task] for r in steps], label=task, linewidth=0.8)
     left.set_title("training loss")
     left.set_xlabel("step")
-    right.plot([r["epoch"] for r in epochs], [r["val_accuracy"] for r in epochs], marker="o")
-    right.set_title("validation accuracy")
+    left.legend(fontsize=7)
+    for task in epochs[0]["val_tasks"] if epochs else ():
+        metric = next(m for m in ("accuracy", "micro_f1", "mae") if m in epochs[0]["val_tasks"][task])
+        right.plot([r["epoch"] for r in epochs], [r["val_tasks"][task][metric] for r in epochs], marker="o",
+                   label=f"{task} ({metric})")
+    right.set_title("validation")
     right.set_xlabel("epoch")
-    right.set_ylim(0, 1)
+    right.legend(fontsize=7)
     return [("Training", _png(fig))]
 
 
-def _evaluation_plots(fs, run: str) -> list[tuple[str, str]]:
-    """Confusion matrix, one-vs-rest ROC curves and modality ablation of RUN/eval.json's validation set."""
-    path = join(run, EVAL)
-    if not fs.exists(path):
-        return []
-    result = read_json(fs, path)
-    val, labels = result["sets"]["val"], result["labels"]
-    if not val["samples"]:
-        return []
+def _confusion(name: str, result: dict, labels: list[str]) -> str:
     fig, ax = plt.subplots(figsize=(5, 4.5))
-    matrix = np.asarray(val["confusion_matrix"])
+    matrix = np.asarray(result["confusion_matrix"])
     ax.imshow(matrix, cmap="Blues")
     for (i, j), n in np.ndenumerate(matrix):
         ax.text(j, i, str(n), ha="center", va="center", color="white" if n > matrix.max() / 2 else "black")
@@ -137,19 +137,50 @@ def _evaluation_plots(fs, run: str) -> list[tuple[str, str]]:
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"confusion matrix, {val['samples']} validation samples")
-    plots = [("Confusion matrix", _png(fig))]
+    ax.set_title(f"{name}: confusion matrix, {result['samples']} validation samples")
+    return _png(fig)
+
+
+def _roc(name: str, curves: dict, per_class: dict) -> str:
     fig, ax = plt.subplots(figsize=(5, 4.5))
-    for label, curve in val["roc_curves"].items():
-        ax.plot(curve["fpr"], curve["tpr"], label=f"{label} (AUC {val['per_class'][label]['roc_auc']:.2f})")
+    for label, curve in curves.items():
+        ax.plot(curve["fpr"], curve["tpr"], label=f"{label} (AUC {per_class[label]['roc_auc']:.2f})")
     ax.plot([0, 1], [0, 1], "k:", linewidth=0.8)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
-    ax.set_title("ROC, one class vs the rest")
+    ax.set_title(f"{name}: ROC, one class vs the rest")
     ax.legend(fontsize=7)
-    plots.append(("ROC curves", _png(fig)))
-    ablation = {"all": val["accuracy"]} | {f"no {m}": a["accuracy"] for m, a in val["ablation"].items()}
-    plots.append(("Modality ablation", _bars(ablation, "validation accuracy with one modality masked")))
+    return _png(fig)
+
+
+def _evaluation_plots(fs, run: str) -> list[tuple[str, str]]:
+    """Per task of RUN/eval.json's validation set: confusion matrix and ROC curves
+    (classification), per-tag F1 (multilabel), the error metrics (regression), and the
+    modality ablation of its headline metric."""
+    path = join(run, EVAL)
+    if not fs.exists(path):
+        return []
+    result = read_json(fs, path)
+    val = result["sets"]["val"]
+    plots = []
+    for task in tasks_from_meta(result["tasks"]):
+        mine = val["tasks"][task.name]
+        if not mine["samples"]:
+            continue
+        if task.kind == "classification":
+            plots.append((f"{task.name}: confusion matrix", _confusion(task.name, mine, list(task.labels))))
+            plots.append((f"{task.name}: ROC curves", _roc(task.name, mine["roc_curves"], mine["per_class"])))
+        elif task.kind == "multilabel":
+            plots.append((f"{task.name}: F1 per tag", _bars({t: v["f1"] for t, v in mine["per_tag"].items()},
+                                                           f"{task.name}: F1 per tag (micro {mine['micro_f1']:.2f})")))
+        else:
+            plots.append((f"{task.name}: errors", _bars({m: mine[m] or 0.0 for m in ("mae", "rmse", "r2")},
+                                                       f"{task.name}: regression, {mine['samples']} samples")))
+        metric = headline(task, mine)
+        first = next(iter(metric))
+        ablation = {"all": mine[first] or 0.0} | {f"no {m}": a[first] or 0.0 for m, a in mine["ablation"].items()}
+        plots.append((f"{task.name}: modality ablation",
+                      _bars(ablation, f"{task.name}: validation {first} with one modality masked")))
     return plots
 
 

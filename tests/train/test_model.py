@@ -4,9 +4,18 @@ import pytest
 import torch
 
 from train.config import ModelConfig
-from train.model import MultimodalModel, classification_loss, contrastive_loss
+from train.model import MultimodalModel, contrastive_loss
+from train.tasks import Task, TaskLoss
 
 DIMS = {"text": 6, "image": 5, "audio": 4}
+TASKS = (Task("label", "label", "classification", ("a", "b", "c")),)
+
+
+def targets(labels: list[int], weights=None):
+    """Packed single-task targets: class indices, all present."""
+    n = len(labels)
+    return (torch.tensor(labels, dtype=torch.float32)[:, None], torch.ones(n, 1),
+            torch.ones(n) if weights is None else torch.tensor(weights))
 
 
 def batch(n: int = 4, seed: int = 0):
@@ -19,7 +28,7 @@ def batch(n: int = 4, seed: int = 0):
 @pytest.mark.parametrize("fusion", ["concat", "weighted_sum", "attention"])
 def test_absent_modalities_are_masked_not_read(fusion):
     torch.manual_seed(0)
-    model = MultimodalModel(DIMS, 3, ModelConfig(hidden=16, fusion=fusion, dropout=0.0)).eval()
+    model = MultimodalModel(DIMS, TASKS, ModelConfig(hidden=16, fusion=fusion, dropout=0.0)).eval()
     features, mask = batch()
     mask[:, 2] = 0  # no audio
     other = features.clone()
@@ -34,7 +43,7 @@ def test_absent_modalities_are_masked_not_read(fusion):
 
 def test_pipeline_layers_compute_the_same_function():
     torch.manual_seed(0)
-    model = MultimodalModel(DIMS, 3, ModelConfig(hidden=16, dropout=0.0)).eval()
+    model = MultimodalModel(DIMS, TASKS, ModelConfig(hidden=16, dropout=0.0)).eval()
     x = batch()
     out = x
     for layer in model.layers():
@@ -44,7 +53,7 @@ def test_pipeline_layers_compute_the_same_function():
 
 def test_image_branch_adds_a_token():
     torch.manual_seed(0)
-    model = MultimodalModel(DIMS, 3, ModelConfig(hidden=16, image_branch=True, image_branch_size=32)).eval()
+    model = MultimodalModel(DIMS, TASKS, ModelConfig(hidden=16, image_branch=True, image_branch_size=32)).eval()
     features, mask = batch(2)
     pixels = torch.randn(2, 3, 32, 32)
     assert model((features, mask, pixels)).shape == (2, 3)
@@ -53,23 +62,21 @@ def test_image_branch_adds_a_token():
 
 def test_padding_rows_carry_no_loss_or_gradient():
     logits = torch.randn(4, 3, requires_grad=True)
-    labels = torch.tensor([0, 1, 2, 0])
-    weights = torch.tensor([1.0, 1.0, 0.0, 0.0])
-    loss = classification_loss(logits, labels, weights)
+    loss, _, counts = TaskLoss(TASKS)(logits, targets([0, 1, 2, 0], [1.0, 1.0, 0.0, 0.0]))
     loss.backward()
-    assert torch.all(logits.grad[2:] == 0)
-    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits[:2], labels[:2]))
+    assert torch.all(logits.grad[2:] == 0) and counts.tolist() == [2]
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits[:2], torch.tensor([0, 1])))
 
 
-def test_multitask_loss_with_contrastive_term():
+def test_classification_and_contrastive_terms_add_up():
     torch.manual_seed(0)
     cfg = ModelConfig(hidden=16, contrastive_weight=0.5, dropout=0.0)
-    model = MultimodalModel(DIMS, 3, cfg)
+    model = MultimodalModel(DIMS, TASKS, cfg)
     features, mask = batch(6)
-    loss, logits = model((features, mask), torch.tensor([0, 1, 2, 0, 1, 2]), torch.ones(6))
-    classification_only = MultimodalModel(DIMS, 3, ModelConfig(hidden=16, dropout=0.0))
+    loss, _, _, logits = model((features, mask), targets([0, 1, 2, 0, 1, 2]))
+    classification_only = MultimodalModel(DIMS, TASKS, ModelConfig(hidden=16, dropout=0.0))
     classification_only.load_state_dict(model.state_dict())
-    base, _ = classification_only((features, mask), torch.tensor([0, 1, 2, 0, 1, 2]), torch.ones(6))
+    base, *_ = classification_only((features, mask), targets([0, 1, 2, 0, 1, 2]))
     assert loss > base and torch.isfinite(loss)
     loss.backward()
     one = torch.ones(1, 4, dtype=torch.bool)[0, :1]

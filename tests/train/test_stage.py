@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from preprocess.layout import OutputConflict
-from tests.conftest import REPO
+from tests.conftest import MINI_TASKS, REPO
 from train.config import ModelConfig, TrainConfig
 from train.model import MultimodalModel
 from train.saved import load_model, read_saved
@@ -79,15 +79,27 @@ def test_starting_from_weights_of_another_model_shape_is_refused(zero2_run, embe
         run_train_stage(str(embedded_mini), str(tmp_path / "b"), TrainConfig(init_from=str(tmp_path), **BASE))
 
 
-def test_pipeline_two_stages_reduces_the_loss(embedded_mini, tmp_path):
+def task_losses(run: Path) -> dict[str, list[float]]:
+    """Each task's training loss per step (None where no sample of the step had its target)."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r.get("loss") is not None]
+    return {task: [r["task_loss"][task] for r in steps] for task in steps[0]["task_loss"]}
+
+
+def test_pipeline_two_stages_trains_every_task_head(embedded_mini, tmp_path):
     summary = run_train_stage(str(embedded_mini), str(tmp_path),
-                              TrainConfig(parallel="pipeline", zero_stage=0, **BASE))
+                              TrainConfig(parallel="pipeline", zero_stage=0, tasks=MINI_TASKS, **BASE))
     assert_learns(tmp_path)
+    for task, values in task_losses(tmp_path).items():  # each head learns, not only the sum
+        values = [v for v in values if v is not None]
+        assert sum(values[:4]) / 4 > 1.3 * sum(values[-4:]) / 4, (task, values)
     # one data-parallel replica: each step takes one micro-batch of the 39 training samples
-    assert summary["steps"] == 40
+    assert summary["steps"] == 40 and summary["tasks"] == ["label", "has_audio", "media", "words"]
     stage_files = sorted(p.name for p in (tmp_path / "checkpoints" / summary["checkpoint"]).glob("layer_*"))
-    assert len(stage_files) == 4  # fusion encoder, 2 blocks, head: split over the 2 stages
-    exported_model(tmp_path)
+    assert len(stage_files) == 4  # fusion encoder, 2 blocks, the heads: split over the 2 stages
+    assert set(summary["val_tasks"]) == {"label", "has_audio", "media", "words"}
+    model = exported_model(tmp_path)
+    assert [t.name for t in model.tasks] == ["label", "has_audio", "media", "words"]
 
 
 def test_zero3_runs_and_checkpoints(embedded_mini, tmp_path):

@@ -39,6 +39,6 @@ def test_run_chains_the_stages_and_skips_what_is_up_to_date(ray_session, tmp_pat
     titles = re.findall(r"<figcaption>([^<]+)</figcaption>", dom)
     assert len(widths) == len(titles) == 10 and min(widths) > 100, (widths, titles)
     assert {"Samples per label", "Reject reasons", "Stage throughput", "Text embeddings projected to 2-D",
-            "Training", "Confusion matrix", "ROC curves", "Modality ablation"} <= set(titles)
+            "Training", "label: confusion matrix", "label: ROC curves", "label: modality ablation"} <= set(titles)
     evaluation = json.loads((Path(model).parent / "eval.json").read_text())  # each trained run is evaluated
     assert evaluation["sets"]["val"]["samples"] == first["stages"]["train"]["val_samples"]

@@ -20,18 +20,31 @@ from workflows.predict import Predictor, predict_inputs
 
 @pytest.fixture(scope="module")
 def exported_mini(trained_mini, tmp_path_factory):
+    """The multi-task mini model exported, and evaluation's scores per (key, task)."""
     out = tmp_path_factory.mktemp("model")
     export_run(str(trained_mini), str(out), ExportConfig())
     evaluate_run(str(trained_mini))
     rows = pq.read_table(trained_mini / "eval-predictions.parquet").to_pylist()
-    return out, {r["key"]: r["probabilities"] for r in rows if r["set"] == "val"}
+    evaluated = {}
+    for r in rows:
+        if r["set"] == "val":
+            evaluated.setdefault(r["key"], {})[r["task"]] = r["scores"]
+    return out, evaluated
 
 
 def assert_same_probabilities(records, evaluated, tolerance=1e-4):
+    """Every task's prediction: class and tag probabilities, and the regression value (in its
+    units, so relative to its size)."""
     assert records and all(not r.get("rejected") for r in records)
     for record in records:
         expected = evaluated[record["key"]]
-        assert max(abs(a - b) for a, b in zip(record["probabilities"].values(), expected, strict=True)) < tolerance
+        assert set(record["predictions"]) == set(expected) == {"label", "has_audio", "media", "words"}
+        for task, scores in expected.items():
+            if task == "words":
+                assert abs(record["predictions"][task] - scores[0]) < tolerance * max(1.0, abs(scores[0]))
+            else:
+                got = record["scores"][task].values()
+                assert max(abs(a - b) for a, b in zip(got, scores, strict=True)) < tolerance, task
 
 
 def test_raw_files_give_the_probabilities_evaluation_gave_from_the_shards(exported_mini, tmp_path):
