@@ -126,6 +126,8 @@ def _validate(engine, spec: StreamSpec, epoch: int, pipeline: bool, device) -> d
                 sums += tally(tasks, engine(inputs), targets, loss)
                 samples += float(targets[2].sum())
     engine.train()
+    if pipeline:
+        engine.module.loss_fn.take()  # what eval_batch's losses added is no training step's
     *sums, samples = _sum_over_ranks([*sums, samples], device)
     return validation_record(tasks, sums, int(samples))
 

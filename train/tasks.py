@@ -147,8 +147,9 @@ class TaskLoss:
     α · soft + (1 − α) · hard, the soft part over every real sample (the teacher answers for
     samples that lack a target too).
 
-    Called with (logits, (values, present, weights[, teacher logits])); returns the total and,
-    per task, its loss and the number of samples it was averaged over (for logging)."""
+    Called with (logits, (values, present, weights[, teacher logits])) — without the teacher's
+    logits (validation) the hard loss alone; returns the total and, per task, its loss and the
+    number of samples it was averaged over (for logging)."""
 
     def __init__(self, tasks: Sequence[Task], distillation: Distillation | None = None):
         self.tasks, self.distillation = tuple(tasks), distillation
@@ -164,7 +165,7 @@ class TaskLoss:
             mask = present[:, t] * weights
             count = mask.sum()
             loss = (_hard_loss(task, outputs[t], wanted[t]) * mask).sum() / count.clamp(min=1)
-            if self.distillation is not None:
+            if self.distillation is not None and teacher:  # (without the teacher's logits: hard only)
                 a = self.distillation.alpha
                 soft = _soft_loss(task, outputs[t], teachers[t], self.distillation.temperature)
                 loss = a * (soft * weights).sum() / weights.sum().clamp(min=1) + (1 - a) * loss
