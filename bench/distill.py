@@ -1,12 +1,12 @@
 """Distillation: a small student trained from a larger teacher, against the same student
 trained on the labels alone, on 2 CPU workers.
 
-    python bench/distill.py [--n 2000] [--epochs 6] [--inputs text,image]
+    python bench/distill.py [--n 2000] [--epochs 6] [--inputs text,image] [--student 32,1]
 
 Shards and embeds N samples from make_large.py (their captions come from the mini corpus's,
 so the text carries the label; `--inputs image` leaves the text out, a harder task for the
 random-weight image encoder), trains a teacher (hidden 256, 3 blocks) on those embeddings,
-then two students (hidden 32, 1 block): one distilled from the teacher
+then two students (`--student` hidden width, blocks; default 32, 1): one distilled from the teacher
 (alpha 0.7, T 2), one on the hard labels only.
 Exports the distilled student (export.json's `distillation`: the teacher beside it) and
 prints parameters, ONNX bytes, validation accuracy, agreement and ONNX samples/s.
@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--inputs", type=lambda s: tuple(s.split(",")), default=("text", "image"))
+    ap.add_argument("--student", type=lambda s: tuple(int(v) for v in s.split(",")), default=(32, 1))
     ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "tessera-bench-corpus")
     args = ap.parse_args()
     import ray
@@ -47,7 +48,7 @@ def main() -> None:
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     common = dict(workers=2, micro_batch_size=32, epochs=args.epochs, loader_workers=1, checkpoint_every=10_000,
                   lr=3e-3)
-    small = ModelConfig(modalities=args.inputs, hidden=32, blocks=1)
+    small = ModelConfig(modalities=args.inputs, hidden=args.student[0], blocks=args.student[1])
     with tempfile.TemporaryDirectory() as tmp:
         shards, runs = Path(tmp) / "shards", Path(tmp)
         run_shard_stage(str(manifest), str(shards), ShardConfig(labels=LABELS), progress=False)
