@@ -220,7 +220,7 @@ def test_run_through_the_store_survives_losing_a_node_while_sharding_and_another
     assert json.loads(s3.cat_file("mn-runs/mini/model/export.json"))["variants"]["int8"]["bytes"] > 0
     records = list(predict_inputs(Predictor("s3://mn-runs/mini/model", storage_options=s3_options),
                                   [bundled_manifest()]))
-    assert len(records) == 17 and all(r["label"] in LABELS for r in records)
+    assert len(records) == 17 and all(r["predictions"]["label"] in LABELS for r in records)
     print(f"\nprivate-disk cluster run: {seconds:.0f} s; resumed at step "
           f"{resumes[0]['resumed_at']} after a node was lost, {resumes[0]['steps_redone']} steps trained again "
           "(checkpoints every 4)")
