@@ -119,8 +119,13 @@ def _pixel_statistics(summaries: list[dict]) -> tuple[tuple, tuple]:
     return tuple(mean.tolist()), tuple(np.sqrt(np.maximum(square / total - mean**2, 0)).tolist())
 
 
+def _index_columns(fields: list[str]) -> list[str]:
+    """The index columns that hold these fields' values (the targets JSON only when asked for)."""
+    return ["key", "shard", LABEL] + (["targets"] if fields != [LABEL] else [])
+
+
 def _index_targets(batch, fields: list[str]) -> Iterator[tuple]:
-    """(key, shard, label, {field: value}) of an index batch's rows, only the fields asked for."""
+    """(key, shard, label, {field: value}) of an index batch's rows (_index_columns(fields))."""
     keys, names, labels = (batch.column(c).to_pylist() for c in ("key", "shard", "label"))
     targets = batch.column("targets").to_pylist() if fields != [LABEL] else [None] * len(keys)
     for key, name, label, found in zip(keys, names, labels, targets, strict=True):
@@ -207,7 +212,7 @@ class DatasetInfo:
         found: dict[str, set] = {f: set() for f in fields}
         moments = {f: np.zeros(3) for f in fields}  # n, sum, sum of squares (training split)
         for i, store in enumerate(stores):  # streamed: one batch of index rows at a time
-            for batch in index_batches(store, ["key", "shard", LABEL, "targets"], _trainable(fields)):
+            for batch in index_batches(store, _index_columns(fields), _trainable(fields)):
                 for key, name, _, values in _index_targets(batch, fields):
                     present = {f: v for f, v in values.items() if v is not None}
                     if not present or key in excluded[i] or (i, name) not in position:
@@ -215,8 +220,9 @@ class DatasetInfo:
                     split = split_of(key, val_fraction)
                     per_shard[position[(i, name)], SPLITS.index(split)] += 1
                     for f, v in present.items():
-                        if isinstance(v, float):
-                            moments[f] += (split == "train") * np.array([1.0, v, v * v])
+                        if isinstance(v, float):  # a regression target (the shard stage stores numbers as floats)
+                            if split == "train":
+                                moments[f] += (1.0, v, v * v)
                         else:
                             found[f].update(v if isinstance(v, list) else [v])
         counts = {"train": int(per_shard[:, 0].sum()), "val": int(per_shard[:, 1].sum())}
@@ -290,7 +296,7 @@ class ShardStream(IterableDataset):
         root, name = info.shards[n]
         store = Store(info.roots[root], info.storage_options)
         fields = info.fields
-        index = read_index_part(store, name, ["key", "shard", LABEL, "targets"], _trainable(fields))
+        index = read_index_part(store, name, _index_columns(fields), _trainable(fields))
         chosen = []
         for key, _, label, values in _index_targets(index, fields):
             packed = pack_targets(info.tasks, label, values)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import gzip
+import itertools
 import json
 import logging
 import tempfile
@@ -212,9 +213,10 @@ def export_run(run: str, out: str, cfg: ExportConfig, storage_options: dict | No
             (Path(tmp) / "teacher").mkdir()
             teacher_files = _onnx_files(teacher, Path(tmp) / "teacher", cfg.model_copy(update={"prune_sparsity": None}))
             scorers["teacher"] = onnx_scorer(teacher_files["fp32"])
-        scored, samples = compare_variants(eval_batches(info, "val", train_cfg, cfg.batch_size), eager_scorer(model),
-                                           scorers, info.tasks)
-        first = next(eval_batches(info, "val", train_cfg, cfg.batch_size), None)
+        batches = eval_batches(info, "val", train_cfg, cfg.batch_size)
+        first = next(batches, None)  # also the batch the ONNX throughput is measured on
+        scored, samples = compare_variants(itertools.chain([first] if first else [], batches),
+                                           eager_scorer(model), scorers, info.tasks)
         speed = {n: samples_per_second(scorers[n], first) if first else None for n in ("fp32", "teacher")
                  if n in scorers}
         variants = {}

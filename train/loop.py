@@ -21,7 +21,7 @@ from train.model import MultimodalModel
 from train.parallel import build_engine, resolve_precision
 from train.run_store import CHECKPOINTS, Checkpoints, MetricsLog, disk_id, tag_of
 from train.saved import META, WEIGHTS, load_model
-from train.tasks import TALLY, Distillation, TaskLoss, tally, tasks_meta, validation_record
+from train.tasks import TALLY, Distillation, TaskLoss, loss_sums, tally, tasks_meta, validation_record
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ def run_worker(job: TrainJob, rank: int, world: int) -> dict:
                         engine.step()
                         weighted += loss.item() * float(b["weights"].sum())
                         real += float(b["weights"].sum())
-                        task_sums += torch.stack([(per_task * counts).cpu(), counts.cpu()]).double()
+                        task_sums += loss_sums(per_task, counts)
                     # the step's loss over its real samples on every rank (padding rows excluded)
                     weighted, real = _sum_over_ranks([weighted, real], device)
                     loss = weighted / real if real else None

@@ -9,7 +9,7 @@ import torch
 
 from train.config import TrainConfig
 from train.model import MultimodalModel
-from train.tasks import TaskLoss
+from train.tasks import TaskLoss, loss_sums
 
 
 def resolve_precision(cfg: TrainConfig, on_gpu: bool) -> str:
@@ -62,7 +62,7 @@ class PipelineLoss:
 
     def __call__(self, logits: torch.Tensor, targets: tuple) -> torch.Tensor:
         total, per_task, counts = self.loss(logits, targets)
-        self.sums += torch.stack([(per_task * counts).cpu(), counts.cpu()]).double()
+        self.sums += loss_sums(per_task, counts)
         return total
 
     def take(self) -> torch.Tensor:

@@ -176,6 +176,12 @@ class TaskLoss:
         return total, torch.stack(losses), torch.stack(counts)
 
 
+def loss_sums(per_task: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """[2, tasks] float64 on the CPU: each task's loss x samples, and its samples (what a step's
+    micro-batches add up before the sum over ranks)."""
+    return torch.stack([(per_task * counts).cpu(), counts.cpu()]).double()
+
+
 # Per task, what validation sums over ranks: [loss x count, count, a, b, c] with a, b, c
 # correct predictions (classification); tp, fp, fn (multilabel); absolute error sum (regression).
 TALLY = 5
