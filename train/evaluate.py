@@ -21,7 +21,7 @@ from train.config import TrainConfig
 from train.data import DatasetInfo, StreamSpec, loader
 from train.model import MultimodalModel
 from train.saved import RUN_CONFIG, load_model, read_saved
-from train.tasks import Task, split_outputs, split_targets, tasks_from_meta
+from train.tasks import Task, served, split_targets, tasks_from_meta
 
 log = logging.getLogger(__name__)
 
@@ -233,8 +233,7 @@ def eager_scorer(model: MultimodalModel) -> Scorer:
         inputs = (batch["features"], batch["mask"], *([batch["pixels"]] if "pixels" in batch else []))
         with torch.no_grad():
             logits = model(inputs)
-        return {t.name: t.activate(part).numpy() for t, part in zip(model.tasks, split_outputs(model.tasks, logits),
-                                                                   strict=True)}
+        return {t.name: out.numpy() for t, out in zip(model.tasks, served(model.tasks, logits), strict=True)}
 
     return score
 
@@ -327,8 +326,7 @@ def data_for(meta: dict, shards: str | list[str], cfg: TrainConfig, storage_opti
     regression statistics), widths and pixel statistics."""
     info = DatasetInfo.read(shards, cfg.model.modalities, cfg.val_fraction, storage_options, cfg.tasks)
     tasks = tasks_from_meta(meta["tasks"])
-    found = [(t.name, t.kind, t.labels) for t in info.tasks]
-    wanted = [(t.name, t.kind, t.labels) for t in tasks]
+    found, wanted = [t.signature for t in info.tasks], [t.signature for t in tasks]
     if found != wanted or info.dims != meta["dims"]:
         raise ValueError(f"{shards} do not fit this model: tasks {found} vs {wanted}, "
                          f"embedding widths {info.dims} vs {meta['dims']}")

@@ -28,7 +28,7 @@ from train.config import ExportConfig
 from train.evaluate import METRICS, Scorer, TaskMetrics, data_for, eager_scorer, eval_batches, headline, run_record
 from train.model import MultimodalModel
 from train.saved import META, WEIGHTS, load_model, read_saved
-from train.tasks import Task, split_outputs
+from train.tasks import Task, served
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,7 @@ class Serving(nn.Module):
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor, pixels: torch.Tensor | None = None):
         inputs = (features, mask) if pixels is None else (features, mask, pixels)
-        parts = split_outputs(self.model.tasks, self.model(inputs))
-        return tuple(task.activate(part) for task, part in zip(self.model.tasks, parts, strict=True))
+        return tuple(served(self.model.tasks, self.model(inputs)))
 
 
 def to_onnx(model: MultimodalModel, path: Path) -> None:

@@ -67,8 +67,8 @@ def teacher_for(run: str, dims: dict[str, int], tasks: tuple[Task, ...], model: 
         problems.append(f"embedding widths {meta['dims']} vs {dims}")
     if (teacher.image_branch, teacher.image_branch_size) != (model.image_branch, model.image_branch_size):
         problems.append("image branch settings (image_branch, image_branch_size) differ")
-    mine = [(t.name, t.kind, list(t.labels)) for t in tasks]
-    theirs = [(t["name"], t["kind"], list(t["labels"])) for t in meta.get("tasks", [])]
+    mine = [t.signature for t in tasks]
+    theirs = [t.signature for t in tasks_from_meta(meta.get("tasks", []))]
     if mine != theirs:
         problems.append(f"tasks {theirs} vs {mine}")
     if problems:

@@ -35,6 +35,11 @@ class Task:
     scale: float = 1.0
 
     @property
+    def signature(self) -> tuple:
+        """What its head's outputs mean (the training split's statistics aside)."""
+        return self.name, self.kind, tuple(self.labels)
+
+    @property
     def outputs(self) -> int:
         return 1 if self.kind == "regression" else len(self.labels)
 
@@ -91,6 +96,11 @@ def _slices(sizes: Sequence[int]) -> list[slice]:
 
 def split_outputs(tasks: Sequence[Task], logits: torch.Tensor) -> list[torch.Tensor]:
     return [logits[:, s] for s in _slices([t.outputs for t in tasks])]
+
+
+def served(tasks: Sequence[Task], logits: torch.Tensor) -> list[torch.Tensor]:
+    """The model's logits as served: each task's activated output (export and evaluation)."""
+    return [t.activate(part) for t, part in zip(tasks, split_outputs(tasks, logits), strict=True)]
 
 
 def split_targets(tasks: Sequence[Task], values: torch.Tensor) -> list[torch.Tensor]:
@@ -182,6 +192,7 @@ def loss_sums(per_task: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return torch.stack([(per_task * counts).cpu(), counts.cpu()]).double()
 
 
+VALIDATION_METRIC = {"classification": "accuracy", "multilabel": "micro_f1", "regression": "mae"}
 # Per task, what validation sums over ranks: [loss x count, count, a, b, c] with a, b, c
 # correct predictions (classification); tp, fp, fn (multilabel); absolute error sum (regression).
 TALLY = 5
@@ -210,18 +221,16 @@ def tally(tasks: Sequence[Task], logits: torch.Tensor, targets: tuple, loss: Tas
 
 def validation_record(tasks: Sequence[Task], sums: Sequence[float], samples: int) -> dict:
     """The validation record of metrics.jsonl from the summed tallies: the weighted loss, per
-    task its loss and headline metric, and val_accuracy (the first classification task's)."""
+    task its loss and VALIDATION_METRIC, and val_accuracy (the first classification task's)."""
     sums = np.asarray(sums).reshape(len(tasks), TALLY)
-    per_task, total, accuracy = {}, 0.0, None
+    per_task, total = {}, 0.0
     for task, (loss, count, a, b, c) in zip(tasks, sums, strict=True):
-        record = {"loss": loss / count if count else None, "samples": int(count)}
-        if task.kind == "classification":
-            record["accuracy"] = a / count if count else None
-            accuracy = record["accuracy"] if accuracy is None else accuracy
-        elif task.kind == "multilabel":
-            record["micro_f1"] = 2 * a / (2 * a + b + c) if a + b + c else None
-        else:
-            record["mae"] = a / count if count else None
+        if task.kind == "multilabel":
+            value = 2 * a / (2 * a + b + c) if a + b + c else None
+        else:  # correct predictions (classification) or absolute errors (regression) per sample
+            value = a / count if count else None
+        record = {"loss": loss / count if count else None, "samples": int(count), VALIDATION_METRIC[task.kind]: value}
         total += task.weight * (record["loss"] or 0.0)
         per_task[task.name] = record
+    accuracy = next((per_task[t.name]["accuracy"] for t in tasks if t.kind == "classification"), None)
     return {"val_loss": total, "val_accuracy": accuracy, "val_samples": samples, "val_tasks": per_task}

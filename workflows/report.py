@@ -25,7 +25,7 @@ from preprocess.storage import Store, filesystem, join, read_json, write_atomic 
 from train.evaluate import EVAL, headline  # noqa: E402
 from train.run_store import METRICS  # noqa: E402
 from train.saved import TRAIN_SUMMARY  # noqa: E402
-from train.tasks import tasks_from_meta  # noqa: E402
+from train.tasks import VALIDATION_METRIC, tasks_from_meta  # noqa: E402
 
 SAMPLE_ROWS = 2000  # embeddings the report's plots are drawn from
 
@@ -118,7 +118,7 @@ def _training_plots(fs, run: str) -> list[tuple[str, str]]:
     left.set_xlabel("step")
     left.legend(fontsize=7)
     for task in epochs[0]["val_tasks"] if epochs else ():
-        metric = next(m for m in ("accuracy", "micro_f1", "mae") if m in epochs[0]["val_tasks"][task])
+        metric = next(m for m in VALIDATION_METRIC.values() if m in epochs[0]["val_tasks"][task])
         right.plot([r["epoch"] for r in epochs], [r["val_tasks"][task][metric] for r in epochs], marker="o",
                    label=f"{task} ({metric})")
     right.set_title("validation")
