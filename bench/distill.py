@@ -29,6 +29,7 @@ from features.config import EmbedConfig  # noqa: E402
 from features.stage import run_embed_stage  # noqa: E402
 from preprocess.config import ShardConfig  # noqa: E402
 from preprocess.stage import run_shard_stage  # noqa: E402
+from preprocess.storage import Store  # noqa: E402
 from train.config import ExportConfig, ModelConfig, TrainConfig  # noqa: E402
 from train.export import export_run  # noqa: E402
 from train.stage import run_train_stage  # noqa: E402
@@ -51,14 +52,14 @@ def main() -> None:
     small = ModelConfig(modalities=args.inputs, hidden=args.student[0], blocks=args.student[1])
     with tempfile.TemporaryDirectory() as tmp:
         shards, runs = Path(tmp) / "shards", Path(tmp)
-        run_shard_stage(str(manifest), str(shards), ShardConfig(labels=LABELS), progress=False)
-        run_embed_stage(str(shards), EmbedConfig(), progress=False)
-        run_train_stage(str(shards), str(runs / "teacher"),
+        run_shard_stage(str(manifest), Store(str(shards)), ShardConfig(labels=LABELS), progress=False)
+        run_embed_stage(Store(str(shards)), EmbedConfig(), progress=False)
+        run_train_stage(Store(str(shards)), Store(str(runs / "teacher")),
                         TrainConfig(model=ModelConfig(modalities=args.inputs, hidden=256, blocks=3), **common))
-        alone = run_train_stage(str(shards), str(runs / "alone"), TrainConfig(model=small, **common))
-        run_train_stage(str(shards), str(runs / "student"), TrainConfig(
+        alone = run_train_stage(Store(str(shards)), Store(str(runs / "alone")), TrainConfig(model=small, **common))
+        run_train_stage(Store(str(shards)), Store(str(runs / "student")), TrainConfig(
             model=small, distill_from=str(runs / "teacher"), distill={"alpha": 0.7, "temperature": 2.0}, **common))
-        report = export_run(str(runs / "student"), str(runs / "export"), ExportConfig())["distillation"]
+        report = export_run(Store(str(runs / "student")), Store(str(runs / "export")), ExportConfig())["distillation"]
     teacher, student = report["teacher"], report["student"]
     print(f"samples: {args.n} (make_large.py), inputs {'+'.join(args.inputs)} embeddings, 2 Ray Train workers (CPU), "
           f"{args.epochs} epochs each")
@@ -70,7 +71,7 @@ def main() -> None:
     print(f"student / teacher: parameters x{report['parameter_ratio']:.3f} (target <= 0.25), val accuracy "
           f"x{accuracy:.3f} (target >= 0.9), agreement {100 * student['agreement_with_teacher']['label']:.1f}% "
           f"(target >= 85%), ONNX samples/s x{student['onnx_samples_per_s'] / teacher['onnx_samples_per_s']:.2f}")
-    print(f"the same student on the labels alone: val accuracy {alone['val_accuracy']:.4f}")
+    print(f"the same student on the labels alone: val accuracy {alone.val_accuracy:.4f}")
 
 
 if __name__ == "__main__":

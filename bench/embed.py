@@ -33,9 +33,9 @@ from features.config import AudioEncoderConfig, EmbedConfig, ImageEncoderConfig 
 from features.encoders import build_encoders  # noqa: E402
 from features.stage import run_embed_stage  # noqa: E402
 from preprocess.config import ShardConfig  # noqa: E402
-from preprocess.layout import committed_shards  # noqa: E402
+from preprocess.layout import committed_shards, iter_shard  # noqa: E402
 from preprocess.stage import run_shard_stage  # noqa: E402
-from preprocess.storage import Store, iter_shard  # noqa: E402
+from preprocess.storage import Store  # noqa: E402
 
 ARCH = {
     "image": {"base": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
@@ -60,7 +60,7 @@ def raw_forward_rate(shards: Path, cfg: EmbedConfig) -> tuple[float, dict]:
     encoders = build_encoders(cfg)
     inputs: dict[str, dict[str, object]] = {m: {} for m in MEMBER}
     for name in committed_shards(Store(str(shards))):
-        for sample in iter_shard(str(shards / name), {}):
+        for sample in iter_shard(Store(str(shards)), name):
             for modality, ext in MEMBER.items():
                 if ext in sample:
                     digest = hashlib.sha256(sample[ext]).hexdigest()
@@ -97,12 +97,12 @@ def main() -> None:
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
         shards = Path(tmp) / "shards"
-        run_shard_stage(str(manifest), str(shards), ShardConfig(labels=LABELS), progress=False)
+        run_shard_stage(str(manifest), Store(str(shards)), ShardConfig(labels=LABELS), progress=False)
         t0 = time.perf_counter()
-        first = run_embed_stage(str(shards), cfg, progress=False)
+        first = run_embed_stage(Store(str(shards)), cfg, progress=False).to_json()
         first_wall = time.perf_counter() - t0
         t0 = time.perf_counter()
-        cached = run_embed_stage(str(shards), cfg, progress=False)
+        cached = run_embed_stage(Store(str(shards)), cfg, progress=False).to_json()
         cached_wall = time.perf_counter() - t0
         raw, raw_per = ray.get(ray.remote(num_cpus=cfg.cpus_per_actor)(raw_forward_rate).remote(shards, cfg))
         ray.shutdown()

@@ -27,6 +27,7 @@ from features.config import EmbedConfig  # noqa: E402
 from features.stage import run_embed_stage  # noqa: E402
 from preprocess.config import ShardConfig  # noqa: E402
 from preprocess.stage import run_shard_stage  # noqa: E402
+from preprocess.storage import Store  # noqa: E402
 from train.config import ExportConfig, TrainConfig  # noqa: E402
 from train.export import export_run  # noqa: E402
 from train.stage import run_train_stage  # noqa: E402
@@ -34,7 +35,7 @@ from workflows.predict import Predictor, predict_inputs  # noqa: E402
 
 
 def timed_pass(model: Path, variant: str, manifest: Path) -> dict:
-    predictor = Predictor(str(model), variant)
+    predictor = Predictor(Store(str(model)), variant)
     score, model_seconds = predictor.score, [0.0]
 
     def timed_score(batch):
@@ -63,10 +64,11 @@ def main() -> None:
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
         shards, run, model = Path(tmp) / "shards", Path(tmp) / "run", Path(tmp) / "model"
-        run_shard_stage(str(MINI / "manifest.jsonl"), str(shards), ShardConfig(labels=LABELS), progress=False)
-        run_embed_stage(str(shards), EmbedConfig(), progress=False)
-        run_train_stage(str(shards), str(run), TrainConfig(epochs=8, micro_batch_size=4, loader_workers=0))
-        exported = export_run(str(run), str(model), ExportConfig())
+        run_shard_stage(str(MINI / "manifest.jsonl"), Store(str(shards)), ShardConfig(labels=LABELS), progress=False)
+        run_embed_stage(Store(str(shards)), EmbedConfig(), progress=False)
+        run_train_stage(Store(str(shards)), Store(str(run)),
+                        TrainConfig(epochs=8, micro_batch_size=4, loader_workers=0))
+        exported = export_run(Store(str(run)), Store(str(model)), ExportConfig())
         ray.shutdown()  # predict is one local process; Ray's workers would only compete for the cores
         timed_pass(model, "fp32", manifest)  # warm-up
         results = {variant: timed_pass(model, variant, manifest) for variant in ("fp32", "int8")}

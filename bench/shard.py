@@ -35,6 +35,7 @@ from preprocess.manifest import LineReject, iter_manifest  # noqa: E402
 from preprocess.sample import process_sample  # noqa: E402
 from preprocess.shard import fetch_batch  # noqa: E402
 from preprocess.stage import run_shard_stage  # noqa: E402
+from preprocess.storage import Store  # noqa: E402
 
 MAKE_LARGE = REPO.parent / "shared" / "corpus" / "make_large.py"
 MINI = MAKE_LARGE.parent / "mini"
@@ -67,17 +68,17 @@ def start_ray(workers: int) -> float:
 
 def stage_rate(manifest: Path, out: Path, cfg: ShardConfig) -> tuple[float, dict]:
     t0 = time.perf_counter()
-    summary = run_shard_stage(str(manifest), str(out), cfg, progress=False)
+    summary = run_shard_stage(str(manifest), Store(str(out)), cfg, progress=False).to_json()
     return summary["accepted"] / (time.perf_counter() - t0), summary
 
 
 def loop_rate(manifest: Path, out: Path, cfg: ShardConfig) -> float:
     t0 = time.perf_counter()
-    rows = [r for r in iter_manifest(str(manifest), cfg) if not isinstance(r, LineReject)]
+    rows = [r for r in iter_manifest(str(manifest), cfg, Store(str(manifest))) if not isinstance(r, LineReject)]
     written = 0
     tar_index = 0
     tar = None
-    for row, raw in fetch_batch(rows, {}):
+    for row, raw in fetch_batch(rows, Store(str(manifest))):
         if written % cfg.samples_per_shard == 0:
             if tar:
                 tar.close()

@@ -30,6 +30,7 @@ from features.config import EmbedConfig  # noqa: E402
 from features.stage import run_embed_stage  # noqa: E402
 from preprocess.config import ShardConfig  # noqa: E402
 from preprocess.stage import run_shard_stage  # noqa: E402
+from preprocess.storage import Store  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.stage import run_train_stage  # noqa: E402
 
@@ -62,13 +63,13 @@ def main() -> None:
     base = dict(workers=2, micro_batch_size=32, epochs=args.epochs, checkpoint_every=10_000, loader_workers=2)
     with tempfile.TemporaryDirectory() as tmp:
         shards = Path(tmp) / "shards"
-        run_shard_stage(str(manifest), str(shards), ShardConfig(labels=LABELS), progress=False)
-        run_embed_stage(str(shards), EmbedConfig(), progress=False)
+        run_shard_stage(str(manifest), Store(str(shards)), ShardConfig(labels=LABELS), progress=False)
+        run_embed_stage(Store(str(shards)), EmbedConfig(), progress=False)
         results = {}
         for name, mode in MODES.items():
             cfg = TrainConfig(**base, **mode)
             run = Path(tmp) / name.replace(" ", "-")
-            run_train_stage(str(shards), str(run), cfg)
+            run_train_stage(Store(str(shards)), Store(str(run)), cfg)
             results[name] = measured(run, cfg)
     print(f"samples: {args.n}, 2 Ray Train workers (CPU, gloo), micro-batch 32, 2 loader workers per rank; "
           "rank 0 during training")

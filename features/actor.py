@@ -17,8 +17,8 @@ from features.cache import EmbeddingCache
 from features.config import EmbedConfig
 from features.encoders import build_encoders
 from features.sidecar import ShardRows, owned_by, write_sidecar
-from preprocess.layout import MEMBER_EXTENSIONS, member_payload
-from preprocess.storage import Store, iter_shard
+from preprocess.layout import MEMBER_EXTENSIONS, iter_shard, member_payload
+from preprocess.storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +49,13 @@ def prefetch(items: Iterable, depth: int) -> Iterator:
 class EmbedWorker:
     """Plain class (testable without Ray); `EmbedActor` in stage.py is its Ray actor."""
 
-    def __init__(self, cfg: EmbedConfig, identities: dict[str, str], cache_root: str, shards: Store,
+    def __init__(self, cfg: EmbedConfig, identities: dict[str, str], cache_root: Store, shards: Store,
                  device: str | None = None):
         self.cfg = cfg
         self.shards = shards
         self.identities = identities
         self.encoders = {m: e for m, e in build_encoders(cfg).items() if m in identities}
-        self.caches = {m: EmbeddingCache(cache_root, identities[m], shards.options) for m in identities}
+        self.caches = {m: EmbeddingCache(cache_root, identities[m]) for m in identities}
         self.device = device
         self.loaded: set[str] = set()
         self.unsaved: dict[str, dict[str, np.ndarray]] = {m: {} for m in identities}
@@ -84,7 +84,7 @@ class EmbedWorker:
             key, _, ext = name.partition(".")
             return key in keys and ext in exts
 
-        for sample in iter_shard(self.shards.url_of(shard), self.shards.options, select):
+        for sample in iter_shard(self.shards, shard, select):
             key = sample["__key__"]
             for modality, per_key in wanted.items():
                 digest = per_key.get(key)

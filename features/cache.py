@@ -43,9 +43,9 @@ class EmbeddingCache:
     """The vectors of one encoder identity under a cache root. Keeps its Lance dataset open, so
     an actor's repeated lookups and inserts reuse the loaded index."""
 
-    def __init__(self, root: str, identity: str, storage_options: dict | None = None):
+    def __init__(self, root: Store, identity: str):
         self.identity = identity
-        self.root = Store(root, storage_options)
+        self.root = root
         self.digest = hashlib.sha256(identity.encode()).hexdigest()[:24]
         self.uri = self.root.url_of(self.digest + ".lance")
         self.corrupt: list[str] = []  # what this process found broken, for the stage summary
@@ -53,7 +53,7 @@ class EmbeddingCache:
         self._migrated = False
 
     def __reduce__(self):
-        return EmbeddingCache, (self.root.url, self.identity, self.root.options)
+        return EmbeddingCache, (self.root, self.identity)
 
     def _schema(self) -> pa.Schema:
         key = pa.field("sha256", pa.string(), nullable=False,
@@ -70,7 +70,7 @@ class EmbeddingCache:
             self._dataset = self._dataset.checkout_version(self._dataset.latest_version)
         elif self._dataset is None:
             try:
-                self._dataset = lance.dataset(self.uri, storage_options=self.root.lance_options())
+                self._dataset = lance.dataset(self.uri, **self.root.lance_kwargs())
             except (ValueError, OSError) as e:  # no committed version yet: nothing is cached
                 if "not found" not in str(e).lower():
                     raise
@@ -137,7 +137,7 @@ class EmbeddingCache:
                     "recomputed", self.uri, broken, error)
         op = lance.LanceOperation.Delete(updated_fragments=[], deleted_fragment_ids=broken, predicate="true")
         self._dataset = lance.LanceDataset.commit(self.uri, op, read_version=dataset.version,
-                                                  storage_options=self.root.lance_options())
+                                                  **self.root.lance_kwargs())
 
     def insert(self, hashes: list[str], vectors: list[np.ndarray]) -> None:
         """Add vectors; hashes already cached (by anyone, even concurrently) are left as they are."""
@@ -162,13 +162,13 @@ class EmbeddingCache:
 
         if self.root.create_exclusive(self.digest + ".creating", self.identity.encode()):
             self._dataset = lance.write_dataset(self._schema().empty_table(), self.uri, schema=self._schema(),
-                                                mode="create", storage_options=self.root.lance_options())
+                                                mode="create", **self.root.lance_kwargs())
             return
         deadline = time.monotonic() + CREATE_WAIT_S
         while self._open() is None:
             if time.monotonic() > deadline:  # its creator died before creating it
                 self._dataset = lance.write_dataset(self._schema().empty_table(), self.uri, schema=self._schema(),
-                                                    mode="create", storage_options=self.root.lance_options())
+                                                    mode="create", **self.root.lance_kwargs())
                 return
             time.sleep(0.05)
 

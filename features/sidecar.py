@@ -1,6 +1,6 @@
-"""Sidecars: one Parquet per shard, `shard-NNNNNN.emb.parquet`, joinable to the tar by key, one
-column per modality (null where a sample lacks it). Plain functions over a shard's index rows
-and the vectors found for them; the stage and its actors decide where they run."""
+"""Sidecars (features/layout.py: one Parquet per shard, joinable to the tar by key, one column
+per modality): plain functions over a shard's index rows and the vectors found for them; the
+stage and its actors decide where they run."""
 
 from __future__ import annotations
 
@@ -10,16 +10,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.dataset as ds
 
 from features.config import EmbedConfig
 from features.encoders import VideoFramesEncoder
+from features.layout import DIGEST, DIMS, ENCODERS, sidecar_digest, sidecar_name
 from preprocess.layout import read_index_part
 from preprocess.storage import Store
-
-
-def sidecar_name(shard: str) -> str:
-    return shard.removesuffix(".tar") + ".emb.parquet"
 
 
 @dataclass
@@ -53,10 +50,7 @@ class ShardRows:
 def owned_by(shards: Store, plan: str, shard: str) -> dict[str, dict[str, str]]:
     """The payloads the embed plan gives SHARD to compute: modality -> hash -> the key of its
     first sample there. The plan is sorted by shard, so only a few row groups are read."""
-    import pyarrow.dataset as ds
-
-    table = ds.dataset(shards.path(plan), format="parquet", filesystem=shards.arrow_filesystem()).to_table(
-        columns=["modality", "sha256", "key"], filter=ds.field("shard") == shard)
+    table = shards.read_parquet(plan, ["modality", "sha256", "key"], ds.field("shard") == shard)
     owned: dict[str, dict[str, str]] = {}
     for modality, h, key in zip(*(table.column(c).to_pylist() for c in ("modality", "sha256", "key")), strict=True):
         owned.setdefault(modality, {})[h] = key
@@ -64,13 +58,7 @@ def owned_by(shards: Store, plan: str, shard: str) -> dict[str, dict[str, str]]:
 
 
 def sidecar_is_current(shards: Store, shard: str, digest: str) -> bool:
-    name = sidecar_name(shard)
-    try:
-        with shards.fs.open(shards.path(name), "rb") as f:
-            metadata = pq.read_schema(f).metadata or {}
-    except (OSError, pa.ArrowException):
-        return False
-    return metadata.get(b"tessera.digest", b"").decode() == digest
+    return sidecar_digest(shards, shard) == digest
 
 
 def _vector_column(vectors: list[np.ndarray | None], dim: int, dtype: str) -> pa.Array:
@@ -104,7 +92,6 @@ def write_sidecar(shards: Store, shard: str, rows: ShardRows, vectors: dict[str,
                     pa.list_(pa.list_(pa.float16() if cfg.dtype == "float16" else pa.float32(), dim)))
         else:
             columns[modality] = _vector_column(per_sample, dim, cfg.dtype)
-    metadata = {"tessera.digest": digest, "tessera.encoders": json.dumps({m: identities[m] for m in dims}),
-                "tessera.dims": json.dumps(dims)}
+    metadata = {DIGEST: digest, ENCODERS: json.dumps({m: identities[m] for m in dims}), DIMS: json.dumps(dims)}
     shards.write_parquet(sidecar_name(shard), pa.table(columns).replace_schema_metadata(metadata))
     return missing

@@ -1,17 +1,18 @@
-"""Driver of the embedding stage. Its memory does not grow with the corpus: it holds the names
-of the shards and running counts; rows and hashes stay in Ray tasks, DuckDB and the cache.
+"""Driver of the embedding stage: plan, run, summarize. Its memory does not grow with the
+corpus: it holds the names of the shards and running counts; rows and hashes stay in Ray
+tasks, DuckDB and the cache.
 
-1. State (Ray tasks over groups of shards): a shard's sidecar is current when its digest
+1. Plan. Ray tasks over groups of shards find each sidecar's state: current when its digest
    (keys, payload hashes, encoders, output settings) matches; current ones are left alone
-   without touching the cache.
-2. Plan (one DuckDB query in a Ray task, over the index parts of the other shards): each
-   distinct payload goes to the first shard holding it, so identical content costs one
-   model call however many shards repeat it. Written to SHARDS/embed-plan.parquet.
-3. Encoder actors (`features/actor.py`), shard by shard: look the shard's payloads up in the
-   cache (`features/cache.py`, Lance, by key), embed the ones it owns that are missing, add
-   them to the cache, write its sidecar from those vectors plus the cached ones. A shard
-   whose vector another shard still owes is written at the end (a plain task, lookups only).
-4. The caches fold their new rows into their key index."""
+   without touching the cache. One DuckDB query (a Ray task, over the index parts of the
+   others) gives each distinct payload to the first shard holding it, so identical content
+   costs one model call however many shards repeat it (features/layout.py: PLAN).
+2. Run. Encoder actors (`features/actor.py`), shard by shard through the bounded runner: look
+   the shard's payloads up in the cache (`features/cache.py`, Lance, by key), embed the ones
+   it owns that are missing, add them to the cache, write its sidecar from those vectors
+   plus the cached ones. A shard whose vector another shard still owes is written at the end
+   (a plain task, lookups only). The caches then fold their new rows into their key index.
+3. Summary: EmbedSummary, written last."""
 
 from __future__ import annotations
 
@@ -19,27 +20,27 @@ import logging
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 import pyarrow as pa
 import ray
-from ray.util import ActorPool
 from tqdm import tqdm
 
 from features.actor import EmbedWorker
 from features.cache import EmbeddingCache
 from features.config import EmbedConfig
 from features.encoders import build_encoders
+from features.layout import CACHE, PLAN, EmbedSummary
 from features.sidecar import ShardRows, sidecar_is_current, write_sidecar
 from preprocess.layout import INDEX, committed_shards
-from preprocess.storage import Store, duckdb_over
+from preprocess.runner import StageWork, actor, in_flight_limit, task
+from preprocess.storage import Store
 
 log = logging.getLogger(__name__)
 
-EMBED_SUMMARY = "embed-summary.json"
-PLAN = "embed-plan.parquet"
 SHARDS_PER_TASK = 64  # shards whose sidecar state one task checks
 MEMORY_LIMIT = "256MB"  # the plan query spills beyond this
-EmbedActor = ray.remote(EmbedWorker)
+EmbedActor = actor(EmbedWorker)
 
 
 def sidecar_states(shards: Store, names: list[str], identities: dict[str, str], cfg: EmbedConfig) -> list[dict]:
@@ -61,7 +62,7 @@ def plan_owners(shards: Store, stale: list[str], modalities: list[str]) -> dict:
         f"SELECT '{m}' AS modality, {m}_payload_sha256 AS sha256, shard, key FROM idx "
         f"WHERE duplicate_of IS NULL AND {m}_payload_sha256 IS NOT NULL" for m in modalities)
     with tempfile.TemporaryDirectory(prefix="tessera-embed-plan-") as scratch:
-        con = duckdb_over(shards, scratch, MEMORY_LIMIT)
+        con = shards.duckdb(scratch, MEMORY_LIMIT)
         con.register("stale", pa.table({"shard": stale}))
         con.execute(f"CREATE VIEW idx AS SELECT i.* FROM read_parquet('{shards.url_of(INDEX, 'shard-*.parquet')}') i "
                     "JOIN stale USING (shard)")
@@ -76,11 +77,10 @@ def plan_owners(shards: Store, stale: list[str], modalities: list[str]) -> dict:
 
 
 def write_owed_sidecar(shards: Store, shard: str, identities: dict[str, str], dims: dict[str, int],
-                       cache_root: str, digest: str, cfg: EmbedConfig) -> dict:
+                       cache: Store, digest: str, cfg: EmbedConfig) -> dict:
     """A sidecar whose vectors other shards computed: lookups only."""
     rows = ShardRows.read(shards, shard, list(identities))
-    vectors = {m: EmbeddingCache(cache_root, identities[m], shards.options).lookup(rows.hashes(m))
-               for m in identities}
+    vectors = {m: EmbeddingCache(cache, identities[m]).lookup(rows.hashes(m)) for m in identities}
     return write_sidecar(shards, shard, rows, vectors, dims, identities, digest, cfg)
 
 
@@ -89,10 +89,72 @@ def maintain_cache(cache: EmbeddingCache) -> int:
     return cache.count()
 
 
-_states_task = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=[OSError])(sidecar_states)
-_plan_task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=[OSError])(plan_owners)
-_owed_task = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=[OSError])(write_owed_sidecar)
-_maintain_task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=[OSError])(maintain_cache)
+_states_task = task(sidecar_states, num_cpus=1, max_retries=3, retry_exceptions=[OSError])
+_plan_task = task(plan_owners, num_cpus=1, max_retries=2, retry_exceptions=[OSError])
+_owed_task = task(write_owed_sidecar, num_cpus=1, max_retries=3, retry_exceptions=[OSError])
+_maintain_task = task(maintain_cache, num_cpus=1, max_retries=2, retry_exceptions=[OSError])
+
+
+@dataclass(frozen=True)
+class EmbedPlan:
+    """What an embedding run has to do, known before any model loads."""
+
+    shards: Store
+    cache: Store
+    names: list[str]  # the committed shards
+    identities: dict[str, str]  # modality -> encoder identity
+    dims: dict[str, int]  # from the encoders' configs: no model is loaded here
+    states: list[dict]  # per shard, in order: sidecar_states
+
+    @property
+    def stale(self) -> list[dict]:
+        return [s for s in self.states if not s["current"]]
+
+
+def plan_embedding(shards: Store, cfg: EmbedConfig, cache: Store, work: StageWork) -> EmbedPlan:
+    names = committed_shards(shards)
+    encoders = build_encoders(cfg)
+    identities = {m: e.identity() for m, e in encoders.items()}
+    groups = [names[i : i + SHARDS_PER_TASK] for i in range(0, len(names), SHARDS_PER_TASK)]
+    found: dict[int, list[dict]] = {}
+    work.run(range(len(groups)), lambda g, _: _states_task.remote(shards, groups[g], identities, cfg),
+             in_flight_limit(), found.__setitem__)
+    return EmbedPlan(shards, cache, names, identities, {m: e.dim for m, e in encoders.items()},
+                     [s for g in range(len(groups)) for s in found[g]])
+
+
+class EmbedTally:
+    """Per modality: samples, distinct payloads, computed, errors, vectors missing from sidecars,
+    model seconds; the shards whose sidecar waits for another shard's vectors."""
+
+    def __init__(self, plan: EmbedPlan):
+        self.counts = {m: Counter(samples=0, unique=0, cache_hits=0, computed=0, errors=0, missing_in_sidecars=0)
+                       for m in plan.identities}
+        for state in plan.states:
+            for modality, n in state["samples"].items():
+                self.counts[modality]["samples"] += n
+        self.model_seconds: Counter = Counter()
+        self.corrupt: list[str] = []
+        self.owed: list[str] = []
+
+    def embedded(self, state: dict, result: dict) -> None:
+        for modality, n in result["computed"].items():
+            self.counts[modality]["computed"] += n
+        for modality, n in result["errors"].items():
+            self.counts[modality]["errors"] += n
+        self.missing(result["missing"])
+        self.model_seconds.update(result["model_seconds"])
+        self.corrupt += result["corrupt"]
+        if result["deferred"]:
+            self.owed.append(result["shard"])
+
+    def missing(self, per_modality: dict[str, int]) -> None:
+        for modality, n in per_modality.items():
+            self.counts[modality]["missing_in_sidecars"] += n
+
+    @property
+    def computed(self) -> int:
+        return sum(c["computed"] for c in self.counts.values())
 
 
 def _actor_options(cfg: EmbedConfig) -> dict:
@@ -102,86 +164,73 @@ def _actor_options(cfg: EmbedConfig) -> dict:
     return {"num_cpus": cfg.cpus_per_actor, "num_gpus": gpus}
 
 
-def run_embed_stage(shards: str, cfg: EmbedConfig, storage_options: dict | None = None,
-                    progress: bool = True) -> dict:
-    """Embed every committed shard of SHARDS; returns (and writes) the stage summary."""
-    started = time.perf_counter()
-    store = Store(shards, storage_options)
-    names = committed_shards(store)
-    encoders = build_encoders(cfg)
-    identities = {m: e.identity() for m, e in encoders.items()}
-    dims = {m: e.dim for m, e in encoders.items()}  # from their configs: no model is loaded here
-    cache_root = cfg.cache or store.url_of("embed-cache")
-    counts = {m: Counter(samples=0, unique=0, cache_hits=0, computed=0, errors=0, missing_in_sidecars=0)
-              for m in identities}
-    model_seconds: Counter = Counter()
-    corrupt: list[str] = []
+def embed_stale(plan: EmbedPlan, cfg: EmbedConfig, tally: EmbedTally, work: StageWork, progress: bool) -> None:
+    """Embed the stale shards on encoder actors, then write the sidecars they left owed."""
+    stale = plan.stale
+    for modality, n in work.get(_plan_task.remote(plan.shards, [s["shard"] for s in stale],
+                                                  list(plan.identities))).items():
+        tally.counts[modality]["unique"] = n
+    actors = [EmbedActor.options(**_actor_options(cfg)).remote(cfg, plan.identities, plan.cache, plan.shards)
+              for _ in range(min(cfg.actors, len(stale)))]
+    bar = tqdm(total=len(stale), unit="shard", desc="embed", disable=not progress)
 
-    states = [s for group in ray.get([_states_task.remote(store, names[i : i + SHARDS_PER_TASK], identities, cfg)
-                                      for i in range(0, len(names), SHARDS_PER_TASK)]) for s in group]
-    stale = [s for s in states if not s["current"]]
-    for state in states:
-        for modality, n in state["samples"].items():
-            counts[modality]["samples"] += n
-    written, compute_seconds = 0, 0.0
-    if stale and identities:
-        for modality, n in ray.get(_plan_task.remote(store, [s["shard"] for s in stale], list(identities))).items():
-            counts[modality]["unique"] = n
+    def embedded(state: dict, result: dict) -> None:
+        tally.embedded(state, result)
+        bar.update()
+
+    work.run(stale, lambda s, slot: actors[slot].call.remote("embed_shard", s["shard"], PLAN, s["digest"]),
+             len(actors), embedded)
+    bar.close()
+    work.get_all([a.call.remote("flush") for a in actors])  # their last vectors, before the owed sidecars
+    for a in actors:
+        ray.kill(a)
+    digests = {s["shard"]: s["digest"] for s in stale}
+    for missing in work.get_all([_owed_task.remote(plan.shards, shard, plan.identities, plan.dims, plan.cache,
+                                                   digests[shard], cfg) for shard in tally.owed]):
+        tally.missing(missing)
+    plan.shards.remove(PLAN)
+
+
+def run_embed_stage(shards: Store, cfg: EmbedConfig, cache: Store | None = None,
+                    progress: bool = True) -> EmbedSummary:
+    """Embed every committed shard of SHARDS, with the vectors cached in CACHE (default: the
+    store of embed.cache, else SHARDS/embed-cache); returns (and writes) the stage summary."""
+    started, work = time.perf_counter(), StageWork()
+    cache = cache or (shards.at(cfg.cache) if cfg.cache else shards.child(CACHE))
+    plan = plan_embedding(shards, cfg, cache, work)
+    tally = EmbedTally(plan)
+    compute_seconds = 0.0
+    if plan.stale and plan.identities:
         t0 = time.perf_counter()
-        actors = [EmbedActor.options(**_actor_options(cfg)).remote(cfg, identities, cache_root, store)
-                  for _ in range(min(cfg.actors, len(stale)))]
-        owed = []
-        bar = tqdm(total=len(stale), unit="shard", desc="embed", disable=not progress)
-        for result in ActorPool(actors).map_unordered(
-                lambda actor, s: actor.embed_shard.remote(s["shard"], PLAN, s["digest"]), stale):
-            for modality, n in result["computed"].items():
-                counts[modality]["computed"] += n
-            for modality, n in result["errors"].items():
-                counts[modality]["errors"] += n
-            for modality, n in result["missing"].items():
-                counts[modality]["missing_in_sidecars"] += n
-            model_seconds.update(result["model_seconds"])
-            corrupt += result["corrupt"]
-            if result["deferred"]:
-                owed.append(result["shard"])
-            bar.update()
-        bar.close()
-        ray.get([actor.flush.remote() for actor in actors])  # their last vectors, before the owed sidecars
-        for actor in actors:
-            ray.kill(actor)
+        embed_stale(plan, cfg, tally, work, progress)
         compute_seconds = time.perf_counter() - t0
-        digests = {s["shard"]: s["digest"] for s in stale}
-        for missing in ray.get([_owed_task.remote(store, shard, identities, dims, cache_root, digests[shard], cfg)
-                                for shard in owed]):
-            for modality, n in missing.items():
-                counts[modality]["missing_in_sidecars"] += n
-        written = len(stale)
-        store.remove(PLAN)
-    caches = {m: EmbeddingCache(cache_root, identities[m], store.options) for m in identities}
-    computed = sum(c["computed"] for c in counts.values())
-    cached = dict(zip(caches, ray.get([_maintain_task.remote(c) for c in caches.values()]), strict=True)) \
-        if computed else None
-    for c in counts.values():
+    caches = {m: EmbeddingCache(cache, plan.identities[m]) for m in plan.identities}
+    cache_rows = dict(zip(caches, work.get_all([_maintain_task.remote(c) for c in caches.values()]), strict=True)) \
+        if tally.computed else None
+    for c in tally.counts.values():
         c["cache_hits"] = c["samples"] - c["computed"]
-    summary = {
-        "samples": sum(s["rows"] for s in states),
-        "shards": len(names),
-        "sidecars_written": written,
-        "sidecars_up_to_date": len(states) - len(stale),
-        "encoders": identities,
-        "config": cfg.model_dump(mode="json"),  # what rebuilds these encoders (tessera export / predict)
-        "dims": dims,
-        "modalities": {m: {**c, "model_seconds": round(model_seconds[m], 3),
-                           "embeddings_per_s": round(c["computed"] / compute_seconds, 2) if compute_seconds else None}
-                       for m, c in counts.items()},
-        "computed": computed,
-        "cache_hits": sum(c["cache_hits"] for c in counts.values()),
-        "cache_rows": cached,
-        "cache_corrupt": corrupt,
-        "compute_seconds": round(compute_seconds, 3),
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-    store.write_json(EMBED_SUMMARY, summary)
-    log.info("embedded %d shards: %d computed, %d cache hits, %d sidecars written, in %.1f s", len(names),
-             summary["computed"], summary["cache_hits"], written, summary["seconds"])
+    written = len(plan.stale) if plan.identities else 0
+    summary = EmbedSummary(
+        samples=sum(s["rows"] for s in plan.states),
+        shards=len(plan.names),
+        sidecars_written=written,
+        sidecars_up_to_date=len(plan.states) - len(plan.stale),
+        encoders=plan.identities,
+        config=cfg.model_dump(mode="json"),
+        dims=plan.dims,
+        modalities={m: {**c, "model_seconds": round(tally.model_seconds[m], 3),
+                        "embeddings_per_s": round(c["computed"] / compute_seconds, 2) if compute_seconds else None}
+                    for m, c in tally.counts.items()},
+        computed=tally.computed,
+        cache_hits=sum(c["cache_hits"] for c in tally.counts.values()),
+        cache_rows=cache_rows,
+        cache_corrupt=tally.corrupt,
+        compute_seconds=round(compute_seconds, 3),
+        seconds=round(time.perf_counter() - started, 3),
+        store_retries=work.store_retries,
+        up_to_date=tally.computed == 0 and written == 0,
+    )
+    summary.write(shards)
+    log.info("embedded %d shards: %d computed, %d cache hits, %d sidecars written, in %.1f s", len(plan.names),
+             summary.computed, summary.cache_hits, written, summary.seconds)
     return summary

@@ -26,7 +26,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from preprocess.layout import DUPLICATES, INDEX, INDEX_SCHEMA, REJECTS, index_part
-from preprocess.storage import Store, duckdb_over
+from preprocess.storage import Store
 
 MEMORY_LIMIT = "128MB"  # DuckDB spills to local scratch beyond this
 SHARDS_PER_TASK = 256  # index parts rewritten by one task
@@ -69,7 +69,7 @@ def find_duplicates(out: Store, content: bool) -> dict:
     """Write rejects/duplicates.parquet; returns the counts and the shards that hold duplicates,
     in groups of neighbouring shards (one rewrite task each). Every shard has both parts."""
     with tempfile.TemporaryDirectory(prefix="tessera-dedup-") as scratch:
-        con = duckdb_over(out, scratch, MEMORY_LIMIT)
+        con = out.duckdb(scratch, MEMORY_LIMIT)
         con.execute(f"CREATE VIEW idx AS SELECT * FROM read_parquet('{out.url_of(INDEX, 'shard-*.parquet')}')")
         con.execute(f"CREATE VIEW rej AS SELECT * FROM read_parquet('{out.url_of(REJECTS, 'shard-*.parquet')}')")
         local = f"{scratch}/duplicates.parquet"
@@ -91,8 +91,7 @@ def _number(shard: str) -> int:
 
 def mark_duplicates(out: Store, shards: list[str]) -> int:
     """Set `duplicate_of` in the index parts of SHARDS from rejects/duplicates.parquet."""
-    found = ds.dataset(out.path(DUPLICATES), format="parquet", filesystem=out.arrow_filesystem()).to_table(
-        columns=["shard", "sample_key", "duplicate_of"], filter=ds.field("shard").isin(shards))
+    found = out.read_parquet(DUPLICATES, ["shard", "sample_key", "duplicate_of"], ds.field("shard").isin(shards))
     of = {}
     for shard, key, original in zip(*(found.column(c).to_pylist() for c in ("shard", "sample_key", "duplicate_of")),
                                     strict=True):

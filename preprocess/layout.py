@@ -17,17 +17,18 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from itertools import islice
 
 import pyarrow as pa
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 
 from preprocess.config import MODALITIES, ShardConfig
 from preprocess.manifest import ManifestSource
 from preprocess.storage import Store
+from preprocess.summary import StageSummary
 
 SHARD_CONFIG = "shard-config.json"
 MANIFEST_SOURCE = "manifest-source.json"
@@ -35,9 +36,6 @@ SUMMARY = "summary.json"
 INDEX = "index"
 REJECTS = "rejects"
 DUPLICATES = f"{REJECTS}/duplicates.parquet"
-# written by `tessera refresh` in a version folder: the rows it added or changed and the keys
-# it removed (change = "removed"), which excludes those keys' rows of earlier versions
-CHANGES = "changes.parquet"
 MARKER = re.compile(r"shard-(\d{6,})\.json")
 
 # WebDataset member extensions of each modality's payload, the first one preferred
@@ -54,6 +52,17 @@ MEMBER_EXTENSIONS = {"text": ("txt",), "image": (*IMAGE_MEMBER.values(), "jpg"),
 def member_payload(sample: dict, modality: str) -> bytes | None:
     """A WebDataset sample's payload of MODALITY (its first member extension present), or None."""
     return next((sample[ext] for ext in MEMBER_EXTENSIONS[modality] if ext in sample), None)
+
+
+def iter_shard(shards: Store, shard: str, select: Callable[[str], bool] | None = None) -> Iterator[dict]:
+    """The samples of a WebDataset tar, streamed through webdataset's own tar iterators;
+    select(member_name) -> bool skips the bytes of members that are not needed."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    url = shards.url_of(shard)
+    with shards.open(shard) as stream:
+        files = tar_file_iterator(stream, select_files=select)
+        yield from group_by_keys({**f, "__url__": url} for f in files)
 
 
 INDEX_SCHEMA = pa.schema([
@@ -105,10 +114,8 @@ def _batches(store: Store, pattern: str, schema: pa.Schema, columns: list[str] |
     part's footer, memory that would grow with the shard count."""
 
     def read(name: str) -> pa.Table:
-        table = pq.read_table(store.path(name), filesystem=filesystem, schema=schema, columns=columns, filters=where)
-        return table.select(columns or schema.names)
+        return store.read_parquet(name, columns or schema.names, where, schema)
 
-    filesystem = store.arrow_filesystem()
     names = iter(store.names(pattern))
     with ThreadPoolExecutor(READ_AHEAD) as pool:
         window = deque(pool.submit(read, name) for name in islice(names, READ_AHEAD))
@@ -131,9 +138,7 @@ def read_index(store: Store, columns: list[str], where: ds.Expression | None = N
 
 def read_index_part(store: Store, shard: str, columns: list[str], where: ds.Expression | None = None) -> pa.Table:
     """The kept rows of one shard's index part, only COLUMNS."""
-    part = ds.dataset(store.path(index_part(shard)), schema=INDEX_SCHEMA, format="parquet",
-                      filesystem=store.arrow_filesystem())
-    return part.to_table(columns=columns, filter=KEPT if where is None else KEPT & where)
+    return store.read_parquet(index_part(shard), columns, KEPT if where is None else KEPT & where, INDEX_SCHEMA)
 
 
 def reject_batches(store: Store) -> Iterator[pa.RecordBatch]:
@@ -181,13 +186,38 @@ def claim_output(out: Store, cfg: ShardConfig, source: ManifestSource) -> None:
     out.write_json(MANIFEST_SOURCE, source.describe())
 
 
-def current_summary(out: Store, cfg: ShardConfig, source: ManifestSource) -> dict | None:
+@dataclass(frozen=True)
+class ShardSummary(StageSummary):
+    """summary.json, written last: the shard stage is complete. `resumed_shards` were committed
+    by an earlier run; `up_to_date`: this run found every shard committed and wrote none."""
+
+    FILE = SUMMARY
+
+    inputs: int
+    accepted: int
+    rejected: int
+    rejected_by_reason: dict[str, int]
+    duplicates: int
+    shards: int
+    bytes: int
+    statistics: dict
+    config_digest: str
+    manifest: dict  # url, fingerprint, files
+    resumed_shards: int = 0
+    shards_by_node: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    samples_per_s: float = 0.0
+    store_retries: int = 0
+    up_to_date: bool = False
+
+
+def current_summary(out: Store, cfg: ShardConfig, source: ManifestSource) -> ShardSummary | None:
     """OUT's summary when OUT is complete for this config and manifest (no input is opened:
     the manifest files' sizes and ETags / mtimes stand for their content), else None."""
-    if not out.exists(SUMMARY):
+    if not ShardSummary.exists(out):
         return None
-    summary = out.read_json(SUMMARY)
-    if (summary.get("config_digest"), summary.get("manifest", {}).get("fingerprint")) != (
-            cfg.digest(), source.fingerprint) or len(committed_shards(out)) != summary["shards"]:
+    summary = ShardSummary.read(out)
+    if (summary.config_digest, summary.manifest.get("fingerprint")) != (cfg.digest(), source.fingerprint) \
+            or len(committed_shards(out)) != summary.shards:
         return None
-    return {**summary, "resumed_shards": summary["shards"], "shards_by_node": {}}
+    return summary.replace(resumed_shards=summary.shards, shards_by_node={}, store_retries=0, up_to_date=True)

@@ -23,7 +23,7 @@ from preprocess.config import MODALITIES, ShardConfig, TargetConfig
 from preprocess.inputs import AllowedInputs
 from preprocess.keys import safe_key
 from preprocess.reject import Reject
-from preprocess.storage import absolute, file_tag, filesystem, parent, resolve
+from preprocess.storage import Store, absolute, file_tag, parent, resolve
 
 FILE_FIELDS = {"image": "image", "audio": "audio", "video": "video", "text_file": "text"}
 KNOWN_FIELDS = {"key", "label", "text", *FILE_FIELDS}
@@ -37,6 +37,7 @@ class ManifestFile:
     name: str  # relative to the manifest's root: what reject lines and the dedup order use
     size: int
     tag: str  # changes when the file changes (ETag, version id or mtime)
+    store: Store = field(compare=False, repr=False)  # the file itself, for reading it
 
     @property
     def root(self) -> str:
@@ -56,22 +57,23 @@ class ManifestSource:
     files: tuple[ManifestFile, ...]
 
     @classmethod
-    def open(cls, url: str, storage_options: dict | None = None) -> ManifestSource:
+    def open(cls, url: str, store: Store) -> ManifestSource:
+        """The manifest at URL — one file, a folder of parts or a glob — through STORE's options."""
         url = absolute(url)
-        fs, path = filesystem(url, storage_options or {})
-        protocol = url.split("://", 1)[0] + "://" if "://" in url else ""
-        if re.search(r"[*?[]", path):
-            root, infos = re.split(r"[*?[]", path, maxsplit=1)[0].rsplit("/", 1)[0], fs.glob(path, detail=True).values()
-        elif fs.isdir(path):
-            root, infos = path.rstrip("/"), list(fs.find(path, detail=True).values())
+        here = store.at(url)
+        if re.search(r"[*?[]", url):
+            root = store.at(re.split(r"[*?[]", url, maxsplit=1)[0].rsplit("/", 1)[0])
+            infos = root.infos(url[len(root.url) + 1:])
+        elif here.isdir():
+            root, infos = here, here.infos()
         else:
-            root, infos = posixpath.dirname(path), [fs.info(path)]
-        infos = sorted((i for i in infos if posixpath.splitext(i["name"])[1] in SUFFIXES and i["type"] == "file"),
-                       key=lambda i: i["name"])
-        if not infos:
+            root = store.at(parent(url))
+            infos = {url.rsplit("/", 1)[-1]: here.info()}
+        names = sorted(name for name in infos if posixpath.splitext(name)[1] in SUFFIXES)
+        if not names:
             raise FileNotFoundError(f"no manifest at {url} (JSONL or Parquet files: {', '.join(SUFFIXES)})")
-        files = tuple(ManifestFile(protocol + i["name"], posixpath.relpath(i["name"], root), int(i["size"]),
-                                   file_tag(i)) for i in infos)
+        files = tuple(ManifestFile(root.url_of(name), name, int(infos[name]["size"]), file_tag(infos[name]),
+                                   root.child(name)) for name in names)
         return cls(url, files)
 
     @property
@@ -97,11 +99,10 @@ class Chunk:
     first_line: int
 
 
-def _jsonl_chunks(f: ManifestFile, rows: int, storage_options: dict) -> Iterator[Chunk]:
+def _jsonl_chunks(f: ManifestFile, rows: int) -> Iterator[Chunk]:
     """Cut at every ROWS-th line, streaming the file block by block (memory: one block)."""
-    fs, path = filesystem(f.url, storage_options)
     start, line, seen, offset = 0, 1, 0, 0
-    with fs.open(path, "rb", block_size=SCAN_BLOCK) as stream:
+    with f.store.open() as stream:
         while block := stream.read(SCAN_BLOCK):
             ends = np.flatnonzero(np.frombuffer(block, np.uint8) == 10)  # newline positions
             cuts = ends[rows - seen - 1 :: rows]
@@ -115,25 +116,23 @@ def _jsonl_chunks(f: ManifestFile, rows: int, storage_options: dict) -> Iterator
         yield Chunk(f, start, f.size, line)
 
 
-def _parquet_chunks(f: ManifestFile, rows: int, storage_options: dict) -> Iterator[Chunk]:
-    fs, path = filesystem(f.url, storage_options)
-    with fs.open(path, "rb") as stream:
+def _parquet_chunks(f: ManifestFile, rows: int) -> Iterator[Chunk]:
+    with f.store.open() as stream:
         total = pq.ParquetFile(stream).metadata.num_rows
     for start in range(0, total, rows):
         yield Chunk(f, start, min(start + rows, total), start + 1)
 
 
-def chunks(source: ManifestSource, rows: int, storage_options: dict | None = None) -> Iterator[Chunk]:
+def chunks(source: ManifestSource, rows: int) -> Iterator[Chunk]:
     """The manifest as chunks of at most ROWS lines, file after file, lazily."""
     for f in source.files:
         cut = _parquet_chunks if f.kind == "parquet" else _jsonl_chunks
-        yield from cut(f, rows, storage_options or {})
+        yield from cut(f, rows)
 
 
-def _parquet_rows(chunk: Chunk, storage_options: dict) -> Iterator[dict]:
+def _parquet_rows(chunk: Chunk) -> Iterator[dict]:
     """Rows [start, stop) of a Parquet file, reading only the row groups that hold them."""
-    fs, path = filesystem(chunk.file.url, storage_options)
-    with fs.open(path, "rb") as stream:
+    with chunk.file.store.open() as stream:
         pf = pq.ParquetFile(stream)
         bounds = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
         groups = [i for i in range(pf.num_row_groups) if bounds[i] < chunk.stop and bounds[i + 1] > chunk.start]
@@ -147,23 +146,21 @@ def _parquet_rows(chunk: Chunk, storage_options: dict) -> Iterator[dict]:
                 return
 
 
-def raw_records(chunk: Chunk, storage_options: dict | None = None) -> Iterator[tuple[int, bytes | dict]]:
+def raw_records(chunk: Chunk) -> Iterator[tuple[int, bytes | dict]]:
     """(line, row) per row of the chunk: a JSONL line's bytes, or a Parquet row's fields."""
-    storage_options = storage_options or {}
     if chunk.file.kind == "parquet":
-        for number, row in enumerate(_parquet_rows(chunk, storage_options), start=chunk.first_line):
+        for number, row in enumerate(_parquet_rows(chunk), start=chunk.first_line):
             yield number, {k: v for k, v in row.items() if v is not None}
         return
-    fs, path = filesystem(chunk.file.url, storage_options)
-    data = fs.cat_file(path, start=chunk.start, end=chunk.stop)
+    data = chunk.file.store.read_bytes(start=chunk.start, end=chunk.stop)
     for number, raw in enumerate(io.BytesIO(data), start=chunk.first_line):
         if raw.strip():
             yield number, raw
 
 
-def read_chunk(chunk: Chunk, storage_options: dict | None = None) -> Iterator[tuple[int, dict | str]]:
+def read_chunk(chunk: Chunk) -> Iterator[tuple[int, dict | str]]:
     """(line, object) per row of the chunk; a line that is not a JSON object comes as its error text."""
-    for number, row in raw_records(chunk, storage_options):
+    for number, row in raw_records(chunk):
         yield number, row if isinstance(row, dict) else parse_json_line(row)
 
 
@@ -292,13 +289,12 @@ def parse_row(obj: dict, line: int, base_dir: str, cfg: ShardConfig, file: str =
     return row
 
 
-def chunk_rows(chunk: Chunk, cfg: ShardConfig, storage_options: dict | None = None, confined: bool = True
-               ) -> Iterator[ManifestRow | LineReject]:
+def chunk_rows(chunk: Chunk, cfg: ShardConfig, confined: bool = True) -> Iterator[ManifestRow | LineReject]:
     """The chunk's rows, checked without reading any sample file; inputs confined to the
     manifest's root and cfg.inputs.allow unless CONFINED is false."""
     base_dir = parent(chunk.file.url)
     allowed = AllowedInputs.of(chunk.file.root, cfg.inputs.allow) if confined else None
-    for line, obj in read_chunk(chunk, storage_options):
+    for line, obj in read_chunk(chunk):
         if isinstance(obj, str):
             yield LineReject(line, None, None, obj, chunk.file.name)
             continue
@@ -309,9 +305,9 @@ def chunk_rows(chunk: Chunk, cfg: ShardConfig, storage_options: dict | None = No
             yield LineReject(line, key, r.modality, r.reason, chunk.file.name)
 
 
-def iter_manifest(url: str, cfg: ShardConfig, storage_options: dict | None = None,
-                  rows_per_chunk: int = 4096, confined: bool = True) -> Iterator[ManifestRow | LineReject]:
-    """Every row of a manifest in order, streamed in one process (prediction, benchmarks)."""
-    source = ManifestSource.open(url, storage_options)
-    for chunk in chunks(source, rows_per_chunk, storage_options):
-        yield from chunk_rows(chunk, cfg, storage_options, confined)
+def iter_manifest(url: str, cfg: ShardConfig, store: Store, rows_per_chunk: int = 4096, confined: bool = True
+                  ) -> Iterator[ManifestRow | LineReject]:
+    """Every row of a manifest in order, read through STORE's options, streamed in one process
+    (prediction, benchmarks)."""
+    for chunk in chunks(ManifestSource.open(url, store), rows_per_chunk):
+        yield from chunk_rows(chunk, cfg, confined)

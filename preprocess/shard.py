@@ -21,7 +21,7 @@ from preprocess.manifest import Chunk, LineReject, ManifestRow, chunk_rows
 from preprocess.reject import Reject
 from preprocess.sample import SampleOutput, process_sample
 from preprocess.stats import DatasetStats
-from preprocess.storage import Store, read_many
+from preprocess.storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +68,10 @@ def _read_error(url: str, err: Exception) -> str:
     return f"cannot read {url}: {type(err).__name__}: {err}"
 
 
-def fetch_batch(
-    rows: list[ManifestRow], storage_options: dict
-) -> list[tuple[ManifestRow, dict[str, bytes] | LineReject]]:
-    """Raw bytes of every file of each row (by modality), or the row's read reject."""
-    got = read_many([url for row in rows for url in row.files.values()], storage_options)
+def fetch_batch(rows: list[ManifestRow], inputs: Store) -> list[tuple[ManifestRow, dict[str, bytes] | LineReject]]:
+    """Raw bytes of every file of each row (by modality), read through the INPUTS store's
+    options, or the row's read reject."""
+    got = inputs.read_many([url for row in rows for url in row.files.values()])
     out = []
     for row in rows:
         raw: dict[str, bytes] = {}
@@ -128,11 +127,11 @@ def index_row(plan: ShardPlan, row: ManifestRow, raw: dict[str, bytes], out: Sam
     }
 
 
-def _parsed_rows(plan: ShardPlan, cfg: ShardConfig, storage_options: dict, rejects: list[LineReject]):
+def _parsed_rows(plan: ShardPlan, cfg: ShardConfig, rejects: list[LineReject]):
     """The chunk's rows; a key seen earlier in this shard is rejected here (a tar cannot hold
     two samples of one key); keys repeated across shards are left to the dedup pass."""
     first_line: dict[str, int] = {}
-    for row in chunk_rows(plan.chunk, cfg, storage_options):
+    for row in chunk_rows(plan.chunk, cfg):
         if isinstance(row, LineReject):
             rejects.append(row)
         elif row.key in first_line:
@@ -143,22 +142,22 @@ def _parsed_rows(plan: ShardPlan, cfg: ShardConfig, storage_options: dict, rejec
 
 
 def write_shard(plan: ShardPlan, cfg: ShardConfig, out: Store) -> dict:
-    """Process a planned shard and commit it: the tar under a temporary name, renamed, then
-    its index and rejects parts, then the JSON marker (counts, statistics) written last."""
-    tar_path = out.path(plan.name + ".tar")
-    tmp_path = f"{tar_path}.tmp-{plan.plan_digest}"
+    """Process a planned shard and commit it: the tar (written whole, then committed), then its
+    index and rejects parts, then the JSON marker (counts, statistics) written last. The
+    inputs are read through the manifest file's store."""
+    tar_name = plan.name + ".tar"
+    inputs = plan.chunk.file.store
     stats = DatasetStats()
     index, rejects, rows = [], [], []
-    with out.fs.open(tmp_path, "wb") as f, wds.TarWriter(
+    with out.writing(tar_name) as f, wds.TarWriter(
         f, user=TAR_OWNER, group=TAR_OWNER, mode=0o444, mtime=TAR_MTIME, encoder=False
     ) as tar:
-        for row in _parsed_rows(plan, cfg, out.options, rejects):
+        for row in _parsed_rows(plan, cfg, rejects):
             rows.append(row)
             if len(rows) == FETCH_BATCH:
-                _write_batch(plan, rows, cfg, out, tar, index, rejects, stats)
+                _write_batch(plan, rows, cfg, inputs, tar, index, rejects, stats)
                 rows = []
-        _write_batch(plan, rows, cfg, out, tar, index, rejects, stats)
-    out.fs.mv(tmp_path, tar_path)
+        _write_batch(plan, rows, cfg, inputs, tar, index, rejects, stats)
     rejects.sort(key=lambda r: r.line)
     out.write_parquet(index_part(plan.name), pa.Table.from_pylist(index, schema=INDEX_SCHEMA))
     out.write_parquet(rejects_part(plan.name),
@@ -170,15 +169,15 @@ def write_shard(plan: ShardPlan, cfg: ShardConfig, out: Store) -> dict:
         "written": len(index),
         "rejected": len(rejects),
         "rejected_by_reason": dict(Counter(reason_class(r.reason, r.modality) for r in rejects)),
-        "bytes": out.fs.size(tar_path),
+        "bytes": out.size(tar_name),
         "stats": stats.to_dict(),
     }
     out.write_json(plan.name + ".json", marker)
     return marker
 
 
-def _write_batch(plan, rows, cfg, out: Store, tar, index: list, rejects: list, stats: DatasetStats) -> None:
-    for row, raw in fetch_batch(rows, out.options):
+def _write_batch(plan, rows, cfg, inputs: Store, tar, index: list, rejects: list, stats: DatasetStats) -> None:
+    for row, raw in fetch_batch(rows, inputs):
         result = raw if isinstance(raw, LineReject) else sample_or_reject(row, raw, cfg)
         if isinstance(result, LineReject):
             rejects.append(result)

@@ -1,26 +1,220 @@
-"""fsspec access shared by the stages: URLs, per-protocol options, batched reads, commits.
+"""The ground floor every package stands on: `Store`, a folder (or one file) on any fsspec
+filesystem, built once from a URL and the config's storage options and handed down. Nothing
+above this module builds a filesystem or sees the options.
 
-`Store` is a folder on any filesystem (local disk, S3, ...): the stages take one instead of
-threading URLs and storage options through every call."""
+- Names are relative to the store's root (the shape of fsspec's DirFileSystem): `child` is
+  the store of a sub-folder, `at` the store of another URL with the same options.
+- Writes are atomic. On local disks a temporary name is written, then renamed; object
+  stores, whose single PUT is atomic (and where a rename is a copy), are written in place.
+  `create_exclusive` is O_EXCL on disks and a conditional put (If-None-Match: *) on S3.
+- Transient errors — timeouts, throttling, connection resets, 5xx — are retried with
+  exponential backoff and jitter (tenacity) here and nowhere else: the store's own calls,
+  streamed reads (`open`), and what pyarrow (`dataset`, `read_parquet`) and DuckDB (`duckdb`)
+  do through it. Lance retries in its own object-store client. `retries_so_far()` counts the
+  retries of this process; stage summaries report them as `store_retries`.
+- A store pickles as (url, options): Ray tasks take one and rebuild it where they run."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import json
+import logging
 import os
 import posixpath
+import tempfile
+import threading
 import uuid
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO
 
-import fsspec
+import tenacity
+from fsspec import AbstractFileSystem
 from fsspec.core import split_protocol, url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
+log = logging.getLogger(__name__)
 
-def filesystem(url: str, storage_options: dict[str, dict]) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path) for a URL; storage_options are keyed by protocol ('s3': {...})."""
-    protocol = split_protocol(url)[0] or "file"
-    return url_to_fs(url, **storage_options.get(protocol, {}))
+ATTEMPTS = 8  # tries of one call before its transient error is raised (about 45 s of waiting at most)
+WAIT_FIRST_S, WAIT_MAX_S = 0.25, 15.0  # exponential backoff with full jitter between them
+# where one PUT is atomic and a rename is a copy: written in place
+IN_PLACE_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
+_TRANSIENT_ERRNOS = {errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED, errno.EPIPE,
+                     errno.EAGAIN, errno.EBUSY, getattr(errno, "EREMOTEIO", errno.EIO)}
+# error codes of throttling and of a server having trouble (S3 and its kin)
+_TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
+                    "TooManyRequestsException", "RequestThrottled", "ServiceUnavailable", "InternalError",
+                    "RequestTimeout", "RequestTimeTooSkewed"}
+# the HTTP clients' transport errors (botocore, aiohttp, urllib3, http.client), by class name so
+# that no client has to be importable
+_TRANSIENT_CLASSES = {"HTTPClientError", "ClientConnectionError", "ClientPayloadError", "ServerTimeoutError",
+                      "ProtocolError", "IncompleteRead", "IncompleteReadError", "ResponseStreamingError"}
+_PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def _http_status(error: BaseException) -> int | None:
+    response = getattr(error, "response", None)
+    if isinstance(response, dict):  # botocore's ClientError
+        return response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    status = getattr(error, "status", None)  # aiohttp's ClientResponseError
+    return status if isinstance(status, int) else getattr(response, "status_code", None)
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether ERROR (or what caused it) is one that goes away when the call is made again."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, _PERMANENT):
+            return False
+        if isinstance(error, TimeoutError | ConnectionError):
+            return True
+        if isinstance(error, OSError) and error.errno in _TRANSIENT_ERRNOS:
+            return True
+        status = _http_status(error)
+        if status is not None and (status >= 500 or status == 429):
+            return True
+        response = getattr(error, "response", None)
+        if isinstance(response, dict) and response.get("Error", {}).get("Code") in _TRANSIENT_CODES:
+            return True
+        if any(cls.__name__ in _TRANSIENT_CLASSES for cls in type(error).__mro__):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+class _Counter:
+    def __init__(self):
+        self.value = 0
+        self._lock = threading.Lock()
+
+    def add(self) -> None:
+        with self._lock:
+            self.value += 1
+
+
+_RETRIES = _Counter()
+
+
+def retries_so_far() -> int:
+    """Store calls retried by this process since it started (a stage takes differences)."""
+    return _RETRIES.value
+
+
+def _before_retry(state: tenacity.RetryCallState) -> None:
+    _RETRIES.add()
+    log.info("store: %s (attempt %d of %d), retrying in %.1f s", state.outcome.exception(), state.attempt_number,
+             ATTEMPTS, state.next_action.sleep)
+
+
+def retried(call: Callable, *args, **kwargs):
+    """CALL(*ARGS, **KWARGS), made again after a transient error (backoff with jitter)."""
+    return tenacity.Retrying(stop=tenacity.stop_after_attempt(ATTEMPTS),
+                             wait=tenacity.wait_random_exponential(multiplier=WAIT_FIRST_S, max=WAIT_MAX_S),
+                             retry=tenacity.retry_if_exception(is_transient), before_sleep=_before_retry,
+                             reraise=True)(call, *args, **kwargs)
+
+
+class _Unfinished(Exception):
+    """Some files of a batched read failed transiently (the cause): read those again."""
+
+
+class _RetryingReader(io.RawIOBase):
+    """A file open for reading whose reads survive transient errors: after one, the file is
+    opened again and read from the same position."""
+
+    def __init__(self, opener: Callable[[], BinaryIO]):
+        super().__init__()
+        self._opener = opener
+        self._file: BinaryIO | None = retried(opener)
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._position = retried(self._seek, offset, whence)
+        return self._position
+
+    def _current(self) -> BinaryIO:
+        if self._file is None:
+            self._file = self._opener()
+            self._file.seek(self._position)
+        return self._file
+
+    def _seek(self, offset: int, whence: int) -> int:
+        if whence == io.SEEK_CUR:
+            offset, whence = self._position + offset, io.SEEK_SET
+        return self._current().seek(offset, whence)
+
+    def _read(self, size: int) -> bytes:
+        try:
+            return self._current().read(size)
+        except BaseException:
+            self._discard()  # a stream that failed is not read again: the next attempt reopens it
+            raise
+
+    def _discard(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(Exception):
+                self._file.close()
+            self._file = None
+
+    def read(self, size: int = -1) -> bytes:
+        data = retried(self._read, size)
+        self._position += len(data)
+        return data
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._discard()
+        super().close()
+
+
+class _RetryingFileSystem(AbstractFileSystem):
+    """A store's filesystem as the libraries that take an fsspec filesystem see it (pyarrow,
+    DuckDB): each call retried on transient errors, files opened for reading retrying theirs.
+    Files opened for writing are the wrapped filesystem's own (the store writes whole files)."""
+
+    cachable = False
+
+    def __init__(self, fs: AbstractFileSystem):
+        super().__init__()
+        self.fs = fs
+        self.protocol = fs.protocol
+
+    def open(self, path, mode="rb", **kwargs):
+        if "r" in mode:
+            return _RetryingReader(lambda: self.fs.open(path, "rb", **kwargs))
+        return self.fs.open(path, mode, **kwargs)
+
+
+def _delegate(name: str):
+    def call(self, *args, **kwargs):
+        return retried(getattr(self.fs, name), *args, **kwargs)
+
+    call.__name__ = name
+    return call
+
+
+for _name in ("info", "ls", "listdir", "find", "glob", "exists", "isdir", "isfile", "size", "modified", "created",
+              "ukey", "checksum", "cat_file", "cat", "pipe_file", "put_file", "get_file", "rm", "rm_file", "mv",
+              "copy", "cp_file", "mkdir", "makedirs"):
+    setattr(_RetryingFileSystem, _name, _delegate(_name))
 
 
 def is_local(url: str) -> bool:
@@ -53,23 +247,6 @@ def parent(url: str) -> str:
     return f"{protocol}://{folder}" if protocol else folder
 
 
-def read_many(urls: list[str], storage_options: dict[str, dict]) -> dict[str, bytes | Exception]:
-    """Read files, concurrently where the store allows (s3fs batches cat); errors returned per file."""
-    by_protocol: dict[str, list[str]] = {}
-    for url in urls:
-        by_protocol.setdefault(split_protocol(url)[0] or "file", []).append(url)
-    out: dict[str, bytes | Exception] = {}
-    for group in by_protocol.values():
-        fs, _ = filesystem(group[0], storage_options)
-        paths = [fs._strip_protocol(u) for u in group]
-        got = fs.cat(paths, on_error="return")
-        if not isinstance(got, dict):  # a single path comes back bare
-            got = {paths[0]: got}
-        for url, path in zip(group, paths, strict=True):
-            out[url] = got.get(path, FileNotFoundError(path))
-    return out
-
-
 def file_tag(info: dict) -> str:
     """What changes when a file changes, from its metadata alone: ETag / version id on object
     stores, modification time on disks."""
@@ -77,28 +254,6 @@ def file_tag(info: dict) -> str:
         if info.get(field) is not None:
             return f"{info['size']}:{info[field]}"
     raise ValueError(f"{info.get('name')}: the store gives no ETag, version or modification time")
-
-
-def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes | None = None, local: str | None = None
-                 ) -> None:
-    """Write DATA (or copy the LOCAL file) under a temporary name, then rename, so readers
-    never see a partial file."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    if isinstance(fs, LocalFileSystem):  # object stores have no folders to make
-        fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    if local is None:
-        fs.pipe_file(tmp, data)
-    else:
-        fs.put_file(local, tmp)
-    fs.mv(tmp, path)
-
-
-def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
-    write_atomic(fs, path, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
-
-
-def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
-    return json.loads(fs.cat_file(path))
 
 
 def parquet_bytes(table, **options) -> bytes:
@@ -109,133 +264,205 @@ def parquet_bytes(table, **options) -> bytes:
     return buf.getvalue()
 
 
-def duckdb_over(store: Store, scratch: str, memory_limit: str):
-    """A DuckDB connection that reads STORE's files by URL (its fsspec filesystem registered
-    for object stores), memory-limited, spilling to SCRATCH."""
-    import duckdb
-
-    con = duckdb.connect()
-    con.execute(f"SET memory_limit='{memory_limit}'; SET temp_directory='{scratch}'; "
-                "SET preserve_insertion_order=false; SET enable_progress_bar=false")
-    if not is_local(store.url):
-        con.register_filesystem(store.fs)
-    return con
-
-
-def iter_shard(url: str, storage_options: dict, select=None):
-    """Samples of a WebDataset tar on any fsspec URL, through webdataset's own tar iterators.
-
-    select(member_name) -> bool skips the bytes of members that are not needed."""
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
-
-    fs, path = filesystem(url, storage_options)
-    with fs.open(path, "rb") as stream:
-        files = tar_file_iterator(stream, select_files=select)
-        yield from group_by_keys({**f, "__url__": url} for f in files)
-
-
 class Store:
-    """A folder on any fsspec filesystem. Names are relative to the folder; writes are atomic
-    (temporary name, then rename). Pickles as (url, options), so Ray tasks can take one."""
+    """A folder (or one file) on any fsspec filesystem; see the module doc."""
 
     def __init__(self, url: str, storage_options: dict | None = None):
-        self.url = absolute(url).rstrip("/")
-        self.options = storage_options or {}
-        self.fs, self.root = filesystem(self.url, self.options)
+        self.url = absolute(url).rstrip("/") or "/"
+        self._options = storage_options or {}
+        protocol = split_protocol(self.url)[0] or "file"
+        self._fs, self._root = url_to_fs(self.url, **self._options.get(protocol, {}))
+        self.is_local = isinstance(self._fs, LocalFileSystem)
+        self._in_place = protocol in IN_PLACE_PROTOCOLS
 
     def __reduce__(self):
-        return Store, (self.url, self.options)
+        return Store, (self.url, self._options)
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
 
-    def path(self, *names: str) -> str:
-        """The filesystem's own path of NAMES (what self.fs takes)."""
-        return join(self.root, *names)
+    # --- where ---------------------------------------------------------------------------
+
+    def _path(self, name: str = "") -> str:
+        """The filesystem's own path of NAME (below the root; '' is the root itself)."""
+        if not name:
+            return self._root
+        if name.startswith("/") or "://" in name or ".." in name.split("/"):
+            raise ValueError(f"{name!r} is not a name below {self.url}")
+        return posixpath.join(self._root, name)
+
+    def _relative(self, path: str) -> str:
+        prefix = self._root.rstrip("/") + "/"
+        return path[len(prefix):] if path.startswith(prefix) else path
+
+    def local_path(self, name: str = "") -> str:
+        """Where NAME is on this machine's disk (a local store only: for programs that write
+        folders themselves, such as DeepSpeed)."""
+        if not self.is_local:
+            raise ValueError(f"{self.url} is not on a local disk")
+        return self._path(name)
 
     def url_of(self, *names: str) -> str:
-        return join(self.url, *names)
+        return join(self.url, *names) if names else self.url
 
     def child(self, *names: str) -> Store:
-        return Store(self.url_of(*names), self.options)
+        return Store(self.url_of(*names), self._options)
 
-    def exists(self, name: str) -> bool:
-        return self.fs.exists(self.path(name))
+    def at(self, url: str) -> Store:
+        """The store of another URL (a folder or a file), with this store's options."""
+        return Store(url, self._options)
 
-    def read_bytes(self, name: str) -> bytes:
-        return self.fs.cat_file(self.path(name))
+    # --- reading ---------------------------------------------------------------------------
 
-    def read_json(self, name: str) -> Any:
-        return read_json(self.fs, self.path(name))
+    def exists(self, name: str = "") -> bool:
+        return retried(self._fs.exists, self._path(name))
+
+    def isdir(self, name: str = "") -> bool:
+        return retried(self._fs.isdir, self._path(name))
+
+    def info(self, name: str = "") -> dict:
+        return retried(self._fs.info, self._path(name))
+
+    def size(self, name: str = "") -> int:
+        return int(self.info(name)["size"])
+
+    def read_bytes(self, name: str = "", start: int | None = None, end: int | None = None) -> bytes:
+        return retried(self._fs.cat_file, self._path(name), start=start, end=end)
+
+    def read_json(self, name: str = "") -> Any:
+        return json.loads(self.read_bytes(name))
+
+    def open(self, name: str = "") -> BinaryIO:
+        """NAME open for reading, as a stream (webdataset's tar iterators, Parquet footers)."""
+        path = self._path(name)
+        return _RetryingReader(lambda: self._fs.open(path, "rb"))
+
+    def names(self, pattern: str) -> list[str]:
+        """Sorted names (relative to the root) matching a glob pattern such as 'index/*.parquet'."""
+        return sorted(self._relative(p) for p in retried(self._fs.glob, self._path(pattern)))
+
+    def infos(self, pattern: str | None = None) -> dict[str, dict]:
+        """Metadata of the files matching PATTERN (default: every file below the root), by name."""
+        found = (retried(self._fs.glob, self._path(pattern), detail=True) if pattern else
+                 retried(self._fs.find, self._root, detail=True))
+        return {self._relative(p): info for p, info in found.items() if info.get("type") == "file"}
+
+    def read_many(self, urls: list[str]) -> dict[str, bytes | Exception]:
+        """Whole files named by URL, anywhere this store's options reach (a manifest's inputs),
+        read concurrently where the filesystem batches reads (s3fs); errors returned per file,
+        transient ones after retrying the files they hit."""
+        by_protocol: dict[str, list[str]] = {}
+        for url in urls:
+            by_protocol.setdefault(split_protocol(url)[0] or "file", []).append(url)
+        out: dict[str, bytes | Exception] = {}
+        for group in by_protocol.values():
+            fs = self.at(group[0])._fs
+            paths = {url: fs._strip_protocol(url) for url in group}
+            got = _cat_retrying(fs, list(dict.fromkeys(paths.values())))
+            out.update({url: got[path] for url, path in paths.items()})
+        return out
+
+    def get_file(self, name: str, local: str) -> None:
+        """Download NAME to the local path LOCAL."""
+        retried(self._fs.get_file, self._path(name), local)
+
+    # --- writing ---------------------------------------------------------------------------
+
+    def _atomic(self, name: str, write: Callable[[str], None]) -> None:
+        path = self._path(name)
+
+        def attempt() -> None:
+            if self._in_place:
+                write(path)
+                return
+            if self.is_local:  # object stores have no folders to make
+                self._fs.makedirs(posixpath.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            write(tmp)
+            self._fs.mv(tmp, path)
+
+        retried(attempt)
 
     def write_bytes(self, name: str, data: bytes) -> None:
-        write_atomic(self.fs, self.path(name), data)
-
-    def put_file(self, local: str, name: str) -> None:
-        write_atomic(self.fs, self.path(name), local=local)
+        self._atomic(name, lambda path: self._fs.pipe_file(path, data))
 
     def write_json(self, name: str, obj: Any) -> None:
-        write_json(self.fs, self.path(name), obj)
+        self.write_bytes(name, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
 
     def write_parquet(self, name: str, table, **options) -> None:
         self.write_bytes(name, parquet_bytes(table, **options))
 
-    def makedirs(self, name: str = "") -> None:
-        self.fs.makedirs(self.path(name) if name else self.root, exist_ok=True)
+    def put_file(self, local: str, name: str) -> None:
+        """Copy the local file LOCAL to NAME."""
+        self._atomic(name, lambda path: self._fs.put_file(local, path))
 
-    def names(self, pattern: str) -> list[str]:
-        """Sorted names (relative to the folder) matching a glob pattern such as 'index/*.parquet'."""
-        prefix = self.root.rstrip("/") + "/"
-        return sorted(p[len(prefix):] if p.startswith(prefix) else p for p in self.fs.glob(self.path(pattern)))
+    @contextlib.contextmanager
+    def writing(self, name: str) -> Iterator[BinaryIO]:
+        """A file to write NAME through, committed when the block ends (and dropped when it
+        raises): on local disk a temporary name beside NAME, then renamed; elsewhere a local
+        scratch file, then uploaded (with retries)."""
+        if self.is_local:
+            path = self._path(name)
+            self._fs.makedirs(posixpath.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        else:
+            handle, tmp = tempfile.mkstemp(prefix="tessera-upload-")
+            os.close(handle)
+        try:
+            with open(tmp, "wb") as f:
+                yield f
+            if self.is_local:
+                os.replace(tmp, path)
+            else:
+                self.put_file(tmp, name)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+
+    def makedirs(self, name: str = "") -> None:
+        retried(self._fs.makedirs, self._path(name), exist_ok=True)
 
     def remove(self, name: str, recursive: bool = False) -> None:
-        self.fs.rm(self.path(name), recursive=recursive)
+        retried(self._fs.rm, self._path(name), recursive=recursive)
 
     def create_exclusive(self, name: str, data: bytes) -> bool:
         """Create NAME only if it does not exist, atomically: False when it already does.
 
-        Local disks use O_EXCL; S3 a conditional put (If-None-Match: *). Other stores have
-        no such primitive in fsspec: there it is a check, then a write (documented)."""
-        path = self.path(name)
-        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        try:
-            if is_local(self.url):
+        Local disks use O_EXCL; S3 a conditional put (If-None-Match: *). Other stores have no
+        such primitive in fsspec: there it is a check, then a write (documented). A put whose
+        answer was lost and that is retried finds the object there: it is its own when it
+        holds DATA (callers put a unique token in it)."""
+        path = self._path(name)
+        attempts = _Counter()
+
+        def attempt() -> None:
+            attempts.add()
+            if self.is_local:
+                os.makedirs(posixpath.dirname(path), exist_ok=True)
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
-            elif "s3" in ((self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol):
-                self.fs.pipe_file(path, data, mode="create")
+            elif "s3" in ((self._fs.protocol,) if isinstance(self._fs.protocol, str) else self._fs.protocol):
+                self._fs.pipe_file(path, data, mode="create")
             else:
-                if self.fs.exists(path):
-                    return False
-                self.fs.pipe_file(path, data)
+                if self._fs.exists(path):
+                    raise FileExistsError(path)
+                self._fs.pipe_file(path, data)
+
+        try:
+            retried(attempt)
         except FileExistsError:
-            return False
+            return attempts.value > 1 and self.read_bytes(name) == data
         return True
 
-    def lance_options(self) -> dict[str, str]:
-        """The store's fsspec options as Lance (object_store) takes them: S3 keys, endpoint,
-        region; other protocols' options are passed as they are."""
-        protocol = split_protocol(self.url)[0] or "file"
-        given = dict(self.options.get(protocol, {}))
-        if protocol not in ("s3", "s3a"):
-            return {k: str(v) for k, v in given.items()}
-        client = given.pop("client_kwargs", {}) or {}
-        names = {"key": "aws_access_key_id", "secret": "aws_secret_access_key", "token": "aws_session_token"}
-        out = {name: str(given[key]) for key, name in names.items() if given.get(key)}
-        if client.get("endpoint_url"):
-            out["aws_endpoint"] = client["endpoint_url"]
-            out["allow_http"] = str(client["endpoint_url"].startswith("http://")).lower()
-        out["aws_region"] = client.get("region_name") or os.environ.get("AWS_REGION", "us-east-1")
-        return out
+    # --- what libraries take -------------------------------------------------------------
 
-    def arrow_filesystem(self):
-        """The store as a pyarrow filesystem (pyarrow's own for local disk), for datasets."""
+    def _arrow_filesystem(self):
         import pyarrow.fs as pafs
 
-        if is_local(self.url):
+        if self.is_local:
             return pafs.LocalFileSystem()
-        return pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))
+        return pafs.PyFileSystem(pafs.FSSpecHandler(_RetryingFileSystem(self._fs)))
 
     def dataset(self, files: str | list[str], schema=None):
         """The Parquet files matching a glob pattern (or named in a list) as one pyarrow dataset
@@ -243,7 +470,63 @@ class Store:
         whole table."""
         import pyarrow.dataset as ds
 
-        files = [self.path(name) for name in (self.names(files) if isinstance(files, str) else files)]
-        if not files:
+        paths = [self._path(name) for name in (self.names(files) if isinstance(files, str) else files)]
+        if not paths:
             return None
-        return ds.dataset(files, schema=schema, format="parquet", filesystem=self.arrow_filesystem())
+        return ds.dataset(paths, schema=schema, format="parquet", filesystem=self._arrow_filesystem())
+
+    def read_parquet(self, name: str, columns: list[str] | None = None, where=None, schema=None):
+        """One Parquet file as a table: only COLUMNS, only the rows WHERE (a dataset expression)
+        selects, read as SCHEMA (its columns in that order) when given."""
+        table = self.dataset([name], schema=schema).to_table(columns=columns, filter=where)
+        return table.select(columns) if columns else table
+
+    def duckdb(self, scratch: str, memory_limit: str):
+        """A DuckDB connection that reads this store's files by URL (its filesystem registered
+        for object stores, retrying), memory-limited, spilling to SCRATCH."""
+        import duckdb
+
+        con = duckdb.connect()
+        con.execute(f"SET memory_limit='{memory_limit}'; SET temp_directory='{scratch}'; "
+                    "SET preserve_insertion_order=false; SET enable_progress_bar=false")
+        if not self.is_local:
+            con.register_filesystem(_RetryingFileSystem(self._fs))
+        return con
+
+    def lance_kwargs(self) -> dict[str, dict[str, str]]:
+        """The keyword arguments Lance's functions take to reach this store: its fsspec options
+        as Lance's object_store names them (S3 keys, endpoint, region; other protocols' options
+        as they are)."""
+        protocol = split_protocol(self.url)[0] or "file"
+        given = dict(self._options.get(protocol, {}))
+        if protocol not in ("s3", "s3a"):
+            return {"storage_options": {k: str(v) for k, v in given.items()}}
+        client = given.pop("client_kwargs", {}) or {}
+        names = {"key": "aws_access_key_id", "secret": "aws_secret_access_key", "token": "aws_session_token"}
+        out = {name: str(given[key]) for key, name in names.items() if given.get(key)}
+        if client.get("endpoint_url"):
+            out["aws_endpoint"] = client["endpoint_url"]
+            out["allow_http"] = str(client["endpoint_url"].startswith("http://")).lower()
+        out["aws_region"] = client.get("region_name") or os.environ.get("AWS_REGION", "us-east-1")
+        return {"storage_options": out}
+
+
+def _cat_retrying(fs: AbstractFileSystem, paths: list[str]) -> dict[str, bytes | Exception]:
+    """fs.cat of PATHS, errors per file; the files that failed transiently are read again."""
+    got: dict[str, bytes | Exception] = {}
+    pending = list(paths)
+
+    def attempt() -> None:
+        found = fs.cat(pending, on_error="return")
+        if not isinstance(found, dict):  # a single path comes back bare
+            found = {pending[0]: found}
+        for path in pending:
+            got[path] = found.get(path, FileNotFoundError(path))
+        failed = [p for p in pending if isinstance(got[p], Exception) and is_transient(got[p])]
+        if failed:
+            pending[:] = failed
+            raise _Unfinished(f"{len(failed)} of the files failed") from got[failed[0]]
+
+    with contextlib.suppress(_Unfinished):  # what still fails keeps its error
+        retried(attempt)
+    return got

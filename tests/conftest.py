@@ -60,14 +60,15 @@ def embedded_mini(ray_session, tmp_path_factory):
     from features.stage import run_embed_stage
     from preprocess.config import ShardConfig
     from preprocess.stage import run_shard_stage
+    from preprocess.storage import Store
 
     out = tmp_path_factory.mktemp("train-mini")
     manifest = out.parent / f"{out.name}-manifest.jsonl"
     manifest.write_text("".join(json.dumps(with_targets(json.loads(line), n)) + "\n"
                                 for n, line in enumerate(mini_manifest_lines(None))))
     cfg = ShardConfig(labels=LABELS, samples_per_shard=16, targets=MINI_TARGETS, inputs={"allow": [str(MINI)]})
-    run_shard_stage(str(manifest), str(out), cfg, progress=False)
-    run_embed_stage(str(out), EmbedConfig(), progress=False)
+    run_shard_stage(str(manifest), Store(str(out)), cfg, progress=False)
+    run_embed_stage(Store(str(out)), EmbedConfig(), progress=False)
     return out
 
 
@@ -75,11 +76,12 @@ def embedded_mini(ray_session, tmp_path_factory):
 def trained_mini(embedded_mini, tmp_path_factory) -> Path:
     """A run of MINI_TASKS trained on the embedded mini corpus with a large validation split
     (~40%), for evaluation, export and prediction."""
+    from preprocess.storage import Store
     from train.config import TrainConfig
     from train.stage import run_train_stage
 
     run = tmp_path_factory.mktemp("trained-mini")
-    run_train_stage(str(embedded_mini), str(run), TrainConfig(
+    run_train_stage(Store(str(embedded_mini)), Store(str(run)), TrainConfig(
         workers=2, micro_batch_size=4, epochs=8, warmup_steps=2, lr=3e-3, val_fraction=0.4, loader_workers=0,
         checkpoint_every=1000, tasks=MINI_TASKS))
     return run

@@ -18,35 +18,32 @@ import hashlib
 import io
 import json
 import math
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from features.stage import EMBED_SUMMARY
+from features.layout import EmbedSummary, read_sidecar
 from preprocess.layout import (
-    CHANGES,
-    INDEX,
     MEMBER_EXTENSIONS,
     SHARD_CONFIG,
-    SUMMARY,
+    ShardSummary,
     committed_shards,
     index_batches,
+    iter_shard,
     member_payload,
     read_index_part,
 )
-from preprocess.storage import Store, duckdb_over, iter_shard
+from preprocess.storage import Store
+from preprocess.versions import superseded
 from train.config import TaskConfig
 from train.tasks import LABEL, Task, pack_targets
 
 SPLITS = ("train", "val")
-MEMORY_LIMIT = "256MB"  # of the query that finds superseded keys across versions
 
 
 def split_of(key: str, val_fraction: float) -> str:
@@ -83,34 +80,9 @@ def branch_pixels(data: bytes | None, size: int, mean, std) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
-def superseded(roots: tuple[str, ...], storage_options: dict) -> tuple[frozenset[str], ...]:
-    """Per folder (dataset versions, oldest first), the keys of its samples that a later
-    folder holds again (the newest copy wins) or removed (CHANGES). One DuckDB query over the
-    index parts; what it returns grows with the changes, not with the corpus."""
-    if len(roots) == 1:
-        return (frozenset(),)
-    stores = [Store(r, storage_options) for r in roots]
-    events = []
-    for position, store in enumerate(stores):
-        if store.names(f"{INDEX}/shard-*.parquet"):
-            parts = store.url_of(INDEX, "shard-*.parquet")
-            events.append(f"SELECT key, {position} AS root FROM read_parquet('{parts}') WHERE duplicate_of IS NULL")
-        if store.exists(CHANGES):
-            events.append(f"SELECT key, {position} AS root FROM read_parquet('{store.url_of(CHANGES)}') "
-                          "WHERE change = 'removed'")
-    with tempfile.TemporaryDirectory(prefix="tessera-versions-") as scratch:
-        con = duckdb_over(stores[-1], scratch, MEMORY_LIMIT)
-        found = con.execute(f"WITH events AS ({' UNION ALL '.join(events)}), last AS "
-                            "(SELECT key, max(root) AS last FROM events GROUP BY key) "
-                            "SELECT e.root, list(e.key) FROM events e JOIN last l USING (key) WHERE e.root < l.last "
-                            "GROUP BY e.root").fetchall()
-    keys = dict(found)
-    return tuple(frozenset(keys.get(i, ())) for i in range(len(roots)))
-
-
-def _pixel_statistics(summaries: list[dict]) -> tuple[tuple, tuple]:
+def _pixel_statistics(summaries: list[ShardSummary]) -> tuple[tuple, tuple]:
     """Per-channel mean and std over the images of every folder (pooled by pixel count)."""
-    parts = [s["statistics"]["image"] for s in summaries if s["statistics"]["image"]["mean"]]
+    parts = [s.statistics["image"] for s in summaries if s.statistics["image"]["mean"]]
     total = sum(p["pixels"] for p in parts)
     if not total:
         return (0.5,) * 3, (0.25,) * 3
@@ -173,7 +145,7 @@ class DatasetInfo:
     """What a worker needs to know about the shard folders, read once on the driver: per
     shard, not per sample (but for the keys later versions replaced or removed)."""
 
-    roots: tuple[str, ...]  # shard folders, oldest version first
+    folders: tuple[Store, ...]  # shard folders, oldest version first
     shards: tuple[tuple[int, str], ...]  # (folder position, tar name) of every committed shard
     per_shard: np.ndarray  # [shards, 2]: trainable samples of each split (train, val)
     excluded: tuple[frozenset[str], ...]  # per folder: keys a later folder replaced or removed
@@ -183,29 +155,27 @@ class DatasetInfo:
     pixel_mean: tuple[float, float, float]
     pixel_std: tuple[float, float, float]
     val_fraction: float
-    storage_options: dict
 
     @classmethod
-    def read(cls, shards: str | Sequence[str], modalities: tuple[str, ...], val_fraction: float,
-             storage_options: dict | None = None, tasks: Sequence[TaskConfig] = ()) -> DatasetInfo:
-        storage_options = storage_options or {}
-        roots = tuple(r.rstrip("/") for r in ((shards,) if isinstance(shards, str) else shards))
-        if not roots:
+    def read(cls, shards: Store | Sequence[Store], modalities: tuple[str, ...], val_fraction: float,
+             tasks: Sequence[TaskConfig] = ()) -> DatasetInfo:
+        stores = (shards,) if isinstance(shards, Store) else tuple(shards)
+        if not stores:
             raise ValueError("no shard folders to train on")
-        stores = [Store(r, storage_options) for r in roots]
-        summaries = [s.read_json(SUMMARY) for s in stores]
+        urls = [s.url for s in stores]
+        summaries = [ShardSummary.read(s) for s in stores]
         shard_configs = [s.read_json(SHARD_CONFIG)["config"] for s in stores]
         target_sets = [{"labels": c["labels"], "targets": c.get("targets") or []} for c in shard_configs]
-        dim_sets = [s.read_json(EMBED_SUMMARY)["dims"] for s in stores]
+        dim_sets = [EmbedSummary.read(s).dims for s in stores]
         for what, values in (("labels and targets", target_sets), ("embedding widths", dim_sets)):
             if any(v != values[0] for v in values):
-                raise ValueError(f"the shard folders differ in their {what} ({dict(zip(roots, values, strict=True))}): "
+                raise ValueError(f"the shard folders differ in their {what} ({dict(zip(urls, values, strict=True))}): "
                                  "they cannot be trained on together")
         dims = {m: dim_sets[0][m] for m in modalities if m in dim_sets[0]}
         if not dims:
-            raise ValueError(f"{roots[-1]} has no embeddings for any of {list(modalities)}: run `tessera embed` first")
+            raise ValueError(f"{urls[-1]} has no embeddings for any of {list(modalities)}: run `tessera embed` first")
         fields = list(dict.fromkeys(t.source for t in tasks)) or [LABEL]
-        excluded = superseded(roots, storage_options)
+        excluded = superseded(stores)
         listed = [(i, name) for i, store in enumerate(stores) for name in committed_shards(store)]
         position = {shard: n for n, shard in enumerate(listed)}
         per_shard = np.zeros((len(listed), 2), np.int64)
@@ -228,8 +198,8 @@ class DatasetInfo:
         counts = {"train": int(per_shard[:, 0].sum()), "val": int(per_shard[:, 1].sum())}
         counts["all"] = counts["train"] + counts["val"]
         mean, std = _pixel_statistics(summaries)
-        return cls(roots, tuple(listed), per_shard, excluded, resolve_tasks(tasks, shard_configs[0], found, moments),
-                   dims, counts, mean, std, val_fraction, storage_options)
+        return cls(stores, tuple(listed), per_shard, excluded, resolve_tasks(tasks, shard_configs[0], found, moments),
+                   dims, counts, mean, std, val_fraction)
 
     @property
     def fields(self) -> list[str]:
@@ -237,7 +207,7 @@ class DatasetInfo:
 
     def shard_url(self, n: int) -> str:
         root, name = self.shards[n]
-        return Store(self.roots[root], self.storage_options).url_of(name)
+        return self.folders[root].url_of(name)
 
     def samples(self, n: int, split: str) -> int:
         return int(self.per_shard[n].sum()) if split == "all" else int(self.per_shard[n, SPLITS.index(split)])
@@ -294,7 +264,7 @@ class ShardStream(IterableDataset):
         """The split's samples of shard n, in index order: key, packed targets and vectors, image."""
         spec, info = self.spec, self.spec.info
         root, name = info.shards[n]
-        store = Store(info.roots[root], info.storage_options)
+        store = info.folders[root]
         fields = info.fields
         index = read_index_part(store, name, _index_columns(fields), _trainable(fields))
         chosen = []
@@ -303,8 +273,7 @@ class ShardStream(IterableDataset):
             if packed is not None and key not in info.excluded[root] \
                     and (spec.split == "all" or split_of(key, spec.val_fraction) == spec.split):
                 chosen.append((key, *packed))
-        with store.fs.open(store.path(name.removesuffix(".tar") + ".emb.parquet"), "rb") as f:
-            table = pq.read_table(f, columns=["key", *info.dims])
+        table = read_sidecar(store, name, ["key", *info.dims])
         where = {key: i for i, key in enumerate(table.column("key").to_pylist())}
         if len(chosen) != info.samples(n, spec.split) or any(c[0] not in where for c in chosen):
             raise ValueError(f"{info.shard_url(n)}: its index and sidecar disagree with the dataset's counts; "
@@ -317,18 +286,18 @@ class ShardStream(IterableDataset):
             values = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
             present[modality] = (rows, values if len(values) == rows.sum() else values[rows])
         features, mask = pack_vectors(len(chosen), info.dims, present)
-        images = self._images(info.shard_url(n), {c[0] for c in chosen}) if spec.image_branch_size else {}
+        images = self._images(store, name, {c[0] for c in chosen}) if spec.image_branch_size else {}
         return [{"key": key, "targets": targets, "present": has, "features": features[i], "mask": mask[i],
                  "image": images.get(key)} for i, (key, targets, has) in enumerate(chosen)]
 
-    def _images(self, url: str, keys: set[str]) -> dict[str, bytes]:
+    def _images(self, store: Store, shard: str, keys: set[str]) -> dict[str, bytes]:
         exts = MEMBER_EXTENSIONS["image"]
 
         def select(member: str) -> bool:
             key, _, ext = member.partition(".")
             return key in keys and ext in exts
 
-        samples = iter_shard(url, self.spec.info.storage_options, select)
+        samples = iter_shard(store, shard, select)
         return {s["__key__"]: member_payload(s, "image") for s in samples}
 
     def _samples(self, consumer: int, epoch: int) -> Iterator[dict]:

@@ -16,16 +16,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from preprocess.storage import Store, filesystem, join
+from preprocess.storage import Store
 from train.config import TrainConfig
 from train.data import DatasetInfo, StreamSpec, loader
+from train.layout import EVAL, PREDICTIONS, RUN_CONFIG
 from train.model import MultimodalModel
-from train.saved import RUN_CONFIG, load_model, read_saved
+from train.saved import load_model, read_saved
 from train.tasks import Task, served, split_targets, tasks_from_meta
 
 log = logging.getLogger(__name__)
 
-EVAL, PREDICTIONS = "eval.json", "eval-predictions.parquet"
 Scorer = Callable[[dict], dict[str, np.ndarray]]  # a batch (features, mask[, pixels]) -> each task's scores
 
 
@@ -314,47 +314,45 @@ def evaluate_set(batches: Iterable[dict], score: Scorer, dims: dict[str, int], t
     return report
 
 
-def run_record(run: str, storage_options: dict) -> tuple[str | list[str], TrainConfig]:
-    """The shards a run trained on and its training config (RUN/train-config.json)."""
-    fs, root = filesystem(run, storage_options)
-    record = json.loads(fs.cat_file(join(root, RUN_CONFIG)))
-    return record["shards"], TrainConfig.model_validate(record["config"])
+def trained_on(run: Store) -> tuple[Store | list[Store], TrainConfig]:
+    """The shard folders a run trained on and its training config (RUN/train-config.json)."""
+    record = run.read_json(RUN_CONFIG)
+    shards = record["shards"]
+    return (run.at(shards) if isinstance(shards, str) else [run.at(url) for url in shards],
+            TrainConfig.model_validate(record["config"]))
 
 
-def data_for(meta: dict, shards: str | list[str], cfg: TrainConfig, storage_options: dict) -> DatasetInfo:
+def data_for(meta: dict, shards: Store | list[Store], cfg: TrainConfig) -> DatasetInfo:
     """The shards as the model saw its training data: its tasks (with their label sets and
     regression statistics), widths and pixel statistics."""
-    info = DatasetInfo.read(shards, cfg.model.modalities, cfg.val_fraction, storage_options, cfg.tasks)
+    info = DatasetInfo.read(shards, cfg.model.modalities, cfg.val_fraction, cfg.tasks)
     tasks = tasks_from_meta(meta["tasks"])
     found, wanted = [t.signature for t in info.tasks], [t.signature for t in tasks]
     if found != wanted or info.dims != meta["dims"]:
-        raise ValueError(f"{shards} do not fit this model: tasks {found} vs {wanted}, "
+        raise ValueError(f"{[f.url for f in info.folders]} do not fit this model: tasks {found} vs {wanted}, "
                          f"embedding widths {info.dims} vs {meta['dims']}")
     return dataclasses.replace(info, tasks=tasks, pixel_mean=tuple(meta["pixel_mean"]),
                                pixel_std=tuple(meta["pixel_std"]))
 
 
-def evaluate_run(run: str, other_shards: list[str] = (), storage_options: dict | None = None,
-                 batch_size: int = 256) -> dict:
+def evaluate_run(run: Store, other_shards: Sequence[Store] = (), batch_size: int = 256) -> dict:
     """Metrics of RUN's model on its validation split and on every shard folder in
     OTHER_SHARDS (all their samples with a target): RUN/eval.json and RUN/eval-predictions.parquet,
     both made in one streaming pass per set."""
-    storage_options = storage_options or {}
-    meta, state = read_saved(run, storage_options)
+    meta, state = read_saved(run)
     model = load_model(meta, state)
-    shards, cfg = run_record(run, storage_options)
-    sets = {"val": (shards, "val"), **{f"shards:{url}": (url, "all") for url in other_shards}}
+    shards, cfg = trained_on(run)
+    sets = {"val": (shards, "val"), **{f"shards:{folder.url}": (folder, "all") for folder in other_shards}}
     result: dict = {"model": meta["checkpoint"], "tasks": meta["tasks"], "sets": {}}
-    out = Store(run, storage_options)
     with tempfile.TemporaryDirectory(prefix="tessera-eval-") as scratch:
         local = f"{scratch}/{PREDICTIONS}"
         with pq.ParquetWriter(local, PREDICTION_SCHEMA) as writer:
             for name, (source, split) in sets.items():
-                info = data_for(meta, source, cfg, storage_options)
+                info = data_for(meta, source, cfg)
                 result["sets"][name] = evaluate_set(eval_batches(info, split, cfg, batch_size), eager_scorer(model),
                                                     info.dims, info.tasks, writer.write_table, name)
                 log.info("evaluate %s: %d samples, %s", name, result["sets"][name]["samples"],
                          {t.name: headline(t, result["sets"][name]["tasks"][t.name]) for t in info.tasks})
-        out.put_file(local, PREDICTIONS)
-    out.write_json(EVAL, result)
+        run.put_file(local, PREDICTIONS)
+    run.write_json(EVAL, result)
     return result

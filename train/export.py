@@ -21,19 +21,17 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from features.stage import EMBED_SUMMARY
+from features.layout import EmbedSummary
 from preprocess.layout import SHARD_CONFIG
-from preprocess.storage import filesystem, join, read_json, write_json
+from preprocess.storage import Store
 from train.config import ExportConfig
-from train.evaluate import METRICS, Scorer, TaskMetrics, data_for, eager_scorer, eval_batches, headline, run_record
+from train.evaluate import METRICS, Scorer, TaskMetrics, data_for, eager_scorer, eval_batches, headline, trained_on
+from train.layout import EXPORT, META, ONNX, PREPROCESS, WEIGHTS
 from train.model import MultimodalModel
-from train.saved import META, WEIGHTS, load_model, read_saved
+from train.saved import load_model, read_saved
 from train.tasks import Task, served
 
 log = logging.getLogger(__name__)
-
-PREPROCESS, EXPORT = "preprocess.json", "export.json"
-ONNX = {"fp32": "model.onnx", "int8": "model-int8.onnx", "pruned": "model-pruned.onnx"}
 
 
 class Serving(nn.Module):
@@ -181,20 +179,19 @@ def _size(model: MultimodalModel, files: dict[str, Path]) -> dict:
             **{f"bytes_{name}": path.stat().st_size for name, path in files.items() if name in ("fp32", "int8")}}
 
 
-def export_run(run: str, out: str, cfg: ExportConfig, storage_options: dict | None = None) -> dict:
+def export_run(run: Store, out: Store, cfg: ExportConfig) -> dict:
     """Write RUN's model and its variants to OUT; returns export.json's content. A distilled
     run (train.distill_from) is reported beside its teacher: size, metrics per task,
     agreement, ONNX throughput (the teacher's files stay in scratch)."""
-    storage_options = storage_options or {}
-    meta, state = read_saved(run, storage_options)
+    meta, state = read_saved(run)
     model = load_model(meta, state)
-    shards, train_cfg = run_record(run, storage_options)
-    info = data_for(meta, shards, train_cfg, storage_options)
-    fs, newest = filesystem(info.roots[-1], storage_options)
-    embed = read_json(fs, join(newest, EMBED_SUMMARY))
+    shards, train_cfg = trained_on(run)
+    info = data_for(meta, shards, train_cfg)
+    newest = info.folders[-1]
+    embed = newest.read_json(EmbedSummary.FILE)
     if "config" not in embed:
-        raise ValueError(f"{info.roots[-1]} was embedded by an older tessera: run `tessera embed` on it again")
-    preprocess = {"shard": read_json(fs, join(newest, SHARD_CONFIG))["config"], "embed": embed["config"],
+        raise ValueError(f"{newest.url} was embedded by an older tessera: run `tessera embed` on it again")
+    preprocess = {"shard": newest.read_json(SHARD_CONFIG)["config"], "embed": embed["config"],
                   "encoders": {m: embed["encoders"][m] for m in meta["dims"]}}
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -207,7 +204,7 @@ def export_run(run: str, out: str, cfg: ExportConfig, storage_options: dict | No
         scorers = {n: onnx_scorer(f) for n, f in files.items()}
         teacher = None
         if train_cfg.distill_from:
-            teacher_meta, teacher_state = read_saved(train_cfg.distill_from, storage_options)
+            teacher_meta, teacher_state = read_saved(run.at(train_cfg.distill_from))
             teacher = load_model(teacher_meta, teacher_state)
             (Path(tmp) / "teacher").mkdir()
             teacher_files = _onnx_files(teacher, Path(tmp) / "teacher", cfg.model_copy(update={"prune_sparsity": None}))
@@ -230,7 +227,7 @@ def export_run(run: str, out: str, cfg: ExportConfig, storage_options: dict | No
             variant["within_tolerance"] = within_tolerance(info.tasks, variant, fp32, cfg.accuracy_tolerance)
             if name == "pruned":
                 variant["sparsity"] = cfg.prune_sparsity
-        result = {"run": run, "model": meta["checkpoint"], "val_samples": samples,
+        result = {"run": run.url, "model": meta["checkpoint"], "val_samples": samples,
                   "accuracy_tolerance": cfg.accuracy_tolerance, "tasks": [t.name for t in info.tasks],
                   "variants": variants}
         if teacher is not None:
@@ -244,11 +241,10 @@ def export_run(run: str, out: str, cfg: ExportConfig, storage_options: dict | No
                                                        for t, m in scored["teacher"]["tasks"].items()}},
                 "parameter_ratio": student["parameters"] / teacher_size["parameters"],
             }
-        out_fs, out_root = filesystem(out, storage_options)
-        out_fs.makedirs(out_root, exist_ok=True)
+        out.makedirs()
         for path in sorted(folder.iterdir()):
-            out_fs.put_file(str(path), join(out_root, path.name))
-    write_json(out_fs, join(out_root, EXPORT), result)
+            out.put_file(str(path), path.name)
+    out.write_json(EXPORT, result)
     for name, v in variants.items():
         log.info("export %s: %s, %d bytes (x%.2f smaller), val %s", name, v["file"], v["bytes"],
                  v["size_ratio_vs_fp32"], v["tasks"])

@@ -14,32 +14,27 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from preprocess.storage import Store
+from preprocess.storage import Store, retries_so_far
 from train.config import TrainConfig
 from train.data import DatasetInfo, StreamSpec, loader
+from train.layout import META, WEIGHTS
 from train.model import MultimodalModel
 from train.parallel import build_engine, resolve_precision
-from train.run_store import CHECKPOINTS, Checkpoints, MetricsLog, disk_id, tag_of
-from train.saved import META, WEIGHTS, load_model
+from train.run_store import Checkpoints, MetricsLog, disk_id, tag_of
+from train.saved import load_model
 from train.tasks import TALLY, Distillation, TaskLoss, loss_sums, tally, tasks_meta, validation_record
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
 class TrainJob:
     cfg: TrainConfig
     info: DatasetInfo
-    run: str  # the run's URL (any fsspec store; on a cluster without a shared disk, an object store)
+    run: Store  # the run folder (any store; on a cluster without a shared disk, an object store)
+    checkpoints: Store  # train.checkpoint_url, or RUN/checkpoints
     init_state: dict | None = None  # starting weights (cfg.init_from), checked on the driver
     teacher: tuple[dict, dict] | None = None  # (model.json, weights) of cfg.distill_from, checked on the driver
-
-    def stores(self) -> tuple[Store, Store]:
-        """(the run, its checkpoints: train.checkpoint_url or RUN/checkpoints)."""
-        run = Store(self.run, self.info.storage_options)
-        return run, (Store(self.cfg.checkpoint_url, self.info.storage_options) if self.cfg.checkpoint_url
-                     else run.child(CHECKPOINTS))
 
 
 def _inputs(batch: dict, device) -> tuple:
@@ -103,83 +98,6 @@ def _seed_step(cfg: TrainConfig, step: int, rank: int) -> None:
     torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)
 
 
-def _validate(engine, spec: StreamSpec, epoch: int, pipeline: bool, device) -> dict:
-    """Every task's loss (hard targets only) and headline metric on the validation split."""
-    tasks = spec.info.tasks
-    loss = TaskLoss(tasks)
-    sums, samples = np.zeros(len(tasks) * TALLY), 0.0
-    engine.eval()
-    with torch.no_grad():
-        if pipeline:
-            items = _pipeline_items(loader(spec, epoch), device)
-            for _ in range(spec.batches_per_rank // engine.micro_batches):
-                micro = [next(items) for _ in range(engine.micro_batches)]
-                _, logits = engine.eval_batch(iter(micro), return_logits=True)
-                if engine.is_last_stage():
-                    targets = tuple(torch.cat([m[1][i] for m in micro]) for i in range(3))
-                    sums += tally(tasks, logits, targets, loss)
-                    samples += float(targets[2].sum())
-        else:
-            for batch in loader(spec, epoch):
-                inputs = _inputs(batch, device)
-                targets = _targets(batch, inputs, device, None)
-                sums += tally(tasks, engine(inputs), targets, loss)
-                samples += float(targets[2].sum())
-    engine.train()
-    if pipeline:
-        engine.module.loss_fn.take()  # what eval_batch's losses added is no training step's
-    *sums, samples = _sum_over_ranks([*sums, samples], device)
-    return validation_record(tasks, sums, int(samples))
-
-
-def _save(engine, checkpoints: Checkpoints, step: int, epoch: int, batch: int, keep: int,
-          keeper: bool) -> str:
-    """Save a tag, then point `latest` at it only once every rank's part is in the store.
-
-    (DeepSpeed's own `latest` is written by rank 0 without waiting for the others' ZeRO
-    files, so a rank dying mid-save could leave `latest` on an incomplete checkpoint.)"""
-    tag = tag_of(step)
-    engine.save_checkpoint(str(checkpoints.local), tag=tag,
-                           client_state={"step": step, "epoch": epoch, "batch": batch}, save_latest=False)
-    dist.barrier()
-    if keeper:
-        checkpoints.push(tag)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        checkpoints.commit(tag, keep)
-    dist.barrier()
-    return tag
-
-
-def _export(engine, model: MultimodalModel, job: TrainJob, checkpoints: Checkpoints, tag: str,
-            pipeline: bool) -> None:
-    """Consolidated fp32 weights (safetensors) + what is needed to rebuild the model, in the run's store."""
-    from safetensors.torch import save
-
-    cfg = job.cfg
-    checkpoints.pull(tag)  # every rank's part, wherever it was written
-    local = checkpoints.local
-    if pipeline:
-        for i, layer in enumerate(model.layers()):
-            path = local / tag / f"layer_{i:02d}-model_states.pt"
-            layer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        state = model.state_dict()
-    elif cfg.zero_stage == 0:
-        state = engine.module.state_dict()
-    else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(local), tag=tag)
-    state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
-    run, _ = job.stores()
-    run.write_bytes(WEIGHTS, save(state, metadata={"format": "pt"}))
-    # (not write_json: its sorted keys would reorder dims, which is the model's input order)
-    run.write_bytes(META, json.dumps({
-        "dims": job.info.dims, "tasks": tasks_meta(job.info.tasks), "model": cfg.model.model_dump(mode="json"),
-        "pixel_mean": job.info.pixel_mean, "pixel_std": job.info.pixel_std, "checkpoint": tag,
-    }, indent=1).encode())
-
-
 def _first_on_its_disk() -> bool:
     """Whether this rank is the lowest of the ranks that share its scratch disk (and so the
     files DeepSpeed writes there): that rank pulls and pushes checkpoints for all of them.
@@ -189,121 +107,224 @@ def _first_on_its_disk() -> bool:
     return disks.index(disks[dist.get_rank()]) == dist.get_rank()
 
 
+class Trainer:
+    """One rank of a training job: `fit` resumes from the latest checkpoint, steps to the end
+    (validating at each epoch's end, checkpointing every `checkpoint_every` steps), then
+    saves a last checkpoint and exports the consolidated model. Rank and world are passed in,
+    so it runs under Ray Train or any launcher that set up torch.distributed."""
+
+    def __init__(self, job: TrainJob, rank: int, world: int):
+        cfg, info = job.cfg, job.info
+        self.job, self.cfg, self.info, self.rank, self.world = job, cfg, info, rank, world
+        self.retries_at_start = retries_so_far()
+        on_gpu = torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        distillation = Distillation(cfg.distill.alpha, cfg.distill.temperature) if job.teacher else None
+        self.model = MultimodalModel(info.dims, info.tasks, cfg.model, TaskLoss(info.tasks, distillation))
+        if job.init_state is not None:
+            self.model.load_state_dict(job.init_state)
+        self.data_world = world // cfg.pipeline_stages if cfg.parallel == "pipeline" else world
+        steps_per_epoch = self._spec("train", 0).batches_per_rank // cfg.grad_accum
+        self.total_steps = min(cfg.max_steps or 1 << 62, cfg.epochs * steps_per_epoch)
+        self.engine, data_rank, _, self.pipeline = build_engine(self.model, cfg, world, self.total_steps,
+                                                                resolve_precision(cfg, on_gpu))
+        self.train_spec, self.val_spec = self._spec("train", data_rank), self._spec("val", data_rank)
+        self.checkpoints = Checkpoints(job.checkpoints)
+        self.keeper = _first_on_its_disk()
+        self.step = self.epoch = self.batch_pos = self.last_saved = 0
+        self.latest: str | None = None
+        self.metrics: MetricsLog | None = None
+
+    def _spec(self, split: str, data_rank: int) -> StreamSpec:
+        cfg = self.cfg
+        return StreamSpec(self.info, split, cfg.val_fraction, cfg.micro_batch_size, cfg.shuffle_buffer, cfg.seed,
+                          cfg.model.image_branch_size if cfg.model.image_branch else None, data_rank,
+                          self.data_world, max(1, cfg.loader_workers), cfg.grad_accum)
+
+    def resume(self) -> None:
+        """Take up the latest checkpoint, wherever it was made (weights, optimizer, data position)."""
+        if self.keeper:
+            self.checkpoints.prepare()  # this node's scratch gets the latest checkpoint
+        dist.barrier()
+        self.latest = self.checkpoints.latest()
+        if self.latest is not None:
+            _, client = self.engine.load_checkpoint(str(self.checkpoints.local), tag=self.latest)
+            self.step, self.epoch, self.batch_pos = client["step"], client["epoch"], client["batch"]
+            if self.batch_pos >= self.train_spec.batches_per_rank:
+                self.epoch, self.batch_pos = self.epoch + 1, 0
+            if self.rank == 0:
+                log.info("resumed from %s at step %d (epoch %d, batch %d)",
+                         self.checkpoints.store.url_of(self.latest), self.step, self.epoch, self.batch_pos)
+        self.metrics = MetricsLog(self.job.run, self.step if self.latest else None) if self.rank == 0 else None
+        self.last_saved = self.step
+
+    def train_step(self, batches: TimedBatches, pipe_items, teacher: torch.nn.Module | None) -> float | None:
+        """One optimizer step (grad_accum micro-batches); its record goes to metrics.jsonl."""
+        cfg, info, engine, device = self.cfg, self.info, self.engine, self.device
+        started, waited, made = time.perf_counter(), batches.waited, batches.made
+        _seed_step(cfg, self.step, self.rank)
+        if self.pipeline:
+            loss = float(engine.train_batch(data_iter=pipe_items))
+            task_sums = engine.module.loss_fn.take()
+        else:
+            task_sums = torch.zeros(2, len(info.tasks), dtype=torch.float64)
+            weighted, real = 0.0, 0.0
+            for _ in range(cfg.grad_accum):
+                b = next(batches)
+                inputs = _inputs(b, device)
+                loss, per_task, counts, _ = engine(inputs, _targets(b, inputs, device, teacher))
+                engine.backward(loss)
+                engine.step()
+                weighted += loss.item() * float(b["weights"].sum())
+                real += float(b["weights"].sum())
+                task_sums += loss_sums(per_task, counts)
+            # the step's loss over its real samples on every rank (padding rows excluded)
+            weighted, real = _sum_over_ranks([weighted, real], device)
+            loss = weighted / real if real else None
+        # each task's loss over the samples that had its target, on every rank
+        task_sums = np.array(_sum_over_ranks(task_sums.ravel().tolist(), device)).reshape(2, -1)
+        task_loss = {t.name: (float(s / n) if n else None) for t, s, n in zip(info.tasks, *task_sums, strict=True)}
+        self.batch_pos += cfg.grad_accum
+        self.step += 1
+        seconds = time.perf_counter() - started
+        samples = cfg.micro_batch_size * cfg.grad_accum * (self.world // (cfg.pipeline_stages if self.pipeline else 1))
+        if self.metrics:
+            self.metrics.write({"step": self.step, "epoch": self.epoch, "loss": loss, "task_loss": task_loss,
+                                "lr": engine.get_lr()[0], "step_seconds": seconds, "samples_per_s": samples / seconds,
+                                "data_wait_seconds": batches.waited - waited,
+                                "data_made_seconds": batches.made - made})
+        return loss
+
+    def validate(self) -> dict:
+        """Every task's loss (hard targets only) and headline metric on the validation split."""
+        engine, spec, device = self.engine, self.val_spec, self.device
+        tasks = spec.info.tasks
+        loss = TaskLoss(tasks)
+        sums, samples = np.zeros(len(tasks) * TALLY), 0.0
+        engine.eval()
+        with torch.no_grad():
+            if self.pipeline:
+                items = _pipeline_items(loader(spec, self.epoch), device)
+                for _ in range(spec.batches_per_rank // engine.micro_batches):
+                    micro = [next(items) for _ in range(engine.micro_batches)]
+                    _, logits = engine.eval_batch(iter(micro), return_logits=True)
+                    if engine.is_last_stage():
+                        targets = tuple(torch.cat([m[1][i] for m in micro]) for i in range(3))
+                        sums += tally(tasks, logits, targets, loss)
+                        samples += float(targets[2].sum())
+            else:
+                for batch in loader(spec, self.epoch):
+                    inputs = _inputs(batch, device)
+                    targets = _targets(batch, inputs, device, None)
+                    sums += tally(tasks, engine(inputs), targets, loss)
+                    samples += float(targets[2].sum())
+        engine.train()
+        if self.pipeline:
+            engine.module.loss_fn.take()  # what eval_batch's losses added is no training step's
+        *sums, samples = _sum_over_ranks([*sums, samples], device)
+        return validation_record(tasks, sums, int(samples))
+
+    def end_epoch(self) -> None:
+        result = self.validate() if self.info.counts["val"] else {}
+        if self.metrics and result:
+            self.metrics.write({"epoch": self.epoch, "step": self.step, **result})
+            self.metrics.upload()
+        self.epoch, self.batch_pos = self.epoch + 1, 0
+
+    def checkpoint(self) -> None:
+        """Save a tag, then point `latest` at it only once every rank's part is in the store.
+
+        (DeepSpeed's own `latest` is written by rank 0 without waiting for the others' ZeRO
+        files, so a rank dying mid-save could leave `latest` on an incomplete checkpoint.)"""
+        tag = tag_of(self.step)
+        self.engine.save_checkpoint(str(self.checkpoints.local), tag=tag, save_latest=False,
+                                    client_state={"step": self.step, "epoch": self.epoch, "batch": self.batch_pos})
+        dist.barrier()
+        if self.keeper:
+            self.checkpoints.push(tag)
+        dist.barrier()
+        if self.rank == 0:
+            self.checkpoints.commit(tag, self.cfg.keep_checkpoints)
+        dist.barrier()
+        self.latest, self.last_saved = tag, self.step
+        if self.metrics:
+            self.metrics.upload()
+
+    def export(self) -> None:
+        """Consolidated fp32 weights (safetensors) + what rebuilds the model, in the run's store (rank 0)."""
+        from safetensors.torch import save
+
+        cfg, tag = self.cfg, self.latest
+        self.checkpoints.pull(tag)  # every rank's part, wherever it was written
+        local = self.checkpoints.local
+        if self.pipeline:
+            for i, layer in enumerate(self.model.layers()):
+                path = local / tag / f"layer_{i:02d}-model_states.pt"
+                layer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            state = self.model.state_dict()
+        elif cfg.zero_stage == 0:
+            state = self.engine.module.state_dict()
+        else:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            state = get_fp32_state_dict_from_zero_checkpoint(str(local), tag=tag)
+        state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+        info, run = self.info, self.job.run
+        run.write_bytes(WEIGHTS, save(state, metadata={"format": "pt"}))
+        # (not write_json: its sorted keys would reorder dims, which is the model's input order)
+        run.write_bytes(META, json.dumps({
+            "dims": info.dims, "tasks": tasks_meta(info.tasks), "model": cfg.model.model_dump(mode="json"),
+            "pixel_mean": info.pixel_mean, "pixel_std": info.pixel_std, "checkpoint": tag,
+        }, indent=1).encode())
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        self.resume()
+        batches = TimedBatches(loader(self.train_spec, self.epoch, self.batch_pos, cfg.epochs))
+        teacher = _teacher(self.job, self.device) if not self.pipeline or self.engine.is_last_stage() else None
+        pipe_items = _pipeline_items(batches, self.device, teacher) if self.pipeline else None
+        per_rank = self.train_spec.batches_per_rank
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="train", disable=self.rank != 0)
+        try:
+            while self.epoch < cfg.epochs and self.step < self.total_steps:
+                while self.batch_pos < per_rank and self.step < self.total_steps:
+                    loss = self.train_step(batches, pipe_items, teacher)
+                    bar.update()
+                    if loss is not None:
+                        bar.set_postfix(loss=f"{loss:.4f}")
+                    if self.step % cfg.checkpoint_every == 0:
+                        self.checkpoint()
+                if self.batch_pos >= per_rank:
+                    self.end_epoch()
+        except BaseException:
+            if self.metrics:  # (a peer died, say): the steps trained since the checkpoint reach the store
+                self.metrics.upload()
+            raise
+        bar.close()
+        if self.latest is None or self.last_saved != self.step:
+            self.checkpoint()
+        if self.rank == 0:
+            self.export()
+            self.metrics.close()
+        dist.barrier()
+        if self.keeper:
+            self.checkpoints.clear_scratch()  # the store has it all
+        retries = _sum_over_ranks([float(retries_so_far() - self.retries_at_start)], self.device)[0]
+        return {"steps": self.step, "checkpoint": self.latest, "store_retries": int(retries)}
+
+
 def run_worker(job: TrainJob, rank: int, world: int) -> dict:
-    cfg, info = job.cfg, job.info
-    on_gpu = torch.cuda.is_available()
-    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    distillation = Distillation(cfg.distill.alpha, cfg.distill.temperature) if job.teacher else None
-    model = MultimodalModel(info.dims, info.tasks, cfg.model, TaskLoss(info.tasks, distillation))
-    if job.init_state is not None:
-        model.load_state_dict(job.init_state)
-    data_world = world // cfg.pipeline_stages if cfg.parallel == "pipeline" else world
-
-    def spec(split: str, data_rank: int) -> StreamSpec:
-        return StreamSpec(info, split, cfg.val_fraction, cfg.micro_batch_size, cfg.shuffle_buffer, cfg.seed,
-                          cfg.model.image_branch_size if cfg.model.image_branch else None, data_rank, data_world,
-                          max(1, cfg.loader_workers), cfg.grad_accum)
-
-    steps_per_epoch = spec("train", 0).batches_per_rank // cfg.grad_accum
-    total_steps = min(cfg.max_steps or 1 << 62, cfg.epochs * steps_per_epoch)
-    engine, data_rank, _, pipeline = build_engine(model, cfg, world, total_steps,
-                                                  resolve_precision(cfg, on_gpu))
-    train_spec, val_spec = spec("train", data_rank), spec("val", data_rank)
-    run, checkpoint_store = job.stores()
-    checkpoints = Checkpoints(checkpoint_store)
-    keeper = _first_on_its_disk()
-    if keeper:
-        checkpoints.prepare()  # this node's scratch gets the latest checkpoint, wherever it was made
-    dist.barrier()
-    latest = checkpoints.latest()
-    step, epoch, batch_pos = 0, 0, 0
-    if latest is not None:
-        _, client = engine.load_checkpoint(str(checkpoints.local), tag=latest)
-        step, epoch, batch_pos = client["step"], client["epoch"], client["batch"]
-        if batch_pos >= train_spec.batches_per_rank:
-            epoch, batch_pos = epoch + 1, 0
-        if rank == 0:
-            log.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint_store.url_of(latest), step,
-                     epoch, batch_pos)
-    metrics = MetricsLog(run, step if latest else None) if rank == 0 else None
-    bar = tqdm(total=total_steps, initial=step, unit="step", desc="train", disable=rank != 0)
-    last_saved = step
-    batches = TimedBatches(loader(train_spec, epoch, batch_pos, cfg.epochs))
-    teacher = _teacher(job, device) if not pipeline or engine.is_last_stage() else None
-    pipe_items = _pipeline_items(batches, device, teacher) if pipeline else None
-    try:
-        while epoch < cfg.epochs and step < total_steps:
-            while batch_pos < train_spec.batches_per_rank and step < total_steps:
-                started, waited, made = time.perf_counter(), batches.waited, batches.made
-                _seed_step(cfg, step, rank)
-                if pipeline:
-                    loss = float(engine.train_batch(data_iter=pipe_items))
-                    task_sums = engine.module.loss_fn.take()
-                else:
-                    task_sums = torch.zeros(2, len(info.tasks), dtype=torch.float64)
-                    weighted, real = 0.0, 0.0
-                    for _ in range(cfg.grad_accum):
-                        b = next(batches)
-                        inputs = _inputs(b, device)
-                        loss, per_task, counts, _ = engine(inputs, _targets(b, inputs, device, teacher))
-                        engine.backward(loss)
-                        engine.step()
-                        weighted += loss.item() * float(b["weights"].sum())
-                        real += float(b["weights"].sum())
-                        task_sums += loss_sums(per_task, counts)
-                    # the step's loss over its real samples on every rank (padding rows excluded)
-                    weighted, real = _sum_over_ranks([weighted, real], device)
-                    loss = weighted / real if real else None
-                # each task's loss over the samples that had its target, on every rank
-                task_sums = np.array(_sum_over_ranks(task_sums.ravel().tolist(), device)).reshape(2, -1)
-                task_loss = {t.name: (float(s / n) if n else None)
-                             for t, s, n in zip(info.tasks, *task_sums, strict=True)}
-                batch_pos += cfg.grad_accum
-                step += 1
-                seconds = time.perf_counter() - started
-                samples = cfg.micro_batch_size * cfg.grad_accum * (world // (cfg.pipeline_stages if pipeline else 1))
-                if metrics:
-                    metrics.write({"step": step, "epoch": epoch, "loss": loss, "task_loss": task_loss,
-                                   "lr": engine.get_lr()[0],
-                                   "step_seconds": seconds, "samples_per_s": samples / seconds,
-                                   "data_wait_seconds": batches.waited - waited,
-                                   "data_made_seconds": batches.made - made})
-                bar.update()
-                if loss is not None:
-                    bar.set_postfix(loss=f"{loss:.4f}")
-                if step % cfg.checkpoint_every == 0:
-                    latest = _save(engine, checkpoints, step, epoch, batch_pos, cfg.keep_checkpoints, keeper)
-                    last_saved = step
-                    if metrics:
-                        metrics.upload()
-            if batch_pos >= train_spec.batches_per_rank:
-                result = _validate(engine, val_spec, epoch, pipeline, device) if info.counts["val"] else {}
-                if metrics and result:
-                    metrics.write({"epoch": epoch, "step": step, **result})
-                    metrics.upload()
-                epoch, batch_pos = epoch + 1, 0
-    except BaseException:
-        if metrics:  # (a peer died, say): the steps trained since the checkpoint reach the store
-            metrics.upload()
-        raise
-    bar.close()
-    if latest is None or last_saved != step:
-        latest = _save(engine, checkpoints, step, epoch, batch_pos, cfg.keep_checkpoints, keeper)
-    if rank == 0:
-        _export(engine, model, job, checkpoints, latest, pipeline)
-        metrics.close()
-    dist.barrier()
-    if keeper:
-        checkpoints.clear_scratch()  # the store has it all
-    return {"steps": step, "checkpoint": latest}
+    return Trainer(job, rank, world).fit()
 
 
 def ray_worker(config: dict) -> None:
-    """Ray Train's loop_per_worker: DeepSpeed on the CPU accelerator where there is no GPU."""
+    """Ray Train's loop_per_worker: DeepSpeed on the CPU accelerator where there is no GPU; the
+    result (the store retries of every rank among it) reported to the driver."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import ray.train
 
     context = ray.train.get_context()
-    run_worker(config["job"], context.get_world_rank(), context.get_world_size())
+    result = run_worker(config["job"], context.get_world_rank(), context.get_world_size())
+    ray.train.report({"store_retries": result["store_retries"]})

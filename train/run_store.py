@@ -17,10 +17,9 @@ import time
 import uuid
 from pathlib import Path
 
-from preprocess.storage import Store, is_local
+from preprocess.storage import Store
+from train.layout import LATEST, METRICS
 
-CHECKPOINTS, LATEST = "checkpoints", "latest"
-METRICS = "metrics.jsonl"
 TAG = re.compile(r"step-\d{7,}")
 UPLOAD_SECONDS = 10.0  # metrics.jsonl reaches a remote store at least this often while training
 
@@ -59,8 +58,8 @@ class Checkpoints:
 
     def __init__(self, store: Store):
         self.store = store
-        self.in_place = is_local(store.url)
-        self.local = Path(store.path()) if self.in_place else scratch_for(store.url)
+        self.in_place = store.is_local
+        self.local = Path(store.local_path()) if self.in_place else scratch_for(store.url)
 
     def latest(self) -> str | None:
         if not self.store.exists(LATEST):
@@ -86,13 +85,12 @@ class Checkpoints:
         """Download the files of TAG that this node does not hold (other ranks' ZeRO parts)."""
         if self.in_place:
             return
-        remote = self.store.path(tag)
-        for path in self.store.fs.find(remote):
-            target = self.local / tag / path[len(remote):].lstrip("/")
+        for name in self.store.child(tag).infos():
+            target = self.local / tag / name
             if not target.exists():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 partial = target.with_name(target.name + ".part")  # a killed download is never taken as whole
-                self.store.fs.get_file(path, str(partial))
+                self.store.get_file(f"{tag}/{name}", str(partial))
                 partial.replace(target)
 
     def push(self, tag: str) -> None:
@@ -125,7 +123,7 @@ class MetricsLog:
 
     def __init__(self, run: Store, resumed_step: int | None):
         self.run = run
-        self.local = Path(run.path(METRICS)) if is_local(run.url) else scratch_for(run.url) / METRICS
+        self.local = Path(run.local_path(METRICS)) if run.is_local else scratch_for(run.url) / METRICS
         lines = run.read_bytes(METRICS).decode().splitlines() if run.exists(METRICS) else []
         records = [json.loads(line) for line in lines]
         kept = [line for line, r in zip(lines, records, strict=True) if r.get("step", 0) <= (resumed_step or 0)]
@@ -144,7 +142,7 @@ class MetricsLog:
             self.upload()
 
     def upload(self) -> None:
-        if not is_local(self.run.url):
+        if not self.run.is_local:
             self.run.put_file(str(self.local), METRICS)
         self.uploaded = time.monotonic()
 

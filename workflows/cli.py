@@ -106,27 +106,26 @@ def config_from_args(args: argparse.Namespace) -> TesseraConfig:
 def cmd_shard(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     from preprocess.layout import current_summary
     from preprocess.manifest import ManifestSource
-    from preprocess.storage import Store
 
-    options = cfg.runtime.storage_options
+    out = cfg.runtime.store(args.out)
     # an OUT that is complete for this manifest and config is known from metadata: no Ray
-    summary = current_summary(Store(args.out, options), cfg.shard, ManifestSource.open(args.manifest, options))
+    summary = current_summary(out, cfg.shard, ManifestSource.open(args.manifest, out))
     if summary is None:
         from preprocess.stage import run_shard_stage
         from workflows.runtime import start_ray
 
         start_ray(cfg.runtime)
-        summary = run_shard_stage(args.manifest, args.out, cfg.shard, options, cfg.runtime.progress)
-    print(json.dumps({k: summary[k] for k in ("inputs", "accepted", "rejected", "shards", "samples_per_s")}
-                     | {"up_to_date": summary["resumed_shards"] == summary["shards"]}))
+        summary = run_shard_stage(args.manifest, out, cfg.shard, cfg.runtime.progress)
+    record = summary.to_json()
+    print(json.dumps({k: record[k] for k in ("inputs", "accepted", "rejected", "shards", "samples_per_s",
+                                             "up_to_date")}))
     return 0
 
 
 def cmd_rejects(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     from preprocess.layout import reject_batches
-    from preprocess.storage import Store
 
-    for batch in reject_batches(Store(args.out, cfg.runtime.storage_options)):
+    for batch in reject_batches(cfg.runtime.store(args.out)):
         for record in batch.to_pylist():
             print(json.dumps(record))
     return 0
@@ -137,8 +136,9 @@ def cmd_embed(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     from workflows.runtime import start_ray
 
     start_ray(cfg.runtime)
-    summary = run_embed_stage(args.shards, cfg.embed, cfg.runtime.storage_options, cfg.runtime.progress)
-    print(json.dumps({k: summary[k] for k in ("samples", "computed", "cache_hits", "seconds")}))
+    summary = run_embed_stage(cfg.runtime.store(args.shards), cfg.embed, progress=cfg.runtime.progress)
+    print(json.dumps({"samples": summary.samples, "computed": summary.computed, "cache_hits": summary.cache_hits,
+                      "seconds": summary.seconds}))
     return 0
 
 
@@ -148,8 +148,10 @@ def cmd_train(args: argparse.Namespace, cfg: TesseraConfig) -> int:
 
     start_ray(cfg.runtime)
     run_dir = args.run_dir or str(Path("runs") / Path(args.shards.rstrip("/")).name)
-    summary = run_train_stage(args.shards, run_dir, cfg.train, cfg.runtime.storage_options)
-    print(json.dumps({k: summary[k] for k in ("steps", "final_loss", "val_accuracy", "val_tasks", "model")}))
+    shards = cfg.runtime.store(args.shards)
+    summary = run_train_stage(shards, shards.at(run_dir), cfg.train)
+    record = summary.to_json()
+    print(json.dumps({k: record[k] for k in ("steps", "final_loss", "val_accuracy", "val_tasks", "model")}))
     return 0
 
 
@@ -159,8 +161,10 @@ def cmd_run(args: argparse.Namespace, cfg: TesseraConfig) -> int:
 
     if args.dry_run:  # always the embedded local Ray, whatever the environment points at
         os.environ.pop("RAY_ADDRESS", None)
+    if not cfg.job.out:
+        raise ConfigError("tessera run needs job.manifest and job.out in the config (or --dry-run)")
     start_ray(cfg.runtime)
-    report = run_pipeline(cfg)
+    report = run_pipeline(cfg, cfg.runtime.store(cfg.job.out))
     print(json.dumps({stage: {"up_to_date": s["up_to_date"]} for stage, s in report["stages"].items()}
                      | {"seconds": report["seconds"]}))
     return 0
@@ -170,12 +174,14 @@ def cmd_refresh(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     from workflows.refresh import Locked, run_refresh
     from workflows.runtime import start_ray
 
+    if not cfg.job.out:
+        raise ConfigError("tessera refresh needs job.manifest and job.out in the config")
     try:  # the lock first: a refresh that finds another running exits without starting Ray
-        result = run_refresh(cfg, start=lambda: start_ray(cfg.runtime))
+        result = run_refresh(cfg, cfg.runtime.store(cfg.job.out), start=lambda: start_ray(cfg.runtime))
     except Locked as e:
         print(f"tessera: {e}", file=sys.stderr)
         return EXIT_LOCKED
-    trained = {"val_accuracy": result["train"]["val_accuracy"]} if "train" in result else {}
+    trained = {"val_accuracy": result["train"].val_accuracy} if "train" in result else {}
     counts = {k: result[k] for k in ("added", "changed", "removed") if k in result}
     print(json.dumps({"version": result["version"], "new_rows": result["new_rows"], **counts, **trained}))
     return 0
@@ -184,7 +190,7 @@ def cmd_refresh(args: argparse.Namespace, cfg: TesseraConfig) -> int:
 def cmd_versions(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     from workflows.refresh import versions
 
-    for version in versions(args.out, cfg.runtime.storage_options):
+    for version in versions(cfg.runtime.store(args.out)):
         print(json.dumps(version))
     return 0
 
@@ -194,8 +200,9 @@ def cmd_evaluate(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     from train.tasks import tasks_from_meta
     from workflows.report import write_run_report
 
-    result = evaluate_run(args.run, args.shards, cfg.runtime.storage_options, cfg.export.batch_size)
-    write_run_report(args.run, cfg.runtime.storage_options)
+    run = cfg.runtime.store(args.run)
+    result = evaluate_run(run, [run.at(url) for url in args.shards], cfg.export.batch_size)
+    write_run_report(run)
     tasks = tasks_from_meta(result["tasks"])
     for name, metrics in result["sets"].items():
         print(json.dumps({"set": name, "samples": metrics["samples"], "tasks": {
@@ -207,7 +214,8 @@ def cmd_evaluate(args: argparse.Namespace, cfg: TesseraConfig) -> int:
 def cmd_export(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     from train.export import export_run
 
-    result = export_run(args.run, args.out, cfg.export, cfg.runtime.storage_options)
+    run = cfg.runtime.store(args.run)
+    result = export_run(run, run.at(args.out), cfg.export)
     for name, variant in result["variants"].items():
         print(json.dumps({"variant": name, **{k: variant.get(k) for k in (
             "file", "bytes", "size_ratio_vs_fp32", "tasks", "within_tolerance")}}))
@@ -219,7 +227,7 @@ def cmd_export(args: argparse.Namespace, cfg: TesseraConfig) -> int:
 def cmd_predict(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     from workflows.predict import Predictor, predict_inputs
 
-    predictor = Predictor(args.model, args.variant, cfg.runtime.storage_options, cfg.embed.batch_size)
+    predictor = Predictor(cfg.runtime.store(args.model), args.variant, cfg.embed.batch_size)
     sink = open(args.out, "w") if args.out else sys.stdout  # noqa: SIM115 - stdout is not ours to close
     counts = {"predicted": 0, "rejected": 0}
     try:

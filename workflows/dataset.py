@@ -2,6 +2,7 @@
 
     from workflows.dataset import open_dataset
     ds = open_dataset("s3://bucket/out")          # a job's OUT, a refresh's OUT or a shard folder
+    ds = open_dataset(Store("s3://bucket/out", {"s3": {...}}))   # with storage options
     ds.take(1)  # key, label, text, image/audio/video bytes, <modality>_embedding, ...
 
 One row per committed sample: duplicates, and keys a later refresh version replaced or removed,
@@ -10,42 +11,45 @@ are left out. Each shard is read by one task (index part, sidecar, tar), never t
 from __future__ import annotations
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from features.sidecar import sidecar_name
-from preprocess.layout import MEMBER_EXTENSIONS, SUMMARY, committed_shards, member_payload, read_index_part
-from preprocess.storage import Store, iter_shard
-from train.data import superseded
-from workflows.refresh import versions
+from features.layout import read_sidecar
+from preprocess.layout import (
+    MEMBER_EXTENSIONS,
+    ShardSummary,
+    committed_shards,
+    iter_shard,
+    member_payload,
+    read_index_part,
+)
+from preprocess.storage import Store
+from preprocess.versions import complete_versions, superseded
+from workflows.layout import SHARDS
 
 PAYLOAD_TYPES = {"text": pa.string(), "image": pa.binary(), "audio": pa.binary(), "video": pa.binary()}
 
 
-def shard_folders(out: str, storage_options: dict | None = None) -> list[str]:
+def shard_folders(out: Store) -> list[Store]:
     """The committed shard folders OUT holds, oldest first: OUT itself (a shard folder), OUT/shards
     (a `tessera run` OUT) or OUT/versions/v* (a `tessera refresh` OUT, complete versions only)."""
-    store = Store(out, storage_options)
-    if store.exists(SUMMARY):
-        return [store.url]
-    if store.exists(f"shards/{SUMMARY}"):
-        return [store.url_of("shards")]
-    complete = versions(store.url, store.options)
+    if ShardSummary.exists(out):
+        return [out]
+    if ShardSummary.exists(out.child(SHARDS)):
+        return [out.child(SHARDS)]
+    complete = complete_versions(out)
     if complete:
-        return [store.url_of("versions", v["version"]) for v in complete]
-    raise FileNotFoundError(f"{store.url} holds no tessera output (no {SUMMARY}, shards/ or versions/)")
+        return [out.child(name) for name in complete]
+    raise FileNotFoundError(f"{out.url} holds no tessera output (no {ShardSummary.FILE}, {SHARDS}/ or versions/)")
 
 
-def read_shard(root: str, shard: str, excluded: frozenset[str], storage_options: dict) -> pa.Table:
+def read_shard(folder: Store, shard: str, excluded: frozenset[str]) -> pa.Table:
     """One shard's kept samples: index fields, each modality's payload, the sidecar's vectors."""
-    store = Store(root, storage_options)
-    index = read_index_part(store, shard, ["key", "source_key", "label"])
+    index = read_index_part(folder, shard, ["key", "source_key", "label"])
     index = index.filter(pa.array([k not in excluded for k in index.column("key").to_pylist()], pa.bool_()))
     keys = index.column("key").to_pylist()
     wanted = set(keys)
     payloads: dict[str, dict[str, object]] = {m: {} for m in MEMBER_EXTENSIONS}
     meta: dict[str, bytes] = {}
-    for sample in iter_shard(store.url_of(shard), storage_options,
-                             lambda member: member.partition(".")[0] in wanted):
+    for sample in iter_shard(folder, shard, lambda member: member.partition(".")[0] in wanted):
         key = sample["__key__"]
         meta[key] = sample.get("json")
         for modality in MEMBER_EXTENSIONS:
@@ -53,35 +57,33 @@ def read_shard(root: str, shard: str, excluded: frozenset[str], storage_options:
             if data is not None:
                 payloads[modality][key] = data.decode() if modality == "text" else data
     columns = {"key": index.column("key"), "source_key": index.column("source_key"), "label": index.column("label"),
-               "shard": pa.array([store.url_of(shard)] * len(keys), pa.string()),
+               "shard": pa.array([folder.url_of(shard)] * len(keys), pa.string()),
                "json": pa.array([meta.get(k) for k in keys], pa.binary())}
     for modality, by_key in payloads.items():
         columns[modality] = pa.array([by_key.get(k) for k in keys], PAYLOAD_TYPES[modality])
-    sidecar = sidecar_name(shard)
-    if store.exists(sidecar):
-        with store.fs.open(store.path(sidecar), "rb") as f:
-            vectors = pq.read_table(f)
-        position = {k: i for i, k in enumerate(vectors.column("key").to_pylist())}
-        take = pa.array([position.get(k) for k in keys], pa.int64())
-        for name in vectors.column_names:
-            if name in MEMBER_EXTENSIONS:
-                columns[f"{name}_embedding"] = vectors.column(name).take(take)
+    try:
+        vectors = read_sidecar(folder, shard)
+    except FileNotFoundError:  # not embedded
+        return pa.table(columns)
+    position = {k: i for i, k in enumerate(vectors.column("key").to_pylist())}
+    take = pa.array([position.get(k) for k in keys], pa.int64())
+    for name in vectors.column_names:
+        if name in MEMBER_EXTENSIONS:
+            columns[f"{name}_embedding"] = vectors.column(name).take(take)
     return pa.table(columns)
 
 
-def open_dataset(out: str, storage_options: dict | None = None):
+def open_dataset(out: str | Store):
     """OUT's committed samples as a Ray Dataset (see the module doc); needs a Ray session
     (`ray.init()`; Ray Data starts a local one when there is none)."""
     import ray
 
-    storage_options = storage_options or {}
-    roots = shard_folders(out, storage_options)
-    excluded = superseded(tuple(roots), storage_options)
-    items = [{"root": i, "shard": name}
-             for i, root in enumerate(roots) for name in committed_shards(Store(root, storage_options))]
+    folders = shard_folders(out if isinstance(out, Store) else Store(out))
+    excluded = superseded(folders)
+    items = [{"root": i, "shard": name} for i, folder in enumerate(folders) for name in committed_shards(folder)]
 
     def read(batch: dict) -> pa.Table:
-        tables = [read_shard(roots[i], shard, excluded[i], storage_options)
+        tables = [read_shard(folders[i], shard, excluded[i])
                   for i, shard in zip(batch["root"], batch["shard"], strict=True)]
         return pa.concat_tables(tables, promote_options="default")
 

@@ -7,16 +7,19 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Sequence
 from importlib import resources
 
-from features.stage import EMBED_SUMMARY, run_embed_stage
-from preprocess.layout import SUMMARY
+from features.layout import EmbedSummary
+from features.stage import run_embed_stage
+from preprocess.layout import ShardSummary
 from preprocess.stage import run_shard_stage
-from preprocess.storage import Store, absolute, filesystem, join, write_json
-from train.evaluate import EVAL, evaluate_run
-from train.saved import RUN_CONFIG, TRAIN_SUMMARY
-from train.stage import run_train_stage
+from preprocess.storage import Store
+from train.evaluate import evaluate_run
+from train.layout import EVAL, RUN_CONFIG, TrainSummary
+from train.stage import run_record, run_train_stage
 from workflows.config import ConfigError, TesseraConfig
+from workflows.layout import RUN_SUMMARY, SHARDS, TRAIN
 from workflows.report import write_report
 
 log = logging.getLogger(__name__)
@@ -26,60 +29,54 @@ def bundled_manifest() -> str:
     return str(resources.files("workflows") / "sample_corpus" / "manifest.jsonl")
 
 
-def data_digest(shards: str, storage_options: dict) -> str:
+def data_digest(shards: Store) -> str:
     """What training depends on: the samples (the shard config and the manifest they came
     from) and the encoders of their embeddings."""
-    store = Store(shards, storage_options)
-    summary = store.read_json(SUMMARY)
-    encoders = store.read_json(EMBED_SUMMARY)["encoders"]
-    return hashlib.sha256(json.dumps([summary["config_digest"], summary["manifest"]["fingerprint"], encoders],
+    summary = ShardSummary.read(shards)
+    encoders = EmbedSummary.read(shards).encoders
+    return hashlib.sha256(json.dumps([summary.config_digest, summary.manifest["fingerprint"], encoders],
                                      sort_keys=True).encode()).hexdigest()
 
 
-def _train_is_current(run: Store, cfg: TesseraConfig, shards: str | list[str]) -> bool:
-    if not all(run.exists(name) for name in (TRAIN_SUMMARY, RUN_CONFIG, EVAL)):
+def _train_is_current(run: Store, cfg: TesseraConfig, shards: Store | Sequence[Store]) -> bool:
+    if not all(run.exists(name) for name in (TrainSummary.FILE, RUN_CONFIG, EVAL)):
         return False  # (a run stopped before its evaluation is finished by the next one)
-    return run.read_json(RUN_CONFIG) == {"shards": shards, "config": cfg.train.model_dump(mode="json")}
+    return run.read_json(RUN_CONFIG) == run_record(cfg.train, shards)
 
 
-def train_into(cfg: TesseraConfig, out: str, run_path: str, shards: str | list[str]) -> tuple[dict, bool, str]:
-    """Train SHARDS into OUT/RUN_PATH, then evaluate it (eval.json), unless that run is already
-    done for this data and config: (summary, up to date, the run's URL). Every file of the run
-    goes through the store, so OUT may be an object store the nodes share instead of a disk."""
-    run = Store(out, cfg.runtime.storage_options).child(run_path)
+def train_into(cfg: TesseraConfig, run: Store, shards: Store | Sequence[Store]) -> TrainSummary:
+    """Train SHARDS into the RUN folder, then evaluate it (eval.json), unless that run is
+    already done for this data and config (then its summary says up_to_date). Every file of
+    the run goes through the store, so it may be on an object store the nodes share."""
     if _train_is_current(run, cfg, shards):
         log.info("train: up to date (%s)", run.url)
-        return run.read_json(TRAIN_SUMMARY), True, run.url
-    summary = run_train_stage(shards, run.url, cfg.train, cfg.runtime.storage_options)
-    evaluate_run(run.url, storage_options=cfg.runtime.storage_options)
-    return summary, False, run.url
+        return TrainSummary.read(run).replace(up_to_date=True)
+    summary = run_train_stage(shards, run, cfg.train)
+    evaluate_run(run)
+    return summary
 
 
-def run_pipeline(cfg: TesseraConfig) -> dict:
-    """Shard, embed and train; returns {stage: summary, ...} and writes OUT/run-summary.json."""
-    if not cfg.job.manifest or not cfg.job.out:
+def run_pipeline(cfg: TesseraConfig, out: Store) -> dict:
+    """Shard, embed and train into OUT (the store of job.out); returns {stage: summary, ...} as
+    JSON and writes OUT/run-summary.json."""
+    if not cfg.job.manifest:
         raise ConfigError("tessera run needs job.manifest and job.out in the config (or --dry-run)")
-    started = time.perf_counter()
-    options, progress = cfg.runtime.storage_options, cfg.runtime.progress
-    out = absolute(cfg.job.out)
-    shards = join(out, "shards")
+    started, progress = time.perf_counter(), cfg.runtime.progress
+    shards = out.child(SHARDS)
     report: dict = {"stages": {}}
 
-    shard = run_shard_stage(cfg.job.manifest, shards, cfg.shard, options, progress)
-    fresh = shard["shards"] - shard["resumed_shards"]
-    report["stages"]["shard"] = {"up_to_date": fresh == 0, **shard}
-    log.info("shard: %s", "up to date" if fresh == 0 else f"{fresh} shards written")
+    shard = run_shard_stage(cfg.job.manifest, shards, cfg.shard, progress)
+    report["stages"]["shard"] = shard.to_json()
+    log.info("shard: %s", "up to date" if shard.up_to_date else f"{shard.shards - shard.resumed_shards} shards written")
 
-    embed = run_embed_stage(shards, cfg.embed, options, progress)
-    current = embed["computed"] == 0 and embed["sidecars_written"] == 0
-    report["stages"]["embed"] = {"up_to_date": current, **embed}
-    log.info("embed: %s", "up to date" if current else f"{embed['computed']} embeddings computed")
+    embed = run_embed_stage(shards, cfg.embed, progress=progress)
+    report["stages"]["embed"] = embed.to_json()
+    log.info("embed: %s", "up to date" if embed.up_to_date else f"{embed.computed} embeddings computed")
 
     # one training run per data version; the same data and config again is up to date
-    train, current, run = train_into(cfg, out, join("train", data_digest(shards, options)[:12]), shards)
-    report["stages"]["train"] = {"up_to_date": current, **train}
+    run = out.child(TRAIN, data_digest(shards)[:12])
+    report["stages"]["train"] = train_into(cfg, run, shards).to_json()
     report["seconds"] = round(time.perf_counter() - started, 3)
-    fs, root = filesystem(out, options)
-    write_json(fs, join(root, "run-summary.json"), report)
-    report["report"] = write_report(out, options, run)
+    out.write_json(RUN_SUMMARY, report)
+    report["report"] = write_report(out, run)
     return report

@@ -6,7 +6,6 @@ rejects.jsonl would give it. Inference never augments and does not need labels."
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 from collections.abc import Iterator
 from pathlib import PurePosixPath
@@ -19,10 +18,10 @@ from preprocess.config import AugmentConfig, ShardConfig
 from preprocess.manifest import LineReject, ManifestRow, iter_manifest, parse_row
 from preprocess.reject import Reject
 from preprocess.shard import fetch_batch, sample_or_reject
-from preprocess.storage import absolute, filesystem, join
+from preprocess.storage import Store
 from train.data import branch_pixels, pack_vectors
-from train.export import ONNX, PREPROCESS, onnx_scorer
-from train.saved import META
+from train.export import onnx_scorer
+from train.layout import META, ONNX, PREPROCESS
 from train.tasks import tasks_from_meta
 
 log = logging.getLogger(__name__)
@@ -34,18 +33,17 @@ FIELD_OF_SUFFIX = {**dict.fromkeys(("jpg", "jpeg", "png", "webp", "gif", "bmp", 
 
 
 class Predictor:
-    """Loads an export folder (`tessera export`) once; predicts batches of manifest rows."""
+    """Loads an export folder (`tessera export`) once; predicts batches of manifest rows, whose
+    inputs are read through the export's store options."""
 
-    def __init__(self, model_dir: str, variant: str = "fp32", storage_options: dict | None = None,
-                 batch_size: int = 32, device: str = "cpu"):
-        self.storage_options = storage_options or {}
-        fs, root = filesystem(model_dir, self.storage_options)
-        self.meta = json.loads(fs.cat_file(join(root, META)))
+    def __init__(self, model: Store, variant: str = "fp32", batch_size: int = 32, device: str = "cpu"):
+        self.model = model
+        self.meta = model.read_json(META)
         self.tasks = tasks_from_meta(self.meta["tasks"])
-        preprocess = json.loads(fs.cat_file(join(root, PREPROCESS)))
-        if variant not in ONNX or not fs.exists(join(root, ONNX[variant])):
-            have = [v for v, f in ONNX.items() if fs.exists(join(root, f))]
-            raise ValueError(f"{model_dir} has no {variant!r} model; it has {have}")
+        preprocess = model.read_json(PREPROCESS)
+        if variant not in ONNX or not model.exists(ONNX[variant]):
+            have = [v for v, f in ONNX.items() if model.exists(f)]
+            raise ValueError(f"{model.url} has no {variant!r} model; it has {have}")
         shard = ShardConfig.model_validate(preprocess["shard"])
         image = shard.image.model_copy(update={"augment": AugmentConfig()})
         # new data needs no label and no targets (a stray target value is not a reason to reject it)
@@ -59,7 +57,7 @@ class Predictor:
                 raise ValueError(f"the {modality} encoder found here ({encoder.identity()}) is not the one the "
                                  f"model was trained with ({preprocess['encoders'][modality]}): its weights differ")
             encoder.load(device, embed_cfg.precision)
-        self.score = onnx_scorer(fs.cat_file(join(root, ONNX[variant])))
+        self.score = onnx_scorer(model.read_bytes(ONNX[variant]))
         self.batch_size = batch_size
 
     def _embed(self, outputs: list) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[int, LineReject]]:
@@ -96,7 +94,7 @@ class Predictor:
         """One record per row, in order: the prediction, or the reject with its reason."""
         for start in range(0, len(rows), self.batch_size):
             outputs, results = [], {}
-            for row, raw in fetch_batch(rows[start : start + self.batch_size], self.storage_options):
+            for row, raw in fetch_batch(rows[start : start + self.batch_size], self.model):
                 result = raw if isinstance(raw, LineReject) else sample_or_reject(row, raw, self.shard_cfg)
                 if isinstance(result, LineReject):
                     results[row.line] = {"rejected": True, **result.as_record()}
@@ -119,17 +117,17 @@ class Predictor:
             yield from (results[line] for line in sorted(results))
 
 
-def rows_from_files(paths: list[str], cfg: ShardConfig, storage_options: dict) -> tuple[list, list[LineReject]]:
-    """Raw files (or folders of them) as samples: files sharing a name stem are one sample,
-    each file's type given by its suffix (.jpg image, .wav audio, .mp4 video, .txt caption)."""
+def rows_from_files(paths: list[str], cfg: ShardConfig, store: Store) -> tuple[list, list[LineReject]]:
+    """Raw files (or folders of them, read through STORE's options) as samples: files sharing
+    a name stem are one sample, each file's type given by its suffix (.jpg image, .wav audio,
+    .mp4 video, .txt caption)."""
     files: list[str] = []
     for path in paths:
-        path = absolute(path)
-        fs, root = filesystem(path, storage_options)
-        if fs.isdir(root):
-            files += sorted(join(path, PurePosixPath(p).name) for p in fs.ls(root, detail=False) if fs.isfile(p))
+        here = store.at(path)
+        if here.isdir():
+            files += sorted(here.url_of(name) for name in here.infos("*"))
         else:
-            files.append(path)
+            files.append(here.url)
     samples: dict[str, dict] = {}
     rejects = []
     for number, path in enumerate(files, start=1):
@@ -157,12 +155,11 @@ def rows_from_files(paths: list[str], cfg: ShardConfig, storage_options: dict) -
 def predict_inputs(predictor: Predictor, inputs: list[str]) -> Iterator[dict]:
     """Predictions for a manifest (one .jsonl / .parquet, streamed) or raw files; rejects
     included. Nothing is deduplicated: every input gets its line."""
-    options = predictor.storage_options
     if len(inputs) == 1 and inputs[0].endswith(MANIFEST_SUFFIXES):
         # what the command line names is the user's own request: not confined like a batch job's manifest
-        items = iter_manifest(inputs[0], predictor.shard_cfg, options, confined=False)
+        items = iter_manifest(inputs[0], predictor.shard_cfg, predictor.model, confined=False)
     else:
-        rows, rejects = rows_from_files(inputs, predictor.shard_cfg, options)
+        rows, rejects = rows_from_files(inputs, predictor.shard_cfg, predictor.model)
         items = itertools.chain(rejects, rows)
     batch: list[ManifestRow] = []
     for item in items:

@@ -1,12 +1,7 @@
-"""Scheduled incremental refresh: new or changed manifest rows become a new dataset version,
-rows gone from the manifest are recorded as removals.
-
-    OUT/versions/vNNNNNN/   a version: manifest.jsonl (the rows it took in), changes.parquet
-                            (rows added / changed, keys removed), its shards and sidecars,
-                            version.json (its counts; written last: the version is complete)
-    OUT/embed-cache/        shared: embeddings are computed for new content only
-    OUT/refresh/state.json  the manifest and row identities the last refresh saw
-    OUT/refresh.lock        one refresh at a time (an exclusive create)
+"""Scheduled incremental refresh: new or changed manifest rows become a new dataset version
+(preprocess/versions.py), rows gone from the manifest are recorded as removals. What it keeps
+in OUT besides the versions (the shared embed-cache/, refresh/state.json, refresh.lock) is
+named in workflows/layout.py.
 
 A row's identity is its JSON (paths resolved) plus cheap metadata of every file it names (size
 and ETag / version id / mtime from `fs.info`), or with `job.refresh_identity: content` the
@@ -38,23 +33,35 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
 
+from features.layout import CACHE
 from preprocess.inputs import AllowedInputs
-from preprocess.layout import CHANGES, REJECT_SCHEMA, REJECTS, SUMMARY, OutputConflict
+from preprocess.layout import REJECT_SCHEMA, REJECTS, OutputConflict
 from preprocess.manifest import FILE_FIELDS, Chunk, ManifestSource, chunks, parse_json_line, raw_records, source_key
-from preprocess.storage import Store, duckdb_over, file_tag, filesystem, is_local, parent, read_many, resolve
+from preprocess.runner import StageWork, in_flight_limit, task
+from preprocess.storage import Store, file_tag, is_local, parent, resolve
+from preprocess.versions import (
+    ADDED,
+    CHANGED,
+    CHANGES,
+    CHANGES_SCHEMA,
+    REMOVED,
+    VERSION_DONE,
+    VERSION_MANIFEST,
+    VERSIONS,
+    complete_versions,
+    version_folder,
+    version_records,
+)
+from train.layout import TRAIN_SUMMARY, WEIGHTS, TrainSummary
 from workflows.config import ConfigError, TesseraConfig
+from workflows.layout import IDENTITIES, LOCK, STATE, TAKEOVER, TRAIN
 
 # The stages (and torch) are imported where a version is made: a no-op refresh, and the
 # refreshes that find another one running, start in a fraction of a second.
 
 log = logging.getLogger(__name__)
 
-LOCK = "refresh.lock"
-STATE = "refresh/state.json"
-VERSION_MANIFEST = "manifest.jsonl"
-VERSION_DONE = "version.json"
 LOCK_TIMEOUT_S = 24 * 3600
 ROWS_PER_TASK = 16384  # manifest rows per identity task
 REFUSED = "refused"  # the tag of an input outside the allowed roots (never stat'ed)
@@ -63,8 +70,6 @@ MEMORY_LIMIT = "256MB"  # the diff query spills to local scratch beyond this
 IDENTITY_SCHEMA = pa.schema([("key", pa.string()), ("identity", pa.string()), ("file", pa.string()),
                              ("line", pa.int64()), ("row", pa.binary()), ("files", pa.list_(pa.string())),
                              ("tags", pa.list_(pa.string()))])
-CHANGES_SCHEMA = pa.schema([("version", pa.int32()), ("key", pa.string()), ("identity", pa.string()),
-                            ("change", pa.string())])
 
 
 class Locked(RuntimeError):
@@ -95,7 +100,7 @@ def refresh_lock(out: Store):
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["started"]))
         if _holder_is_alive(holder):
             raise Locked(f"{out.url_of(LOCK)} is held by pid {holder['pid']} on {holder['host']} since {since}")
-        if not out.create_exclusive(f"refresh/takeover-{holder['token']}", json.dumps(me).encode()):
+        if not out.create_exclusive(f"{TAKEOVER}{holder['token']}", json.dumps(me).encode()):
             raise Locked(f"{out.url_of(LOCK)}: another refresh is taking over the stale lock")
         log.warning("taking over a stale lock left by pid %d on %s since %s", holder["pid"], holder["host"], since)
         with contextlib.suppress(FileNotFoundError):
@@ -113,16 +118,16 @@ def refresh_lock(out: Store):
 # ---------------------------------------------------------------------------------------------
 # row identities (Ray tasks, one per chunk of the manifest)
 
-def _file_tags(urls: list[str], mode: str, storage_options: dict) -> dict[str, str]:
-    """url -> what the identity holds of the file: its metadata tag, or its sha256 (content)."""
+def _file_tags(urls: list[str], mode: str, store: Store) -> dict[str, str]:
+    """url -> what the identity holds of the file: its metadata tag, or its sha256 (content);
+    the files read through STORE's options."""
     if mode == "content":
-        got = read_many(urls, storage_options)
+        got = store.read_many(urls)
         return {u: "missing" if isinstance(b, Exception) else hashlib.sha256(b).hexdigest() for u, b in got.items()}
 
     def tag(url: str) -> str:
-        fs, path = filesystem(url, storage_options)
         try:
-            return file_tag(fs.info(path))
+            return file_tag(store.at(url).info())
         except FileNotFoundError:
             return "missing"
 
@@ -134,10 +139,9 @@ def _file_tags(urls: list[str], mode: str, storage_options: dict) -> dict[str, s
 
 def row_identities(chunk: Chunk, mode: str, staging: Store, name: str, allow: tuple[str, ...]) -> int:
     """Write the chunk's rows with their identities to STAGING/NAME; returns the files they name."""
-    options = staging.options
     base = parent(chunk.file.url)
     records = []
-    for line, raw in raw_records(chunk, options):
+    for line, raw in raw_records(chunk):
         obj = raw if isinstance(raw, dict) else parse_json_line(raw)
         if isinstance(obj, str):  # not a JSON object: its bytes are its identity
             text = raw.strip()
@@ -152,7 +156,7 @@ def row_identities(chunk: Chunk, mode: str, staging: Store, name: str, allow: tu
     allowed = AllowedInputs.of(chunk.file.root, allow)
     named = {u for r in records for u in r[4]}
     refused = {u for u in named if allowed.refusal(u)}
-    tags = {**_file_tags(sorted(named - refused), mode, options), **dict.fromkeys(refused, REFUSED)}
+    tags = {**_file_tags(sorted(named - refused), mode, chunk.file.store), **dict.fromkeys(refused, REFUSED)}
     table = pa.table({
         "key": [r[0] for r in records],
         "identity": [hashlib.sha256(r[1] + b"".join(f"\0{u}={tags[u]}".encode() for u in r[4])).hexdigest()
@@ -172,33 +176,35 @@ def files_unchanged(staging: Store, name: str) -> bool:
     table = pq.read_table(pa.BufferReader(staging.read_bytes(name)), columns=["files", "tags"])
     pairs = {(u, t) for us, ts in zip(*(table.column(c).to_pylist() for c in ("files", "tags")), strict=True)
              for u, t in zip(us, ts, strict=True) if t != REFUSED}
-    tags = _file_tags(sorted({u for u, _ in pairs}), "metadata", staging.options)
+    tags = _file_tags(sorted({u for u, _ in pairs}), "metadata", staging)
     return all(tags[u] == t for u, t in pairs)
 
 
-_identity_task = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=[OSError], scheduling_strategy="SPREAD")(
-    row_identities)
-_unchanged_task = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=[OSError], scheduling_strategy="SPREAD")(
-    files_unchanged)
+_identity_task = task(row_identities, num_cpus=1, max_retries=3, retry_exceptions=[OSError],
+                      scheduling_strategy="SPREAD")
+_unchanged_task = task(files_unchanged, num_cpus=1, max_retries=3, retry_exceptions=[OSError],
+                       scheduling_strategy="SPREAD")
 
 
 # ---------------------------------------------------------------------------------------------
 # the diff (one DuckDB query in a Ray task)
 
 # Aggregates and anti-joins, no window functions: DuckDB spills them, memory stays bounded.
+# Besides the changes of preprocess/versions.py, the history records duplicate keys and rows
+# without a key (so that a refresh reports each once).
 DIFF = """
 CREATE TEMP TABLE firsts AS  -- per key, its first row in the manifest
     SELECT key, min({'file': file, 'line': line}) AS first, count(*) AS n FROM ids
     WHERE key IS NOT NULL GROUP BY key;
 CREATE TEMP TABLE state AS  -- per key: the identity the dataset holds, when the key is in it
     WITH last AS (
-        SELECT key, max(version) FILTER (WHERE change IN ('added', 'changed')) AS taken,
-               coalesce(max(version) FILTER (WHERE change = 'removed'), 0) AS removed
+        SELECT key, max(version) FILTER (WHERE change IN ('$ADDED', '$CHANGED')) AS taken,
+               coalesce(max(version) FILTER (WHERE change = '$REMOVED'), 0) AS removed
         FROM history WHERE key IS NOT NULL GROUP BY key)
     SELECT h.key, h.identity FROM history h JOIN last l ON h.key = l.key AND h.version = l.taken
-    WHERE h.change IN ('added', 'changed') AND l.taken > l.removed;
+    WHERE h.change IN ('$ADDED', '$CHANGED') AND l.taken > l.removed;
 CREATE TEMP TABLE changes AS
-    SELECT i.key, i.identity, i.file, i.line, CASE WHEN s.key IS NULL THEN 'added' ELSE 'changed' END AS change,
+    SELECT i.key, i.identity, i.file, i.line, CASE WHEN s.key IS NULL THEN '$ADDED' ELSE '$CHANGED' END AS change,
            NULL AS reason
     FROM ids i JOIN firsts f ON i.key = f.key AND i.file = f.first.file AND i.line = f.first.line
     LEFT JOIN state s ON i.key = s.key
@@ -213,9 +219,9 @@ CREATE TEMP TABLE changes AS
     SELECT key, identity, file, line, 'no_key', NULL FROM ids i
     WHERE key IS NULL AND NOT EXISTS (SELECT 1 FROM history h WHERE h.change = 'no_key' AND h.identity = i.identity)
     UNION ALL
-    SELECT s.key, NULL, NULL, NULL, 'removed', NULL FROM state s
+    SELECT s.key, NULL, NULL, NULL, '$REMOVED', NULL FROM state s
     WHERE NOT EXISTS (SELECT 1 FROM firsts f WHERE f.key = s.key);
-"""
+""".replace("$ADDED", ADDED).replace("$CHANGED", CHANGED).replace("$REMOVED", REMOVED)
 
 
 def _view(con, name: str, urls: list[str], schema: pa.Schema) -> None:
@@ -232,14 +238,14 @@ def diff_manifest(out: Store, staging: Store, version: str, number: int, complet
     version's manifest.jsonl, its duplicate-key rejects and changes.parquet."""
     target = out.child(version)
     with tempfile.TemporaryDirectory(prefix="tessera-refresh-") as scratch:
-        con = duckdb_over(out, scratch, MEMORY_LIMIT)
+        con = out.duckdb(scratch, MEMORY_LIMIT)
         _view(con, "ids", [staging.url_of(name) for name in staging.names("*.parquet")], IDENTITY_SCHEMA)
         _view(con, "history", [out.url_of(v, CHANGES) for v in complete], CHANGES_SCHEMA)
         con.execute(DIFF)
         counts = dict(con.execute("SELECT change, count(*) FROM changes GROUP BY change").fetchall())
         # the rows the version takes in, in manifest order, as JSONL: streamed, never whole
         rows = con.execute("SELECT i.row FROM changes c JOIN ids i ON c.file = i.file AND c.line = i.line "
-                           "WHERE c.change IN ('added', 'changed', 'no_key') ORDER BY c.file, c.line"
+                           f"WHERE c.change IN ('{ADDED}', '{CHANGED}', 'no_key') ORDER BY c.file, c.line"
                            ).to_arrow_reader(65536)
         local = f"{scratch}/{VERSION_MANIFEST}"
         with open(local, "wb") as f:
@@ -253,7 +259,7 @@ def diff_manifest(out: Store, staging: Store, version: str, number: int, complet
         changes = con.execute(f"SELECT {number}::INTEGER AS version, key, identity, change FROM changes "
                               "ORDER BY change, key").to_arrow_table()
         target.write_parquet(CHANGES, changes.cast(CHANGES_SCHEMA))
-    return {c: counts.get(c, 0) for c in ("added", "changed", "removed", "duplicate_key", "no_key")}
+    return {c: counts.get(c, 0) for c in (ADDED, CHANGED, REMOVED, "duplicate_key", "no_key")}
 
 
 def _publish_unless_same(local: str, target: Store, name: str) -> None:
@@ -266,40 +272,32 @@ def _publish_unless_same(local: str, target: Store, name: str) -> None:
             digest.update(block)
         return digest.hexdigest()
 
-    if target.exists(name) and target.fs.size(target.path(name)) == os.path.getsize(local):
-        with open(local, "rb") as mine, target.fs.open(target.path(name), "rb") as theirs:
+    if target.exists(name) and target.size(name) == os.path.getsize(local):
+        with open(local, "rb") as mine, target.open(name) as theirs:
             if sha256(mine) == sha256(theirs):
                 return
     target.put_file(local, name)
 
 
-_diff_task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=[OSError])(diff_manifest)
+_diff_task = task(diff_manifest, num_cpus=1, max_retries=2, retry_exceptions=[OSError])
 
 
 # ---------------------------------------------------------------------------------------------
 # versions and the job
 
-def versions(out: str, storage_options: dict) -> list[dict]:
-    """Every complete version under OUT with its counts, oldest first."""
-    from train.saved import TRAIN_SUMMARY
-
-    store = Store(out, storage_options)
+def versions(out: Store) -> list[dict]:
+    """Every complete version under OUT with its counts, oldest first, and the validation
+    accuracy of its training run (None when it has none)."""
     found = []
-    for name in store.names(f"versions/v*/{VERSION_DONE}"):
-        folder = store.child(name.rsplit("/", 1)[0])
-        summary, counts = folder.read_json(SUMMARY), folder.read_json(VERSION_DONE)
-        trained = folder.path("train", TRAIN_SUMMARY)
-        found.append({
-            "version": folder.url.rsplit("/", 1)[-1],
-            **{c: counts[c] for c in ("added", "changed", "removed", "duplicate_key")},
-            **{c: summary[c] for c in ("inputs", "accepted", "rejected", "shards")},
-            "val_accuracy": json.loads(folder.fs.cat_file(trained))["val_accuracy"] if folder.fs.exists(trained)
-            else None})
+    for record in version_records(out):
+        run = out.child(VERSIONS, record["version"], TRAIN)
+        found.append({**record, "val_accuracy": TrainSummary.read(run).val_accuracy
+                      if run.exists(TRAIN_SUMMARY) else None})
     return found
 
 
 def _unchanged_since_last(out: Store, source: ManifestSource, mode: str, allow: tuple[str, ...],
-                          start: Callable[[], None]) -> bool:
+                          start: Callable[[], None], work: StageWork) -> bool:
     """Whether the last refresh saw this very manifest and every file its rows name is as it was."""
     if not out.exists(STATE):
         return False
@@ -315,99 +313,99 @@ def _unchanged_since_last(out: Store, source: ManifestSource, mode: str, allow: 
     if state["file_refs"] <= STAT_IN_PROCESS:
         return all(files_unchanged(staging, name) for name in parts)
     start()
-    return all(ray.get([_unchanged_task.remote(staging, name) for name in parts]))
+    unchanged: list[bool] = []
+    work.run(parts, lambda name, _: _unchanged_task.remote(staging, name), in_flight_limit(),
+             lambda name, same: unchanged.append(same))
+    return all(unchanged)
 
 
-def run_refresh(cfg: TesseraConfig, start: Callable[[], None] = lambda: None) -> dict:
-    """Shard, embed (and train, job.refresh_train) what is new since the last version; record
-    what was removed. {'version': None} when nothing changed. START brings Ray up, once the lock
-    is held and there is work (a no-op refresh runs without it)."""
-    if not cfg.job.manifest or not cfg.job.out:
+def run_refresh(cfg: TesseraConfig, out: Store, start: Callable[[], None] = lambda: None) -> dict:
+    """Shard, embed (and train, job.refresh_train) what is new since the last version into OUT
+    (the store of job.out); record what was removed. {'version': None} when nothing changed.
+    START brings Ray up, once the lock is held and there is work (a no-op refresh runs without it)."""
+    if not cfg.job.manifest:
         raise ConfigError("tessera refresh needs job.manifest and job.out in the config")
-    options, mode = cfg.runtime.storage_options, cfg.job.refresh_identity
-    out = Store(cfg.job.out, options)
+    mode, work = cfg.job.refresh_identity, StageWork()
     with refresh_lock(out):
-        source = ManifestSource.open(cfg.job.manifest, options)
+        source = ManifestSource.open(cfg.job.manifest, out)
         allow = cfg.shard.inputs.allow
-        if _unchanged_since_last(out, source, mode, allow, start):
+        if _unchanged_since_last(out, source, mode, allow, start, work):
             log.info("refresh: nothing new in %s", cfg.job.manifest)
             return {"version": None, "new_rows": 0}
         start()
-        if out.names("versions/v*/inputs.parquet"):
+        if out.names(f"{VERSIONS}/v*/inputs.parquet"):
             raise OutputConflict(f"{out.url} was made by an older tessera refresh (versions/*/inputs.parquet): "
                                  "refresh into a new output")
-        for stale in out.names("refresh/identities-*"):  # left by an interrupted refresh
+        for stale in out.names(f"{IDENTITIES}*"):  # left by an interrupted refresh
             if not out.exists(STATE) or stale != out.read_json(STATE)["identities"]:
                 out.remove(stale, recursive=True)
-        staging_name = f"refresh/identities-{uuid.uuid4().hex[:12]}"
+        staging_name = f"{IDENTITIES}{uuid.uuid4().hex[:12]}"
         staging = out.child(staging_name)
-        parts = [_identity_task.remote(chunk, mode, staging, f"chunk-{i:06d}.parquet", allow)
-                 for i, chunk in enumerate(chunks(source, ROWS_PER_TASK, options))]
-        file_refs = sum(ray.get(parts))
-        complete = [name.rsplit("/", 1)[0] for name in out.names(f"versions/v*/{VERSION_DONE}")]
+        named: list[int] = []
+        work.run(enumerate(chunks(source, ROWS_PER_TASK)),
+                 lambda item, _: _identity_task.remote(item[1], mode, staging, f"chunk-{item[0]:06d}.parquet", allow),
+                 in_flight_limit(), lambda item, files: named.append(files))
+        complete = complete_versions(out)
         number = len(complete) + 1
-        version = f"versions/v{number:06d}"
-        counts = ray.get(_diff_task.remote(out, staging, version, number, complete))
-        new_rows = counts["added"] + counts["changed"] + counts["no_key"]
+        version = version_folder(number)
+        counts = work.get(_diff_task.remote(out, staging, version, number, complete))
+        new_rows = counts[ADDED] + counts[CHANGED] + counts["no_key"]
         result: dict = {"version": None, "new_rows": 0}
-        if new_rows or counts["removed"] or counts["duplicate_key"]:
-            result = _make_version(cfg, out, version, number, counts, source) | {"new_rows": new_rows, **counts}
+        if new_rows or counts[REMOVED] or counts["duplicate_key"]:
+            result = _make_version(cfg, out, version, counts, source) | {"new_rows": new_rows, **counts}
         else:
             out.remove(version, recursive=True)
         previous = out.read_json(STATE)["identities"] if out.exists(STATE) else None
         out.write_json(STATE, {"manifest": source.fingerprint, "identity": mode, "allow": list(allow),
-                               "file_refs": file_refs, "identities": staging_name})
+                               "file_refs": sum(named), "identities": staging_name})
         if previous:
             with contextlib.suppress(FileNotFoundError):
                 out.remove(previous, recursive=True)
         log.info("refresh: %s", "nothing new" if result["version"] is None else
-                 f"{result['version']}: {counts['added']} added, {counts['changed']} changed, "
-                 f"{counts['removed']} removed")
+                 f"{result['version']}: {counts[ADDED]} added, {counts[CHANGED]} changed, "
+                 f"{counts[REMOVED]} removed")
         return result
 
 
-def _make_version(cfg: TesseraConfig, out: Store, version: str, number: int, counts: dict,
-                  source: ManifestSource) -> dict:
+def _make_version(cfg: TesseraConfig, out: Store, version: str, counts: dict, source: ManifestSource) -> dict:
     """Shard and embed the version's rows (and train), then commit it: version.json last. The
     version's manifest lives in OUT and names the inputs by their full URLs: they stay confined
     to the user's manifest root (and shard.inputs.allow)."""
     from features.stage import run_embed_stage
     from preprocess.stage import run_shard_stage
 
-    options = cfg.runtime.storage_options
     target = out.child(version)
     roots = tuple(dict.fromkeys((*cfg.shard.inputs.allow, *(f.root for f in source.files))))
     shard_cfg = cfg.shard.model_copy(update={"inputs": cfg.shard.inputs.model_copy(update={"allow": roots})})
+    manifest = target.url_of(VERSION_MANIFEST)
     try:  # an interrupted refresh of the same rows resumes its version
-        shard = run_shard_stage(target.url_of(VERSION_MANIFEST), target.url, shard_cfg, options, cfg.runtime.progress)
+        shard = run_shard_stage(manifest, target, shard_cfg, cfg.runtime.progress)
     except OutputConflict:  # ... of other rows: that incomplete version's shards are redone
         keep = {VERSION_MANIFEST, CHANGES, REJECTS, f"{REJECTS}/refresh.parquet"}
         for name in [*target.names("*"), *target.names(f"{REJECTS}/*")]:
             if name not in keep:
                 target.remove(name, recursive=True)
-        shard = run_shard_stage(target.url_of(VERSION_MANIFEST), target.url, shard_cfg, options, cfg.runtime.progress)
-    embed_cfg = cfg.embed if cfg.embed.cache else cfg.embed.model_copy(update={"cache": out.url_of("embed-cache")})
-    embed = run_embed_stage(target.url, embed_cfg, options, cfg.runtime.progress)
-    result = {"version": f"v{number:06d}", "shard": shard, "embed": embed}
-    if cfg.job.refresh_train == "all" or (cfg.job.refresh_train == "new" and shard["accepted"]):
+        shard = run_shard_stage(manifest, target, shard_cfg, cfg.runtime.progress)
+    cache = out.at(cfg.embed.cache) if cfg.embed.cache else out.child(CACHE)
+    embed = run_embed_stage(target, cfg.embed, cache, cfg.runtime.progress)
+    result = {"version": version.rsplit("/", 1)[-1], "shard": shard, "embed": embed}
+    if cfg.job.refresh_train == "all" or (cfg.job.refresh_train == "new" and shard.accepted):
         result["train"] = _train_version(cfg, out, target)
     target.write_json(VERSION_DONE, counts)  # the version is complete
     return result
 
 
-def _train_version(cfg: TesseraConfig, out: Store, version: Store) -> dict:
+def _train_version(cfg: TesseraConfig, out: Store, version: Store) -> TrainSummary:
     """Train on the new version (or on every version) into VERSION/train, starting from the
     newest earlier version's model (else train.init_from, else from scratch)."""
-    from train.saved import WEIGHTS
     from workflows.jobs import train_into
 
-    options = cfg.runtime.storage_options
-    earlier = [out.url_of("versions", v["version"]) for v in versions(out.url, options)]
-    trained = [v for v in earlier if Store(v, options).exists(f"train/{WEIGHTS}")]
-    start = f"{trained[-1]}/train" if trained else cfg.train.init_from
-    shards = [*earlier, version.url] if cfg.job.refresh_train == "all" else [version.url]
+    earlier = [out.child(name) for name in complete_versions(out)]
+    trained = [v for v in earlier if v.exists(f"{TRAIN}/{WEIGHTS}")]
+    start = trained[-1].url_of(TRAIN) if trained else cfg.train.init_from
+    shards = [*earlier, version] if cfg.job.refresh_train == "all" else [version]
     run_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"init_from": start})})
-    name = version.url.rsplit("/", 1)[-1]
-    summary, _, _ = train_into(run_cfg, out.url, f"versions/{name}/train", shards)
-    log.info("refresh: trained %s on %d version(s) from %s", name, len(shards), start or "scratch")
+    summary = train_into(run_cfg, version.child(TRAIN), shards)
+    log.info("refresh: trained %s on %d version(s) from %s", version.url.rsplit("/", 1)[-1], len(shards),
+             start or "scratch")
     return summary

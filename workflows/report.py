@@ -16,16 +16,14 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
 
-from features.stage import EMBED_SUMMARY  # noqa: E402
-from preprocess.layout import SUMMARY, committed_shards, index_batches, read_index_part  # noqa: E402
-from preprocess.storage import Store, filesystem, join, read_json, write_atomic  # noqa: E402
-from train.evaluate import EVAL, headline  # noqa: E402
-from train.run_store import METRICS  # noqa: E402
-from train.saved import TRAIN_SUMMARY  # noqa: E402
+from features.layout import EmbedSummary, read_sidecar  # noqa: E402
+from preprocess.layout import ShardSummary, committed_shards, index_batches, read_index_part  # noqa: E402
+from preprocess.storage import Store  # noqa: E402
+from train.evaluate import headline  # noqa: E402
+from train.layout import EVAL, METRICS, TrainSummary  # noqa: E402
 from train.tasks import VALIDATION_METRIC, tasks_from_meta  # noqa: E402
+from workflows.layout import REPORT, SHARDS  # noqa: E402
 
 SAMPLE_ROWS = 2000  # embeddings the report's plots are drawn from
 
@@ -54,10 +52,10 @@ def embedding_sample(shards: Store, size: int = SAMPLE_ROWS, seed: int = 0) -> l
     heap: list[tuple[int, int, dict]] = []  # (-priority, tie, row): the largest priority on top
     modalities = ("text", "image", "audio", "video")
     for n, name in enumerate(committed_shards(shards)):
-        sidecar = name.removesuffix(".tar") + ".emb.parquet"
-        if not shards.exists(sidecar):
+        try:
+            table = read_sidecar(shards, name)
+        except FileNotFoundError:  # not embedded (yet)
             continue
-        table = pq.read_table(pa.BufferReader(shards.read_bytes(sidecar)))
         labels = dict(zip(*(read_index_part(shards, name, ["key", "label"]).column(c).to_pylist()
                             for c in ("key", "label")), strict=True))
         columns = [m for m in modalities if m in table.column_names]
@@ -102,12 +100,11 @@ def _embedding_plots(shards: Store) -> list[tuple[str, str]]:
     return plots
 
 
-def _training_plots(fs, run: str) -> list[tuple[str, str]]:
+def _training_plots(run: Store) -> list[tuple[str, str]]:
     """Each task's training loss, and its headline validation metric per epoch."""
-    metrics = join(run, METRICS)
-    if not fs.exists(metrics):
+    if not run.exists(METRICS):
         return []
-    records = [json.loads(line) for line in fs.cat_file(metrics).decode().splitlines()]
+    records = [json.loads(line) for line in run.read_bytes(METRICS).decode().splitlines()]
     steps = [r for r in records if r.get("loss") is not None]
     epochs = [r for r in records if "val_tasks" in r]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
@@ -153,14 +150,13 @@ def _roc(name: str, curves: dict, per_class: dict) -> str:
     return _png(fig)
 
 
-def _evaluation_plots(fs, run: str) -> list[tuple[str, str]]:
+def _evaluation_plots(run: Store) -> list[tuple[str, str]]:
     """Per task of RUN/eval.json's validation set: confusion matrix and ROC curves
     (classification), per-tag F1 (multilabel), the error metrics (regression), and the
     modality ablation of its headline metric."""
-    path = join(run, EVAL)
-    if not fs.exists(path):
+    if not run.exists(EVAL):
         return []
-    result = read_json(fs, path)
+    result = run.read_json(EVAL)
     val = result["sets"]["val"]
     plots = []
     for task in tasks_from_meta(result["tasks"]):
@@ -198,45 +194,39 @@ def _page(title: str, summary: str, plots: list[tuple[str, str]]) -> bytes:
 </body></html>""".encode()
 
 
-def write_run_report(run: str, storage_options: dict) -> str:
-    """RUN/report.html: a training run's loss, validation accuracy and evaluation plots."""
-    fs, root = filesystem(run, storage_options)
-    summary = read_json(fs, join(root, TRAIN_SUMMARY))
-    text = (f"{summary['train_samples']} training and {summary['val_samples']} validation samples, "
-            f"{summary['steps']} steps, final loss {summary['final_loss']:.4f}.")
-    path = join(root, "report.html")
-    write_atomic(fs, path, _page("tessera training run", text, _training_plots(fs, root) +
-                                 _evaluation_plots(fs, root)))
-    return path
+def write_run_report(run: Store) -> str:
+    """RUN/report.html: a training run's loss, validation accuracy and evaluation plots; its URL."""
+    summary = TrainSummary.read(run)
+    text = (f"{summary.train_samples} training and {summary.val_samples} validation samples, "
+            f"{summary.steps} steps, final loss {summary.final_loss:.4f}.")
+    run.write_bytes(REPORT, _page("tessera training run", text, _training_plots(run) + _evaluation_plots(run)))
+    return run.url_of(REPORT)
 
 
-def write_report(out: str, storage_options: dict, run: str | None = None) -> str:
+def write_report(out: Store, run: Store | None = None) -> str:
     """OUT/report.html from OUT/shards (summaries, index, sidecars) and a training run folder
-    (any URL; its loss, validation accuracy and evaluation plots)."""
-    fs, root = filesystem(out, storage_options)
-    run_fs = filesystem(run, storage_options) if run else None
-    shards = join(root, "shards")
-    summary = read_json(fs, join(shards, SUMMARY))
-    embed = read_json(fs, join(shards, EMBED_SUMMARY)) if fs.exists(join(shards, EMBED_SUMMARY)) else {}
+    (its loss, validation accuracy and evaluation plots); its URL."""
+    shards = out.child(SHARDS)
+    summary = ShardSummary.read(shards)
+    embed = EmbedSummary.read(shards) if EmbedSummary.exists(shards) else None
     labels, modalities = Counter(), Counter()
-    for batch in index_batches(Store(join(out, "shards"), storage_options), ["label", "modalities"]):
+    for batch in index_batches(shards, ["label", "modalities"]):
         labels.update(label or "none" for label in batch.column("label").to_pylist())
         modalities.update(m for ms in batch.column("modalities").to_pylist() for m in ms)
-    throughput = {"shard samples/s": summary["samples_per_s"]}  # of the run that wrote the shards
-    throughput |= {f"embed {m}/s": v["embeddings_per_s"] for m, v in embed.get("modalities", {}).items()
+    throughput = {"shard samples/s": summary.samples_per_s}  # of the run that wrote the shards
+    throughput |= {f"embed {m}/s": v["embeddings_per_s"] for m, v in (embed.modalities if embed else {}).items()
                    if v.get("embeddings_per_s")}
     plots = [
         ("Samples per label", _bars(dict(sorted(labels.items())), "accepted samples per label")),
         ("Samples per modality", _bars(dict(modalities), "accepted samples per modality")),
-        ("Reject reasons", _bars(summary["rejected_by_reason"] or {"(none)": 0},
-                                 f"rejected inputs: {summary['rejected']}", horizontal=True)),
+        ("Reject reasons", _bars(summary.rejected_by_reason or {"(none)": 0},
+                                 f"rejected inputs: {summary.rejected}", horizontal=True)),
         ("Stage throughput", _bars(throughput, "throughput", horizontal=True)),
-        *_embedding_plots(Store(join(out, "shards"), storage_options)),
-        *(_training_plots(*run_fs) + _evaluation_plots(*run_fs) if run else []),
+        *_embedding_plots(shards),
+        *(_training_plots(run) + _evaluation_plots(run) if run else []),
     ]
-    text = (f"{summary['inputs']} inputs, {summary['accepted']} accepted, {summary['rejected']} rejected, "
-            f"{summary['shards']} shards; {embed.get('computed', 0)} embeddings computed, "
-            f"{embed.get('cache_hits', 0)} cache hits.")
-    path = join(root, "report.html")
-    write_atomic(fs, path, _page("tessera run report", text, plots))
-    return path
+    text = (f"{summary.inputs} inputs, {summary.accepted} accepted, {summary.rejected} rejected, "
+            f"{summary.shards} shards; {embed.computed if embed else 0} embeddings computed, "
+            f"{embed.cache_hits if embed else 0} cache hits.")
+    out.write_bytes(REPORT, _page("tessera run report", text, plots))
+    return out.url_of(REPORT)

@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from features.cache import EmbeddingCache
+from preprocess.storage import Store
 
 DIM = 8
 
@@ -25,22 +26,22 @@ def hashes_for(worker: int, n: int = 200) -> list[str]:
 
 
 def insert_in_batches(root: str, hashes: list[str], barrier) -> None:
-    cache = EmbeddingCache(root, "model/a")
+    cache = EmbeddingCache(Store(root), "model/a")
     barrier.wait()  # every writer starts at once
     for i in range(0, len(hashes), 25):
         cache.insert(hashes[i : i + 25], vectors_for(hashes[i : i + 25]))
 
 
 def test_round_trip_is_exact_and_identities_are_apart(tmp_path):
-    cache = EmbeddingCache(str(tmp_path), "model/a")
+    cache = EmbeddingCache(Store(str(tmp_path)), "model/a")
     assert cache.lookup(hashes_for(0)) == {}
     hashes = hashes_for(0)
     cache.insert(hashes, vectors_for(hashes))
-    got = EmbeddingCache(str(tmp_path), "model/a").lookup(hashes[:3] + ["0" * 64])
+    got = EmbeddingCache(Store(str(tmp_path)), "model/a").lookup(hashes[:3] + ["0" * 64])
     assert set(got) == set(hashes[:3])
     for h, v in zip(hashes[:3], vectors_for(hashes[:3]), strict=True):
         assert got[h].dtype == np.float32 and np.array_equal(got[h], v)  # bit for bit
-    assert EmbeddingCache(str(tmp_path), "model/b").lookup(hashes) == {}
+    assert EmbeddingCache(Store(str(tmp_path)), "model/b").lookup(hashes) == {}
 
 
 def test_writers_at_once_lose_nothing_and_duplicate_nothing(tmp_path):
@@ -54,7 +55,7 @@ def test_writers_at_once_lose_nothing_and_duplicate_nothing(tmp_path):
     for p in procs:
         p.join()
         assert p.exitcode == 0
-    cache = EmbeddingCache(str(tmp_path), "model/a")
+    cache = EmbeddingCache(Store(str(tmp_path)), "model/a")
     expected = set(same) | set(hashes_for(1)) | set(hashes_for(2))
     assert cache.count() == len(expected) == 600  # no hash twice
     got = cache.lookup(expected)
@@ -68,7 +69,7 @@ def data_files(root: Path) -> list[Path]:
 
 
 def test_flipped_bits_and_truncated_files_are_reported_and_never_served(tmp_path):
-    cache = EmbeddingCache(str(tmp_path), "model/a")
+    cache = EmbeddingCache(Store(str(tmp_path)), "model/a")
     first, second = hashes_for(0, 100), hashes_for(1, 100)
     cache.insert(first, vectors_for(first))
     cache.insert(second, vectors_for(second))
@@ -79,20 +80,20 @@ def test_flipped_bits_and_truncated_files_are_reported_and_never_served(tmp_path
     data[at + 2] ^= 0x01
     flipped.write_bytes(bytes(data))
 
-    fresh = EmbeddingCache(str(tmp_path), "model/a")
+    fresh = EmbeddingCache(Store(str(tmp_path)), "model/a")
     got = fresh.lookup(first)
     assert 0 < len(got) < 100 and fresh.corrupt and "fail their check" in fresh.corrupt[0]
     for h, v in got.items():
         assert np.array_equal(v, vectors_for([h])[0])  # what is served is intact
     bad = set(first) - set(got)
-    assert EmbeddingCache(str(tmp_path), "model/a").lookup(bad) == {}  # deleted, not served later
+    assert EmbeddingCache(Store(str(tmp_path)), "model/a").lookup(bad) == {}  # deleted, not served later
 
     truncated.write_bytes(truncated.read_bytes()[:200])
-    fresh = EmbeddingCache(str(tmp_path), "model/a")
+    fresh = EmbeddingCache(Store(str(tmp_path)), "model/a")
     assert fresh.lookup(second) == {} and "unreadable fragments" in fresh.corrupt[0]
     fresh.insert(second, vectors_for(second))  # recomputed: served again
     fresh.insert(sorted(bad), vectors_for(sorted(bad)))
-    assert set(EmbeddingCache(str(tmp_path), "model/a").lookup(first + second)) == set(first + second)
+    assert set(EmbeddingCache(Store(str(tmp_path)), "model/a").lookup(first + second)) == set(first + second)
 
 
 def old_part(folder: Path, hashes: list[str], identity: str) -> Path:
@@ -113,7 +114,7 @@ def test_the_parquet_layout_is_migrated_on_first_use(tmp_path):
     old_part(folder, hashes_for(0, 30), "model/a")
     altered = old_part(folder, hashes_for(1, 30), "model/a")
     altered.write_bytes(altered.read_bytes()[:-10])  # no longer matches its name
-    cache = EmbeddingCache(str(tmp_path), "model/a")
+    cache = EmbeddingCache(Store(str(tmp_path)), "model/a")
     got = cache.lookup(hashes_for(0, 30) + hashes_for(1, 30))
     assert set(got) == set(hashes_for(0, 30)) and len(cache.corrupt) == 1
     assert np.array_equal(got[hashes_for(0, 30)[5]], vectors_for(hashes_for(0, 30))[5])
@@ -121,11 +122,11 @@ def test_the_parquet_layout_is_migrated_on_first_use(tmp_path):
 
 
 def test_lookups_go_through_the_key_index(tmp_path):
-    cache = EmbeddingCache(str(tmp_path), "model/a")
+    cache = EmbeddingCache(Store(str(tmp_path)), "model/a")
     for worker in range(3):
         cache.insert(hashes_for(worker), vectors_for(hashes_for(worker)))
     cache.maintain()  # the appended rows folded into the index
-    dataset = EmbeddingCache(str(tmp_path), "model/a")._open()
+    dataset = EmbeddingCache(Store(str(tmp_path)), "model/a")._open()
     plan = dataset.scanner(columns=["sha256"], filter=pc.field("sha256").isin(hashes_for(1)[:3])).explain_plan()
     assert "ScalarIndexQuery" in plan and "BTree" in plan
     assert dataset.describe_indices()[0].num_rows_indexed == dataset.count_rows() == 600

@@ -10,9 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from features.config import EmbedConfig, TextEncoderConfig
+from features.layout import EmbedSummary
 from features.stage import run_embed_stage
 from preprocess.config import ShardConfig
 from preprocess.stage import run_shard_stage
+from preprocess.storage import Store
 from tests.conftest import LABELS, MINI, REPO, index_rows
 
 SAMPLE = REPO / "workflows" / "sample_corpus" / "manifest.jsonl"
@@ -21,7 +23,7 @@ SAMPLE = REPO / "workflows" / "sample_corpus" / "manifest.jsonl"
 @pytest.fixture(scope="module")
 def mini_shards(ray_session, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("mini-shards")
-    run_shard_stage(str(MINI / "manifest.jsonl"), str(out), ShardConfig(labels=LABELS, samples_per_shard=16),
+    run_shard_stage(str(MINI / "manifest.jsonl"), Store(str(out)), ShardConfig(labels=LABELS, samples_per_shard=16),
                     progress=False)
     return out
 
@@ -29,7 +31,7 @@ def mini_shards(ray_session, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def sample_shards(ray_session, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sample-shards")
-    run_shard_stage(str(SAMPLE), str(out), ShardConfig(labels=LABELS, samples_per_shard=6), progress=False)
+    run_shard_stage(str(SAMPLE), Store(str(out)), ShardConfig(labels=LABELS, samples_per_shard=6), progress=False)
     return out
 
 
@@ -46,8 +48,8 @@ def sidecars(out: Path) -> dict[str, dict]:
     return rows
 
 
-def embed(shards: Path, **cfg) -> dict:
-    return run_embed_stage(str(shards), EmbedConfig(**cfg), progress=False)
+def embed(shards: Path, **cfg) -> EmbedSummary:
+    return run_embed_stage(Store(str(shards)), EmbedConfig(**cfg), progress=False)
 
 
 def test_mini_every_modality_embedded_text_exact_and_rerun_computes_nothing(mini_shards):
@@ -70,14 +72,14 @@ def test_mini_every_modality_embedded_text_exact_and_rerun_computes_nothing(mini
     ours = np.array([vectors[c["key"]]["text"] for c in captions])
     np.testing.assert_allclose(ours, direct, atol=1e-5)
     # identical payloads cost one call: 12 faces share a caption, moon and moon-silent a picture
-    assert first["modalities"]["text"]["computed"] == first["modalities"]["text"]["unique"] == 32
-    image = first["modalities"]["image"]
+    assert first.modalities["text"]["computed"] == first.modalities["text"]["unique"] == 32
+    image = first.modalities["image"]
     assert image["computed"] == image["unique"] <= 41 and image["samples"] == 42
     assert vectors["moon"]["image"] == vectors["moon-silent"]["image"]
 
     second = embed(mini_shards)
-    assert second["computed"] == 0 and second["sidecars_written"] == 0 and second["sidecars_up_to_date"] == 3
-    assert second["cache_hits"] == sum(m["samples"] for m in first["modalities"].values())
+    assert second.computed == 0 and second.sidecars_written == 0 and second.sidecars_up_to_date == 3
+    assert second.cache_hits == sum(m["samples"] for m in first.modalities.values())
 
 
 def test_changed_encoder_is_recomputed_others_hit(sample_shards, tmp_path):
@@ -85,11 +87,11 @@ def test_changed_encoder_is_recomputed_others_hit(sample_shards, tmp_path):
     first = embed(shards, audio=None, video=None)
     before = sidecars(shards)
     changed = embed(shards, audio=None, video=None, text=TextEncoderConfig(max_length=8))
-    text = changed["modalities"]["text"]
+    text = changed.modalities["text"]
     assert text["computed"] == text["unique"] and text["cache_hits"] == 0
-    assert changed["modalities"]["image"]["computed"] == 0
-    assert changed["modalities"]["image"]["cache_hits"] == first["modalities"]["image"]["samples"]
-    assert changed["encoders"]["text"] != first["encoders"]["text"]
+    assert changed.modalities["image"]["computed"] == 0
+    assert changed.modalities["image"]["cache_hits"] == first.modalities["image"]["samples"]
+    assert changed.encoders["text"] != first.encoders["text"]
     after = sidecars(shards)
     assert after["camera"]["image"] == before["camera"]["image"]
     assert after["camera"]["text"] != before["camera"]["text"]  # 8 tokens of the caption, not all of it
@@ -119,23 +121,23 @@ def test_corrupt_cache_is_reported_and_recomputed(sample_shards, tmp_path):
     for sidecar in shards.glob("*.emb.parquet"):
         sidecar.unlink()
     summary = embed(shards, audio=None, video=None, image=None)
-    assert summary["cache_corrupt"] and "unreadable fragments" in summary["cache_corrupt"][0]
-    assert summary["modalities"]["text"]["computed"] == summary["modalities"]["text"]["unique"] == 17  # one fragment
+    assert summary.cache_corrupt and "unreadable fragments" in summary.cache_corrupt[0]
+    assert summary.modalities["text"]["computed"] == summary.modalities["text"]["unique"] == 17  # one fragment
     recomputed = sidecars(shards)
     for key, row in reference.items():
         np.testing.assert_allclose(recomputed[key]["text"], row["text"], atol=1e-6)
     for sidecar in shards.glob("*.emb.parquet"):
         sidecar.unlink()
     again = embed(shards, audio=None, video=None, image=None)
-    assert again["cache_corrupt"] == [] and again["computed"] == 0
+    assert again.cache_corrupt == [] and again.computed == 0
 
 
 def test_two_actors_share_the_work_and_the_cache(sample_shards, tmp_path):
     shards = copy_shards(sample_shards, tmp_path / "shards")
     summary = embed(shards, actors=2, cpus_per_actor=1, video=None)
-    assert summary["modalities"]["text"]["computed"] == 17
-    assert summary["cache_corrupt"] == []
-    assert embed(shards, actors=2, cpus_per_actor=1, video=None)["computed"] == 0
+    assert summary.modalities["text"]["computed"] == 17
+    assert summary.cache_corrupt == []
+    assert embed(shards, actors=2, cpus_per_actor=1, video=None).computed == 0
 
 
 def test_keep_frames_and_float16(sample_shards, tmp_path):

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 
 from preprocess.config import ShardConfig
 from preprocess.stage import run_shard_stage
+from preprocess.storage import Store
 from tests.conftest import MINI, REPO, index_rows, reject_rows
 
 
@@ -44,8 +45,8 @@ def test_earliest_row_wins_across_shards_and_files_with_one_or_two_workers(ray_s
                           capture_output=True, text=True, env={**os.environ, "RAY_ADDRESS": ""})
     assert done.returncode == 0, done.stderr[-3000:]
     one = json.loads(done.stdout.splitlines()[-1])  # a local Ray with one CPU: one shard at a time
-    two = run_shard_stage(str(tmp_path / "parts"), str(tmp_path / "two"), ShardConfig(samples_per_shard=4),
-                          progress=False)  # the session's Ray, two at a time
+    two = run_shard_stage(str(tmp_path / "parts"), Store(str(tmp_path / "two")), ShardConfig(samples_per_shard=4),
+                          progress=False).to_json()  # the session's Ray, two at a time
     counts = ("inputs", "accepted", "rejected", "shards")
     assert [one[k] for k in counts] == [two[k] for k in counts] == [26, 19, 7, 3 + 2 + 2]
     kept = {(r["file"], r["line"], r["key"]) for r in index_rows(tmp_path / "one")}

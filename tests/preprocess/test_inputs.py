@@ -15,6 +15,7 @@ from preprocess.config import ShardConfig
 from preprocess.inputs import AllowedInputs
 from preprocess.manifest import LineReject, iter_manifest
 from preprocess.stage import run_shard_stage
+from preprocess.storage import Store
 from tests.conftest import MINI, reject_rows
 
 
@@ -53,8 +54,8 @@ def corpus(tmp_path, rows: list[dict]):
     return folder / "manifest.jsonl"
 
 
-def rejects_of(manifest, cfg: ShardConfig, storage_options=None) -> dict[str, str]:
-    return {item.key: item.reason for item in iter_manifest(str(manifest), cfg, storage_options)
+def rejects_of(manifest, cfg: ShardConfig, store: Store | None = None) -> dict[str, str]:
+    return {item.key: item.reason for item in iter_manifest(str(manifest), cfg, store or Store(str(manifest)))
             if isinstance(item, LineReject)}
 
 
@@ -70,8 +71,8 @@ def test_paths_outside_the_manifest_folder_are_rejected_without_a_read(ray_sessi
         {"key": "http", "image": f"{http_server}/latest/meta-data/iam.png", "text": "metadata endpoint"},
     ])
     out = tmp_path / "out"
-    summary = run_shard_stage(str(manifest), str(out), ShardConfig(), progress=False)
-    assert summary["accepted"] == 1
+    summary = run_shard_stage(str(manifest), Store(str(out)), ShardConfig(), progress=False)
+    assert summary.accepted == 1
     reasons = {r["key"]: r["reason"] for r in reject_rows(out)}
     assert sorted(reasons) == ["absolute", "dotted", "escape", "http", "symlink"]
     assert all("outside the allowed inputs" in reason for reason in reasons.values()), reasons
@@ -104,10 +105,11 @@ def test_another_bucket_is_refused_unless_listed(s3_options):
         {"key": "prefix-lookalike", "text_file": "s3://data/corpus-evil/x.txt"},
         {"key": "own", "text_file": "s3://data/corpus/sub/x.txt"},
     ]).encode())
-    reasons = rejects_of("s3://data/corpus/manifest.jsonl", ShardConfig(), s3_options)
+    bucket = Store("s3://data", s3_options)
+    reasons = rejects_of("s3://data/corpus/manifest.jsonl", ShardConfig(), bucket)
     assert set(reasons) == {"other", "climb", "prefix-lookalike"}
     allowed = ShardConfig(inputs={"allow": ["s3://data-private/"]})
-    assert set(rejects_of("s3://data/corpus/manifest.jsonl", allowed, s3_options)) == {"prefix-lookalike"}
+    assert set(rejects_of("s3://data/corpus/manifest.jsonl", allowed, bucket)) == {"prefix-lookalike"}
 
 
 def test_prefixes_match_whole_path_segments():

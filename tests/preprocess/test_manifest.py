@@ -7,7 +7,10 @@ import pytest
 
 from preprocess.config import ShardConfig
 from preprocess.manifest import LineReject, ManifestSource, chunks, iter_manifest, read_chunk
+from preprocess.storage import Store
 from tests.conftest import LABELS, MINI
+
+LOCAL = Store("/")  # reaches every local path
 
 
 def write_jsonl(path, lines):
@@ -16,7 +19,7 @@ def write_jsonl(path, lines):
 
 
 def read_manifest(url, cfg, rows_per_chunk=4096):
-    items = list(iter_manifest(url, cfg, rows_per_chunk=rows_per_chunk))
+    items = list(iter_manifest(url, cfg, LOCAL, rows_per_chunk=rows_per_chunk))
     return [r for r in items if not isinstance(r, LineReject)], [r for r in items if isinstance(r, LineReject)]
 
 
@@ -100,7 +103,7 @@ def test_jsonl_chunks_cut_at_line_boundaries_and_keep_line_numbers(tmp_path, mon
     lines[9] = ""  # a blank line is a line (numbering follows the file) but not a row
     path = tmp_path / "m.jsonl"
     path.write_bytes(("\r\n".join(lines)).encode())  # CRLF, no newline at the end
-    source = ManifestSource.open(str(path))
+    source = ManifestSource.open(str(path), LOCAL)
     cut = list(chunks(source, 7))
     assert [c.first_line for c in cut] == [1, 8, 15, 22, 29, 36]
     assert [(a.stop, b.start) for a, b in zip(cut, cut[1:], strict=False)] == [(a.stop, a.stop) for a in cut[:-1]]
@@ -112,7 +115,7 @@ def test_jsonl_chunks_cut_at_line_boundaries_and_keep_line_numbers(tmp_path, mon
 def test_parquet_chunks_read_only_their_rows_across_row_groups(tmp_path):
     table = pa.table({"key": [f"k{i}" for i in range(1, 101)], "text": ["t"] * 100})
     pq.write_table(table, tmp_path / "m.parquet", row_group_size=9)
-    cut = list(chunks(ManifestSource.open(str(tmp_path / "m.parquet")), 25))
+    cut = list(chunks(ManifestSource.open(str(tmp_path / "m.parquet"), LOCAL), 25))
     assert [(c.start, c.stop, c.first_line) for c in cut] == [(0, 25, 1), (25, 50, 26), (50, 75, 51), (75, 100, 76)]
     assert [(line, obj["key"]) for c in cut for line, obj in read_chunk(c)] == [(i, f"k{i}") for i in range(1, 101)]
 
@@ -124,15 +127,15 @@ def test_a_folder_or_glob_of_jsonl_and_parquet_parts_is_one_manifest(tmp_path):
     pq.write_table(pa.table({"key": ["b1", "b2"], "text": ["u", "v"]}), folder / "b" / "part-0.parquet")
     write_jsonl(folder / "c.jsonl", [{"key": "c1", "text": "z"}])
     (folder / "README.md").write_text("not a manifest")
-    source = ManifestSource.open(str(folder))
+    source = ManifestSource.open(str(folder), LOCAL)
     assert [f.name for f in source.files] == ["a.jsonl", "b/part-0.parquet", "c.jsonl"]
     rows, _ = read_manifest(str(folder), ShardConfig())
     assert [(r.file, r.line, r.key) for r in rows] == [("a.jsonl", 1, "a1"), ("a.jsonl", 2, "a2"),
                                                        ("b/part-0.parquet", 1, "b1"), ("b/part-0.parquet", 2, "b2"),
                                                        ("c.jsonl", 1, "c1")]
-    assert [f.name for f in ManifestSource.open(str(folder / "*.jsonl")).files] == ["a.jsonl", "c.jsonl"]
+    assert [f.name for f in ManifestSource.open(str(folder / "*.jsonl"), LOCAL).files] == ["a.jsonl", "c.jsonl"]
     before = source.fingerprint
     os.utime(folder / "c.jsonl", ns=(0, 0))  # same size, another mtime: the file may have changed
-    assert ManifestSource.open(str(folder)).fingerprint != before
+    assert ManifestSource.open(str(folder), LOCAL).fingerprint != before
     with pytest.raises(FileNotFoundError, match="no manifest"):
-        ManifestSource.open(str(folder / "b" / "*.jsonl"))
+        ManifestSource.open(str(folder / "b" / "*.jsonl"), LOCAL)

@@ -20,10 +20,9 @@ def test_shard_from_s3_to_s3(ray_session, s3_options):
     fs.mkdir("corpus")
     fs.put(str(SAMPLE) + "/", "corpus/sample/", recursive=True)
     cfg = ShardConfig(samples_per_shard=6, labels=LABELS)
-    summary = run_shard_stage("s3://corpus/sample/manifest.jsonl", "s3://corpus/out", cfg, s3_options,
-                              progress=False)
-    assert (summary["inputs"], summary["accepted"], summary["shards"]) == (17, 17, 3)
     out = Store("s3://corpus/out", s3_options)
+    summary = run_shard_stage("s3://corpus/sample/manifest.jsonl", out, cfg, progress=False)
+    assert (summary.inputs, summary.accepted, summary.shards) == (17, 17, 3)
     assert committed_shards(out) == [f"shard-00000{i}.tar" for i in range(3)]
     assert not fs.glob("corpus/out/*.tmp-*") and not fs.glob("corpus/out/*/*.tmp-*")
     with tarfile.open(fileobj=io.BytesIO(fs.cat_file("corpus/out/shard-000000.tar"))) as tar:
@@ -33,6 +32,5 @@ def test_shard_from_s3_to_s3(ray_session, s3_options):
     assert len(fs.glob("corpus/out/index/shard-*.parquet")) == 3
     assert json.loads(fs.cat_file("corpus/out/summary.json"))["accepted"] == 17
 
-    again = run_shard_stage("s3://corpus/sample/manifest.jsonl", "s3://corpus/out", cfg, s3_options,
-                            progress=False)
-    assert again["resumed_shards"] == 3
+    again = run_shard_stage("s3://corpus/sample/manifest.jsonl", out, cfg, progress=False)
+    assert again.resumed_shards == 3 and again.up_to_date

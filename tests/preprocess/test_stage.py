@@ -18,7 +18,7 @@ import webdataset as wds
 from PIL import Image
 
 from preprocess.config import AugmentConfig, ImageConfig, ShardConfig
-from preprocess.layout import MEMBER_EXTENSIONS, OutputConflict, committed_shards
+from preprocess.layout import MEMBER_EXTENSIONS, OutputConflict, ShardSummary, committed_shards
 from preprocess.stage import run_shard_stage
 from preprocess.storage import Store
 from preprocess.video import decode_frames
@@ -27,8 +27,8 @@ from tests.conftest import DIRTY, LABELS, MINI, REPO, index_rows, reject_rows
 SAMPLE = REPO / "workflows" / "sample_corpus" / "manifest.jsonl"
 
 
-def shard(manifest, out, **cfg) -> dict:
-    return run_shard_stage(str(manifest), str(out), ShardConfig(labels=LABELS, **cfg), progress=False)
+def shard(manifest, out, **cfg) -> ShardSummary:
+    return run_shard_stage(str(manifest), Store(str(out)), ShardConfig(labels=LABELS, **cfg), progress=False)
 
 
 def read_samples(out: Path) -> dict[str, dict]:
@@ -111,13 +111,13 @@ def test_dirty_corpus_ends_as_expected_line_by_line(ray_session, tmp_path):
     gray = samples["gray16"]["image"]
     assert gray.mean() < 200 and gray.std() > 20  # a scaled ramp, not clipped to white
     assert samples["silent-audio"]["json"]["audio"]["silent"] is True
-    assert summary["inputs"] == 23 and summary["accepted"] == 9 and summary["rejected"] == 14
-    assert summary["rejected_by_reason"]["image: decompression bomb"] == 1
+    assert summary.inputs == 23 and summary.accepted == 9 and summary.rejected == 14
+    assert summary.rejected_by_reason["image: decompression bomb"] == 1
 
 
 def test_mini_corpus_every_modality_decodes(ray_session, tmp_path):
     summary = shard(MINI / "manifest.jsonl", tmp_path, samples_per_shard=16)
-    assert (summary["inputs"], summary["accepted"], summary["rejected"], summary["shards"]) == (43, 43, 0, 3)
+    assert (summary.inputs, summary.accepted, summary.rejected, summary.shards) == (43, 43, 0, 3)
     index = {row["key"]: row for row in index_rows(tmp_path)}
     samples = read_samples(tmp_path)
     assert set(samples) == set(index)
@@ -142,7 +142,7 @@ def test_mini_corpus_every_modality_decodes(ray_session, tmp_path):
             if modality:
                 payload = tar.extractfile(member).read()
                 assert hashlib.sha256(payload).hexdigest() == index[key][f"{modality}_payload_sha256"]
-    stats = summary["statistics"]
+    stats = summary.statistics
     assert len(stats["image"]["mean"]) == 3 and all(0 < s < 0.5 for s in stats["image"]["std"])
     assert stats["audio"]["clips"] == 41 and stats["text"]["texts"] == 43
 
@@ -183,9 +183,9 @@ def test_killed_run_resumes_to_the_same_output(ray_session, tmp_path):
     committed_before = len(list(killed.glob("shard-*.json"))) - 1  # minus shard-config.json
     assert 2 <= committed_before < 17 and not (killed / "summary.json").exists()
 
-    summary = run_shard_stage(str(SAMPLE), str(killed), ShardConfig(
+    summary = run_shard_stage(str(SAMPLE), Store(str(killed)), ShardConfig(
         samples_per_shard=1, labels=LABELS, **AUGMENTED), progress=False)
-    assert summary["resumed_shards"] >= committed_before
+    assert summary.resumed_shards >= committed_before and not summary.up_to_date
     shard(SAMPLE, tmp_path / "whole", samples_per_shard=1, **AUGMENTED)
     assert output_bytes(killed) == output_bytes(tmp_path / "whole")
     assert not list(killed.glob("*.tmp-*"))

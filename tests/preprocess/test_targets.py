@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from preprocess.config import ShardConfig
 from preprocess.stage import run_shard_stage
+from preprocess.storage import Store
 from tests.conftest import index_rows, reject_rows
 
 TARGETS = [{"field": "sentiment", "kind": "classification", "labels": ["negative", "positive"]},
@@ -31,8 +32,8 @@ def test_target_values_are_checked_and_recorded(ray_session, tmp_path):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
-    summary = run_shard_stage(str(manifest), str(out), ShardConfig(targets=TARGETS), progress=False)
-    assert summary["accepted"] == 3
+    summary = run_shard_stage(str(manifest), Store(str(out)), ShardConfig(targets=TARGETS), progress=False)
+    assert summary.accepted == 3
     reasons = {r["key"]: r["reason"] for r in reject_rows(out)}
     assert reasons == {
         "bad-class": "target sentiment: 'meh' is not in its label set",

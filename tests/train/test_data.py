@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from preprocess.storage import Store
 from tests.conftest import index_rows
 from train.data import DatasetInfo, StreamSpec, loader, split_of
 
@@ -27,7 +28,7 @@ def test_split_by_key_hash_is_stable_and_disjoint():
 
 
 def test_one_epoch_over_two_ranks_and_two_loader_workers_sees_every_sample_once(embedded_mini):
-    info = DatasetInfo.read(str(embedded_mini), ("text", "image", "audio", "video"), 0.2)
+    info = DatasetInfo.read(Store(str(embedded_mini)), ("text", "image", "audio", "video"), 0.2)
     train_keys = {k for k in _all_keys(embedded_mini) if split_of(k, 0.2) == "train"}
     seen, sizes = [], set()
     for rank in range(2):
@@ -42,7 +43,7 @@ def test_one_epoch_over_two_ranks_and_two_loader_workers_sees_every_sample_once(
 
 
 def test_epochs_reshuffle_and_seeds_repeat(embedded_mini):
-    info = DatasetInfo.read(str(embedded_mini), ("text", "image"), 0.2)
+    info = DatasetInfo.read(Store(str(embedded_mini)), ("text", "image"), 0.2)
     first = keys_of(loader(spec_for(info, 0, workers=1), 0))
     assert first == keys_of(loader(spec_for(info, 0, workers=1), 0))
     assert first != keys_of(loader(spec_for(info, 0, workers=1), 1))
@@ -51,7 +52,7 @@ def test_epochs_reshuffle_and_seeds_repeat(embedded_mini):
 
 @pytest.mark.parametrize("start", [1, 2, 3])
 def test_resuming_mid_epoch_continues_with_the_same_batches(embedded_mini, start):
-    info = DatasetInfo.read(str(embedded_mini), ("text", "image", "audio"), 0.2)
+    info = DatasetInfo.read(Store(str(embedded_mini)), ("text", "image", "audio"), 0.2)
     spec = spec_for(info, 1, batch=2)
     whole = [b["keys"] for b in loader(spec, 0)]
     resumed = [b["keys"] for b in loader(spec, 0, start=start)]
@@ -59,7 +60,7 @@ def test_resuming_mid_epoch_continues_with_the_same_batches(embedded_mini, start
 
 
 def test_pixels_for_the_image_branch(embedded_mini):
-    info = DatasetInfo.read(str(embedded_mini), ("text",), 0.2)
+    info = DatasetInfo.read(Store(str(embedded_mini)), ("text",), 0.2)
     batch = next(iter(loader(spec_for(info, 0, workers=1, image=32), 0)))
     assert batch["pixels"].shape == (4, 3, 32, 32)
     assert abs(float(batch["pixels"].mean())) < 1.5  # normalized with the shard statistics
@@ -70,7 +71,7 @@ def _all_keys(out):
 
 
 def test_one_stream_spans_epochs_from_a_resumed_position(embedded_mini):
-    info = DatasetInfo.read(str(embedded_mini), ("text", "image"), 0.2)
+    info = DatasetInfo.read(Store(str(embedded_mini)), ("text", "image"), 0.2)
     spec = spec_for(info, 0, batch=2)
     epochs = [[b["keys"] for b in loader(spec, e)] for e in range(3)]
     assert [b["keys"] for b in loader(spec, 0, last_epoch=3)] == epochs[0] + epochs[1] + epochs[2]
@@ -95,17 +96,17 @@ def two_versions(ray_session, tmp_path_factory):
     for name, lines in (("v1", mini_manifest_lines(12)), ("v2", newer)):
         root = tmp_path_factory.mktemp(name)
         (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
-        run_shard_stage(str(root / "manifest.jsonl"), str(root / "shards"),
+        run_shard_stage(str(root / "manifest.jsonl"), Store(str(root / "shards")),
                         ShardConfig(labels=LABELS, samples_per_shard=5, inputs={"allow": [str(MINI)]}),
                         progress=False)
-        run_embed_stage(str(root / "shards"), EmbedConfig(audio=None, video=None), progress=False)
+        run_embed_stage(Store(str(root / "shards")), EmbedConfig(audio=None, video=None), progress=False)
         folders.append(root / "shards")
     return folders, row["key"]
 
 
 def test_several_versions_train_as_one_dataset_with_the_newest_copy_of_each_key(two_versions):
     folders, changed = two_versions
-    info = DatasetInfo.read([str(f) for f in folders], ("text", "image"), 0.2)
+    info = DatasetInfo.read([Store(str(f)) for f in folders], ("text", "image"), 0.2)
     keys = set(_all_keys(folders[0])) | set(_all_keys(folders[1]))
     assert len(keys) == 20 and info.counts["train"] + info.counts["val"] == 20
     split = "train" if split_of(changed, 0.2) == "train" else "val"
@@ -132,7 +133,7 @@ def test_versions_with_different_labels_are_refused(two_versions, tmp_path):
     config["config"]["labels"] = ["cat", "dog"]
     (other / "shard-config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="differ in their labels"):
-        DatasetInfo.read([str(folders[0]), str(other)], ("text",), 0.2)
+        DatasetInfo.read([Store(str(folders[0])), Store(str(other))], ("text",), 0.2)
 
 
 def _sidecar_of(shards, key) -> str:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from preprocess.layout import OutputConflict
+from preprocess.storage import Store
 from tests.conftest import LABELS, MINI
 from train.config import ExportConfig, ModelConfig, TrainConfig
 from train.export import export_run
@@ -41,24 +42,24 @@ def embedded_captions(ray_session, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("captions")
     captions_corpus(folder / "manifest.jsonl", 240)
-    run_shard_stage(str(folder / "manifest.jsonl"), str(folder / "shards"),
+    run_shard_stage(str(folder / "manifest.jsonl"), Store(str(folder / "shards")),
                     ShardConfig(labels=LABELS, samples_per_shard=64), progress=False)
-    run_embed_stage(str(folder / "shards"), EmbedConfig(), progress=False)
+    run_embed_stage(Store(str(folder / "shards")), EmbedConfig(), progress=False)
     return folder / "shards"
 
 
 def test_a_quarter_size_student_keeps_the_teachers_accuracy_and_agrees_with_it(embedded_captions, tmp_path):
     teacher = tmp_path / "teacher"
-    run_train_stage(str(embedded_captions), str(teacher), TrainConfig(
+    run_train_stage(Store(str(embedded_captions)), Store(str(teacher)), TrainConfig(
         model=ModelConfig(modalities=("text",), hidden=128, blocks=2), epochs=8, lr=3e-3, **COMMON))
     student = tmp_path / "student"  # pipeline-parallel: the teacher runs on the last stage, beside the heads
-    summary = run_train_stage(str(embedded_captions), str(student), TrainConfig(
+    summary = run_train_stage(Store(str(embedded_captions)), Store(str(student)), TrainConfig(
         model=ModelConfig(modalities=("text",), hidden=16, blocks=1, dropout=0.0), epochs=12, lr=1e-2,
         parallel="pipeline", zero_stage=0, distill_from=str(teacher), distill={"alpha": 0.7, "temperature": 2.0},
         **COMMON))
-    assert summary["distilled_from"] == str(teacher)
+    assert summary.distilled_from == str(teacher)
 
-    result = export_run(str(student), str(tmp_path / "export"), ExportConfig())
+    result = export_run(Store(str(student)), Store(str(tmp_path / "export")), ExportConfig())
     report = result["distillation"]
     big, small = report["teacher"], report["student"]
     print(json.dumps(report, indent=1))
@@ -77,6 +78,6 @@ def test_a_teacher_of_other_inputs_or_tasks_is_refused(trained_mini):
     meta = json.loads((trained_mini / "model.json").read_text())
     tasks = (Task("label", "label", "classification", LABELS),)
     with pytest.raises(OutputConflict, match="embedding widths .* tasks"):
-        teacher_for(str(trained_mini), {"text": 384}, tasks, ModelConfig.model_validate(meta["model"]))
+        teacher_for(Store(str(trained_mini)), {"text": 384}, tasks, ModelConfig.model_validate(meta["model"]))
     with pytest.raises(OutputConflict, match="holds no trained model"):
-        teacher_for(str(trained_mini / "nothing"), meta["dims"], tasks, ModelConfig())
+        teacher_for(Store(str(trained_mini / "nothing")), meta["dims"], tasks, ModelConfig())

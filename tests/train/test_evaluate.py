@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from preprocess.storage import Store
 from tests.conftest import LABELS
 from train.evaluate import Metrics, evaluate_run, task_metrics
 from train.tasks import Task
@@ -88,7 +89,7 @@ def test_regression_metrics_of_a_small_hand_worked_example():
 
 
 def test_evaluating_a_mini_run_gives_each_task_the_metrics_of_its_kind(trained_mini, embedded_mini):
-    result = evaluate_run(str(trained_mini), [str(embedded_mini)])
+    result = evaluate_run(Store(str(trained_mini)), [Store(str(embedded_mini))])
     val = result["sets"]["val"]
     rows = pq.read_table(trained_mini / "eval-predictions.parquet").to_pylist()
     mine = [r for r in rows if r["set"] == "val"]

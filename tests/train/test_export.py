@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+from preprocess.storage import Store
 from train.config import ExportConfig
-from train.evaluate import data_for, eager_scorer, eval_batches, run_record, without
+from train.evaluate import data_for, eager_scorer, eval_batches, trained_on, without
 from train.export import export_run, onnx_scorer, pruned
 from train.saved import load_model, read_saved
 
@@ -19,7 +20,8 @@ TOLERANCE = 0.06
 @pytest.fixture(scope="module")
 def exported(trained_mini, tmp_path_factory):
     out = tmp_path_factory.mktemp("export")
-    result = export_run(str(trained_mini), str(out), ExportConfig(prune_sparsity=0.5, accuracy_tolerance=TOLERANCE))
+    result = export_run(Store(str(trained_mini)), Store(str(out)),
+                        ExportConfig(prune_sparsity=0.5, accuracy_tolerance=TOLERANCE))
     return out, result
 
 
@@ -45,10 +47,10 @@ def test_every_variant_is_written_with_its_size_and_metrics(exported):
 
 def test_onnx_equals_the_eager_model_on_the_same_inputs(exported, trained_mini):
     out, _ = exported
-    meta, state = read_saved(str(trained_mini))
+    meta, state = read_saved(Store(str(trained_mini)))
     model = load_model(meta, state)
-    shards, cfg = run_record(str(trained_mini), {})
-    info = data_for(meta, shards, cfg, {})
+    shards, cfg = trained_on(Store(str(trained_mini)))
+    info = data_for(meta, shards, cfg)
     batch = next(eval_batches(info, "val", cfg, 64))
     onnx, eager = onnx_scorer(out / "model.onnx"), eager_scorer(model)
     # every head; batch sizes other than the export's example, and samples missing modalities
@@ -61,7 +63,7 @@ def test_onnx_equals_the_eager_model_on_the_same_inputs(exported, trained_mini):
 
 
 def test_magnitude_pruning_zeroes_the_configured_share_of_linear_weights(trained_mini):
-    model = load_model(*read_saved(str(trained_mini)))
+    model = load_model(*read_saved(Store(str(trained_mini))))
     sparse = pruned(model, 0.5)
     weights = torch.cat([m.weight.flatten() for m in sparse.modules() if isinstance(m, nn.Linear)])
     assert float((weights == 0).float().mean()) == pytest.approx(0.5, abs=0.01)

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from preprocess.storage import Store
-from train.run_store import LATEST, METRICS, Checkpoints, MetricsLog, scratch_for
+from train.layout import LATEST, METRICS
+from train.run_store import Checkpoints, MetricsLog, scratch_for
 
 
 @pytest.mark.parametrize("tag", ["../../etc", "step-0000001/../../x", "/abs/path", "latest", ""])

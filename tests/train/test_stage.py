@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from preprocess.layout import OutputConflict
+from preprocess.storage import Store
 from tests.conftest import MINI_TASKS, REPO
 from train.config import ModelConfig, TrainConfig
+from train.layout import TrainSummary
 from train.model import MultimodalModel
 from train.saved import load_model, read_saved
 from train.stage import run_train_stage
@@ -34,7 +36,7 @@ def losses(run: Path) -> dict[int, float]:
 
 
 def exported_model(run: Path) -> MultimodalModel:
-    return load_model(*read_saved(str(run)))
+    return load_model(*read_saved(Store(str(run))))
 
 
 def assert_learns(run: Path) -> None:
@@ -46,37 +48,38 @@ def assert_learns(run: Path) -> None:
 @pytest.fixture(scope="module")
 def zero2_run(embedded_mini, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("zero2")
-    run_train_stage(str(embedded_mini), str(run), TrainConfig(zero_stage=2, **BASE))
+    run_train_stage(Store(str(embedded_mini)), Store(str(run)), TrainConfig(zero_stage=2, **BASE))
     return run
 
 
 def test_zero2_data_parallel_reduces_the_loss_and_exports(zero2_run):
     assert_learns(zero2_run)
-    summary = json.loads((zero2_run / "train-summary.json").read_text())
-    assert summary["steps"] == 24 and summary["checkpoint"] == "step-0000024"
+    summary = TrainSummary.read(Store(str(zero2_run)))
+    assert summary.steps == 24 and summary.checkpoint == "step-0000024"
     assert (zero2_run / "checkpoints" / "latest").read_text() == "step-0000024"
     epochs = [json.loads(line) for line in (zero2_run / "metrics.jsonl").read_text().splitlines()
               if "val_accuracy" in line]
-    assert len(epochs) == 4 and epochs[-1]["val_samples"] == summary["val_samples"]
+    assert len(epochs) == 4 and epochs[-1]["val_samples"] == summary.val_samples
     model = exported_model(zero2_run)
     assert all(t.dtype == torch.float32 for t in model.state_dict().values())
 
 
 def test_training_can_start_from_an_earlier_runs_weights(zero2_run, embedded_mini, tmp_path):
     cold = json.loads((zero2_run / "train-summary.json").read_text())
-    warm = run_train_stage(str(embedded_mini), str(tmp_path),
+    warm = run_train_stage(Store(str(embedded_mini)), Store(str(tmp_path)),
                            TrainConfig(zero_stage=2, init_from=str(zero2_run), **{**BASE, "epochs": 1}))
-    assert warm["init_from"] == str(zero2_run) and not warm["resumed"]
+    assert warm.init_from == str(zero2_run) and not warm.resumed
     # the first step already has the trained model's loss, not a fresh model's
-    assert warm["first_loss"] < 0.5 * cold["first_loss"], (warm["first_loss"], cold["first_loss"])
+    assert warm.first_loss < 0.5 * cold["first_loss"], (warm.first_loss, cold["first_loss"])
 
 
 def test_starting_from_weights_of_another_model_shape_is_refused(zero2_run, embedded_mini, tmp_path):
     other = TrainConfig(init_from=str(zero2_run), model=ModelConfig(hidden=64), **BASE)
     with pytest.raises(OutputConflict, match="its model differ"):
-        run_train_stage(str(embedded_mini), str(tmp_path), other)
+        run_train_stage(Store(str(embedded_mini)), Store(str(tmp_path)), other)
     with pytest.raises(OutputConflict, match="holds no trained model"):
-        run_train_stage(str(embedded_mini), str(tmp_path / "b"), TrainConfig(init_from=str(tmp_path), **BASE))
+        run_train_stage(Store(str(embedded_mini)), Store(str(tmp_path / "b")),
+                        TrainConfig(init_from=str(tmp_path), **BASE))
 
 
 def task_losses(run: Path) -> dict[str, list[float]]:
@@ -87,26 +90,26 @@ def task_losses(run: Path) -> dict[str, list[float]]:
 
 
 def test_pipeline_two_stages_trains_every_task_head(embedded_mini, tmp_path):
-    summary = run_train_stage(str(embedded_mini), str(tmp_path),
+    summary = run_train_stage(Store(str(embedded_mini)), Store(str(tmp_path)),
                               TrainConfig(parallel="pipeline", zero_stage=0, tasks=MINI_TASKS, **BASE))
     assert_learns(tmp_path)
     for task, values in task_losses(tmp_path).items():  # each head learns, not only the sum
         values = [v for v in values if v is not None]
         assert sum(values[:4]) / 4 > 1.3 * sum(values[-4:]) / 4, (task, values)
     # one data-parallel replica: each step takes one micro-batch of the 39 training samples
-    assert summary["steps"] == 40 and summary["tasks"] == ["label", "has_audio", "media", "words"]
-    stage_files = sorted(p.name for p in (tmp_path / "checkpoints" / summary["checkpoint"]).glob("layer_*"))
+    assert summary.steps == 40 and summary.tasks == ["label", "has_audio", "media", "words"]
+    stage_files = sorted(p.name for p in (tmp_path / "checkpoints" / summary.checkpoint).glob("layer_*"))
     assert len(stage_files) == 4  # fusion encoder, 2 blocks, the heads: split over the 2 stages
-    assert set(summary["val_tasks"]) == {"label", "has_audio", "media", "words"}
+    assert set(summary.val_tasks) == {"label", "has_audio", "media", "words"}
     model = exported_model(tmp_path)
     assert [t.name for t in model.tasks] == ["label", "has_audio", "media", "words"]
 
 
 def test_zero3_runs_and_checkpoints(embedded_mini, tmp_path):
     cfg = TrainConfig(zero_stage=3, **{**BASE, "epochs": 1, "checkpoint_every": 3})
-    summary = run_train_stage(str(embedded_mini), str(tmp_path), cfg)
-    tag = tmp_path / "checkpoints" / summary["checkpoint"]
-    assert summary["steps"] == 6 and len(list(tag.glob("zero_pp_rank_*_optim_states.pt"))) == 2
+    summary = run_train_stage(Store(str(embedded_mini)), Store(str(tmp_path)), cfg)
+    tag = tmp_path / "checkpoints" / summary.checkpoint
+    assert summary.steps == 6 and len(list(tag.glob("zero_pp_rank_*_optim_states.pt"))) == 2
     assert (tmp_path / "checkpoints" / "step-0000003").is_dir()
     exported_model(tmp_path)
 
@@ -128,8 +131,8 @@ def test_killed_run_resumes_with_the_same_losses(embedded_mini, zero2_run, tmp_p
     resumed_from = int(latest.read_text().removeprefix("step-"))
     assert resumed_from < 24, "the run finished before it could be killed"
 
-    summary = run_train_stage(str(embedded_mini), str(run), TrainConfig(zero_stage=2, **BASE))
-    assert summary["resumed"] and summary["steps"] == 24
+    summary = run_train_stage(Store(str(embedded_mini)), Store(str(run)), TrainConfig(zero_stage=2, **BASE))
+    assert summary.resumed and summary.steps == 24
     reference, resumed = losses(zero2_run), losses(run)
     # CPU, same data order, dropout reseeded per step: identical up to float round-off
     for step in range(resumed_from + 1, 25):
@@ -169,7 +172,9 @@ def test_rank_killed_during_save_leaves_latest_at_the_previous_checkpoint(embedd
     from train.loop import TrainJob
 
     cfg = TrainConfig(zero_stage=2, **{**BASE, "max_steps": 6, "checkpoint_every": 2, "loader_workers": 0})
-    job = TrainJob(cfg, DatasetInfo.read(str(embedded_mini), cfg.model.modalities, cfg.val_fraction), str(tmp_path))
+    run = Store(str(tmp_path))
+    job = TrainJob(cfg, DatasetInfo.read(Store(str(embedded_mini)), cfg.model.modalities, cfg.val_fraction), run,
+                   run.child("checkpoints"))
     ctx = mp.get_context("spawn")
     port = _free_port()
     procs = [ctx.Process(target=_worker_dying_in_second_save, args=(r, 2, port, job)) for r in range(2)]
@@ -193,8 +198,9 @@ def test_checkpoints_go_to_their_own_store(embedded_mini, tmp_path, s3_options):
     fs = s3fs.S3FileSystem(**s3_options["s3"])
     fs.mkdir("checkpoints")
     cfg = {**BASE, "max_steps": 6, "checkpoint_every": 3, "checkpoint_url": "s3://checkpoints/run"}
-    summary = run_train_stage(str(embedded_mini), str(tmp_path / "run"), TrainConfig(**cfg), s3_options)
-    assert summary["checkpoint"] == "step-0000006" and fs.cat_file("checkpoints/run/latest") == b"step-0000006"
+    run = Store(str(tmp_path / "run"), s3_options)  # (its options reach the checkpoints' store)
+    summary = run_train_stage(Store(str(embedded_mini)), run, TrainConfig(**cfg))
+    assert summary.checkpoint == "step-0000006" and fs.cat_file("checkpoints/run/latest") == b"step-0000006"
     assert fs.exists("checkpoints/run/step-0000003/mp_rank_00_model_states.pt")
     assert len(fs.glob("checkpoints/run/step-0000006/zero_pp_rank_*_optim_states.pt")) == 2
     assert not (tmp_path / "run" / "checkpoints").exists()

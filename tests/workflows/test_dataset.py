@@ -12,6 +12,7 @@ from PIL import Image
 
 from preprocess.config import ShardConfig
 from preprocess.stage import run_shard_stage
+from preprocess.storage import Store
 from preprocess.video import decode_frames
 from tests.conftest import DIRTY, LABELS, MINI, index_rows
 from workflows.dataset import open_dataset, shard_folders
@@ -90,8 +91,9 @@ def test_open_dataset_joins_samples_embeddings_and_labels(embedded_mini):
 
 def test_open_dataset_leaves_duplicates_out(ray_session, tmp_path):
     out = tmp_path / "job"
-    summary = run_shard_stage(str(DIRTY / "manifest.jsonl"), str(out / "shards"), ShardConfig(), progress=False)
-    assert shard_folders(str(out)) == [str(out / "shards")]  # a job OUT: its shards/
+    summary = run_shard_stage(str(DIRTY / "manifest.jsonl"), Store(str(out / "shards")), ShardConfig(),
+                              progress=False)
+    assert [f.url for f in shard_folders(Store(str(out)))] == [str(out / "shards")]  # a job OUT: its shards/
     keys = sorted(r["key"] for r in open_dataset(str(out)).take_all())
-    assert summary["duplicates"] and keys == sorted(r["key"] for r in index_rows(out / "shards"))
-    assert len(keys) == summary["accepted"]
+    assert summary.duplicates and keys == sorted(r["key"] for r in index_rows(out / "shards"))
+    assert len(keys) == summary.accepted

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from preprocess.storage import Store
 from workflows.config import load_config
 from workflows.jobs import bundled_manifest, run_pipeline
 
@@ -18,14 +19,14 @@ def test_run_chains_the_stages_and_skips_what_is_up_to_date(ray_session, tmp_pat
         "runtime.progress=false", "shard.samples_per_shard=6", "shard.labels=[person,animal,object,science,"
         "texture,document,scene]", "train.max_steps=4", "train.micro_batch_size=4", "train.val_fraction=0.3",
     ])
-    first = run_pipeline(cfg)
+    first = run_pipeline(cfg, Store(str(tmp_path)))
     assert [s["up_to_date"] for s in first["stages"].values()] == [False, False, False]
     assert first["stages"]["shard"]["accepted"] == 17 and first["stages"]["train"]["steps"] == 4
     assert (tmp_path / "shards" / "shard-000000.emb.parquet").exists()
     model = first["stages"]["train"]["model"]
     assert model.startswith(str(tmp_path / "train")) and model.endswith("model.safetensors")
 
-    second = run_pipeline(cfg)
+    second = run_pipeline(cfg, Store(str(tmp_path)))
     assert [s["up_to_date"] for s in second["stages"].values()] == [True, True, True]
     assert second["stages"]["embed"]["computed"] == 0
     assert json.loads((tmp_path / "run-summary.json").read_text())["stages"]["train"]["up_to_date"]

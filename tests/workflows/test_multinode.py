@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from preprocess.storage import Store
 from tests.conftest import LABELS, MINI, REPO, free_port
 from train.config import ExportConfig
 from train.export import export_run
@@ -216,10 +217,10 @@ def test_run_through_the_store_survives_losing_a_node_while_sharding_and_another
     assert all(stage["up_to_date"] for stage in json.loads(s3.cat_file("mn-runs/mini/run-summary.json"))["stages"]
                .values())
     # export and predict straight from the store
-    export_run(f"s3://{run}", "s3://mn-runs/mini/model", ExportConfig(), s3_options)
+    model = Store("s3://mn-runs/mini/model", s3_options)
+    export_run(model.at(f"s3://{run}"), model, ExportConfig())
     assert json.loads(s3.cat_file("mn-runs/mini/model/export.json"))["variants"]["int8"]["bytes"] > 0
-    records = list(predict_inputs(Predictor("s3://mn-runs/mini/model", storage_options=s3_options),
-                                  [bundled_manifest()]))
+    records = list(predict_inputs(Predictor(model), [bundled_manifest()]))
     assert len(records) == 17 and all(r["predictions"]["label"] in LABELS for r in records)
     print(f"\nprivate-disk cluster run: {seconds:.0f} s; resumed at step "
           f"{resumes[0]['resumed_at']} after a node was lost, {resumes[0]['steps_redone']} steps trained again "

@@ -11,6 +11,7 @@ import pytest
 
 from preprocess.config import ShardConfig
 from preprocess.stage import run_shard_stage
+from preprocess.storage import Store
 from tests.conftest import DIRTY, MINI, REPO, mini_manifest_lines, reject_rows
 from train.config import ExportConfig
 from train.evaluate import evaluate_run
@@ -22,8 +23,8 @@ from workflows.predict import Predictor, predict_inputs
 def exported_mini(trained_mini, tmp_path_factory):
     """The multi-task mini model exported, and evaluation's scores per (key, task)."""
     out = tmp_path_factory.mktemp("model")
-    export_run(str(trained_mini), str(out), ExportConfig())
-    evaluate_run(str(trained_mini))
+    export_run(Store(str(trained_mini)), Store(str(out)), ExportConfig())
+    evaluate_run(Store(str(trained_mini)))
     rows = pq.read_table(trained_mini / "eval-predictions.parquet").to_pylist()
     evaluated = {}
     for r in rows:
@@ -58,7 +59,7 @@ def test_raw_files_give_the_probabilities_evaluation_gave_from_the_shards(export
             if field in row:
                 shutil.copy(row[field], tmp_path / (row["key"] + "." + row[field].rsplit(".", 1)[1]))
         (tmp_path / f"{row['key']}.txt").write_text(row["text"])
-    records = list(predict_inputs(Predictor(str(model)), [str(tmp_path)]))
+    records = list(predict_inputs(Predictor(Store(str(model))), [str(tmp_path)]))
     assert sorted(r["key"] for r in records) == sorted(r["key"] for r in chosen)
     assert_same_probabilities(records, evaluated)
 
@@ -67,20 +68,20 @@ def test_a_manifest_gives_the_probabilities_of_evaluation_for_every_validation_s
     model, evaluated = exported_mini
     manifest = tmp_path / "new.jsonl"
     manifest.write_text("\n".join(line for line in mini_manifest_lines(43) if json.loads(line)["key"] in evaluated))
-    records = list(predict_inputs(Predictor(str(model), batch_size=5), [str(manifest)]))
+    records = list(predict_inputs(Predictor(Store(str(model)), batch_size=5), [str(manifest)]))
     assert len(records) == len(evaluated) > 10
     assert_same_probabilities(records, evaluated)
-    int8 = list(predict_inputs(Predictor(str(model), variant="int8"), [str(manifest)]))
+    int8 = list(predict_inputs(Predictor(Store(str(model)), variant="int8"), [str(manifest)]))
     assert_same_probabilities(int8, evaluated, tolerance=0.05)  # quantized: close, not equal
 
 
 def test_bad_inputs_are_rejected_with_the_reasons_of_the_shard_stage(exported_mini, ray_session, tmp_path):
     model, _ = exported_mini
-    predictor = Predictor(str(model))
+    predictor = Predictor(Store(str(model)))
     records = list(predict_inputs(predictor, [str(DIRTY / "manifest.jsonl")]))
     predicted_rejects = {r["line"]: r["reason"] for r in records if r.get("rejected")}
     shard_cfg = ShardConfig.model_validate(json.loads((model / "preprocess.json").read_text())["shard"])
-    run_shard_stage(str(DIRTY / "manifest.jsonl"), str(tmp_path / "shards"), shard_cfg, progress=False)
+    run_shard_stage(str(DIRTY / "manifest.jsonl"), Store(str(tmp_path / "shards")), shard_cfg, progress=False)
     shard_rejects = {r["line"]: r["reason"] for r in reject_rows(tmp_path / "shards")}
     # predict does not dedup: each input gets its own line, duplicate keys and content included
     dedup = {line for line, reason in shard_rejects.items() if reason.startswith("duplicate")}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from preprocess.storage import Store
 from tests.conftest import LABELS, MINI, REPO, mini_manifest_lines
 from train.data import DatasetInfo, StreamSpec, loader
 from workflows.config import load_config
@@ -24,20 +25,25 @@ def config(manifest, out, *overrides):
                               "embed.video=null", "embed.audio=null", *overrides])
 
 
+def refresh(manifest, out, *overrides) -> dict:
+    cfg = config(manifest, out, *overrides)
+    return run_refresh(cfg, cfg.runtime.store(cfg.job.out))
+
+
 def test_new_changed_and_removed_rows_become_versions_then_nothing(ray_session, tmp_path):
     manifest, out = tmp_path / "manifest.jsonl", tmp_path / "out"
     manifest.write_text("\n".join(mini_manifest_lines(20)) + "\n{broken\n")
-    first = run_refresh(config(manifest, out))
+    first = refresh(manifest, out)
     assert first["version"] == "v000001" and first["new_rows"] == 21 and first["added"] == 20
-    assert first["shard"]["accepted"] == 20 and first["shard"]["rejected"] == 1
+    assert first["shard"].accepted == 20 and first["shard"].rejected == 1
 
     manifest.write_text("\n".join(mini_manifest_lines(30)) + "\n{broken\n")
-    second = run_refresh(config(manifest, out))
+    second = refresh(manifest, out)
     assert second["version"] == "v000002" and (second["new_rows"], second["added"]) == (10, 10)
-    assert second["shard"]["inputs"] == 10 and second["shard"]["accepted"] == 10
-    assert second["embed"]["samples"] == 10 and second["embed"]["modalities"]["image"]["computed"] <= 10
+    assert second["shard"].inputs == 10 and second["shard"].accepted == 10
+    assert second["embed"].samples == 10 and second["embed"].modalities["image"]["computed"] <= 10
 
-    assert run_refresh(config(manifest, out)) == {"version": None, "new_rows": 0}
+    assert refresh(manifest, out) == {"version": None, "new_rows": 0}
     assert (out / "versions" / "v000001" / "shard-000000.emb.parquet").exists()  # earlier versions intact
 
     lines = mini_manifest_lines(30)
@@ -46,17 +52,17 @@ def test_new_changed_and_removed_rows_become_versions_then_nothing(ray_session, 
     lines[3] = json.dumps(changed)
     del lines[5]  # a takedown: the row is gone from the manifest
     manifest.write_text("\n".join(lines) + "\n{broken\n")
-    third = run_refresh(config(manifest, out))
+    third = refresh(manifest, out)
     assert (third["added"], third["changed"], third["removed"], third["new_rows"]) == (0, 1, 1, 1)
-    assert third["embed"]["modalities"]["text"]["computed"] == 1
-    assert third["embed"]["modalities"]["image"]["cache_hits"] == 1  # the picture did not change
-    listed = versions(str(out), {})
+    assert third["embed"].modalities["text"]["computed"] == 1
+    assert third["embed"].modalities["image"]["cache_hits"] == 1  # the picture did not change
+    listed = versions(Store(str(out)))
     assert [(v["version"], v["added"], v["changed"], v["removed"], v["accepted"], v["rejected"]) for v in listed] == [
         ("v000001", 20, 0, 0, 20, 1), ("v000002", 10, 0, 0, 10, 0), ("v000003", 0, 1, 1, 1, 0)]
 
     # every version together, as training and evaluation read them: the newest copy of the
     # changed key, and no trace of the removed one
-    info = DatasetInfo.read([str(out / "versions" / v["version"]) for v in listed], ("text",), 0.0)
+    info = DatasetInfo.read([Store(str(out / "versions" / v["version"])) for v in listed], ("text",), 0.0)
     assert info.excluded[0] == {changed["key"], removed["key"]} and not info.excluded[1] | info.excluded[2]
     seen = [k for b in loader(StreamSpec(info, "all", 0.0, 8, 4, 0, None), 0)
             for k, w in zip(b["keys"], b["weights"].tolist(), strict=True) if w]
@@ -65,10 +71,10 @@ def test_new_changed_and_removed_rows_become_versions_then_nothing(ray_session, 
     rows = {r["key"]: r for r in open_dataset(str(out)).take_all()}
     assert sorted(rows) == sorted(seen) and rows[changed["key"]]["text"] == "A changed caption."
 
-    assert run_refresh(config(manifest, out))["version"] is None
+    assert refresh(manifest, out)["version"] is None
     lines.insert(5, json.dumps(removed))  # back again: added, not remembered as seen
     manifest.write_text("\n".join(lines) + "\n{broken\n")
-    back = run_refresh(config(manifest, out))
+    back = refresh(manifest, out)
     assert (back["added"], back["changed"], back["removed"]) == (1, 0, 0)
 
 
@@ -83,11 +89,11 @@ def test_a_changed_file_is_found_by_its_metadata(ray_session, tmp_path):
         rows.append(json.dumps({"key": f"p{i}", "image": f"pictures/p{i}.png", "label": "object"}))
     manifest.write_text("\n".join(rows) + "\n")
     overrides = ("embed.text=null", "embed.image=null")
-    assert run_refresh(config(manifest, out, *overrides))["added"] == 3
-    assert run_refresh(config(manifest, out, *overrides))["version"] is None  # stats the files, reads none
+    assert refresh(manifest, out, *overrides)["added"] == 3
+    assert refresh(manifest, out, *overrides)["version"] is None  # stats the files, reads none
     Image.new("RGB", (32, 32), (0, 0, 255)).save(pictures / "p1.png")  # same path, new picture
     os.utime(pictures / "p1.png", ns=(1, 1))
-    again = run_refresh(config(manifest, out, *overrides))
+    again = refresh(manifest, out, *overrides)
     assert (again["added"], again["changed"], again["removed"]) == (0, 1, 0)
 
 
@@ -102,19 +108,19 @@ def test_refresh_trains_each_version_from_the_previous_versions_model(ray_sessio
     training = ["job.refresh_train=all", "train.micro_batch_size=4", "train.epochs=6", "train.warmup_steps=2",
                 "train.lr=0.003", "train.loader_workers=0", "train.model.modalities=[text, image]"]
     manifest.write_text("\n".join(mini_manifest_lines(24)) + "\n")
-    first = run_refresh(config(manifest, out, *training))
-    assert first["train"]["init_from"] is None  # nothing trained before: from scratch
+    first = refresh(manifest, out, *training)
+    assert first["train"].init_from is None  # nothing trained before: from scratch
     lines = mini_manifest_lines(32)
     manifest.write_text("\n".join(lines) + "\n")
-    second = run_refresh(config(manifest, out, *training))
-    assert second["shard"]["inputs"] == 8
-    assert second["train"]["init_from"] == str(out / "versions" / "v000001" / "train")
-    assert second["train"]["train_samples"] + second["train"]["val_samples"] == 32  # every version
+    second = refresh(manifest, out, *training)
+    assert second["shard"].inputs == 8
+    assert second["train"].init_from == str(out / "versions" / "v000001" / "train")
+    assert second["train"].train_samples + second["train"].val_samples == 32  # every version
     # it continued, not restarted: its first epoch is already far below a fresh model's
     assert first_epoch_loss(out, "v000002") < 0.6 * first_epoch_loss(out, "v000001")
     assert (out / "versions" / "v000001" / "train" / "model.safetensors").exists()  # earlier model kept
-    assert run_refresh(config(manifest, out, *training)) == {"version": None, "new_rows": 0}
-    assert all(v["val_accuracy"] is not None for v in versions(str(out), {}))
+    assert refresh(manifest, out, *training) == {"version": None, "new_rows": 0}
+    assert all(v["val_accuracy"] is not None for v in versions(Store(str(out))))
 
 
 def lock_of(pid: int, started: float = 0) -> str:
@@ -129,16 +135,16 @@ def test_a_live_lock_stops_a_second_refresh_and_a_stale_one_is_taken_over(ray_se
     try:
         (out / LOCK).write_text(lock_of(live.pid))
         with pytest.raises(Locked, match=f"held by pid {live.pid}"):
-            run_refresh(config(manifest, out))
+            refresh(manifest, out)
     finally:
         live.kill()
         live.wait()
-    assert run_refresh(config(manifest, out))["new_rows"] == 3  # the holder is dead: stale lock
+    assert refresh(manifest, out)["new_rows"] == 3  # the holder is dead: stale lock
     assert not (out / LOCK).exists() and (out / "refresh" / f"takeover-t{live.pid}").exists()
     # a second taker of the same stale lock loses: one takeover per stale holder
     (out / LOCK).write_text(lock_of(live.pid))
     with pytest.raises(Locked, match="taking over"):
-        run_refresh(config(manifest, out))
+        refresh(manifest, out)
 
 
 def test_refresh_exit_codes(ray_session, tmp_path):
@@ -180,9 +186,6 @@ def test_refreshes_started_together_make_exactly_one_version(tmp_path, store, re
     assert codes == [0, 75, 75, 75, 75, 75], [r.stderr[-2000:] for r in runs]
     winner = next(r for r in runs if r.returncode == 0)
     assert json.loads(winner.stdout.splitlines()[-1])["version"] == "v000001"
-    options = job["runtime"].get("storage_options", {})
-    assert [v["version"] for v in versions(job["job"]["out"], options)] == ["v000001"]
-    from preprocess.storage import Store
-
-    out = Store(job["job"]["out"], options)
+    out = Store(job["job"]["out"], job["runtime"].get("storage_options", {}))
+    assert [v["version"] for v in versions(out)] == ["v000001"]
     assert out.names("versions/*") == ["versions/v000001"] and not out.exists(LOCK)

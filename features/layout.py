@@ -1,0 +1,71 @@
+"""What the embedding stage leaves in a shard folder, each name said once, and how readers
+read it (light imports: training, reports and readers use it without the encoders or Ray).
+
+    SHARDS/shard-NNNNNN.emb.parquet  the shard's sidecar: `key`, one vector column per modality
+                                     (null where the sample lacks it), `video_frames` when
+                                     kept; schema metadata: its digest, encoders and widths
+    SHARDS/embed-plan.parquet        while the stage runs: the shard that computes each payload
+    SHARDS/embed-cache/              the embedding cache, unless embed.cache names another place
+    SHARDS/embed-summary.json        EmbedSummary, written last"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from preprocess.storage import Store
+from preprocess.summary import StageSummary
+
+EMBED_SUMMARY = "embed-summary.json"
+PLAN = "embed-plan.parquet"
+CACHE = "embed-cache"
+SIDECAR_SUFFIX = ".emb.parquet"
+# the sidecar's schema metadata
+DIGEST, ENCODERS, DIMS = "tessera.digest", "tessera.encoders", "tessera.dims"
+
+
+def sidecar_name(shard: str) -> str:
+    """The sidecar of a shard ('shard-000003.tar' or its stem)."""
+    return shard.removesuffix(".tar") + SIDECAR_SUFFIX
+
+
+def read_sidecar(shards: Store, shard: str, columns: list[str] | None = None) -> pa.Table:
+    with shards.open(sidecar_name(shard)) as f:
+        return pq.read_table(f, columns=columns)
+
+
+def sidecar_digest(shards: Store, shard: str) -> str | None:
+    """The digest a shard's sidecar was written for (None: no readable sidecar)."""
+    try:
+        with shards.open(sidecar_name(shard)) as f:
+            metadata = pq.read_schema(f).metadata or {}
+    except (OSError, pa.ArrowException):
+        return None
+    return metadata.get(DIGEST.encode(), b"").decode()
+
+
+@dataclass(frozen=True)
+class EmbedSummary(StageSummary):
+    """embed-summary.json: what an embedding stage run found and did. `config` and `encoders`
+    rebuild these encoders (tessera export / predict); `up_to_date`: nothing was written."""
+
+    FILE = EMBED_SUMMARY
+
+    samples: int
+    shards: int
+    sidecars_written: int
+    sidecars_up_to_date: int
+    encoders: dict[str, str]
+    config: dict
+    dims: dict[str, int]
+    modalities: dict[str, dict]
+    computed: int
+    cache_hits: int
+    cache_rows: dict[str, int] | None = None
+    cache_corrupt: list[str] = field(default_factory=list)
+    compute_seconds: float = 0.0
+    seconds: float = 0.0
+    store_retries: int = 0
+    up_to_date: bool = False

@@ -1,0 +1,108 @@
+"""How a stage's plain functions run on Ray: as tasks (or calls of a plain class's methods on
+actors) that report where they ran and how many store calls they retried, submitted by one
+bounded loop (`StageWork.run`) that every stage driver uses. The per-item code never sees Ray."""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import ray
+
+from preprocess.storage import retries_so_far
+
+Item = TypeVar("Item")
+
+
+@dataclass(frozen=True)
+class Done:
+    """A finished piece of Ray work: what it returned, the node it ran on, the store calls it retried."""
+
+    value: Any
+    node: str
+    store_retries: int
+
+
+def _reported(call: Callable, args: tuple, kwargs: dict) -> Done:
+    before = retries_so_far()
+    value = call(*args, **kwargs)
+    return Done(value, ray.get_runtime_context().get_node_id(), retries_so_far() - before)
+
+
+def task(fn: Callable, **options):
+    """FN as a Ray task (OPTIONS as ray.remote takes them) whose result is a Done."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs) -> Done:
+        return _reported(fn, args, kwargs)
+
+    return ray.remote(**options)(run) if options else ray.remote(run)
+
+
+def actor(cls: type, **options):
+    """CLS as a Ray actor class whose `call(method, *args)` runs a method and returns a Done."""
+
+    class Reporting(cls):
+        def call(self, method: str, *args, **kwargs) -> Done:
+            return _reported(getattr(self, method), args, kwargs)
+
+    Reporting.__name__ = Reporting.__qualname__ = cls.__name__
+    return ray.remote(**options)(Reporting) if options else ray.remote(Reporting)
+
+
+def in_flight_limit() -> int:
+    """Tasks kept in flight: enough to keep every CPU of the cluster busy, few enough that the
+    driver holds little."""
+    return max(8, 4 * int(ray.cluster_resources().get("CPU", 1)))
+
+
+class StageWork:
+    """The Ray work of one stage run. Results come back through it, so it knows where the
+    items of `run` ran and how many store calls the work retried (the driver's own included)."""
+
+    def __init__(self):
+        self.nodes: Counter = Counter()
+        self._retries_at_start = retries_so_far()
+        self._task_retries = 0
+
+    def _take(self, done: Done) -> Any:
+        self._task_retries += done.store_retries
+        return done.value
+
+    def get(self, ref) -> Any:
+        return self._take(ray.get(ref))
+
+    def get_all(self, refs: list) -> list:
+        return [self._take(done) for done in ray.get(refs)]
+
+    def run(self, items: Iterable[Item], submit: Callable[[Item, int], Any], limit: int,
+            on_done: Callable[[Item, Any], None] = lambda item, value: None) -> None:
+        """SUBMIT(item, slot) for every item, lazily, at most LIMIT in flight; ON_DONE(item,
+        value) as each finishes (in the order they finish). SLOT (0 <= slot < LIMIT) is the
+        submission's own while it runs: a pool of actors maps it to one of them, so an actor
+        gets its next item as it finishes one."""
+        in_flight: dict = {}  # ref -> (item, slot)
+        free = list(range(limit - 1, -1, -1))
+
+        def collect() -> None:
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            item, slot = in_flight.pop(ready[0])
+            free.append(slot)
+            done = ray.get(ready[0])
+            self.nodes[done.node] += 1
+            on_done(item, self._take(done))
+
+        for item in items:
+            if not free:
+                collect()
+            slot = free.pop()
+            in_flight[submit(item, slot)] = (item, slot)
+        while in_flight:
+            collect()
+
+    @property
+    def store_retries(self) -> int:
+        return self._task_retries + retries_so_far() - self._retries_at_start

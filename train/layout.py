@@ -1,0 +1,54 @@
+"""What a training run and an export leave in their folders, each name said once (light
+imports: the jobs, reports and `tessera predict` read these without torch or DeepSpeed).
+
+    RUN/train-config.json        the shards and the config the run trains (a resume must match)
+    RUN/checkpoints/             DeepSpeed checkpoints, `latest` written last (train.checkpoint_url elsewhere)
+    RUN/metrics.jsonl            rank 0's records: one per step, one per validation
+    RUN/model.safetensors        consolidated fp32 weights; RUN/model.json what rebuilds the model
+    RUN/train-summary.json       TrainSummary, written last
+    RUN/eval.json                evaluation per set; RUN/eval-predictions.parquet one row per (sample, task)
+
+    EXPORT/model.safetensors, model.json   as in the run
+    EXPORT/preprocess.json       the shard and embed settings and encoders that reproduce the inputs
+    EXPORT/model.onnx, model-int8.onnx, model-pruned.onnx   the served graph and its variants
+    EXPORT/export.json           each variant's size and validation metrics, written last"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from preprocess.summary import StageSummary
+
+RUN_CONFIG = "train-config.json"
+CHECKPOINTS, LATEST = "checkpoints", "latest"
+METRICS = "metrics.jsonl"
+WEIGHTS, META = "model.safetensors", "model.json"
+TRAIN_SUMMARY = "train-summary.json"
+EVAL, PREDICTIONS = "eval.json", "eval-predictions.parquet"
+PREPROCESS, EXPORT = "preprocess.json", "export.json"
+ONNX = {"fp32": "model.onnx", "int8": "model-int8.onnx", "pruned": "model-pruned.onnx"}
+
+
+@dataclass(frozen=True)
+class TrainSummary(StageSummary):
+    """train-summary.json: what a training run did. `up_to_date`: it was done before and
+    nothing was trained."""
+
+    FILE = TRAIN_SUMMARY
+
+    train_samples: int
+    val_samples: int
+    tasks: list[str]
+    steps: int
+    resumed: bool
+    first_loss: float | None
+    final_loss: float | None
+    val_accuracy: float | None
+    val_tasks: dict | None
+    checkpoint: str | None
+    model: str  # the URL of the weights
+    init_from: str | None = None
+    distilled_from: str | None = None
+    seconds: float = 0.0
+    store_retries: int = 0
+    up_to_date: bool = False
