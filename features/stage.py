@@ -61,8 +61,7 @@ def plan_owners(shards: Store, stale: list[str], modalities: list[str]) -> dict:
     rows = " UNION ALL ".join(
         f"SELECT '{m}' AS modality, {m}_payload_sha256 AS sha256, shard, key FROM idx "
         f"WHERE duplicate_of IS NULL AND {m}_payload_sha256 IS NOT NULL" for m in modalities)
-    with tempfile.TemporaryDirectory(prefix="tessera-embed-plan-") as scratch:
-        con = shards.duckdb(scratch, MEMORY_LIMIT)
+    with tempfile.TemporaryDirectory(prefix="tessera-plan-") as scratch, shards.duckdb(scratch, MEMORY_LIMIT) as con:
         con.register("stale", pa.table({"shard": stale}))
         con.execute(f"CREATE VIEW idx AS SELECT i.* FROM read_parquet('{shards.url_of(INDEX, 'shard-*.parquet')}') i "
                     "JOIN stale USING (shard)")

@@ -68,8 +68,7 @@ ORDER BY shard, file, line
 def find_duplicates(out: Store, content: bool) -> dict:
     """Write rejects/duplicates.parquet; returns the counts and the shards that hold duplicates,
     in groups of neighbouring shards (one rewrite task each). Every shard has both parts."""
-    with tempfile.TemporaryDirectory(prefix="tessera-dedup-") as scratch:
-        con = out.duckdb(scratch, MEMORY_LIMIT)
+    with tempfile.TemporaryDirectory(prefix="tessera-dedup-") as scratch, out.duckdb(scratch, MEMORY_LIMIT) as con:
         con.execute(f"CREATE VIEW idx AS SELECT * FROM read_parquet('{out.url_of(INDEX, 'shard-*.parquet')}')")
         con.execute(f"CREATE VIEW rej AS SELECT * FROM read_parquet('{out.url_of(REJECTS, 'shard-*.parquet')}')")
         local = f"{scratch}/duplicates.parquet"

@@ -48,8 +48,9 @@ _TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLim
                     "RequestTimeout", "RequestTimeTooSkewed"}
 # the HTTP clients' transport errors (botocore, aiohttp, urllib3, http.client), by class name so
 # that no client has to be importable
-_TRANSIENT_CLASSES = {"HTTPClientError", "ClientConnectionError", "ClientPayloadError", "ServerTimeoutError",
-                      "ProtocolError", "IncompleteRead", "IncompleteReadError", "ResponseStreamingError"}
+_TRANSIENT_CLASSES = {"ConnectionError", "HTTPClientError", "ClientConnectionError", "ClientPayloadError",
+                      "ServerTimeoutError", "ProtocolError", "IncompleteRead", "IncompleteReadError",
+                      "ResponseStreamingError"}
 _PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
@@ -202,6 +203,23 @@ class _RetryingFileSystem(AbstractFileSystem):
             return _RetryingReader(lambda: self.fs.open(path, "rb", **kwargs))
         return self.fs.open(path, mode, **kwargs)
 
+    def _type(self, path) -> str | None:
+        """What PATH is (from `info`, retried: fsspec's own exists / isdir / isfile answer no
+        for any error); None when it is not there."""
+        try:
+            return self.info(path)["type"]
+        except FileNotFoundError:
+            return None
+
+    def exists(self, path, **kwargs) -> bool:
+        return self._type(path) is not None
+
+    def isdir(self, path) -> bool:
+        return self._type(path) == "directory"
+
+    def isfile(self, path) -> bool:
+        return self._type(path) == "file"
+
 
 def _delegate(name: str):
     def call(self, *args, **kwargs):
@@ -211,9 +229,9 @@ def _delegate(name: str):
     return call
 
 
-for _name in ("info", "ls", "listdir", "find", "glob", "exists", "isdir", "isfile", "size", "modified", "created",
-              "ukey", "checksum", "cat_file", "cat", "pipe_file", "put_file", "get_file", "rm", "rm_file", "mv",
-              "copy", "cp_file", "mkdir", "makedirs"):
+for _name in ("info", "ls", "listdir", "find", "glob", "size", "modified", "created", "ukey", "checksum",
+              "cat_file", "cat", "pipe_file", "put_file", "get_file", "rm", "rm_file", "mv", "copy", "cp_file",
+              "mkdir", "makedirs"):
     setattr(_RetryingFileSystem, _name, _delegate(_name))
 
 
@@ -315,10 +333,19 @@ class Store:
     # --- reading ---------------------------------------------------------------------------
 
     def exists(self, name: str = "") -> bool:
-        return retried(self._fs.exists, self._path(name))
+        """Whether NAME is there. (From `info`: fsspec's own `exists` answers False for any
+        error, and a store that cannot answer must not be taken to say no.)"""
+        try:
+            self.info(name)
+        except FileNotFoundError:
+            return False
+        return True
 
     def isdir(self, name: str = "") -> bool:
-        return retried(self._fs.isdir, self._path(name))
+        try:
+            return self.info(name)["type"] == "directory"
+        except FileNotFoundError:
+            return False
 
     def info(self, name: str = "") -> dict:
         return retried(self._fs.info, self._path(name))

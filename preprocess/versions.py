@@ -67,8 +67,8 @@ def superseded(folders: Sequence[Store]) -> tuple[frozenset[str], ...]:
         if folder.exists(CHANGES):
             events.append(f"SELECT key, {position} AS root FROM read_parquet('{folder.url_of(CHANGES)}') "
                           f"WHERE change = '{REMOVED}'")
-    with tempfile.TemporaryDirectory(prefix="tessera-versions-") as scratch:
-        con = folders[-1].duckdb(scratch, MEMORY_LIMIT)
+    newest = folders[-1]
+    with tempfile.TemporaryDirectory(prefix="tessera-keys-") as scratch, newest.duckdb(scratch, MEMORY_LIMIT) as con:
         found = con.execute(f"WITH events AS ({' UNION ALL '.join(events)}), last AS "
                             "(SELECT key, max(root) AS last FROM events GROUP BY key) "
                             "SELECT e.root, list(e.key) FROM events e JOIN last l USING (key) WHERE e.root < l.last "

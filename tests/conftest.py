@@ -141,3 +141,97 @@ def s3_options():
     yield {"s3": options}
     proc.terminate()
     proc.wait()
+
+
+class FlakyProxy:
+    """An HTTP proxy in front of the S3 server with outages: while `outages` = (every_s, down_s)
+    is set, every request in the first DOWN_S seconds of each EVERY_S fails, in turn with a 503
+    SlowDown answer and with the connection dropped before any answer. An outage outlasts
+    s3fs's own retries (five, about 2 s), so tessera's have to carry the calls over it;
+    botocore's are off (OPTIONS)."""
+
+    SLOW_DOWN = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code>"
+                 b"<Message>Please reduce your request rate.</Message></Error>")
+
+    def __init__(self, upstream: str, credentials: dict):
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        proxy, host = self, urlsplit(upstream)
+        self.outages: tuple[float, float] | None = None
+        self.started, self.faults, self.lock = time.monotonic(), 0, threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+                    return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                raw = b""
+                while True:  # forwarded as it came, chunk framing included
+                    line = self.rfile.readline()
+                    size = int(line.split(b";")[0], 16)
+                    raw += line + self.rfile.read(size + 2)
+                    if size == 0:
+                        return raw
+
+            def forward(self) -> None:
+                body = self.body()
+                fault = proxy.next_fault()
+                if fault == "drop":
+                    self.close_connection = True
+                    return
+                if fault == "slow-down":
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(proxy.SLOW_DOWN)))
+                    self.end_headers()
+                    self.wfile.write(b"" if self.command == "HEAD" else proxy.SLOW_DOWN)
+                    return
+                upstream = http.client.HTTPConnection(host.hostname, host.port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "expect"}
+                upstream.request(self.command, self.path, body=body, headers=headers)
+                answer = upstream.getresponse()
+                data = answer.read()
+                self.send_response(answer.status, answer.reason)
+                for k, v in answer.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                length = answer.getheader("Content-Length") if self.command == "HEAD" else str(len(data))
+                self.send_header("Content-Length", length or "0")
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                upstream.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.options = {"s3": {**credentials,
+                               "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{self.server.server_port}"},
+                               "config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}}}
+
+    def next_fault(self) -> str | None:
+        with self.lock:
+            if self.outages is None:
+                return None
+            every, down = self.outages
+            if (time.monotonic() - self.started) % every >= down:
+                return None
+            self.faults += 1
+            return ("slow-down", "drop")[self.faults % 2]
+
+
+@pytest.fixture(scope="session")
+def flaky_s3(s3_options):
+    options = s3_options["s3"]
+    proxy = FlakyProxy(options["client_kwargs"]["endpoint_url"], {k: options[k] for k in ("key", "secret")})
+    yield proxy
+    proxy.server.shutdown()

@@ -15,9 +15,12 @@ imports: the jobs, reports and `tessera predict` read these without torch or Dee
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from preprocess.storage import Store
 from preprocess.summary import StageSummary
+from train.config import TrainConfig
 
 RUN_CONFIG = "train-config.json"
 CHECKPOINTS, LATEST = "checkpoints", "latest"
@@ -27,6 +30,13 @@ TRAIN_SUMMARY = "train-summary.json"
 EVAL, PREDICTIONS = "eval.json", "eval-predictions.parquet"
 PREPROCESS, EXPORT = "preprocess.json", "export.json"
 ONNX = {"fp32": "model.onnx", "int8": "model-int8.onnx", "pruned": "model-pruned.onnx"}
+
+
+def run_record(cfg: TrainConfig, shards: Store | Sequence[Store]) -> dict:
+    """RUN/train-config.json: the shards the run trains on (a folder's URL, or the versions'
+    URLs) and its config."""
+    return {"shards": shards.url if isinstance(shards, Store) else [s.url for s in shards],
+            "config": cfg.model_dump(mode="json")}
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from preprocess.layout import OutputConflict
 from preprocess.storage import Store, retries_so_far
 from train.config import TrainConfig
 from train.data import DatasetInfo
-from train.layout import CHECKPOINTS, METRICS, RUN_CONFIG, WEIGHTS, TrainSummary
+from train.layout import CHECKPOINTS, METRICS, RUN_CONFIG, WEIGHTS, TrainSummary, run_record
 from train.loop import TrainJob, ray_worker
 from train.run_store import Checkpoints, scratch_for
 from train.saved import compatible_start, teacher_for
@@ -22,16 +22,6 @@ from train.saved import compatible_start, teacher_for
 log = logging.getLogger(__name__)
 
 RESUMABLE_CHANGES = ("epochs", "max_steps", "max_failures")
-
-
-def shard_urls(shards: Store | Sequence[Store]) -> str | list[str]:
-    """How a run records the shards it trains on: a folder's URL, or the versions' URLs."""
-    return shards.url if isinstance(shards, Store) else [s.url for s in shards]
-
-
-def run_record(cfg: TrainConfig, shards: Store | Sequence[Store]) -> dict:
-    """RUN/train-config.json: what the run trains on, and how."""
-    return {"shards": shard_urls(shards), "config": cfg.model_dump(mode="json")}
 
 
 def claim_run(run: Store, cfg: TrainConfig, shards: Store | Sequence[Store]) -> None:

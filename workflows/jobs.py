@@ -16,8 +16,8 @@ from preprocess.layout import ShardSummary
 from preprocess.stage import run_shard_stage
 from preprocess.storage import Store
 from train.evaluate import evaluate_run
-from train.layout import EVAL, RUN_CONFIG, TrainSummary
-from train.stage import run_record, run_train_stage
+from train.layout import EVAL, RUN_CONFIG, TrainSummary, run_record
+from train.stage import run_train_stage
 from workflows.config import ConfigError, TesseraConfig
 from workflows.layout import RUN_SUMMARY, SHARDS, TRAIN
 from workflows.report import write_report

@@ -237,8 +237,7 @@ def diff_manifest(out: Store, staging: Store, version: str, number: int, complet
     """Compare the staged identities with the changes of every COMPLETE version; write the new
     version's manifest.jsonl, its duplicate-key rejects and changes.parquet."""
     target = out.child(version)
-    with tempfile.TemporaryDirectory(prefix="tessera-refresh-") as scratch:
-        con = out.duckdb(scratch, MEMORY_LIMIT)
+    with tempfile.TemporaryDirectory(prefix="tessera-refresh-") as scratch, out.duckdb(scratch, MEMORY_LIMIT) as con:
         _view(con, "ids", [staging.url_of(name) for name in staging.names("*.parquet")], IDENTITY_SCHEMA)
         _view(con, "history", [out.url_of(v, CHANGES) for v in complete], CHANGES_SCHEMA)
         con.execute(DIFF)
