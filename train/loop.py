@@ -304,14 +304,15 @@ class Trainer:
         bar.close()
         if self.latest is None or self.last_saved != self.step:
             self.checkpoint()
+        retries = int(_sum_over_ranks([float(retries_so_far() - self.retries_at_start)], self.device)[0])
         if self.rank == 0:
             self.export()
+            self.metrics.write({"step": self.step, "store_retries": retries})  # every rank's, this worker group's
             self.metrics.close()
         dist.barrier()
         if self.keeper:
             self.checkpoints.clear_scratch()  # the store has it all
-        retries = _sum_over_ranks([float(retries_so_far() - self.retries_at_start)], self.device)[0]
-        return {"steps": self.step, "checkpoint": self.latest, "store_retries": int(retries)}
+        return {"steps": self.step, "checkpoint": self.latest, "store_retries": retries}
 
 
 def run_worker(job: TrainJob, rank: int, world: int) -> dict:
@@ -319,12 +320,10 @@ def run_worker(job: TrainJob, rank: int, world: int) -> dict:
 
 
 def ray_worker(config: dict) -> None:
-    """Ray Train's loop_per_worker: DeepSpeed on the CPU accelerator where there is no GPU; the
-    result (the store retries of every rank among it) reported to the driver."""
+    """Ray Train's loop_per_worker: DeepSpeed on the CPU accelerator where there is no GPU."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import ray.train
 
     context = ray.train.get_context()
-    result = run_worker(config["job"], context.get_world_rank(), context.get_world_size())
-    ray.train.report({"store_retries": result["store_retries"]})
+    run_worker(config["job"], context.get_world_rank(), context.get_world_size())

@@ -71,7 +71,7 @@ def run_train_stage(shards: Store | Sequence[Store], run: Store, cfg: TrainConfi
         run_config=RunConfig(name="ray-train", storage_path=str(scratch_for(run.url) / "ray"),
                              failure_config=FailureConfig(max_failures=cfg.max_failures)),
     )
-    result = trainer.fit()
+    trainer.fit()
     records = [json.loads(line) for line in run.read_bytes(METRICS).decode().splitlines()]
     steps = [r for r in records if r.get("loss") is not None]
     epochs = [r for r in records if "val_tasks" in r]
@@ -83,8 +83,9 @@ def run_train_stage(shards: Store | Sequence[Store], run: Store, cfg: TrainConfi
         val_tasks=epochs[-1]["val_tasks"] if epochs else None,
         checkpoint=Checkpoints(checkpoints).latest(), model=run.url_of(WEIGHTS),
         init_from=cfg.init_from, distilled_from=cfg.distill_from, seconds=round(time.perf_counter() - started, 3),
-        # the workers' (their last worker group's) and the driver's
-        store_retries=(result.metrics or {}).get("store_retries", 0) + retries_so_far() - retries_before,
+        # the last worker group's (rank 0 records them last) and the driver's
+        store_retries=next((r["store_retries"] for r in reversed(records) if "store_retries" in r), 0)
+        + retries_so_far() - retries_before,
     )
     summary.write(run)
     return summary
