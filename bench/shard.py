@@ -78,7 +78,7 @@ def loop_rate(manifest: Path, out: Path, cfg: ShardConfig) -> float:
     written = 0
     tar_index = 0
     tar = None
-    for row, raw in fetch_batch(rows, Store(str(manifest))):
+    for row, raw in fetch_batch(rows, Store(str(manifest)), cfg.max_input_bytes):
         if written % cfg.samples_per_shard == 0:
             if tar:
                 tar.close()

@@ -9,6 +9,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -16,8 +17,10 @@ import numpy as np
 from features.cache import EmbeddingCache
 from features.config import EmbedConfig
 from features.encoders import build_encoders
+from features.layout import sidecar_name
 from features.sidecar import ShardRows, owned_by, write_sidecar
 from preprocess.layout import MEMBER_EXTENSIONS, iter_shard, member_payload
+from preprocess.lease import Fence
 from preprocess.storage import Store
 
 log = logging.getLogger(__name__)
@@ -49,10 +52,11 @@ def prefetch(items: Iterable, depth: int) -> Iterator:
 class EmbedWorker:
     """Plain class (testable without Ray); `EmbedActor` in stage.py is its Ray actor."""
 
-    def __init__(self, cfg: EmbedConfig, identities: dict[str, str], cache_root: Store, shards: Store,
+    def __init__(self, cfg: EmbedConfig, identities: dict[str, str], cache_root: Store, shards: Store, fence: Fence,
                  device: str | None = None):
         self.cfg = cfg
         self.shards = shards
+        self.fence = fence  # the embedding run's lease on SHARDS, checked before each sidecar
         self.identities = identities
         self.encoders = {m: e for m, e in build_encoders(cfg).items() if m in identities}
         self.caches = {m: EmbeddingCache(cache_root, identities[m]) for m in identities}
@@ -97,29 +101,39 @@ class EmbedWorker:
                     log.warning("%s of %s in %s cannot be prepared: %s", modality, key, shard, e)
                     yield modality, digest, e
 
-    def compute(self, shard: str, wanted: dict[str, dict[str, str]]) -> tuple[dict, dict, dict]:
+    def compute(self, shard: str, wanted: dict[str, dict[str, str]]) -> tuple[dict, dict, dict, Counter]:
         """Embed wanted[modality][key] -> payload hash and add the vectors to the cache:
-        (vectors by modality and hash, errors, model seconds)."""
+        (vectors by modality and hash, errors, model seconds, the errors' reasons). A member
+        that cannot be prepared, or a batch whose model call fails, leaves its vectors missing
+        (the sidecar says so; the next run tries them again)."""
         pending: dict[str, tuple[list, list]] = {m: ([], []) for m in wanted}
         vectors: dict[str, dict[str, np.ndarray]] = {m: {} for m in wanted}
         errors = {m: 0 for m in wanted}
         seconds = {m: 0.0 for m in wanted}
+        reasons: Counter = Counter()
 
         def flush(modality: str) -> None:
             hashes, items = pending[modality]
             if not items:
                 return
+            pending[modality] = ([], [])
             encoder = self._load(modality)
             t0 = time.perf_counter()
-            batch = encoder.embed(items)
+            try:
+                batch = encoder.embed(items)
+            except Exception as e:  # a failed batch must not stop the shard, nor count as done
+                log.warning("%s batch of %d in %s failed: %s", modality, len(items), shard, e)
+                errors[modality] += len(items)
+                reasons[f"{modality}: {type(e).__name__}: {str(e)[:200]}"] += len(items)
+                return
             seconds[modality] += time.perf_counter() - t0
             self.model_calls += 1
             vectors[modality].update(zip(hashes, batch, strict=True))
-            pending[modality] = ([], [])
 
         for modality, digest, item in prefetch(self._prepared(shard, wanted), depth=2 * self.cfg.batch_size):
             if isinstance(item, Exception):
                 errors[modality] += 1
+                reasons[f"{modality}: cannot be prepared: {type(item).__name__}: {str(item)[:200]}"] += 1
                 continue
             pending[modality][0].append(digest)
             pending[modality][1].append(item)
@@ -130,7 +144,7 @@ class EmbedWorker:
             self.unsaved[modality].update(vectors[modality])
             if len(self.unsaved[modality]) >= INSERT_ROWS:
                 self._save(modality)
-        return vectors, errors, seconds
+        return vectors, errors, seconds, reasons
 
     def _known(self, modality: str, hashes: set[str], refresh: bool = False) -> dict[str, np.ndarray]:
         """Vectors of these hashes this actor holds unsaved, or the cache has."""
@@ -161,7 +175,7 @@ class EmbedWorker:
         have = {m: self._known(m, rows.hashes(m)) for m in self.identities}
         wanted = {m: {key: h for h, key in owned.get(m, {}).items() if h not in have[m]} for m in self.identities}
         wanted = {m: w for m, w in wanted.items() if w}
-        computed, errors, seconds = self.compute(shard, wanted) if wanted else ({}, {}, {})
+        computed, errors, seconds, reasons = self.compute(shard, wanted) if wanted else ({}, {}, {}, Counter())
         for modality, vectors in computed.items():
             have[modality].update(vectors)
         failed = {m: set(wanted[m].values()) - set(computed.get(m, {})) for m in wanted}
@@ -171,12 +185,13 @@ class EmbedWorker:
                 have[modality].update(self._known(modality, rest, refresh=True))
         waiting = any(rows.hashes(m) - have[m].keys() - failed.get(m, set()) for m in self.identities)
         result = {"shard": shard, "computed": {m: len(v) for m, v in computed.items()}, "errors": errors,
-                  "model_seconds": seconds, "deferred": waiting, "missing": {},
+                  "error_reasons": dict(reasons), "model_seconds": seconds, "deferred": waiting, "missing": {},
                   "corrupt": [c for cache in self.caches.values() for c in cache.corrupt]}
         for cache in self.caches.values():
             cache.corrupt.clear()
         if not waiting:
             dims = {m: self.encoders[m].dim for m in self.identities}
+            self.fence.check(sidecar_name(shard))
             result["missing"] = write_sidecar(self.shards, shard, rows, have, dims, self.identities, digest, self.cfg)
         result["seconds"] = time.perf_counter() - started
         return result

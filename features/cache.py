@@ -7,8 +7,10 @@ per encoder identity, on any store Lance reaches (local disk, S3): ROOT/<sha256(
   concurrent inserts of the same hashes by several actors or jobs conflict and retry instead
   of duplicating; different hashes just commit one after the other. Nothing is lost.
 - Integrity: each row carries `check` = crc32(sha256 || vector bytes). A row whose check fails
-  (a flipped bit) is reported, deleted and recomputed; a data file Lance cannot read (a
-  truncated one) is reported and its fragment dropped, its rows recomputed. Neither is served.
+  (a flipped bit) is reported, deleted and recomputed; a data file Lance cannot decode (a
+  truncated one: twice, a second apart, and no storage error) is reported and its fragment
+  dropped, its rows recomputed. Neither is served. A storage error (timeout, throttling, 5xx:
+  Lance's own client retried it) fails the call loudly and never drops anything.
 - Vectors are stored as they came, float32 (a video clip's frame vectors, flattened).
 - The earlier layout (immutable Parquet parts in ROOT/<digest>/) is migrated on first use."""
 
@@ -26,13 +28,33 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from preprocess.storage import Store
+from preprocess.storage import Store, is_transient
 
 log = logging.getLogger(__name__)
 
 LOOKUP_BATCH = 1024  # hashes per IN filter
-CREATE_WAIT_S = 60  # for the dataset another process is creating
+PROBE_AGAIN_S = 1.0  # before a fragment that failed to decode is tried once more
 _READ_ERRORS = (OSError, ValueError)  # what Lance raises for a file it cannot read
+# what Lance's messages say of storage trouble (its object-store client retried it already);
+# Lance's errors carry no status or errno, only text
+_TRANSIENT_TEXT = ("timed out", "timeout", "connection", "503", "500 internal", "502", "504", "slow down",
+                   "slowdown", "throttl", "reset by peer", "broken pipe", "temporarily unavailable",
+                   "too many requests")
+
+
+def looks_transient(error: BaseException) -> bool:
+    return is_transient(error) or any(text in str(error).lower() for text in _TRANSIENT_TEXT)
+
+
+def _decodes(fragment) -> bool:
+    """Whether a fragment reads whole; a storage error raises (it says nothing of the data)."""
+    try:
+        fragment.to_table(columns=["sha256", "vector", "check"])
+    except _READ_ERRORS as e:
+        if looks_transient(e):
+            raise
+        return False
+    return True
 
 
 def row_check(sha256: str, vector: np.ndarray) -> int:
@@ -100,6 +122,8 @@ class EmbeddingCache:
         try:
             table = self._dataset.to_table(**query)
         except _READ_ERRORS as e:
+            if looks_transient(e):  # Lance retried it already: fail loudly, never take it for corruption
+                raise
             self._drop_unreadable(e)
             table = self._dataset.to_table(**query)
         vectors = table.column("vector").combine_chunks()
@@ -120,16 +144,18 @@ class EmbeddingCache:
         return found
 
     def _drop_unreadable(self, error: Exception) -> None:
-        """Find the fragments Lance cannot read and drop them (their rows are recomputed)."""
+        """Find the fragments Lance cannot decode and drop them (their rows are recomputed): a
+        fragment is dropped only when it fails twice, a second apart, with an error that is no
+        I/O trouble. A storage error while probing raises: it never costs a row."""
         import lance
 
         dataset = self._open(refresh=True)
         broken = []
         for fragment in dataset.get_fragments():
-            try:
-                fragment.to_table(columns=["sha256", "vector", "check"])
-            except _READ_ERRORS:
-                broken.append(fragment.fragment_id)
+            if not _decodes(fragment):
+                time.sleep(PROBE_AGAIN_S)
+                if not _decodes(fragment):
+                    broken.append(fragment.fragment_id)
         if not broken:
             raise error
         self.corrupt.append(f"{self.uri}: unreadable fragments {broken} ({error})")
@@ -155,22 +181,18 @@ class EmbeddingCache:
         self._dataset.merge_insert("sha256").when_not_matched_insert_all().execute(table)
 
     def _create(self) -> None:
-        """Create the dataset, empty, exactly once: concurrent `create`s in Lance can both commit
-        (the second as an overwrite), so the creator is whoever creates the marker file first
-        (an exclusive create); the others wait for its dataset."""
+        """Create the dataset, empty: of writers creating it at once, Lance's own commit lets one
+        win ("Dataset already exists" for the others, on disk and on object stores with
+        conditional puts); a loser opens the winner's."""
         import lance
 
-        if self.root.create_exclusive(self.digest + ".creating", self.identity.encode()):
+        try:
             self._dataset = lance.write_dataset(self._schema().empty_table(), self.uri, schema=self._schema(),
                                                 mode="create", **self.root.lance_kwargs())
-            return
-        deadline = time.monotonic() + CREATE_WAIT_S
-        while self._open() is None:
-            if time.monotonic() > deadline:  # its creator died before creating it
-                self._dataset = lance.write_dataset(self._schema().empty_table(), self.uri, schema=self._schema(),
-                                                    mode="create", **self.root.lance_kwargs())
-                return
-            time.sleep(0.05)
+        except _READ_ERRORS as e:
+            if "already exists" not in str(e):
+                raise
+            self._open()
 
     def keep_indexed(self, lag: int) -> None:
         """Fold appended rows into the index once more than LAG are outside it: merge_insert

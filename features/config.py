@@ -60,4 +60,6 @@ class EmbedConfig(Strict):
     gpus_per_actor: float | Literal["auto"] = Field("auto", description="auto: 1 when the cluster has GPUs")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: bf16 on GPUs that have it, else fp32
     dtype: Literal["float16", "float32"] = "float32"  # of the vectors in the sidecars
+    max_errors: float | None = Field(0.05, ge=0, description="vectors that may fail before the stage does: "
+                                     "a count (>= 1) or a share of the samples (< 1); null: no limit")
     cache: str | None = Field(None, description="cache URL; null: SHARDS/embed-cache")

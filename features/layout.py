@@ -3,7 +3,8 @@ read it (light imports: training, reports and readers use it without the encoder
 
     SHARDS/shard-NNNNNN.emb.parquet  the shard's sidecar: `key`, one vector column per modality
                                      (null where the sample lacks it), `video_frames` when
-                                     kept; schema metadata: its digest, encoders and widths
+                                     kept; schema metadata: its digest, encoders and widths,
+                                     and the keys whose vectors are missing (not current then)
     SHARDS/embed-plan.parquet        while the stage runs: the shard that computes each payload
     SHARDS/embed-cache/              the embedding cache, unless embed.cache names another place
     SHARDS/embed-summary.json        EmbedSummary, written last"""
@@ -22,8 +23,10 @@ EMBED_SUMMARY = "embed-summary.json"
 PLAN = "embed-plan.parquet"
 CACHE = "embed-cache"
 SIDECAR_SUFFIX = ".emb.parquet"
-# the sidecar's schema metadata
-DIGEST, ENCODERS, DIMS = "tessera.digest", "tessera.encoders", "tessera.dims"
+# the sidecar's schema metadata; a sidecar some of whose vectors are missing (their batch
+# failed) has its digest prefixed INCOMPLETE, so it is never current, and lists them in MISSING
+DIGEST, ENCODERS, DIMS, MISSING = "tessera.digest", "tessera.encoders", "tessera.dims", "tessera.missing"
+INCOMPLETE = "incomplete:"
 
 
 def sidecar_name(shard: str) -> str:
@@ -63,6 +66,9 @@ class EmbedSummary(StageSummary):
     modalities: dict[str, dict]
     computed: int
     cache_hits: int
+    errors: int = 0  # vectors this run could not compute (their sidecars are incomplete)
+    error_reasons: dict[str, int] = field(default_factory=dict)
+    rounds: int = 0  # of embedding: a later one redoes what an earlier one left missing
     cache_rows: dict[str, int] | None = None
     cache_corrupt: list[str] = field(default_factory=list)
     compute_seconds: float = 0.0

@@ -14,7 +14,7 @@ import pyarrow.dataset as ds
 
 from features.config import EmbedConfig
 from features.encoders import VideoFramesEncoder
-from features.layout import DIGEST, DIMS, ENCODERS, sidecar_digest, sidecar_name
+from features.layout import DIGEST, DIMS, ENCODERS, INCOMPLETE, MISSING, sidecar_digest, sidecar_name
 from preprocess.layout import read_index_part
 from preprocess.storage import Store
 
@@ -75,13 +75,15 @@ def _vector_column(vectors: list[np.ndarray | None], dim: int, dtype: str) -> pa
 def write_sidecar(shards: Store, shard: str, rows: ShardRows, vectors: dict[str, dict[str, np.ndarray]],
                   dims: dict[str, int], identities: dict[str, str], digest: str, cfg: EmbedConfig) -> dict:
     """Write the shard's sidecar from vectors[modality][hash]; returns, per modality, the samples
-    whose vector is missing (left null)."""
+    whose vector is missing (left null). A sidecar with missing vectors says which (MISSING) and
+    is not current (its digest is marked incomplete): the next run computes them."""
     columns = {"key": pa.array(rows.keys, pa.string())}
-    missing = {}
+    missing, lacking = {}, {}
     for modality, dim in dims.items():
         per_sample = [vectors[modality].get(h) if h else None for h in rows.payloads[modality]]
-        missing[modality] = sum(1 for h, v in zip(rows.payloads[modality], per_sample, strict=True)
-                                if h and v is None)
+        lacking[modality] = [key for key, h, v in zip(rows.keys, rows.payloads[modality], per_sample, strict=True)
+                             if h and v is None]
+        missing[modality] = len(lacking[modality])
         if modality == "video":
             frames = [None if v is None else v.reshape(-1, dim) for v in per_sample]
             columns["video"] = _vector_column([None if f is None else VideoFramesEncoder.pooled(f, dim)
@@ -92,6 +94,9 @@ def write_sidecar(shards: Store, shard: str, rows: ShardRows, vectors: dict[str,
                     pa.list_(pa.list_(pa.float16() if cfg.dtype == "float16" else pa.float32(), dim)))
         else:
             columns[modality] = _vector_column(per_sample, dim, cfg.dtype)
-    metadata = {DIGEST: digest, ENCODERS: json.dumps({m: identities[m] for m in dims}), DIMS: json.dumps(dims)}
+    metadata = {DIGEST: digest if not any(missing.values()) else INCOMPLETE + digest,
+                ENCODERS: json.dumps({m: identities[m] for m in dims}), DIMS: json.dumps(dims)}
+    if any(missing.values()):
+        metadata[MISSING] = json.dumps({m: keys for m, keys in lacking.items() if keys})
     shards.write_parquet(sidecar_name(shard), pa.table(columns).replace_schema_metadata(metadata))
     return missing

@@ -30,17 +30,22 @@ from features.actor import EmbedWorker
 from features.cache import EmbeddingCache
 from features.config import EmbedConfig
 from features.encoders import build_encoders
-from features.layout import CACHE, PLAN, EmbedSummary
+from features.layout import CACHE, PLAN, EmbedSummary, sidecar_name
 from features.sidecar import ShardRows, sidecar_is_current, write_sidecar
 from preprocess.layout import INDEX, committed_shards
+from preprocess.lease import DEFAULT_LEASE, Fence, LeaseConfig, held
 from preprocess.runner import StageWork, actor, in_flight_limit, task
 from preprocess.storage import Store
+from preprocess.summary import StageFailed
 
 log = logging.getLogger(__name__)
 
 SHARDS_PER_TASK = 64  # shards whose sidecar state one task checks
+MAX_ROUNDS = 3  # of embedding what an earlier round of the same run left missing
 MEMORY_LIMIT = "256MB"  # the plan query spills beyond this
-EmbedActor = actor(EmbedWorker)
+# An actor lost with its node is restarted (elsewhere, if need be: up to 4 times) and its calls are
+# made again once it is back, however long that takes (a call fails when the actor is gone for good)
+EmbedActor = actor(EmbedWorker, max_restarts=4, max_task_retries=-1)
 
 
 def sidecar_states(shards: Store, names: list[str], identities: dict[str, str], cfg: EmbedConfig) -> list[dict]:
@@ -55,7 +60,7 @@ def sidecar_states(shards: Store, names: list[str], identities: dict[str, str], 
     return states
 
 
-def plan_owners(shards: Store, stale: list[str], modalities: list[str]) -> dict:
+def plan_owners(shards: Store, stale: list[str], modalities: list[str], fence: Fence) -> dict:
     """SHARDS/embed-plan.parquet: (modality, sha256, shard, key) of each distinct payload of the
     STALE shards, given to the first shard (and first sample) holding it; sorted by shard."""
     rows = " UNION ALL ".join(
@@ -63,7 +68,7 @@ def plan_owners(shards: Store, stale: list[str], modalities: list[str]) -> dict:
         f"WHERE duplicate_of IS NULL AND {m}_payload_sha256 IS NOT NULL" for m in modalities)
     with tempfile.TemporaryDirectory(prefix="tessera-plan-") as scratch, shards.duckdb(scratch, MEMORY_LIMIT) as con:
         con.register("stale", pa.table({"shard": stale}))
-        con.execute(f"CREATE VIEW idx AS SELECT i.* FROM read_parquet('{shards.url_of(INDEX, 'shard-*.parquet')}') i "
+        con.execute(f"CREATE VIEW idx AS SELECT i.* FROM read_parquet({shards.sql_url(INDEX, 'shard-*.parquet')}) i "
                     "JOIN stale USING (shard)")
         local = f"{scratch}/{PLAN}"
         first = "{'n': length(shard), 's': shard, 'k': key}"  # shard order, then key
@@ -71,15 +76,17 @@ def plan_owners(shards: Store, stale: list[str], modalities: list[str]) -> dict:
                     f"arg_min(key, {first}) AS key FROM ({rows}) GROUP BY modality, sha256) "
                     f"ORDER BY length(shard), shard) TO '{local}' (FORMAT parquet, ROW_GROUP_SIZE 8192)")
         unique = dict(con.execute(f"SELECT modality, count(*) FROM '{local}' GROUP BY modality").fetchall())
+        fence.check(PLAN)
         shards.put_file(local, PLAN)
     return unique
 
 
 def write_owed_sidecar(shards: Store, shard: str, identities: dict[str, str], dims: dict[str, int],
-                       cache: Store, digest: str, cfg: EmbedConfig) -> dict:
+                       cache: Store, digest: str, cfg: EmbedConfig, fence: Fence) -> dict:
     """A sidecar whose vectors other shards computed: lookups only."""
     rows = ShardRows.read(shards, shard, list(identities))
     vectors = {m: EmbeddingCache(cache, identities[m]).lookup(rows.hashes(m)) for m in identities}
+    fence.check(sidecar_name(shard))
     return write_sidecar(shards, shard, rows, vectors, dims, identities, digest, cfg)
 
 
@@ -100,6 +107,7 @@ class EmbedPlan:
 
     shards: Store
     cache: Store
+    fence: Fence  # the run's lease on SHARDS
     names: list[str]  # the committed shards
     identities: dict[str, str]  # modality -> encoder identity
     dims: dict[str, int]  # from the encoders' configs: no model is loaded here
@@ -110,7 +118,7 @@ class EmbedPlan:
         return [s for s in self.states if not s["current"]]
 
 
-def plan_embedding(shards: Store, cfg: EmbedConfig, cache: Store, work: StageWork) -> EmbedPlan:
+def plan_embedding(shards: Store, cfg: EmbedConfig, cache: Store, fence: Fence, work: StageWork) -> EmbedPlan:
     names = committed_shards(shards)
     encoders = build_encoders(cfg)
     identities = {m: e.identity() for m, e in encoders.items()}
@@ -118,13 +126,14 @@ def plan_embedding(shards: Store, cfg: EmbedConfig, cache: Store, work: StageWor
     found: dict[int, list[dict]] = {}
     work.run(range(len(groups)), lambda g, _: _states_task.remote(shards, groups[g], identities, cfg),
              in_flight_limit(), found.__setitem__)
-    return EmbedPlan(shards, cache, names, identities, {m: e.dim for m, e in encoders.items()},
+    return EmbedPlan(shards, cache, fence, names, identities, {m: e.dim for m, e in encoders.items()},
                      [s for g in range(len(groups)) for s in found[g]])
 
 
 class EmbedTally:
-    """Per modality: samples, distinct payloads, computed, errors, vectors missing from sidecars,
-    model seconds; the shards whose sidecar waits for another shard's vectors."""
+    """One round's counts per modality: samples, distinct payloads, computed, errors (and their
+    reasons), vectors missing from sidecars, model seconds; the shards whose sidecar waits for
+    another shard's vectors."""
 
     def __init__(self, plan: EmbedPlan):
         self.counts = {m: Counter(samples=0, unique=0, cache_hits=0, computed=0, errors=0, missing_in_sidecars=0)
@@ -133,6 +142,7 @@ class EmbedTally:
             for modality, n in state["samples"].items():
                 self.counts[modality]["samples"] += n
         self.model_seconds: Counter = Counter()
+        self.reasons: Counter = Counter()
         self.corrupt: list[str] = []
         self.owed: list[str] = []
 
@@ -141,6 +151,7 @@ class EmbedTally:
             self.counts[modality]["computed"] += n
         for modality, n in result["errors"].items():
             self.counts[modality]["errors"] += n
+        self.reasons.update(result["error_reasons"])
         self.missing(result["missing"])
         self.model_seconds.update(result["model_seconds"])
         self.corrupt += result["corrupt"]
@@ -151,15 +162,30 @@ class EmbedTally:
         for modality, n in per_modality.items():
             self.counts[modality]["missing_in_sidecars"] += n
 
-    @property
-    def computed(self) -> int:
-        return sum(c["computed"] for c in self.counts.values())
+    def total(self, what: str) -> int:
+        return sum(c[what] for c in self.counts.values())
+
+    def then(self, later: EmbedTally) -> EmbedTally:
+        """This round followed by a LATER one that redid what it left missing: computed and
+        model time add up; errors and missing vectors are the later round's."""
+        for modality, c in self.counts.items():
+            c["computed"] += later.counts[modality]["computed"]
+            c["errors"] = later.counts[modality]["errors"]
+            c["missing_in_sidecars"] = later.counts[modality]["missing_in_sidecars"]
+        self.model_seconds.update(later.model_seconds)
+        self.reasons, self.corrupt = later.reasons, self.corrupt + later.corrupt
+        return self
 
 
 def _actor_options(cfg: EmbedConfig) -> dict:
+    resources = ray.cluster_resources()
     gpus = cfg.gpus_per_actor
     if gpus == "auto":
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        gpus = 1 if resources.get("GPU", 0) > 0 else 0
+    if resources.get("CPU", 0) < cfg.cpus_per_actor or resources.get("GPU", 0) < gpus:
+        log.warning("an encoder actor asks for %s CPUs and %s GPUs; the cluster has %s and %s now: the actors wait "
+                    "until it grows (lower embed.cpus_per_actor on a small machine)", cfg.cpus_per_actor, gpus,
+                    resources.get("CPU", 0), resources.get("GPU", 0))
     return {"num_cpus": cfg.cpus_per_actor, "num_gpus": gpus}
 
 
@@ -167,9 +193,10 @@ def embed_stale(plan: EmbedPlan, cfg: EmbedConfig, tally: EmbedTally, work: Stag
     """Embed the stale shards on encoder actors, then write the sidecars they left owed."""
     stale = plan.stale
     for modality, n in work.get(_plan_task.remote(plan.shards, [s["shard"] for s in stale],
-                                                  list(plan.identities))).items():
+                                                  list(plan.identities), plan.fence)).items():
         tally.counts[modality]["unique"] = n
-    actors = [EmbedActor.options(**_actor_options(cfg)).remote(cfg, plan.identities, plan.cache, plan.shards)
+    actors = [EmbedActor.options(**_actor_options(cfg)).remote(cfg, plan.identities, plan.cache, plan.shards,
+                                                               plan.fence)
               for _ in range(min(cfg.actors, len(stale)))]
     bar = tqdm(total=len(stale), unit="shard", desc="embed", disable=not progress)
 
@@ -185,27 +212,42 @@ def embed_stale(plan: EmbedPlan, cfg: EmbedConfig, tally: EmbedTally, work: Stag
         ray.kill(a)
     digests = {s["shard"]: s["digest"] for s in stale}
     for missing in work.get_all([_owed_task.remote(plan.shards, shard, plan.identities, plan.dims, plan.cache,
-                                                   digests[shard], cfg) for shard in tally.owed]):
+                                                   digests[shard], cfg, plan.fence) for shard in tally.owed]):
         tally.missing(missing)
     plan.shards.remove(PLAN)
 
 
-def run_embed_stage(shards: Store, cfg: EmbedConfig, cache: Store | None = None,
-                    progress: bool = True) -> EmbedSummary:
-    """Embed every committed shard of SHARDS, with the vectors cached in CACHE (default: the
-    store of embed.cache, else SHARDS/embed-cache); returns (and writes) the stage summary."""
+def run_embed_stage(shards: Store, cfg: EmbedConfig, cache: Store | None = None, progress: bool = True,
+                    lease: LeaseConfig | Fence = DEFAULT_LEASE) -> EmbedSummary:
+    """Embed every committed shard of SHARDS, holding its lease, with the vectors cached in CACHE
+    (default: the store of embed.cache, else SHARDS/embed-cache); returns (and writes) the
+    stage summary."""
+    with held(shards, lease, "tessera embed") as fence:
+        return _embed(shards, cfg, cache or (shards.at(cfg.cache) if cfg.cache else shards.child(CACHE)), progress,
+                      fence)
+
+
+def _embed(shards: Store, cfg: EmbedConfig, cache: Store, progress: bool, fence: Fence) -> EmbedSummary:
     started, work = time.perf_counter(), StageWork()
-    cache = cache or (shards.at(cfg.cache) if cfg.cache else shards.child(CACHE))
-    plan = plan_embedding(shards, cfg, cache, work)
+    plan = first = plan_embedding(shards, cfg, cache, fence, work)
     tally = EmbedTally(plan)
-    compute_seconds = 0.0
-    if plan.stale and plan.identities:
-        t0 = time.perf_counter()
-        embed_stale(plan, cfg, tally, work, progress)
-        compute_seconds = time.perf_counter() - t0
+    compute_seconds, rounds = 0.0, 0
+    # A round leaves a sidecar incomplete when a batch failed, or when the actor that computed a
+    # vector another shard needed was lost before the vector reached the cache: the next round
+    # redoes those (and only those: the rest are cached), as long as it gets anywhere.
+    while plan.stale and plan.identities and rounds < MAX_ROUNDS:
+        t0, this = time.perf_counter(), EmbedTally(plan)
+        embed_stale(plan, cfg, this, work, progress)
+        compute_seconds += time.perf_counter() - t0
+        tally = this if rounds == 0 else tally.then(this)
+        rounds += 1
+        if not this.total("missing_in_sidecars") or not this.total("computed"):
+            break
+        plan = plan_embedding(shards, cfg, cache, fence, work)
+    plan = first
     caches = {m: EmbeddingCache(cache, plan.identities[m]) for m in plan.identities}
     cache_rows = dict(zip(caches, work.get_all([_maintain_task.remote(c) for c in caches.values()]), strict=True)) \
-        if tally.computed else None
+        if tally.total("computed") else None
     for c in tally.counts.values():
         c["cache_hits"] = c["samples"] - c["computed"]
     written = len(plan.stale) if plan.identities else 0
@@ -220,16 +262,25 @@ def run_embed_stage(shards: Store, cfg: EmbedConfig, cache: Store | None = None,
         modalities={m: {**c, "model_seconds": round(tally.model_seconds[m], 3),
                         "embeddings_per_s": round(c["computed"] / compute_seconds, 2) if compute_seconds else None}
                     for m, c in tally.counts.items()},
-        computed=tally.computed,
+        computed=tally.total("computed"),
+        errors=tally.total("errors"),
+        error_reasons=dict(tally.reasons.most_common()),
+        rounds=rounds,
         cache_hits=sum(c["cache_hits"] for c in tally.counts.values()),
         cache_rows=cache_rows,
         cache_corrupt=tally.corrupt,
         compute_seconds=round(compute_seconds, 3),
         seconds=round(time.perf_counter() - started, 3),
         store_retries=work.store_retries,
-        up_to_date=tally.computed == 0 and written == 0,
+        up_to_date=tally.total("computed") == 0 and written == 0,
     )
+    fence.check(EmbedSummary.FILE)
     summary.write(shards)
     log.info("embedded %d shards: %d computed, %d cache hits, %d sidecars written, in %.1f s", len(plan.names),
              summary.computed, summary.cache_hits, written, summary.seconds)
+    limit = cfg.max_errors if cfg.max_errors is None or cfg.max_errors >= 1 else cfg.max_errors * summary.samples
+    if limit is not None and summary.errors > limit:
+        raise StageFailed(f"embed: {summary.errors} vectors could not be computed (embed.max_errors {cfg.max_errors}"
+                          f"); their sidecars are incomplete, the next run tries them again. Reasons: "
+                          + "; ".join(f"{n} x {reason}" for reason, n in list(summary.error_reasons.items())[:5]))
     return summary

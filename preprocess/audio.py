@@ -15,6 +15,9 @@ from preprocess.reject import Reject
 
 MIN_SECONDS = 0.05
 SILENCE_LEVEL = 1e-6  # below this peak/RMS a clip is silence: no gain is applied
+# source audio decoded past max_seconds, so that resampling near the cut sees what it would
+# see in the whole clip (the resampler's filter is milliseconds long)
+DECODE_MARGIN_S = 1.0
 
 
 @dataclass
@@ -41,7 +44,9 @@ def wav_truncation(data: bytes) -> str | None:
 
 
 def decode_audio(data: bytes, cfg: AudioConfig) -> tuple[np.ndarray, int, dict]:
-    """Bytes -> (float32 mono samples, source rate, meta)."""
+    """Bytes -> (float32 mono samples, source rate, meta). The duration is read from the header
+    first: a clip over max_seconds is rejected (on_too_long: reject) or decoded only up to it
+    (and a margin), never whole."""
     if not data:
         raise Reject("audio", "empty file")
     truncation = wav_truncation(data)
@@ -51,15 +56,19 @@ def decode_audio(data: bytes, cfg: AudioConfig) -> tuple[np.ndarray, int, dict]:
         with sf.SoundFile(io.BytesIO(data)) as f:
             if f.format not in cfg.formats:
                 raise Reject("audio", f"format {f.format} not in the allowed formats {list(cfg.formats)}")
-            samples, rate = f.read(dtype="float32", always_2d=True), f.samplerate
+            rate, frames = f.samplerate, f.frames
+            if frames / rate > cfg.max_seconds and cfg.on_too_long == "reject":
+                raise Reject("audio", f"audio is {frames / rate:.1f} s, over {cfg.max_seconds} s")
+            samples = f.read(min(frames, int((cfg.max_seconds + DECODE_MARGIN_S) * rate)), dtype="float32",
+                             always_2d=True)
     except sf.LibsndfileError as e:
         raise Reject("audio", f"audio cannot be decoded: {e}") from None
     if not np.isfinite(samples).all():
         bad = "NaN" if np.isnan(samples).any() else "Inf"
         raise Reject("audio", f"audio contains {bad}")
-    meta = {"source_rate": rate, "source_channels": samples.shape[1], "source_seconds": len(samples) / rate}
-    if len(samples) < MIN_SECONDS * rate:
-        raise Reject("audio", f"audio is {len(samples)} samples long, under {MIN_SECONDS} s")
+    meta = {"source_rate": rate, "source_channels": samples.shape[1], "source_seconds": frames / rate}
+    if frames < MIN_SECONDS * rate:
+        raise Reject("audio", f"audio is {frames} samples long, under {MIN_SECONDS} s")
     return samples.mean(axis=1), rate, meta
 
 

@@ -135,6 +135,10 @@ class ShardConfig(Strict):
     video: VideoConfig = VideoConfig()
     inputs: InputsConfig = InputsConfig()
     targets: tuple[TargetConfig, ...] = ()
+    # an input file larger than this is a reject, found before it is read (null: no limit)
+    max_input_bytes: int | None = Field(512 << 20, gt=0)
+    # a stage that rejects more than this share of its inputs writes everything, then fails (null: off)
+    max_reject_fraction: float | None = Field(0.5, ge=0, le=1)
 
     @model_validator(mode="after")
     def _distinct_targets(self) -> ShardConfig:
@@ -144,6 +148,6 @@ class ShardConfig(Strict):
         return self
 
     def digest(self) -> str:
-        """Hash of every setting that changes the shard bytes."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """Hash of every setting that changes the shard bytes (max_reject_fraction is a check)."""
+        canonical = json.dumps(self.model_dump(mode="json", exclude={"max_reject_fraction"}), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -26,6 +26,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from preprocess.layout import DUPLICATES, INDEX, INDEX_SCHEMA, REJECTS, index_part
+from preprocess.lease import Fence
 from preprocess.storage import Store
 
 MEMORY_LIMIT = "128MB"  # DuckDB spills to local scratch beyond this
@@ -65,12 +66,12 @@ ORDER BY shard, file, line
 """.replace("$first_on", _FIRST_ON)
 
 
-def find_duplicates(out: Store, content: bool) -> dict:
+def find_duplicates(out: Store, content: bool, fence: Fence) -> dict:
     """Write rejects/duplicates.parquet; returns the counts and the shards that hold duplicates,
     in groups of neighbouring shards (one rewrite task each). Every shard has both parts."""
     with tempfile.TemporaryDirectory(prefix="tessera-dedup-") as scratch, out.duckdb(scratch, MEMORY_LIMIT) as con:
-        con.execute(f"CREATE VIEW idx AS SELECT * FROM read_parquet('{out.url_of(INDEX, 'shard-*.parquet')}')")
-        con.execute(f"CREATE VIEW rej AS SELECT * FROM read_parquet('{out.url_of(REJECTS, 'shard-*.parquet')}')")
+        con.execute(f"CREATE VIEW idx AS SELECT * FROM read_parquet({out.sql_url(INDEX, 'shard-*.parquet')})")
+        con.execute(f"CREATE VIEW rej AS SELECT * FROM read_parquet({out.sql_url(REJECTS, 'shard-*.parquet')})")
         local = f"{scratch}/duplicates.parquet"
         con.execute(f"COPY ({QUERY.replace('$content', str(content).upper())}) TO '{local}' "
                     "(FORMAT parquet, ROW_GROUP_SIZE 8192)")
@@ -79,6 +80,7 @@ def find_duplicates(out: Store, content: bool) -> dict:
                                  ).fetchall())
         shards = [s for (s,) in con.execute(
             f"SELECT DISTINCT shard FROM '{local}' ORDER BY length(shard), shard").fetchall()]
+        fence.check(DUPLICATES)
         out.put_file(local, DUPLICATES)
     groups = [list(group) for _, group in groupby(shards, key=lambda s: _number(s) // SHARDS_PER_TASK)]
     return {"rejected_by_reason": found, "duplicates": sum(found.values()), "shard_groups": groups}
@@ -88,7 +90,7 @@ def _number(shard: str) -> int:
     return int(shard.removeprefix("shard-").removesuffix(".tar"))
 
 
-def mark_duplicates(out: Store, shards: list[str]) -> int:
+def mark_duplicates(out: Store, shards: list[str], fence: Fence) -> int:
     """Set `duplicate_of` in the index parts of SHARDS from rejects/duplicates.parquet."""
     found = out.read_parquet(DUPLICATES, ["shard", "sample_key", "duplicate_of"], ds.field("shard").isin(shards))
     of = {}
@@ -98,6 +100,7 @@ def mark_duplicates(out: Store, shards: list[str]) -> int:
     for shard, duplicates in of.items():
         part = pq.read_table(pa.BufferReader(out.read_bytes(index_part(shard))), schema=INDEX_SCHEMA)
         column = pa.array([duplicates.get(k) for k in part.column("key").to_pylist()], pa.string())
+        fence.check(index_part(shard))
         out.write_parquet(index_part(shard), part.set_column(part.schema.get_field_index("duplicate_of"),
                                                              "duplicate_of", column))
     return sum(len(d) for d in of.values())

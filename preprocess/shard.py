@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import webdataset as wds
 
 from preprocess.config import MODALITIES, ShardConfig
 from preprocess.layout import INDEX_SCHEMA, REJECT_SCHEMA, index_part, rejects_part, shard_stem
+from preprocess.lease import Fence
 from preprocess.manifest import Chunk, LineReject, ManifestRow, chunk_rows
 from preprocess.reject import Reject
 from preprocess.sample import SampleOutput, process_sample
@@ -68,10 +70,11 @@ def _read_error(url: str, err: Exception) -> str:
     return f"cannot read {url}: {type(err).__name__}: {err}"
 
 
-def fetch_batch(rows: list[ManifestRow], inputs: Store) -> list[tuple[ManifestRow, dict[str, bytes] | LineReject]]:
+def fetch_batch(rows: list[ManifestRow], inputs: Store, limit: int | None
+                ) -> list[tuple[ManifestRow, dict[str, bytes] | LineReject]]:
     """Raw bytes of every file of each row (by modality), read through the INPUTS store's
-    options, or the row's read reject."""
-    got = inputs.read_many([url for row in rows for url in row.files.values()])
+    options, or the row's read reject; a file over LIMIT bytes is one, and is not read past it."""
+    got = inputs.read_many([url for row in rows for url in row.files.values()], limit)
     out = []
     for row in rows:
         raw: dict[str, bytes] = {}
@@ -83,6 +86,10 @@ def fetch_batch(rows: list[ManifestRow], inputs: Store) -> list[tuple[ManifestRo
                 break
             if not data:
                 failure = _reject(row, modality, "empty file")
+                break
+            if limit is not None and len(data) > limit:
+                failure = _reject(row, modality, f"file too large: {url} is {inputs.at(url).size()} bytes, "
+                                                 f"over shard.max_input_bytes ({limit})")
                 break
             raw[modality] = data
         out.append((row, failure or raw))
@@ -100,10 +107,26 @@ def sample_or_reject(row: ManifestRow, raw: dict[str, bytes], cfg: ShardConfig) 
         return _reject(row, None, f"unexpected error: {type(e).__name__}: {e}")
 
 
+# a reason's particulars, and what stands for them in its class
+_PARTICULARS = [(re.compile(r"\s*\([^)]*\)"), ""),  # (first on line 3), (unrecognised format)
+                (re.compile(r"'[^']*'|\"[^\"]*\"|\[[^\]]*\]"), "…"),  # quoted values, lists
+                (re.compile(r"\S*/\S*"), "…"),  # paths and URLs
+                (re.compile(r"\b\d+(?:[.,x]\d+)*\b"), "N")]  # sizes, counts, seconds
+_FIELD = re.compile(r"image|audio|video|text_file|target \S+")  # "<field>: <what is wrong with it>"
+
+
 def reason_class(reason: str, modality: str | None) -> str:
-    """A reject reason without its particulars (paths, sizes, keys): what summaries count."""
-    reason = reason.split(":")[0].split(" (")[0].split(" of '")[0]
-    return f"{modality}: {reason}" if modality else reason
+    """A reject reason without its particulars (paths, URLs, values, numbers; an error's own
+    message after ": "): what summaries count, e.g. "image: decompression bomb",
+    "cannot read …", "audio: audio is N s, over N s"."""
+    head, sep, tail = reason.partition(": ")
+    if sep and _FIELD.fullmatch(head):
+        text = tail.partition(": ")[0]
+        head = text if head == modality else f"{head}: {text}"
+    for pattern, stand_in in _PARTICULARS:
+        head = pattern.sub(stand_in, head)
+    head = " ".join(head.split())
+    return f"{modality}: {head}" if modality else head
 
 
 def index_row(plan: ShardPlan, row: ManifestRow, raw: dict[str, bytes], out: SampleOutput) -> dict:
@@ -141,10 +164,10 @@ def _parsed_rows(plan: ShardPlan, cfg: ShardConfig, rejects: list[LineReject]):
             yield row
 
 
-def write_shard(plan: ShardPlan, cfg: ShardConfig, out: Store) -> dict:
+def write_shard(plan: ShardPlan, cfg: ShardConfig, out: Store, fence: Fence) -> dict:
     """Process a planned shard and commit it: the tar (written whole, then committed), then its
-    index and rejects parts, then the JSON marker (counts, statistics) written last. The
-    inputs are read through the manifest file's store."""
+    index and rejects parts, then — while FENCE's lease still holds — the JSON marker (counts,
+    statistics). The inputs are read through the manifest file's store."""
     tar_name = plan.name + ".tar"
     inputs = plan.chunk.file.store
     stats = DatasetStats()
@@ -172,12 +195,13 @@ def write_shard(plan: ShardPlan, cfg: ShardConfig, out: Store) -> dict:
         "bytes": out.size(tar_name),
         "stats": stats.to_dict(),
     }
+    fence.check(f"the marker of {plan.name}")
     out.write_json(plan.name + ".json", marker)
     return marker
 
 
 def _write_batch(plan, rows, cfg, inputs: Store, tar, index: list, rejects: list, stats: DatasetStats) -> None:
-    for row, raw in fetch_batch(rows, inputs):
+    for row, raw in fetch_batch(rows, inputs, cfg.max_input_bytes):
         result = raw if isinstance(raw, LineReject) else sample_or_reject(row, raw, cfg)
         if isinstance(result, LineReject):
             rejects.append(result)

@@ -28,11 +28,13 @@ from preprocess.layout import (
     committed_shards,
     current_summary,
 )
+from preprocess.lease import DEFAULT_LEASE, Fence, LeaseConfig, held
 from preprocess.manifest import ManifestSource, chunks
 from preprocess.runner import StageWork, in_flight_limit, task
 from preprocess.shard import ShardPlan, write_shard
 from preprocess.stats import DatasetStats
 from preprocess.storage import Store
+from preprocess.summary import StageFailed
 
 log = logging.getLogger(__name__)
 
@@ -131,31 +133,37 @@ def sweep_temporaries(out: Store) -> None:
             out.remove(stale)
 
 
-def run_shard_stage(manifest: str, out: Store, cfg: ShardConfig, progress: bool = True) -> ShardSummary:
-    """Shard the manifest at URL MANIFEST (read through OUT's options) into OUT; returns the
-    summary. Ray must be initialized."""
+def run_shard_stage(manifest: str, out: Store, cfg: ShardConfig, progress: bool = True,
+                    lease: LeaseConfig | Fence = DEFAULT_LEASE) -> ShardSummary:
+    """Shard the manifest at URL MANIFEST (read through OUT's options) into OUT, holding OUT's
+    lease; returns the summary. Ray must be initialized."""
+    with held(out, lease, "tessera shard") as fence:
+        return _shard(manifest, out, cfg, progress, fence)
+
+
+def _shard(manifest: str, out: Store, cfg: ShardConfig, progress: bool, fence: Fence) -> ShardSummary:
     started, work = time.perf_counter(), StageWork()
     source = ManifestSource.open(manifest, out)
     claim_output(out, cfg, source)
     current = current_summary(out, cfg, source)
     if current is not None:
         log.info("shard: up to date (%d shards)", current.shards)
-        return current
-    sweep_temporaries(out)
+        return check_rejects(current, cfg)
+    sweep_temporaries(out)  # (the lease holder's own, or an expired holder's: no one else writes here)
     committed = {int(MARKER.fullmatch(name.removesuffix(".tar") + ".json").group(1))
                  for name in committed_shards(out)}
     tally = ShardProgress(out, started, progress)
     cfg_ref = ray.put(cfg)
     work.run(tally.to_write(plan_shards(source, cfg), committed),
-             lambda plan, _: _shard_task.remote(plan, cfg_ref, out), in_flight_limit(), tally.written)
+             lambda plan, _: _shard_task.remote(plan, cfg_ref, out, fence), in_flight_limit(), tally.written)
     tally.bar.close()
     if tally.resumed:
         log.info("resumed: %d of %d shards were already committed", tally.resumed, tally.planned)
 
     dedup = {"rejected_by_reason": {}, "duplicates": 0, "shard_groups": []}
     if tally.all.written:
-        dedup = work.get(_dedup_task.remote(out, cfg.dedup))
-        work.get_all([_mark_task.remote(out, group) for group in dedup["shard_groups"]])
+        dedup = work.get(_dedup_task.remote(out, cfg.dedup, fence))
+        work.get_all([_mark_task.remote(out, group, fence) for group in dedup["shard_groups"]])
     seconds = time.perf_counter() - started
     totals = tally.all
     summary = ShardSummary(
@@ -176,8 +184,22 @@ def run_shard_stage(manifest: str, out: Store, cfg: ShardConfig, progress: bool 
         store_retries=work.store_retries,
         up_to_date=tally.resumed == tally.planned,
     )
+    fence.check(ShardSummary.FILE)
     summary.write(out)
     log.info("%d accepted, %d rejected (%d duplicates), %d shards in %.1f s", summary.accepted,
              summary.rejected, summary.duplicates, summary.shards, seconds)
-    return summary
+    return check_rejects(summary, cfg)
 
+
+def check_rejects(summary: ShardSummary, cfg: ShardConfig) -> ShardSummary:
+    """SUMMARY, unless the stage rejected more than shard.max_reject_fraction of its inputs (a
+    broken mount, a wrong root): then StageFailed, with the top reasons (everything is written).
+    Duplicates do not count: a corpus may well repeat itself."""
+    limit, rejected = cfg.max_reject_fraction, summary.rejected - summary.duplicates
+    if limit is None or not summary.inputs or rejected / summary.inputs <= limit:
+        return summary
+    top = sorted(summary.rejected_by_reason.items(), key=lambda item: -item[1])[:5]
+    raise StageFailed(f"shard: {rejected} of {summary.inputs} inputs rejected, duplicates aside "
+                      f"({rejected / summary.inputs:.0%}, over shard.max_reject_fraction {limit}); "
+                      f"every shard and reject line is written (tessera rejects OUT). Top reasons: "
+                      + "; ".join(f"{n} x {reason}" for reason, n in top))

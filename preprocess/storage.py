@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import hashlib
 import io
 import json
 import logging
@@ -235,6 +237,19 @@ for _name in ("info", "ls", "listdir", "find", "glob", "size", "modified", "crea
     setattr(_RetryingFileSystem, _name, _delegate(_name))
 
 
+def _precondition_failed(error: BaseException) -> bool:
+    """Whether ERROR is a conditional write's refusal (HTTP 412)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        response = getattr(error, "response", None)
+        if _http_status(error) == 412 or (isinstance(response, dict) and
+                                          response.get("Error", {}).get("Code") in ("PreconditionFailed", "412")):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def is_local(url: str) -> bool:
     return split_protocol(url)[0] in (None, "file", "local")
 
@@ -292,6 +307,7 @@ class Store:
         self._fs, self._root = url_to_fs(self.url, **self._options.get(protocol, {}))
         self.is_local = isinstance(self._fs, LocalFileSystem)
         self._in_place = protocol in IN_PLACE_PROTOCOLS
+        self._s3 = "s3" in ((self._fs.protocol,) if isinstance(self._fs.protocol, str) else self._fs.protocol)
 
     def __reduce__(self):
         return Store, (self.url, self._options)
@@ -322,6 +338,10 @@ class Store:
 
     def url_of(self, *names: str) -> str:
         return join(self.url, *names) if names else self.url
+
+    def sql_url(self, *names: str) -> str:
+        """url_of as an SQL string literal (DuckDB's read_parquet): quoted, its quotes doubled."""
+        return "'" + self.url_of(*names).replace("'", "''") + "'"
 
     def child(self, *names: str) -> Store:
         return Store(self.url_of(*names), self._options)
@@ -374,10 +394,11 @@ class Store:
                  retried(self._fs.find, self._root, detail=True))
         return {self._relative(p): info for p, info in found.items() if info.get("type") == "file"}
 
-    def read_many(self, urls: list[str]) -> dict[str, bytes | Exception]:
+    def read_many(self, urls: list[str], limit: int | None = None) -> dict[str, bytes | Exception]:
         """Whole files named by URL, anywhere this store's options reach (a manifest's inputs),
         read concurrently where the filesystem batches reads (s3fs); errors returned per file,
-        transient ones after retrying the files they hit."""
+        transient ones after retrying the files they hit. With LIMIT, no more than LIMIT + 1
+        bytes of a file are read (a ranged read): a longer answer means a larger file."""
         by_protocol: dict[str, list[str]] = {}
         for url in urls:
             by_protocol.setdefault(split_protocol(url)[0] or "file", []).append(url)
@@ -385,7 +406,7 @@ class Store:
         for group in by_protocol.values():
             fs = self.at(group[0])._fs
             paths = {url: fs._strip_protocol(url) for url in group}
-            got = _cat_retrying(fs, list(dict.fromkeys(paths.values())))
+            got = _cat_retrying(fs, list(dict.fromkeys(paths.values())), limit)
             out.update({url: got[path] for url, path in paths.items()})
         return out
 
@@ -469,7 +490,7 @@ class Store:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
-            elif "s3" in ((self._fs.protocol,) if isinstance(self._fs.protocol, str) else self._fs.protocol):
+            elif self._s3:
                 self._fs.pipe_file(path, data, mode="create")
             else:
                 if self._fs.exists(path):
@@ -481,6 +502,44 @@ class Store:
         except FileExistsError:
             return attempts.value > 1 and self.read_bytes(name) == data
         return True
+
+    def read_versioned(self, name: str) -> tuple[bytes, str]:
+        """NAME's bytes and a tag of that version, for `replace_if` (its ETag on S3, taken before
+        the read: a write in between makes the tag stale, and the replace is refused)."""
+        if self._s3:  # (refresh: s3fs would answer from a listing it cached)
+            tag = retried(self._fs.info, self._path(name), refresh=True)["ETag"]
+            return self.read_bytes(name), tag
+        data = self.read_bytes(name)
+        return data, hashlib.sha256(data).hexdigest()
+
+    def replace_if(self, name: str, data: bytes, tag: str) -> str | None:
+        """Compare and swap: write DATA to NAME only if NAME is still the version TAG; the new
+        version's tag, or None when another writer changed it first. S3: a conditional put
+        (If-Match); local disks: under an exclusive lock (flock of NAME.lock); other stores: a
+        check, then a write (documented: not safe between concurrent writers)."""
+        path = self._path(name)
+        if self._s3:
+            try:
+                return retried(self._fs.pipe_file, path, data, IfMatch=tag)["ETag"]
+            except OSError as error:
+                if _precondition_failed(error):
+                    return None
+                raise
+        if self.is_local:
+            with open(f"{path}.lock", "ab") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+                return self._replace_if_unchanged(name, data, tag)
+        return self._replace_if_unchanged(name, data, tag)
+
+    def _replace_if_unchanged(self, name: str, data: bytes, tag: str) -> str | None:
+        try:
+            current = self.read_bytes(name)
+        except FileNotFoundError:
+            return None
+        if hashlib.sha256(current).hexdigest() != tag:
+            return None
+        self.write_bytes(name, data)
+        return hashlib.sha256(data).hexdigest()
 
     # --- what libraries take -------------------------------------------------------------
 
@@ -538,15 +597,20 @@ class Store:
         return {"storage_options": out}
 
 
-def _cat_retrying(fs: AbstractFileSystem, paths: list[str]) -> dict[str, bytes | Exception]:
-    """fs.cat of PATHS, errors per file; the files that failed transiently are read again."""
+def _cat_retrying(fs: AbstractFileSystem, paths: list[str], limit: int | None) -> dict[str, bytes | Exception]:
+    """fs.cat of PATHS (their first LIMIT + 1 bytes), errors per file; the files that failed
+    transiently are read again."""
     got: dict[str, bytes | Exception] = {}
     pending = list(paths)
 
     def attempt() -> None:
-        found = fs.cat(pending, on_error="return")
-        if not isinstance(found, dict):  # a single path comes back bare
-            found = {pending[0]: found}
+        if limit is None:
+            found = fs.cat(pending, on_error="return")
+            if not isinstance(found, dict):  # a single path comes back bare
+                found = {pending[0]: found}
+        else:
+            found = dict(zip(pending, fs.cat_ranges(pending, [0] * len(pending), [limit + 1] * len(pending),
+                                                    on_error="return"), strict=True))
         for path in pending:
             got[path] = found.get(path, FileNotFoundError(path))
         failed = [p for p in pending if isinstance(got[p], Exception) and is_transient(got[p])]

@@ -10,6 +10,11 @@ from typing import Any, ClassVar
 from preprocess.storage import Store
 
 
+class StageFailed(RuntimeError):
+    """A stage finished, its outputs written, but they fail a check the config sets (too many
+    rejects, too many vectors not computed): the CLI exits 4 with the reasons."""
+
+
 @dataclasses.dataclass(frozen=True)
 class StageSummary:
     FILE: ClassVar[str]  # its name in the stage's folder

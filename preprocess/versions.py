@@ -12,10 +12,13 @@ Light imports only (the CLI lists versions without starting Ray)."""
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Sequence
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from preprocess.layout import INDEX, ShardSummary
 from preprocess.storage import Store
@@ -53,25 +56,72 @@ def version_records(out: Store) -> list[dict]:
     return found
 
 
-def superseded(folders: Sequence[Store]) -> tuple[frozenset[str], ...]:
-    """Per shard folder (dataset versions, oldest first), the keys of its samples that a later
-    folder holds again (the newest copy wins) or removed. One DuckDB query over the index parts
-    and changes; what it returns grows with the changes, not with the corpus."""
-    if len(folders) == 1:
-        return (frozenset(),)
+def _superseded_query(folders: Sequence[Store]) -> str:
+    """(root, shard, key) of every sample of FOLDERS (positions, oldest first) that a later
+    folder holds again (the newest copy wins) or removed."""
     events = []
     for position, folder in enumerate(folders):
         if folder.names(f"{INDEX}/shard-*.parquet"):
-            parts = folder.url_of(INDEX, "shard-*.parquet")
-            events.append(f"SELECT key, {position} AS root FROM read_parquet('{parts}') WHERE duplicate_of IS NULL")
+            parts = folder.sql_url(INDEX, "shard-*.parquet")
+            events.append(f"SELECT key, shard, {position} AS root FROM read_parquet({parts}) "
+                          "WHERE duplicate_of IS NULL")
         if folder.exists(CHANGES):
-            events.append(f"SELECT key, {position} AS root FROM read_parquet('{folder.url_of(CHANGES)}') "
+            events.append(f"SELECT key, NULL AS shard, {position} AS root FROM read_parquet({folder.sql_url(CHANGES)}) "
                           f"WHERE change = '{REMOVED}'")
-    newest = folders[-1]
-    with tempfile.TemporaryDirectory(prefix="tessera-keys-") as scratch, newest.duckdb(scratch, MEMORY_LIMIT) as con:
-        found = con.execute(f"WITH events AS ({' UNION ALL '.join(events)}), last AS "
-                            "(SELECT key, max(root) AS last FROM events GROUP BY key) "
-                            "SELECT e.root, list(e.key) FROM events e JOIN last l USING (key) WHERE e.root < l.last "
-                            "GROUP BY e.root").fetchall()
-    keys = dict(found)
+    return (f"WITH events AS ({' UNION ALL '.join(events)}), last AS (SELECT key, max(root) AS last FROM events "
+            "GROUP BY key) SELECT e.root::INTEGER AS root, e.shard, e.key FROM events e JOIN last l USING (key) "
+            "WHERE e.root < l.last AND e.shard IS NOT NULL")
+
+
+def superseded(folders: Sequence[Store]) -> tuple[frozenset[str], ...]:
+    """Per shard folder (dataset versions, oldest first), the keys of its samples that a later
+    folder holds again or removed, as sets (what readers of a few shards at a time hold; the
+    training loaders read them per shard: write_superseded). One DuckDB query over the index
+    parts and changes; what it returns grows with the changes, not with the corpus."""
+    if len(folders) == 1:
+        return (frozenset(),)
+    with tempfile.TemporaryDirectory(prefix="tessera-keys-") as scratch, \
+            folders[-1].duckdb(scratch, MEMORY_LIMIT) as con:
+        keys = dict(con.execute(f"SELECT root, list(key) FROM ({_superseded_query(folders)}) GROUP BY root").fetchall())
     return tuple(frozenset(keys.get(i, ())) for i in range(len(folders)))
+
+
+SUPERSEDED_SCHEMA = pa.schema([("root", pa.int32()), ("shard", pa.string()), ("key", pa.string())])
+FOLDERS_KEY = "tessera.folders"  # its metadata: the folders it was written for
+
+
+def write_superseded(folders: Sequence[Store], target: Store) -> None:
+    """TARGET, a Parquet file: the (root, shard, key) of superseded samples, sorted by root and
+    shard in small row groups, so a loader reads its shard's rows only (superseded_keys)."""
+    with tempfile.TemporaryDirectory(prefix="tessera-keys-") as scratch, \
+            folders[-1].duckdb(scratch, MEMORY_LIMIT) as con:
+        local = f"{scratch}/superseded.parquet"
+        tag = _folders_tag(folders).replace("'", "''")
+        con.execute(f"COPY (SELECT * FROM ({_superseded_query(folders)}) ORDER BY root, shard, key) TO '{local}' "
+                    f"(FORMAT parquet, ROW_GROUP_SIZE 8192, KV_METADATA {{'{FOLDERS_KEY}': '{tag}'}})")
+        target.put_file(local, "")
+
+
+def superseded_written_for(target: Store, folders: Sequence[Store]) -> bool:
+    """Whether TARGET is write_superseded's file for exactly these FOLDERS (it is kept with a
+    training run, which evaluation and export read again)."""
+    try:
+        with target.open() as f:
+            found = (pq.read_schema(f).metadata or {}).get(FOLDERS_KEY.encode())
+    except (FileNotFoundError, pa.ArrowException):
+        return False
+    return found == _folders_tag(folders).encode()
+
+
+def _folders_tag(folders: Sequence[Store]) -> str:
+    return json.dumps([folder.url for folder in folders])
+
+
+def superseded_keys(source: Store | None, root: int, shard: str) -> frozenset[str]:
+    """The keys of one shard that later folders replaced or removed, from write_superseded's file
+    (None: one folder, none)."""
+    if source is None:
+        return frozenset()
+    table = source.read_parquet("", ["key"], (pc.field("root") == root) & (pc.field("shard") == shard),
+                                SUPERSEDED_SCHEMA)
+    return frozenset(table.column("key").to_pylist())

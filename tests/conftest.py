@@ -144,11 +144,12 @@ def s3_options():
 
 
 class FlakyProxy:
-    """An HTTP proxy in front of the S3 server with outages: while `outages` = (every_s, down_s)
-    is set, every request in the first DOWN_S seconds of each EVERY_S fails, in turn with a 503
-    SlowDown answer and with the connection dropped before any answer. An outage outlasts
-    s3fs's own retries (five, about 2 s), so tessera's have to carry the calls over it;
-    botocore's are off (OPTIONS)."""
+    """An HTTP proxy in front of the S3 server that fails requests, in turn with a 503 SlowDown
+    answer and with the connection dropped before any answer: while `outages` = (every_s,
+    down_s) is set, every request in the first DOWN_S seconds of each EVERY_S (an outage
+    outlasts s3fs's own retries, five in about 2 s, so tessera's have to carry the calls over
+    it); while `rate` is set, that share of all requests, at random (seeded). botocore's own
+    retries are off (OPTIONS)."""
 
     SLOW_DOWN = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code>"
                  b"<Message>Please reduce your request rate.</Message></Error>")
@@ -161,7 +162,9 @@ class FlakyProxy:
 
         proxy, host = self, urlsplit(upstream)
         self.outages: tuple[float, float] | None = None
+        self.rate, self.requests = 0.0, 0
         self.started, self.faults, self.lock = time.monotonic(), 0, threading.Lock()
+        self.random = __import__("random").Random(0)
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -211,8 +214,13 @@ class FlakyProxy:
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = forward
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address) -> None:
+                pass  # a client that hung up on a dropped connection: what the proxy is for
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.options = {"s3": {**credentials,
                                "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{self.server.server_port}"},
@@ -220,10 +228,13 @@ class FlakyProxy:
 
     def next_fault(self) -> str | None:
         with self.lock:
-            if self.outages is None:
-                return None
-            every, down = self.outages
-            if (time.monotonic() - self.started) % every >= down:
+            self.requests += 1
+            if self.outages is not None:
+                every, down = self.outages
+                failing = (time.monotonic() - self.started) % every < down
+            else:
+                failing = self.rate > 0 and self.random.random() < self.rate
+            if not failing:
                 return None
             self.faults += 1
             return ("slow-down", "drop")[self.faults % 2]

@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import math
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -29,21 +30,22 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from features.layout import EmbedSummary, read_sidecar
 from preprocess.layout import (
+    INDEX,
     MEMBER_EXTENSIONS,
     SHARD_CONFIG,
     ShardSummary,
     committed_shards,
-    index_batches,
     iter_shard,
     member_payload,
     read_index_part,
 )
 from preprocess.storage import Store
-from preprocess.versions import superseded
+from preprocess.versions import CHANGES, REMOVED, superseded_keys, superseded_written_for, write_superseded
 from train.config import TaskConfig
 from train.tasks import LABEL, Task, pack_targets
 
 SPLITS = ("train", "val")
+MEMORY_LIMIT = "256MB"  # of the query that counts the samples (it spills beyond)
 
 
 def split_of(key: str, val_fraction: float) -> str:
@@ -111,6 +113,58 @@ def _trainable(fields: list[str]):
     return with_label if fields == [LABEL] else with_label | pc.field("targets").is_valid()
 
 
+def _count(stores: Sequence[Store], listed: list[tuple[int, str]], fields: list[str], shard_config: dict,
+           val_fraction: float) -> tuple[np.ndarray, dict[str, set], dict[str, np.ndarray]]:
+    """From one DuckDB pass over every folder's index parts (spilling, never a Python loop over
+    rows): per committed shard, its samples with a target of at least one field in each split;
+    the labels found for each classification or multilabel field; each regression field's
+    count, sum and sum of squares over the training split. A key's newest copy counts (a later
+    folder's, unless a later folder removed it), as `superseded` decides for the loaders."""
+    kinds = {LABEL: "classification", **{t["field"]: t["kind"] for t in shard_config.get("targets") or ()}}
+    value = {f: (LABEL if f == LABEL else f"json_extract(targets, '$.\"{f}\"')") for f in fields}
+    present = " OR ".join(f"{value[f]} IS NOT NULL" for f in fields)
+    parts = " UNION ALL ".join(f"SELECT {i} AS root, shard, key, label, targets FROM read_parquet("
+                               f"{store.sql_url(INDEX, 'shard-*.parquet')}) WHERE duplicate_of IS NULL"
+                               for i, store in enumerate(stores) if store.names(f"{INDEX}/shard-*.parquet"))
+    removals = " UNION ALL ".join(f"SELECT key, {i} AS root FROM read_parquet({store.sql_url(CHANGES)}) "
+                                  f"WHERE change = '{REMOVED}'" for i, store in enumerate(stores)
+                                  if len(stores) > 1 and store.exists(CHANGES))
+    query = f"WITH idx AS ({parts})"
+    if len(stores) > 1:
+        events = "SELECT key, root FROM idx" + (f" UNION ALL {removals}" if removals else "")
+        query += f", newest AS (SELECT key, max(root) AS last FROM ({events}) GROUP BY key)"
+    bucket = "('0x' || substr(sha256(i.key), 1, 8))::UBIGINT / 4294967296.0"  # split_of's, in SQL
+    query += (f" SELECT i.*, {bucket} < {float(val_fraction)!r} AS val FROM idx i"
+              + (" JOIN newest n ON i.key = n.key AND i.root = n.last" if len(stores) > 1 else "")
+              + f" WHERE {present}")
+    per_shard = np.zeros((len(listed), 2), np.int64)
+    found: dict[str, set] = {f: set() for f in fields}
+    moments = {f: np.zeros(3) for f in fields}  # n, sum, sum of squares (training split)
+    if not parts:
+        return per_shard, found, moments
+    with tempfile.TemporaryDirectory(prefix="tessera-counts-") as scratch, \
+            stores[-1].duckdb(scratch, MEMORY_LIMIT) as con:
+        con.execute(f"CREATE TEMP TABLE rows AS {query}")
+        position = {shard: n for n, shard in enumerate(listed)}
+        for root, shard, train, val in con.execute("SELECT root, shard, count(*) FILTER (WHERE NOT val), "
+                                                   "count(*) FILTER (WHERE val) FROM rows GROUP BY root, shard"
+                                                   ).fetchall():
+            if (root, shard) in position:  # (an index part whose shard was never committed is no data)
+                per_shard[position[(root, shard)]] = (train, val)
+        for f in fields:
+            if kinds.get(f) == "regression":
+                n, total, squares = con.execute(
+                    f"SELECT count(v), sum(v), sum(v * v) FROM (SELECT {value[f]}::DOUBLE AS v FROM rows "
+                    "WHERE NOT val) WHERE v IS NOT NULL").fetchone()
+                moments[f] = np.array([n, total or 0.0, squares or 0.0])
+            else:
+                labels = f"unnest({value[f]}::VARCHAR[])" if kinds.get(f) == "multilabel" else (
+                    LABEL if f == LABEL else f"json_extract_string(targets, '$.\"{f}\"')")
+                found[f] = {v for (v,) in con.execute(f"SELECT DISTINCT {labels} FROM rows").fetchall()
+                            if v is not None}
+    return per_shard, found, moments
+
+
 def resolve_tasks(configs: Sequence[TaskConfig], shard_config: dict, found: dict[str, set],
                   moments: dict[str, np.ndarray]) -> tuple[Task, ...]:
     """The tasks with their kinds and label sets (declared, or else the values found) and the
@@ -148,7 +202,7 @@ class DatasetInfo:
     folders: tuple[Store, ...]  # shard folders, oldest version first
     shards: tuple[tuple[int, str], ...]  # (folder position, tar name) of every committed shard
     per_shard: np.ndarray  # [shards, 2]: trainable samples of each split (train, val)
-    excluded: tuple[frozenset[str], ...]  # per folder: keys a later folder replaced or removed
+    superseded: Store | None  # the keys later folders replaced or removed (a file, per shard; None: one folder)
     tasks: tuple[Task, ...]
     dims: dict[str, int]  # modality -> embedding width, in input order
     counts: dict[str, int]  # split -> samples with a target of at least one task
@@ -158,10 +212,15 @@ class DatasetInfo:
 
     @classmethod
     def read(cls, shards: Store | Sequence[Store], modalities: tuple[str, ...], val_fraction: float,
-             tasks: Sequence[TaskConfig] = ()) -> DatasetInfo:
+             tasks: Sequence[TaskConfig] = (), superseded: Store | None = None) -> DatasetInfo:
+        """SHARDS (one folder, or versions oldest first); with several, SUPERSEDED is where the
+        keys later versions replaced or removed are written (a Parquet file the loaders read
+        per shard; a run keeps it as RUN/superseded.parquet), unless it holds them already."""
         stores = (shards,) if isinstance(shards, Store) else tuple(shards)
         if not stores:
             raise ValueError("no shard folders to train on")
+        if len(stores) > 1 and superseded is None:
+            raise ValueError("several shard folders need a place for the keys later ones supersede")
         urls = [s.url for s in stores]
         summaries = [ShardSummary.read(s) for s in stores]
         shard_configs = [s.read_json(SHARD_CONFIG)["config"] for s in stores]
@@ -175,31 +234,15 @@ class DatasetInfo:
         if not dims:
             raise ValueError(f"{urls[-1]} has no embeddings for any of {list(modalities)}: run `tessera embed` first")
         fields = list(dict.fromkeys(t.source for t in tasks)) or [LABEL]
-        excluded = superseded(stores)
+        if len(stores) > 1 and not superseded_written_for(superseded, stores):
+            write_superseded(stores, superseded)
         listed = [(i, name) for i, store in enumerate(stores) for name in committed_shards(store)]
-        position = {shard: n for n, shard in enumerate(listed)}
-        per_shard = np.zeros((len(listed), 2), np.int64)
-        found: dict[str, set] = {f: set() for f in fields}
-        moments = {f: np.zeros(3) for f in fields}  # n, sum, sum of squares (training split)
-        for i, store in enumerate(stores):  # streamed: one batch of index rows at a time
-            for batch in index_batches(store, _index_columns(fields), _trainable(fields)):
-                for key, name, _, values in _index_targets(batch, fields):
-                    present = {f: v for f, v in values.items() if v is not None}
-                    if not present or key in excluded[i] or (i, name) not in position:
-                        continue
-                    split = split_of(key, val_fraction)
-                    per_shard[position[(i, name)], SPLITS.index(split)] += 1
-                    for f, v in present.items():
-                        if isinstance(v, float):  # a regression target (the shard stage stores numbers as floats)
-                            if split == "train":
-                                moments[f] += (1.0, v, v * v)
-                        else:
-                            found[f].update(v if isinstance(v, list) else [v])
+        per_shard, found, moments = _count(stores, listed, fields, shard_configs[0], val_fraction)
         counts = {"train": int(per_shard[:, 0].sum()), "val": int(per_shard[:, 1].sum())}
         counts["all"] = counts["train"] + counts["val"]
         mean, std = _pixel_statistics(summaries)
-        return cls(stores, tuple(listed), per_shard, excluded, resolve_tasks(tasks, shard_configs[0], found, moments),
-                   dims, counts, mean, std, val_fraction)
+        return cls(stores, tuple(listed), per_shard, superseded if len(stores) > 1 else None,
+                   resolve_tasks(tasks, shard_configs[0], found, moments), dims, counts, mean, std, val_fraction)
 
     @property
     def fields(self) -> list[str]:
@@ -268,9 +311,10 @@ class ShardStream(IterableDataset):
         fields = info.fields
         index = read_index_part(store, name, _index_columns(fields), _trainable(fields))
         chosen = []
+        excluded = superseded_keys(info.superseded, root, name)
         for key, _, label, values in _index_targets(index, fields):
             packed = pack_targets(info.tasks, label, values)
-            if packed is not None and key not in info.excluded[root] \
+            if packed is not None and key not in excluded \
                     and (spec.split == "all" or split_of(key, spec.val_fraction) == spec.split):
                 chosen.append((key, *packed))
         table = read_sidecar(store, name, ["key", *info.dims])

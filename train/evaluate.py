@@ -16,10 +16,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from preprocess.lease import DEFAULT_LEASE, Fence, LeaseConfig, held
 from preprocess.storage import Store
 from train.config import TrainConfig
 from train.data import DatasetInfo, StreamSpec, loader
-from train.layout import EVAL, PREDICTIONS, RUN_CONFIG
+from train.layout import EVAL, PREDICTIONS, RUN_CONFIG, SUPERSEDED
 from train.model import MultimodalModel
 from train.saved import load_model, read_saved
 from train.tasks import Task, served, split_targets, tasks_from_meta
@@ -322,10 +323,10 @@ def trained_on(run: Store) -> tuple[Store | list[Store], TrainConfig]:
             TrainConfig.model_validate(record["config"]))
 
 
-def data_for(meta: dict, shards: Store | list[Store], cfg: TrainConfig) -> DatasetInfo:
-    """The shards as the model saw its training data: its tasks (with their label sets and
-    regression statistics), widths and pixel statistics."""
-    info = DatasetInfo.read(shards, cfg.model.modalities, cfg.val_fraction, cfg.tasks)
+def data_for(meta: dict, shards: Store | list[Store], cfg: TrainConfig, run: Store) -> DatasetInfo:
+    """The shards as the model of RUN saw its training data: its tasks (with their label sets
+    and regression statistics), widths and pixel statistics (RUN keeps the superseded keys)."""
+    info = DatasetInfo.read(shards, cfg.model.modalities, cfg.val_fraction, cfg.tasks, run.child(SUPERSEDED))
     tasks = tasks_from_meta(meta["tasks"])
     found, wanted = [t.signature for t in info.tasks], [t.signature for t in tasks]
     if found != wanted or info.dims != meta["dims"]:
@@ -335,10 +336,19 @@ def data_for(meta: dict, shards: Store | list[Store], cfg: TrainConfig) -> Datas
                                pixel_std=tuple(meta["pixel_std"]))
 
 
-def evaluate_run(run: Store, other_shards: Sequence[Store] = (), batch_size: int = 256) -> dict:
+def evaluate_run(run: Store, other_shards: Sequence[Store] = (), batch_size: int = 256,
+                 lease: LeaseConfig | Fence = DEFAULT_LEASE) -> dict:
     """Metrics of RUN's model on its validation split and on every shard folder in
     OTHER_SHARDS (all their samples with a target): RUN/eval.json and RUN/eval-predictions.parquet,
-    both made in one streaming pass per set."""
+    both made in one streaming pass per set, holding RUN's lease."""
+    with held(run, lease, "tessera evaluate") as fence:
+        result = _evaluate(run, other_shards, batch_size)
+        fence.check(EVAL)
+        run.write_json(EVAL, result)
+    return result
+
+
+def _evaluate(run: Store, other_shards: Sequence[Store], batch_size: int) -> dict:
     meta, state = read_saved(run)
     model = load_model(meta, state)
     shards, cfg = trained_on(run)
@@ -348,11 +358,10 @@ def evaluate_run(run: Store, other_shards: Sequence[Store] = (), batch_size: int
         local = f"{scratch}/{PREDICTIONS}"
         with pq.ParquetWriter(local, PREDICTION_SCHEMA) as writer:
             for name, (source, split) in sets.items():
-                info = data_for(meta, source, cfg)
+                info = data_for(meta, source, cfg, run)
                 result["sets"][name] = evaluate_set(eval_batches(info, split, cfg, batch_size), eager_scorer(model),
                                                     info.dims, info.tasks, writer.write_table, name)
                 log.info("evaluate %s: %d samples, %s", name, result["sets"][name]["samples"],
                          {t.name: headline(t, result["sets"][name]["tasks"][t.name]) for t in info.tasks})
         run.put_file(local, PREDICTIONS)
-    run.write_json(EVAL, result)
     return result

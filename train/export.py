@@ -23,6 +23,7 @@ from torch import nn
 
 from features.layout import EmbedSummary
 from preprocess.layout import SHARD_CONFIG
+from preprocess.lease import DEFAULT_LEASE, Fence, LeaseConfig, held
 from preprocess.storage import Store
 from train.config import ExportConfig
 from train.evaluate import METRICS, Scorer, TaskMetrics, data_for, eager_scorer, eval_batches, headline, trained_on
@@ -179,14 +180,19 @@ def _size(model: MultimodalModel, files: dict[str, Path]) -> dict:
             **{f"bytes_{name}": path.stat().st_size for name, path in files.items() if name in ("fp32", "int8")}}
 
 
-def export_run(run: Store, out: Store, cfg: ExportConfig) -> dict:
-    """Write RUN's model and its variants to OUT; returns export.json's content. A distilled
-    run (train.distill_from) is reported beside its teacher: size, metrics per task,
-    agreement, ONNX throughput (the teacher's files stay in scratch)."""
+def export_run(run: Store, out: Store, cfg: ExportConfig, lease: LeaseConfig | Fence = DEFAULT_LEASE) -> dict:
+    """Write RUN's model and its variants to OUT, holding OUT's lease; returns export.json's
+    content. A distilled run (train.distill_from) is reported beside its teacher: size, metrics
+    per task, agreement, ONNX throughput (the teacher's files stay in scratch)."""
+    with held(out, lease, "tessera export") as fence:
+        return _export(run, out, cfg, fence)
+
+
+def _export(run: Store, out: Store, cfg: ExportConfig, fence: Fence) -> dict:
     meta, state = read_saved(run)
     model = load_model(meta, state)
     shards, train_cfg = trained_on(run)
-    info = data_for(meta, shards, train_cfg)
+    info = data_for(meta, shards, train_cfg, run)
     newest = info.folders[-1]
     embed = newest.read_json(EmbedSummary.FILE)
     if "config" not in embed:
@@ -244,6 +250,7 @@ def export_run(run: Store, out: Store, cfg: ExportConfig) -> dict:
         out.makedirs()
         for path in sorted(folder.iterdir()):
             out.put_file(str(path), path.name)
+    fence.check(EXPORT)
     out.write_json(EXPORT, result)
     for name, v in variants.items():
         log.info("export %s: %s, %d bytes (x%.2f smaller), val %s", name, v["file"], v["bytes"],

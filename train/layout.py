@@ -7,6 +7,7 @@ imports: the jobs, reports and `tessera predict` read these without torch or Dee
     RUN/model.safetensors        consolidated fp32 weights; RUN/model.json what rebuilds the model
     RUN/train-summary.json       TrainSummary, written last
     RUN/eval.json                evaluation per set; RUN/eval-predictions.parquet one row per (sample, task)
+    RUN/superseded.parquet       trained on several versions: the keys later ones replaced or removed
 
     EXPORT/model.safetensors, model.json   as in the run
     EXPORT/preprocess.json       the shard and embed settings and encoders that reproduce the inputs
@@ -28,6 +29,7 @@ METRICS = "metrics.jsonl"
 WEIGHTS, META = "model.safetensors", "model.json"
 TRAIN_SUMMARY = "train-summary.json"
 EVAL, PREDICTIONS = "eval.json", "eval-predictions.parquet"
+SUPERSEDED = "superseded.parquet"
 PREPROCESS, EXPORT = "preprocess.json", "export.json"
 ONNX = {"fp32": "model.onnx", "int8": "model-int8.onnx", "pruned": "model-pruned.onnx"}
 

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from preprocess.lease import Fence
 from preprocess.storage import Store, retries_so_far
 from train.config import TrainConfig
 from train.data import DatasetInfo, StreamSpec, loader
@@ -33,6 +34,7 @@ class TrainJob:
     info: DatasetInfo
     run: Store  # the run folder (any store; on a cluster without a shared disk, an object store)
     checkpoints: Store  # train.checkpoint_url, or RUN/checkpoints
+    fence: Fence  # the driver's lease on RUN: rank 0 checks it before each commit
     init_state: dict | None = None  # starting weights (cfg.init_from), checked on the driver
     teacher: tuple[dict, dict] | None = None  # (model.json, weights) of cfg.distill_from, checked on the driver
 
@@ -245,6 +247,7 @@ class Trainer:
             self.checkpoints.push(tag)
         dist.barrier()
         if self.rank == 0:
+            self.job.fence.check(f"checkpoint {tag}")
             self.checkpoints.commit(tag, self.cfg.keep_checkpoints)
         dist.barrier()
         self.latest, self.last_saved = tag, self.step
@@ -271,6 +274,7 @@ class Trainer:
             state = get_fp32_state_dict_from_zero_checkpoint(str(local), tag=tag)
         state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
         info, run = self.info, self.job.run
+        self.job.fence.check("the exported model")
         run.write_bytes(WEIGHTS, save(state, metadata={"format": "pt"}))
         # (not write_json: its sorted keys would reorder dims, which is the model's input order)
         run.write_bytes(META, json.dumps({

@@ -107,7 +107,8 @@ class Checkpoints:
     def commit(self, tag: str, keep: int) -> None:
         """Point `latest` at TAG, then drop all but the newest KEEP tags (rank 0 only)."""
         self.store.write_bytes(LATEST, tag.encode())
-        tags = sorted(name for name in self.store.names("step-*") if TAG.fullmatch(name))
+        tags = sorted((name for name in self.store.names("step-*") if TAG.fullmatch(name)),
+                      key=lambda name: int(name.removeprefix("step-")))  # by step: "step-10000000" is newest
         for old in tags[:-keep]:
             self.store.remove(old, recursive=True)
 

@@ -11,10 +11,11 @@ from collections.abc import Sequence
 import ray
 
 from preprocess.layout import OutputConflict
+from preprocess.lease import DEFAULT_LEASE, Fence, LeaseConfig, held
 from preprocess.storage import Store, retries_so_far
 from train.config import TrainConfig
 from train.data import DatasetInfo
-from train.layout import CHECKPOINTS, METRICS, RUN_CONFIG, WEIGHTS, TrainSummary, run_record
+from train.layout import CHECKPOINTS, METRICS, RUN_CONFIG, SUPERSEDED, WEIGHTS, TrainSummary, run_record
 from train.loop import TrainJob, ray_worker
 from train.run_store import Checkpoints, scratch_for
 from train.saved import compatible_start, teacher_for
@@ -39,20 +40,26 @@ def claim_run(run: Store, cfg: TrainConfig, shards: Store | Sequence[Store]) -> 
     run.write_json(RUN_CONFIG, record)
 
 
-def run_train_stage(shards: Store | Sequence[Store], run: Store, cfg: TrainConfig) -> TrainSummary:
+def run_train_stage(shards: Store | Sequence[Store], run: Store, cfg: TrainConfig,
+                    lease: LeaseConfig | Fence = DEFAULT_LEASE) -> TrainSummary:
     """Train on SHARDS (one folder, or dataset versions oldest first) into the RUN folder,
-    resuming from its latest checkpoint; returns the summary. Workers write everything
-    through the stores, so the nodes need no shared disk."""
+    holding its lease, resuming from its latest checkpoint; returns the summary. Workers write
+    everything through the stores, so the nodes need no shared disk."""
+    with held(run, lease, "tessera train") as fence:
+        return _train(shards, run, cfg, fence)
+
+
+def _train(shards: Store | Sequence[Store], run: Store, cfg: TrainConfig, fence: Fence) -> TrainSummary:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     started, retries_before = time.perf_counter(), retries_so_far()
-    info = DatasetInfo.read(shards, cfg.model.modalities, cfg.val_fraction, cfg.tasks)
+    info = DatasetInfo.read(shards, cfg.model.modalities, cfg.val_fraction, cfg.tasks, run.child(SUPERSEDED))
     checkpoints = run.at(cfg.checkpoint_url) if cfg.checkpoint_url else run.child(CHECKPOINTS)
     claim_run(run, cfg, shards)
     use_gpu = cfg.use_gpu if cfg.use_gpu != "auto" else ray.cluster_resources().get("GPU", 0) > 0
     resumed = Checkpoints(checkpoints).latest() is not None
-    job = TrainJob(cfg, info, run, checkpoints,
+    job = TrainJob(cfg, info, run, checkpoints, fence,
                    init_state=compatible_start(run.at(cfg.init_from), info.dims, info.tasks, cfg.model)
                    if cfg.init_from else None,
                    teacher=teacher_for(run.at(cfg.distill_from), info.dims, info.tasks, cfg.model)
@@ -87,5 +94,6 @@ def run_train_stage(shards: Store | Sequence[Store], run: Store, cfg: TrainConfi
         store_retries=next((r["store_retries"] for r in reversed(records) if "store_retries" in r), 0)
         + retries_so_far() - retries_before,
     )
+    fence.check(TrainSummary.FILE)
     summary.write(run)
     return summary

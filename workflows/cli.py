@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -13,7 +14,8 @@ from workflows.config import ConfigError, TesseraConfig, load_config
 
 EXIT_CONFIG = 2
 EXIT_CONFLICT = 3
-EXIT_LOCKED = 75  # EX_TEMPFAIL: another refresh is running; a scheduler retries later
+EXIT_FAILED_CHECK = 4  # a stage wrote its outputs, but they fail a check the config sets (rejects, errors)
+EXIT_LOCKED = 75  # EX_TEMPFAIL: another writer holds the output folder; a scheduler retries later
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +25,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--workers", type=int, help="CPUs of the local Ray (runtime.workers)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    parser.add_argument("--wait", action="store_true",
+                        help="wait for an output folder another writer holds (default: exit 75 at once)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,7 +104,20 @@ def config_from_args(args: argparse.Namespace) -> TesseraConfig:
             overrides.append(f"{field}={json.dumps(value)}")
     if args.no_progress:
         overrides.append("runtime.progress=false")
+    if args.wait:
+        overrides.append("runtime.lease.wait=true")
     return load_config(args.config, overrides)
+
+
+@contextlib.contextmanager
+def writing(folder, cfg: TesseraConfig, command: str):
+    """FOLDER's lease, then Ray: a command that finds its folder held exits 75 before it starts Ray."""
+    from preprocess.lease import Lease
+    from workflows.runtime import start_ray
+
+    with Lease(folder, cfg.runtime.lease, command) as fence:
+        start_ray(cfg.runtime)
+        yield fence
 
 
 def cmd_shard(args: argparse.Namespace, cfg: TesseraConfig) -> int:
@@ -112,10 +129,9 @@ def cmd_shard(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     summary = current_summary(out, cfg.shard, ManifestSource.open(args.manifest, out))
     if summary is None:
         from preprocess.stage import run_shard_stage
-        from workflows.runtime import start_ray
 
-        start_ray(cfg.runtime)
-        summary = run_shard_stage(args.manifest, out, cfg.shard, cfg.runtime.progress)
+        with writing(out, cfg, "tessera shard") as fence:
+            summary = run_shard_stage(args.manifest, out, cfg.shard, cfg.runtime.progress, fence)
     record = summary.to_json()
     print(json.dumps({k: record[k] for k in ("inputs", "accepted", "rejected", "shards", "samples_per_s",
                                              "up_to_date")}))
@@ -133,10 +149,10 @@ def cmd_rejects(args: argparse.Namespace, cfg: TesseraConfig) -> int:
 
 def cmd_embed(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     from features.stage import run_embed_stage
-    from workflows.runtime import start_ray
 
-    start_ray(cfg.runtime)
-    summary = run_embed_stage(cfg.runtime.store(args.shards), cfg.embed, progress=cfg.runtime.progress)
+    shards = cfg.runtime.store(args.shards)
+    with writing(shards, cfg, "tessera embed") as fence:
+        summary = run_embed_stage(shards, cfg.embed, progress=cfg.runtime.progress, lease=fence)
     print(json.dumps({"samples": summary.samples, "computed": summary.computed, "cache_hits": summary.cache_hits,
                       "seconds": summary.seconds}))
     return 0
@@ -144,12 +160,11 @@ def cmd_embed(args: argparse.Namespace, cfg: TesseraConfig) -> int:
 
 def cmd_train(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     from train.stage import run_train_stage
-    from workflows.runtime import start_ray
 
-    start_ray(cfg.runtime)
     run_dir = args.run_dir or str(Path("runs") / Path(args.shards.rstrip("/")).name)
     shards = cfg.runtime.store(args.shards)
-    summary = run_train_stage(shards, shards.at(run_dir), cfg.train)
+    with writing(shards.at(run_dir), cfg, "tessera train") as fence:
+        summary = run_train_stage(shards, shards.at(run_dir), cfg.train, fence)
     record = summary.to_json()
     print(json.dumps({k: record[k] for k in ("steps", "final_loss", "val_accuracy", "val_tasks", "model")}))
     return 0
@@ -157,30 +172,27 @@ def cmd_train(args: argparse.Namespace, cfg: TesseraConfig) -> int:
 
 def cmd_run(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     from workflows.jobs import run_pipeline
-    from workflows.runtime import start_ray
 
     if args.dry_run:  # always the embedded local Ray, whatever the environment points at
         os.environ.pop("RAY_ADDRESS", None)
     if not cfg.job.out:
         raise ConfigError("tessera run needs job.manifest and job.out in the config (or --dry-run)")
-    start_ray(cfg.runtime)
-    report = run_pipeline(cfg, cfg.runtime.store(cfg.job.out))
+    out = cfg.runtime.store(cfg.job.out)
+    with writing(out, cfg, "tessera run") as fence:
+        report = run_pipeline(cfg, out, fence)
     print(json.dumps({stage: {"up_to_date": s["up_to_date"]} for stage, s in report["stages"].items()}
                      | {"seconds": report["seconds"]}))
     return 0
 
 
 def cmd_refresh(args: argparse.Namespace, cfg: TesseraConfig) -> int:
-    from workflows.refresh import Locked, run_refresh
+    from workflows.refresh import run_refresh
     from workflows.runtime import start_ray
 
     if not cfg.job.out:
         raise ConfigError("tessera refresh needs job.manifest and job.out in the config")
-    try:  # the lock first: a refresh that finds another running exits without starting Ray
-        result = run_refresh(cfg, cfg.runtime.store(cfg.job.out), start=lambda: start_ray(cfg.runtime))
-    except Locked as e:
-        print(f"tessera: {e}", file=sys.stderr)
-        return EXIT_LOCKED
+    # the lease first: a refresh that finds another running exits without starting Ray
+    result = run_refresh(cfg, cfg.runtime.store(cfg.job.out), start=lambda: start_ray(cfg.runtime))
     trained = {"val_accuracy": result["train"].val_accuracy} if "train" in result else {}
     counts = {k: result[k] for k in ("added", "changed", "removed") if k in result}
     print(json.dumps({"version": result["version"], "new_rows": result["new_rows"], **counts, **trained}))
@@ -201,7 +213,7 @@ def cmd_evaluate(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     from workflows.report import write_run_report
 
     run = cfg.runtime.store(args.run)
-    result = evaluate_run(run, [run.at(url) for url in args.shards], cfg.export.batch_size)
+    result = evaluate_run(run, [run.at(url) for url in args.shards], cfg.export.batch_size, cfg.runtime.lease)
     write_run_report(run)
     tasks = tasks_from_meta(result["tasks"])
     for name, metrics in result["sets"].items():
@@ -215,7 +227,7 @@ def cmd_export(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     from train.export import export_run
 
     run = cfg.runtime.store(args.run)
-    result = export_run(run, run.at(args.out), cfg.export)
+    result = export_run(run, run.at(args.out), cfg.export, cfg.runtime.lease)
     for name, variant in result["variants"].items():
         print(json.dumps({"variant": name, **{k: variant.get(k) for k in (
             "file", "bytes", "size_ratio_vs_fp32", "tasks", "within_tolerance")}}))
@@ -255,9 +267,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tessera: {e}", file=sys.stderr)
         return EXIT_CONFIG
     from preprocess.layout import OutputConflict
+    from preprocess.lease import LeaseHeld
+    from preprocess.summary import StageFailed
 
     try:
         return COMMANDS[args.command](args, cfg)
+    except LeaseHeld as e:
+        print(f"tessera: {e}", file=sys.stderr)
+        return EXIT_LOCKED
+    except StageFailed as e:
+        print(f"tessera: {e}", file=sys.stderr)
+        return EXIT_FAILED_CHECK
     except OutputConflict as e:
         print(f"tessera: {e}", file=sys.stderr)
         return EXIT_CONFLICT

@@ -10,6 +10,7 @@ from pydantic import Field, ValidationError
 
 from features.config import EmbedConfig
 from preprocess.config import ShardConfig, Strict
+from preprocess.lease import LeaseConfig
 from preprocess.storage import Store
 from train.config import ExportConfig, TrainConfig
 
@@ -21,6 +22,7 @@ class RuntimeConfig(Strict):
     workers: int = Field(2, gt=0, description="CPUs of the local Ray, and parallel shard tasks")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options, e.g. S3")
     progress: bool = True
+    lease: LeaseConfig = LeaseConfig()
 
     def store(self, url: str) -> Store:
         """The store of URL with these storage options: built once per location a job names,

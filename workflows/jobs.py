@@ -13,6 +13,7 @@ from importlib import resources
 from features.layout import EmbedSummary
 from features.stage import run_embed_stage
 from preprocess.layout import ShardSummary
+from preprocess.lease import Fence, held
 from preprocess.stage import run_shard_stage
 from preprocess.storage import Store
 from train.evaluate import evaluate_run
@@ -51,25 +52,31 @@ def train_into(cfg: TesseraConfig, run: Store, shards: Store | Sequence[Store]) 
     if _train_is_current(run, cfg, shards):
         log.info("train: up to date (%s)", run.url)
         return TrainSummary.read(run).replace(up_to_date=True)
-    summary = run_train_stage(shards, run, cfg.train)
-    evaluate_run(run)
+    summary = run_train_stage(shards, run, cfg.train, cfg.runtime.lease)
+    evaluate_run(run, lease=cfg.runtime.lease)
     return summary
 
 
-def run_pipeline(cfg: TesseraConfig, out: Store) -> dict:
-    """Shard, embed and train into OUT (the store of job.out); returns {stage: summary, ...} as
-    JSON and writes OUT/run-summary.json."""
+def run_pipeline(cfg: TesseraConfig, out: Store, lease: Fence | None = None) -> dict:
+    """Shard, embed and train into OUT (the store of job.out), holding its lease (LEASE, when
+    the caller holds it already); returns {stage: summary, ...} as JSON and writes
+    OUT/run-summary.json."""
     if not cfg.job.manifest:
         raise ConfigError("tessera run needs job.manifest and job.out in the config (or --dry-run)")
-    started, progress = time.perf_counter(), cfg.runtime.progress
+    with held(out, lease or cfg.runtime.lease, "tessera run") as fence:
+        return _run(cfg, out, fence)
+
+
+def _run(cfg: TesseraConfig, out: Store, fence: Fence) -> dict:
+    started, progress, lease = time.perf_counter(), cfg.runtime.progress, cfg.runtime.lease
     shards = out.child(SHARDS)
     report: dict = {"stages": {}}
 
-    shard = run_shard_stage(cfg.job.manifest, shards, cfg.shard, progress)
+    shard = run_shard_stage(cfg.job.manifest, shards, cfg.shard, progress, lease)
     report["stages"]["shard"] = shard.to_json()
     log.info("shard: %s", "up to date" if shard.up_to_date else f"{shard.shards - shard.resumed_shards} shards written")
 
-    embed = run_embed_stage(shards, cfg.embed, progress=progress)
+    embed = run_embed_stage(shards, cfg.embed, progress=progress, lease=lease)
     report["stages"]["embed"] = embed.to_json()
     log.info("embed: %s", "up to date" if embed.up_to_date else f"{embed.computed} embeddings computed")
 
@@ -77,6 +84,7 @@ def run_pipeline(cfg: TesseraConfig, out: Store) -> dict:
     run = out.child(TRAIN, data_digest(shards)[:12])
     report["stages"]["train"] = train_into(cfg, run, shards).to_json()
     report["seconds"] = round(time.perf_counter() - started, 3)
+    fence.check(RUN_SUMMARY)
     out.write_json(RUN_SUMMARY, report)
     report["report"] = write_report(out, run)
     return report

@@ -9,7 +9,7 @@ in preprocess/layout.py, preprocess/versions.py, features/layout.py and train/la
                       OUT/embed-cache/            shared by every version
                       OUT/refresh/state.json      the manifest and row identities the last refresh saw
                       OUT/refresh/identities-*/   those identities (Parquet, one part per chunk)
-                      OUT/refresh.lock            one refresh at a time
+    every folder a command writes: FOLDER/lease.json (preprocess/lease.py)
     a run folder:     RUN/report.html             its training and evaluation plots"""
 
 from __future__ import annotations
@@ -18,7 +18,5 @@ SHARDS = "shards"
 TRAIN = "train"  # under OUT (one run per data digest) and under each version (its run)
 RUN_SUMMARY = "run-summary.json"
 REPORT = "report.html"
-LOCK = "refresh.lock"
 STATE = "refresh/state.json"
 IDENTITIES = "refresh/identities-"  # + a random id
-TAKEOVER = "refresh/takeover-"  # + the stale lock's token

@@ -94,7 +94,8 @@ class Predictor:
         """One record per row, in order: the prediction, or the reject with its reason."""
         for start in range(0, len(rows), self.batch_size):
             outputs, results = [], {}
-            for row, raw in fetch_batch(rows[start : start + self.batch_size], self.model):
+            for row, raw in fetch_batch(rows[start : start + self.batch_size], self.model,
+                                        self.shard_cfg.max_input_bytes):
                 result = raw if isinstance(raw, LineReject) else sample_or_reject(row, raw, self.shard_cfg)
                 if isinstance(result, LineReject):
                     results[row.line] = {"rejected": True, **result.as_record()}

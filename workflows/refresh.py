@@ -23,20 +23,18 @@ import hashlib
 import json
 import logging
 import os
-import socket
 import tempfile
-import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from features.layout import CACHE
 from preprocess.inputs import AllowedInputs
 from preprocess.layout import REJECT_SCHEMA, REJECTS, OutputConflict
+from preprocess.lease import Fence, held
 from preprocess.manifest import FILE_FIELDS, Chunk, ManifestSource, chunks, parse_json_line, raw_records, source_key
 from preprocess.runner import StageWork, in_flight_limit, task
 from preprocess.storage import Store, file_tag, is_local, parent, resolve
@@ -55,14 +53,13 @@ from preprocess.versions import (
 )
 from train.layout import TRAIN_SUMMARY, WEIGHTS, TrainSummary
 from workflows.config import ConfigError, TesseraConfig
-from workflows.layout import IDENTITIES, LOCK, STATE, TAKEOVER, TRAIN
+from workflows.layout import IDENTITIES, STATE, TRAIN
 
 # The stages (and torch) are imported where a version is made: a no-op refresh, and the
 # refreshes that find another one running, start in a fraction of a second.
 
 log = logging.getLogger(__name__)
 
-LOCK_TIMEOUT_S = 24 * 3600
 ROWS_PER_TASK = 16384  # manifest rows per identity task
 REFUSED = "refused"  # the tag of an input outside the allowed roots (never stat'ed)
 STAT_IN_PROCESS = 100_000  # up to this many file references, a no-op check stats them without Ray
@@ -70,49 +67,6 @@ MEMORY_LIMIT = "256MB"  # the diff query spills to local scratch beyond this
 IDENTITY_SCHEMA = pa.schema([("key", pa.string()), ("identity", pa.string()), ("file", pa.string()),
                              ("line", pa.int64()), ("row", pa.binary()), ("files", pa.list_(pa.string())),
                              ("tags", pa.list_(pa.string()))])
-
-
-class Locked(RuntimeError):
-    """Another refresh holds OUT."""
-
-
-# ---------------------------------------------------------------------------------------------
-# the lock
-
-def _holder_is_alive(holder: dict) -> bool:
-    if holder["host"] == socket.gethostname():
-        return psutil.pid_exists(holder["pid"])
-    return time.time() - holder["started"] < LOCK_TIMEOUT_S
-
-
-@contextlib.contextmanager
-def refresh_lock(out: Store):
-    """OUT/refresh.lock, created exclusively (O_EXCL, or S3's If-None-Match: *): of refreshes
-    started together exactly one proceeds, the others raise Locked. A lock whose holder is
-    dead (or older than LOCK_TIMEOUT_S, on another host) is taken over by exactly one
-    process: the one that creates refresh/takeover-<its token>."""
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "token": uuid.uuid4().hex}
-    if not out.create_exclusive(LOCK, json.dumps(me).encode()):
-        try:
-            holder = out.read_json(LOCK)
-        except (OSError, ValueError):  # released meanwhile, or being written: someone else is first
-            raise Locked(f"{out.url_of(LOCK)} is being taken by another refresh") from None
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["started"]))
-        if _holder_is_alive(holder):
-            raise Locked(f"{out.url_of(LOCK)} is held by pid {holder['pid']} on {holder['host']} since {since}")
-        if not out.create_exclusive(f"{TAKEOVER}{holder['token']}", json.dumps(me).encode()):
-            raise Locked(f"{out.url_of(LOCK)}: another refresh is taking over the stale lock")
-        log.warning("taking over a stale lock left by pid %d on %s since %s", holder["pid"], holder["host"], since)
-        with contextlib.suppress(FileNotFoundError):
-            out.remove(LOCK)
-        if not out.create_exclusive(LOCK, json.dumps(me).encode()):
-            raise Locked(f"{out.url_of(LOCK)} was taken by another refresh")
-    try:
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError, ValueError):
-            if out.read_json(LOCK)["token"] == me["token"]:
-                out.remove(LOCK)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,7 +279,7 @@ def run_refresh(cfg: TesseraConfig, out: Store, start: Callable[[], None] = lamb
     if not cfg.job.manifest:
         raise ConfigError("tessera refresh needs job.manifest and job.out in the config")
     mode, work = cfg.job.refresh_identity, StageWork()
-    with refresh_lock(out):
+    with held(out, cfg.runtime.lease, "tessera refresh") as fence:
         source = ManifestSource.open(cfg.job.manifest, out)
         allow = cfg.shard.inputs.allow
         if _unchanged_since_last(out, source, mode, allow, start, work):
@@ -351,10 +305,11 @@ def run_refresh(cfg: TesseraConfig, out: Store, start: Callable[[], None] = lamb
         new_rows = counts[ADDED] + counts[CHANGED] + counts["no_key"]
         result: dict = {"version": None, "new_rows": 0}
         if new_rows or counts[REMOVED] or counts["duplicate_key"]:
-            result = _make_version(cfg, out, version, counts, source) | {"new_rows": new_rows, **counts}
+            result = _make_version(cfg, out, version, counts, source, fence) | {"new_rows": new_rows, **counts}
         else:
             out.remove(version, recursive=True)
         previous = out.read_json(STATE)["identities"] if out.exists(STATE) else None
+        fence.check(STATE)
         out.write_json(STATE, {"manifest": source.fingerprint, "identity": mode, "allow": list(allow),
                                "file_refs": sum(named), "identities": staging_name})
         if previous:
@@ -366,7 +321,8 @@ def run_refresh(cfg: TesseraConfig, out: Store, start: Callable[[], None] = lamb
         return result
 
 
-def _make_version(cfg: TesseraConfig, out: Store, version: str, counts: dict, source: ManifestSource) -> dict:
+def _make_version(cfg: TesseraConfig, out: Store, version: str, counts: dict, source: ManifestSource,
+                  fence: Fence) -> dict:
     """Shard and embed the version's rows (and train), then commit it: version.json last. The
     version's manifest lives in OUT and names the inputs by their full URLs: they stay confined
     to the user's manifest root (and shard.inputs.allow)."""
@@ -378,18 +334,19 @@ def _make_version(cfg: TesseraConfig, out: Store, version: str, counts: dict, so
     shard_cfg = cfg.shard.model_copy(update={"inputs": cfg.shard.inputs.model_copy(update={"allow": roots})})
     manifest = target.url_of(VERSION_MANIFEST)
     try:  # an interrupted refresh of the same rows resumes its version
-        shard = run_shard_stage(manifest, target, shard_cfg, cfg.runtime.progress)
+        shard = run_shard_stage(manifest, target, shard_cfg, cfg.runtime.progress, cfg.runtime.lease)
     except OutputConflict:  # ... of other rows: that incomplete version's shards are redone
         keep = {VERSION_MANIFEST, CHANGES, REJECTS, f"{REJECTS}/refresh.parquet"}
         for name in [*target.names("*"), *target.names(f"{REJECTS}/*")]:
             if name not in keep:
                 target.remove(name, recursive=True)
-        shard = run_shard_stage(manifest, target, shard_cfg, cfg.runtime.progress)
+        shard = run_shard_stage(manifest, target, shard_cfg, cfg.runtime.progress, cfg.runtime.lease)
     cache = out.at(cfg.embed.cache) if cfg.embed.cache else out.child(CACHE)
-    embed = run_embed_stage(target, cfg.embed, cache, cfg.runtime.progress)
+    embed = run_embed_stage(target, cfg.embed, cache, cfg.runtime.progress, cfg.runtime.lease)
     result = {"version": version.rsplit("/", 1)[-1], "shard": shard, "embed": embed}
     if cfg.job.refresh_train == "all" or (cfg.job.refresh_train == "new" and shard.accepted):
         result["train"] = _train_version(cfg, out, target)
+    fence.check(f"{version}/{VERSION_DONE}")
     target.write_json(VERSION_DONE, counts)  # the version is complete
     return result
 

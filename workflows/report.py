@@ -48,19 +48,27 @@ def _bars(counts: dict, title: str, horizontal: bool = False) -> str:
 def embedding_sample(shards: Store, size: int = SAMPLE_ROWS, seed: int = 0) -> list[dict]:
     """A fixed-size, seeded sample of the kept samples' embeddings (with their labels): the
     SIZE keys of smallest sha256(seed, key), gathered shard by shard with a bounded heap, so
-    it is the same whatever the shard order and never holds more than SIZE rows."""
+    it is the same whatever the shard order and never holds more than SIZE rows. A sidecar's
+    keys are read first; its vectors only when some of its rows enter the sample."""
     heap: list[tuple[int, int, dict]] = []  # (-priority, tie, row): the largest priority on top
     modalities = ("text", "image", "audio", "video")
     for n, name in enumerate(committed_shards(shards)):
         try:
-            table = read_sidecar(shards, name)
+            keys = read_sidecar(shards, name, ["key"]).column("key").to_pylist()
         except FileNotFoundError:  # not embedded (yet)
             continue
+        entering = []
+        for i, key in enumerate(keys):
+            priority = int.from_bytes(hashlib.sha256(f"{seed}\0{key}".encode()).digest()[:8], "big")
+            if len(heap) < size or -heap[0][0] > priority:  # (a superset: the heap as this shard began)
+                entering.append((priority, i, key))
+        if not entering:
+            continue
+        table = read_sidecar(shards, name)
         labels = dict(zip(*(read_index_part(shards, name, ["key", "label"]).column(c).to_pylist()
                             for c in ("key", "label")), strict=True))
         columns = [m for m in modalities if m in table.column_names]
-        for i, key in enumerate(table.column("key").to_pylist()):
-            priority = int.from_bytes(hashlib.sha256(f"{seed}\0{key}".encode()).digest()[:8], "big")
+        for priority, i, key in entering:
             if len(heap) == size and -heap[0][0] <= priority:
                 continue
             row = {"key": key, "label": labels.get(key), **{m: table.column(m)[i].as_py() for m in columns}}

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import pytest
 
 from features.cache import EmbeddingCache
 from preprocess.storage import Store
@@ -130,3 +131,45 @@ def test_lookups_go_through_the_key_index(tmp_path):
     plan = dataset.scanner(columns=["sha256"], filter=pc.field("sha256").isin(hashes_for(1)[:3])).explain_plan()
     assert "ScalarIndexQuery" in plan and "BTree" in plan
     assert dataset.describe_indices()[0].num_rows_indexed == dataset.count_rows() == 600
+
+
+def test_a_storage_error_is_raised_and_never_costs_a_row(tmp_path, monkeypatch):
+    """Lance reports storage trouble (after its own client's retries) as text in an OSError; the
+    cache raises it, and a fragment is dropped only when it fails to decode twice without it."""
+    import lance
+
+    import features.cache
+
+    monkeypatch.setattr(features.cache, "PROBE_AGAIN_S", 0.01)
+    cache = EmbeddingCache(Store(str(tmp_path)), "model/a")
+    hashes = hashes_for(0, 100)
+    cache.insert(hashes, vectors_for(hashes))
+    storage = OSError("LanceError(IO): Generic S3 error: Error after 10 retries in 2.9s, max_retries: 10, "
+                      "retry_timeout: 180s, source: connection reset by peer")
+    undecodable = OSError("LanceError(IO): Corrupt file: unexpected end of data")
+    read, probe = lance.LanceDataset.to_table, lance.fragment.LanceFragment.to_table
+
+    def failing(error, then=None, times=10**9):
+        calls = {"n": 0}
+
+        def to_table(self, *args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] <= times:
+                raise error
+            return (then or read)(self, *args, **kwargs)
+        return to_table
+
+    monkeypatch.setattr(lance.LanceDataset, "to_table", failing(storage))
+    with pytest.raises(OSError, match="connection reset"):
+        EmbeddingCache(Store(str(tmp_path)), "model/a").lookup(hashes)
+    monkeypatch.setattr(lance.LanceDataset, "to_table", failing(undecodable, times=1))
+    monkeypatch.setattr(lance.fragment.LanceFragment, "to_table", failing(storage))  # ... and the probe too
+    with pytest.raises(OSError, match="connection reset"):
+        EmbeddingCache(Store(str(tmp_path)), "model/a").lookup(hashes)
+    monkeypatch.setattr(lance.LanceDataset, "to_table", failing(undecodable, times=1))
+    monkeypatch.setattr(lance.fragment.LanceFragment, "to_table", failing(undecodable, then=probe, times=1))
+    with pytest.raises(OSError, match="Corrupt file"):  # it decodes the second time: not dropped, raised
+        EmbeddingCache(Store(str(tmp_path)), "model/a").lookup(hashes)
+    monkeypatch.undo()
+    fresh = EmbeddingCache(Store(str(tmp_path)), "model/a")
+    assert len(fresh.lookup(hashes)) == 100 and fresh.count() == 100 and fresh.corrupt == []

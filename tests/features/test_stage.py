@@ -1,5 +1,6 @@
 """The embedding stage on a local Ray: coverage, exactness, cache hits, dedup, invalidation, corruption."""
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -15,6 +16,7 @@ from features.stage import run_embed_stage
 from preprocess.config import ShardConfig
 from preprocess.stage import run_shard_stage
 from preprocess.storage import Store
+from preprocess.summary import StageFailed
 from tests.conftest import LABELS, MINI, REPO, index_rows
 
 SAMPLE = REPO / "workflows" / "sample_corpus" / "manifest.jsonl"
@@ -151,3 +153,59 @@ def test_keep_frames_and_float16(sample_shards, tmp_path):
     assert frames.shape == (8, 64)
     np.testing.assert_allclose(frames.mean(0), rows["china"]["video"], atol=2e-3)
     assert rows["camera"]["video"] is None and rows["camera"]["video_frames"] is None
+
+
+def test_a_failed_batch_leaves_its_sidecar_incomplete_and_the_next_run_fills_it(sample_shards, tmp_path):
+    from features.actor import EmbedWorker
+    from features.encoders import build_encoders
+    from features.layout import MISSING, PLAN, sidecar_digest, sidecar_name
+    from features.sidecar import ShardRows
+    from features.stage import plan_owners
+    from preprocess.lease import Lease, LeaseConfig
+
+    shards = Store(str(copy_shards(sample_shards, tmp_path / "shards")))
+    cfg = EmbedConfig(image=None, audio=None, video=None, batch_size=4)
+    identities = {m: e.identity() for m, e in build_encoders(cfg).items()}
+    shard = "shard-000000.tar"
+    digest = ShardRows.read(shards, shard, list(identities)).digest(identities, cfg)
+    with Lease(shards, LeaseConfig(), "test") as fence:
+        plan_owners(shards, [shard], list(identities), fence)
+        worker = EmbedWorker(cfg, identities, shards.child("embed-cache"), shards, fence)
+        embed, calls = worker.encoders["text"].embed, []
+
+        def failing_once(items):  # the second batch of the shard fails (an out-of-memory, say)
+            calls.append(len(items))
+            if len(calls) == 2:
+                raise RuntimeError("CUDA out of memory")
+            return embed(items)
+
+        worker.encoders["text"].embed = failing_once
+        first = worker.embed_shard(shard, PLAN, digest)
+        worker.flush()
+        assert first["errors"] == {"text": 2}
+        assert first["error_reasons"] == {"text: RuntimeError: CUDA out of memory": 2}
+        assert first["missing"] == {"text": 2} and sidecar_digest(shards, shard) == "incomplete:" + digest
+        lacking = json.loads(pq.read_schema(shards.local_path(sidecar_name(shard))).metadata[MISSING.encode()])
+        assert len(lacking["text"]) == 2  # the keys whose vectors are missing
+        second = worker.embed_shard(shard, PLAN, digest)  # the next run: the cached 4 are looked up
+    assert second["computed"] == {"text": 2} and second["missing"] == {"text": 0}
+    assert sidecar_digest(shards, shard) == digest and calls == [4, 2, 2]  # 6 samples, batches of 4
+    assert all(v is not None for v in pq.read_table(shards.local_path(sidecar_name(shard))).column("text").to_pylist())
+
+
+def test_too_many_failed_vectors_fail_the_stage_with_their_reasons(sample_shards, tmp_path):
+    import tarfile
+
+    shards = copy_shards(sample_shards, tmp_path / "shards")
+    tar_path = shards / "shard-000001.tar"
+    with tarfile.open(tar_path) as tar:  # its captions made undecodable: each of their vectors fails
+        members = [(m, b"\xff\xfe" if m.name.endswith(".txt") else tar.extractfile(m).read())
+                   for m in tar.getmembers()]
+    with tarfile.open(tar_path, "w") as tar:
+        for member, data in members:
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    with pytest.raises(StageFailed, match=r"embed: \d+ vectors could not be computed \(embed.max_errors 0.05\)"):
+        embed(shards, image=None, audio=None, video=None)
+    summary = EmbedSummary.read(Store(str(shards)))
+    assert summary.errors and summary.error_reasons

@@ -74,6 +74,17 @@ def test_max_duration_truncates_or_rejects():
         process_audio(long, AudioConfig(max_seconds=1.0, on_too_long="reject"))
 
 
+def test_a_long_clip_is_measured_from_its_header_and_decoded_only_up_to_the_limit():
+    clip = np.concatenate([tone(20.0, 22050), tone(50.0, 22050, freq=220.0)])  # 70 s
+    data = wav(clip, 22050)
+    with pytest.raises(Reject, match=r"audio is 70.0 s, over 30.0 s"):
+        process_audio(data, AudioConfig(on_too_long="reject"))
+    result = process_audio(data, AudioConfig())  # truncated at 30 s: what lies past 31 s is never decoded ...
+    garbled = np.concatenate([clip[: 31 * 22050], np.full(39 * 22050, 0.9, np.float32)])
+    assert process_audio(wav(garbled, 22050), AudioConfig()).data == result.data  # ... so it cannot matter
+    assert result.meta["truncated"] and result.meta["source_seconds"] == 70.0 and result.meta["seconds"] == 30.0
+
+
 def test_flac_ogg_input_and_wav_output():
     flac = wav(tone(0.5, 22050), 22050, fmt="FLAC")
     ogg = wav(tone(0.5, 22050), 22050, subtype="VORBIS", fmt="OGG")

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from preprocess.config import ShardConfig
 from preprocess.inputs import AllowedInputs
 from preprocess.manifest import LineReject, iter_manifest
+from preprocess.shard import fetch_batch
 from preprocess.stage import run_shard_stage
 from preprocess.storage import Store
 from tests.conftest import MINI, reject_rows
@@ -71,7 +72,7 @@ def test_paths_outside_the_manifest_folder_are_rejected_without_a_read(ray_sessi
         {"key": "http", "image": f"{http_server}/latest/meta-data/iam.png", "text": "metadata endpoint"},
     ])
     out = tmp_path / "out"
-    summary = run_shard_stage(str(manifest), Store(str(out)), ShardConfig(), progress=False)
+    summary = run_shard_stage(str(manifest), Store(str(out)), ShardConfig(max_reject_fraction=None), progress=False)
     assert summary.accepted == 1
     reasons = {r["key"]: r["reason"] for r in reject_rows(out)}
     assert sorted(reasons) == ["absolute", "dotted", "escape", "http", "symlink"]
@@ -126,3 +127,18 @@ def test_prefixes_match_whole_path_segments():
 def test_allow_entries_must_be_absolute():
     with pytest.raises(ValidationError, match="absolute paths or URLs"):
         ShardConfig(inputs={"allow": ["images/"]})
+
+
+def test_an_input_over_the_size_limit_is_a_reject_read_no_further(tmp_path):
+    (tmp_path / "big.txt").write_bytes(b"x" * 100_000)
+    (tmp_path / "small.txt").write_bytes(b"a caption")
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text(json.dumps({"key": "big", "text_file": "big.txt"}) + "\n"
+                        + json.dumps({"key": "small", "text_file": "small.txt"}) + "\n")
+    store = Store(str(tmp_path))
+    rows = [r for r in iter_manifest(str(manifest), ShardConfig(), store) if not isinstance(r, LineReject)]
+    got = store.read_many([row.files["text"] for row in rows], limit=1000)
+    assert [len(data) for data in got.values()] == [1001, 9]  # a ranged read: the limit and a byte
+    big, small = fetch_batch(rows, store, 1000)
+    assert big[1].reason == f"file too large: {tmp_path / 'big.txt'} is 100000 bytes, over shard.max_input_bytes (1000)"
+    assert small[1] == {"text": b"a caption"}

@@ -15,3 +15,6 @@ def test_unsafe_keys_lose_slashes_dots_and_dotdot():
 def test_distinct_keys_stay_distinct():
     keys = ["a.b", "a_b", "a/b", "a b", "a..b"]
     assert len({safe_key(k) for k in keys}) == len(keys)
+    spelled = safe_key("a.b")  # a key that is literally what another key is rewritten to
+    assert spelled.startswith("a_b_") and safe_key(spelled) != spelled
+    assert len({safe_key(k) for k in [*keys, spelled, safe_key("x/y")]}) == len(keys) + 2

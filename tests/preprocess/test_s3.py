@@ -6,6 +6,8 @@ import tarfile
 
 import s3fs
 
+from features.config import EmbedConfig
+from features.stage import run_embed_stage
 from preprocess.config import ShardConfig
 from preprocess.layout import committed_shards, read_index
 from preprocess.stage import run_shard_stage
@@ -38,26 +40,34 @@ def test_shard_from_s3_to_s3(ray_session, s3_options):
 
 def test_a_flaky_store_costs_retries_never_data(ray_session, s3_options, flaky_s3):
     """The store is out for 4 s of every 6 (each request answered 503 SlowDown, or its
-    connection dropped): the same shards, index, rejects and markers as on a calm store; the
-    retries counted in the summary."""
+    connection dropped) while the shard and embedding stages run: the same shards, index,
+    rejects, markers and sidecars as on a calm store, every vector in the cache (no fragment
+    taken for corrupt), the retries counted in the summaries."""
     fs = s3fs.S3FileSystem(**s3_options["s3"])
     fs.mkdir("flaky")
     fs.put(str(SAMPLE) + "/", "flaky/sample/", recursive=True)
-    cfg = ShardConfig(samples_per_shard=6, labels=LABELS)
-    calm = run_shard_stage("s3://flaky/sample/manifest.jsonl", Store("s3://flaky/calm", s3_options), cfg,
-                           progress=False)
+    cfg, text_only = ShardConfig(samples_per_shard=6, labels=LABELS), EmbedConfig(image=None, audio=None, video=None)
+    calm_out = Store("s3://flaky/calm", s3_options)
+    calm = run_shard_stage("s3://flaky/sample/manifest.jsonl", calm_out, cfg, progress=False)
+    run_embed_stage(calm_out, text_only, progress=False)
+    out = Store("s3://flaky/out", flaky_s3.options)
     flaky_s3.outages, flaky_s3.faults = (6.0, 4.0), 0
     try:
-        flaky = run_shard_stage("s3://flaky/sample/manifest.jsonl", Store("s3://flaky/out", flaky_s3.options), cfg,
-                                progress=False)
+        flaky = run_shard_stage("s3://flaky/sample/manifest.jsonl", out, cfg, progress=False)
+        embedded = run_embed_stage(out, text_only, progress=False)
     finally:
         flaky_s3.outages = None
-    print(f"\n{flaky_s3.faults} requests failed; {flaky.store_retries} store calls retried")
-    assert flaky_s3.faults >= 10 and flaky.store_retries > 0
+    print(f"\n{flaky_s3.faults} of {flaky_s3.requests} requests failed; store calls retried: shard "
+          f"{flaky.store_retries}, embed {embedded.store_retries}")
+    assert flaky_s3.faults >= 10 and flaky.store_retries + embedded.store_retries > 0
     assert (flaky.accepted, flaky.rejected, flaky.shards) == (calm.accepted, calm.rejected, calm.shards)
+    assert embedded.computed == embedded.modalities["text"]["unique"] == embedded.cache_rows["text"] == 17
+    assert embedded.cache_corrupt == [] and embedded.errors == 0
 
     def outputs(folder: str) -> dict[str, bytes]:
-        names = [p for p in fs.find(f"flaky/{folder}") if not p.endswith(("summary.json", "manifest-source.json"))]
+        names = [p for p in fs.find(f"flaky/{folder}") if "embed-cache" not in p
+                 and not p.endswith(("summary.json", "manifest-source.json", "lease.json"))]
         return {p.split("/", 2)[2]: fs.cat_file(p) for p in names}
 
-    assert outputs("out") == outputs("calm") and len(outputs("calm")) == 3 * 4 + 2  # tar, marker, index, rejects
+    # a tar, marker, index and rejects part and a sidecar per shard; the config, the duplicates
+    assert outputs("out") == outputs("calm") and len(outputs("calm")) == 3 * 5 + 2

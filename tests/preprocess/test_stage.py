@@ -19,8 +19,10 @@ from PIL import Image
 
 from preprocess.config import AugmentConfig, ImageConfig, ShardConfig
 from preprocess.layout import MEMBER_EXTENSIONS, OutputConflict, ShardSummary, committed_shards
+from preprocess.shard import reason_class
 from preprocess.stage import run_shard_stage
 from preprocess.storage import Store
+from preprocess.summary import StageFailed
 from preprocess.video import decode_frames
 from tests.conftest import DIRTY, LABELS, MINI, REPO, index_rows, reject_rows
 
@@ -88,7 +90,11 @@ DIRTY_REASONS = {
 
 
 def test_dirty_corpus_ends_as_expected_line_by_line(ray_session, tmp_path):
-    summary = shard(DIRTY / "manifest.jsonl", tmp_path)
+    with pytest.raises(StageFailed, match=r"12 of 23 inputs rejected, duplicates aside \(52%, over "
+                                          r"shard.max_reject_fraction 0.5\); "
+                                          r"every shard and reject line is written .* Top reasons: \d+ x "):
+        shard(DIRTY / "manifest.jsonl", tmp_path)
+    summary = ShardSummary.read(Store(str(tmp_path)))
     expected = [json.loads(line) for line in (DIRTY / "EXPECTED.jsonl").read_text().splitlines()]
     got = outcomes(tmp_path)
     assert sorted(got) == list(range(1, 24))  # every input in a shard or in the reject report
@@ -113,6 +119,19 @@ def test_dirty_corpus_ends_as_expected_line_by_line(ray_session, tmp_path):
     assert samples["silent-audio"]["json"]["audio"]["silent"] is True
     assert summary.inputs == 23 and summary.accepted == 9 and summary.rejected == 14
     assert summary.rejected_by_reason["image: decompression bomb"] == 1
+
+
+@pytest.mark.parametrize(("reason", "modality", "counted"), [
+    ("image: /etc/passwd is outside the allowed inputs", "image", "image: … is outside the allowed inputs"),
+    ("cannot read s3://bucket/a.png: TimeoutError: read timed out", "image", "image: cannot read …"),
+    ("file not found: /data/x.wav", "audio", "audio: file not found"),
+    ("decompression bomb: 20000x20000 = 0.40 gigapixels, over 0.04", "image", "image: decompression bomb"),
+    ("target sentiment: 'meh' is not in its label set", None, "target sentiment: … is not in its label set"),
+    ("duplicate key (first on line 3)", None, "duplicate key"),
+    ("audio is 45.0 s, over 30.0 s", "audio", "audio: audio is N s, over N s"),
+])
+def test_reasons_are_counted_by_their_class_without_particulars(reason, modality, counted):
+    assert reason_class(reason, modality) == counted
 
 
 def test_mini_corpus_every_modality_decodes(ray_session, tmp_path):

@@ -106,7 +106,8 @@ def two_versions(ray_session, tmp_path_factory):
 
 def test_several_versions_train_as_one_dataset_with_the_newest_copy_of_each_key(two_versions):
     folders, changed = two_versions
-    info = DatasetInfo.read([Store(str(f)) for f in folders], ("text", "image"), 0.2)
+    info = DatasetInfo.read([Store(str(f)) for f in folders], ("text", "image"), 0.2,
+                            superseded=Store(str(folders[1].parent / "superseded.parquet")))
     keys = set(_all_keys(folders[0])) | set(_all_keys(folders[1]))
     assert len(keys) == 20 and info.counts["train"] + info.counts["val"] == 20
     split = "train" if split_of(changed, 0.2) == "train" else "val"
@@ -133,9 +134,27 @@ def test_versions_with_different_labels_are_refused(two_versions, tmp_path):
     config["config"]["labels"] = ["cat", "dog"]
     (other / "shard-config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="differ in their labels"):
-        DatasetInfo.read([Store(str(folders[0])), Store(str(other))], ("text",), 0.2)
+        DatasetInfo.read([Store(str(folders[0])), Store(str(other))], ("text",), 0.2,
+                         superseded=Store(str(tmp_path / "superseded.parquet")))
 
 
 def _sidecar_of(shards, key) -> str:
     row = next(r for r in index_rows(shards) if r["key"] == key)
     return row["shard"].removesuffix(".tar") + ".emb.parquet"
+
+
+def test_dataset_counts_come_from_one_query_with_no_python_per_row(embedded_mini, monkeypatch):
+    """DatasetInfo counts samples per shard and split in DuckDB (the split by the same key hash
+    as split_of): the driver runs no Python per row."""
+    import train.data
+
+    reference = Counter((r["shard"], split_of(r["key"], 0.2)) for r in index_rows(embedded_mini))
+
+    def per_row(*args):
+        raise AssertionError("split_of called on the driver")
+
+    monkeypatch.setattr(train.data, "split_of", per_row)
+    info = DatasetInfo.read(Store(str(embedded_mini)), ("text",), 0.2)
+    counted = {(name, split): int(info.per_shard[n, i]) for n, (_, name) in enumerate(info.shards)
+               for i, split in enumerate(("train", "val"))}
+    assert counted == {key: reference.get(key, 0) for key in counted} and sum(counted.values()) == 43

@@ -50,7 +50,7 @@ def test_onnx_equals_the_eager_model_on_the_same_inputs(exported, trained_mini):
     meta, state = read_saved(Store(str(trained_mini)))
     model = load_model(meta, state)
     shards, cfg = trained_on(Store(str(trained_mini)))
-    info = data_for(meta, shards, cfg)
+    info = data_for(meta, shards, cfg, Store(str(trained_mini)))
     batch = next(eval_batches(info, "val", cfg, 64))
     onnx, eager = onnx_scorer(out / "model.onnx"), eager_scorer(model)
     # every head; batch sizes other than the export's example, and samples missing modalities

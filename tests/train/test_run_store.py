@@ -7,7 +7,7 @@ import pytest
 
 from preprocess.storage import Store
 from train.layout import LATEST, METRICS
-from train.run_store import Checkpoints, MetricsLog, scratch_for
+from train.run_store import Checkpoints, MetricsLog, scratch_for, tag_of
 
 
 @pytest.mark.parametrize("tag", ["../../etc", "step-0000001/../../x", "/abs/path", "latest", ""])
@@ -16,6 +16,14 @@ def test_a_latest_that_is_not_a_tag_is_refused(tmp_path, tag):
     store.write_bytes(LATEST, tag.encode())
     with pytest.raises(ValueError, match="not a checkpoint tag"):
         Checkpoints(store).latest()
+
+
+def test_checkpoint_tags_are_ordered_by_step_past_ten_million(tmp_path):
+    store = Store(str(tmp_path / "checkpoints"))
+    for step in (9_999_999, 10_000_000):
+        store.write_bytes(f"{tag_of(step)}/part", b"x")
+    Checkpoints(store).commit(tag_of(10_000_000), keep=1)  # (as strings, step-10000000 < step-9999999)
+    assert store.names("step-*") == ["step-10000000"] and Checkpoints(store).latest() == "step-10000000"
 
 
 def test_a_node_pulls_the_files_it_lacks_and_forgets_a_run_the_store_lost(s3_options, tmp_path):

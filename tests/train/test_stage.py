@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from preprocess.layout import OutputConflict
+from preprocess.lease import Lease, LeaseConfig
 from preprocess.storage import Store
 from tests.conftest import MINI_TASKS, REPO
 from train.config import ModelConfig, TrainConfig
@@ -173,17 +174,18 @@ def test_rank_killed_during_save_leaves_latest_at_the_previous_checkpoint(embedd
 
     cfg = TrainConfig(zero_stage=2, **{**BASE, "max_steps": 6, "checkpoint_every": 2, "loader_workers": 0})
     run = Store(str(tmp_path))
-    job = TrainJob(cfg, DatasetInfo.read(Store(str(embedded_mini)), cfg.model.modalities, cfg.val_fraction), run,
-                   run.child("checkpoints"))
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker_dying_in_second_save, args=(r, 2, port, job)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-        if p.is_alive():
-            p.kill()
+    info = DatasetInfo.read(Store(str(embedded_mini)), cfg.model.modalities, cfg.val_fraction)
+    with Lease(run, LeaseConfig(), "test") as fence:
+        job = TrainJob(cfg, info, run, run.child("checkpoints"), fence)
+        ctx = mp.get_context("spawn")
+        port = _free_port()
+        procs = [ctx.Process(target=_worker_dying_in_second_save, args=(r, 2, port, job)) for r in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=240)
+            if p.is_alive():
+                p.kill()
     assert procs[1].exitcode == 1 and procs[0].exitcode != 0
     ckpt = tmp_path / "checkpoints"
     assert (ckpt / "latest").read_text() == "step-0000002"

@@ -3,19 +3,23 @@ versions kept, exactly one refresh at a time."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
+from preprocess.lease import LEASE, LeaseHeld
 from preprocess.storage import Store
 from tests.conftest import LABELS, MINI, REPO, mini_manifest_lines
 from train.data import DatasetInfo, StreamSpec, loader
 from workflows.config import load_config
 from workflows.dataset import open_dataset
-from workflows.refresh import LOCK, Locked, run_refresh, versions
+from workflows.refresh import run_refresh, versions
 
 
 def config(manifest, out, *overrides):
@@ -62,8 +66,10 @@ def test_new_changed_and_removed_rows_become_versions_then_nothing(ray_session, 
 
     # every version together, as training and evaluation read them: the newest copy of the
     # changed key, and no trace of the removed one
-    info = DatasetInfo.read([Store(str(out / "versions" / v["version"])) for v in listed], ("text",), 0.0)
-    assert info.excluded[0] == {changed["key"], removed["key"]} and not info.excluded[1] | info.excluded[2]
+    info = DatasetInfo.read([Store(str(out / "versions" / v["version"])) for v in listed], ("text",), 0.0,
+                            superseded=Store(str(tmp_path / "superseded.parquet")))
+    superseded = pq.read_table(tmp_path / "superseded.parquet").to_pylist()  # read per shard by the loaders
+    assert {(r["root"], r["key"]) for r in superseded} == {(0, changed["key"]), (0, removed["key"])}
     seen = [k for b in loader(StreamSpec(info, "all", 0.0, 8, 4, 0, None), 0)
             for k, w in zip(b["keys"], b["weights"].tolist(), strict=True) if w]
     assert len(seen) == len(set(seen)) == info.counts["all"] == 29 and removed["key"] not in seen
@@ -123,28 +129,66 @@ def test_refresh_trains_each_version_from_the_previous_versions_model(ray_sessio
     assert all(v["val_accuracy"] is not None for v in versions(Store(str(out))))
 
 
-def lock_of(pid: int, started: float = 0) -> str:
-    return json.dumps({"host": socket.gethostname(), "pid": pid, "started": started, "token": f"t{pid}"})
+def lease_of(pid: int, renewed: float | None = None) -> str:
+    """A lease record as a holder with PID on this host leaves it."""
+    now = time.time() if renewed is None else renewed
+    return json.dumps({"token": f"t{pid}", "fence": 7, "command": "tessera refresh", "host": socket.gethostname(),
+                       "pid": pid, "acquired": now, "renewed": now, "ttl_s": 60, "released": False})
 
 
-def test_a_live_lock_stops_a_second_refresh_and_a_stale_one_is_taken_over(ray_session, tmp_path):
+def test_a_live_lease_stops_a_second_refresh_and_a_dead_ones_is_taken_over(ray_session, tmp_path):
     manifest, out = tmp_path / "manifest.jsonl", tmp_path / "out"
     manifest.write_text("\n".join(mini_manifest_lines(3)) + "\n")
     out.mkdir()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (out / LOCK).write_text(lock_of(live.pid))
-        with pytest.raises(Locked, match=f"held by pid {live.pid}"):
+        (out / LEASE).write_text(lease_of(live.pid))
+        with pytest.raises(LeaseHeld, match=f"held by tessera refresh \\(pid {live.pid} on .*, fence 7\\) since"):
             refresh(manifest, out)
     finally:
         live.kill()
         live.wait()
-    assert refresh(manifest, out)["new_rows"] == 3  # the holder is dead: stale lock
-    assert not (out / LOCK).exists() and (out / "refresh" / f"takeover-t{live.pid}").exists()
-    # a second taker of the same stale lock loses: one takeover per stale holder
-    (out / LOCK).write_text(lock_of(live.pid))
-    with pytest.raises(Locked, match="taking over"):
-        refresh(manifest, out)
+    assert refresh(manifest, out)["new_rows"] == 3  # its process is gone from this host: taken over at once
+    lease = json.loads((out / LEASE).read_text())
+    assert lease["fence"] == 8 and lease["released"]
+
+
+def test_a_killed_refresh_blocks_another_host_for_its_ttl_only(tmp_path):
+    """SIGKILL a refresh holding OUT's lease; refreshes from another host (a hostname of their
+    own, `unshare --uts`), retried every second as a scheduler would, are refused (75) until
+    the lease has gone unrenewed for its TTL, then one proceeds."""
+    manifest, out = tmp_path / "manifest.jsonl", tmp_path / "out"
+    manifest.write_text("\n".join(mini_manifest_lines(6)) + "\n")
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(json.dumps({"job": {"manifest": str(manifest), "out": str(out)},
+                               "runtime": {"lease": {"ttl_s": 5, "heartbeat_s": 1}, "workers": 1},
+                               "shard": {"labels": list(LABELS), "inputs": {"allow": [str(MINI)]}},
+                               "embed": {"image": None, "audio": None, "video": None, "cpus_per_actor": 1}}))
+    command = [sys.executable, "-m", "workflows", "refresh", str(cfg), "--no-progress"]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    first = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not (out / LEASE).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.5)  # a heartbeat or so
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    killed = time.time()
+    codes = []
+    while True:
+        done = subprocess.run(["unshare", "--uts", "sh", "-c", 'hostname pod-2 && exec "$@"', "-", *command],
+                              cwd=REPO, env=env, capture_output=True, text=True)
+        codes.append(done.returncode)
+        if done.returncode != 75 or len(codes) > 30:
+            break
+        assert "is held by tessera refresh" in done.stderr
+        time.sleep(1)
+    assert codes[-1] == 0 and codes.count(75) >= 2, (codes, done.stderr[-2000:])
+    lease = json.loads((out / LEASE).read_text())
+    assert lease["host"] == "pod-2" and lease["fence"] == 2 and lease["released"]
+    assert lease["acquired"] - killed <= 5 + 1 + 3  # the TTL, a heartbeat, and starting a process
+    assert json.loads(done.stdout.splitlines()[-1])["version"] == "v000001"
 
 
 def test_refresh_exit_codes(ray_session, tmp_path):
@@ -154,10 +198,10 @@ def test_refresh_exit_codes(ray_session, tmp_path):
     cfg.write_text(json.dumps({"job": {"manifest": str(manifest), "out": str(out)},
                                "embed": {"audio": None, "video": None}}))
     out.mkdir()
-    (out / LOCK).write_text(lock_of(os.getpid()))
+    (out / LEASE).write_text(lease_of(os.getpid()))
     locked = subprocess.run([sys.executable, "-m", "workflows", "refresh", str(cfg), "--no-progress"], cwd=REPO,
                             capture_output=True, text=True)
-    assert locked.returncode == 75 and "is held by pid" in locked.stderr
+    assert locked.returncode == 75 and f"is held by tessera refresh (pid {os.getpid()}" in locked.stderr
 
 
 def started_together(cfg: Path, n: int) -> list[subprocess.CompletedProcess]:
@@ -188,4 +232,4 @@ def test_refreshes_started_together_make_exactly_one_version(tmp_path, store, re
     assert json.loads(winner.stdout.splitlines()[-1])["version"] == "v000001"
     out = Store(job["job"]["out"], job["runtime"].get("storage_options", {}))
     assert [v["version"] for v in versions(out)] == ["v000001"]
-    assert out.names("versions/*") == ["versions/v000001"] and not out.exists(LOCK)
+    assert out.names("versions/*") == ["versions/v000001"] and out.read_json(LEASE)["released"]
