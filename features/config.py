@@ -63,3 +63,40 @@ class EmbedConfig(Strict):
     max_errors: float | None = Field(0.05, ge=0, description="vectors that may fail before the stage does: "
                                      "a count (>= 1) or a share of the samples (< 1); null: no limit")
     cache: str | None = Field(None, description="cache URL; null: SHARDS/embed-cache")
+
+
+class SemanticDedupConfig(Strict):
+    """SemDeDup on the cached embeddings: k-means, then pairs within each cluster at cosine
+    >= 1 - eps are duplicates; in each connected group the earliest manifest row is kept."""
+
+    modalities: tuple[Literal["image", "text", "audio", "video"], ...] = Field((), description="empty: off")
+    eps: float = Field(0.05, gt=0, lt=1)
+    clusters: int | Literal["auto"] = Field("auto", description="k; auto: one per ~10,000 vectors")
+    with_media: bool = Field(False, description="text: compare the captions of media samples too")
+
+
+class OutlierConfig(Strict):
+    """Samples whose embedding lies far from their k-means centroid: a modified z-score
+    (0.6745 (d - median) / MAD of the cosine distances within the cluster) over `bound`."""
+
+    modalities: tuple[Literal["image", "text", "audio", "video"], ...] = Field((), description="empty: off")
+    bound: float = Field(3.5, gt=0)
+    drop: bool = Field(False, description="outliers become rejects (else they are only listed)")
+
+
+class CurateConfig(Strict):
+    semantic: SemanticDedupConfig = SemanticDedupConfig()
+    outliers: OutlierConfig = OutlierConfig()
+    sample_size: int = Field(100_000, gt=0, description="vectors k-means is fitted on, per modality")
+    cluster_size: int = Field(10_000, gt=1, description="vectors per cluster that `clusters: auto` aims at")
+    block_rows: int = Field(5_000, gt=1, description="vectors one pairwise task holds: larger clusters are split")
+    seed: int = 0
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        wanted = set(self.semantic.modalities) | set(self.outliers.modalities)
+        return tuple(m for m in ("image", "text", "audio", "video") if m in wanted)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.modalities)

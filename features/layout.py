@@ -7,7 +7,14 @@ read it (light imports: training, reports and readers use it without the encoder
                                      and the keys whose vectors are missing (not current then)
     SHARDS/embed-plan.parquet        while the stage runs: the shard that computes each payload
     SHARDS/embed-cache/              the embedding cache, unless embed.cache names another place
-    SHARDS/embed-summary.json        EmbedSummary, written last"""
+    SHARDS/embed-summary.json        EmbedSummary, written last
+
+and what curation (`tessera curate`, features/curate.py) leaves there:
+
+    SHARDS/rejects/curated.parquet   the samples it dropped (reject lines, with the kept key)
+    SHARDS/curate/outliers.parquet   samples far from their cluster: key, modality, score
+    SHARDS/curate/summary.json       CurateSummary, written last
+    SHARDS/curate/clusters/, pairs/  while it runs: vectors by cluster, the pairs found"""
 
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from preprocess.layout import REJECTS
 from preprocess.storage import Store
 from preprocess.summary import StageSummary
 
@@ -23,6 +31,11 @@ EMBED_SUMMARY = "embed-summary.json"
 PLAN = "embed-plan.parquet"
 CACHE = "embed-cache"
 SIDECAR_SUFFIX = ".emb.parquet"
+CURATE = "curate"
+CURATED = f"{REJECTS}/curated.parquet"
+OUTLIERS = f"{CURATE}/outliers.parquet"
+CURATE_CLUSTERS = f"{CURATE}/clusters"
+CURATE_PAIRS = f"{CURATE}/pairs"
 # the sidecar's schema metadata; a sidecar some of whose vectors are missing (their batch
 # failed) has its digest prefixed INCOMPLETE, so it is never current, and lists them in MISSING
 DIGEST, ENCODERS, DIMS, MISSING = "tessera.digest", "tessera.encoders", "tessera.dims", "tessera.missing"
@@ -72,6 +85,26 @@ class EmbedSummary(StageSummary):
     cache_rows: dict[str, int] | None = None
     cache_corrupt: list[str] = field(default_factory=list)
     compute_seconds: float = 0.0
+    seconds: float = 0.0
+    store_retries: int = 0
+    up_to_date: bool = False
+
+
+@dataclass(frozen=True)
+class CurateSummary(StageSummary):
+    """curate/summary.json: per modality, the k-means clusters, the semantic duplicates dropped,
+    the outliers flagged, and the histogram of each compared sample's highest cosine within its
+    cluster (HISTOGRAM_BINS bins over [-1, 1]); `digest`: the config and embeddings it is for."""
+
+    FILE = f"{CURATE}/summary.json"
+
+    digest: str
+    clusters: dict[str, int]
+    semantic_duplicates: dict[str, int]
+    outliers: dict[str, int]
+    outliers_dropped: bool
+    eps: float
+    histogram: dict[str, list[int]]
     seconds: float = 0.0
     store_retries: int = 0
     up_to_date: bool = False

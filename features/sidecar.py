@@ -15,7 +15,7 @@ import pyarrow.dataset as ds
 from features.config import EmbedConfig
 from features.encoders import VideoFramesEncoder
 from features.layout import DIGEST, DIMS, ENCODERS, INCOMPLETE, MISSING, sidecar_digest, sidecar_name
-from preprocess.layout import read_index_part
+from preprocess.layout import SHARD_KEPT, read_index_part
 from preprocess.storage import Store
 
 
@@ -28,7 +28,7 @@ class ShardRows:
 
     @classmethod
     def read(cls, shards: Store, shard: str, modalities: list[str]) -> ShardRows:
-        table = read_index_part(shards, shard, ["key", *(f"{m}_payload_sha256" for m in modalities)])
+        table = read_index_part(shards, shard, ["key", *(f"{m}_payload_sha256" for m in modalities)], kept=SHARD_KEPT)
         return cls(table.column("key").to_pylist(),
                    {m: table.column(f"{m}_payload_sha256").to_pylist() for m in modalities})
 

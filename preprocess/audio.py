@@ -59,6 +59,9 @@ def decode_audio(data: bytes, cfg: AudioConfig) -> tuple[np.ndarray, int, dict]:
             rate, frames = f.samplerate, f.frames
             if frames / rate > cfg.max_seconds and cfg.on_too_long == "reject":
                 raise Reject("audio", f"audio is {frames / rate:.1f} s, over {cfg.max_seconds} s")
+            if cfg.min_seconds is not None and frames < cfg.min_seconds * rate:
+                raise Reject("audio", f"audio is {frames / rate:.2f} s, under shard.audio.min_seconds "
+                                      f"{cfg.min_seconds}")
             samples = f.read(min(frames, int((cfg.max_seconds + DECODE_MARGIN_S) * rate)), dtype="float32",
                              always_2d=True)
     except sf.LibsndfileError as e:

@@ -50,6 +50,7 @@ class ImageConfig(Strict):
     output_format: Literal["jpg", "png", "webp"] = "jpg"
     quality: int = Field(90, ge=1, le=100)
     augment: AugmentConfig = AugmentConfig()
+    max_aspect_ratio: float | None = Field(None, ge=1, description="longer / shorter side; null: any")
 
 
 class TextConfig(Strict):
@@ -57,12 +58,22 @@ class TextConfig(Strict):
     repair_encodings: tuple[str, ...] = ()
     max_chars: int = Field(4096, gt=0)
     on_too_long: Literal["reject", "truncate"] = "reject"
+    # word bounds of the normalized text (null: none)
+    min_words: int | None = Field(None, ge=1)
+    max_words: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _words(self) -> TextConfig:
+        if self.min_words and self.max_words and self.min_words > self.max_words:
+            raise ValueError(f"text.min_words ({self.min_words}) is over text.max_words ({self.max_words})")
+        return self
 
 
 class AudioConfig(Strict):
     formats: tuple[str, ...] = ("WAV", "FLAC", "OGG")
     sample_rate: int = Field(16_000, ge=1000)
     max_seconds: float = Field(30.0, gt=0)
+    min_seconds: float | None = Field(None, gt=0, description="shorter clips are rejects; null: any")
     on_too_long: Literal["reject", "truncate"] = "truncate"
     normalize: Literal["peak", "rms", "none"] = "peak"
     target_db: float = Field(-1.0, le=0, description="peak or RMS level after normalization, dBFS")
@@ -71,6 +82,7 @@ class AudioConfig(Strict):
 
 class VideoConfig(Strict):
     max_seconds: float = Field(120.0, gt=0)
+    min_seconds: float | None = Field(None, gt=0, description="shorter videos are rejects; null: any")
     max_frames: int = Field(10_000, gt=0, description="frames in the stream, checked before decoding")
     max_decode_seconds: float = Field(20.0, gt=0)
     frames: int = Field(8, gt=0)
@@ -119,12 +131,37 @@ class InputsConfig(Strict):
         return self
 
 
+class NearImageConfig(Strict):
+    """Images whose 64-bit pHash differ in at most max_distance bits are near copies (null: off).
+    The candidate join grows with the distance: up to ~6 it stays near-linear (docs/curation.md)."""
+
+    max_distance: int | None = Field(None, ge=0, le=16)
+
+
+class NearTextConfig(Strict):
+    """Texts whose MinHash-estimated Jaccard similarity of character shingles is at least
+    threshold are near copies (null: off). Bands and rows default to datasketch's optimum for
+    the threshold weighted towards recall (candidates are verified on the whole signature)."""
+
+    threshold: float | None = Field(None, gt=0, le=1)
+    with_media: bool = Field(False, description="compare the captions of media samples too")
+    num_perm: int = Field(128, ge=16, le=1024)
+    shingle_chars: int = Field(5, ge=1, le=64, description="character n-grams: short captions need short ones")
+    bands: int | None = Field(None, ge=1, description="LSH bands (rows = num_perm // bands); null: optimum")
+
+
+class NearDedupConfig(Strict):
+    image: NearImageConfig = NearImageConfig()
+    text: NearTextConfig = NearTextConfig()
+
+
 class ShardConfig(Strict):
     # shard i holds the manifest's i-th run of this many rows (what reaches the tar is fewer
     # when rows are rejected): boundaries are fixed before any input is read
     samples_per_shard: int = Field(256, gt=0)
     seed: int = 0
     dedup: bool = True
+    near_dedup: NearDedupConfig = NearDedupConfig()
     required_modalities: tuple[Modality, ...] = ()
     labels: tuple[str, ...] | None = Field(None, description="allowed labels; null accepts any of label_type")
     label_type: Literal["str", "int"] = "str"

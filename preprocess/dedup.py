@@ -19,17 +19,21 @@ read every shard again): a reader that walks a tar without the index sees the du
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from itertools import groupby
 
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from preprocess.layout import DUPLICATES, INDEX, INDEX_SCHEMA, REJECTS, index_part
+from preprocess.config import ShardConfig
+from preprocess.layout import DUPLICATES, INDEX, INDEX_SCHEMA, KEPT_SQL, REJECTS, index_part
 from preprocess.lease import Fence
+from preprocess.near import find_near_duplicates
 from preprocess.storage import Store
+from preprocess.versions import superseded_query
 
-MEMORY_LIMIT = "128MB"  # DuckDB spills to local scratch beyond this
+MEMORY_LIMIT = "256MB"  # DuckDB spills to local scratch beyond this
 SHARDS_PER_TASK = 256  # index parts rewritten by one task
 
 # Aggregates, not window functions: DuckDB's hash aggregates spill, so memory stays bounded.
@@ -62,28 +66,68 @@ UNION ALL
 SELECT source_key, key, file, line, NULL, 'duplicate content of ''' || first.source || ''' $first_on', shard,
        first.key
 FROM content_dups
-ORDER BY shard, file, line
 """.replace("$first_on", _FIRST_ON)
 
 
-def find_duplicates(out: Store, content: bool, fence: Fence) -> dict:
-    """Write rejects/duplicates.parquet; returns the counts and the shards that hold duplicates,
-    in groups of neighbouring shards (one rewrite task each). Every shard has both parts."""
+def find_duplicates(out: Store, cfg: ShardConfig, fence: Fence, earlier: Sequence[Store] = ()) -> dict:
+    """Write rejects/duplicates.parquet (exact, then near duplicates; against the live rows of
+    the EARLIER dataset versions too, which always win); returns the counts and the shards that
+    hold duplicates, in groups of neighbouring shards (one rewrite task each). Every shard has
+    both parts."""
     with tempfile.TemporaryDirectory(prefix="tessera-dedup-") as scratch, out.duckdb(scratch, MEMORY_LIMIT) as con:
         con.execute(f"CREATE VIEW idx AS SELECT * FROM read_parquet({out.sql_url(INDEX, 'shard-*.parquet')})")
         con.execute(f"CREATE VIEW rej AS SELECT * FROM read_parquet({out.sql_url(REJECTS, 'shard-*.parquet')})")
-        local = f"{scratch}/duplicates.parquet"
-        con.execute(f"COPY ({QUERY.replace('$content', str(content).upper())}) TO '{local}' "
-                    "(FORMAT parquet, ROW_GROUP_SIZE 8192)")
-        found = dict(con.execute(f"SELECT CASE WHEN starts_with(reason, 'duplicate key') THEN 'duplicate key' "
-                                 f"ELSE 'duplicate content' END AS kind, count(*) FROM '{local}' GROUP BY kind"
-                                 ).fetchall())
+        exact, prior_exact, near, local = (f"{scratch}/{name}.parquet"
+                                           for name in ("exact", "prior-exact", "near", "duplicates"))
+        con.execute(f"COPY ({QUERY.replace('$content', str(cfg.dedup).upper())}) TO '{exact}' (FORMAT parquet)")
+        prior = _prior_view(con, earlier, out)
+        if prior and cfg.dedup:
+            con.execute(f"COPY ({PRIOR_CONTENT.format(exact=exact)}) TO '{prior_exact}' (FORMAT parquet)")
+            both = f"{scratch}/exact-all.parquet"
+            con.execute(f"COPY (SELECT * FROM read_parquet(['{exact}', '{prior_exact}'], union_by_name = true)) "
+                        f"TO '{both}' (FORMAT parquet)")
+            exact = both
+        find_near_duplicates(con, cfg.near_dedup, exact, near, prior)
+        con.execute(f"COPY (SELECT * FROM read_parquet(['{exact}', '{near}'], union_by_name = true) "
+                    f"ORDER BY shard, file, line) TO '{local}' (FORMAT parquet, ROW_GROUP_SIZE 8192)")
+        found = dict(con.execute(f"SELECT {KIND}, count(*) FROM '{local}' GROUP BY ALL").fetchall())
         shards = [s for (s,) in con.execute(
             f"SELECT DISTINCT shard FROM '{local}' ORDER BY length(shard), shard").fetchall()]
         fence.check(DUPLICATES)
         out.put_file(local, DUPLICATES)
     groups = [list(group) for _, group in groupby(shards, key=lambda s: _number(s) // SHARDS_PER_TASK)]
     return {"rejected_by_reason": found, "duplicates": sum(found.values()), "shard_groups": groups}
+
+
+def _prior_view(con, earlier: Sequence[Store], out: Store) -> str | None:
+    """A table `prior` of the EARLIER versions' kept rows that are still live (not replaced or
+    removed by a later version, OUT included), with their version's position (`root`) and name."""
+    parts = " UNION ALL ".join(
+        f"SELECT *, {i} AS root, '{folder.url.rstrip('/').rsplit('/', 1)[-1]}' AS version "
+        f"FROM read_parquet({folder.sql_url(INDEX, 'shard-*.parquet')}) WHERE {KEPT_SQL}"
+        for i, folder in enumerate(earlier) if folder.names(f"{INDEX}/shard-*.parquet"))
+    if not parts:
+        return None
+    con.execute(f"CREATE TEMP TABLE prior AS SELECT p.* FROM ({parts}) p ANTI JOIN "
+                f"({superseded_query([*earlier, out])}) s ON s.root = p.root AND s.shard = p.shard AND s.key = p.key")
+    return "prior"
+
+
+# a written row whose content an earlier version holds (live) is dropped naming that row
+PRIOR_CONTENT = """
+SELECT i.source_key AS key, i.key AS sample_key, i.file, i.line, NULL::VARCHAR AS modality,
+       'duplicate content of ''' || p.first.source || ''' of version ' || p.first.version AS reason,
+       i.shard, p.first.key AS duplicate_of
+FROM idx i JOIN (SELECT content_id, min({{'root': root, 'file': file, 'line': line, 'key': key,
+                                          'source': source_key, 'version': version}}) AS first
+                 FROM prior GROUP BY content_id) p USING (content_id)
+WHERE NOT EXISTS (SELECT 1 FROM read_parquet('{exact}') d WHERE d.file = i.file AND d.line = i.line)
+"""
+
+# what summaries count each drop as
+KIND = """CASE WHEN starts_with(reason, 'duplicate key') THEN 'duplicate key'
+               WHEN starts_with(reason, 'duplicate content') THEN 'duplicate content'
+               ELSE modality || ': near-duplicate' END"""
 
 
 def _number(shard: str) -> int:

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageEnhance, ImageOps, UnidentifiedImageError
 
 from preprocess.config import AugmentConfig, ImageConfig
+from preprocess.near import image_phash
 from preprocess.reject import Reject
 
 PIL_SAVE = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
@@ -22,6 +23,7 @@ class ImageResult:
     data: bytes
     meta: dict
     histogram: list[int]  # of the stored pixels (3 x 256 counts), for dataset statistics
+    phash: int | None = None  # of the upright image before resizing (near dedup), when asked for
 
 
 def open_image(data: bytes, cfg: ImageConfig) -> Image.Image:
@@ -73,6 +75,10 @@ def decode_image(
         source_size = source_size[::-1]
     if min(source_size) < cfg.min_side:
         raise Reject("image", f"image {source_size[0]}x{source_size[1]} is below the minimum side {cfg.min_side}")
+    ratio = max(source_size) / min(source_size)
+    if cfg.max_aspect_ratio is not None and ratio > cfg.max_aspect_ratio:
+        raise Reject("image", f"image {source_size[0]}x{source_size[1]} has aspect ratio {ratio:.2f}, over "
+                              f"shard.image.max_aspect_ratio {cfg.max_aspect_ratio}")
     if min_decoded_side and img.format == "JPEG":
         # draft() keeps both sides >= the request, so quality is not lost downstream.
         img.draft(None, (min_decoded_side, min_decoded_side))
@@ -165,8 +171,9 @@ def draft_side(cfg: ImageConfig) -> int | None:
     return cfg.size
 
 
-def process_image(data: bytes, cfg: ImageConfig, rng: np.random.Generator) -> ImageResult:
+def process_image(data: bytes, cfg: ImageConfig, rng: np.random.Generator, phash: bool = False) -> ImageResult:
     img, source_size = decode_image(data, cfg, draft_side(cfg))
+    fingerprint = image_phash(img) if phash else None
     meta: dict = {"source_size": list(source_size)}
     if cfg.augment.random_resized_crop and cfg.resize == "crop":
         img, crop = _random_resized_crop(img, cfg.augment, rng, cfg.size)
@@ -177,4 +184,4 @@ def process_image(data: bytes, cfg: ImageConfig, rng: np.random.Generator) -> Im
     if params:
         meta["augment"] = {**meta.get("augment", {}), **params}
     meta["size"] = list(img.size)
-    return ImageResult(encode_image(img, cfg.output_format, cfg.quality), meta, img.histogram())
+    return ImageResult(encode_image(img, cfg.output_format, cfg.quality), meta, img.histogram(), fingerprint)

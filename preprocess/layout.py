@@ -74,6 +74,11 @@ INDEX_SCHEMA = pa.schema([
     *[(f"{m}_payload_sha256", pa.string()) for m in MODALITIES],
     ("content_id", pa.string()), ("raw_bytes", pa.int64()), ("stored_bytes", pa.int64()),
     ("duplicate_of", pa.string()),
+    # near-dedup fingerprints (null unless shard.near_dedup compares the row): the image's
+    # 64-bit pHash, the text's MinHash signature
+    ("image_phash", pa.int64()), ("text_minhash", pa.list_(pa.uint32())),
+    # set by `tessera curate` (semantic duplicates, dropped outliers): the reason; null: kept
+    ("curated_out", pa.string()),
 ])
 # key: as the manifest gave it (null when the line is not JSON); sample_key: the safe key the
 # row claimed once it parsed (what duplicate keys are found by)
@@ -81,7 +86,11 @@ REJECT_SCHEMA = pa.schema([
     ("key", pa.string()), ("sample_key", pa.string()), ("file", pa.string()), ("line", pa.int64()),
     ("modality", pa.string()), ("reason", pa.string()),
 ])
-KEPT = ds.field("duplicate_of").is_null()
+# what the shard stage kept (what embedding and curation read), and what every other reader
+# takes: those rows less the ones curation dropped
+SHARD_KEPT = ds.field("duplicate_of").is_null()
+KEPT = SHARD_KEPT & ds.field("curated_out").is_null()
+KEPT_SQL = "duplicate_of IS NULL AND curated_out IS NULL"
 SCAN_BATCH = 16384  # index rows per batch when the index is streamed
 READ_AHEAD = 4  # index parts read ahead while streaming
 
@@ -136,13 +145,14 @@ def read_index(store: Store, columns: list[str], where: ds.Expression | None = N
     return pa.Table.from_batches(list(index_batches(store, columns, where)), schema=schema)
 
 
-def read_index_part(store: Store, shard: str, columns: list[str], where: ds.Expression | None = None) -> pa.Table:
-    """The kept rows of one shard's index part, only COLUMNS."""
-    return store.read_parquet(index_part(shard), columns, KEPT if where is None else KEPT & where, INDEX_SCHEMA)
+def read_index_part(store: Store, shard: str, columns: list[str], where: ds.Expression | None = None,
+                    kept: ds.Expression = KEPT) -> pa.Table:
+    """The kept rows of one shard's index part (KEPT, or SHARD_KEPT: before curation), only COLUMNS."""
+    return store.read_parquet(index_part(shard), columns, kept if where is None else kept & where, INDEX_SCHEMA)
 
 
 def reject_batches(store: Store) -> Iterator[pa.RecordBatch]:
-    """Every reject of OUT: the shard tasks' and the dedup pass's (and the refresh's)."""
+    """Every reject of OUT: the shard tasks', the dedup pass's, curation's (and the refresh's)."""
     yield from _batches(store, f"{REJECTS}/*.parquet", REJECT_SCHEMA, None, None)
 
 

@@ -14,7 +14,7 @@ from preprocess.image import process_image
 from preprocess.layout import IMAGE_MEMBER, VIDEO_MEMBER
 from preprocess.manifest import ManifestRow
 from preprocess.reject import Reject
-from preprocess.text import decode_text, normalize_text
+from preprocess.text import check_words, decode_text, normalize_text
 from preprocess.video import process_video
 
 
@@ -26,6 +26,7 @@ class SampleOutput:
     pixel_histogram: list[int] | None = None
     audio_rms_db: float | None = None
     text_chars: int | None = None
+    image_phash: int | None = None
 
     def payload(self, modality: str) -> bytes | None:
         ext = self.members.get(modality)
@@ -54,6 +55,8 @@ def _text(row: ManifestRow, raw: dict[str, bytes], cfg: ShardConfig, meta: dict)
     meta.update(norm_meta)
     if normalized is None:
         meta["empty"] = True  # whitespace-only text is no text
+    else:
+        check_words(normalized, cfg.text)
     return normalized
 
 
@@ -75,7 +78,8 @@ def process_sample(row: ManifestRow, raw: dict[str, bytes], cfg: ShardConfig) ->
     if text_meta:
         meta["text"] = text_meta
     if "image" in raw:
-        image = process_image(raw["image"], cfg.image, rng)
+        image = process_image(raw["image"], cfg.image, rng, phash=cfg.near_dedup.image.max_distance is not None)
+        out.image_phash = image.phash
         ext = IMAGE_MEMBER[cfg.image.output_format]
         out.record[ext] = image.data
         out.members["image"] = ext

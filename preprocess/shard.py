@@ -20,6 +20,7 @@ from preprocess.config import MODALITIES, ShardConfig
 from preprocess.layout import INDEX_SCHEMA, REJECT_SCHEMA, index_part, rejects_part, shard_stem
 from preprocess.lease import Fence
 from preprocess.manifest import Chunk, LineReject, ManifestRow, chunk_rows
+from preprocess.near import text_minhashes
 from preprocess.reject import Reject
 from preprocess.sample import SampleOutput, process_sample
 from preprocess.stats import DatasetStats
@@ -147,7 +148,17 @@ def index_row(plan: ShardPlan, row: ManifestRow, raw: dict[str, bytes], out: Sam
         "raw_bytes": sum(len(b) for b in raw.values()),
         "stored_bytes": out.stored_bytes,
         "duplicate_of": None,
+        "image_phash": out.image_phash,
+        "text_minhash": None,  # signed in bulk once the shard's texts are known
+        "curated_out": None,
     }
+
+
+def compares_text(out: SampleOutput, cfg: ShardConfig) -> bool:
+    """Whether the sample's text takes part in near dedup: by default only a text-only sample's
+    (captions of media are often boilerplate that would drop distinct pictures)."""
+    near = cfg.near_dedup.text
+    return near.threshold is not None and "text" in out.modalities and (near.with_media or out.modalities == ("text",))
 
 
 def _parsed_rows(plan: ShardPlan, cfg: ShardConfig, rejects: list[LineReject]):
@@ -171,16 +182,19 @@ def write_shard(plan: ShardPlan, cfg: ShardConfig, out: Store, fence: Fence) -> 
     tar_name = plan.name + ".tar"
     inputs = plan.chunk.file.store
     stats = DatasetStats()
-    index, rejects, rows = [], [], []
+    index, rejects, rows, texts = [], [], [], []
     with out.writing(tar_name) as f, wds.TarWriter(
         f, user=TAR_OWNER, group=TAR_OWNER, mode=0o444, mtime=TAR_MTIME, encoder=False
     ) as tar:
         for row in _parsed_rows(plan, cfg, rejects):
             rows.append(row)
             if len(rows) == FETCH_BATCH:
-                _write_batch(plan, rows, cfg, inputs, tar, index, rejects, stats)
+                _write_batch(plan, rows, cfg, inputs, tar, index, rejects, stats, texts)
                 rows = []
-        _write_batch(plan, rows, cfg, inputs, tar, index, rejects, stats)
+        _write_batch(plan, rows, cfg, inputs, tar, index, rejects, stats, texts)
+    for (position, _), signature in zip(texts, text_minhashes([t for _, t in texts], cfg.near_dedup.text),
+                                        strict=True):
+        index[position]["text_minhash"] = signature
     rejects.sort(key=lambda r: r.line)
     out.write_parquet(index_part(plan.name), pa.Table.from_pylist(index, schema=INDEX_SCHEMA))
     out.write_parquet(rejects_part(plan.name),
@@ -200,13 +214,17 @@ def write_shard(plan: ShardPlan, cfg: ShardConfig, out: Store, fence: Fence) -> 
     return marker
 
 
-def _write_batch(plan, rows, cfg, inputs: Store, tar, index: list, rejects: list, stats: DatasetStats) -> None:
+def _write_batch(plan, rows, cfg, inputs: Store, tar, index: list, rejects: list, stats: DatasetStats,
+                 texts: list[tuple[int, str]]) -> None:
+    """Process and write ROWS; TEXTS collects (index position, text) of those near dedup signs."""
     for row, raw in fetch_batch(rows, inputs, cfg.max_input_bytes):
         result = raw if isinstance(raw, LineReject) else sample_or_reject(row, raw, cfg)
         if isinstance(result, LineReject):
             rejects.append(result)
             continue
         tar.write(result.record)
+        if compares_text(result, cfg):
+            texts.append((len(index), result.record["txt"].decode()))
         if row.text is not None:
             raw = {**raw, "text": row.text.encode()}
         index.append(index_row(plan, row, raw, result))

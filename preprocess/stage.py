@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import ray
 from tqdm import tqdm
@@ -134,14 +134,16 @@ def sweep_temporaries(out: Store) -> None:
 
 
 def run_shard_stage(manifest: str, out: Store, cfg: ShardConfig, progress: bool = True,
-                    lease: LeaseConfig | Fence = DEFAULT_LEASE) -> ShardSummary:
+                    lease: LeaseConfig | Fence = DEFAULT_LEASE, earlier: Sequence[Store] = ()) -> ShardSummary:
     """Shard the manifest at URL MANIFEST (read through OUT's options) into OUT, holding OUT's
-    lease; returns the summary. Ray must be initialized."""
+    lease; returns the summary. Its samples are deduped against each other and against the live
+    rows of EARLIER dataset versions (a refresh's). Ray must be initialized."""
     with held(out, lease, "tessera shard") as fence:
-        return _shard(manifest, out, cfg, progress, fence)
+        return _shard(manifest, out, cfg, progress, fence, earlier)
 
 
-def _shard(manifest: str, out: Store, cfg: ShardConfig, progress: bool, fence: Fence) -> ShardSummary:
+def _shard(manifest: str, out: Store, cfg: ShardConfig, progress: bool, fence: Fence,
+           earlier: Sequence[Store]) -> ShardSummary:
     started, work = time.perf_counter(), StageWork()
     source = ManifestSource.open(manifest, out)
     claim_output(out, cfg, source)
@@ -162,7 +164,7 @@ def _shard(manifest: str, out: Store, cfg: ShardConfig, progress: bool, fence: F
 
     dedup = {"rejected_by_reason": {}, "duplicates": 0, "shard_groups": []}
     if tally.all.written:
-        dedup = work.get(_dedup_task.remote(out, cfg.dedup, fence))
+        dedup = work.get(_dedup_task.remote(out, cfg, fence, list(earlier)))
         work.get_all([_mark_task.remote(out, group, fence) for group in dedup["shard_groups"]])
     seconds = time.perf_counter() - started
     totals = tally.all
@@ -171,7 +173,8 @@ def _shard(manifest: str, out: Store, cfg: ShardConfig, progress: bool, fence: F
         accepted=totals.written - dedup["duplicates"],
         rejected=totals.rejected + dedup["duplicates"],
         rejected_by_reason=dict(sorted((totals.reasons + Counter(dedup["rejected_by_reason"])).items())),
-        duplicates=dedup["duplicates"],
+        # (a key repeated within a shard is rejected by its task, one across shards by the dedup pass)
+        duplicates=dedup["duplicates"] + totals.reasons.get("duplicate key", 0),
         shards=tally.planned,
         bytes=totals.bytes,
         statistics=totals.stats.summary(),

@@ -27,6 +27,15 @@ def decode_text(data: bytes, cfg: TextConfig) -> tuple[str, dict]:
         raise Reject("text", f"text is not valid UTF-8 ({first_bad}) and no repair is configured") from None
 
 
+def check_words(text: str, cfg: TextConfig) -> None:
+    """The quality filter on a normalized text's word count."""
+    words = len(text.split())
+    if cfg.min_words is not None and words < cfg.min_words:
+        raise Reject("text", f"text has {words} words, under shard.text.min_words {cfg.min_words}")
+    if cfg.max_words is not None and words > cfg.max_words:
+        raise Reject("text", f"text has {words} words, over shard.text.max_words {cfg.max_words}")
+
+
 def normalize_text(text: str, cfg: TextConfig) -> tuple[str | None, dict]:
     """NFKC, controls -> space, zero-width removed, whitespace collapsed.
 

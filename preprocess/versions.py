@@ -56,7 +56,7 @@ def version_records(out: Store) -> list[dict]:
     return found
 
 
-def _superseded_query(folders: Sequence[Store]) -> str:
+def superseded_query(folders: Sequence[Store]) -> str:
     """(root, shard, key) of every sample of FOLDERS (positions, oldest first) that a later
     folder holds again (the newest copy wins) or removed."""
     events = []
@@ -82,7 +82,7 @@ def superseded(folders: Sequence[Store]) -> tuple[frozenset[str], ...]:
         return (frozenset(),)
     with tempfile.TemporaryDirectory(prefix="tessera-keys-") as scratch, \
             folders[-1].duckdb(scratch, MEMORY_LIMIT) as con:
-        keys = dict(con.execute(f"SELECT root, list(key) FROM ({_superseded_query(folders)}) GROUP BY root").fetchall())
+        keys = dict(con.execute(f"SELECT root, list(key) FROM ({superseded_query(folders)}) GROUP BY root").fetchall())
     return tuple(frozenset(keys.get(i, ())) for i in range(len(folders)))
 
 
@@ -97,7 +97,7 @@ def write_superseded(folders: Sequence[Store], target: Store) -> None:
             folders[-1].duckdb(scratch, MEMORY_LIMIT) as con:
         local = f"{scratch}/superseded.parquet"
         tag = _folders_tag(folders).replace("'", "''")
-        con.execute(f"COPY (SELECT * FROM ({_superseded_query(folders)}) ORDER BY root, shard, key) TO '{local}' "
+        con.execute(f"COPY (SELECT * FROM ({superseded_query(folders)}) ORDER BY root, shard, key) TO '{local}' "
                     f"(FORMAT parquet, ROW_GROUP_SIZE 8192, KV_METADATA {{'{FOLDERS_KEY}': '{tag}'}})")
         target.put_file(local, "")
 

@@ -59,6 +59,8 @@ def _sample_frames(container: av.container.InputContainer, cfg: VideoConfig) -> 
         seconds = (container.duration or 0) / av.time_base
     if seconds > cfg.max_seconds:
         raise Reject("video", f"video is {seconds:.1f} s, over {cfg.max_seconds} s")
+    if cfg.min_seconds is not None and seconds < cfg.min_seconds:
+        raise Reject("video", f"video is {seconds:.2f} s, under shard.video.min_seconds {cfg.min_seconds}")
     if stream.frames > cfg.max_frames:
         raise Reject("video", f"video has {stream.frames} frames, over {cfg.max_frames}")
     # slice threads only: frame threading changes when frames come out of the decoder, and

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from features.layout import EmbedSummary, read_sidecar
 from preprocess.layout import (
     INDEX,
+    KEPT_SQL,
     MEMBER_EXTENSIONS,
     SHARD_CONFIG,
     ShardSummary,
@@ -124,7 +125,7 @@ def _count(stores: Sequence[Store], listed: list[tuple[int, str]], fields: list[
     value = {f: (LABEL if f == LABEL else f"json_extract(targets, '$.\"{f}\"')") for f in fields}
     present = " OR ".join(f"{value[f]} IS NOT NULL" for f in fields)
     parts = " UNION ALL ".join(f"SELECT {i} AS root, shard, key, label, targets FROM read_parquet("
-                               f"{store.sql_url(INDEX, 'shard-*.parquet')}) WHERE duplicate_of IS NULL"
+                               f"{store.sql_url(INDEX, 'shard-*.parquet')}) WHERE {KEPT_SQL}"
                                for i, store in enumerate(stores) if store.names(f"{INDEX}/shard-*.parquet"))
     removals = " UNION ALL ".join(f"SELECT key, {i} AS root FROM read_parquet({store.sql_url(CHANGES)}) "
                                   f"WHERE change = '{REMOVED}'" for i, store in enumerate(stores)

@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("shards", help="a shard stage's output folder, any fsspec URL")
     embed.add_argument("--batch-size", type=int, help="embed.batch_size")
     _common(embed)
+    curate = sub.add_parser("curate", help="embedded shards -> semantic duplicates and outliers dropped or listed "
+                            "(curate.semantic, curate.outliers)")
+    curate.add_argument("shards", help="a shard stage's output folder, embedded")
+    _common(curate)
     run = sub.add_parser("run", help="the whole chain shard -> embed -> train; up-to-date stages are skipped")
     run.add_argument("config_file", nargs="?", metavar="CONFIG", help="YAML config with a job section")
     run.add_argument("--dry-run", action="store_true",
@@ -158,6 +162,19 @@ def cmd_embed(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     return 0
 
 
+def cmd_curate(args: argparse.Namespace, cfg: TesseraConfig) -> int:
+    from features.curate import run_curate_stage
+
+    if not cfg.curate.enabled:
+        raise ConfigError("tessera curate has nothing to do: set curate.semantic.modalities or "
+                          "curate.outliers.modalities")
+    shards = cfg.runtime.store(args.shards)
+    with writing(shards, cfg, "tessera curate") as fence:
+        summary = run_curate_stage(shards, cfg.curate, progress=cfg.runtime.progress, lease=fence)
+    print(json.dumps({k: v for k, v in summary.to_json().items() if k != "histogram"}))
+    return 0
+
+
 def cmd_train(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     from train.stage import run_train_stage
 
@@ -253,7 +270,8 @@ def cmd_predict(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     return 0
 
 
-COMMANDS = {"shard": cmd_shard, "rejects": cmd_rejects, "embed": cmd_embed, "train": cmd_train, "run": cmd_run,
+COMMANDS = {"shard": cmd_shard, "rejects": cmd_rejects, "embed": cmd_embed, "curate": cmd_curate, "train": cmd_train,
+            "run": cmd_run,
             "refresh": cmd_refresh, "versions": cmd_versions, "evaluate": cmd_evaluate, "export": cmd_export,
             "predict": cmd_predict}
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError
 
-from features.config import EmbedConfig
+from features.config import CurateConfig, EmbedConfig
 from preprocess.config import ShardConfig, Strict
 from preprocess.lease import LeaseConfig
 from preprocess.storage import Store
@@ -48,6 +48,7 @@ class TesseraConfig(Strict):
     runtime: RuntimeConfig = RuntimeConfig()
     shard: ShardConfig = ShardConfig()
     embed: EmbedConfig = EmbedConfig()
+    curate: CurateConfig = CurateConfig()
     train: TrainConfig = TrainConfig()
     export: ExportConfig = ExportConfig()
 

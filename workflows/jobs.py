@@ -10,7 +10,8 @@ import time
 from collections.abc import Sequence
 from importlib import resources
 
-from features.layout import EmbedSummary
+from features.curate import run_curate_stage
+from features.layout import CurateSummary, EmbedSummary
 from features.stage import run_embed_stage
 from preprocess.layout import ShardSummary
 from preprocess.lease import Fence, held
@@ -32,11 +33,12 @@ def bundled_manifest() -> str:
 
 def data_digest(shards: Store) -> str:
     """What training depends on: the samples (the shard config and the manifest they came
-    from) and the encoders of their embeddings."""
+    from), the encoders of their embeddings, and the curation that dropped some of them."""
     summary = ShardSummary.read(shards)
     encoders = EmbedSummary.read(shards).encoders
-    return hashlib.sha256(json.dumps([summary.config_digest, summary.manifest["fingerprint"], encoders],
-                                     sort_keys=True).encode()).hexdigest()
+    curation = CurateSummary.read(shards).digest if CurateSummary.exists(shards) else None
+    record = [summary.config_digest, summary.manifest["fingerprint"], encoders] + ([curation] if curation else [])
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
 def _train_is_current(run: Store, cfg: TesseraConfig, shards: Store | Sequence[Store]) -> bool:
@@ -79,6 +81,10 @@ def _run(cfg: TesseraConfig, out: Store, fence: Fence) -> dict:
     embed = run_embed_stage(shards, cfg.embed, progress=progress, lease=lease)
     report["stages"]["embed"] = embed.to_json()
     log.info("embed: %s", "up to date" if embed.up_to_date else f"{embed.computed} embeddings computed")
+
+    if cfg.curate.enabled:
+        curate = run_curate_stage(shards, cfg.curate, progress, lease)
+        report["stages"]["curate"] = curate.to_json()
 
     # one training run per data version; the same data and config again is up to date
     run = out.child(TRAIN, data_digest(shards)[:12])

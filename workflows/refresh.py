@@ -333,14 +333,15 @@ def _make_version(cfg: TesseraConfig, out: Store, version: str, counts: dict, so
     roots = tuple(dict.fromkeys((*cfg.shard.inputs.allow, *(f.root for f in source.files))))
     shard_cfg = cfg.shard.model_copy(update={"inputs": cfg.shard.inputs.model_copy(update={"allow": roots})})
     manifest = target.url_of(VERSION_MANIFEST)
+    earlier = [out.child(name) for name in complete_versions(out)]  # what the new rows are deduped against
     try:  # an interrupted refresh of the same rows resumes its version
-        shard = run_shard_stage(manifest, target, shard_cfg, cfg.runtime.progress, cfg.runtime.lease)
+        shard = run_shard_stage(manifest, target, shard_cfg, cfg.runtime.progress, cfg.runtime.lease, earlier)
     except OutputConflict:  # ... of other rows: that incomplete version's shards are redone
         keep = {VERSION_MANIFEST, CHANGES, REJECTS, f"{REJECTS}/refresh.parquet"}
         for name in [*target.names("*"), *target.names(f"{REJECTS}/*")]:
             if name not in keep:
                 target.remove(name, recursive=True)
-        shard = run_shard_stage(manifest, target, shard_cfg, cfg.runtime.progress, cfg.runtime.lease)
+        shard = run_shard_stage(manifest, target, shard_cfg, cfg.runtime.progress, cfg.runtime.lease, earlier)
     cache = out.at(cfg.embed.cache) if cfg.embed.cache else out.child(CACHE)
     embed = run_embed_stage(target, cfg.embed, cache, cfg.runtime.progress, cfg.runtime.lease)
     result = {"version": version.rsplit("/", 1)[-1], "shard": shard, "embed": embed}

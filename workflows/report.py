@@ -9,6 +9,7 @@ import heapq
 import html
 import io
 import json
+import textwrap
 from collections import Counter
 
 import matplotlib
@@ -17,8 +18,17 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from features.layout import EmbedSummary, read_sidecar  # noqa: E402
-from preprocess.layout import ShardSummary, committed_shards, index_batches, read_index_part  # noqa: E402
+from features.layout import CURATED, OUTLIERS, CurateSummary, EmbedSummary, read_sidecar  # noqa: E402
+from preprocess.layout import (  # noqa: E402
+    DUPLICATES,
+    INDEX,
+    ShardSummary,
+    committed_shards,
+    index_batches,
+    iter_shard,
+    member_payload,
+    read_index_part,
+)
 from preprocess.storage import Store  # noqa: E402
 from train.evaluate import headline  # noqa: E402
 from train.layout import EVAL, METRICS, TrainSummary  # noqa: E402
@@ -26,6 +36,8 @@ from train.tasks import VALIDATION_METRIC, tasks_from_meta  # noqa: E402
 from workflows.layout import REPORT, SHARDS  # noqa: E402
 
 SAMPLE_ROWS = 2000  # embeddings the report's plots are drawn from
+SHOWN_GROUPS = 12  # near-duplicate groups (and half as many semantic pairs, outliers) shown
+SHOWN_PER_GROUP = 5  # dropped copies shown beside each kept image
 
 
 def _png(fig) -> str:
@@ -105,6 +117,105 @@ def _embedding_plots(shards: Store) -> list[tuple[str, str]]:
         ax.set_title(f"text embeddings, PCA 2-D, coloured by label ({len(rows)} samples, seeded)")
         ax.legend(fontsize=7)
         plots.append(("Text embeddings projected to 2-D", _png(fig)))
+    return plots
+
+
+def _members(shards: Store, wanted: dict[str, set[str]], modality: str) -> dict[str, bytes]:
+    """The MODALITY payload of the WANTED keys, by shard (dropped rows are still in their tars)."""
+    found = {}
+    for shard, keys in wanted.items():
+        for sample in iter_shard(shards, shard, lambda name, keys=keys: name.split(".", 1)[0] in keys):
+            payload = member_payload(sample, modality)
+            if payload is not None:
+                found[sample["__key__"]] = payload
+    return found
+
+
+def _shown(payload: bytes | None, modality: str, ax, caption: str) -> None:
+    """A thumbnail (image) or wrapped text on AX."""
+    ax.set_axis_off()
+    ax.set_title(caption, fontsize=7)
+    if payload is None:
+        return
+    if modality == "image":
+        from PIL import Image
+
+        ax.imshow(Image.open(io.BytesIO(payload)).convert("RGB"))
+    else:
+        ax.text(0, 0.5, textwrap.fill(payload.decode(errors="replace")[:160], 28), fontsize=6, va="center")
+
+
+def _grid(groups: list[list[tuple[str, str]]], payloads: dict[str, bytes], modality: str, title: str) -> str:
+    """Rows of (key, caption) cells, each shown by _shown."""
+    width = max(len(g) for g in groups)
+    fig, axes = plt.subplots(len(groups), width, figsize=(1.6 * width, 1.7 * len(groups)), squeeze=False)
+    for row, group in zip(axes, groups, strict=True):
+        for ax, cell in zip(row, group + [None] * (width - len(group)), strict=True):
+            if cell is None:
+                ax.set_axis_off()
+            else:
+                _shown(payloads.get(cell[0]), modality, ax, cell[1])
+    fig.suptitle(title, fontsize=9)
+    return _png(fig)
+
+
+def _shards_of(shards: Store, keys: set[str]) -> dict[str, set[str]]:
+    """The shards of these kept or dropped KEYS, from the index parts."""
+    import pyarrow.dataset as ds
+
+    where: dict[str, set[str]] = {}
+    for name in shards.names(f"{INDEX}/shard-*.parquet"):
+        table = shards.read_parquet(name, ["key", "shard"], ds.field("key").isin(list(keys)))
+        for key, shard in zip(table.column("key").to_pylist(), table.column("shard").to_pylist(), strict=True):
+            where.setdefault(shard, set()).add(key)
+    return where
+
+
+def _curation_plots(shards: Store) -> list[tuple[str, str]]:
+    """Near-duplicate image groups (the kept image and its dropped copies), each compared
+    modality's histogram of highest within-cluster cosine with the eps line and a few pairs,
+    and the outliers with their scores."""
+    plots = []
+    if shards.exists(DUPLICATES):
+        near = [r for r in shards.read_parquet(DUPLICATES, ["sample_key", "reason", "duplicate_of", "modality"])
+                .to_pylist() if r["modality"] == "image" and r["reason"].startswith("near-duplicate")]
+        groups: dict[str, list[tuple[str, str]]] = {}
+        for r in near:
+            groups.setdefault(r["duplicate_of"], []).append((r["sample_key"], r["reason"].rsplit("(", 1)[1][:-1]))
+        largest = sorted(groups.items(), key=lambda g: (-len(g[1]), g[0]))[:SHOWN_GROUPS]
+        if largest:
+            rows = [[(kept, f"kept {kept}"), *copies[:SHOWN_PER_GROUP]] for kept, copies in largest]
+            keys = {key for row in rows for key, _ in row}
+            payloads = _members(shards, _shards_of(shards, keys), "image")
+            title = f"image near-duplicates: {len(groups)} groups, largest first"
+            plots.append(("Image near-duplicates", _grid(rows, payloads, "image", title)))
+    if not CurateSummary.exists(shards):
+        return plots
+    curated = CurateSummary.read(shards)
+    dropped = shards.read_parquet(CURATED).to_pylist() if shards.exists(CURATED) else []
+    for modality, counts in curated.histogram.items():
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        edges = np.linspace(-1, 1, len(counts) + 1)
+        ax.bar(edges[:-1], counts, width=edges[1] - edges[0], align="edge", color="#4C72B0")
+        ax.axvline(1 - curated.eps, color="#C44E52", linestyle="--", label=f"1 - eps = {1 - curated.eps:.2f}")
+        ax.set_title(f"{modality}: each sample's highest cosine within its cluster")
+        ax.legend(fontsize=7)
+        plots.append((f"{modality}: highest within-cluster cosine", _png(fig)))
+        pairs = sorted((r for r in dropped if r["modality"] == modality and r["duplicate_of"]),
+                       key=lambda r: -(r["cosine"] or 0))[:SHOWN_GROUPS // 2]
+        if pairs:
+            rows = [[(r["duplicate_of"], f"kept {r['duplicate_of']}"), (r["sample_key"], f"cosine {r['cosine']:.3f}")]
+                    for r in pairs]
+            payloads = _members(shards, _shards_of(shards, {k for row in rows for k, _ in row}), modality)
+            plots.append((f"{modality}: semantic duplicates", _grid(rows, payloads, modality,
+                                                                   f"{modality}: semantic duplicate pairs")))
+    if shards.exists(OUTLIERS):
+        flagged = sorted(shards.read_parquet(OUTLIERS).to_pylist(), key=lambda r: -r["score"])[:SHOWN_GROUPS]
+        for modality in sorted({r["modality"] for r in flagged}):
+            mine = [(r["sample_key"], f"score {r['score']:.1f}") for r in flagged if r["modality"] == modality]
+            payloads = _members(shards, _shards_of(shards, {k for k, _ in mine}), modality)
+            plots.append((f"{modality}: outliers", _grid([mine], payloads, modality,
+                                                         f"{modality}: outliers (robust score)")))
     return plots
 
 
@@ -231,6 +342,7 @@ def write_report(out: Store, run: Store | None = None) -> str:
                                  f"rejected inputs: {summary.rejected}", horizontal=True)),
         ("Stage throughput", _bars(throughput, "throughput", horizontal=True)),
         *_embedding_plots(shards),
+        *_curation_plots(shards),
         *(_training_plots(run) + _evaluation_plots(run) if run else []),
     ]
     text = (f"{summary.inputs} inputs, {summary.accepted} accepted, {summary.rejected} rejected, "

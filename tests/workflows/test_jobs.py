@@ -18,16 +18,20 @@ def test_run_chains_the_stages_and_skips_what_is_up_to_date(ray_session, tmp_pat
         f"job.manifest={json.dumps(bundled_manifest())}", f"job.out={json.dumps(str(tmp_path))}",
         "runtime.progress=false", "shard.samples_per_shard=6", "shard.labels=[person,animal,object,science,"
         "texture,document,scene]", "train.max_steps=4", "train.micro_batch_size=4", "train.val_fraction=0.3",
+        "curate.semantic.modalities=[text]", "curate.outliers.modalities=[image]",
+        "shard.near_dedup.image.max_distance=6",  # moon-silent shows moon's picture again
     ])
     first = run_pipeline(cfg, Store(str(tmp_path)))
-    assert [s["up_to_date"] for s in first["stages"].values()] == [False, False, False]
-    assert first["stages"]["shard"]["accepted"] == 17 and first["stages"]["train"]["steps"] == 4
+    assert [s["up_to_date"] for s in first["stages"].values()] == [False, False, False, False]
+    assert list(first["stages"]) == ["shard", "embed", "curate", "train"]
+    assert first["stages"]["curate"]["clusters"] == {"text": 1, "image": 1}  # 17 vectors: one cluster (auto)
+    assert first["stages"]["shard"]["accepted"] == 16 and first["stages"]["train"]["steps"] == 4
     assert (tmp_path / "shards" / "shard-000000.emb.parquet").exists()
     model = first["stages"]["train"]["model"]
     assert model.startswith(str(tmp_path / "train")) and model.endswith("model.safetensors")
 
     second = run_pipeline(cfg, Store(str(tmp_path)))
-    assert [s["up_to_date"] for s in second["stages"].values()] == [True, True, True]
+    assert [s["up_to_date"] for s in second["stages"].values()] == [True, True, True, True]
     assert second["stages"]["embed"]["computed"] == 0
     assert json.loads((tmp_path / "run-summary.json").read_text())["stages"]["train"]["up_to_date"]
 

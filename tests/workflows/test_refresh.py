@@ -233,3 +233,36 @@ def test_refreshes_started_together_make_exactly_one_version(tmp_path, store, re
     out = Store(job["job"]["out"], job["runtime"].get("storage_options", {}))
     assert [v["version"] for v in versions(out)] == ["v000001"]
     assert out.names("versions/*") == ["versions/v000001"] and out.read_json(LEASE)["released"]
+
+
+def test_a_versions_new_rows_are_deduped_against_earlier_versions(ray_session, tmp_path):
+    """Version 3 brings near copies (and an exact copy) of version 1's rows: dropped naming the
+    version-1 row, from the stored fingerprints (version 1's inputs are not read again)."""
+    from PIL import Image
+
+    manifest, out = tmp_path / "manifest.jsonl", tmp_path / "out"
+    captions = ["a brown dog runs across the green field chasing a red ball in the park",
+                "two children build a tall sandcastle on the beach while the tide comes in",
+                "the old lighthouse stands on a rocky cliff above a stormy grey sea at dusk"]
+    rows = [{"key": f"t{i}", "text": c} for i, c in enumerate(captions)]
+    rows.append({"key": "astronaut", "image": str(MINI / "images" / "astronaut.png"), "text": "stock photo"})
+    near = ["shard.near_dedup.text.threshold=0.7", "shard.near_dedup.image.max_distance=6",
+            "embed.image=null", "embed.text=null"]
+
+    def write(*extra):
+        manifest.write_text("".join(json.dumps(r) + "\n" for r in [*rows, *extra]))
+        return refresh(manifest, out, *near)
+
+    assert write()["shard"].accepted == 4
+    assert write({"key": "new", "text": "a quiet library reading room with long wooden tables"})["shard"].accepted == 1
+    Image.open(MINI / "images" / "astronaut.png").convert("RGB").resize((256, 256)).save(tmp_path / "copy.jpg")
+    third = write({"key": "new", "text": "a quiet library reading room with long wooden tables"},
+                  {"key": "t0-again", "text": captions[0].replace("red", "blue")},
+                  {"key": "astronaut-copy", "image": str(tmp_path / "copy.jpg"), "text": "another caption"},
+                  {"key": "t1-exact", "text": captions[1]})
+    assert third["version"] == "v000003" and third["shard"].accepted == 0 and third["shard"].duplicates == 3
+    reasons = {r["sample_key"]: r["reason"] for r in pq.read_table(
+        out / "versions" / "v000003" / "rejects" / "duplicates.parquet").to_pylist()}
+    assert reasons["t0-again"].startswith("near-duplicate of 't0' of version v000001 (text jaccard 0.")
+    assert reasons["astronaut-copy"].startswith("near-duplicate of 'astronaut' of version v000001 (image phash")
+    assert reasons["t1-exact"] == "duplicate content of 't1' of version v000001"

@@ -1,0 +1,371 @@
+"""Curation on the cached embeddings (`tessera curate SHARDS`): semantic dedup (SemDeDup) and
+outliers, per modality, after the embedding stage — nothing is embedded again.
+
+1. Fit: k-means (scikit-learn) on a sample of the sidecars' unit vectors, read from shards
+   spread over the corpus (one Ray task).
+2. Assign: Ray tasks per group of shards give each vector its nearest centroid and its cosine
+   distance to it, and write the vectors grouped by cluster on the store
+   (curate/clusters/<modality>/cluster-NNNNN/, one file per task).
+3. Pairs: per cluster, Ray tasks compute the pairwise cosine of its vectors, block by block
+   (a cluster larger than `block_rows` is split by a hash of the row into blocks, one task per
+   pair of blocks, so a task's memory is bounded by the split, not by the cluster or N); each
+   keeps the pairs at cosine >= 1 - eps and every row's highest similarity.
+4. Finish (one Ray task, DuckDB over those files): connected components of the pairs, the
+   earliest manifest row of each kept; the similarity histogram; outliers by a robust bound
+   per cluster. The drops are marked in the index parts (`curated_out`, which every reader
+   but embedding and curation skips) and listed in rejects/curated.parquet.
+
+Text is compared only among text-only samples unless `with_media` (captions of media are often
+boilerplate). Earliest is by (manifest file, line): the same result for any worker count."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import tempfile
+import time
+import zlib
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from features.config import CurateConfig
+from features.layout import (
+    CURATE_CLUSTERS,
+    CURATE_PAIRS,
+    CURATED,
+    OUTLIERS,
+    CurateSummary,
+    EmbedSummary,
+    read_sidecar,
+)
+from preprocess.layout import INDEX_SCHEMA, SHARD_KEPT, committed_shards, index_part, read_index_part
+from preprocess.lease import DEFAULT_LEASE, Fence, LeaseConfig, held
+from preprocess.near import components
+from preprocess.runner import StageWork, in_flight_limit, task
+from preprocess.storage import Store
+
+log = logging.getLogger(__name__)
+
+SHARDS_PER_TASK = 64  # shards one assignment task reads
+HISTOGRAM_BINS = 50  # of the highest within-cluster cosine, over [-1, 1]
+MEMORY_LIMIT = "256MB"
+CURATE_KEYS = ["key", "source_key", "shard", "file", "line", "modalities"]
+# modified z-score (Iglewicz & Hoaglin): 0.6745 (d - median) / MAD
+Z_SCALE = 0.6745
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.where(norms == 0, 1, norms)
+
+
+def shard_vectors(shards: Store, shard: str, modality: str, with_media: bool) -> tuple[pa.Table, np.ndarray]:
+    """The shard's samples that have a MODALITY vector (index fields + `compared`: whether
+    semantic dedup compares it) and their unit vectors."""
+    index = read_index_part(shards, shard, CURATE_KEYS, kept=SHARD_KEPT)
+    side = read_sidecar(shards, shard, ["key", modality])
+    vectors = dict(zip(side.column("key").to_pylist(), side.column(modality).to_pylist(), strict=True))
+    rows, found = [], []
+    for i, key in enumerate(index.column("key").to_pylist()):
+        if vectors.get(key) is not None:
+            rows.append(i)
+            found.append(vectors[key])
+    table = index.take(rows)
+    alone = [m == [modality] for m in table.column("modalities").to_pylist()]
+    compared = [with_media or modality != "text" or a for a in alone]
+    table = table.drop_columns(["modalities"]).append_column("compared", pa.array(compared, pa.bool_()))
+    return table, _unit(np.asarray(found, np.float32).reshape(len(found), -1))
+
+
+def fit_centroids(shards: Store, names: list[str], modality: str, cfg: CurateConfig, total: int) -> np.ndarray:
+    """k-means centroids (unit vectors) fitted on up to cfg.sample_size vectors read from
+    shards spread evenly over NAMES."""
+    from sklearn.cluster import KMeans
+
+    per_shard = max(1, total // max(1, len(names)))
+    step = max(1, len(names) * per_shard // cfg.sample_size)
+    sample: list[np.ndarray] = []
+    for shard in names[::step]:
+        sample.append(shard_vectors(shards, shard, modality, True)[1])
+        if sum(len(s) for s in sample) >= cfg.sample_size:
+            break
+    data = np.concatenate(sample)[:cfg.sample_size]
+    wanted = cfg.semantic.clusters
+    k = math.ceil(total / cfg.cluster_size) if wanted == "auto" else wanted
+    k = max(1, min(k, len(np.unique(data, axis=0))))
+    model = KMeans(n_clusters=k, n_init=3, random_state=cfg.seed).fit(data)
+    return _unit(model.cluster_centers_.astype(np.float32))
+
+
+def assign_shards(shards: Store, names: list[str], modality: str, centroids: np.ndarray, cfg: CurateConfig,
+                  task_id: int) -> dict[int, int]:
+    """Write NAMES' vectors grouped by nearest centroid; returns rows per cluster."""
+    tables = []
+    for shard in names:
+        table, unit = shard_vectors(shards, shard, modality, cfg.semantic.with_media)
+        if not len(table):
+            continue
+        similarity = unit @ centroids.T
+        cluster = similarity.argmax(axis=1)
+        tables.append(table.append_column("cluster", pa.array(cluster, pa.int32()))
+                      .append_column("distance", pa.array(1 - similarity.max(axis=1), pa.float32()))
+                      .append_column("vector", pa.FixedSizeListArray.from_arrays(pa.array(unit.reshape(-1)),
+                                                                                  unit.shape[1])))
+    if not tables:
+        return {}
+    table = pa.concat_tables(tables).sort_by("cluster")
+    counts: dict[int, int] = {}
+    clusters = table.column("cluster").to_numpy()
+    for c in np.unique(clusters):
+        part = table.filter(pc.equal(table.column("cluster"), c))
+        shards.write_parquet(f"{CURATE_CLUSTERS}/{modality}/cluster-{c:05d}/part-{task_id:06d}.parquet", part)
+        counts[int(c)] = len(part)
+    return counts
+
+
+def _block(files: list[str], lines: list[int], blocks: int) -> np.ndarray:
+    return np.array([zlib.crc32(f"{f}\0{n}".encode()) % blocks for f, n in zip(files, lines, strict=True)])
+
+
+def cluster_pairs(shards: Store, modality: str, cluster: int, blocks: int, pair: tuple[int, int],
+                  cfg: CurateConfig) -> int:
+    """Pairs of one cluster's blocks PAIR at cosine >= 1 - eps, and each row's highest cosine
+    there, written under curate/pairs; returns the pairs found."""
+    folder = f"{CURATE_CLUSTERS}/{modality}/cluster-{cluster:05d}"
+    table = shards.dataset(shards.names(f"{folder}/*.parquet")).to_table(
+        columns=["file", "line", "compared", "vector"])
+    table = table.filter(table.column("compared"))
+    block = _block(table.column("file").to_pylist(), table.column("line").to_pylist(), blocks)
+    a, b = (table.take(np.flatnonzero(block == i)) for i in pair)
+    va, vb = (np.asarray(t.column("vector").combine_chunks().flatten()).reshape(len(t), -1) for t in (a, b))
+    sim = va @ vb.T if len(a) and len(b) else np.zeros((len(a), len(b)), np.float32)
+    if pair[0] == pair[1]:
+        np.fill_diagonal(sim, -np.inf)
+    i, j = np.nonzero(sim >= 1 - cfg.semantic.eps)
+    if pair[0] == pair[1]:
+        i, j = i[i < j], j[i < j]
+    edges = pa.table({"file_a": a.column("file").take(i), "line_a": a.column("line").take(i),
+                      "file_b": b.column("file").take(j), "line_b": b.column("line").take(j),
+                      "cosine": pa.array(sim[i, j], pa.float32())})
+    best = [(t, s) for t, s in ((a, sim.max(axis=1, initial=-1)), (b, sim.max(axis=0, initial=-1))) if len(t)]
+    highest = pa.concat_tables([pa.table({"file": t.column("file"), "line": t.column("line"),
+                                          "cosine": pa.array(s, pa.float32())}) for t, s in best]) if best else None
+    stem = f"{CURATE_PAIRS}/{modality}/cluster-{cluster:05d}-{pair[0]}-{pair[1]}"
+    shards.write_parquet(stem + ".edges.parquet", edges)
+    if highest is not None:
+        shards.write_parquet(stem + ".best.parquet", highest)
+    return len(edges)
+
+
+_ROWS = "read_parquet({clusters}, union_by_name = true)"
+NO_OUTLIERS = ("SELECT NULL::VARCHAR AS key, NULL::VARCHAR AS sample_key, NULL::VARCHAR AS file, "
+               "NULL::BIGINT AS line, NULL::VARCHAR AS modality, NULL::DOUBLE AS score, NULL::INT AS cluster, "
+               "NULL::VARCHAR AS shard LIMIT 0")
+
+
+def finish(shards: Store, cfg: CurateConfig, fitted: list[str], compared: list[str], fence: Fence) -> dict:
+    """Components, kept rows, histogram and outliers from the files steps 2-3 wrote; writes
+    rejects/curated.parquet and curate/outliers.parquet; returns counts, histograms and the
+    shards whose index parts change."""
+    result: dict = {"semantic_duplicates": {}, "outliers": {}, "histogram": {}}
+    drops, outliers = [], []
+    with tempfile.TemporaryDirectory(prefix="tessera-curate-") as scratch, \
+            shards.duckdb(scratch, MEMORY_LIMIT) as con:
+        for modality in fitted:
+            rows = _ROWS.format(clusters=shards.sql_url(CURATE_CLUSTERS, modality, "*", "*.parquet"))
+            con.execute(f"CREATE OR REPLACE TEMP TABLE rows AS SELECT row_number() OVER (ORDER BY file, line) AS id, "
+                        f"key, source_key, shard, file, line, cluster, distance FROM {rows}")
+            if modality in compared:
+                drops.append(_semantic(shards, con, modality, result, scratch))
+                drops = [d for d in drops if d]
+            if modality in cfg.outliers.modalities:
+                outliers.append(_outliers(con, modality, cfg, scratch))
+                result["outliers"][modality] = con.execute(f"SELECT count(*) FROM '{outliers[-1]}'").fetchone()[0]
+        local = f"{scratch}/curated.parquet"
+        parts = [f"SELECT * FROM '{p}'" for p in drops]
+        if cfg.outliers.drop:
+            parts += [f"SELECT key, sample_key, file, line, modality, 'outlier (' || modality || ' score ' || "
+                      f"round(score, 1) || ', over curate.outliers.bound {cfg.outliers.bound})' AS reason, "
+                      f"shard, NULL::VARCHAR AS duplicate_of, NULL::FLOAT AS cosine FROM '{p}'" for p in outliers]
+        empty = "SELECT NULL::VARCHAR AS key, NULL::VARCHAR AS sample_key, NULL::VARCHAR AS file, " \
+                "NULL::BIGINT AS line, NULL::VARCHAR AS modality, NULL::VARCHAR AS reason, NULL::VARCHAR AS shard, " \
+                "NULL::VARCHAR AS duplicate_of, NULL::FLOAT AS cosine LIMIT 0"
+        # a sample dropped for two modalities is listed once, for the first
+        union = " UNION ALL BY NAME ".join(parts or [empty])
+        con.execute(f"COPY (SELECT DISTINCT ON (file, line) * FROM ({union}) ORDER BY file, line, modality) "
+                    f"TO '{local}' (FORMAT parquet)")
+        flagged = f"{scratch}/outliers.parquet"
+        union = " UNION ALL ".join(f"SELECT * FROM '{p}'" for p in outliers) or NO_OUTLIERS
+        con.execute(f"COPY ({union}) TO '{flagged}' (FORMAT parquet)")
+        result["shards"] = [s for (s,) in con.execute(f"SELECT DISTINCT shard FROM '{local}' ORDER BY 1").fetchall()]
+        fence.check(CURATED)
+        shards.put_file(local, CURATED)
+        shards.put_file(flagged, OUTLIERS)
+    return result
+
+
+def _semantic(shards: Store, con, modality: str, result: dict, scratch: str) -> str | None:
+    if not shards.names(f"{CURATE_PAIRS}/{modality}/*.best.parquet"):  # nothing it compares
+        result["semantic_duplicates"][modality] = 0
+        result["histogram"][modality] = [0] * HISTOGRAM_BINS
+        return None
+    folder = shards.sql_url(CURATE_PAIRS, modality, "*.edges.parquet")
+    best = shards.sql_url(CURATE_PAIRS, modality, "*.best.parquet")
+    edges = con.execute(f"""SELECT a.id AS a, b.id AS b FROM read_parquet({folder}) e
+        JOIN rows a ON a.file = e.file_a AND a.line = e.line_a JOIN rows b ON b.file = e.file_b AND b.line = e.line_b
+        """).fetchnumpy()
+    con.register("semantic_components", components(edges))
+    local = f"{scratch}/semantic-{modality}.parquet"
+    con.execute(f"""COPY (
+        WITH best AS (SELECT file, line, max(cosine) AS cosine FROM read_parquet({best}) GROUP BY ALL)
+        SELECT r.source_key AS key, r.key AS sample_key, r.file, r.line, '{modality}' AS modality,
+               'semantic duplicate of ''' || k.source_key || ''' ({modality} cosine ' || round(b.cosine, 2) || ')'
+                 AS reason, r.shard, k.key AS duplicate_of, b.cosine
+        FROM semantic_components c JOIN rows r ON r.id = c.id JOIN rows k ON k.id = c.root
+        JOIN best b ON b.file = r.file AND b.line = r.line) TO '{local}' (FORMAT parquet)""")
+    result["semantic_duplicates"][modality] = con.execute(f"SELECT count(*) FROM '{local}'").fetchone()[0]
+    counts = dict(con.execute(f"""SELECT least(floor((cosine + 1) / 2 * {HISTOGRAM_BINS}), {HISTOGRAM_BINS - 1})::INT,
+        count(*) FROM (SELECT file, line, max(cosine) AS cosine FROM read_parquet({best}) GROUP BY ALL)
+        GROUP BY ALL""").fetchall())
+    result["histogram"][modality] = [counts.get(i, 0) for i in range(HISTOGRAM_BINS)]
+    return local
+
+
+def _outliers(con, modality: str, cfg: CurateConfig, scratch: str) -> str:
+    local = f"{scratch}/outliers-{modality}.parquet"
+    con.execute(f"""COPY (
+        WITH spread AS (SELECT cluster, median(distance) AS m, mad(distance) AS d FROM rows GROUP BY cluster),
+        scored AS (SELECT r.*, {Z_SCALE} * (r.distance - s.m) / s.d AS score FROM rows r JOIN spread s USING (cluster)
+                   WHERE s.d > 0)
+        SELECT source_key AS key, key AS sample_key, file, line, '{modality}' AS modality, score, cluster, shard
+        FROM scored WHERE score > {cfg.outliers.bound} ORDER BY file, line) TO '{local}' (FORMAT parquet)""")
+    return local
+
+
+def mark_curated(shards: Store, names: list[str], fence: Fence) -> int:
+    """Set `curated_out` in the index parts of NAMES from rejects/curated.parquet (clearing what
+    an earlier curation marked)."""
+    import pyarrow.dataset as ds
+
+    found = shards.read_parquet(CURATED, ["shard", "sample_key", "reason"], ds.field("shard").isin(names))
+    reasons: dict[str, dict[str, str]] = {}
+    for shard, key, reason in zip(*(found.column(c).to_pylist() for c in ("shard", "sample_key", "reason")),
+                                  strict=True):
+        reasons.setdefault(shard, {})[key] = reason
+    for shard in names:
+        part = pq.read_table(pa.BufferReader(shards.read_bytes(index_part(shard))), schema=INDEX_SCHEMA)
+        marks = reasons.get(shard, {})
+        column = pa.array([marks.get(k) for k in part.column("key").to_pylist()], pa.string())
+        fence.check(index_part(shard))
+        shards.write_parquet(index_part(shard), part.set_column(part.schema.get_field_index("curated_out"),
+                                                                "curated_out", column))
+    return sum(len(r) for r in reasons.values())
+
+
+_fit = task(fit_centroids, num_cpus=1, max_retries=2, retry_exceptions=[OSError])
+_assign = task(assign_shards, num_cpus=1, max_retries=3, retry_exceptions=[OSError], scheduling_strategy="SPREAD")
+_pairs = task(cluster_pairs, num_cpus=1, max_retries=3, retry_exceptions=[OSError], scheduling_strategy="SPREAD")
+_finish = task(finish, num_cpus=1, max_retries=2, retry_exceptions=[OSError])
+_mark = task(mark_curated, num_cpus=1, max_retries=3, retry_exceptions=[OSError])
+
+
+def curate_digest(shards: Store, cfg: CurateConfig) -> str:
+    """What curation's result depends on: its config and the embeddings it read."""
+    embed = EmbedSummary.read(shards)
+    text = json.dumps([cfg.model_dump(mode="json"), embed.encoders, embed.samples, embed.shards,
+                       shards.read_json("summary.json")["config_digest"]], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def current_curation(shards: Store, cfg: CurateConfig) -> CurateSummary | None:
+    if not CurateSummary.exists(shards):
+        return None
+    summary = CurateSummary.read(shards)
+    return summary.replace(up_to_date=True) if summary.digest == curate_digest(shards, cfg) else None
+
+
+def run_curate_stage(shards: Store, cfg: CurateConfig, progress: bool = True,
+                     lease: LeaseConfig | Fence = DEFAULT_LEASE) -> CurateSummary:
+    """Semantic dedup and outliers over SHARDS' embeddings, holding the folder's lease. Ray must
+    be initialized; the shards must be embedded (tessera embed)."""
+    if not EmbedSummary.exists(shards):
+        raise FileNotFoundError(f"{shards.url} has no embeddings: run tessera embed {shards.url} first")
+    with held(shards, lease, "tessera curate") as fence:
+        current = current_curation(shards, cfg)
+        if current is not None:
+            log.info("curate: up to date")
+            return current
+        return _curate(shards, cfg, progress, fence)
+
+
+def _cluster(work: StageWork, shards: Store, names: list[str], modality: str, cfg: CurateConfig, total: int,
+             progress: bool) -> int:
+    """Steps 1-3 for one modality; returns the number of clusters."""
+    from tqdm import tqdm
+
+    centroids = ray.put(work.get(_fit.remote(shards, names, modality, cfg, total)))
+    groups = [names[i:i + SHARDS_PER_TASK] for i in range(0, len(names), SHARDS_PER_TASK)]
+    counts: Counter = Counter()
+
+    def assigned(item, got: dict[int, int]) -> None:
+        bar.update()
+        counts.update(got)
+
+    bar = tqdm(total=len(groups), unit="group", desc=f"curate {modality}: assign", disable=not progress)
+    work.run(enumerate(groups), lambda item, _: _assign.remote(shards, item[1], modality, centroids, cfg, item[0]),
+             in_flight_limit(), assigned)
+    bar.close()
+    if modality in cfg.semantic.modalities:
+        jobs = [(c, blocks, (i, j)) for c, n in sorted(counts.items())
+                for blocks in [max(1, math.ceil(n / cfg.block_rows))]
+                for i in range(blocks) for j in range(i, blocks)]
+        bar = tqdm(total=len(jobs), unit="block", desc=f"curate {modality}: pairs", disable=not progress)
+        work.run(jobs, lambda job, _: _pairs.remote(shards, modality, *job, cfg), in_flight_limit(),
+                 lambda job, got: bar.update())
+        bar.close()
+    return len(ray.get(centroids))
+
+
+def _curate(shards: Store, cfg: CurateConfig, progress: bool, fence: Fence) -> CurateSummary:
+    started, work = time.perf_counter(), StageWork()
+    for stale in (CURATE_CLUSTERS, CURATE_PAIRS):
+        if shards.exists(stale):
+            shards.remove(stale, recursive=True)
+    names = committed_shards(shards)
+    embed = EmbedSummary.read(shards)
+    clusters, compared = {}, []
+    for modality in cfg.modalities:
+        total = embed.modalities.get(modality, {}).get("samples", 0)
+        if not total:
+            log.warning("curate: no %s embeddings in %s; skipped", modality, shards.url)
+            continue
+        clusters[modality] = _cluster(work, shards, names, modality, cfg, total, progress)
+        if modality in cfg.semantic.modalities:
+            compared.append(modality)
+    previous = set()
+    if shards.exists(CURATED):
+        previous = set(shards.read_parquet(CURATED, ["shard"]).column("shard").to_pylist())
+    found = work.get(_finish.remote(shards, cfg, list(clusters), compared, fence))
+    touched = sorted(previous | set(found["shards"]))
+    work.get_all([_mark.remote(shards, touched[i:i + SHARDS_PER_TASK], fence)
+                  for i in range(0, len(touched), SHARDS_PER_TASK)])
+    for scratch in (CURATE_CLUSTERS, CURATE_PAIRS):
+        if shards.exists(scratch):
+            shards.remove(scratch, recursive=True)
+    summary = CurateSummary(
+        digest=curate_digest(shards, cfg), clusters=clusters,
+        semantic_duplicates=found["semantic_duplicates"], outliers=found["outliers"],
+        outliers_dropped=cfg.outliers.drop, eps=cfg.semantic.eps, histogram=found["histogram"],
+        seconds=round(time.perf_counter() - started, 3), store_retries=work.store_retries)
+    fence.check(CurateSummary.FILE)
+    summary.write(shards)
+    log.info("curate: %s semantic duplicates, %s outliers in %.1f s", summary.semantic_duplicates,
+             summary.outliers, summary.seconds)
+    return summary
