@@ -28,11 +28,12 @@ import tempfile
 import time
 import zlib
 from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 
 from features.config import CurateConfig
@@ -45,11 +46,15 @@ from features.layout import (
     EmbedSummary,
     read_sidecar,
 )
-from preprocess.layout import INDEX_SCHEMA, SHARD_KEPT, committed_shards, index_part, read_index_part
+from features.layout import (
+    CURATE_SUPERSEDED as SUPERSEDED,
+)
+from preprocess.layout import KEPT, SHARD_KEPT, committed_shards, mark_index_parts, read_index_part
 from preprocess.lease import DEFAULT_LEASE, Fence, LeaseConfig, held
 from preprocess.near import components
 from preprocess.runner import StageWork, in_flight_limit, task
 from preprocess.storage import Store
+from preprocess.versions import superseded_keys, write_superseded
 
 log = logging.getLogger(__name__)
 
@@ -66,34 +71,63 @@ def _unit(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.where(norms == 0, 1, norms)
 
 
-def shard_vectors(shards: Store, shard: str, modality: str, with_media: bool) -> tuple[pa.Table, np.ndarray]:
-    """The shard's samples that have a MODALITY vector (index fields + `compared`: whether
-    semantic dedup compares it) and their unit vectors."""
-    index = read_index_part(shards, shard, CURATE_KEYS, kept=SHARD_KEPT)
-    side = read_sidecar(shards, shard, ["key", modality])
+Part = tuple[int, str]  # (folder position: earlier versions first, the curated folder last; shard)
+
+
+@dataclass(frozen=True)
+class Folders:
+    """What one curation compares: the live rows of EARLIER version folders (never dropped
+    here) and the rows of the folder being curated (the last), and the file of the keys later
+    versions superseded in the earlier ones (None: no earlier folders)."""
+
+    stores: tuple[Store, ...]
+    superseded: Store | None
+
+    @property
+    def current(self) -> int:
+        return len(self.stores) - 1
+
+    def version(self, root: int) -> str:
+        return self.stores[root].url.rstrip("/").rsplit("/", 1)[-1]
+
+    def parts(self) -> list[Part]:
+        return [(root, shard) for root, store in enumerate(self.stores) for shard in committed_shards(store)]
+
+
+def shard_vectors(folders: Folders, part: Part, modality: str, with_media: bool) -> tuple[pa.Table, np.ndarray]:
+    """The shard's samples that have a MODALITY vector (index fields, `root`, and `compared`:
+    whether semantic dedup compares it) and their unit vectors. Of an earlier folder, its live
+    rows only (kept by its own curation, not superseded since)."""
+    root, shard = part
+    store = folders.stores[root]
+    current = root == folders.current
+    index = read_index_part(store, shard, CURATE_KEYS, kept=SHARD_KEPT if current else KEPT)
+    gone = frozenset() if current else superseded_keys(folders.superseded, root, shard)
+    side = read_sidecar(store, shard, ["key", modality])
     vectors = dict(zip(side.column("key").to_pylist(), side.column(modality).to_pylist(), strict=True))
     rows, found = [], []
     for i, key in enumerate(index.column("key").to_pylist()):
-        if vectors.get(key) is not None:
+        if vectors.get(key) is not None and key not in gone:
             rows.append(i)
             found.append(vectors[key])
     table = index.take(rows)
     alone = [m == [modality] for m in table.column("modalities").to_pylist()]
     compared = [with_media or modality != "text" or a for a in alone]
-    table = table.drop_columns(["modalities"]).append_column("compared", pa.array(compared, pa.bool_()))
+    table = (table.drop_columns(["modalities"]).append_column("compared", pa.array(compared, pa.bool_()))
+             .append_column("root", pa.array([root] * len(table), pa.int32())))
     return table, _unit(np.asarray(found, np.float32).reshape(len(found), -1))
 
 
-def fit_centroids(shards: Store, names: list[str], modality: str, cfg: CurateConfig, total: int) -> np.ndarray:
+def fit_centroids(folders: Folders, parts: list[Part], modality: str, cfg: CurateConfig, total: int) -> np.ndarray:
     """k-means centroids (unit vectors) fitted on up to cfg.sample_size vectors read from
-    shards spread evenly over NAMES."""
+    shards spread evenly over PARTS."""
     from sklearn.cluster import KMeans
 
-    per_shard = max(1, total // max(1, len(names)))
-    step = max(1, len(names) * per_shard // cfg.sample_size)
+    per_shard = max(1, total // max(1, len(parts)))
+    step = max(1, len(parts) * per_shard // cfg.sample_size)
     sample: list[np.ndarray] = []
-    for shard in names[::step]:
-        sample.append(shard_vectors(shards, shard, modality, True)[1])
+    for part in parts[::step]:
+        sample.append(shard_vectors(folders, part, modality, True)[1])
         if sum(len(s) for s in sample) >= cfg.sample_size:
             break
     data = np.concatenate(sample)[:cfg.sample_size]
@@ -104,12 +138,13 @@ def fit_centroids(shards: Store, names: list[str], modality: str, cfg: CurateCon
     return _unit(model.cluster_centers_.astype(np.float32))
 
 
-def assign_shards(shards: Store, names: list[str], modality: str, centroids: np.ndarray, cfg: CurateConfig,
+def assign_shards(folders: Folders, parts: list[Part], modality: str, centroids: np.ndarray, cfg: CurateConfig,
                   task_id: int) -> dict[int, int]:
-    """Write NAMES' vectors grouped by nearest centroid; returns rows per cluster."""
+    """Write PARTS' vectors, grouped by nearest centroid, into the curated folder; returns rows
+    per cluster."""
     tables = []
-    for shard in names:
-        table, unit = shard_vectors(shards, shard, modality, cfg.semantic.with_media)
+    for part in parts:
+        table, unit = shard_vectors(folders, part, modality, cfg.semantic.with_media)
         if not len(table):
             continue
         similarity = unit @ centroids.T
@@ -122,16 +157,20 @@ def assign_shards(shards: Store, names: list[str], modality: str, centroids: np.
         return {}
     table = pa.concat_tables(tables).sort_by("cluster")
     counts: dict[int, int] = {}
-    clusters = table.column("cluster").to_numpy()
-    for c in np.unique(clusters):
+    out = folders.stores[folders.current]
+    for c in np.unique(table.column("cluster").to_numpy()):
         part = table.filter(pc.equal(table.column("cluster"), c))
-        shards.write_parquet(f"{CURATE_CLUSTERS}/{modality}/cluster-{c:05d}/part-{task_id:06d}.parquet", part)
+        out.write_parquet(f"{CURATE_CLUSTERS}/{modality}/cluster-{c:05d}/part-{task_id:06d}.parquet", part)
         counts[int(c)] = len(part)
     return counts
 
 
-def _block(files: list[str], lines: list[int], blocks: int) -> np.ndarray:
-    return np.array([zlib.crc32(f"{f}\0{n}".encode()) % blocks for f, n in zip(files, lines, strict=True)])
+ROW = ["root", "file", "line"]  # a row's identity across folders, and its order: earliest first
+
+
+def _block(table: pa.Table, blocks: int) -> np.ndarray:
+    identities = zip(*(table.column(c).to_pylist() for c in ROW), strict=True)
+    return np.array([zlib.crc32(f"{r}\0{f}\0{n}".encode()) % blocks for r, f, n in identities], np.int64)
 
 
 def cluster_pairs(shards: Store, modality: str, cluster: int, blocks: int, pair: tuple[int, int],
@@ -139,10 +178,9 @@ def cluster_pairs(shards: Store, modality: str, cluster: int, blocks: int, pair:
     """Pairs of one cluster's blocks PAIR at cosine >= 1 - eps, and each row's highest cosine
     there, written under curate/pairs; returns the pairs found."""
     folder = f"{CURATE_CLUSTERS}/{modality}/cluster-{cluster:05d}"
-    table = shards.dataset(shards.names(f"{folder}/*.parquet")).to_table(
-        columns=["file", "line", "compared", "vector"])
+    table = shards.dataset(shards.names(f"{folder}/*.parquet")).to_table(columns=[*ROW, "compared", "vector"])
     table = table.filter(table.column("compared"))
-    block = _block(table.column("file").to_pylist(), table.column("line").to_pylist(), blocks)
+    block = _block(table, blocks)
     a, b = (table.take(np.flatnonzero(block == i)) for i in pair)
     va, vb = (np.asarray(t.column("vector").combine_chunks().flatten()).reshape(len(t), -1) for t in (a, b))
     sim = va @ vb.T if len(a) and len(b) else np.zeros((len(a), len(b)), np.float32)
@@ -151,12 +189,11 @@ def cluster_pairs(shards: Store, modality: str, cluster: int, blocks: int, pair:
     i, j = np.nonzero(sim >= 1 - cfg.semantic.eps)
     if pair[0] == pair[1]:
         i, j = i[i < j], j[i < j]
-    edges = pa.table({"file_a": a.column("file").take(i), "line_a": a.column("line").take(i),
-                      "file_b": b.column("file").take(j), "line_b": b.column("line").take(j),
+    edges = pa.table({**{f"{c}_a": a.column(c).take(i) for c in ROW}, **{f"{c}_b": b.column(c).take(j) for c in ROW},
                       "cosine": pa.array(sim[i, j], pa.float32())})
     best = [(t, s) for t, s in ((a, sim.max(axis=1, initial=-1)), (b, sim.max(axis=0, initial=-1))) if len(t)]
-    highest = pa.concat_tables([pa.table({"file": t.column("file"), "line": t.column("line"),
-                                          "cosine": pa.array(s, pa.float32())}) for t, s in best]) if best else None
+    highest = pa.concat_tables([pa.table({**{c: t.column(c) for c in ROW}, "cosine": pa.array(s, pa.float32())})
+                                for t, s in best]) if best else None
     stem = f"{CURATE_PAIRS}/{modality}/cluster-{cluster:05d}-{pair[0]}-{pair[1]}"
     shards.write_parquet(stem + ".edges.parquet", edges)
     if highest is not None:
@@ -170,20 +207,24 @@ NO_OUTLIERS = ("SELECT NULL::VARCHAR AS key, NULL::VARCHAR AS sample_key, NULL::
                "NULL::VARCHAR AS shard LIMIT 0")
 
 
-def finish(shards: Store, cfg: CurateConfig, fitted: list[str], compared: list[str], fence: Fence) -> dict:
+def finish(folders: Folders, cfg: CurateConfig, fitted: list[str], compared: list[str], fence: Fence) -> dict:
     """Components, kept rows, histogram and outliers from the files steps 2-3 wrote; writes
     rejects/curated.parquet and curate/outliers.parquet; returns counts, histograms and the
-    shards whose index parts change."""
+    shards whose index parts change. Only the curated folder's rows are dropped or flagged; a
+    group's earliest row may be an earlier version's, named with its version."""
+    shards, current = folders.stores[folders.current], folders.current
     result: dict = {"semantic_duplicates": {}, "outliers": {}, "histogram": {}}
     drops, outliers = [], []
     with tempfile.TemporaryDirectory(prefix="tessera-curate-") as scratch, \
             shards.duckdb(scratch, MEMORY_LIMIT) as con:
         for modality in fitted:
             rows = _ROWS.format(clusters=shards.sql_url(CURATE_CLUSTERS, modality, "*", "*.parquet"))
-            con.execute(f"CREATE OR REPLACE TEMP TABLE rows AS SELECT row_number() OVER (ORDER BY file, line) AS id, "
-                        f"key, source_key, shard, file, line, cluster, distance FROM {rows}")
+            versions = ", ".join(f"({root}, '{folders.version(root)}')" for root in range(len(folders.stores)))
+            con.execute(f"CREATE OR REPLACE TEMP TABLE rows AS SELECT row_number() OVER (ORDER BY root, file, line) "
+                        f"AS id, key, source_key, shard, root, v.version, root = {current} AS current, file, line, "
+                        f"cluster, distance FROM {rows} JOIN (VALUES {versions}) v(r, version) ON v.r = root")
             if modality in compared:
-                drops.append(_semantic(shards, con, modality, result, scratch))
+                drops.append(_semantic(shards, con, modality, result, scratch, current))
                 drops = [d for d in drops if d]
             if modality in cfg.outliers.modalities:
                 outliers.append(_outliers(con, modality, cfg, scratch))
@@ -211,28 +252,32 @@ def finish(shards: Store, cfg: CurateConfig, fitted: list[str], compared: list[s
     return result
 
 
-def _semantic(shards: Store, con, modality: str, result: dict, scratch: str) -> str | None:
+def _semantic(shards: Store, con, modality: str, result: dict, scratch: str, current: int) -> str | None:
     if not shards.names(f"{CURATE_PAIRS}/{modality}/*.best.parquet"):  # nothing it compares
         result["semantic_duplicates"][modality] = 0
         result["histogram"][modality] = [0] * HISTOGRAM_BINS
         return None
     folder = shards.sql_url(CURATE_PAIRS, modality, "*.edges.parquet")
     best = shards.sql_url(CURATE_PAIRS, modality, "*.best.parquet")
+    on = " AND ".join(f"{{t}}.{c} = e.{c}_{{t}}" for c in ROW)
     edges = con.execute(f"""SELECT a.id AS a, b.id AS b FROM read_parquet({folder}) e
-        JOIN rows a ON a.file = e.file_a AND a.line = e.line_a JOIN rows b ON b.file = e.file_b AND b.line = e.line_b
-        """).fetchnumpy()
+        JOIN rows a ON {on.format(t='a')} JOIN rows b ON {on.format(t='b')}""").fetchnumpy()
     con.register("semantic_components", components(edges))
     local = f"{scratch}/semantic-{modality}.parquet"
     con.execute(f"""COPY (
-        WITH best AS (SELECT file, line, max(cosine) AS cosine FROM read_parquet({best}) GROUP BY ALL)
+        WITH best AS (SELECT root, file, line, max(cosine) AS cosine FROM read_parquet({best}) GROUP BY ALL)
         SELECT r.source_key AS key, r.key AS sample_key, r.file, r.line, '{modality}' AS modality,
-               'semantic duplicate of ''' || k.source_key || ''' ({modality} cosine ' || round(b.cosine, 2) || ')'
-                 AS reason, r.shard, k.key AS duplicate_of, b.cosine
+               'semantic duplicate of ''' || k.source_key || '''' ||
+                 CASE WHEN k.current THEN '' ELSE ' of version ' || k.version END ||
+                 ' ({modality} cosine ' || round(b.cosine, 2) || ')' AS reason,
+               r.shard, k.key AS duplicate_of, b.cosine
         FROM semantic_components c JOIN rows r ON r.id = c.id JOIN rows k ON k.id = c.root
-        JOIN best b ON b.file = r.file AND b.line = r.line) TO '{local}' (FORMAT parquet)""")
+        JOIN best b ON b.root = r.root AND b.file = r.file AND b.line = r.line WHERE r.current)
+        TO '{local}' (FORMAT parquet)""")
     result["semantic_duplicates"][modality] = con.execute(f"SELECT count(*) FROM '{local}'").fetchone()[0]
     counts = dict(con.execute(f"""SELECT least(floor((cosine + 1) / 2 * {HISTOGRAM_BINS}), {HISTOGRAM_BINS - 1})::INT,
-        count(*) FROM (SELECT file, line, max(cosine) AS cosine FROM read_parquet({best}) GROUP BY ALL)
+        count(*) FROM (SELECT root, file, line, max(cosine) AS cosine FROM read_parquet({best})
+                       WHERE root = {current} GROUP BY ALL)
         GROUP BY ALL""").fetchall())
     result["histogram"][modality] = [counts.get(i, 0) for i in range(HISTOGRAM_BINS)]
     return local
@@ -245,28 +290,15 @@ def _outliers(con, modality: str, cfg: CurateConfig, scratch: str) -> str:
         scored AS (SELECT r.*, {Z_SCALE} * (r.distance - s.m) / s.d AS score FROM rows r JOIN spread s USING (cluster)
                    WHERE s.d > 0)
         SELECT source_key AS key, key AS sample_key, file, line, '{modality}' AS modality, score, cluster, shard
-        FROM scored WHERE score > {cfg.outliers.bound} ORDER BY file, line) TO '{local}' (FORMAT parquet)""")
+        FROM scored WHERE current AND score > {cfg.outliers.bound} ORDER BY file, line)
+        TO '{local}' (FORMAT parquet)""")
     return local
 
 
 def mark_curated(shards: Store, names: list[str], fence: Fence) -> int:
     """Set `curated_out` in the index parts of NAMES from rejects/curated.parquet (clearing what
     an earlier curation marked)."""
-    import pyarrow.dataset as ds
-
-    found = shards.read_parquet(CURATED, ["shard", "sample_key", "reason"], ds.field("shard").isin(names))
-    reasons: dict[str, dict[str, str]] = {}
-    for shard, key, reason in zip(*(found.column(c).to_pylist() for c in ("shard", "sample_key", "reason")),
-                                  strict=True):
-        reasons.setdefault(shard, {})[key] = reason
-    for shard in names:
-        part = pq.read_table(pa.BufferReader(shards.read_bytes(index_part(shard))), schema=INDEX_SCHEMA)
-        marks = reasons.get(shard, {})
-        column = pa.array([marks.get(k) for k in part.column("key").to_pylist()], pa.string())
-        fence.check(index_part(shard))
-        shards.write_parquet(index_part(shard), part.set_column(part.schema.get_field_index("curated_out"),
-                                                                "curated_out", column))
-    return sum(len(r) for r in reasons.values())
+    return mark_index_parts(shards, names, CURATED, "reason", "curated_out", fence)
 
 
 _fit = task(fit_centroids, num_cpus=1, max_retries=2, retry_exceptions=[OSError])
@@ -276,42 +308,48 @@ _finish = task(finish, num_cpus=1, max_retries=2, retry_exceptions=[OSError])
 _mark = task(mark_curated, num_cpus=1, max_retries=3, retry_exceptions=[OSError])
 
 
-def curate_digest(shards: Store, cfg: CurateConfig) -> str:
-    """What curation's result depends on: its config and the embeddings it read."""
-    embed = EmbedSummary.read(shards)
-    text = json.dumps([cfg.model_dump(mode="json"), embed.encoders, embed.samples, embed.shards,
-                       shards.read_json("summary.json")["config_digest"]], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+def curate_digest(stores: Sequence[Store], cfg: CurateConfig) -> str:
+    """What curation's result depends on: its config and the embeddings it read (of the
+    curated folder, the last, and of the earlier versions it is compared with)."""
+    record = [cfg.model_dump(mode="json")]
+    for store in stores:
+        embed = EmbedSummary.read(store)
+        record.append([store.url, embed.encoders, embed.samples, embed.shards,
+                       store.read_json("summary.json")["config_digest"]])
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def current_curation(shards: Store, cfg: CurateConfig) -> CurateSummary | None:
+def current_curation(shards: Store, cfg: CurateConfig, earlier: Sequence[Store] = ()) -> CurateSummary | None:
     if not CurateSummary.exists(shards):
         return None
     summary = CurateSummary.read(shards)
-    return summary.replace(up_to_date=True) if summary.digest == curate_digest(shards, cfg) else None
+    return summary.replace(up_to_date=True) if summary.digest == curate_digest([*earlier, shards], cfg) else None
 
 
 def run_curate_stage(shards: Store, cfg: CurateConfig, progress: bool = True,
-                     lease: LeaseConfig | Fence = DEFAULT_LEASE) -> CurateSummary:
-    """Semantic dedup and outliers over SHARDS' embeddings, holding the folder's lease. Ray must
-    be initialized; the shards must be embedded (tessera embed)."""
+                     lease: LeaseConfig | Fence = DEFAULT_LEASE, earlier: Sequence[Store] = ()) -> CurateSummary:
+    """Semantic dedup and outliers over SHARDS' embeddings — compared also with the live rows of
+    EARLIER dataset versions (a refresh's), which are never dropped here — holding the folder's
+    lease. Ray must be initialized; the shards must be embedded (tessera embed)."""
     if not EmbedSummary.exists(shards):
         raise FileNotFoundError(f"{shards.url} has no embeddings: run tessera embed {shards.url} first")
+    earlier = [store for store in earlier if EmbedSummary.exists(store)]
     with held(shards, lease, "tessera curate") as fence:
-        current = current_curation(shards, cfg)
+        current = current_curation(shards, cfg, earlier)
         if current is not None:
             log.info("curate: up to date")
             return current
-        return _curate(shards, cfg, progress, fence)
+        return _curate(shards, cfg, progress, fence, earlier)
 
 
-def _cluster(work: StageWork, shards: Store, names: list[str], modality: str, cfg: CurateConfig, total: int,
+def _cluster(work: StageWork, folders: Folders, parts: list[Part], modality: str, cfg: CurateConfig, total: int,
              progress: bool) -> int:
     """Steps 1-3 for one modality; returns the number of clusters."""
     from tqdm import tqdm
 
-    centroids = ray.put(work.get(_fit.remote(shards, names, modality, cfg, total)))
-    groups = [names[i:i + SHARDS_PER_TASK] for i in range(0, len(names), SHARDS_PER_TASK)]
+    shards = folders.stores[folders.current]
+    centroids = ray.put(work.get(_fit.remote(folders, parts, modality, cfg, total)))
+    groups = [parts[i:i + SHARDS_PER_TASK] for i in range(0, len(parts), SHARDS_PER_TASK)]
     counts: Counter = Counter()
 
     def assigned(item, got: dict[int, int]) -> None:
@@ -319,7 +357,7 @@ def _cluster(work: StageWork, shards: Store, names: list[str], modality: str, cf
         counts.update(got)
 
     bar = tqdm(total=len(groups), unit="group", desc=f"curate {modality}: assign", disable=not progress)
-    work.run(enumerate(groups), lambda item, _: _assign.remote(shards, item[1], modality, centroids, cfg, item[0]),
+    work.run(enumerate(groups), lambda item, _: _assign.remote(folders, item[1], modality, centroids, cfg, item[0]),
              in_flight_limit(), assigned)
     bar.close()
     if modality in cfg.semantic.modalities:
@@ -333,34 +371,39 @@ def _cluster(work: StageWork, shards: Store, names: list[str], modality: str, cf
     return len(ray.get(centroids))
 
 
-def _curate(shards: Store, cfg: CurateConfig, progress: bool, fence: Fence) -> CurateSummary:
+def _curate(shards: Store, cfg: CurateConfig, progress: bool, fence: Fence, earlier: list[Store]) -> CurateSummary:
     started, work = time.perf_counter(), StageWork()
-    for stale in (CURATE_CLUSTERS, CURATE_PAIRS):
+    for stale in (CURATE_CLUSTERS, CURATE_PAIRS, SUPERSEDED):
         if shards.exists(stale):
             shards.remove(stale, recursive=True)
-    names = committed_shards(shards)
-    embed = EmbedSummary.read(shards)
+    superseded = None
+    if earlier:  # the keys later versions replaced or removed, read per shard by the tasks
+        superseded = shards.child(SUPERSEDED)
+        write_superseded([*earlier, shards], superseded)
+    folders = Folders((*earlier, shards), superseded)
+    parts = folders.parts()
+    embeds = [EmbedSummary.read(store) for store in folders.stores]
     clusters, compared = {}, []
     for modality in cfg.modalities:
-        total = embed.modalities.get(modality, {}).get("samples", 0)
-        if not total:
+        total = sum(embed.modalities.get(modality, {}).get("samples", 0) for embed in embeds)
+        if not embeds[-1].modalities.get(modality, {}).get("samples", 0):
             log.warning("curate: no %s embeddings in %s; skipped", modality, shards.url)
             continue
-        clusters[modality] = _cluster(work, shards, names, modality, cfg, total, progress)
+        clusters[modality] = _cluster(work, folders, parts, modality, cfg, total, progress)
         if modality in cfg.semantic.modalities:
             compared.append(modality)
     previous = set()
     if shards.exists(CURATED):
         previous = set(shards.read_parquet(CURATED, ["shard"]).column("shard").to_pylist())
-    found = work.get(_finish.remote(shards, cfg, list(clusters), compared, fence))
+    found = work.get(_finish.remote(folders, cfg, list(clusters), compared, fence))
     touched = sorted(previous | set(found["shards"]))
     work.get_all([_mark.remote(shards, touched[i:i + SHARDS_PER_TASK], fence)
                   for i in range(0, len(touched), SHARDS_PER_TASK)])
-    for scratch in (CURATE_CLUSTERS, CURATE_PAIRS):
+    for scratch in (CURATE_CLUSTERS, CURATE_PAIRS, SUPERSEDED):
         if shards.exists(scratch):
             shards.remove(scratch, recursive=True)
     summary = CurateSummary(
-        digest=curate_digest(shards, cfg), clusters=clusters,
+        digest=curate_digest(folders.stores, cfg), clusters=clusters,
         semantic_duplicates=found["semantic_duplicates"], outliers=found["outliers"],
         outliers_dropped=cfg.outliers.drop, eps=cfg.semantic.eps, histogram=found["histogram"],
         seconds=round(time.perf_counter() - started, 3), store_retries=work.store_retries)

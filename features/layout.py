@@ -14,7 +14,8 @@ and what curation (`tessera curate`, features/curate.py) leaves there:
     SHARDS/rejects/curated.parquet   the samples it dropped (reject lines, with the kept key)
     SHARDS/curate/outliers.parquet   samples far from their cluster: key, modality, score
     SHARDS/curate/summary.json       CurateSummary, written last
-    SHARDS/curate/clusters/, pairs/  while it runs: vectors by cluster, the pairs found"""
+    SHARDS/curate/clusters/, pairs/  while it runs: vectors by cluster, the pairs found
+    SHARDS/curate/superseded.parquet while it runs over refresh versions: keys later ones replaced"""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ CURATED = f"{REJECTS}/curated.parquet"
 OUTLIERS = f"{CURATE}/outliers.parquet"
 CURATE_CLUSTERS = f"{CURATE}/clusters"
 CURATE_PAIRS = f"{CURATE}/pairs"
+CURATE_SUPERSEDED = f"{CURATE}/superseded.parquet"  # while it runs over versions: keys later ones replaced
 # the sidecar's schema metadata; a sidecar some of whose vectors are missing (their batch
 # failed) has its digest prefixed INCOMPLETE, so it is never current, and lists them in MISSING
 DIGEST, ENCODERS, DIMS, MISSING = "tessera.digest", "tessera.encoders", "tessera.dims", "tessera.missing"

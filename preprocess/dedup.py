@@ -22,12 +22,8 @@ import tempfile
 from collections.abc import Sequence
 from itertools import groupby
 
-import pyarrow as pa
-import pyarrow.dataset as ds
-import pyarrow.parquet as pq
-
 from preprocess.config import ShardConfig
-from preprocess.layout import DUPLICATES, INDEX, INDEX_SCHEMA, KEPT_SQL, REJECTS, index_part
+from preprocess.layout import DUPLICATES, INDEX, KEPT_SQL, REJECTS, mark_index_parts
 from preprocess.lease import Fence
 from preprocess.near import find_near_duplicates
 from preprocess.storage import Store
@@ -136,15 +132,4 @@ def _number(shard: str) -> int:
 
 def mark_duplicates(out: Store, shards: list[str], fence: Fence) -> int:
     """Set `duplicate_of` in the index parts of SHARDS from rejects/duplicates.parquet."""
-    found = out.read_parquet(DUPLICATES, ["shard", "sample_key", "duplicate_of"], ds.field("shard").isin(shards))
-    of = {}
-    for shard, key, original in zip(*(found.column(c).to_pylist() for c in ("shard", "sample_key", "duplicate_of")),
-                                    strict=True):
-        of.setdefault(shard, {})[key] = original
-    for shard, duplicates in of.items():
-        part = pq.read_table(pa.BufferReader(out.read_bytes(index_part(shard))), schema=INDEX_SCHEMA)
-        column = pa.array([duplicates.get(k) for k in part.column("key").to_pylist()], pa.string())
-        fence.check(index_part(shard))
-        out.write_parquet(index_part(shard), part.set_column(part.schema.get_field_index("duplicate_of"),
-                                                             "duplicate_of", column))
-    return sum(len(d) for d in of.values())
+    return mark_index_parts(out, shards, DUPLICATES, "duplicate_of", "duplicate_of", fence)

@@ -231,3 +231,23 @@ def current_summary(out: Store, cfg: ShardConfig, source: ManifestSource) -> Sha
             or len(committed_shards(out)) != summary.shards:
         return None
     return summary.replace(resumed_shards=summary.shards, shards_by_node={}, store_retries=0, up_to_date=True)
+
+
+def mark_index_parts(store: Store, shards: list[str], listing: str, value: str, column: str, fence) -> int:
+    """Set COLUMN in the index parts of SHARDS to the VALUE that the LISTING file (a drop list
+    with `shard` and `sample_key`) gives each key, null for the others (so marks a later pass
+    no longer makes are cleared); each part committed while FENCE's lease holds. Returns the
+    keys marked."""
+    import pyarrow.parquet as pq
+
+    found = store.read_parquet(listing, ["shard", "sample_key", value], ds.field("shard").isin(shards))
+    marks: dict[str, dict[str, str]] = {}
+    for shard, key, mark in zip(*(found.column(c).to_pylist() for c in ("shard", "sample_key", value)), strict=True):
+        marks.setdefault(shard, {})[key] = mark
+    for shard in shards:
+        part = pq.read_table(pa.BufferReader(store.read_bytes(index_part(shard))), schema=INDEX_SCHEMA)
+        mine = marks.get(shard, {})
+        values = pa.array([mine.get(k) for k in part.column("key").to_pylist()], pa.string())
+        fence.check(index_part(shard))
+        store.write_parquet(index_part(shard), part.set_column(part.schema.get_field_index(column), column, values))
+    return sum(len(m) for m in marks.values())

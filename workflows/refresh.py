@@ -345,6 +345,10 @@ def _make_version(cfg: TesseraConfig, out: Store, version: str, counts: dict, so
     cache = out.at(cfg.embed.cache) if cfg.embed.cache else out.child(CACHE)
     embed = run_embed_stage(target, cfg.embed, cache, cfg.runtime.progress, cfg.runtime.lease)
     result = {"version": version.rsplit("/", 1)[-1], "shard": shard, "embed": embed}
+    if cfg.curate.enabled:  # semantic dedup and outliers, against the earlier versions too
+        from features.curate import run_curate_stage
+
+        result["curate"] = run_curate_stage(target, cfg.curate, cfg.runtime.progress, cfg.runtime.lease, earlier)
     if cfg.job.refresh_train == "all" or (cfg.job.refresh_train == "new" and shard.accepted):
         result["train"] = _train_version(cfg, out, target)
     fence.check(f"{version}/{VERSION_DONE}")

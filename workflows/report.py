@@ -171,7 +171,7 @@ def _shards_of(shards: Store, keys: set[str]) -> dict[str, set[str]]:
     return where
 
 
-def _curation_plots(shards: Store) -> list[tuple[str, str]]:
+def curation_plots(shards: Store) -> list[tuple[str, str]]:
     """Near-duplicate image groups (the kept image and its dropped copies), each compared
     modality's histogram of highest within-cluster cosine with the eps line and a few pairs,
     and the outliers with their scores."""
@@ -342,7 +342,7 @@ def write_report(out: Store, run: Store | None = None) -> str:
                                  f"rejected inputs: {summary.rejected}", horizontal=True)),
         ("Stage throughput", _bars(throughput, "throughput", horizontal=True)),
         *_embedding_plots(shards),
-        *_curation_plots(shards),
+        *curation_plots(shards),
         *(_training_plots(run) + _evaluation_plots(run) if run else []),
     ]
     text = (f"{summary.inputs} inputs, {summary.accepted} accepted, {summary.rejected} rejected, "

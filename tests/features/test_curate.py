@@ -15,6 +15,7 @@ from preprocess.stage import run_shard_stage
 from preprocess.storage import Store
 from tests.conftest import MINI, reject_rows
 from workflows.cli import EXIT_CONFIG, main
+from workflows.report import curation_plots
 
 # text vectors of the text-only rows t1..t7, and cosines worked out by hand (eps 0.05: a pair
 # is a duplicate at cosine >= 0.95)
@@ -30,15 +31,17 @@ VECTORS = {
 }
 
 
-def embedded_by_hand(tmp_path, ray_session, vectors: dict) -> Store:
-    """A text corpus sharded by the shard stage, its sidecars written from VECTORS (by key)."""
-    (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "horse.png").write_bytes((MINI / "images" / "horse.png").read_bytes())
+def embedded_by_hand(tmp_path, ray_session, vectors: dict, folder: str = "shards") -> Store:
+    """A text corpus sharded by the shard stage into tmp_path/FOLDER, its sidecars written
+    from VECTORS (by key)."""
+    manifest = tmp_path / f"{folder}-manifest"
+    manifest.mkdir()
+    (manifest / "horse.png").write_bytes((MINI / "images" / "horse.png").read_bytes())
     rows = [{"key": k, "text": f"caption of {k}"} if k != "photo" else
             {"key": k, "text": "stock photo", "image": "horse.png"} for k in vectors]
-    (tmp_path / "m" / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    shards = Store(str(tmp_path / "shards"))
-    summary = run_shard_stage(str(tmp_path / "m" / "manifest.jsonl"), shards, ShardConfig(samples_per_shard=3),
+    (manifest / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shards = Store(str(tmp_path / folder))
+    summary = run_shard_stage(str(manifest / "manifest.jsonl"), shards, ShardConfig(samples_per_shard=3),
                               progress=False)
     cfg = EmbedConfig(image=None, audio=None, video=None)
     for shard in [f"shard-{i:06d}.tar" for i in range(summary.shards)]:
@@ -77,6 +80,9 @@ def test_semantic_duplicates_are_connected_groups_and_the_earliest_row_stays(tmp
     dropped = {r["sample_key"] for r in reject_rows(tmp_path / "shards")}
     assert dropped == {"t2", "t3", "t4", "t6", "photo"}  # t7 (0.28 from t6) stays; earlier marks redone
     assert sorted(read_index(shards, ["key"]).column("key").to_pylist()) == ["t1", "t5", "t7"]
+    # the report draws the histogram and the pairs, their texts read back from the tars
+    assert [title for title, _ in curation_plots(shards)] == ["text: highest within-cluster cosine",
+                                                              "text: semantic duplicates"]
 
     # the command: the same settings are up to date; no modality set is a config error
     args = ["--set", "curate.semantic.modalities=[text]", "--set", "curate.semantic.eps=0.6", "--set",
@@ -103,3 +109,23 @@ def test_outliers_are_listed_by_their_robust_score_and_dropped_when_asked(tmp_pa
     assert reject["sample_key"] == "far" and reject["reason"].startswith("outlier (text score ")
     assert reject["reason"].endswith(", over curate.outliers.bound 3.5)")
     assert CurateSummary.read(shards).outliers_dropped
+    assert "text: outliers" in [title for title, _ in curation_plots(shards)]
+
+
+def test_a_versions_rows_are_compared_with_the_live_rows_of_earlier_versions(tmp_path, ray_session):
+    cfg = CurateConfig(semantic={"modalities": ["text"], "eps": 0.05, "clusters": 1})
+    first = embedded_by_hand(tmp_path, ray_session, {k: v for k, v in VECTORS.items() if k != "photo"}, "v000001")
+    run_curate_stage(first, cfg, progress=False)  # drops t2, t3, t6 there
+    second = embedded_by_hand(tmp_path, ray_session, {
+        "u1": [0.99, 0.141, 0, 0],  # t2's vector: t2 is dropped in v000001, its live twin is t1 (cosine 0.99)
+        "u2": [0.5, 0, 0, 0.866],  # cos(t1, u2) = 0.5, cos(t7, u2) = 0.87: new
+        "u3": [0.5, 0, 0, 0.87],  # cos(u2, u3) = 1.00: a duplicate within this version
+    }, "v000002")
+    summary = run_curate_stage(second, cfg, progress=False, earlier=[first])
+    dropped = {r["sample_key"]: r["reason"] for r in reject_rows(tmp_path / "v000002")}
+    assert dropped == {"u1": "semantic duplicate of 't1' of version v000001 (text cosine 0.99)",
+                       "u3": "semantic duplicate of 'u2' (text cosine 1.0)"}
+    assert summary.semantic_duplicates == {"text": 2}
+    # the earlier version is read, never changed
+    assert {r["sample_key"] for r in reject_rows(tmp_path / "v000001")} == {"t2", "t3", "t6"}
+    assert run_curate_stage(second, cfg, progress=False, earlier=[first]).up_to_date

@@ -115,8 +115,8 @@ def test_near_copies_are_dropped_naming_their_original_with_one_or_two_workers(r
     earliest = {"chessboard-rgb": "chessboard-gray", "motorcycle-right": "motorcycle-left"}
     for copy, original in image_copies.items():
         reason = rejects.pop(copy)
-        kept = earliest.get(original, original)
-        assert reason.startswith(f"near-duplicate of '{kept}' (image phash distance "), reason
+        first = earliest.get(original, original)
+        assert reason.startswith(f"near-duplicate of '{first}' (image phash distance "), reason
         assert int(reason.rsplit(" ", 1)[1].rstrip(")")) <= 6
     for copy, original in text_copies.items():
         assert rejects.pop(copy).startswith(f"near-duplicate of '{original}' (text jaccard 0.")

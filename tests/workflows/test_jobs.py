@@ -42,8 +42,10 @@ def test_run_chains_the_stages_and_skips_what_is_up_to_date(ray_session, tmp_pat
                           (tmp_path / "report.html").as_uri()], capture_output=True, text=True, timeout=120).stdout
     widths = [int(w) for w in re.findall(r'data-loaded="(\d+)"', dom)]
     titles = re.findall(r"<figcaption>([^<]+)</figcaption>", dom)
-    assert len(widths) == len(titles) == 10 and min(widths) > 100, (widths, titles)
+    assert len(widths) == len(titles) == 12 and min(widths) > 100, (widths, titles)
     assert {"Samples per label", "Reject reasons", "Stage throughput", "Text embeddings projected to 2-D",
-            "Training", "label: confusion matrix", "label: ROC curves", "label: modality ablation"} <= set(titles)
+            "Training", "label: confusion matrix", "label: ROC curves", "label: modality ablation",
+            # curation: moon and moon-silent side by side, the similarity histogram with eps drawn
+            "Image near-duplicates", "text: highest within-cluster cosine"} <= set(titles)
     evaluation = json.loads((Path(model).parent / "eval.json").read_text())  # each trained run is evaluated
     assert evaluation["sets"]["val"]["samples"] == first["stages"]["train"]["val_samples"]
