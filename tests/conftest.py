@@ -87,6 +87,27 @@ def trained_mini(embedded_mini, tmp_path_factory) -> Path:
     return run
 
 
+@pytest.fixture(scope="session")
+def exported_mini(trained_mini, tmp_path_factory):
+    """The multi-task mini model exported, and evaluation's scores per (key, task)."""
+    import pyarrow.parquet as pq
+
+    from preprocess.storage import Store
+    from train.config import ExportConfig
+    from train.evaluate import evaluate_run
+    from train.export import export_run
+
+    out = tmp_path_factory.mktemp("model")
+    export_run(Store(str(trained_mini)), Store(str(out)), ExportConfig())
+    evaluate_run(Store(str(trained_mini)))
+    rows = pq.read_table(trained_mini / "eval-predictions.parquet").to_pylist()
+    evaluated = {}
+    for r in rows:
+        if r["set"] == "val":
+            evaluated.setdefault(r["key"], {})[r["task"]] = r["scores"]
+    return out, evaluated
+
+
 def mini_manifest_lines(stop: int | None, start: int = 0) -> list[str]:
     """Rows start..stop-1 of the mini manifest with absolute paths, for manifests written elsewhere
     (whose shard config must then allow MINI: shard.inputs.allow)."""

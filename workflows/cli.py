@@ -84,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--variant", default="fp32", choices=["fp32", "int8", "pruned"])
     predict.add_argument("--out", help="write the JSON lines here instead of stdout")
     _common(predict)
+    serve = sub.add_parser("serve", help="an exported model as an HTTP prediction service (Ray Serve, batched)")
+    serve.add_argument("model", help="an export folder (tessera export)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--replicas", type=int, help="serve.replicas")
+    serve.add_argument("--variant", default="fp32", choices=["fp32", "int8", "pruned"])
+    serve.add_argument("--max-batch-size", type=int, help="serve.max_batch_size")
+    serve.add_argument("--batch-wait-ms", type=float, help="serve.batch_wait_ms")
+    _common(serve)
     return parser
 
 
@@ -102,7 +111,8 @@ def config_from_args(args: argparse.Namespace) -> TesseraConfig:
         args.config = args.config or args.config_file
     for flag, field in (("address", "runtime.address"), ("workers", "runtime.workers"),
                         ("samples_per_shard", "shard.samples_per_shard"), ("seed", "shard.seed"),
-                        ("batch_size", "embed.batch_size")):
+                        ("batch_size", "embed.batch_size"), ("replicas", "serve.replicas"),
+                        ("max_batch_size", "serve.max_batch_size"), ("batch_wait_ms", "serve.batch_wait_ms")):
         value = getattr(args, flag, None)
         if value is not None:
             overrides.append(f"{field}={json.dumps(value)}")
@@ -270,10 +280,23 @@ def cmd_predict(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace, cfg: TesseraConfig) -> int:
+    from train.layout import META
+    from workflows.runtime import start_ray
+    from workflows.serve import run_service
+
+    model = cfg.runtime.store(args.model)
+    if not model.exists(META):
+        raise FileNotFoundError(f"{model.url} is not an export (no {META}): make one with tessera export RUN OUT")
+    start_ray(cfg.runtime)
+    run_service(cfg, model.url, args.variant, args.host, args.port)
+    return 0
+
+
 COMMANDS = {"shard": cmd_shard, "rejects": cmd_rejects, "embed": cmd_embed, "curate": cmd_curate, "train": cmd_train,
             "run": cmd_run,
             "refresh": cmd_refresh, "versions": cmd_versions, "evaluate": cmd_evaluate, "export": cmd_export,
-            "predict": cmd_predict}
+            "predict": cmd_predict, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,6 +43,17 @@ class JobConfig(Strict):
     refresh_identity: Literal["metadata", "content"] = "metadata"
 
 
+class ServeConfig(Strict):
+    """`tessera serve`: replicas and how each batches requests and bounds them."""
+
+    replicas: int = Field(1, gt=0)
+    max_batch_size: int = Field(32, gt=0, description="samples per model call")
+    batch_wait_ms: float = Field(10.0, ge=0, description="how long a batch waits to fill")
+    max_request_bytes: int = Field(64 << 20, gt=0, description="larger bodies: 413, before they are read whole")
+    max_samples_per_request: int = Field(256, gt=0)
+    request_timeout_s: float = Field(30.0, gt=0, description="a request not answered by then: 504")
+
+
 class TesseraConfig(Strict):
     job: JobConfig = JobConfig()
     runtime: RuntimeConfig = RuntimeConfig()
@@ -51,6 +62,7 @@ class TesseraConfig(Strict):
     curate: CurateConfig = CurateConfig()
     train: TrainConfig = TrainConfig()
     export: ExportConfig = ExportConfig()
+    serve: ServeConfig = ServeConfig()
 
 
 class ConfigError(ValueError):

@@ -17,6 +17,7 @@ from features.encoders import VideoFramesEncoder, build_encoders
 from preprocess.config import AugmentConfig, ShardConfig
 from preprocess.manifest import LineReject, ManifestRow, iter_manifest, parse_row
 from preprocess.reject import Reject
+from preprocess.sample import SampleOutput
 from preprocess.shard import fetch_batch, sample_or_reject
 from preprocess.storage import Store
 from train.data import branch_pixels, pack_vectors
@@ -90,32 +91,38 @@ class Predictor:
                 "scores": {t.name: dict(zip(t.labels, scores[t.name][i].tolist(), strict=True))
                            for t in self.tasks if t.kind != "regression"}}
 
+    def prepare(self, row: ManifestRow, raw: dict[str, bytes] | LineReject) -> SampleOutput | LineReject:
+        """A row and its raw bytes (or its read reject) -> the stored sample, or its reject: the
+        decoding, before any model runs."""
+        return raw if isinstance(raw, LineReject) else sample_or_reject(row, raw, self.shard_cfg)
+
+    def score_prepared(self, prepared: list[tuple[ManifestRow, SampleOutput | LineReject]]) -> list[dict]:
+        """One record per prepared sample, in order: the prediction (encoders and the ONNX graph
+        run once over the batch), or the reject with its reason."""
+        outputs = [(i, row, out) for i, (row, out) in enumerate(prepared) if not isinstance(out, LineReject)]
+        results: dict[int, dict] = {i: {"rejected": True, **out.as_record()}
+                                    for i, (_, out) in enumerate(prepared) if isinstance(out, LineReject)}
+        present, failed = self._embed([(row, out) for _, row, out in outputs])
+        if outputs:
+            features, mask = pack_vectors(len(outputs), self.meta["dims"], present)
+            batch = {"features": features, "mask": mask}
+            if self.meta["model"]["image_branch"]:
+                size = self.meta["model"]["image_branch_size"]
+                batch["pixels"] = np.stack([branch_pixels(out.payload("image"), size, self.meta["pixel_mean"],
+                                                          self.meta["pixel_std"]) for _, _, out in outputs])
+            scores = self.score(batch)
+            for n, (i, row, _) in enumerate(outputs):
+                results[i] = ({"rejected": True, **failed[n].as_record()} if n in failed else
+                              {"key": row.source_key, "line": row.line, **self._record(scores, n)})
+        return [results[i] for i in range(len(prepared))]
+
     def predict_rows(self, rows: list[ManifestRow]) -> Iterator[dict]:
-        """One record per row, in order: the prediction, or the reject with its reason."""
+        """One record per row, in order of lines: the prediction, or the reject with its reason."""
         for start in range(0, len(rows), self.batch_size):
-            outputs, results = [], {}
-            for row, raw in fetch_batch(rows[start : start + self.batch_size], self.model,
-                                        self.shard_cfg.max_input_bytes):
-                result = raw if isinstance(raw, LineReject) else sample_or_reject(row, raw, self.shard_cfg)
-                if isinstance(result, LineReject):
-                    results[row.line] = {"rejected": True, **result.as_record()}
-                else:
-                    outputs.append((row, result))
-            present, failed = self._embed(outputs)
-            if outputs:
-                features, mask = pack_vectors(len(outputs), self.meta["dims"], present)
-                batch = {"features": features, "mask": mask}
-                if self.meta["model"]["image_branch"]:
-                    size = self.meta["model"]["image_branch_size"]
-                    batch["pixels"] = np.stack([branch_pixels(out.payload("image"), size, self.meta["pixel_mean"],
-                                                              self.meta["pixel_std"]) for _, out in outputs])
-                scores = self.score(batch)
-                for i, (row, _) in enumerate(outputs):
-                    if i in failed:
-                        results[row.line] = {"rejected": True, **failed[i].as_record()}
-                        continue
-                    results[row.line] = {"key": row.source_key, "line": row.line, **self._record(scores, i)}
-            yield from (results[line] for line in sorted(results))
+            fetched = fetch_batch(rows[start : start + self.batch_size], self.model, self.shard_cfg.max_input_bytes)
+            records = self.score_prepared([(row, self.prepare(row, raw)) for row, raw in fetched])
+            yield from (r for _, r in sorted(zip((row.line for row, _ in fetched), records, strict=True),
+                                             key=lambda pair: pair[0]))
 
 
 def rows_from_files(paths: list[str], cfg: ShardConfig, store: Store) -> tuple[list, list[LineReject]]:

@@ -6,31 +6,11 @@ import shutil
 import subprocess
 import sys
 
-import pyarrow.parquet as pq
-import pytest
-
 from preprocess.config import ShardConfig
 from preprocess.stage import run_shard_stage
 from preprocess.storage import Store
 from tests.conftest import DIRTY, MINI, REPO, mini_manifest_lines, reject_rows
-from train.config import ExportConfig
-from train.evaluate import evaluate_run
-from train.export import export_run
 from workflows.predict import Predictor, predict_inputs
-
-
-@pytest.fixture(scope="module")
-def exported_mini(trained_mini, tmp_path_factory):
-    """The multi-task mini model exported, and evaluation's scores per (key, task)."""
-    out = tmp_path_factory.mktemp("model")
-    export_run(Store(str(trained_mini)), Store(str(out)), ExportConfig())
-    evaluate_run(Store(str(trained_mini)))
-    rows = pq.read_table(trained_mini / "eval-predictions.parquet").to_pylist()
-    evaluated = {}
-    for r in rows:
-        if r["set"] == "val":
-            evaluated.setdefault(r["key"], {})[r["task"]] = r["scores"]
-    return out, evaluated
 
 
 def assert_same_probabilities(records, evaluated, tolerance=1e-4):

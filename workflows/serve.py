@@ -1,0 +1,236 @@
+"""`tessera serve`: an export (`tessera export`) as an HTTP prediction service on Ray Serve.
+
+Each replica loads the export once (`workflows/predict.py:Predictor`, the encoders checked by
+identity, the ONNX graph) and answers over a FastAPI ingress:
+
+    POST /predict   application/json {"samples": [{key, text, image, audio, video}, ...]}
+                    (media as base64; no paths or URLs), or multipart/form-data (one sample:
+                    files image / audio / video, fields text and key); one result per sample
+    GET  /healthz   the process is alive
+    GET  /readyz    the model is loaded and a warm-up batch has run
+    GET  /metrics   Prometheus text of this replica: requests by status, samples, latency,
+                    batch sizes
+    GET  /docs      OpenAPI
+
+A request's samples are decoded and checked in a thread of the replica (the shard stage's
+own per-sample code: a bad sample gets the reason its reject line would give) — outside the
+model call — and then go one by one to a `serve.batch` method that runs the encoders and the
+ONNX head over whatever samples of any requests arrived together (up to max_batch_size, or
+after batch_wait_ms). The body is read up to serve.max_request_bytes and refused beyond it
+(413) before it is read whole."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+from ray import serve
+
+from preprocess.manifest import FILE_FIELDS, LineReject, parse_row
+from preprocess.reject import Reject
+from preprocess.storage import Store
+
+log = logging.getLogger(__name__)
+
+MEDIA = {field: modality for field, modality in FILE_FIELDS.items() if field in ("image", "audio", "video")}
+
+
+class SampleIn(BaseModel):
+    """One sample, as a manifest row names it, its media inline (base64)."""
+
+    model_config = ConfigDict(extra="forbid")
+    key: str | None = None
+    text: str | None = None
+    image: str | None = None
+    audio: str | None = None
+    video: str | None = None
+
+
+class PredictIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    samples: list[SampleIn]
+
+
+PREDICT_IN = TypeAdapter(PredictIn)
+app = FastAPI(title="tessera", description="predictions of a tessera export")
+
+
+class TooLarge(Exception):
+    pass
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    """The request body, refused (TooLarge) as soon as it is known to exceed LIMIT bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise TooLarge(f"the body is {declared} bytes, over serve.max_request_bytes ({limit})")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"the body is over serve.max_request_bytes ({limit})")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _error(status: int, detail) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=256)
+@serve.ingress(app)
+class PredictionService:
+    def __init__(self, model_url: str, storage_options: dict, variant: str, settings: dict):
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        from workflows.predict import Predictor
+
+        self.settings = settings
+        self.predictor = Predictor(Store(model_url, storage_options), variant)
+        meta = self.predictor.meta
+        self.identity = {"export": model_url, "variant": variant, "checkpoint": meta.get("checkpoint"),
+                         "tasks": [t.name for t in self.predictor.tasks], "dims": meta["dims"]}
+        self.score_batch.set_max_batch_size(settings["max_batch_size"])
+        self.score_batch.set_batch_wait_timeout_s(settings["batch_wait_ms"] / 1000)
+        self.registry = CollectorRegistry()
+        self.requests = Counter("tessera_requests", "HTTP requests by status", ["status"], registry=self.registry)
+        self.samples = Counter("tessera_samples", "samples answered, by outcome", ["outcome"], registry=self.registry)
+        self.latency = Histogram("tessera_request_seconds", "request latency", registry=self.registry,
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.batches = Histogram("tessera_batch_size", "samples per model call", registry=self.registry,
+                                 buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        # warm-up: one text sample through the whole path before /readyz says yes
+        row = parse_row({"key": "warm-up", "text": "warm up"}, 1, "/", self.predictor.shard_cfg)
+        self.predictor.score_prepared([(row, self.predictor.prepare(row, {}))])
+        self.ready = True
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def score_batch(self, prepared: list) -> list[dict]:
+        self.batches.observe(len(prepared))
+        return await asyncio.to_thread(self.predictor.score_prepared, prepared)
+
+    def _prepared(self, samples: list[SampleIn]) -> list:
+        """(row, stored sample or reject) per sample: decoding and checks, no model."""
+        out = []
+        for line, sample in enumerate(samples, start=1):
+            fields = sample.model_dump(exclude_none=True)
+            row = raw = None
+            try:
+                raw = {}
+                for field, modality in MEDIA.items():
+                    if field in fields:
+                        try:
+                            raw[modality] = base64.b64decode(fields[field], validate=True)
+                        except (binascii.Error, ValueError):
+                            raise Reject(modality, f"{field} is not valid base64") from None
+                        if not raw[modality]:
+                            raise Reject(modality, "empty file")
+                        fields[field] = f"/request/{field}"  # the bytes are in the request
+                fields.setdefault("key", str(line))
+                row = parse_row(fields, line, "/", self.predictor.shard_cfg)
+                out.append((row, self.predictor.prepare(row, raw)))
+            except Reject as r:
+                out.append((None, LineReject(line, fields.get("key"), r.modality, r.reason)))
+        return out
+
+    async def _answer(self, samples: list[SampleIn]) -> JSONResponse:
+        if len(samples) > self.settings["max_samples_per_request"]:
+            return _error(413, f"{len(samples)} samples, over serve.max_samples_per_request "
+                               f"({self.settings['max_samples_per_request']})")
+        prepared = await asyncio.to_thread(self._prepared, samples)
+        results = await asyncio.wait_for(
+            asyncio.gather(*(self.score_batch(p) for p in prepared)), self.settings["request_timeout_s"])
+        answered = []
+        for record in results:
+            if record.get("rejected"):
+                self.samples.labels("rejected").inc()
+                answered.append({"key": record["key"], "error": record["reason"]})
+            else:
+                self.samples.labels("predicted").inc()
+                answered.append({"key": record["key"], "predictions": record["predictions"],
+                                 "scores": record["scores"]})
+        return JSONResponse({"model": self.identity, "results": answered})
+
+    @app.post("/predict")
+    async def predict(self, request: Request):
+        started = time.perf_counter()
+        response = await self._predict(request)
+        self.requests.labels(str(response.status_code)).inc()
+        self.latency.observe(time.perf_counter() - started)
+        return response
+
+    async def _predict(self, request: Request):
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind not in ("application/json", "multipart/form-data"):
+            return _error(415, f"unsupported content type {kind or '(none)'!r}: application/json or "
+                               "multipart/form-data")
+        try:
+            body = await _body(request, self.settings["max_request_bytes"])
+        except TooLarge as e:
+            return _error(413, str(e))
+        try:
+            if kind == "application/json":
+                samples = PREDICT_IN.validate_json(body).samples
+            else:
+                samples = [await self._form_sample(request, body)]
+        except ValidationError as e:
+            return _error(422, json.loads(e.json(include_url=False)))
+        try:
+            return await self._answer(samples)
+        except TimeoutError:
+            return _error(504, f"not answered within serve.request_timeout_s ({self.settings['request_timeout_s']} s)")
+
+    async def _form_sample(self, request: Request, body: bytes) -> SampleIn:
+        async def replay():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        form = await Request(request.scope, replay).form(max_part_size=self.settings["max_request_bytes"])
+        fields = {}
+        for name, value in form.multi_items():
+            if name in MEDIA:
+                value = base64.b64encode(await value.read()).decode() if hasattr(value, "read") else value
+            fields[name] = value
+        return SampleIn.model_validate(fields)
+
+    @app.get("/healthz")
+    async def healthz(self):
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    async def readyz(self):
+        return {"status": "ready"} if self.ready else _error(503, "loading")
+
+    @app.get("/metrics")
+    async def metrics(self):
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return PlainTextResponse(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def run_service(cfg, model: str, variant: str, host: str, port: int) -> None:
+    """Deploy MODEL (an export URL) with CFG.serve's settings on the running Ray and serve on
+    HOST:PORT until SIGINT / SIGTERM; then shut down, letting in-flight requests finish."""
+    import signal
+    import threading
+
+    settings = cfg.serve.model_dump()
+    serve.start(http_options={"host": host, "port": port})
+    deployment = PredictionService.options(num_replicas=cfg.serve.replicas,
+                                           max_ongoing_requests=max(256, 2 * cfg.serve.max_batch_size))
+    serve.run(deployment.bind(model, cfg.runtime.storage_options, variant, settings), name="tessera",
+              route_prefix="/")
+    log.info("serving %s (%s) at http://%s:%d (%d replicas)", model, variant, host, port, cfg.serve.replicas)
+    print(json.dumps({"url": f"http://{host}:{port}", "replicas": cfg.serve.replicas, "variant": variant}),
+          flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    serve.shutdown()
