@@ -63,9 +63,11 @@ def _sample_frames(container: av.container.InputContainer, cfg: VideoConfig) -> 
         raise Reject("video", f"video is {seconds:.2f} s, under shard.video.min_seconds {cfg.min_seconds}")
     if stream.frames > cfg.max_frames:
         raise Reject("video", f"video has {stream.frames} frames, over {cfg.max_frames}")
-    # slice threads only: frame threading changes when frames come out of the decoder, and
-    # byte-identical MP4 members across runs are the goal (one CI run once saw them differ)
+    # one decoder thread: frame threading changes when frames come out of the decoder, and
+    # byte-identical MP4 members across runs are the goal (CI runs saw them differ, with frame
+    # threads and again, under heavy load, with slice threads)
     stream.thread_type = "SLICE"
+    stream.codec_context.thread_count = 1
     targets = [i / cfg.fps for i in range(cfg.frames)]
     picked: list[np.ndarray] = []
     started = time.monotonic()
