@@ -107,19 +107,18 @@ def datasketch_loop(texts: list[str]) -> tuple[float, int]:
     bands, rows = lsh_bands(cfg.threshold, cfg.num_perm, None)
     started = time.perf_counter()
     lsh = MinHashLSH(num_perm=cfg.num_perm, params=(bands, rows))
+    signatures: dict[int, MinHash] = {}
     found = 0
     for i, text in enumerate(texts):
         m = MinHash(num_perm=cfg.num_perm)
         m.update_batch([s.encode() for s in shingles(text, cfg.shingle_chars)])
-        if any(lsh_candidate.jaccard(m) >= cfg.threshold for lsh_candidate in
-               (signatures[j] for j in lsh.query(m))):
+        if any(signatures[j].jaccard(m) >= cfg.threshold for j in lsh.query(m)):
             found += 1
         lsh.insert(i, m)
         signatures[i] = m
     return time.perf_counter() - started, found
 
 
-signatures: dict = {}
 
 
 def synthetic_sidecar(args: tuple[str, str, int]) -> None:
