@@ -34,6 +34,21 @@ from train.stage import run_train_stage  # noqa: E402
 from workflows.predict import Predictor, predict_inputs  # noqa: E402
 
 
+def mini_export(scratch: Path, model: Path, cfg: ExportConfig) -> dict:
+    """A model trained on the mini corpus (shard, embed with the default encoders, 2 Ray Train
+    workers on a local Ray, shut down after) exported to MODEL; export.json's content."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    shards, run = scratch / "shards", scratch / "run"
+    run_shard_stage(str(MINI / "manifest.jsonl"), Store(str(shards)), ShardConfig(labels=LABELS), progress=False)
+    run_embed_stage(Store(str(shards)), EmbedConfig(), progress=False)
+    run_train_stage(Store(str(shards)), Store(str(run)), TrainConfig(epochs=8, micro_batch_size=4, loader_workers=0))
+    exported = export_run(Store(str(run)), Store(str(model)), cfg)
+    ray.shutdown()  # what runs next measures this machine's cores: Ray's workers would compete for them
+    return exported
+
+
 def timed_pass(model: Path, variant: str, manifest: Path) -> dict:
     predictor = Predictor(Store(str(model)), variant)
     score, model_seconds = predictor.score, [0.0]
@@ -58,18 +73,10 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "tessera-bench-predict")
     args = ap.parse_args()
-    import ray
-
     manifest, _ = ensure_corpus(args.data, args.n)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
-        shards, run, model = Path(tmp) / "shards", Path(tmp) / "run", Path(tmp) / "model"
-        run_shard_stage(str(MINI / "manifest.jsonl"), Store(str(shards)), ShardConfig(labels=LABELS), progress=False)
-        run_embed_stage(Store(str(shards)), EmbedConfig(), progress=False)
-        run_train_stage(Store(str(shards)), Store(str(run)),
-                        TrainConfig(epochs=8, micro_batch_size=4, loader_workers=0))
-        exported = export_run(Store(str(run)), Store(str(model)), ExportConfig())
-        ray.shutdown()  # predict is one local process; Ray's workers would only compete for the cores
+        model = Path(tmp) / "model"
+        exported = mini_export(Path(tmp), model, ExportConfig())
         timed_pass(model, "fp32", manifest)  # warm-up
         results = {variant: timed_pass(model, variant, manifest) for variant in ("fp32", "int8")}
     fp32, int8 = results["fp32"], results["int8"]

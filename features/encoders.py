@@ -1,13 +1,14 @@
 """Per-modality encoders: a stable identity, load once, prepare one payload, embed a batch.
 
-`prepare` turns a shard member's bytes into model input (CPU, runs in the prefetch thread);
-`embed` runs the model on a batch. A registry maps config `kind` to the class."""
+`prepare` turns a shard member's bytes into model input (CPU, runs in the prefetch thread;
+features/prepare.py, shared with the ONNX bundle); `embed` runs the model on a batch;
+`export_onnx` writes the model as the bundle's graph (`tessera export --bundle`). A registry
+maps config `kind` to the class."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import logging
 from abc import ABC, abstractmethod
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from features.config import AudioEncoderConfig, EmbedConfig, ImageEncoderConfig, ModelConfig, TextEncoderConfig
-from preprocess.video import decode_frames
+from features.prepare import audio_input, by_length, image_input, per_clip, text_input, video_input
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,21 @@ class Encoder(ABC):
     def dim(self) -> int:
         """Width of a vector, known from the configuration before the weights are loaded."""
 
+    @abstractmethod
+    def graph(self) -> tuple[torch.nn.Module, dict[str, torch.Tensor], dict[str, dict[int, str]]]:
+        """The loaded model as one module from prepared arrays to vectors: (module, example
+        inputs by name, the dynamic dimensions of each input by name)."""
+
+    def export_onnx(self, path: Path) -> None:
+        """The graph as ONNX (torch.export), its output named `vectors`."""
+        module, inputs, dynamic = self.graph()
+        dims = {name: torch.export.Dim(name) for per_input in dynamic.values() for name in per_input.values()}
+        program = torch.onnx.export(module.eval(), tuple(inputs.values()), dynamo=True, verbose=False,
+                                    input_names=list(inputs), output_names=["vectors"],
+                                    dynamic_shapes={n: {axis: dims[d] for axis, d in dynamic.get(n, {}).items()}
+                                                    for n in inputs})
+        program.save(str(path))
+
 
 class TextEncoder(Encoder):
     kind = "sentence-transformers"
@@ -165,7 +181,7 @@ class TextEncoder(Encoder):
         return model
 
     def prepare(self, payload: bytes) -> str:
-        return payload.decode("utf-8")
+        return text_input(payload)
 
     def embed(self, items: list[str]) -> np.ndarray:
         with self._autocast():
@@ -176,6 +192,11 @@ class TextEncoder(Encoder):
     @property
     def dim(self) -> int:
         return sentence_transformer_width(self.folder())
+
+    def graph(self):
+        tokens = self.model.tokenizer(["a sentence", "another longer sentence"], padding=True, return_tensors="pt")
+        inputs = {name: tokens[name] for name in TOKEN_INPUTS}
+        return _SentenceVectors(self.model), inputs, dict.fromkeys(TOKEN_INPUTS, {0: "batch", 1: "tokens"})
 
 
 class ClipImageEncoder(Encoder):
@@ -194,20 +215,8 @@ class ClipImageEncoder(Encoder):
         torch.manual_seed(self.cfg.seed)
         return CLIPVisionModelWithProjection(CLIPVisionConfig(**(self.cfg.architecture or TINY_CLIP)))
 
-    def pixels(self, rgb: np.ndarray) -> np.ndarray:
-        """HxWx3 uint8 -> 3xSxS float32, resized and normalized as the model expects."""
-        from PIL import Image
-
-        size = self.cfg.image_size
-        if rgb.shape[:2] != (size, size):
-            rgb = np.asarray(Image.fromarray(rgb).resize((size, size), Image.BICUBIC))
-        x = (rgb.astype(np.float32) / 255.0 - np.float32(self.cfg.mean)) / np.float32(self.cfg.std)
-        return np.ascontiguousarray(x.transpose(2, 0, 1))
-
     def prepare(self, payload: bytes) -> np.ndarray:
-        from PIL import Image
-
-        return self.pixels(np.asarray(Image.open(io.BytesIO(payload)).convert("RGB")))
+        return image_input(payload, self.cfg)
 
     @torch.inference_mode()
     def embed(self, items: list[np.ndarray]) -> np.ndarray:
@@ -215,6 +224,10 @@ class ClipImageEncoder(Encoder):
         with self._autocast():
             out = self.model(pixel_values=batch).image_embeds
         return out.float().cpu().numpy()
+
+    def graph(self):
+        size = self.cfg.image_size
+        return _ImageVectors(self.model), {"pixels": torch.zeros(2, 3, size, size)}, {"pixels": {0: "batch"}}
 
     @property
     def dim(self) -> int:
@@ -245,36 +258,17 @@ class Wav2Vec2AudioEncoder(Encoder):
         return Wav2Vec2Model(Wav2Vec2Config(**(self.cfg.architecture or TINY_WAV2VEC2)))
 
     def prepare(self, payload: bytes) -> tuple[np.ndarray, int]:
-        """(zero-padded normalized samples, number of real samples)."""
-        import soundfile as sf
-        import soxr
-
-        samples, rate = sf.read(io.BytesIO(payload), dtype="float32", always_2d=True)
-        samples = samples.mean(axis=1)
-        if rate != self.cfg.sample_rate:
-            samples = soxr.resample(samples, rate, self.cfg.sample_rate)
-        samples = samples[: int(self.cfg.max_seconds * self.cfg.sample_rate)]
-        # zero mean, unit variance: what Wav2Vec2FeatureExtractor does before the model
-        samples = (samples - samples.mean()) / np.sqrt(samples.var() + 1e-7)
-        bucket = int(self.cfg.bucket_seconds * self.cfg.sample_rate)
-        padded = np.zeros(max(1, -(-len(samples) // bucket)) * bucket, np.float32)
-        padded[: len(samples)] = samples
-        return padded, len(samples)
+        return audio_input(payload, self.cfg)
 
     @torch.inference_mode()
     def embed(self, items: list[tuple[np.ndarray, int]]) -> np.ndarray:
         out = np.zeros((len(items), self.dim), np.float32)
-        by_length: dict[int, list[int]] = {}
-        for i, (padded, _) in enumerate(items):
-            by_length.setdefault(len(padded), []).append(i)
-        for rows in by_length.values():
+        pooled = _MeanPooledAudio(self.model)
+        for rows in by_length(items):
             batch = torch.from_numpy(np.stack([items[i][0] for i in rows])).to(self.device)
-            lengths = torch.tensor([items[i][1] for i in rows])
+            lengths = torch.tensor([items[i][1] for i in rows], device=self.device)
             with self._autocast():
-                hidden = self.model(batch).last_hidden_state.float()
-            frames = self.model._get_feat_extract_output_lengths(lengths).clamp(min=1).to(self.device)
-            valid = (torch.arange(hidden.shape[1], device=self.device)[None, :] < frames[:, None]).unsqueeze(-1)
-            out[rows] = ((hidden * valid).sum(1) / frames[:, None]).cpu().numpy()
+                out[rows] = pooled(batch, lengths).float().cpu().numpy()
         return out
 
     @property
@@ -285,6 +279,49 @@ class Wav2Vec2AudioEncoder(Encoder):
         if folder is None:
             return Wav2Vec2Config(**(self.cfg.architecture or TINY_WAV2VEC2)).hidden_size
         return json.loads((folder / "config.json").read_text())["hidden_size"]
+
+    def graph(self):
+        samples = int(self.cfg.bucket_seconds * self.cfg.sample_rate)
+        inputs = {"samples": torch.zeros(2, 2 * samples), "lengths": torch.tensor([2 * samples, samples])}
+        return _MeanPooledAudio(self.model), inputs, {"samples": {0: "batch", 1: "samples"}, "lengths": {0: "batch"}}
+
+
+TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class _SentenceVectors(torch.nn.Module):
+    """A sentence-transformers model (transformer, pooling, normalization) from token arrays."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        return self.model({"input_ids": input_ids, "attention_mask": attention_mask,
+                           "token_type_ids": token_type_ids})["sentence_embedding"]
+
+
+class _ImageVectors(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels):
+        return self.model(pixel_values=pixels).image_embeds
+
+
+class _MeanPooledAudio(torch.nn.Module):
+    """wav2vec2's hidden states averaged over the frames of each clip's real samples."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, samples, lengths):
+        hidden = self.model(samples).last_hidden_state.float()
+        frames = self.model._get_feat_extract_output_lengths(lengths).clamp(min=1)
+        valid = (torch.arange(hidden.shape[1], device=hidden.device)[None, :] < frames[:, None]).unsqueeze(-1)
+        return (hidden * valid).sum(1) / frames[:, None]
 
 
 class VideoFramesEncoder:
@@ -303,17 +340,10 @@ class VideoFramesEncoder:
             self.image.load(device, precision)
 
     def prepare(self, payload: bytes) -> np.ndarray:
-        return np.stack([self.image.pixels(frame) for frame in decode_frames(payload)])
-
-    @staticmethod
-    def pooled(frames: np.ndarray, dim: int) -> np.ndarray:
-        """A clip's vector: the mean of its frames' vectors (cached flat, T x D)."""
-        return frames.reshape(-1, dim).mean(0)
+        return video_input(payload, self.image.cfg)
 
     def embed(self, items: list[np.ndarray]) -> np.ndarray:
-        per_frame = self.image.embed([frame for clip in items for frame in clip])
-        counts = [len(clip) for clip in items]
-        return np.stack([v.reshape(-1) for v in np.split(per_frame, np.cumsum(counts)[:-1])])
+        return np.stack(per_clip(self.image.embed([frame for clip in items for frame in clip]), items))
 
     @property
     def dim(self) -> int:

@@ -15,7 +15,14 @@ and what curation (`tessera curate`, features/curate.py) leaves there:
     SHARDS/curate/outliers.parquet   samples far from their cluster: key, modality, score
     SHARDS/curate/summary.json       CurateSummary, written last
     SHARDS/curate/clusters/, pairs/  while it runs: vectors by cluster, the pairs found
-    SHARDS/curate/superseded.parquet while it runs over refresh versions: keys later ones replaced"""
+    SHARDS/curate/superseded.parquet while it runs over refresh versions: keys later ones replaced
+
+and the encoders as an all-ONNX bundle (`tessera export --bundle`, in EXPORT/encoders/):
+
+    bundle.json                      per modality: the torch encoder's identity, width, config
+                                     (its preparation) and graph; the graphs' files and bytes
+    text.onnx, text-int8.onnx, ...   one graph per encoder (video runs image's), fp32 and int8
+    tokenizer.json                   the text model's tokenizer"""
 
 from __future__ import annotations
 
@@ -42,6 +49,14 @@ CURATE_SUPERSEDED = f"{CURATE}/superseded.parquet"  # while it runs over version
 # failed) has its digest prefixed INCOMPLETE, so it is never current, and lists them in MISSING
 DIGEST, ENCODERS, DIMS, MISSING = "tessera.digest", "tessera.encoders", "tessera.dims", "tessera.missing"
 INCOMPLETE = "incomplete:"
+
+BUNDLE_META, TOKENIZER = "bundle.json", "tokenizer.json"
+BUNDLE_VARIANTS = ("fp32", "int8")
+
+
+def encoder_onnx(graph: str, variant: str) -> str:
+    """A bundle graph's file: text.onnx, text-int8.onnx, ..."""
+    return f"{graph}.onnx" if variant == "fp32" else f"{graph}-{variant}.onnx"
 
 
 def sidecar_name(shard: str) -> str:

@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from features.config import EmbedConfig
-from features.encoders import VideoFramesEncoder
 from features.layout import DIGEST, DIMS, ENCODERS, INCOMPLETE, MISSING, sidecar_digest, sidecar_name
+from features.prepare import pooled_frames
 from preprocess.layout import SHARD_KEPT, read_index_part
 from preprocess.storage import Store
 
@@ -86,7 +86,7 @@ def write_sidecar(shards: Store, shard: str, rows: ShardRows, vectors: dict[str,
         missing[modality] = len(lacking[modality])
         if modality == "video":
             frames = [None if v is None else v.reshape(-1, dim) for v in per_sample]
-            columns["video"] = _vector_column([None if f is None else VideoFramesEncoder.pooled(f, dim)
+            columns["video"] = _vector_column([None if f is None else pooled_frames(f, dim)
                                                for f in frames], dim, cfg.dtype)
             if cfg.video.keep_frames:
                 columns["video_frames"] = pa.array(

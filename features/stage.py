@@ -248,8 +248,8 @@ def _embed(shards: Store, cfg: EmbedConfig, cache: Store, progress: bool, fence:
     caches = {m: EmbeddingCache(cache, plan.identities[m]) for m in plan.identities}
     cache_rows = dict(zip(caches, work.get_all([_maintain_task.remote(c) for c in caches.values()]), strict=True)) \
         if tally.total("computed") else None
-    for c in tally.counts.values():
-        c["cache_hits"] = c["samples"] - c["computed"]
+    for modality, c in tally.counts.items():  # of the samples whose sidecar was (re)written; current ones read none
+        c["cache_hits"] = sum(s["samples"].get(modality, 0) for s in plan.stale) - c["computed"]
     written = len(plan.stale) if plan.identities else 0
     summary = EmbedSummary(
         samples=sum(s["rows"] for s in plan.states),
@@ -276,8 +276,9 @@ def _embed(shards: Store, cfg: EmbedConfig, cache: Store, progress: bool, fence:
     )
     fence.check(EmbedSummary.FILE)
     summary.write(shards)
-    log.info("embedded %d shards: %d computed, %d cache hits, %d sidecars written, in %.1f s", len(plan.names),
-             summary.computed, summary.cache_hits, written, summary.seconds)
+    log.info("embedded %d shards: %d vectors computed, %d vectors from the cache, %d sidecars written "
+             "(%d up to date), in %.1f s", len(plan.names), summary.computed, summary.cache_hits, written,
+             summary.sidecars_up_to_date, summary.seconds)
     limit = cfg.max_errors if cfg.max_errors is None or cfg.max_errors >= 1 else cfg.max_errors * summary.samples
     if limit is not None and summary.errors > limit:
         raise StageFailed(f"embed: {summary.errors} vectors could not be computed (embed.max_errors {cfg.max_errors}"

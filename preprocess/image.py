@@ -26,22 +26,31 @@ class ImageResult:
     phash: int | None = None  # of the upright image before resizing (near dedup), when asked for
 
 
+def _undecodable(error: Exception) -> Reject:
+    """Pillow's error on bytes it could not read as the image reject a person reads."""
+    if "truncated" in str(error).lower():
+        return Reject("image", "image truncated")
+    return Reject("image", f"image cannot be decoded: {error}")
+
+
 def open_image(data: bytes, cfg: ImageConfig) -> Image.Image:
     """Open and check format and pixel count; nothing is decoded yet."""
     if not data:
         raise Reject("image", "empty file")
     try:
         img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:
-        raise Reject("image", f"decompression bomb: {e}") from None
+    except Image.DecompressionBombError:  # over Pillow's own ceiling (2 x MAX_IMAGE_PIXELS), ours is lower
+        raise Reject("image", f"decompression bomb: over shard.image.max_pixels ({cfg.max_pixels})") from None
     except UnidentifiedImageError:
         raise Reject("image", "not an image (unrecognised format)") from None
+    except (OSError, SyntaxError, ValueError) as e:  # a header cut short or broken (a PNG's chunks)
+        raise _undecodable(e) from None
     if img.format not in cfg.formats:
         raise Reject("image", f"format {img.format} not in the allowed formats {list(cfg.formats)}")
     w, h = img.size
     if w * h > cfg.max_pixels:
-        raise Reject("image", f"decompression bomb: {w}x{h} = {w * h / 1e9:.2f} gigapixels "
-                              f"> limit {cfg.max_pixels}")
+        raise Reject("image", f"decompression bomb: {w}x{h} = {w * h / 1e9:.2f} gigapixels, over "
+                              f"shard.image.max_pixels ({cfg.max_pixels})")
     return img
 
 
@@ -70,7 +79,10 @@ def decode_image(
     JPEGs are DCT-downscaled while decoding when the target size allows."""
     img = open_image(data, cfg)
     source_size = img.size
-    orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+    try:
+        orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise _undecodable(e) from None
     if orientation in TRANSPOSING_ORIENTATIONS:
         source_size = source_size[::-1]
     if min(source_size) < cfg.min_side:
@@ -86,11 +98,10 @@ def decode_image(
         img.load()
         if orientation != 1:
             ImageOps.exif_transpose(img, in_place=True)
-    except Image.DecompressionBombError as e:
-        raise Reject("image", f"decompression bomb: {e}") from None
+    except Image.DecompressionBombError:
+        raise Reject("image", f"decompression bomb: over shard.image.max_pixels ({cfg.max_pixels})") from None
     except (OSError, SyntaxError, ValueError) as e:
-        reason = "image truncated" if "truncated" in str(e) else f"image cannot be decoded: {e}"
-        raise Reject("image", reason) from None
+        raise _undecodable(e) from None
     return to_rgb8(img, cfg.background), source_size
 
 

@@ -170,30 +170,34 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def claim_output(out: Store, cfg: ShardConfig, source: ManifestSource) -> None:
-    """Record the config and the manifest in OUT, or refuse when OUT holds shards written
-    with another config or from another manifest."""
-    current = cfg.model_dump(mode="json")
+def check_output(out: Store, cfg: ShardConfig, source: ManifestSource) -> None:
+    """Refuse (OutputConflict) when OUT holds shards written with another config or from
+    another manifest. Reads only: a command runs it before it starts Ray."""
     if out.exists(SHARD_CONFIG):
         previous = out.read_json(SHARD_CONFIG)
         if previous["config_digest"] != cfg.digest():
-            old, new = _flatten(previous["config"]), _flatten(current)
+            old, new = _flatten(previous["config"]), _flatten(cfg.model_dump(mode="json"))
             changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
             raise OutputConflict(f"{out.url} was written with another shard config (fields changed: "
                                  f"{', '.join(changed)}); write to a new output, or delete it first")
-    else:
-        out.makedirs()
-        out.write_json(SHARD_CONFIG, {"config_digest": cfg.digest(), "config": current})
     recorded = out.read_json(MANIFEST_SOURCE) if out.exists(MANIFEST_SOURCE) else None
-    if recorded is not None and recorded["fingerprint"] == source.fingerprint:
-        return
-    if recorded is not None and committed_shards(out):
+    if recorded is not None and recorded["fingerprint"] != source.fingerprint and committed_shards(out):
         old = {f["name"]: (f["size"], f["tag"]) for f in recorded["files"]}
         new = {f.name: (f.size, f.tag) for f in source.files}
         changed = sorted(name for name in old.keys() | new.keys() if old.get(name) != new.get(name))
         raise OutputConflict(f"{out.url} holds shards of other inputs than this manifest (files added, removed or "
                              f"changed: {', '.join(changed)}); write to a new output, or delete it first")
-    out.write_json(MANIFEST_SOURCE, source.describe())
+
+
+def claim_output(out: Store, cfg: ShardConfig, source: ManifestSource) -> None:
+    """Record the config and the manifest in OUT, or refuse (check_output)."""
+    check_output(out, cfg, source)
+    if not out.exists(SHARD_CONFIG):
+        out.makedirs()
+        out.write_json(SHARD_CONFIG, {"config_digest": cfg.digest(), "config": cfg.model_dump(mode="json")})
+    recorded = out.read_json(MANIFEST_SOURCE) if out.exists(MANIFEST_SOURCE) else None
+    if recorded is None or recorded["fingerprint"] != source.fingerprint:
+        out.write_json(MANIFEST_SOURCE, source.describe())
 
 
 @dataclass(frozen=True)

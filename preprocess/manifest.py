@@ -167,8 +167,10 @@ def read_chunk(chunk: Chunk) -> Iterator[tuple[int, dict | str]]:
 def parse_json_line(raw: bytes) -> dict | str:
     try:
         obj = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        return f"manifest line is not valid JSON: {e}"
+    except json.JSONDecodeError as e:  # e.msg without "line 1 column 5 (char 4)": the reject has the line
+        return f"manifest line is not valid JSON: {e.msg} at character {e.pos + 1}"
+    except UnicodeDecodeError as e:
+        return f"manifest line is not valid JSON: not UTF-8 ({e.reason} at byte {e.start + 1})"
     return obj if isinstance(obj, dict) else f"manifest line is a {type(obj).__name__}, not an object"
 
 

@@ -14,7 +14,6 @@ from collections import Counter
 from dataclasses import dataclass
 
 import pyarrow as pa
-import webdataset as wds
 
 from preprocess.config import MODALITIES, ShardConfig
 from preprocess.layout import INDEX_SCHEMA, REJECT_SCHEMA, index_part, rejects_part, shard_stem
@@ -179,6 +178,8 @@ def write_shard(plan: ShardPlan, cfg: ShardConfig, out: Store, fence: Fence) -> 
     """Process a planned shard and commit it: the tar (written whole, then committed), then its
     index and rejects parts, then — while FENCE's lease still holds — the JSON marker (counts,
     statistics). The inputs are read through the manifest file's store."""
+    import webdataset as wds  # here: it imports torch, which `tessera predict --bundle` does without
+
     tar_name = plan.name + ".tar"
     inputs = plan.chunk.file.store
     stats = DatasetStats()
@@ -211,6 +212,7 @@ def write_shard(plan: ShardPlan, cfg: ShardConfig, out: Store, fence: Fence) -> 
     }
     fence.check(f"the marker of {plan.name}")
     out.write_json(plan.name + ".json", marker)
+    log.info("%s committed: %d written, %d rejected, %d bytes", tar_name, len(index), len(rejects), marker["bytes"])
     return marker
 
 

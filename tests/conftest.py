@@ -89,7 +89,7 @@ def trained_mini(embedded_mini, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def exported_mini(trained_mini, tmp_path_factory):
-    """The multi-task mini model exported, and evaluation's scores per (key, task)."""
+    """The multi-task mini model exported (with the encoder bundle), and evaluation's scores per (key, task)."""
     import pyarrow.parquet as pq
 
     from preprocess.storage import Store
@@ -98,7 +98,7 @@ def exported_mini(trained_mini, tmp_path_factory):
     from train.export import export_run
 
     out = tmp_path_factory.mktemp("model")
-    export_run(Store(str(trained_mini)), Store(str(out)), ExportConfig())
+    export_run(Store(str(trained_mini)), Store(str(out)), ExportConfig(bundle=True))
     evaluate_run(Store(str(trained_mini)))
     rows = pq.read_table(trained_mini / "eval-predictions.parquet").to_pylist()
     evaluated = {}
@@ -135,6 +135,18 @@ def reject_rows(out) -> list[dict]:
     from preprocess.storage import Store
 
     return [r for batch in reject_batches(Store(str(out))) for r in batch.to_pylist()]
+
+
+def terminated(proc) -> None:
+    """SIGTERM a server process and wait for it to end (killed after 90 s)."""
+    import signal
+    import subprocess
+
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def free_port() -> int:

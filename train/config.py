@@ -80,7 +80,7 @@ class TrainConfig(Strict):
     init_from: str | None = None
     # A trained run (the teacher): this run trains a student (its own `model` settings) on
     # the teacher's outputs, computed on the fly from the same batches by the frozen teacher
-    # on every rank, and the hard targets (train/tasks.py: TaskLoss).
+    # on every rank, and the hard targets (train/losses.py: TaskLoss).
     distill_from: str | None = None
     distill: DistillConfig = DistillConfig()
 
@@ -113,3 +113,6 @@ class ExportConfig(Strict):
     accuracy_tolerance: float = Field(0.05, ge=0, le=1, description="a variant's validation accuracy may be "
                                       "this much below fp32's and still pass")
     batch_size: int = Field(256, gt=0)
+    bundle: bool = Field(False, description="also the encoders as ONNX (fp32, and int8 with int8): an all-ONNX "
+                         "bundle that `tessera predict --bundle` / `serve --bundle` run without torch")
+    bundle_samples: int = Field(128, gt=0, description="validation samples the bundle is compared with torch on")

@@ -15,7 +15,6 @@ position is (epoch, batches consumed by the rank); resuming skips exactly those 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import tempfile
@@ -43,6 +42,7 @@ from preprocess.layout import (
 from preprocess.storage import Store
 from preprocess.versions import CHANGES, REMOVED, superseded_keys, superseded_written_for, write_superseded
 from train.config import TaskConfig
+from train.inputs import branch_pixels, pack_vectors
 from train.tasks import LABEL, Task, pack_targets
 
 SPLITS = ("train", "val")
@@ -53,34 +53,6 @@ def split_of(key: str, val_fraction: float) -> str:
     """'val' for a stable share of keys by hash, so the split never moves between runs."""
     bucket = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 2**32
     return "val" if bucket < val_fraction else "train"
-
-
-def pack_vectors(n: int, dims: dict[str, int],
-                 present: dict[str, tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """The model's packed input: features [n, sum(dims)] (the modalities side by side, zeros
-    where absent) and mask [n, modalities]; present[m] = (which rows have m, their vectors)."""
-    features = np.zeros((n, sum(dims.values())), np.float32)
-    mask = np.zeros((n, len(dims)), np.float32)
-    offset = 0
-    for j, (modality, dim) in enumerate(dims.items()):
-        if modality in present:
-            rows, values = present[modality]
-            features[rows, offset : offset + dim] = values
-            mask[rows, j] = 1.0
-        offset += dim
-    return features, mask
-
-
-def branch_pixels(data: bytes | None, size: int, mean, std) -> np.ndarray:
-    """A stored image as the image branch's input: 3 x size x size, normalized with the
-    training data's statistics (zeros when the sample has no image)."""
-    from PIL import Image
-
-    if data is None:
-        return np.zeros((3, size, size), np.float32)
-    rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((size, size), Image.BILINEAR))
-    x = (rgb.astype(np.float32) / 255.0 - np.float32(mean)) / np.float32(std)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
 def _pixel_statistics(summaries: list[ShardSummary]) -> tuple[tuple, tuple]:

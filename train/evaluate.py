@@ -20,14 +20,15 @@ from preprocess.lease import DEFAULT_LEASE, Fence, LeaseConfig, held
 from preprocess.storage import Store
 from train.config import TrainConfig
 from train.data import DatasetInfo, StreamSpec, loader
+from train.inputs import Scorer
 from train.layout import EVAL, PREDICTIONS, RUN_CONFIG, SUPERSEDED
+from train.losses import served, split_targets
 from train.model import MultimodalModel
 from train.saved import load_model, read_saved
-from train.tasks import Task, served, split_targets, tasks_from_meta
+from train.tasks import Task, tasks_from_meta
 
 log = logging.getLogger(__name__)
 
-Scorer = Callable[[dict], dict[str, np.ndarray]]  # a batch (features, mask[, pixels]) -> each task's scores
 
 
 AUC_BINS = 1000

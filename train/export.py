@@ -1,8 +1,9 @@
 """A trained run as files to serve: the fp32 weights (safetensors) with model.json, the
 settings that reproduce its inputs (preprocess.json), an ONNX graph of the model that
 onnxruntime serves without tessera's training code, its dynamic int8 quantization and
-optionally a magnitude-pruned variant. Each variant's size and validation metrics go to
-export.json beside fp32's."""
+optionally a magnitude-pruned variant; with export.bundle the encoders too, as ONNX
+(train/bundle.py). Each variant's size and validation metrics go to export.json beside
+fp32's, and the bundle's agreement with the torch encoders."""
 
 from __future__ import annotations
 
@@ -21,16 +22,20 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from features.config import EmbedConfig
 from features.layout import EmbedSummary
 from preprocess.layout import SHARD_CONFIG
 from preprocess.lease import DEFAULT_LEASE, Fence, LeaseConfig, held
 from preprocess.storage import Store
+from train.bundle import check_bundle, validation_payloads, write_bundle
 from train.config import ExportConfig
 from train.evaluate import METRICS, Scorer, TaskMetrics, data_for, eager_scorer, eval_batches, headline, trained_on
-from train.layout import EXPORT, META, ONNX, PREPROCESS, WEIGHTS
+from train.inputs import encoders_for, onnx_scorer
+from train.layout import BUNDLE, EXPORT, META, ONNX, PREPROCESS, WEIGHTS
+from train.losses import served
 from train.model import MultimodalModel
 from train.saved import load_model, read_saved
-from train.tasks import Task, served
+from train.tasks import Task, agreement
 
 log = logging.getLogger(__name__)
 
@@ -63,23 +68,6 @@ def to_onnx(model: MultimodalModel, path: Path) -> None:
     program.save(str(path))
 
 
-def onnx_scorer(model: Path | str | bytes) -> Scorer:
-    """Each task's scores (its output of the same name) from an ONNX file (a path, or its
-    bytes) with onnxruntime."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(model if isinstance(model, bytes) else str(model),
-                                   providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-    outputs = [o.name for o in session.get_outputs()]
-
-    def score(batch: dict) -> dict[str, np.ndarray]:
-        return dict(zip(outputs, session.run(None, {n: np.asarray(batch[n], np.float32) for n in names}),
-                        strict=True))
-
-    return score
-
-
 def samples_per_second(score: Scorer, batch: dict, seconds: float = 0.5) -> float:
     """Throughput of a scorer alone on one batch, repeated for at least SECONDS (3 runs at least)."""
     score(batch)  # warm-up: onnxruntime plans its kernels on the first run
@@ -100,16 +88,6 @@ def pruned(model: MultimodalModel, sparsity: float) -> MultimodalModel:
     for module, name in linears:
         prune.remove(module, name)
     return copied
-
-
-def agreement(task: Task, a: np.ndarray, b: np.ndarray) -> float:
-    """How many of the predictions two models make alike: the same class; the same decision
-    per (sample, tag); a regression prediction within 5 % of the target's spread."""
-    if task.kind == "classification":
-        return float((a.argmax(1) == b.argmax(1)).sum())
-    if task.kind == "multilabel":
-        return float(((a >= 0.5) == (b >= 0.5)).mean(1).sum())
-    return float((np.abs(a - b) <= 0.05 * task.scale).sum())
 
 
 def compare_variants(batches: Iterable[dict], eager: Scorer, variants: dict[str, Scorer], tasks: Sequence[Task]
@@ -180,6 +158,15 @@ def _size(model: MultimodalModel, files: dict[str, Path]) -> dict:
             **{f"bytes_{name}": path.stat().st_size for name, path in files.items() if name in ("fp32", "int8")}}
 
 
+def _bundle(meta: dict, preprocess: dict, info, train_cfg, cfg: ExportConfig, folder: Path, heads: dict) -> dict:
+    """The encoders as ONNX into FOLDER, checked against the torch encoders on validation samples."""
+    encoders = encoders_for(meta, preprocess)
+    write_bundle(encoders, folder, cfg.int8)
+    payloads = validation_payloads(info, train_cfg.val_fraction, cfg.bundle_samples)
+    return check_bundle(encoders, Store(str(folder)), meta, heads, info.tasks, payloads,
+                        EmbedConfig.model_validate(preprocess["embed"]).dtype)
+
+
 def export_run(run: Store, out: Store, cfg: ExportConfig, lease: LeaseConfig | Fence = DEFAULT_LEASE) -> dict:
     """Write RUN's model and its variants to OUT, holding OUT's lease; returns export.json's
     content. A distilled run (train.distill_from) is reported beside its teacher: size, metrics
@@ -208,6 +195,7 @@ def _export(run: Store, out: Store, cfg: ExportConfig, fence: Fence) -> dict:
         (folder / PREPROCESS).write_text(json.dumps(preprocess, indent=1))
         files = _onnx_files(model, folder, cfg)
         scorers = {n: onnx_scorer(f) for n, f in files.items()}
+        bundle = _bundle(meta, preprocess, info, train_cfg, cfg, folder / BUNDLE, scorers) if cfg.bundle else None
         teacher = None
         if train_cfg.distill_from:
             teacher_meta, teacher_state = read_saved(run.at(train_cfg.distill_from))
@@ -236,6 +224,8 @@ def _export(run: Store, out: Store, cfg: ExportConfig, fence: Fence) -> dict:
         result = {"run": run.url, "model": meta["checkpoint"], "val_samples": samples,
                   "accuracy_tolerance": cfg.accuracy_tolerance, "tasks": [t.name for t in info.tasks],
                   "variants": variants}
+        if bundle is not None:
+            result["bundle"] = bundle
         if teacher is not None:
             student, teacher_size = _size(model, files), _size(teacher, teacher_files)
             result["distillation"] = {
@@ -248,11 +238,12 @@ def _export(run: Store, out: Store, cfg: ExportConfig, fence: Fence) -> dict:
                 "parameter_ratio": student["parameters"] / teacher_size["parameters"],
             }
         out.makedirs()
-        for path in sorted(folder.iterdir()):
-            out.put_file(str(path), path.name)
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            out.put_file(str(path), path.relative_to(folder).as_posix())
     fence.check(EXPORT)
     out.write_json(EXPORT, result)
-    for name, v in variants.items():
-        log.info("export %s: %s, %d bytes (x%.2f smaller), val %s", name, v["file"], v["bytes"],
-                 v["size_ratio_vs_fp32"], v["tasks"])
+    for name, v in variants.items():  # pruning zeroes weights but keeps them: only its gzip size drops
+        size = {"int8": f"x{v['size_ratio_vs_fp32']:.2f} smaller than fp32",
+                "pruned": f"the same size as fp32, {v['gzip_bytes']} bytes gzipped"}.get(name, "")
+        log.info("export %s: %s, %d bytes%s", name, v["file"], v["bytes"], f" ({size})" if size else "")
     return result

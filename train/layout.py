@@ -12,6 +12,8 @@ imports: the jobs, reports and `tessera predict` read these without torch or Dee
     EXPORT/model.safetensors, model.json   as in the run
     EXPORT/preprocess.json       the shard and embed settings and encoders that reproduce the inputs
     EXPORT/model.onnx, model-int8.onnx, model-pruned.onnx   the served graph and its variants
+    EXPORT/encoders/             with --bundle: each encoder as ONNX (text.onnx, text-int8.onnx, image...,
+                                 audio...; video runs the image graph), the tokenizer, bundle.json
     EXPORT/export.json           each variant's size and validation metrics, written last"""
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ EVAL, PREDICTIONS = "eval.json", "eval-predictions.parquet"
 SUPERSEDED = "superseded.parquet"
 PREPROCESS, EXPORT = "preprocess.json", "export.json"
 ONNX = {"fp32": "model.onnx", "int8": "model-int8.onnx", "pruned": "model-pruned.onnx"}
+BUNDLE = "encoders"  # its files: features/layout.py
 
 
 def run_record(cfg: TrainConfig, shards: Store | Sequence[Store]) -> dict:

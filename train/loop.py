@@ -19,11 +19,12 @@ from preprocess.storage import Store, retries_so_far
 from train.config import TrainConfig
 from train.data import DatasetInfo, StreamSpec, loader
 from train.layout import META, WEIGHTS
+from train.losses import Distillation, TaskLoss, loss_sums, tally
 from train.model import MultimodalModel
 from train.parallel import build_engine, resolve_precision
 from train.run_store import Checkpoints, MetricsLog, disk_id, tag_of
 from train.saved import load_model
-from train.tasks import TALLY, Distillation, TaskLoss, loss_sums, tally, tasks_meta, validation_record
+from train.tasks import TALLY, tasks_meta, validation_record
 
 log = logging.getLogger(__name__)
 

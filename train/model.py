@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from train.config import ModelConfig
-from train.tasks import Task, TaskLoss
+from train.losses import TaskLoss
+from train.tasks import Task
 
 
 class ImageBranch(nn.Module):

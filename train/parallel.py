@@ -8,8 +8,8 @@ import math
 import torch
 
 from train.config import TrainConfig
+from train.losses import TaskLoss, loss_sums
 from train.model import MultimodalModel
-from train.tasks import TaskLoss, loss_sums
 
 
 def resolve_precision(cfg: TrainConfig, on_gpu: bool) -> str:

@@ -5,86 +5,119 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import sys
 from pathlib import Path
 
-from workflows.config import ConfigError, TesseraConfig, load_config
+from rich.filesize import decimal
 
-EXIT_CONFIG = 2
+from workflows.config import ConfigError, TesseraConfig, load_config
+from workflows.screen import Screen, setup_logging, show, stages_screen
+
+EXIT_CONFIG = 2  # an invalid config or command line
 EXIT_CONFLICT = 3
 EXIT_FAILED_CHECK = 4  # a stage wrote its outputs, but they fail a check the config sets (rejects, errors)
+EXIT_NO_INPUT = 66  # EX_NOINPUT: an input or folder named is not there, or not what the command reads
 EXIT_LOCKED = 75  # EX_TEMPFAIL: another writer holds the output folder; a scheduler retries later
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _common(parser: argparse.ArgumentParser, ray: bool = False, writes: bool = False) -> None:
+    """The options every command takes; RAY: it starts Ray; WRITES: it holds a folder's lease."""
     parser.add_argument("--config", help="YAML config file (defaults apply to what it leaves out)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="override one config field, e.g. --set shard.image.size=256 (repeatable)")
-    parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
-    parser.add_argument("--workers", type=int, help="CPUs of the local Ray (runtime.workers)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
-    parser.add_argument("--wait", action="store_true",
-                        help="wait for an output folder another writer holds (default: exit 75 at once)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show worker and library output live (default: in the log files only)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the machine-readable record instead of the summary table")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars, on the driver or workers")
+    if ray:
+        parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+        parser.add_argument("--workers", type=int, help="CPUs of the local Ray (runtime.workers)")
+    if writes:
+        parser.add_argument("--wait", action="store_true",
+                            help="wait for an output folder another writer holds (default: exit 75 at once)")
+
+
+def _sub(sub, name: str, help: str, example: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=help, epilog=f"example:\n  {example}",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tessera", description=__doc__)
+    parser = argparse.ArgumentParser(prog="tessera", description=__doc__, epilog=EXIT_CODES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    shard = sub.add_parser("shard", help="manifest -> validated, normalized WebDataset shards")
+    shard = _sub(sub, "shard", "manifest -> validated, normalized WebDataset shards",
+                 "tessera shard data/manifest.jsonl out/shards --config configs/demo.yaml")
     shard.add_argument("manifest", help="JSONL or Parquet manifest, any fsspec URL")
     shard.add_argument("out", help="output folder, any fsspec URL")
     shard.add_argument("--samples-per-shard", type=int, help="shard.samples_per_shard")
     shard.add_argument("--seed", type=int, help="shard.seed")
-    _common(shard)
-    rejects = sub.add_parser("rejects", help="every rejected input of a shard output: one JSON line each "
-                                             "(key, file, line, modality, reason)")
+    _common(shard, ray=True, writes=True)
+    rejects = _sub(sub, "rejects", "every rejected input of a shard output: one JSON line each "
+                   "(key, file, line, modality, reason)", "tessera rejects out/shards | jq .reason")
     rejects.add_argument("out", help="a shard stage's output folder, any fsspec URL")
     _common(rejects)
-    embed = sub.add_parser("embed", help="committed shards -> per-modality embeddings (cached by content)")
+    embed = _sub(sub, "embed", "committed shards -> per-modality embeddings (cached by content)",
+                 "tessera embed out/shards --batch-size 64")
     embed.add_argument("shards", help="a shard stage's output folder, any fsspec URL")
     embed.add_argument("--batch-size", type=int, help="embed.batch_size")
-    _common(embed)
-    curate = sub.add_parser("curate", help="embedded shards -> semantic duplicates and outliers dropped or listed "
-                            "(curate.semantic, curate.outliers)")
+    _common(embed, ray=True, writes=True)
+    curate = _sub(sub, "curate", "embedded shards -> semantic duplicates and outliers dropped or listed "
+                  "(curate.semantic, curate.outliers)", "tessera curate out/shards --config configs/demo.yaml")
     curate.add_argument("shards", help="a shard stage's output folder, embedded")
-    _common(curate)
-    run = sub.add_parser("run", help="the whole chain shard -> embed -> train; up-to-date stages are skipped")
-    run.add_argument("config_file", nargs="?", metavar="CONFIG", help="YAML config with a job section")
+    _common(curate, ray=True, writes=True)
+    run = _sub(sub, "run", "the whole chain shard -> embed -> train; up-to-date stages are skipped",
+               "tessera run --config configs/job.yaml   (or: tessera run --dry-run)")
+    run.add_argument("config_file", nargs="?", metavar="CONFIG", help="the same as --config")
     run.add_argument("--dry-run", action="store_true",
                      help="the bundled sample corpus with small limits on an embedded local Ray")
-    _common(run)
-    refresh = sub.add_parser("refresh", help="scheduled: shard and embed only new or changed manifest rows "
-                                        "as a new version, then train it if job.refresh_train says so "
-                                        "(exit 0 done, 75 locked: retry later)")
-    refresh.add_argument("config_file", metavar="CONFIG", help="YAML config with a job section")
-    _common(refresh)
-    versions = sub.add_parser("versions", help="the dataset versions under OUT: rows added, changed and removed, "
-                                               "inputs, accepted, rejected, shards, validation accuracy")
+    _common(run, ray=True, writes=True)
+    refresh = _sub(sub, "refresh", "scheduled: shard and embed only new or changed manifest rows "
+                   "as a new version, then train it if job.refresh_train says so "
+                   "(exit 0 done, 75 locked: retry later)", "tessera refresh --config configs/job.yaml")
+    refresh.add_argument("config_file", nargs="?", metavar="CONFIG", help="the same as --config")
+    _common(refresh, ray=True, writes=True)
+    versions = _sub(sub, "versions", "the dataset versions under OUT: rows added, changed and removed, "
+                    "inputs, accepted, rejected, shards, validation accuracy", "tessera versions out/refresh")
     versions.add_argument("out", help="the job's output root (job.out)")
     _common(versions)
-    train = sub.add_parser("train", help="DeepSpeed training on the shards and their embeddings, on Ray")
+    status = _sub(sub, "status", "what an output folder holds: its stages, whether each is complete and up to "
+                  "date, its versions, who holds its lease, the last run, the report and newest model (no Ray)",
+                  "tessera status out/dry-run")
+    status.add_argument("out", help="a folder tessera wrote: a job's OUT, a shard output, a run, an export")
+    _common(status)
+    train = _sub(sub, "train", "DeepSpeed training on the shards and their embeddings, on Ray",
+                 "tessera train out/shards --run-dir out/runs/first")
     train.add_argument("shards", help="a shard stage's output folder, embedded")
-    train.add_argument("--run-dir", help="checkpoints, metrics and the exported model (default: runs/NAME)")
-    _common(train)
-    evaluate = sub.add_parser("evaluate", help="metrics of a trained run on its validation split (and other shards)")
+    train.add_argument("--run-dir", help="checkpoints, metrics and the exported model "
+                       "(default: runs/NAME beside the shards folder)")
+    _common(train, ray=True, writes=True)
+    evaluate = _sub(sub, "evaluate", "metrics of a trained run on its validation split (and other shards)",
+                    "tessera evaluate out/runs/first --shards out/other-shards")
     evaluate.add_argument("run", help="a training run folder (OUT/train/<digest>, runs/NAME)")
     evaluate.add_argument("--shards", action="append", default=[], metavar="URL",
                           help="also evaluate every labelled sample of these committed shards (repeatable)")
-    _common(evaluate)
-    export = sub.add_parser("export", help="a trained run -> safetensors + ONNX (fp32, int8, pruned) to serve")
+    _common(evaluate, writes=True)
+    export = _sub(sub, "export", "a trained run -> safetensors + ONNX (fp32, int8, pruned) to serve",
+                  "tessera export out/runs/first out/model --bundle")
     export.add_argument("run", help="a training run folder")
     export.add_argument("out", help="export folder, any fsspec URL")
-    _common(export)
-    predict = sub.add_parser("predict", help="an exported model on raw files or a manifest: one JSON line each")
+    export.add_argument("--bundle", action="store_true", default=None,
+                        help="export.bundle: the encoders too, as ONNX (predict / serve --bundle run without torch)")
+    _common(export, writes=True)
+    predict = _sub(sub, "predict", "an exported model on raw files or a manifest: one JSON line each",
+                   "tessera predict out/model photo.jpg photo.txt --variant int8")
     predict.add_argument("model", help="an export folder (tessera export)")
     predict.add_argument("inputs", nargs="+", help="a .jsonl/.parquet manifest, or files / folders of files "
                                                    "(files sharing a name stem are one sample)")
     predict.add_argument("--variant", default="fp32", choices=["fp32", "int8", "pruned"])
     predict.add_argument("--out", help="write the JSON lines here instead of stdout")
+    predict.add_argument("--bundle", action="store_true", help="the export's ONNX encoders (onnxruntime, no torch)")
     _common(predict)
-    serve = sub.add_parser("serve", help="an exported model as an HTTP prediction service (Ray Serve, batched)")
+    serve = _sub(sub, "serve", "an exported model as an HTTP prediction service (Ray Serve, batched)",
+                 "tessera serve out/model --port 8000 --replicas 2")
     serve.add_argument("model", help="an export folder (tessera export)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--host", default="127.0.0.1")
@@ -92,8 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--variant", default="fp32", choices=["fp32", "int8", "pruned"])
     serve.add_argument("--max-batch-size", type=int, help="serve.max_batch_size")
     serve.add_argument("--batch-wait-ms", type=float, help="serve.batch_wait_ms")
-    _common(serve)
+    serve.add_argument("--bundle", action="store_true", help="the export's ONNX encoders (onnxruntime, no torch)")
+    _common(serve, ray=True)
     return parser
+
+
+EXIT_CODES = """exit codes:
+  0   done
+  2   invalid config or command line
+  3   the output folder holds another config's or manifest's output
+  4   outputs written, but they fail a check the config sets (too many rejects or errors)
+  66  an input or folder named is not there, or is not what the command reads
+  75  another writer holds the output folder (retry later, or --wait)"""
 
 
 DRY_RUN_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -101,14 +144,16 @@ DRY_RUN_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml
 
 def config_from_args(args: argparse.Namespace) -> TesseraConfig:
     overrides = list(args.overrides)
+    positional = getattr(args, "config_file", None)
+    if positional and args.config and positional != args.config:
+        raise ConfigError(f"two configs given ({positional} and --config {args.config}): give one")
+    args.config = args.config or positional
     if getattr(args, "dry_run", False):
         from workflows.jobs import bundled_manifest
 
-        args.config = args.config or args.config_file or (str(DRY_RUN_CONFIG) if DRY_RUN_CONFIG.exists() else None)
+        args.config = args.config or (str(DRY_RUN_CONFIG) if DRY_RUN_CONFIG.exists() else None)
         overrides = [f"job.manifest={json.dumps(bundled_manifest())}", "job.out=out/dry-run",
                      "runtime.address=null", *overrides]
-    elif getattr(args, "config_file", None):
-        args.config = args.config or args.config_file
     for flag, field in (("address", "runtime.address"), ("workers", "runtime.workers"),
                         ("samples_per_shard", "shard.samples_per_shard"), ("seed", "shard.seed"),
                         ("batch_size", "embed.batch_size"), ("replicas", "serve.replicas"),
@@ -118,44 +163,93 @@ def config_from_args(args: argparse.Namespace) -> TesseraConfig:
             overrides.append(f"{field}={json.dumps(value)}")
     if args.no_progress:
         overrides.append("runtime.progress=false")
-    if args.wait:
+    if getattr(args, "wait", False):
         overrides.append("runtime.lease.wait=true")
+    if args.verbose:
+        overrides.append("runtime.verbose=true")
     return load_config(args.config, overrides)
 
 
 @contextlib.contextmanager
 def writing(folder, cfg: TesseraConfig, command: str):
-    """FOLDER's lease, then Ray: a command that finds its folder held exits 75 before it starts Ray."""
+    """FOLDER's lease, then Ray: a command that finds its folder held exits 75 before it starts
+    Ray. Whatever happens, the command's logs are kept in FOLDER/logs/ (an error names them)."""
     from preprocess.lease import Lease
     from workflows.runtime import start_ray
 
     with Lease(folder, cfg.runtime.lease, command) as fence:
-        start_ray(cfg.runtime)
-        yield fence
+        try:
+            start_ray(cfg.runtime)
+            yield fence
+        except Exception as e:
+            e.add_note(f"logs: {keep_logs(folder, cfg, command)}")
+            raise
+        keep_logs(folder, cfg, command)
+
+
+def keep_logs(folder, cfg: TesseraConfig, command: str) -> str:
+    from workflows.runtime import save_logs
+
+    return save_logs(folder, command, cfg.runtime)
+
+
+def cmd_status(args: argparse.Namespace, cfg: TesseraConfig) -> int:
+    from workflows.status import folder_status
+
+    status = folder_status(cfg.runtime.store(args.out))
+    screen = Screen(f"{status['folder']}: {status['kind']}")
+    for name, stage in status["stages"].items():
+        state = ("complete" + ("" if stage.get("up_to_date", True) else ", NOT up to date")) if stage["complete"] \
+            else "incomplete"
+        when = f" (written {stage['written']})" if stage.get("written") else ""
+        screen.stage(name, f"{state}: {stage['detail']}{when}")
+    for version in status.get("versions", []):
+        screen.stage(version["version"], f"{version['added']} added, {version['changed']} changed, "
+                     f"{version['removed']} removed; {version['accepted']} accepted of {version['inputs']}")
+    lease = status["lease"]
+    screen.stage("lease", "free" if lease is None else
+                 f"held by {lease['command']} (pid {lease['pid']} on {lease['host']}) since {lease['since']}")
+    if status.get("last_run"):
+        screen.stage("last run", str(status["last_run"]))
+    for what in ("report", "model"):
+        if status.get(what):
+            screen.path(what, status[what])
+    show(screen, status, args.json)
+    return 0
 
 
 def cmd_shard(args: argparse.Namespace, cfg: TesseraConfig) -> int:
-    from preprocess.layout import current_summary
+    from preprocess.layout import check_output, current_summary
     from preprocess.manifest import ManifestSource
 
     out = cfg.runtime.store(args.out)
-    # an OUT that is complete for this manifest and config is known from metadata: no Ray
-    summary = current_summary(out, cfg.shard, ManifestSource.open(args.manifest, out))
+    source = ManifestSource.open(args.manifest, out)
+    # an OUT that is complete for this manifest and config, or one that holds another's, is
+    # known from metadata: no Ray
+    summary = current_summary(out, cfg.shard, source)
     if summary is None:
+        check_output(out, cfg.shard, source)
         from preprocess.stage import run_shard_stage
 
         with writing(out, cfg, "tessera shard") as fence:
             summary = run_shard_stage(args.manifest, out, cfg.shard, cfg.runtime.progress, fence)
     record = summary.to_json()
-    print(json.dumps({k: record[k] for k in ("inputs", "accepted", "rejected", "shards", "samples_per_s",
-                                             "up_to_date")}))
+    screen = stages_screen("tessera shard", {"shard": record})
+    screen.path("shards", out.url)
+    screen.path("rejects", f"tessera rejects {out.url}")
+    show(screen, {k: record[k] for k in ("inputs", "accepted", "rejected", "shards", "samples_per_s", "up_to_date")},
+         args.json)
     return 0
 
 
 def cmd_rejects(args: argparse.Namespace, cfg: TesseraConfig) -> int:
-    from preprocess.layout import reject_batches
+    from preprocess.layout import ShardSummary, reject_batches
 
-    for batch in reject_batches(cfg.runtime.store(args.out)):
+    out = cfg.runtime.store(args.out)
+    if not ShardSummary.exists(out):
+        raise FileNotFoundError(f"{out.url} is not a shard output (no {ShardSummary.FILE}): "
+                                "give the folder `tessera shard` wrote")
+    for batch in reject_batches(out):
         for record in batch.to_pylist():
             print(json.dumps(record))
     return 0
@@ -167,8 +261,10 @@ def cmd_embed(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     shards = cfg.runtime.store(args.shards)
     with writing(shards, cfg, "tessera embed") as fence:
         summary = run_embed_stage(shards, cfg.embed, progress=cfg.runtime.progress, lease=fence)
-    print(json.dumps({"samples": summary.samples, "computed": summary.computed, "cache_hits": summary.cache_hits,
-                      "seconds": summary.seconds}))
+    screen = stages_screen("tessera embed", {"embed": summary.to_json()})
+    screen.path("shards", shards.url)
+    show(screen, {"samples": summary.samples, "computed": summary.computed, "cache_hits": summary.cache_hits,
+                  "seconds": summary.seconds}, args.json)
     return 0
 
 
@@ -181,19 +277,28 @@ def cmd_curate(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     shards = cfg.runtime.store(args.shards)
     with writing(shards, cfg, "tessera curate") as fence:
         summary = run_curate_stage(shards, cfg.curate, progress=cfg.runtime.progress, lease=fence)
-    print(json.dumps({k: v for k, v in summary.to_json().items() if k != "histogram"}))
+    record = {k: v for k, v in summary.to_json().items() if k != "histogram"}
+    screen = stages_screen("tessera curate", {"curate": record})
+    screen.path("shards", shards.url)
+    show(screen, record, args.json)
     return 0
 
 
 def cmd_train(args: argparse.Namespace, cfg: TesseraConfig) -> int:
+    from preprocess.storage import parent
     from train.stage import run_train_stage
 
-    run_dir = args.run_dir or str(Path("runs") / Path(args.shards.rstrip("/")).name)
     shards = cfg.runtime.store(args.shards)
-    with writing(shards.at(run_dir), cfg, "tessera train") as fence:
-        summary = run_train_stage(shards, shards.at(run_dir), cfg.train, fence)
+    # by default beside the shards folder, wherever that is (an S3 prefix too)
+    name = shards.url.rsplit("/", 1)[-1]
+    run = shards.at(args.run_dir) if args.run_dir else shards.at(f"{parent(shards.url)}/runs/{name}")
+    with writing(run, cfg, "tessera train") as fence:
+        summary = run_train_stage(shards, run, cfg.train, fence)
     record = summary.to_json()
-    print(json.dumps({k: record[k] for k in ("steps", "final_loss", "val_accuracy", "val_tasks", "model")}))
+    screen = stages_screen("tessera train", {"train": record})
+    screen.path("run", run.url)
+    screen.path("next", f"tessera export {run.url} OUT")
+    show(screen, {k: record[k] for k in ("steps", "final_loss", "val_accuracy", "val_tasks", "model")}, args.json)
     return 0
 
 
@@ -202,13 +307,23 @@ def cmd_run(args: argparse.Namespace, cfg: TesseraConfig) -> int:
 
     if args.dry_run:  # always the embedded local Ray, whatever the environment points at
         os.environ.pop("RAY_ADDRESS", None)
-    if not cfg.job.out:
+    if not (cfg.job.out and cfg.job.manifest):
         raise ConfigError("tessera run needs job.manifest and job.out in the config (or --dry-run)")
+    from preprocess.layout import check_output
+    from preprocess.manifest import ManifestSource
+    from workflows.layout import SHARDS
+
     out = cfg.runtime.store(cfg.job.out)
+    shards = out.child(SHARDS)
+    check_output(shards, cfg.shard, ManifestSource.open(cfg.job.manifest, shards))  # before Ray starts
     with writing(out, cfg, "tessera run") as fence:
         report = run_pipeline(cfg, out, fence)
-    print(json.dumps({stage: {"up_to_date": s["up_to_date"]} for stage, s in report["stages"].items()}
-                     | {"seconds": report["seconds"]}))
+    screen = stages_screen(f"tessera run: {report['seconds']:.0f} s", report["stages"])
+    screen.path("output", out.url)
+    screen.path("report", report["report"])
+    screen.path("model", report["stages"]["train"]["model"] or "")
+    show(screen, {stage: {"up_to_date": s["up_to_date"]} for stage, s in report["stages"].items()}
+         | {"seconds": report["seconds"]}, args.json)
     return 0
 
 
@@ -222,14 +337,25 @@ def cmd_refresh(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     result = run_refresh(cfg, cfg.runtime.store(cfg.job.out), start=lambda: start_ray(cfg.runtime))
     trained = {"val_accuracy": result["train"].val_accuracy} if "train" in result else {}
     counts = {k: result[k] for k in ("added", "changed", "removed") if k in result}
-    print(json.dumps({"version": result["version"], "new_rows": result["new_rows"], **counts, **trained}))
+    stages = {name: result[name].to_json() for name in ("shard", "embed", "curate", "train") if name in result}
+    screen = stages_screen(f"tessera refresh: {result['version'] or 'nothing new'}", stages)
+    if counts:
+        screen.stage("rows", ", ".join(f"{n} {what}" for what, n in counts.items()))
+    screen.path("output", cfg.job.out)
+    show(screen, {"version": result["version"], "new_rows": result["new_rows"], **counts, **trained}, args.json)
     return 0
 
 
 def cmd_versions(args: argparse.Namespace, cfg: TesseraConfig) -> int:
+    from preprocess.versions import VERSIONS
+    from workflows.layout import STATE
     from workflows.refresh import versions
 
-    for version in versions(cfg.runtime.store(args.out)):
+    out = cfg.runtime.store(args.out)
+    if not (out.exists(STATE) or out.names(f"{VERSIONS}/v*")):
+        raise FileNotFoundError(f"{out.url} is not a refresh output (no {STATE}, no {VERSIONS}/): "
+                                "give the job.out of a `tessera refresh`")
+    for version in versions(out):
         print(json.dumps(version))
     return 0
 
@@ -243,10 +369,21 @@ def cmd_evaluate(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     result = evaluate_run(run, [run.at(url) for url in args.shards], cfg.export.batch_size, cfg.runtime.lease)
     write_run_report(run)
     tasks = tasks_from_meta(result["tasks"])
+    screen = Screen("tessera evaluate")
+    records = []
     for name, metrics in result["sets"].items():
-        print(json.dumps({"set": name, "samples": metrics["samples"], "tasks": {
+        records.append({"set": name, "samples": metrics["samples"], "tasks": {
             t.name: {**headline(t, metrics["tasks"][t.name]), "ablation": metrics["tasks"][t.name]["ablation"]}
-            for t in tasks}}))
+            for t in tasks}})
+        screen.stage(name, f"{metrics['samples']} samples: " + ", ".join(
+            f"{t}: " + " ".join(f"{k} {v:.3f}" for k, v in m.items() if k != "ablation" and isinstance(v, float))
+            for t, m in records[-1]["tasks"].items()))
+    screen.path("run", run.url)
+    screen.path("report", run.url_of("report.html"))
+    if args.json or not sys.stdout.isatty():
+        for record in records[:-1]:  # one line per set; show() prints the last
+            print(json.dumps(record))
+    show(screen, records[-1], args.json)
     return 0
 
 
@@ -254,19 +391,37 @@ def cmd_export(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     from train.export import export_run
 
     run = cfg.runtime.store(args.run)
-    result = export_run(run, run.at(args.out), cfg.export, cfg.runtime.lease)
+    export_cfg = cfg.export if args.bundle is None else cfg.export.model_copy(update={"bundle": args.bundle})
+    out = run.at(args.out)
+    result = export_run(run, out, export_cfg, cfg.runtime.lease)
+    fields = ("file", "bytes", "size_ratio_vs_fp32", "tasks", "within_tolerance")
+    records = [{"variant": name, **{k: variant.get(k) for k in fields}} for name, variant in result["variants"].items()]
+    records += [{key: result[key]} for key in ("distillation", "bundle") if key in result]
+    screen = Screen("tessera export")
     for name, variant in result["variants"].items():
-        print(json.dumps({"variant": name, **{k: variant.get(k) for k in (
-            "file", "bytes", "size_ratio_vs_fp32", "tasks", "within_tolerance")}}))
-    if "distillation" in result:
-        print(json.dumps({"distillation": result["distillation"]}))
+        smaller = (f"x{variant['size_ratio_vs_fp32']:.2f} smaller" if name == "int8" else
+                   f"the same size, {decimal(variant['gzip_bytes'])} gzipped" if name == "pruned" else "")
+        screen.stage(name, f"{variant['file']}: {decimal(variant['bytes'])}{f' ({smaller})' if smaller else ''}, "
+                     f"within tolerance: {variant['within_tolerance']}")
+    if "bundle" in result:
+        agreement = result["bundle"]["agreement_with_torch"]
+        screen.stage("bundle", "encoders " + ", ".join(
+            f"{m} {decimal(e['bytes']['fp32'])}" for m, e in result["bundle"]["encoders"].items())
+            + "; same prediction as torch: " + ", ".join(
+            f"{v} {min(a.values()):.1%}" for v, a in agreement.items()))
+    screen.path("export", out.url)
+    screen.path("next", f"tessera predict {out.url} FILES   or   tessera serve {out.url}")
+    if args.json or not sys.stdout.isatty():
+        for record in records[:-1]:
+            print(json.dumps(record))
+    show(screen, records[-1], args.json)
     return 0
 
 
 def cmd_predict(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     from workflows.predict import Predictor, predict_inputs
 
-    predictor = Predictor(cfg.runtime.store(args.model), args.variant, cfg.embed.batch_size)
+    predictor = Predictor(cfg.runtime.store(args.model), args.variant, cfg.embed.batch_size, bundle=args.bundle)
     sink = open(args.out, "w") if args.out else sys.stdout  # noqa: SIM115 - stdout is not ours to close
     counts = {"predicted": 0, "rejected": 0}
     try:
@@ -289,24 +444,23 @@ def cmd_serve(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     if not model.exists(META):
         raise FileNotFoundError(f"{model.url} is not an export (no {META}): make one with tessera export RUN OUT")
     start_ray(cfg.runtime)
-    run_service(cfg, model.url, args.variant, args.host, args.port)
+    run_service(cfg, model.url, args.variant, args.host, args.port, args.bundle)
     return 0
 
 
-COMMANDS = {"shard": cmd_shard, "rejects": cmd_rejects, "embed": cmd_embed, "curate": cmd_curate, "train": cmd_train,
-            "run": cmd_run,
-            "refresh": cmd_refresh, "versions": cmd_versions, "evaluate": cmd_evaluate, "export": cmd_export,
-            "predict": cmd_predict, "serve": cmd_serve}
+COMMANDS = {"status": cmd_status, "shard": cmd_shard, "rejects": cmd_rejects, "embed": cmd_embed,
+            "curate": cmd_curate, "train": cmd_train, "run": cmd_run, "refresh": cmd_refresh,
+            "versions": cmd_versions, "evaluate": cmd_evaluate, "export": cmd_export, "predict": cmd_predict,
+            "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
     try:
         cfg = config_from_args(args)
     except ConfigError as e:
-        print(f"tessera: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _failed(e, EXIT_CONFIG)
     from preprocess.layout import OutputConflict
     from preprocess.lease import LeaseHeld
     from preprocess.summary import StageFailed
@@ -314,17 +468,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args, cfg)
     except LeaseHeld as e:
-        print(f"tessera: {e}", file=sys.stderr)
-        return EXIT_LOCKED
+        return _failed(e, EXIT_LOCKED)
     except StageFailed as e:
-        print(f"tessera: {e}", file=sys.stderr)
-        return EXIT_FAILED_CHECK
+        return _failed(e, EXIT_FAILED_CHECK)
     except OutputConflict as e:
-        print(f"tessera: {e}", file=sys.stderr)
-        return EXIT_CONFLICT
-    except (ConfigError, FileNotFoundError) as e:  # a bad config, or an input that is not there
-        print(f"tessera: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _failed(e, EXIT_CONFLICT)
+    except ConfigError as e:
+        return _failed(e, EXIT_CONFIG)
+    except FileNotFoundError as e:  # an input that is not there, or not what the command reads
+        return _failed(e, EXIT_NO_INPUT)
+
+
+def _failed(error: Exception, code: int) -> int:
+    """The error and its notes (where its logs are) on stderr; CODE to exit with."""
+    print("\n".join([f"tessera: {error}", *getattr(error, "__notes__", ())]), file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ class RuntimeConfig(Strict):
     workers: int = Field(2, gt=0, description="CPUs of the local Ray, and parallel shard tasks")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options, e.g. S3")
     progress: bool = True
+    verbose: bool = Field(False, description="worker and library output on the terminal, not only in OUT/logs")
     lease: LeaseConfig = LeaseConfig()
 
     def store(self, url: str) -> Store:
@@ -47,6 +48,11 @@ class ServeConfig(Strict):
     """`tessera serve`: replicas and how each batches requests and bounds them."""
 
     replicas: int = Field(1, gt=0)
+    cpus_per_replica: float = Field(1, gt=0, description="what Ray reserves per replica; also its "
+                              "torch threads (Ray sets OMP_NUM_THREADS from it)")
+    proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
+        "EveryNode", description="where Ray Serve runs its HTTP proxies: on every node (put a load balancer "
+        "in front) or on the head only")
     max_batch_size: int = Field(32, gt=0, description="samples per model call")
     batch_wait_ms: float = Field(10.0, ge=0, description="how long a batch waits to fill")
     max_request_bytes: int = Field(64 << 20, gt=0, description="larger bodies: 413, before they are read whole")
@@ -69,13 +75,17 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names each bad field."""
 
 
-def _format(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config {source}:"]
+def _format(err: ValidationError, source: str, overridden: dict[str, str]) -> str:
+    """Each bad field with what is wrong, and where its value came from: an --set, or SOURCE."""
+    lines = []
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "(top level)"
         got = "" if e["type"] == "missing" else f" (got {e['input']!r})"
-        lines.append(f"  {field}: {e['msg']}{got}")
-    return "\n".join(lines)
+        given = next((f" [from --set {item}]" for dotted, item in overridden.items()
+                      if field == dotted or field.startswith(dotted + ".")), "")
+        lines.append(f"  {field}: {e['msg']}{got}{given}")
+    origin = "given with --set" if all("[from --set" in line for line in lines) else source
+    return "\n".join([f"invalid config {origin}:", *lines])
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -102,12 +112,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Te
             raise ConfigError(f"config {path} is not valid YAML: {e}") from e
         if not isinstance(tree, dict):
             raise ConfigError(f"config {path} must be a mapping at the top level")
+    overridden: dict[str, str] = {}
     for item in overrides:
         dotted, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(f"--set expects section.field=value, got {item!r}")
         _set_dotted(tree, dotted.strip(), yaml.safe_load(raw))
+        overridden[dotted.strip()] = item
     try:
         return TesseraConfig.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(_format(e, source)) from None
+        raise ConfigError(_format(e, source, overridden)) from None

@@ -10,6 +10,7 @@ in preprocess/layout.py, preprocess/versions.py, features/layout.py and train/la
                       OUT/refresh/state.json      the manifest and row identities the last refresh saw
                       OUT/refresh/identities-*/   those identities (Parquet, one part per chunk)
     every folder a command writes: FOLDER/lease.json (preprocess/lease.py)
+                      FOLDER/logs/<UTC time>-<command>/  its driver log and (local Ray) workers' output
     a run folder:     RUN/report.html             its training and evaluation plots"""
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 SHARDS = "shards"
 TRAIN = "train"  # under OUT (one run per data digest) and under each version (its run)
 RUN_SUMMARY = "run-summary.json"
+LOGS = "logs"
 REPORT = "report.html"
 STATE = "refresh/state.json"
 IDENTITIES = "refresh/identities-"  # + a random id

@@ -1,7 +1,8 @@
 """`tessera predict`: an exported model on new raw data. Inputs go through the shard stage's
 own per-sample code (fetch, validate, normalize: `fetch_batch`, `sample_or_reject`) and the
-embedding stage's encoders, then the exported ONNX graph; a bad input gets the reason
-rejects.jsonl would give it. Inference never augments and does not need labels."""
+embedding stage's encoders (or, with --bundle, the export's ONNX encoders: no torch), then the
+exported ONNX graph; a bad input gets the reason rejects.jsonl would give it. Inference never
+augments and does not need labels."""
 
 from __future__ import annotations
 
@@ -13,17 +14,16 @@ from pathlib import PurePosixPath
 import numpy as np
 
 from features.config import EmbedConfig
-from features.encoders import VideoFramesEncoder, build_encoders
 from preprocess.config import AugmentConfig, ShardConfig
 from preprocess.manifest import LineReject, ManifestRow, iter_manifest, parse_row
 from preprocess.reject import Reject
 from preprocess.sample import SampleOutput
 from preprocess.shard import fetch_batch, sample_or_reject
 from preprocess.storage import Store
-from train.data import branch_pixels, pack_vectors
-from train.export import onnx_scorer
-from train.layout import META, ONNX, PREPROCESS
+from train.inputs import encoders_for, model_batch, onnx_scorer, sample_vectors
+from train.layout import BUNDLE, META, ONNX, PREPROCESS, TRAIN_SUMMARY
 from train.tasks import tasks_from_meta
+from workflows.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -37,53 +37,28 @@ class Predictor:
     """Loads an export folder (`tessera export`) once; predicts batches of manifest rows, whose
     inputs are read through the export's store options."""
 
-    def __init__(self, model: Store, variant: str = "fp32", batch_size: int = 32, device: str = "cpu"):
+    def __init__(self, model: Store, variant: str = "fp32", batch_size: int = 32, device: str = "cpu",
+                 bundle: bool = False):
         self.model = model
+        if not (model.exists(META) and model.exists(PREPROCESS)):
+            what = ("a training run, not an export" if model.exists(TRAIN_SUMMARY) else
+                    "not an export (no model.json and preprocess.json)" if model.isdir() else "not there")
+            raise FileNotFoundError(f"{model.url} is {what}: make one with `tessera export RUN {model.url}`")
         self.meta = model.read_json(META)
         self.tasks = tasks_from_meta(self.meta["tasks"])
         preprocess = model.read_json(PREPROCESS)
         if variant not in ONNX or not model.exists(ONNX[variant]):
             have = [v for v, f in ONNX.items() if model.exists(f)]
-            raise ValueError(f"{model.url} has no {variant!r} model; it has {have}")
+            raise ConfigError(f"{model.url} has no {variant!r} model; it has {have}"
+                              + (" (export.prune_sparsity makes the pruned one)" if variant == "pruned" else ""))
         shard = ShardConfig.model_validate(preprocess["shard"])
         image = shard.image.model_copy(update={"augment": AugmentConfig()})
         # new data needs no label and no targets (a stray target value is not a reason to reject it)
         self.shard_cfg = shard.model_copy(update={"require_label": False, "targets": (), "image": image})
-        embed_cfg = EmbedConfig.model_validate(preprocess["embed"])
-        self.vector_dtype = embed_cfg.dtype  # the precision training saw
-        encoders = build_encoders(embed_cfg)
-        self.encoders = {m: encoders[m] for m in self.meta["dims"]}
-        for modality, encoder in self.encoders.items():
-            if encoder.identity() != preprocess["encoders"][modality]:
-                raise ValueError(f"the {modality} encoder found here ({encoder.identity()}) is not the one the "
-                                 f"model was trained with ({preprocess['encoders'][modality]}): its weights differ")
-            encoder.load(device, embed_cfg.precision)
+        self.vector_dtype = EmbedConfig.model_validate(preprocess["embed"]).dtype  # the precision training saw
+        self.encoders = encoders_for(self.meta, preprocess, device, model.child(BUNDLE) if bundle else None, variant)
         self.score = onnx_scorer(model.read_bytes(ONNX[variant]))
         self.batch_size = batch_size
-
-    def _embed(self, outputs: list) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[int, LineReject]]:
-        """Vectors per modality for the samples that have it, as the embedding stage makes them."""
-        present, failed = {}, {}
-        for modality, encoder in self.encoders.items():
-            rows, items = [], []
-            for i, (row, out) in enumerate(outputs):
-                payload = out.payload(modality)
-                if payload is None or i in failed:
-                    continue
-                try:
-                    items.append(encoder.prepare(payload))
-                    rows.append(i)
-                except Exception as e:  # a member the encoder cannot read rejects its sample
-                    failed[i] = LineReject(row.line, row.source_key, modality, f"{modality} cannot be embedded: {e}")
-            if not items:
-                continue
-            vectors = encoder.embed(items)
-            if modality == "video":
-                vectors = np.stack([VideoFramesEncoder.pooled(v, encoder.dim) for v in vectors])
-            mask = np.zeros(len(outputs), bool)
-            mask[rows] = True
-            present[modality] = (mask, vectors.astype(self.vector_dtype).astype(np.float32))
-        return present, failed
 
     def _record(self, scores: dict[str, np.ndarray], i: int) -> dict:
         """Sample i's prediction per task, and the class / tag probabilities behind it."""
@@ -102,18 +77,16 @@ class Predictor:
         outputs = [(i, row, out) for i, (row, out) in enumerate(prepared) if not isinstance(out, LineReject)]
         results: dict[int, dict] = {i: {"rejected": True, **out.as_record()}
                                     for i, (_, out) in enumerate(prepared) if isinstance(out, LineReject)}
-        present, failed = self._embed([(row, out) for _, row, out in outputs])
+        payloads = [{m: out.payload(m) for m in out.members} for _, _, out in outputs]
+        present, failed = sample_vectors(self.encoders, payloads, self.vector_dtype)
         if outputs:
-            features, mask = pack_vectors(len(outputs), self.meta["dims"], present)
-            batch = {"features": features, "mask": mask}
-            if self.meta["model"]["image_branch"]:
-                size = self.meta["model"]["image_branch_size"]
-                batch["pixels"] = np.stack([branch_pixels(out.payload("image"), size, self.meta["pixel_mean"],
-                                                          self.meta["pixel_std"]) for _, _, out in outputs])
-            scores = self.score(batch)
+            scores = self.score(model_batch(self.meta, payloads, present))
             for n, (i, row, _) in enumerate(outputs):
-                results[i] = ({"rejected": True, **failed[n].as_record()} if n in failed else
-                              {"key": row.source_key, "line": row.line, **self._record(scores, n)})
+                if n in failed:
+                    reject = LineReject(row.line, row.source_key, *failed[n], row.file, row.key)
+                    results[i] = {"rejected": True, **reject.as_record()}
+                else:
+                    results[i] = {"key": row.source_key, "line": row.line, **self._record(scores, n)}
         return [results[i] for i in range(len(prepared))]
 
     def predict_rows(self, rows: list[ManifestRow]) -> Iterator[dict]:
@@ -128,7 +101,8 @@ class Predictor:
 def rows_from_files(paths: list[str], cfg: ShardConfig, store: Store) -> tuple[list, list[LineReject]]:
     """Raw files (or folders of them, read through STORE's options) as samples: files sharing
     a name stem are one sample, each file's type given by its suffix (.jpg image, .wav audio,
-    .mp4 video, .txt caption)."""
+    .mp4 video, .txt caption). A sample's `line` is its first file's position among them, its
+    `file` that file."""
     files: list[str] = []
     for path in paths:
         here = store.at(path)
@@ -143,20 +117,20 @@ def rows_from_files(paths: list[str], cfg: ShardConfig, store: Store) -> tuple[l
         stem, _, suffix = name.partition(".")
         field = FIELD_OF_SUFFIX.get(suffix.lower())
         if field is None:
-            rejects.append(LineReject(number, stem, None, f"unknown file type .{suffix}"))
+            rejects.append(LineReject(number, stem, None, f"unknown file type .{suffix}", path))
             continue
-        sample = samples.setdefault(stem, {"key": stem, "_line": number})
+        sample = samples.setdefault(stem, {"key": stem, "_line": number, "_file": path})
         if field in sample:
-            rejects.append(LineReject(number, stem, None, f"two {field} files for {stem}"))
+            rejects.append(LineReject(number, stem, None, f"two {field} files for {stem}", path))
             continue
         sample[field] = path
     rows = []
     for sample in samples.values():
-        line = sample.pop("_line")
+        line, first = sample.pop("_line"), sample.pop("_file")  # a sample's rejects name its first file
         try:
-            rows.append(parse_row(sample, line, "/", cfg))  # the paths are absolute
+            rows.append(parse_row(sample, line, "/", cfg, first))  # the paths are absolute
         except Reject as r:
-            rejects.append(LineReject(line, sample["key"], r.modality, r.reason))
+            rejects.append(LineReject(line, sample["key"], r.modality, r.reason, first))
     return rows, rejects
 
 

@@ -1,5 +1,9 @@
-"""report.html of a run: PNG plots (matplotlib) of the data, the stages and training, inlined
-so the page is one file that opens anywhere."""
+"""report.html of a run: the data itself (per label a strip of sample thumbnails with their
+captions, audio players and video poster frames; per reject reason its count and a few
+examples) and PNG plots (matplotlib) of the data, the stages and training, all inlined so the
+page is one file that opens anywhere. What it shows is a fixed sample (SHOWN_PER_LABEL per
+label, SHOWN_LABELS labels, SHOWN_REJECTS per reason, thumbnails THUMB pixels): its size is
+bounded whatever the corpus."""
 
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from preprocess.layout import (  # noqa: E402
     iter_shard,
     member_payload,
     read_index_part,
+    reject_batches,
 )
 from preprocess.storage import Store  # noqa: E402
 from train.evaluate import headline  # noqa: E402
@@ -38,6 +43,9 @@ from workflows.layout import REPORT, SHARDS  # noqa: E402
 SAMPLE_ROWS = 2000  # embeddings the report's plots are drawn from
 SHOWN_GROUPS = 12  # near-duplicate groups (and half as many semantic pairs, outliers) shown
 SHOWN_PER_GROUP = 5  # dropped copies shown beside each kept image
+SHOWN_LABELS, SHOWN_PER_LABEL, SHOWN_REJECTS, SHOWN_REASONS = 12, 6, 3, 12
+THUMB = 96  # pixels, the longer side of a thumbnail
+MAX_AUDIO_BYTES = 200_000  # a clip inlined as a player (one per label at most); longer ones are named
 
 
 def _png(fig) -> str:
@@ -299,16 +307,124 @@ def _evaluation_plots(run: Store) -> list[tuple[str, str]]:
     return plots
 
 
-def _page(title: str, summary: str, plots: list[tuple[str, str]]) -> bytes:
+def _thumbnail(image: bytes | None = None, frames: np.ndarray | None = None) -> str | None:
+    """A small JPEG data URL of an image payload, or of a clip's first frame (its poster)."""
+    from PIL import Image
+
+    try:
+        picture = Image.fromarray(frames[0]) if frames is not None else Image.open(io.BytesIO(image)).convert("RGB")
+    except Exception:  # an input that does not decode has no thumbnail, only its reason
+        return None
+    picture.thumbnail((THUMB, THUMB))
+    buf = io.BytesIO()
+    picture.save(buf, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _payloads(shards: Store, shard_keys: dict[str, set[str]]) -> dict[str, dict]:
+    """The members of the KEYS (by shard) by key and extension, read once per shard."""
+    found: dict[str, dict] = {}
+    for shard, keys in shard_keys.items():
+        for sample in iter_shard(shards, shard, lambda name, keys=keys: name.split(".", 1)[0] in keys):
+            found[sample["__key__"]] = sample
+    return found
+
+
+def _card(key: str, sample: dict, caption: str, audio_left: list[int]) -> str:
+    """One sample as HTML: thumbnail (image, or a clip's poster frame), caption, audio player."""
+    from preprocess.video import decode_frames
+
+    image, video = member_payload(sample, "image"), member_payload(sample, "video")
+    thumb = _thumbnail(image) if image else _thumbnail(frames=decode_frames(video)) if video else None
+    parts = [f'<img class="thumb" alt="{html.escape(key)}" src="{thumb}">' if thumb else ""]
+    parts.append(f"<b>{html.escape(key)}</b> {html.escape(caption[:140])}")
+    if video:
+        parts.append("<small>video: poster frame</small>" if not image else "<small>+ video</small>")
+    audio = member_payload(sample, "audio")
+    if audio and len(audio) <= MAX_AUDIO_BYTES and audio_left[0]:
+        audio_left[0] -= 1
+        kind = "flac" if audio[:4] == b"fLaC" else "wav"
+        parts.append(f'<audio controls src="data:audio/{kind};base64,{base64.b64encode(audio).decode()}"></audio>')
+    elif audio:
+        parts.append(f"<small>audio ({len(audio) // 1000} kB)</small>")
+    return f'<div class="card">{"<br>".join(p for p in parts if p)}</div>'
+
+
+def sample_strips(shards: Store) -> str:
+    """Per label (the first SHOWN_LABELS by count), SHOWN_PER_LABEL of its samples as cards."""
+    chosen: dict[str, list[tuple[str, str, str]]] = {}
+    counts: Counter = Counter()
+    for batch in index_batches(shards, ["key", "shard", "label"]):
+        for key, shard, label in zip(*(batch.column(c).to_pylist() for c in ("key", "shard", "label")), strict=True):
+            label = label or "none"
+            counts[label] += 1
+            # a fixed sample, the same on every render: the keys of smallest hash (a max-heap of them)
+            order = int(hashlib.sha256(key.encode()).hexdigest()[:15], 16)
+            heap = chosen.setdefault(label, [])
+            if len(heap) < SHOWN_PER_LABEL:
+                heapq.heappush(heap, (-order, key, shard))
+            elif -heap[0][0] > order:
+                heapq.heapreplace(heap, (-order, key, shard))
+    labels = [label for label, _ in counts.most_common(SHOWN_LABELS)]
+    wanted: dict[str, set[str]] = {}
+    for label in labels:
+        for _, key, shard in chosen[label]:
+            wanted.setdefault(shard, set()).add(key)
+    samples = _payloads(shards, wanted)
+    rows = []
+    for label in sorted(labels):
+        audio_left = [1]
+        cards = [_card(key, samples[key], (member_payload(samples[key], "text") or b"").decode(errors="replace"),
+                     audio_left) for _, key, _ in sorted(chosen[label], key=lambda e: e[1]) if key in samples]
+        rows.append(f'<div class="strip"><h3>{html.escape(label)} ({counts[label]})</h3>{"".join(cards)}</div>')
+    return f'<section id="samples"><h2>Samples per label</h2>{"".join(rows)}</section>'
+
+
+def reject_examples(shards: Store) -> str:
+    """Per reject reason (the SHOWN_REASONS most common): its count and SHOWN_REJECTS examples
+    (key, file, line, reason; a thumbnail when the input's image is in the shards: duplicates)."""
+    from preprocess.shard import reason_class
+
+    counts: Counter = Counter()
+    examples: dict[str, list[dict]] = {}
+    for batch in reject_batches(shards):
+        for record in batch.to_pylist():
+            reason = reason_class(record["reason"], record["modality"])
+            counts[reason] += 1
+            if len(examples.setdefault(reason, [])) < SHOWN_REJECTS:
+                examples[reason].append(record)
+    reasons = [r for r, _ in counts.most_common(SHOWN_REASONS)]
+    keys = {r["sample_key"] for reason in reasons for r in examples[reason] if r["sample_key"]}
+    stored = _payloads(shards, _shards_of(shards, keys)) if keys else {}
+    rows = []
+    for reason in reasons:
+        items = []
+        for r in examples[reason]:
+            image = member_payload(stored.get(r["sample_key"], {}), "image")
+            thumb = _thumbnail(image) if image else None
+            items.append("<li>" + (f'<img class="thumb" alt="{html.escape(str(r["key"]))}" src="{thumb}"> '
+                                   if thumb else "")
+                         + f"<code>{html.escape(str(r['key']))}</code> {html.escape(r['file'] or '')} line "
+                         f"{r['line']}: {html.escape(r['reason'])}</li>")
+        rows.append(f'<div class="reason"><h3>{html.escape(reason)}: {counts[reason]}</h3><ul>{"".join(items)}</ul>'
+                    "</div>")
+    body = "".join(rows) or "<p>no rejects</p>"
+    return f'<section id="rejects"><h2>Rejects by reason</h2>{body}</section>'
+
+
+def _page(title: str, summary: str, plots: list[tuple[str, str]], sections: str = "") -> bytes:
     figures = "\n".join(
         f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{data}" '
         f'onload="this.dataset.loaded=this.naturalWidth"><figcaption>{html.escape(name)}</figcaption></figure>'
         for name, data in plots)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif;margin:2em}} figure{{display:inline-block;margin:1em}}</style></head>
+<style>body{{font-family:sans-serif;margin:2em}} figure{{display:inline-block;margin:1em}}
+.card{{display:inline-block;vertical-align:top;width:12em;margin:.3em;font-size:80%}}
+.thumb{{max-width:{THUMB}px;max-height:{THUMB}px;vertical-align:middle}} audio{{width:11em}}</style></head>
 <body><h1>{html.escape(title)}</h1>
 <p>{summary}</p>
+{sections}
 {figures}
 </body></html>""".encode()
 
@@ -346,7 +462,7 @@ def write_report(out: Store, run: Store | None = None) -> str:
         *(_training_plots(run) + _evaluation_plots(run) if run else []),
     ]
     text = (f"{summary.inputs} inputs, {summary.accepted} accepted, {summary.rejected} rejected, "
-            f"{summary.shards} shards; {embed.computed if embed else 0} embeddings computed, "
-            f"{embed.cache_hits if embed else 0} cache hits.")
-    out.write_bytes(REPORT, _page("tessera run report", text, plots))
+            f"{summary.shards} shards; {embed.computed if embed else 0} vectors computed and "
+            f"{embed.cache_hits if embed else 0} taken from the cache by the last embedding run.")
+    out.write_bytes(REPORT, _page("tessera run report", text, plots, sample_strips(shards) + reject_examples(shards)))
     return out.url_of(REPORT)

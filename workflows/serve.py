@@ -87,16 +87,17 @@ def _error(status: int, detail) -> JSONResponse:
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=256)
 @serve.ingress(app)
 class PredictionService:
-    def __init__(self, model_url: str, storage_options: dict, variant: str, settings: dict):
+    def __init__(self, model_url: str, storage_options: dict, variant: str, settings: dict, bundle: bool = False):
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
         from workflows.predict import Predictor
 
         self.settings = settings
-        self.predictor = Predictor(Store(model_url, storage_options), variant)
+        self.predictor = Predictor(Store(model_url, storage_options), variant, bundle=bundle)
         meta = self.predictor.meta
-        self.identity = {"export": model_url, "variant": variant, "checkpoint": meta.get("checkpoint"),
-                         "tasks": [t.name for t in self.predictor.tasks], "dims": meta["dims"]}
+        self.identity = {"export": model_url, "variant": variant, "bundle": bundle,
+                         "checkpoint": meta.get("checkpoint"), "tasks": [t.name for t in self.predictor.tasks],
+                         "dims": meta["dims"]}
         self.score_batch.set_max_batch_size(settings["max_batch_size"])
         self.score_batch.set_batch_wait_timeout_s(settings["batch_wait_ms"] / 1000)
         self.registry = CollectorRegistry()
@@ -214,23 +215,36 @@ class PredictionService:
         return PlainTextResponse(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def run_service(cfg, model: str, variant: str, host: str, port: int) -> None:
+def run_service(cfg, model: str, variant: str, host: str, port: int, bundle: bool = False) -> None:
     """Deploy MODEL (an export URL) with CFG.serve's settings on the running Ray and serve on
-    HOST:PORT until SIGINT / SIGTERM; then shut down, letting in-flight requests finish."""
+    HOST:PORT until SIGINT / SIGTERM (with BUNDLE, its ONNX encoders: no torch in the
+    replicas); then shut down, letting in-flight requests finish."""
     import signal
     import threading
 
     settings = cfg.serve.model_dump()
-    serve.start(http_options={"host": host, "port": port})
-    deployment = PredictionService.options(num_replicas=cfg.serve.replicas,
-                                           max_ongoing_requests=max(256, 2 * cfg.serve.max_batch_size))
-    serve.run(deployment.bind(model, cfg.runtime.storage_options, variant, settings), name="tessera",
-              route_prefix="/")
-    log.info("serving %s (%s) at http://%s:%d (%d replicas)", model, variant, host, port, cfg.serve.replicas)
-    print(json.dumps({"url": f"http://{host}:{port}", "replicas": cfg.serve.replicas, "variant": variant}),
-          flush=True)
-    done = threading.Event()
+    up, done = threading.Event(), threading.Event()
+
+    def stop(*_) -> None:
+        if not up.is_set():  # still deploying: interrupt that
+            raise KeyboardInterrupt
+        done.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
-    done.wait()
-    serve.shutdown()
+        signal.signal(sig, stop)
+    try:
+        serve.start(http_options={"host": host, "port": port}, proxy_location=cfg.serve.proxy_location)
+        deployment = PredictionService.options(num_replicas=cfg.serve.replicas,
+                                               ray_actor_options={"num_cpus": cfg.serve.cpus_per_replica},
+                                               max_ongoing_requests=max(256, 2 * cfg.serve.max_batch_size))
+        serve.run(deployment.bind(model, cfg.runtime.storage_options, variant, settings, bundle), name="tessera",
+                  route_prefix="/")
+        up.set()
+        log.info("serving %s (%s) at http://%s:%d (%d replicas)", model, variant, host, port, cfg.serve.replicas)
+        print(json.dumps({"url": f"http://{host}:{port}", "replicas": cfg.serve.replicas, "variant": variant,
+                          "bundle": bundle}), flush=True)
+        done.wait()
+    except KeyboardInterrupt:
+        log.info("stopped while deploying")
+    finally:
+        serve.shutdown()

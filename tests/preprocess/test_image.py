@@ -40,6 +40,16 @@ def test_bad_images_are_rejected_with_their_reason(name, reason):
     assert reason in err.value.reason
 
 
+def test_a_cut_png_and_a_bomb_get_plain_image_reasons():
+    cut = (MINI / "images" / "astronaut.png").read_bytes()[:3000]  # its header, part of its first chunk
+    with pytest.raises(Reject) as err:
+        decode_image(cut, ImageConfig())
+    assert (err.value.modality, err.value.reason) == ("image", "image truncated")
+    with pytest.raises(Reject) as err:  # the configured limit is what the reason names, not Pillow's
+        decode_image(dirty("bomb.png"), ImageConfig(max_pixels=40_000_000))
+    assert "shard.image.max_pixels (40000000)" in err.value.reason and "178956970" not in err.value.reason
+
+
 def test_pixel_limit_is_configurable():
     data = encode(Image.new("RGB", (300, 200)))
     with pytest.raises(Reject, match="decompression bomb: 300x200"):

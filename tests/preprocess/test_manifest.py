@@ -56,6 +56,7 @@ def test_row_checks(tmp_path):
     assert got[5][1:] == ("text", "text has the wrong type int, expected a string")
     assert got[6] == (None, None, "manifest line is a list, not an object")
     assert got[7][0] is None and got[7][2].startswith("manifest line is not valid JSON")
+    assert "column" not in got[7][2] and "at character" in got[7][2]  # one line number: the reject's
     assert got[9][2] == "key is empty"
 
 

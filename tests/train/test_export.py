@@ -10,7 +10,8 @@ from torch import nn
 from preprocess.storage import Store
 from train.config import ExportConfig
 from train.evaluate import data_for, eager_scorer, eval_batches, trained_on, without
-from train.export import export_run, onnx_scorer, pruned
+from train.export import export_run, pruned
+from train.inputs import onnx_scorer
 from train.saved import load_model, read_saved
 
 # 18 validation samples: one changed prediction moves accuracy by 0.056

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from train.config import ModelConfig
+from train.losses import TaskLoss
 from train.model import MultimodalModel, contrastive_loss
-from train.tasks import Task, TaskLoss
+from train.tasks import Task
 
 DIMS = {"text": 6, "image": 5, "audio": 4}
 TASKS = (Task("label", "label", "classification", ("a", "b", "c")),)

@@ -11,8 +11,9 @@ from pydantic import ValidationError
 
 from train.config import ModelConfig, TrainConfig
 from train.data import resolve_tasks
+from train.losses import Distillation, TaskLoss, split_outputs
 from train.model import MultimodalModel
-from train.tasks import Distillation, Task, TaskLoss, pack_targets, split_outputs
+from train.tasks import Task, pack_targets
 
 TASKS = (Task("label", "label", "classification", ("a", "b", "c")),
          Task("tags", "tags", "multilabel", ("x", "y")),

@@ -47,5 +47,13 @@ def test_run_chains_the_stages_and_skips_what_is_up_to_date(ray_session, tmp_pat
             "Training", "label: confusion matrix", "label: ROC curves", "label: modality ablation",
             # curation: moon and moon-silent side by side, the similarity histogram with eps drawn
             "Image near-duplicates", "text: highest within-cluster cosine"} <= set(titles)
+    # ... and the data itself: a strip of samples per label (thumbnails decoded, captions, audio
+    # players), each reject reason with its examples (moon-silent's picture, the near-duplicate)
+    thumbs = re.findall(r'<img class="thumb" alt="([^"]+)"', dom)
+    assert len(re.findall(r'<div class="strip"><h3>', dom)) == 7 and len(thumbs) >= 10
+    assert "horse" in thumbs and "<audio controls" in dom
+    rejects = dom[dom.index('<section id="rejects">'):]
+    assert re.search(r"<h3>image: near-duplicate[^<]*: 1</h3>", rejects) and 'alt="moon-silent"' in rejects
+    assert (tmp_path / "report.html").stat().st_size < 6_000_000
     evaluation = json.loads((Path(model).parent / "eval.json").read_text())  # each trained run is evaluated
     assert evaluation["sets"]["val"]["samples"] == first["stages"]["train"]["val_samples"]

@@ -24,7 +24,7 @@ import pytest
 from features.layout import read_sidecar
 from preprocess.layout import MARKER
 from preprocess.storage import Store
-from tests.conftest import LABELS, MINI, REPO, free_port
+from tests.conftest import LABELS, MINI, REPO, free_port, terminated
 from train.config import ExportConfig
 from train.export import export_run
 from workflows.jobs import bundled_manifest
@@ -166,6 +166,47 @@ def test_nodes_cannot_see_each_others_files(cluster):
     assert len(seen) == 2
     for exists, names in seen:  # neither the driver's file nor the other node's scratch file is visible
         assert not exists and names.count("mine") == 1
+
+
+def test_serve_deploys_on_the_cluster_with_its_replicas_on_two_nodes(cluster, s3, s3_options, exported_mini, tmp_path):
+    """`tessera serve --address`: the export read from S3 by each node, one replica per 1-CPU
+    node, the proxy on the head; answered over HTTP; SIGTERM removes the application."""
+    import requests
+
+    model, _ = exported_mini
+    s3.put(str(model) + "/", "mn-runs/serve-model/", recursive=True)
+    config = tmp_path / "serve.yaml"
+    config.write_text(json.dumps({"runtime": {"storage_options": s3_options},
+                                  "serve": {"replicas": 2, "proxy_location": "HeadOnly"}}))
+    port = free_port()
+    proc = tessera(cluster, "serve", "s3://mn-runs/serve-model", "--config", str(config), "--port", str(port))
+    try:
+        wait_for(lambda: _ready(f"http://127.0.0.1:{port}/readyz"), "the service ready", proc)
+        sample = {"key": "cluster", "text": "A horse standing in a green field."}
+        answer = requests.post(f"http://127.0.0.1:{port}/predict", json={"samples": [sample]}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        [result] = answer.json()["results"]
+        assert result["key"] == "cluster" and set(result["predictions"]) == {"label", "has_audio", "media", "words"}
+        replicas = [p for p in psutil.process_iter(["cmdline"]) if "ServeReplica:tessera" in " ".join(
+            p.info["cmdline"] or [])]
+        nodes = {next(arg for arg in r.parent().cmdline() if arg.startswith("--node_manager_port=")) for r in replicas}
+        assert len(replicas) == 2 and nodes == {f"--node_manager_port={n}" for n in cluster.nodes}
+    finally:
+        terminated(proc)
+    assert proc.returncode == 0, proc.stdout.read()[-3000:]
+    wait_for_gone = time.monotonic() + 60  # the replicas' CPUs are free again for the next job
+    while [p for p in psutil.process_iter(["cmdline"]) if "ServeReplica:tessera" in " ".join(p.info["cmdline"] or [])]:
+        assert time.monotonic() < wait_for_gone, "the replicas outlived the service"
+        time.sleep(1)
+
+
+def _ready(url: str) -> bool:
+    import requests
+
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
 
 
 SHARD = {"samples_per_shard": 4, "labels": list(LABELS)}

@@ -86,5 +86,34 @@ def test_cli_predict_writes_one_json_line_per_input(exported_mini, tmp_path):
     assert done.returncode == 0, done.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert {r["key"] for r in records} == {key, "other", "notes"}
-    assert next(r for r in records if r["key"] == "notes")["reason"] == "unknown file type .xyz"
+    notes = next(r for r in records if r["key"] == "notes")
+    assert notes["reason"] == "unknown file type .xyz" and notes["file"] == str(tmp_path / "notes.xyz")
     assert "2 predicted, 1 rejected" in done.stderr
+
+
+def test_the_onnx_bundle_predicts_what_the_torch_encoders_do_without_importing_torch(exported_mini, tmp_path):
+    model, evaluated = exported_mini
+    manifest = tmp_path / "new.jsonl"
+    manifest.write_text("\n".join(line for line in mini_manifest_lines(43) if json.loads(line)["key"] in evaluated))
+    blocked = ("import sys; sys.modules['torch'] = None  # any `import torch` now raises ImportError\n"
+               "from workflows.cli import main\n"
+               "code = main(sys.argv[1:])\n"
+               "assert not any(m == 'torch' or m.startswith('torch.') for m in sys.modules if sys.modules[m])\n"
+               "sys.exit(code)\n")
+    for variant, tolerance in (("fp32", 1e-3), ("int8", 0.1)):
+        out = tmp_path / f"{variant}.jsonl"
+        done = subprocess.run([sys.executable, "-c", blocked, "predict", str(model), str(manifest), "--bundle",
+                               "--variant", variant, "--out", str(out)], cwd=REPO, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        records = [json.loads(line) for line in out.read_text().splitlines()]
+        assert len(records) == len(evaluated)
+        assert_same_probabilities(records, evaluated, tolerance)
+    bundle = json.loads((model / "export.json").read_text())["bundle"]
+    assert bundle["samples"] == len(evaluated)
+    assert set(bundle["encoders"]) == {"text", "image", "audio", "video"}
+    for modality, encoder in bundle["encoders"].items():
+        assert encoder["bytes"]["fp32"] > encoder["bytes"]["int8"] > 0, modality
+        assert encoder["max_cosine_diff"]["fp32"] < 1e-4, modality
+        assert encoder["max_cosine_diff"]["int8"] < 0.2, modality
+    assert all(share >= 0.99 for share in bundle["agreement_with_torch"]["fp32"].values())
+    assert set(bundle["agreement_with_torch"]["int8"]) == {"label", "has_audio", "media", "words"}

@@ -20,6 +20,7 @@ from train.data import DatasetInfo, StreamSpec, loader
 from workflows.config import load_config
 from workflows.dataset import open_dataset
 from workflows.refresh import run_refresh, versions
+from workflows.status import folder_status
 
 
 def config(manifest, out, *overrides):
@@ -49,6 +50,11 @@ def test_new_changed_and_removed_rows_become_versions_then_nothing(ray_session, 
 
     assert refresh(manifest, out) == {"version": None, "new_rows": 0}
     assert (out / "versions" / "v000001" / "shard-000000.emb.parquet").exists()  # earlier versions intact
+    status = folder_status(Store(str(out)))  # tessera status: the versions, the newest one's stages
+    assert status["kind"] == "refresh output" and status["newest"] == "v000002" and status["lease"] is None
+    assert [(v["version"], v["added"]) for v in status["versions"]] == [("v000001", 20), ("v000002", 10)]
+    assert status["stages"]["shard"]["complete"] and status["stages"]["shard"]["up_to_date"]
+    assert status["stages"]["embed"]["complete"] and status["last_run"]
 
     lines = mini_manifest_lines(30)
     changed, removed = json.loads(lines[3]), json.loads(lines[5])

@@ -16,7 +16,7 @@ import psutil
 import requests
 
 from preprocess.storage import Store
-from tests.conftest import DIRTY, REPO, free_port, mini_manifest_lines
+from tests.conftest import DIRTY, REPO, free_port, mini_manifest_lines, terminated
 from workflows.predict import Predictor, predict_inputs
 
 MAX_BYTES = 8_000_000
@@ -47,10 +47,10 @@ def assert_same(got: dict, want: dict) -> None:
         assert max(abs(got["scores"][task][k] - v) for k, v in scores.items()) < 1e-5, task
 
 
-def started(model, port: int) -> subprocess.Popen:
+def started(model, port: int, *options: str) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "workflows", "serve", str(model), "--port", str(port),
                              "--workers", "2", "--max-batch-size", "16", "--set",
-                             f"serve.max_request_bytes={MAX_BYTES}", "--no-progress"],
+                             f"serve.max_request_bytes={MAX_BYTES}", "--no-progress", *options],
                             cwd=REPO, env={**os.environ, "RAY_ADDRESS": ""}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
@@ -164,9 +164,30 @@ def test_the_service_answers_as_predict_does_and_survives_bad_requests(exported_
             time.sleep(0.5)
         print(f"answered again {time.monotonic() - killed:.1f} s after the replica was killed")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        terminated(proc)
+    assert proc.returncode == 0, proc.stderr.read()[-3000:]
+
+
+def test_the_int8_bundle_is_served_without_torch_as_predict_gives_it(exported_mini, tmp_path):
+    model, _ = exported_mini
+    port = free_port()
+    proc = started(model, port, "--variant", "int8", "--bundle")
+    try:
+        rows = [json.loads(line) for line in mini_manifest_lines(12)]
+        (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        predictor = Predictor(Store(str(model)), "int8", bundle=True)
+        expected = {r["key"]: r for r in predict_inputs(predictor, [str(tmp_path / "rows.jsonl")])}
+        got = requests.post(f"http://127.0.0.1:{port}/predict", json={"samples": [as_request(r) for r in rows]},
+                            timeout=120)
+        assert got.status_code == 200, got.text
+        assert got.json()["model"]["variant"] == "int8" and got.json()["model"]["bundle"] is True
+        for result in got.json()["results"]:
+            assert_same(result, expected[result["key"]])
+        [replica] = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                     if "ServeReplica:tessera" in " ".join(p.cmdline())]
+        libraries = [m.path for m in replica.memory_maps()]
+        assert any("onnxruntime" in path for path in libraries)
+        assert not [path for path in libraries if "libtorch" in path]  # the replica never loaded torch
+    finally:
+        terminated(proc)
     assert proc.returncode == 0, proc.stderr.read()[-3000:]

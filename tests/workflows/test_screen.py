@@ -1,0 +1,75 @@
+"""What a person sees: `tessera run --dry-run` in a terminal shows tessera's few lines, its
+progress bars and the summary table, not Ray's, DeepSpeed's or transformers' chatter (that is in
+OUT/logs/); --json prints the machine-readable record; -v shows worker output live."""
+
+import json
+import os
+import pty
+import subprocess
+import sys
+
+from tests.conftest import MINI, REPO
+
+LINE_BUDGET = 40
+NOT_OURS = ("pid=", "PlacementGroupCleaner", "core_worker", "DeepSpeed", "deepspeed", "Loading weights",
+            "Reconstructed", "FutureWarning", "UserWarning", "DeprecationWarning", "Token authentication",
+            "Quantization parameters")
+
+
+def tessera(*args: str, cwd, terminal: bool = False) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `python -m workflows ARGS`; with TERMINAL both streams are
+    one pseudo-terminal and stdout holds what it showed."""
+    command = [sys.executable, "-m", "workflows", *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ""}
+    if not terminal:
+        done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+        return done.returncode, done.stdout, done.stderr
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=secondary, stderr=secondary)
+    os.close(secondary)
+    shown = []
+    while True:
+        try:
+            data = os.read(primary, 1 << 16)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        shown.append(data)
+    os.close(primary)
+    return proc.wait(timeout=900), b"".join(shown).decode(errors="replace"), ""
+
+
+def test_a_dry_run_shows_its_own_lines_and_the_summary_table(tmp_path):
+    code, shown, _ = tessera("run", "--dry-run", cwd=tmp_path, terminal=True)
+    lines = [line for line in shown.replace("\r\n", "\n").split("\n") if line.strip()]
+    assert code == 0, shown[-3000:]
+    assert not [line for line in lines if any(mark in line for mark in NOT_OURS)], shown
+    assert len(lines) <= LINE_BUDGET, shown
+    report = tmp_path / "out" / "dry-run" / "report.html"
+    assert report.exists()
+    tail = "\n".join(lines[-12:])
+    assert "report" in tail and "report.html" in tail and "accepted" in tail, shown
+    logs = list((tmp_path / "out" / "dry-run" / "logs").glob("*-run/*"))
+    assert any(p.name == "driver.log" for p in logs) and any(p.name.startswith("worker-") for p in logs)
+
+    # --json: the record scripts read, as the last line (an up-to-date run)
+    code, out, err = tessera("run", "--dry-run", "--json", cwd=tmp_path)
+    assert code == 0, err
+    record = json.loads(out.strip().splitlines()[-1])
+    assert set(record) == {"shard", "embed", "train", "seconds"}
+    assert all(record[stage]["up_to_date"] for stage in ("shard", "embed", "train"))
+
+
+def test_verbose_shows_worker_lines_and_quiet_does_not(tmp_path):
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(line for line in (MINI / "manifest.jsonl").open()
+                                if '"image"' not in line and '"audio"' not in line and '"video"' not in line))
+    code, out, err = tessera("shard", str(manifest), str(tmp_path / "quiet"), "--no-progress", cwd=tmp_path)
+    assert code == 0, err
+    assert "pid=" not in out + err
+    assert "committed" not in out + err  # the worker's own INFO line stays in the logs ...
+    assert any("committed" in p.read_text() for p in (tmp_path / "quiet" / "logs").glob("*/worker-*"))
+    code, out, err = tessera("shard", str(manifest), str(tmp_path / "loud"), "--no-progress", "-v", cwd=tmp_path)
+    assert code == 0, err
+    assert [line for line in (out + err).splitlines() if "pid=" in line and "committed" in line]  # ... or shows live
