@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 LOOKUP_BATCH = 1024  # hashes per IN filter
 PROBE_AGAIN_S = 1.0  # before a fragment that failed to decode is tried once more
 _READ_ERRORS = (OSError, ValueError)  # what Lance raises for a file it cannot read
+COMMIT_ATTEMPTS = 5  # of an insert whose commit conflicts with a concurrent one
 # what Lance's messages say of storage trouble (its object-store client retried it already);
 # Lance's errors carry no status or errno, only text
 _TRANSIENT_TEXT = ("timed out", "timeout", "connection", "503", "500 internal", "502", "504", "slow down",
@@ -178,7 +179,18 @@ class EmbeddingCache:
         }, schema=self._schema())
         if self._open() is None:
             self._create()
-        self._dataset.merge_insert("sha256").when_not_matched_insert_all().execute(table)
+        self._merge(table)
+
+    def _merge(self, table: pa.Table) -> None:
+        """Insert the rows of TABLE whose hash is not cached yet."""
+        for attempt in range(COMMIT_ATTEMPTS):
+            try:
+                self._dataset.merge_insert("sha256").when_not_matched_insert_all().execute(table)
+                return
+            except OSError as e:  # another writer's commit Lance cannot rebase ours on: reread, again
+                if "Incompatible transaction" not in str(e) or attempt == COMMIT_ATTEMPTS - 1:
+                    raise
+                self._open(refresh=True)
 
     def _create(self) -> None:
         """Create the dataset, empty: of writers creating it at once, Lance's own commit lets one
@@ -193,6 +205,14 @@ class EmbeddingCache:
             if "already exists" not in str(e):
                 raise
             self._open()
+            return
+        if self._dataset.version > 1:
+            # the create lost the race and Lance committed it as an overwrite of the winner's
+            # dataset: put back what the version before held (nothing is lost, nothing doubled)
+            before = self._dataset.checkout_version(self._dataset.version - 1).to_table()
+            self._dataset = self._dataset.checkout_version(self._dataset.latest_version)
+            if before.num_rows:
+                self._merge(before)
 
     def keep_indexed(self, lag: int) -> None:
         """Fold appended rows into the index once more than LAG are outside it: merge_insert

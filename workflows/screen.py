@@ -24,12 +24,24 @@ TOP_REASONS = 3
 OURS = ("preprocess", "features", "train", "workflows", "__main__")
 
 
+class _Stderr(logging.StreamHandler):
+    """To whatever sys.stderr is when a record comes (not the one it was when set up)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _) -> None:
+        pass
+
+
 def setup_logging(verbose: bool) -> Path:
     """Every record (INFO and up, Python warnings too) to a driver log file; on the terminal
     tessera's own records and anybody's errors, or everything with VERBOSE. Returns the file."""
     path = Path(tempfile.mkdtemp(prefix="tessera-logs-")) / "driver.log"
     form = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    to_file, to_terminal = logging.FileHandler(path), logging.StreamHandler()
+    to_file, to_terminal = logging.FileHandler(path), _Stderr()
     for handler in (to_file, to_terminal):
         handler.setFormatter(form)
     if not verbose:

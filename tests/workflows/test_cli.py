@@ -69,3 +69,16 @@ def test_inputs_that_are_not_there_or_not_what_a_command_reads_say_what_they_are
         assert main(argv) == code, argv
         assert said in capsys.readouterr().err, argv
     assert not (tmp_path / "x").exists()
+
+
+def test_export_says_what_it_wrote_without_onnxruntime_chatter(trained_mini, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "workflows", "export", str(trained_mini), str(tmp_path / "model"),
+                           "--set", "export.prune_sparsity=0.5"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    shown = done.stdout + done.stderr
+    assert "Quantization parameters" not in shown and "pre-processing before quantization" not in shown
+    table = done.stderr  # stdout is not a terminal: the table on stderr, the records on stdout
+    assert "x1.00 smaller" not in table and "gzipped" in table and "smaller)" in table
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["variant"] for r in records] == ["fp32", "int8", "pruned"]

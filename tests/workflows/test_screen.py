@@ -53,6 +53,16 @@ def test_a_dry_run_shows_its_own_lines_and_the_summary_table(tmp_path):
     logs = list((tmp_path / "out" / "dry-run" / "logs").glob("*-run/*"))
     assert any(p.name == "driver.log" for p in logs) and any(p.name.startswith("worker-") for p in logs)
 
+    # tessera status of that run output: its stages, the run, where the report and the model are
+    code, out, err = tessera("status", "out/dry-run", "--json", cwd=tmp_path)
+    assert code == 0, err
+    status = json.loads(out)
+    assert status["kind"] == "job output (tessera run)" and status["lease"] is None
+    assert [name for name in status["stages"] if not name.startswith("train ")] == ["shard", "embed"]
+    assert all(stage["complete"] for stage in status["stages"].values()) and len(status["stages"]) == 3
+    assert status["report"] == str(report) and status["model"].endswith("model.safetensors")
+    assert status["last_run"]["seconds"] > 0
+
     # --json: the record scripts read, as the last line (an up-to-date run)
     code, out, err = tessera("run", "--dry-run", "--json", cwd=tmp_path)
     assert code == 0, err

@@ -17,6 +17,7 @@ from preprocess.layout import MANIFEST_SOURCE, MARKER
 from preprocess.stage import run_shard_stage
 from preprocess.storage import Store
 from tests.conftest import LABELS, REPO
+from workflows.layout import LOGS
 
 SAMPLE = REPO / "workflows" / "sample_corpus"
 SETTINGS = {"runtime": {"workers": 1}, "shard": {"samples_per_shard": 6, "labels": list(LABELS)},
@@ -32,11 +33,11 @@ def together(*commands: list[str]) -> list[subprocess.CompletedProcess]:
 
 def outputs(folder: Store) -> dict[str, bytes | dict]:
     """What the stages committed, but their summaries (timings), the lease (its holder), the
-    cache, and what depends on where the manifest is (its files' tags: ETags on S3, mtimes on
+    cache, the commands' logs, and what depends on where the manifest is (its files' tags: ETags on S3, mtimes on
     disk, in manifest-source.json and the markers' plan digests)."""
     found = {}
     for name in folder.infos():
-        if name.endswith(("summary.json", "lease.json", ".lock", MANIFEST_SOURCE)) or name.startswith(CACHE):
+        if name.endswith(("summary.json", "lease.json", ".lock", MANIFEST_SOURCE)) or name.startswith((CACHE, LOGS)):
             continue
         found[name] = folder.read_bytes(name)
         if MARKER.fullmatch(name):
