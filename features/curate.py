@@ -42,6 +42,7 @@ from features.layout import (
     CURATE_PAIRS,
     CURATED,
     OUTLIERS,
+    SIDECARS,
     CurateSummary,
     EmbedSummary,
     read_sidecar,
@@ -49,7 +50,19 @@ from features.layout import (
 from features.layout import (
     CURATE_SUPERSEDED as SUPERSEDED,
 )
-from preprocess.layout import KEPT, SHARD_KEPT, committed_shards, mark_index_parts, read_index_part
+from preprocess.layout import (
+    INDEX,
+    KEPT,
+    REJECTS,
+    SHARD_FILES,
+    SHARD_KEPT,
+    check_damage,
+    committed_shards,
+    mark_index_parts,
+    read_index_part,
+    read_sizes,
+    record_sizes,
+)
 from preprocess.lease import DEFAULT_LEASE, Fence, LeaseConfig, held
 from preprocess.near import components
 from preprocess.runner import StageWork, in_flight_limit, task
@@ -316,6 +329,10 @@ def curate_digest(stores: Sequence[Store], cfg: CurateConfig) -> str:
         embed = EmbedSummary.read(store)
         record.append([store.url, embed.encoders, embed.samples, embed.shards,
                        store.read_json("summary.json")["config_digest"]])
+    # the curated folder's index parts as last committed (with curation's marks): a shard the
+    # shard stage wrote again since (damaged, then redone) has lost them, and is curated again
+    sizes = read_sizes(stores[-1])
+    record.append(sorted((name, size) for name, size in sizes.items() if name.startswith(f"{INDEX}/")))
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -334,6 +351,9 @@ def run_curate_stage(shards: Store, cfg: CurateConfig, progress: bool = True,
     if not EmbedSummary.exists(shards):
         raise FileNotFoundError(f"{shards.url} has no embeddings: run tessera embed {shards.url} first")
     earlier = [store for store in earlier if EmbedSummary.exists(store)]
+    for store in (*earlier, shards):
+        check_damage(store, (*SHARD_FILES, SIDECARS), "`tessera shard` and `tessera embed` (or the job that made "
+                     "them) run again")
     with held(shards, lease, "tessera curate") as fence:
         current = current_curation(shards, cfg, earlier)
         if current is not None:
@@ -402,6 +422,7 @@ def _curate(shards: Store, cfg: CurateConfig, progress: bool, fence: Fence, earl
     for scratch in (CURATE_CLUSTERS, CURATE_PAIRS, SUPERSEDED):
         if shards.exists(scratch):
             shards.remove(scratch, recursive=True)
+    record_sizes(shards, (f"{INDEX}/*.parquet", f"{REJECTS}/*.parquet"), fence)
     summary = CurateSummary(
         digest=curate_digest(folders.stores, cfg), clusters=clusters,
         semantic_duplicates=found["semantic_duplicates"], outliers=found["outliers"],

@@ -39,6 +39,7 @@ EMBED_SUMMARY = "embed-summary.json"
 PLAN = "embed-plan.parquet"
 CACHE = "embed-cache"
 SIDECAR_SUFFIX = ".emb.parquet"
+SIDECARS = "shard-*" + SIDECAR_SUFFIX  # every sidecar, as a pattern
 CURATE = "curate"
 CURATED = f"{REJECTS}/curated.parquet"
 OUTLIERS = f"{CURATE}/outliers.parquet"

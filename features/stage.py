@@ -30,9 +30,9 @@ from features.actor import EmbedWorker
 from features.cache import EmbeddingCache
 from features.config import EmbedConfig
 from features.encoders import build_encoders
-from features.layout import CACHE, PLAN, EmbedSummary, sidecar_name
+from features.layout import CACHE, PLAN, SIDECARS, EmbedSummary, sidecar_name
 from features.sidecar import ShardRows, sidecar_is_current, write_sidecar
-from preprocess.layout import INDEX, committed_shards
+from preprocess.layout import INDEX, SHARD_FILES, check_damage, committed_shards, damaged, record_sizes
 from preprocess.lease import DEFAULT_LEASE, Fence, LeaseConfig, held
 from preprocess.runner import StageWork, actor, in_flight_limit, task
 from preprocess.storage import Store
@@ -119,6 +119,8 @@ class EmbedPlan:
 
 
 def plan_embedding(shards: Store, cfg: EmbedConfig, cache: Store, fence: Fence, work: StageWork) -> EmbedPlan:
+    """The sidecars' states; a sidecar that is gone or cut since it was committed is stale."""
+    check_damage(shards, SHARD_FILES, "`tessera shard` (or the job that made them) run again")
     names = committed_shards(shards)
     encoders = build_encoders(cfg)
     identities = {m: e.identity() for m, e in encoders.items()}
@@ -126,8 +128,12 @@ def plan_embedding(shards: Store, cfg: EmbedConfig, cache: Store, fence: Fence, 
     found: dict[int, list[dict]] = {}
     work.run(range(len(groups)), lambda g, _: _states_task.remote(shards, groups[g], identities, cfg),
              in_flight_limit(), found.__setitem__)
-    return EmbedPlan(shards, cache, fence, names, identities, {m: e.dim for m, e in encoders.items()},
-                     [s for g in range(len(groups)) for s in found[g]])
+    cut = {d.name for d in damaged(shards, (SIDECARS,))}
+    states = [s for g in range(len(groups)) for s in found[g]]
+    for state in states:
+        if sidecar_name(state["shard"]) in cut:
+            state["current"] = False
+    return EmbedPlan(shards, cache, fence, names, identities, {m: e.dim for m, e in encoders.items()}, states)
 
 
 class EmbedTally:
@@ -274,6 +280,8 @@ def _embed(shards: Store, cfg: EmbedConfig, cache: Store, progress: bool, fence:
         store_retries=work.store_retries,
         up_to_date=tally.total("computed") == 0 and written == 0,
     )
+    if written:
+        record_sizes(shards, (SIDECARS,), fence)
     fence.check(EmbedSummary.FILE)
     summary.write(shards)
     log.info("embedded %d shards: %d vectors computed, %d vectors from the cache, %d sidecars written "

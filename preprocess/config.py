@@ -174,6 +174,8 @@ class ShardConfig(Strict):
     targets: tuple[TargetConfig, ...] = ()
     # an input file larger than this is a reject, found before it is read (null: no limit)
     max_input_bytes: int | None = Field(512 << 20, gt=0)
+    # a row's other fields (kept in its sample's json) larger than this, as JSON, make it a reject
+    max_metadata_bytes: int = Field(1 << 20, gt=0)
     # a stage that rejects more than this share of its inputs writes everything, then fails (null: off)
     max_reject_fraction: float | None = Field(0.5, ge=0, le=1)
 

@@ -23,11 +23,11 @@ from collections.abc import Sequence
 from itertools import groupby
 
 from preprocess.config import ShardConfig
-from preprocess.layout import DUPLICATES, INDEX, KEPT_SQL, REJECTS, mark_index_parts
+from preprocess.layout import DUPLICATES, INDEX, REJECTS, mark_index_parts
 from preprocess.lease import Fence
 from preprocess.near import find_near_duplicates
 from preprocess.storage import Store
-from preprocess.versions import superseded_query
+from preprocess.versions import live_query
 
 MEMORY_LIMIT = "256MB"  # DuckDB spills to local scratch beyond this
 SHARDS_PER_TASK = 256  # index parts rewritten by one task
@@ -96,16 +96,13 @@ def find_duplicates(out: Store, cfg: ShardConfig, fence: Fence, earlier: Sequenc
 
 
 def _prior_view(con, earlier: Sequence[Store], out: Store) -> str | None:
-    """A table `prior` of the EARLIER versions' kept rows that are still live (not replaced or
-    removed by a later version, OUT included), with their version's position (`root`) and name."""
-    parts = " UNION ALL ".join(
-        f"SELECT *, {i} AS root, '{folder.url.rstrip('/').rsplit('/', 1)[-1]}' AS version "
-        f"FROM read_parquet({folder.sql_url(INDEX, 'shard-*.parquet')}) WHERE {KEPT_SQL}"
-        for i, folder in enumerate(earlier) if folder.names(f"{INDEX}/shard-*.parquet"))
-    if not parts:
+    """A table `prior` of the EARLIER versions' live rows (OUT's rows supersede them too), with
+    their version's position (`root`) and name."""
+    if not any(folder.names(f"{INDEX}/shard-*.parquet") for folder in earlier):
         return None
-    con.execute(f"CREATE TEMP TABLE prior AS SELECT p.* FROM ({parts}) p ANTI JOIN "
-                f"({superseded_query([*earlier, out])}) s ON s.root = p.root AND s.shard = p.shard AND s.key = p.key")
+    names = ", ".join(f"({i}, '{folder.url.rstrip('/').rsplit('/', 1)[-1]}')" for i, folder in enumerate(earlier))
+    con.execute(f"CREATE TEMP TABLE prior AS SELECT l.*, v.version FROM ({live_query([*earlier, out])}) l "
+                f"JOIN (VALUES {names}) v(root, version) USING (root)")
     return "prior"
 
 

@@ -21,6 +21,6 @@ def safe_key(key: str) -> str:
     No '/', '..' or '.' survive: WebDataset splits a member name at its first dot."""
     if _UNSAFE.search(key) is None and 0 < len(key) <= MAX_KEY_CHARS and not _REWRITTEN.search(key):
         return key
-    digest = hashlib.sha256(key.encode()).hexdigest()[:DIGEST_CHARS]
+    digest = hashlib.sha256(key.encode(errors="surrogatepass")).hexdigest()[:DIGEST_CHARS]
     stem = _UNSAFE.sub("_", key).strip("_")[: MAX_KEY_CHARS - len(digest) - 1]
     return f"{stem}_{digest}" if stem else digest

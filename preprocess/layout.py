@@ -15,6 +15,7 @@ module to find an up-to-date OUT before it starts Ray."""
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -160,6 +161,79 @@ class OutputConflict(RuntimeError):
     """OUT already holds outputs written from another config or other inputs."""
 
 
+# --- damage: what the stages committed, by size ---------------------------------------------
+
+SIZES = "sizes.parquet"  # name and bytes of every file the stages committed here (written at their ends)
+SIZES_SCHEMA = pa.schema([("name", pa.string()), ("bytes", pa.int64())])
+SHARD_FILES = ("shard-*.tar", "shard-*.json", f"{INDEX}/*.parquet", f"{REJECTS}/*.parquet")  # the shard stage's
+_SHARD_NUMBER = re.compile(r"(?:^|/)shard-(\d{6,})\.")
+
+
+@dataclass(frozen=True)
+class Damage:
+    """A committed file that is gone, or whose size is not the one recorded when it was committed."""
+
+    name: str
+    recorded: int
+    found: int | None  # None: not there
+
+    def __str__(self) -> str:
+        state = "missing" if self.found is None else f"{self.found} bytes, committed as {self.recorded}"
+        return f"{self.name} ({state})"
+
+    @property
+    def shard(self) -> int | None:
+        """The number of the shard the file belongs to (None: a file of the whole folder)."""
+        found = _SHARD_NUMBER.search(self.name)
+        return int(found.group(1)) if found else None
+
+
+class DamagedOutput(RuntimeError):
+    """Committed files of a folder are gone or cut (the CLI exits 66, naming them and the command
+    that redoes them)."""
+
+
+def read_sizes(store: Store) -> dict[str, int]:
+    if not store.exists(SIZES):
+        return {}
+    table = store.read_parquet(SIZES, schema=SIZES_SCHEMA)
+    return dict(zip(table.column("name").to_pylist(), table.column("bytes").to_pylist(), strict=True))
+
+
+def record_sizes(store: Store, patterns: tuple[str, ...], fence) -> None:
+    """Record the sizes a listing gives of the files matching PATTERNS (what a stage just
+    committed), in place of what the record said of those patterns; committed while FENCE holds."""
+    listed = {name: int(info["size"]) for pattern in patterns for name, info in store.infos(pattern).items()
+              if ".tmp-" not in name}
+    kept = {name: size for name, size in read_sizes(store).items()
+            if not any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)}
+    names = sorted({**kept, **listed})
+    merged = {**kept, **listed}
+    fence.check(SIZES)
+    store.write_parquet(SIZES, pa.table({"name": names, "bytes": [merged[n] for n in names]}, schema=SIZES_SCHEMA))
+
+
+def damaged(store: Store, patterns: tuple[str, ...] | None = None) -> list[Damage]:
+    """The recorded files (those matching PATTERNS; default all) that a listing shows gone or of
+    another size: one listing per folder they are in, no file read but the record."""
+    recorded = {name: size for name, size in read_sizes(store).items()
+                if patterns is None or any(fnmatch.fnmatchcase(name, p) for p in patterns)}
+    folders = sorted({name.rsplit("/", 1)[0] if "/" in name else "" for name in recorded})
+    listed: dict[str, int] = {}
+    for folder in folders:
+        listed.update({name: int(info["size"]) for name, info in store.infos(f"{folder}/*" if folder else "*").items()})
+    return [Damage(name, size, listed.get(name)) for name, size in recorded.items() if listed.get(name) != size]
+
+
+def check_damage(store: Store, patterns: tuple[str, ...] | None, redo: str) -> None:
+    """Raise DamagedOutput when committed files of STORE (matching PATTERNS) are damaged; REDO
+    says which command redoes them."""
+    found = damaged(store, patterns)
+    if found:
+        shown = ", ".join(map(str, found[:5])) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        raise DamagedOutput(f"{store.url}: {len(found)} committed files are damaged: {shown}; {redo} redoes them")
+
+
 def _flatten(tree: dict, prefix: str = "") -> dict:
     flat = {}
     for k, v in tree.items():
@@ -227,12 +301,13 @@ class ShardSummary(StageSummary):
 
 def current_summary(out: Store, cfg: ShardConfig, source: ManifestSource) -> ShardSummary | None:
     """OUT's summary when OUT is complete for this config and manifest (no input is opened:
-    the manifest files' sizes and ETags / mtimes stand for their content), else None."""
+    the manifest files' sizes and ETags / mtimes stand for their content) and none of its
+    committed files is damaged (their sizes, from listings), else None."""
     if not ShardSummary.exists(out):
         return None
     summary = ShardSummary.read(out)
     if (summary.config_digest, summary.manifest.get("fingerprint")) != (cfg.digest(), source.fingerprint) \
-            or len(committed_shards(out)) != summary.shards:
+            or len(committed_shards(out)) != summary.shards or damaged(out, SHARD_FILES):
         return None
     return summary.replace(resumed_shards=summary.shards, shards_by_node={}, store_retries=0, up_to_date=True)
 

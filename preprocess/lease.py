@@ -29,10 +29,10 @@ import uuid
 from dataclasses import dataclass
 
 import psutil
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from preprocess.config import Strict
-from preprocess.storage import Store
+from preprocess.storage import Store, out_of_space
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,15 @@ class LeaseConfig(Strict):
     ttl_s: float = Field(60.0, gt=0, description="a lease not renewed for this long may be taken over")
     heartbeat_s: float = Field(10.0, gt=0, description="how often the holder renews it")
     wait: bool = Field(False, description="wait for a held folder instead of exiting 75 (`--wait`)")
+
+    @model_validator(mode="after")
+    def _renewed_within_ttl(self) -> LeaseConfig:
+        # renewed at least twice per TTL: one late beat (a slow store call) must not hand a live
+        # writer's folder to another
+        if self.heartbeat_s > self.ttl_s / 2:
+            raise ValueError(f"heartbeat_s ({self.heartbeat_s}) must be at most half of ttl_s ({self.ttl_s}), or a "
+                             "second writer may take over a live lease")
+        return self
 
 
 DEFAULT_LEASE = LeaseConfig()
@@ -160,9 +169,17 @@ class Lease:
         self._stop.set()
         if self._beating is not None:
             self._beating.join()
-        found = _read(self.folder)
-        if found and found[0]["token"] == self.token:  # released for the next writer, its fence kept
-            self.folder.replace_if(LEASE, json.dumps({**found[0], "released": True}).encode(), found[1])
+        try:
+            found = _read(self.folder)
+            if found and found[0]["token"] == self.token:  # released for the next writer, its fence kept
+                self.folder.replace_if(LEASE, json.dumps({**found[0], "released": True}).encode(), found[1])
+        except OSError as error:
+            if out_of_space(error) is None:  # (the lease expires with its TTL; the run's own error matters more)
+                log.warning("%s: the lease could not be released (%s)", self.folder.url, error)
+                return
+            # a full disk has no room for the released record: removing the file needs none
+            self.folder.remove(LEASE)
+            log.warning("%s: released the lease by removing it (no space left for the record)", self.folder.url)
 
 
 def held(folder: Store, lease: LeaseConfig | Fence, command: str) -> contextlib.AbstractContextManager[Fence]:

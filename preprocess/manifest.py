@@ -7,13 +7,19 @@ boundaries found by a streaming scan, Parquet at row offsets from its footer —
 
 from __future__ import annotations
 
+import base64
+import datetime
+import decimal
 import hashlib
 import io
 import json
+import logging
 import math
 import posixpath
 import re
+import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,6 +30,8 @@ from preprocess.inputs import AllowedInputs
 from preprocess.keys import safe_key
 from preprocess.reject import Reject
 from preprocess.storage import Store, absolute, file_tag, parent, resolve
+
+log = logging.getLogger(__name__)
 
 FILE_FIELDS = {"image": "image", "audio": "audio", "video": "video", "text_file": "text"}
 KNOWN_FIELDS = {"key", "label", "text", *FILE_FIELDS}
@@ -47,6 +55,22 @@ class ManifestFile:
     @property
     def kind(self) -> str:
         return SUFFIXES[posixpath.splitext(self.url)[1]]
+
+
+PARQUET_MAGIC = b"PAR1"
+
+
+def _check_parquet(files: list[ManifestFile]) -> None:
+    """Refuse (FileNotFoundError: not what a manifest reader reads) a `.parquet` file that does not
+    end as Parquet does, before anything starts: its last 4 bytes only, read concurrently."""
+    def tail(f: ManifestFile) -> bytes:
+        return f.store.read_bytes(start=max(f.size - len(PARQUET_MAGIC), 0)) if f.size else b""
+
+    with ThreadPoolExecutor(min(16, len(files)) or 1) as pool:
+        for f, end in zip(files, pool.map(tail, files), strict=True):
+            if end != PARQUET_MAGIC:
+                raise FileNotFoundError(f"{f.url} is not a Parquet file (it does not end in {PARQUET_MAGIC!r}): "
+                                        "give manifests as JSONL (.jsonl, .json) or Parquet (.parquet)")
 
 
 @dataclass(frozen=True)
@@ -74,6 +98,7 @@ class ManifestSource:
             raise FileNotFoundError(f"no manifest at {url} (JSONL or Parquet files: {', '.join(SUFFIXES)})")
         files = tuple(ManifestFile(root.url_of(name), name, int(infos[name]["size"]), file_tag(infos[name]),
                                    root.child(name)) for name in names)
+        _check_parquet([f for f in files if f.kind == "parquet"])
         return cls(url, files)
 
     @property
@@ -164,14 +189,81 @@ def read_chunk(chunk: Chunk) -> Iterator[tuple[int, dict | str]]:
         yield number, row if isinstance(row, dict) else parse_json_line(row)
 
 
+class _NumberTooLong(ValueError):
+    pass
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > sys.get_int_max_str_digits():
+        raise _NumberTooLong(f"an integer of {len(text.lstrip('-'))} digits")
+    return int(text)
+
+
+# a JSON escape of a UTF-16 surrogate: json.loads takes a lone one as a character no encoder
+# writes, so a line that has one is looked at closely
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(value: object) -> str | None:
+    """The first string of VALUE (keys too) that cannot be written as UTF-8, escaped; else None."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode()
+            except UnicodeEncodeError as e:
+                return item[e.start : e.end].encode("unicode_escape").decode()
+    return None
+
+
 def parse_json_line(raw: bytes) -> dict | str:
+    """A manifest line's object, or why it is none (what its reject line says)."""
     try:
-        obj = json.loads(raw)
+        obj = json.loads(raw, parse_int=_bounded_int)
     except json.JSONDecodeError as e:  # e.msg without "line 1 column 5 (char 4)": the reject has the line
         return f"manifest line is not valid JSON: {e.msg} at character {e.pos + 1}"
     except UnicodeDecodeError as e:
         return f"manifest line is not valid JSON: not UTF-8 ({e.reason} at byte {e.start + 1})"
-    return obj if isinstance(obj, dict) else f"manifest line is a {type(obj).__name__}, not an object"
+    except _NumberTooLong as e:
+        return f"manifest line holds {e}, over {sys.get_int_max_str_digits()}"
+    except RecursionError:
+        return "manifest line is nested too deeply"
+    if not isinstance(obj, dict):
+        return f"manifest line is a {type(obj).__name__}, not an object"
+    if _SURROGATE_ESCAPE.search(raw):
+        lone = _lone_surrogate(obj)
+        if lone is not None:
+            return f"manifest line holds a lone UTF-16 surrogate ({lone}): not a character"
+    return obj
+
+
+def json_safe(value: object) -> object:
+    """VALUE as JSON holds it, for metadata kept from a manifest row: NaN and infinities as null
+    (not JSON), times and dates in ISO 8601, durations in seconds, decimals as their exact text,
+    bytes in base64, tuples as lists, mapping keys as strings."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, str | int | bool):
+        return value
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, datetime.datetime | datetime.date | datetime.time):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    raise Reject(None, f"metadata holds a {type(value).__name__}, which has no JSON form")
 
 
 @dataclass(frozen=True)
@@ -245,6 +337,17 @@ def check_target(value: object, target: TargetConfig) -> object:
     return sorted(values) if kind == "multilabel" else value
 
 
+def check_metadata(metadata: dict, cfg: ShardConfig) -> dict:
+    """The row's other fields as each sample's json keeps them (json_safe), bounded like inputs."""
+    if not metadata:
+        return metadata
+    kept = json_safe(metadata)
+    size = len(json.dumps(kept, ensure_ascii=False).encode())
+    if size > cfg.max_metadata_bytes:
+        raise Reject(None, f"metadata is {size} bytes, over shard.max_metadata_bytes ({cfg.max_metadata_bytes})")
+    return kept
+
+
 def source_key(obj: dict) -> str | None:
     """The row's key as given, when it is a usable one (a non-empty string or an integer)."""
     key = obj.get("key")
@@ -281,8 +384,8 @@ def parse_row(obj: dict, line: int, base_dir: str, cfg: ShardConfig, file: str =
             raise Reject(modality, f"{name}: {refusal}")
     targets = {t.field: check_target(obj.get(t.field), t) for t in cfg.targets}
     row = ManifestRow(line, key, safe_key(key), label, text, files,
-                      {k: v for k, v in obj.items() if k not in KNOWN_FIELDS and k not in targets}, file,
-                      {k: v for k, v in targets.items() if v is not None})
+                      check_metadata({k: v for k, v in obj.items() if k not in KNOWN_FIELDS and k not in targets},
+                                     cfg), file, {k: v for k, v in targets.items() if v is not None})
     if not row.modalities:
         raise Reject(None, "sample has no modality")
     missing = [m for m in cfg.required_modalities if m not in row.modalities]
@@ -300,11 +403,14 @@ def chunk_rows(chunk: Chunk, cfg: ShardConfig, confined: bool = True) -> Iterato
         if isinstance(obj, str):
             yield LineReject(line, None, None, obj, chunk.file.name)
             continue
+        key = obj.get("key") if isinstance(obj.get("key"), str) else None
         try:
             yield parse_row(obj, line, base_dir, cfg, chunk.file.name, allowed)
         except Reject as r:
-            key = obj.get("key") if isinstance(obj.get("key"), str) else None
             yield LineReject(line, key, r.modality, r.reason, chunk.file.name)
+        except (RecursionError, ValueError, TypeError) as e:  # a row no check foresaw: its line, not the shard
+            log.exception("unexpected error on line %d of %s", line, chunk.file.name)
+            yield LineReject(line, key, None, f"unexpected error: {type(e).__name__}: {e}", chunk.file.name)
 
 
 def iter_manifest(url: str, cfg: ShardConfig, store: Store, rows_per_chunk: int = 4096, confined: bool = True

@@ -4,6 +4,7 @@ bounded loop (`StageWork.run`) that every stage driver uses. The per-item code n
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -12,7 +13,7 @@ from typing import Any, TypeVar
 
 import ray
 
-from preprocess.storage import retries_so_far
+from preprocess.storage import out_of_space, retries_so_far
 
 Item = TypeVar("Item")
 
@@ -28,7 +29,13 @@ class Done:
 
 def _reported(call: Callable, args: tuple, kwargs: dict) -> Done:
     before = retries_so_far()
-    value = call(*args, **kwargs)
+    try:
+        value = call(*args, **kwargs)
+    except OSError as error:  # a full disk is no error a retry mends: Ray retries OSError only
+        full = out_of_space(error)
+        if full is None:
+            raise
+        raise full from error
     return Done(value, ray.get_runtime_context().get_node_id(), retries_so_far() - before)
 
 
@@ -57,6 +64,21 @@ def in_flight_limit() -> int:
     """Tasks kept in flight: enough to keep every CPU of the cluster busy, few enough that the
     driver holds little."""
     return max(8, 4 * int(ray.cluster_resources().get("CPU", 1)))
+
+
+ABANDON_WAIT_S = 10.0  # how long a failing stage waits for the work still in flight
+
+
+def _abandon(refs: list) -> None:
+    """When a stage fails (or is stopped), let the work still in flight finish for a while — what
+    it commits is kept, under the lease still held — and take its outcomes, so Ray does not
+    report them as unhandled errors beside the one that ended the stage. Nothing is cancelled
+    (ray.cancel racing a task that completes can abort the driver); work that outlives the wait
+    finds the lease released at its commit point and commits nothing."""
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=ABANDON_WAIT_S) if refs else ([], [])
+    for ref in ready:
+        with contextlib.suppress(BaseException):
+            ray.get(ref)
 
 
 class StageWork:
@@ -95,13 +117,17 @@ class StageWork:
             self.nodes[done.node] += 1
             on_done(item, self._take(done))
 
-        for item in items:
-            if not free:
+        try:
+            for item in items:
+                if not free:
+                    collect()
+                slot = free.pop()
+                in_flight[submit(item, slot)] = (item, slot)
+            while in_flight:
                 collect()
-            slot = free.pop()
-            in_flight[submit(item, slot)] = (item, slot)
-        while in_flight:
-            collect()
+        except BaseException:
+            _abandon(list(in_flight))
+            raise
 
     @property
     def store_retries(self) -> int:

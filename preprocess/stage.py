@@ -22,11 +22,15 @@ from preprocess.layout import (
     INDEX,
     MARKER,
     REJECTS,
+    SHARD_FILES,
     OutputConflict,
     ShardSummary,
     claim_output,
     committed_shards,
     current_summary,
+    damaged,
+    record_sizes,
+    shard_stem,
 )
 from preprocess.lease import DEFAULT_LEASE, Fence, LeaseConfig, held
 from preprocess.manifest import ManifestSource, chunks
@@ -133,6 +137,22 @@ def sweep_temporaries(out: Store) -> None:
             out.remove(stale)
 
 
+def redo_damaged(out: Store, fence: Fence) -> None:
+    """Uncommit the shards whose committed files are gone or cut (their markers removed: the run
+    writes them again, byte for byte); a damaged file of the whole folder (the dedup list) is
+    written again by the dedup pass, which every run that writes runs."""
+    found = damaged(out, SHARD_FILES)
+    shards = sorted({d.shard for d in found if d.shard is not None})
+    if found:
+        log.warning("shard: %d committed files are damaged (%s): their %d shards are written again", len(found),
+                    ", ".join(map(str, found[:5])), len(shards))
+    for number in shards:
+        marker = shard_stem(number) + ".json"
+        fence.check(f"uncommitting {marker}")
+        if out.exists(marker):
+            out.remove(marker)
+
+
 def run_shard_stage(manifest: str, out: Store, cfg: ShardConfig, progress: bool = True,
                     lease: LeaseConfig | Fence = DEFAULT_LEASE, earlier: Sequence[Store] = ()) -> ShardSummary:
     """Shard the manifest at URL MANIFEST (read through OUT's options) into OUT, holding OUT's
@@ -152,6 +172,7 @@ def _shard(manifest: str, out: Store, cfg: ShardConfig, progress: bool, fence: F
         log.info("shard: up to date (%d shards)", current.shards)
         return check_rejects(current, cfg)
     sweep_temporaries(out)  # (the lease holder's own, or an expired holder's: no one else writes here)
+    redo_damaged(out, fence)
     committed = {int(MARKER.fullmatch(name.removesuffix(".tar") + ".json").group(1))
                  for name in committed_shards(out)}
     tally = ShardProgress(out, started, progress)
@@ -187,6 +208,7 @@ def _shard(manifest: str, out: Store, cfg: ShardConfig, progress: bool, fence: F
         store_retries=work.store_retries,
         up_to_date=tally.resumed == tally.planned,
     )
+    record_sizes(out, SHARD_FILES, fence)
     fence.check(ShardSummary.FILE)
     summary.write(out)
     log.info("%d accepted, %d rejected (%d duplicates), %d shards in %.1f s", summary.accepted,

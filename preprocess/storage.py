@@ -12,7 +12,8 @@ above this module builds a filesystem or sees the options.
   streamed reads (`open`), and what pyarrow (`dataset`, `read_parquet`) and DuckDB (`duckdb`)
   do through it. Lance retries in its own object-store client. `retries_so_far()` counts the
   retries of this process; stage summaries report them as `store_retries`.
-- A store pickles as (url, options): Ray tasks take one and rebuild it where they run."""
+- A store pickles as (url, options): Ray tasks take one and rebuild it where they run; a
+  process forked from one that holds a store builds its own filesystem on first use."""
 
 from __future__ import annotations
 
@@ -54,6 +55,29 @@ _TRANSIENT_CLASSES = {"ConnectionError", "HTTPClientError", "ClientConnectionErr
                       "ServerTimeoutError", "ProtocolError", "IncompleteRead", "IncompleteReadError",
                       "ResponseStreamingError"}
 _PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+_NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+
+
+class OutOfSpace(RuntimeError):
+    """A write found its device (or quota) full. Not an OSError on purpose: nothing retries it
+    (the store's retries are for transient errors, Ray's for OSError); the CLI says so in one line."""
+
+
+def out_of_space(error: BaseException) -> OutOfSpace | None:
+    """ERROR as OutOfSpace when it (or what caused it) is ENOSPC / EDQUOT, naming the file."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OutOfSpace):  # (Ray raises a task's error as a RayTaskError with its `cause`)
+            cause = getattr(error, "cause", None)
+            return cause if isinstance(cause, OutOfSpace) else error
+        if isinstance(error, OSError) and error.errno in _NO_SPACE_ERRNOS:
+            what = "no space left on the device" if error.errno == errno.ENOSPC else "disk quota exceeded"
+            return OutOfSpace(what + (f" writing {error.filename}" if error.filename else ""))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _http_status(error: BaseException) -> int | None:
@@ -303,11 +327,29 @@ class Store:
     def __init__(self, url: str, storage_options: dict | None = None):
         self.url = absolute(url).rstrip("/") or "/"
         self._options = storage_options or {}
-        protocol = split_protocol(self.url)[0] or "file"
-        self._fs, self._root = url_to_fs(self.url, **self._options.get(protocol, {}))
-        self.is_local = isinstance(self._fs, LocalFileSystem)
-        self._in_place = protocol in IN_PLACE_PROTOCOLS
-        self._s3 = "s3" in ((self._fs.protocol,) if isinstance(self._fs.protocol, str) else self._fs.protocol)
+        self._protocol = split_protocol(self.url)[0] or "file"
+        self._owner_pid: int | None = None
+        fs = self._fs
+        self.is_local = isinstance(fs, LocalFileSystem)
+        self._in_place = self._protocol in IN_PLACE_PROTOCOLS
+        self._s3 = "s3" in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol)
+
+    @property
+    def _fs(self) -> AbstractFileSystem:
+        """This process's filesystem instance: built again in a process the store reaches by
+        fork (DataLoader workers, multiprocessing), since async filesystems such as s3fs hold an
+        event loop that belongs to the process that made them (and refuse to be used after a
+        fork). fsspec's own instance cache is per process too."""
+        if self._owner_pid != os.getpid():
+            options = self._options.get(self._protocol, {})
+            if self._protocol in IN_PLACE_PROTOCOLS:
+                # no listings cached across calls: another process rewrites files (an index part
+                # marked), and a stale listing's ETag makes reading the new object fail (s3fs
+                # opens with If-Match) however often it is retried
+                options = {"use_listings_cache": False, **options}
+            self._filesystem, self._root = url_to_fs(self.url, **options)
+            self._owner_pid = os.getpid()
+        return self._filesystem
 
     def __reduce__(self):
         return Store, (self.url, self._options)
@@ -426,8 +468,13 @@ class Store:
             if self.is_local:  # object stores have no folders to make
                 self._fs.makedirs(posixpath.dirname(path), exist_ok=True)
             tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-            write(tmp)
-            self._fs.mv(tmp, path)
+            try:
+                write(tmp)
+                self._fs.mv(tmp, path)
+            except BaseException:  # nothing half-written left behind (a full disk, a kill)
+                with contextlib.suppress(Exception):
+                    self._fs.rm_file(tmp)
+                raise
 
         retried(attempt)
 

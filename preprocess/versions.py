@@ -7,7 +7,9 @@ version a later one replaced or removed.
         changes.parquet              per key: added, changed, removed (CHANGES_SCHEMA)
         version.json                 its counts, written last: the version is complete
 
-A key's newest copy wins; a key a later version removed is left out of every earlier one.
+A key's newest copy decides (`live_query`): a later version's copy replaces an earlier one,
+and a key a later version changed into a dropped copy, or removed, is left out of every
+earlier one.
 Light imports only (the CLI lists versions without starting Ray)."""
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from preprocess.layout import INDEX, ShardSummary
+from preprocess.layout import INDEX, KEPT_SQL, ShardSummary
 from preprocess.storage import Store
 
 VERSIONS = "versions"
@@ -56,21 +58,47 @@ def version_records(out: Store) -> list[dict]:
     return found
 
 
-def superseded_query(folders: Sequence[Store]) -> str:
-    """(root, shard, key) of every sample of FOLDERS (positions, oldest first) that a later
-    folder holds again (the newest copy wins) or removed."""
+def _newest_query(folders: Sequence[Store]) -> str:
+    """(key, last): per key, the newest of FOLDERS (positions, oldest first) that holds a copy of
+    it in its index — kept or dropped — or whose changes say it was added, changed or removed.
+
+    The rule every reader follows: a key's newest copy decides. When that copy was dropped (a
+    duplicate, curated out, or rejected) or the key was removed, no earlier copy stands in for
+    it: the manifest no longer says what the earlier copy says."""
     events = []
     for position, folder in enumerate(folders):
         if folder.names(f"{INDEX}/shard-*.parquet"):
             parts = folder.sql_url(INDEX, "shard-*.parquet")
-            events.append(f"SELECT key, shard, {position} AS root FROM read_parquet({parts}) "
-                          "WHERE duplicate_of IS NULL")
+            events.append(f"SELECT key, {position} AS root FROM read_parquet({parts})")
         if folder.exists(CHANGES):
-            events.append(f"SELECT key, NULL AS shard, {position} AS root FROM read_parquet({folder.sql_url(CHANGES)}) "
-                          f"WHERE change = '{REMOVED}'")
-    return (f"WITH events AS ({' UNION ALL '.join(events)}), last AS (SELECT key, max(root) AS last FROM events "
-            "GROUP BY key) SELECT e.root::INTEGER AS root, e.shard, e.key FROM events e JOIN last l USING (key) "
-            "WHERE e.root < l.last AND e.shard IS NOT NULL")
+            events.append(f"SELECT key, {position} AS root FROM read_parquet({folder.sql_url(CHANGES)}) "
+                          f"WHERE change IN ('{ADDED}', '{CHANGED}', '{REMOVED}')")
+    return f"SELECT key, max(root) AS last FROM ({' UNION ALL '.join(events)}) GROUP BY key"
+
+
+def _index_query(folders: Sequence[Store], columns: str) -> str:
+    return " UNION ALL ".join(f"SELECT {columns}, {position} AS root FROM read_parquet("
+                              f"{folder.sql_url(INDEX, 'shard-*.parquet')})"
+                              for position, folder in enumerate(folders) if folder.names(f"{INDEX}/shard-*.parquet"))
+
+
+def superseded_query(folders: Sequence[Store]) -> str:
+    """(root, shard, key) of every index row of FOLDERS (positions, oldest first) whose key a
+    later folder holds again, or changed or removed (_newest_query)."""
+    return (f"SELECT i.root::INTEGER AS root, i.shard, i.key FROM ({_index_query(folders, 'shard, key')}) i "
+            f"JOIN ({_newest_query(folders)}) n USING (key) WHERE i.root < n.last")
+
+
+def live_query(folders: Sequence[Store]) -> str:
+    """The live rows of FOLDERS (positions, oldest first; at least one holds an index part):
+    every index column and `root` (the folder's position) of each row its own folder kept
+    (`KEPT_SQL`) whose folder is its key's newest (_newest_query). What training counts and
+    dedup across versions compares with; the loaders, curation and readers read the same rows
+    per shard (the kept rows less `superseded_query`'s)."""
+    rows = f"SELECT * FROM ({_index_query(folders, '*')}) WHERE {KEPT_SQL}"
+    if len(folders) == 1:
+        return rows
+    return f"SELECT i.* FROM ({rows}) i JOIN ({_newest_query(folders)}) n ON i.key = n.key AND i.root = n.last"
 
 
 def superseded(folders: Sequence[Store]) -> tuple[frozenset[str], ...]:

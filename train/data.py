@@ -27,20 +27,21 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from features.layout import EmbedSummary, read_sidecar
+from features.layout import SIDECARS, EmbedSummary, read_sidecar
 from preprocess.layout import (
     INDEX,
-    KEPT_SQL,
     MEMBER_EXTENSIONS,
     SHARD_CONFIG,
+    SHARD_FILES,
     ShardSummary,
+    check_damage,
     committed_shards,
     iter_shard,
     member_payload,
     read_index_part,
 )
 from preprocess.storage import Store
-from preprocess.versions import CHANGES, REMOVED, superseded_keys, superseded_written_for, write_superseded
+from preprocess.versions import live_query, superseded_keys, superseded_written_for, write_superseded
 from train.config import TaskConfig
 from train.inputs import branch_pixels, pack_vectors
 from train.tasks import LABEL, Task, pack_targets
@@ -91,29 +92,19 @@ def _count(stores: Sequence[Store], listed: list[tuple[int, str]], fields: list[
     """From one DuckDB pass over every folder's index parts (spilling, never a Python loop over
     rows): per committed shard, its samples with a target of at least one field in each split;
     the labels found for each classification or multilabel field; each regression field's
-    count, sum and sum of squares over the training split. A key's newest copy counts (a later
-    folder's, unless a later folder removed it), as `superseded` decides for the loaders."""
+    count, sum and sum of squares over the training split. The live rows count
+    (preprocess/versions.py: `live_query`, the rule the loaders follow shard by shard)."""
     kinds = {LABEL: "classification", **{t["field"]: t["kind"] for t in shard_config.get("targets") or ()}}
     value = {f: (LABEL if f == LABEL else f"json_extract(targets, '$.\"{f}\"')") for f in fields}
     present = " OR ".join(f"{value[f]} IS NOT NULL" for f in fields)
-    parts = " UNION ALL ".join(f"SELECT {i} AS root, shard, key, label, targets FROM read_parquet("
-                               f"{store.sql_url(INDEX, 'shard-*.parquet')}) WHERE {KEPT_SQL}"
-                               for i, store in enumerate(stores) if store.names(f"{INDEX}/shard-*.parquet"))
-    removals = " UNION ALL ".join(f"SELECT key, {i} AS root FROM read_parquet({store.sql_url(CHANGES)}) "
-                                  f"WHERE change = '{REMOVED}'" for i, store in enumerate(stores)
-                                  if len(stores) > 1 and store.exists(CHANGES))
-    query = f"WITH idx AS ({parts})"
-    if len(stores) > 1:
-        events = "SELECT key, root FROM idx" + (f" UNION ALL {removals}" if removals else "")
-        query += f", newest AS (SELECT key, max(root) AS last FROM ({events}) GROUP BY key)"
-    bucket = "('0x' || substr(sha256(i.key), 1, 8))::UBIGINT / 4294967296.0"  # split_of's, in SQL
-    query += (f" SELECT i.*, {bucket} < {float(val_fraction)!r} AS val FROM idx i"
-              + (" JOIN newest n ON i.key = n.key AND i.root = n.last" if len(stores) > 1 else "")
-              + f" WHERE {present}")
+    bucket = "('0x' || substr(sha256(key), 1, 8))::UBIGINT / 4294967296.0"  # split_of's, in SQL
+    has_parts = any(store.names(f"{INDEX}/shard-*.parquet") for store in stores)
+    query = (f"SELECT root, shard, key, label, targets, {bucket} < {float(val_fraction)!r} AS val "
+             f"FROM ({live_query(stores)}) WHERE {present}") if has_parts else ""
     per_shard = np.zeros((len(listed), 2), np.int64)
     found: dict[str, set] = {f: set() for f in fields}
     moments = {f: np.zeros(3) for f in fields}  # n, sum, sum of squares (training split)
-    if not parts:
+    if not has_parts:
         return per_shard, found, moments
     with tempfile.TemporaryDirectory(prefix="tessera-counts-") as scratch, \
             stores[-1].duckdb(scratch, MEMORY_LIMIT) as con:
@@ -194,6 +185,9 @@ class DatasetInfo:
             raise ValueError("no shard folders to train on")
         if len(stores) > 1 and superseded is None:
             raise ValueError("several shard folders need a place for the keys later ones supersede")
+        for store in stores:  # (before anything reads them: a cut file fails late, naming none)
+            check_damage(store, (*SHARD_FILES, SIDECARS), "`tessera shard` and `tessera embed` (or the job that "
+                         "made them: tessera run, tessera refresh) run again")
         urls = [s.url for s in stores]
         summaries = [ShardSummary.read(s) for s in stores]
         shard_configs = [s.read_json(SHARD_CONFIG)["config"] for s in stores]

@@ -121,6 +121,8 @@ def validation_record(tasks: Sequence[Task], sums: Sequence[float], samples: int
         else:  # correct predictions (classification) or absolute errors (regression) per sample
             value = a / count if count else None
         record = {"loss": loss / count if count else None, "samples": int(count), VALIDATION_METRIC[task.kind]: value}
+        if task.kind == "classification":  # what guessing scores, for a reader of a small validation split
+            record["chance"] = 1 / len(task.labels)
         total += task.weight * (record["loss"] or 0.0)
         per_task[task.name] = record
     accuracy = next((per_task[t.name]["accuracy"] for t in tasks if t.kind == "classification"), None)

@@ -11,14 +11,17 @@ from pathlib import Path
 
 from rich.filesize import decimal
 
+from preprocess.storage import OutOfSpace, out_of_space
 from workflows.config import ConfigError, TesseraConfig, load_config
-from workflows.screen import Screen, setup_logging, show, stages_screen
+from workflows.screen import Screen, local_logs, setup_logging, show, stages_screen
 
 EXIT_CONFIG = 2  # an invalid config or command line
 EXIT_CONFLICT = 3
 EXIT_FAILED_CHECK = 4  # a stage wrote its outputs, but they fail a check the config sets (rejects, errors)
 EXIT_NO_INPUT = 66  # EX_NOINPUT: an input or folder named is not there, or not what the command reads
+EXIT_NO_SPACE = 74  # EX_IOERR: no space left where the command writes (free some, run again: it resumes)
 EXIT_LOCKED = 75  # EX_TEMPFAIL: another writer holds the output folder; a scheduler retries later
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT / SIGTERM: stopped cleanly (lease released, logs kept)
 
 
 def _common(parser: argparse.ArgumentParser, ray: bool = False, writes: bool = False) -> None:
@@ -135,8 +138,12 @@ EXIT_CODES = """exit codes:
   2   invalid config or command line
   3   the output folder holds another config's or manifest's output
   4   outputs written, but they fail a check the config sets (too many rejects or errors)
-  66  an input or folder named is not there, or is not what the command reads
-  75  another writer holds the output folder (retry later, or --wait)"""
+  66  an input or folder named is not there, or is not what the command reads (or its committed files are
+      damaged: the message names them and the command that redoes them)
+  74  no space left where the command writes (free some and run again: it resumes)
+  75  another writer holds the output folder (retry later, or --wait)
+  130 stopped by Ctrl-C, 143 stopped by SIGTERM: in-flight work cancelled, the lease released, the logs
+      kept; run the same command again to resume"""
 
 
 DRY_RUN_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -181,16 +188,27 @@ def writing(folder, cfg: TesseraConfig, command: str):
         try:
             start_ray(cfg.runtime)
             yield fence
-        except Exception as e:
+        except BaseException as e:  # (an interrupt too: what ran is logged)
+            full = out_of_space(e)
+            if full is not None:  # one line, not the traceback of whichever task hit it
+                e = OutOfSpace(f"{full}, writing into {folder.url}: free some space and run again (what was "
+                               "committed is kept, and resumed)")
             e.add_note(f"logs: {keep_logs(folder, cfg, command)}")
+            if full is not None:
+                raise e from None
             raise
         keep_logs(folder, cfg, command)
 
 
 def keep_logs(folder, cfg: TesseraConfig, command: str) -> str:
+    """Where this command's logs are: FOLDER/logs/..., or where they are on this machine when
+    they could not be copied there (a full disk must not hide the error that ended the run)."""
     from workflows.runtime import save_logs
 
-    return save_logs(folder, command, cfg.runtime)
+    try:
+        return save_logs(folder, command, cfg.runtime)
+    except Exception as error:
+        return f"{local_logs()} (not copied into {folder.url}: {out_of_space(error) or error})"
 
 
 def cmd_status(args: argparse.Namespace, cfg: TesseraConfig) -> int:
@@ -201,6 +219,9 @@ def cmd_status(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     for name, stage in status["stages"].items():
         state = ("complete" + ("" if stage.get("up_to_date", True) else ", NOT up to date")) if stage["complete"] \
             else "incomplete"
+        if stage.get("damaged"):
+            state += f", DAMAGED: {', '.join(stage['damaged'][:3])}" + (
+                f" and {len(stage['damaged']) - 3} more" if len(stage["damaged"]) > 3 else "")
         when = f" (written {stage['written']})" if stage.get("written") else ""
         screen.stage(name, f"{state}: {stage['detail']}{when}")
     for version in status.get("versions", []):
@@ -458,10 +479,30 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
+        return _run(args)
+    except KeyboardInterrupt as e:
+        return _failed(_stopped("stopped by Ctrl-C", e), EXIT_INTERRUPTED)
+    except BaseException as e:
+        from workflows.runtime import Terminated
+
+        if not isinstance(e, Terminated):
+            raise
+        return _failed(_stopped(str(e), e), EXIT_TERMINATED)
+
+
+def _stopped(what: str, error: BaseException) -> Exception:
+    stopped = RuntimeError(f"{what}: what was committed is kept, and a run of the same command resumes it")
+    for note in getattr(error, "__notes__", ()):
+        stopped.add_note(note)
+    return stopped
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
         cfg = config_from_args(args)
     except ConfigError as e:
         return _failed(e, EXIT_CONFIG)
-    from preprocess.layout import OutputConflict
+    from preprocess.layout import DamagedOutput, OutputConflict
     from preprocess.lease import LeaseHeld
     from preprocess.summary import StageFailed
 
@@ -471,12 +512,19 @@ def main(argv: list[str] | None = None) -> int:
         return _failed(e, EXIT_LOCKED)
     except StageFailed as e:
         return _failed(e, EXIT_FAILED_CHECK)
+    except DamagedOutput as e:
+        return _failed(e, EXIT_NO_INPUT)
     except OutputConflict as e:
         return _failed(e, EXIT_CONFLICT)
     except ConfigError as e:
         return _failed(e, EXIT_CONFIG)
     except FileNotFoundError as e:  # an input that is not there, or not what the command reads
         return _failed(e, EXIT_NO_INPUT)
+    except (OutOfSpace, OSError) as e:
+        full = out_of_space(e)
+        if full is None:
+            raise
+        return _failed(full, EXIT_NO_SPACE)
 
 
 def _failed(error: Exception, code: int) -> int:

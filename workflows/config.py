@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from features.config import CurateConfig, EmbedConfig
 from preprocess.config import ShardConfig, Strict
@@ -58,6 +61,17 @@ class ServeConfig(Strict):
     max_request_bytes: int = Field(64 << 20, gt=0, description="larger bodies: 413, before they are read whole")
     max_samples_per_request: int = Field(256, gt=0)
     request_timeout_s: float = Field(30.0, gt=0, description="a request not answered by then: 504")
+    read_timeout_s: float = Field(10.0, gt=0, description="a request whose body has not arrived by then: 408 "
+                                  "(a slow or stalled client holds a replica slot this long at most)")
+    max_ongoing_requests: int = Field(256, gt=0, description="requests a replica holds at once; more wait in "
+                                      "Serve's queue")
+
+    @model_validator(mode="after")
+    def _batches_can_fill(self) -> ServeConfig:
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) is below max_batch_size "
+                             f"({self.max_batch_size}): a replica could never fill a batch")
+        return self
 
 
 class TesseraConfig(Strict):
@@ -75,12 +89,76 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names each bad field."""
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config file larger than this is not a config
+MAX_CONFIG_VALUES = 100_000  # values a config may expand to, YAML aliases followed
+_QUOTE = reprlib.Repr()  # what an error quotes of a value: bounded
+_QUOTE.maxstring = _QUOTE.maxother = 120
+_QUOTE.maxlist = _QUOTE.maxdict = 8
+_QUOTE.maxlevel = 3
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing what a config never needs: a key given twice in one mapping
+    (YAML keeps the last one silently), and aliases that expand to more than MAX_CONFIG_VALUES
+    values (a "billion laughs" document is small on disk and enormous once followed)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            with contextlib.suppress(TypeError):  # (an unhashable key: YAML's own error says so)
+                if key in seen:
+                    raise ConfigError(f"key {key!r} is given twice (lines {seen[key]} and "
+                                      f"{key_node.start_mark.line + 1}): give it once")
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def _expanded_values(node, memo: dict) -> int:
+    """How many values NODE stands for with every alias followed (each node counted once per
+    path to it, in time proportional to the distinct nodes)."""
+    if id(node) not in memo:
+        memo[id(node)] = 1
+        children = node.value if isinstance(node.value, list) else ()
+        items = [v for pair in children for v in pair] if isinstance(node, yaml.MappingNode) else children
+        memo[id(node)] = 1 + sum(_expanded_values(child, memo) for child in items)
+    return memo[id(node)]
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """TEXT as YAML (_ConfigLoader), or ConfigError naming WHERE and what is wrong."""
+    loader = _ConfigLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        values = _expanded_values(node, {})
+        if values > MAX_CONFIG_VALUES:
+            raise ConfigError(f"{where} expands to {values:,} values (YAML aliases followed), more than a config "
+                              f"holds ({MAX_CONFIG_VALUES:,})")
+        return loader.construct_document(node)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}" if not str(e).startswith(where) else str(e)) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where} is not valid YAML: {e}") from None
+    finally:
+        loader.dispose()
+
+
+def excerpt(value: Any) -> str:
+    """VALUE as an error message may quote it: a bounded repr (a long string's start, a few items
+    of a large structure)."""
+    return _QUOTE.repr(value)
+
+
 def _format(err: ValidationError, source: str, overridden: dict[str, str]) -> str:
     """Each bad field with what is wrong, and where its value came from: an --set, or SOURCE."""
     lines = []
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        got = "" if e["type"] == "missing" else f" (got {e['input']!r})"
+        got = "" if e["type"] == "missing" else f" (got {excerpt(e['input'])})"
         given = next((f" [from --set {item}]" for dotted, item in overridden.items()
                       if field == dotted or field.startswith(dotted + ".")), "")
         lines.append(f"  {field}: {e['msg']}{got}{given}")
@@ -98,26 +176,32 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+def _read_config(path: str | Path) -> dict:
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config {path} is {size:,} bytes, more than a config holds ({MAX_CONFIG_BYTES:,})")
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config {path} is not UTF-8 text ({e.reason} at byte {e.start + 1})") from None
+    tree = _load_yaml(text, f"config {path}") or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config {path} must be a mapping at the top level")
+    return tree
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TesseraConfig:
     """Load YAML (or defaults), apply `section.field=value` overrides, validate."""
-    tree: dict = {}
-    source = "(defaults)"
-    if path is not None:
-        source = str(path)
-        try:
-            tree = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as e:
-            raise ConfigError(f"cannot read config {path}: {e.strerror}") from e
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config {path} is not valid YAML: {e}") from e
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config {path} must be a mapping at the top level")
+    tree: dict = _read_config(path) if path is not None else {}
+    source = str(path) if path is not None else "(defaults)"
     overridden: dict[str, str] = {}
     for item in overrides:
         dotted, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(f"--set expects section.field=value, got {item!r}")
-        _set_dotted(tree, dotted.strip(), yaml.safe_load(raw))
+        _set_dotted(tree, dotted.strip(), _load_yaml(raw, f"--set {item}"))
         overridden[dotted.strip()] = item
     try:
         return TesseraConfig.model_validate(tree)

@@ -334,6 +334,9 @@ def _make_version(cfg: TesseraConfig, out: Store, version: str, counts: dict, so
     shard_cfg = cfg.shard.model_copy(update={"inputs": cfg.shard.inputs.model_copy(update={"allow": roots})})
     manifest = target.url_of(VERSION_MANIFEST)
     earlier = [out.child(name) for name in complete_versions(out)]  # what the new rows are deduped against
+    cache = out.at(cfg.embed.cache) if cfg.embed.cache else out.child(CACHE)
+    for position, folder in enumerate(earlier):
+        _repair_version(cfg, folder, earlier[:position], cache)
     try:  # an interrupted refresh of the same rows resumes its version
         shard = run_shard_stage(manifest, target, shard_cfg, cfg.runtime.progress, cfg.runtime.lease, earlier)
     except OutputConflict:  # ... of other rows: that incomplete version's shards are redone
@@ -342,7 +345,6 @@ def _make_version(cfg: TesseraConfig, out: Store, version: str, counts: dict, so
             if name not in keep:
                 target.remove(name, recursive=True)
         shard = run_shard_stage(manifest, target, shard_cfg, cfg.runtime.progress, cfg.runtime.lease, earlier)
-    cache = out.at(cfg.embed.cache) if cfg.embed.cache else out.child(CACHE)
     embed = run_embed_stage(target, cfg.embed, cache, cfg.runtime.progress, cfg.runtime.lease)
     result = {"version": version.rsplit("/", 1)[-1], "shard": shard, "embed": embed}
     if cfg.curate.enabled:  # semantic dedup and outliers, against the earlier versions too
@@ -354,6 +356,32 @@ def _make_version(cfg: TesseraConfig, out: Store, version: str, counts: dict, so
     fence.check(f"{version}/{VERSION_DONE}")
     target.write_json(VERSION_DONE, counts)  # the version is complete
     return result
+
+
+def _repair_version(cfg: TesseraConfig, version: Store, earlier: list[Store], cache: Store) -> None:
+    """Write an earlier version's damaged files again (its shards from its own manifest, with the
+    config it was made with; its sidecars from the cache), and curate it again when it was: what
+    the new version is deduped against and trained with must be whole."""
+    from features.config import EmbedConfig
+    from features.layout import SIDECARS, CurateSummary, EmbedSummary
+    from features.stage import run_embed_stage
+    from preprocess.config import ShardConfig
+    from preprocess.layout import SHARD_CONFIG, SHARD_FILES, damaged
+    from preprocess.stage import run_shard_stage
+
+    found = damaged(version, (*SHARD_FILES, SIDECARS))
+    if not found:
+        return
+    log.warning("refresh: %s has %d damaged files (%s): writing them again", version.url, len(found),
+                ", ".join(map(str, found[:3])))
+    progress, lease = cfg.runtime.progress, cfg.runtime.lease
+    made_with = ShardConfig.model_validate(version.read_json(SHARD_CONFIG)["config"])
+    run_shard_stage(version.url_of(VERSION_MANIFEST), version, made_with, progress, lease, earlier)
+    run_embed_stage(version, EmbedConfig.model_validate(EmbedSummary.read(version).config), cache, progress, lease)
+    if CurateSummary.exists(version) and cfg.curate.enabled:
+        from features.curate import run_curate_stage
+
+        run_curate_stage(version, cfg.curate, progress, lease, earlier)
 
 
 def _train_version(cfg: TesseraConfig, out: Store, version: Store) -> TrainSummary:

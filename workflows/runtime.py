@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -18,7 +20,11 @@ from workflows.layout import LOGS
 log = logging.getLogger(__name__)
 
 
-NODE_LOGS = Path("/tmp/ray/session_latest/logs")  # Ray's default place for a node's logs
+LOG_FILE_BYTES = 1 << 20  # of a worker's output file copied into FOLDER/logs (its end)
+LOG_TOTAL_BYTES = 32 << 20  # of all of them
+IDLE_POOL = "ffffffff"  # the job id in the log names of workers a session started before any job took them
+
+
 def worker_logging() -> None:
     """Each Ray worker's setup: its INFO records to its stderr (the node's worker log; the
     terminal too with -v)."""
@@ -28,6 +34,23 @@ def worker_logging() -> None:
 def cluster_address(runtime: RuntimeConfig) -> str | None:
     """The cluster a command connects to; None: it starts a local Ray."""
     return runtime.address or os.environ.get("RAY_ADDRESS") or None
+
+
+class Terminated(BaseException):
+    """SIGTERM reached the command (a scheduler stopping it): raised in the main thread like
+    KeyboardInterrupt, so that in-flight work is cancelled, the lease released and the logs kept."""
+
+
+def _terminated(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # (a second one must not cut the clean-up short)
+    raise Terminated(f"stopped by {signal.Signals(signum).name}")
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM as Terminated from now on (ray.init installs a handler that exits at once, and its
+    core worker one that prints a native stack: this one replaces both)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
 
 
 def start_ray(runtime: RuntimeConfig) -> None:
@@ -48,19 +71,46 @@ def start_ray(runtime: RuntimeConfig) -> None:
     else:
         ray.init(address="local", num_cpus=runtime.workers, include_dashboard=False, **options)
         log.info("started a local Ray with %d CPUs", runtime.workers)
+    stop_on_sigterm()
 
 
 def save_logs(folder: Store, command: str, runtime: RuntimeConfig) -> str:
-    """This command's driver log and, from a local Ray, its workers' output, into
-    FOLDER/logs/<UTC time>-<command>/ through the store; returns that folder's URL. (On a
-    cluster the workers' output stays in each node's Ray logs.)"""
+    """This command's driver log and, from the local Ray this command started, its workers'
+    output, into FOLDER/logs/<UTC time>-<command>/ through the store; returns that folder's URL.
+    Only this Ray session's files (never another job's on the same host, whichever session is
+    newest), only workers of this job or of the session's idle pool, each file's last
+    LOG_FILE_BYTES, LOG_TOTAL_BYTES in all. (On a cluster the workers' output stays in each
+    node's Ray logs.)"""
     target = folder.child(LOGS, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + command.split()[-1])
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler) and getattr(handler, "tessera", False):  # setup_logging's
             handler.flush()
             target.put_file(handler.baseFilename, Path(handler.baseFilename).name)
-    if ray.is_initialized() and cluster_address(runtime) is None and NODE_LOGS.is_dir():
-        for path in sorted(NODE_LOGS.glob("worker-*")):
-            if path.suffix in (".out", ".err") and path.stat().st_size:
-                target.put_file(str(path), path.name)
+    budget = LOG_TOTAL_BYTES
+    for path in _own_worker_logs(runtime):
+        size = path.stat().st_size
+        if not size or budget <= 0:
+            continue
+        keep = min(size, LOG_FILE_BYTES, budget)
+        with path.open("rb") as f:
+            f.seek(size - keep)
+            data = f.read(keep)
+        if keep < size:
+            data = f"[the first {size - keep} bytes of this file are left out]\n".encode() + data
+        target.write_bytes(path.name, data)
+        budget -= len(data)
     return target.url
+
+
+def _own_worker_logs(runtime: RuntimeConfig) -> list[Path]:
+    """The worker-*.out/err files of this command's own local Ray session and job."""
+    if not ray.is_initialized() or cluster_address(runtime) is not None:
+        return []
+    node = getattr(ray._private.worker, "_global_node", None)  # the session this process started or joined
+    if node is None:
+        return []
+    job = ray.get_runtime_context().get_job_id()
+    logs = Path(node.get_logs_dir_path())
+    # worker-<worker id>-<job id>-<pid>: workers started for this job, or prestarted idle (ffffffff) ones
+    return sorted(p for p in logs.glob("worker-*") if p.suffix in (".out", ".err")
+                  and p.stem.split("-")[2:3] in ([job], [IDLE_POOL]))

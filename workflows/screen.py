@@ -36,6 +36,13 @@ class _Stderr(logging.StreamHandler):
         pass
 
 
+def local_logs() -> str | None:
+    """The folder of this process's driver log (setup_logging's), on this machine."""
+    handler = next((h for h in logging.getLogger().handlers if getattr(h, "tessera", False)
+                    and isinstance(h, logging.FileHandler)), None)
+    return str(Path(handler.baseFilename).parent) if handler else None
+
+
 def setup_logging(verbose: bool) -> Path:
     """Every record (INFO and up, Python warnings too) to a driver log file; on the terminal
     tessera's own records and anybody's errors, or everything with VERBOSE. Returns the file."""
@@ -126,19 +133,25 @@ def curate_text(s: dict) -> str:
     return _prefix(s) + ("; ".join(parts) or "nothing configured")
 
 
+SMALL_VALIDATION = 100  # fewer validation samples than this: a figure says how much it can tell
+
+
 def _metrics(val_tasks: dict | None) -> str:
+    """Each task's validation figure; a classification's with its chance level (1 / classes)."""
     shown = []
     for task, record in (val_tasks or {}).items():
         metric = next((k for k in ("accuracy", "micro_f1", "mae") if record.get(k) is not None), None)
         if metric is not None:
-            shown.append(f"{task} {metric} {record[metric]:.3f}")
+            chance = f" (chance {record['chance']:.3f})" if record.get("chance") is not None else ""
+            shown.append(f"{task} {metric} {record[metric]:.3f}{chance}")
     return ", ".join(shown)
 
 
 def train_text(s: dict) -> str:
     loss = "" if s.get("final_loss") is None else f", loss {s['first_loss']:.3f} -> {s['final_loss']:.3f}"
     metrics = _metrics(s.get("val_tasks"))
-    validation = f"; validation ({s['val_samples']} samples): {metrics}" if metrics else ""
+    few = ", too few to judge a model by" if s["val_samples"] < SMALL_VALIDATION else ""
+    validation = f"; validation ({s['val_samples']} samples{few}): {metrics}" if metrics else ""
     return f"{_prefix(s)}{s['steps']} steps on {s['train_samples']} samples{loss}{validation}"
 
 

@@ -6,8 +6,10 @@ identity, the ONNX graph) and answers over a FastAPI ingress:
     POST /predict   application/json {"samples": [{key, text, image, audio, video}, ...]}
                     (media as base64; no paths or URLs), or multipart/form-data (one sample:
                     files image / audio / video, fields text and key); one result per sample
-    GET  /healthz   the process is alive
-    GET  /readyz    the model is loaded and a warm-up batch has run
+    GET  /healthz   Serve is alive (an application of its own: answered however busy the
+                    prediction replicas are)
+    GET  /readyz    the prediction application is running: its replicas loaded the model and
+                    ran a warm-up batch (from Serve's controller; 503 with the replicas' states)
     GET  /metrics   Prometheus text of this replica: requests by status, samples, latency,
                     batch sizes
     GET  /docs      OpenAPI
@@ -17,7 +19,8 @@ own per-sample code: a bad sample gets the reason its reject line would give) â€
 model call â€” and then go one by one to a `serve.batch` method that runs the encoders and the
 ONNX head over whatever samples of any requests arrived together (up to max_batch_size, or
 after batch_wait_ms). The body is read up to serve.max_request_bytes and refused beyond it
-(413) before it is read whole."""
+(413) before it is read whole, and within serve.read_timeout_s (408): a client that sends a
+partial body and then nothing holds a replica slot for that long at most."""
 
 from __future__ import annotations
 
@@ -36,8 +39,12 @@ from ray import serve
 from preprocess.manifest import FILE_FIELDS, LineReject, parse_row
 from preprocess.reject import Reject
 from preprocess.storage import Store
+from workflows.config import excerpt
 
 log = logging.getLogger(__name__)
+
+APPLICATION = "tessera"  # the prediction application's name in Serve
+UNHEALTHY_AFTER = 3  # failed model calls in a row after which Serve replaces a replica
 
 MEDIA = {field: modality for field, modality in FILE_FIELDS.items() if field in ("image", "audio", "video")}
 
@@ -64,6 +71,21 @@ app = FastAPI(title="tessera", description="predictions of a tessera export")
 
 class TooLarge(Exception):
     pass
+
+
+MAX_ERRORS = 20  # validation errors a 422 lists
+
+
+def _invalid(error: ValidationError) -> JSONResponse:
+    """422 with each error's place, message and a bounded excerpt of what was given (never the
+    request echoed back: a 40 MB bad body gets a short answer; bytes that are not UTF-8 none)."""
+    found = error.errors(include_url=False)
+    detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"],
+               **({} if isinstance(e.get("input"), bytes) or "input" not in e else {"input": excerpt(e["input"])})}
+              for e in found[:MAX_ERRORS]]
+    if len(found) > MAX_ERRORS:
+        detail.append({"msg": f"... and {len(found) - MAX_ERRORS} more errors"})
+    return _error(422, detail)
 
 
 async def _body(request: Request, limit: int) -> bytes:
@@ -110,12 +132,23 @@ class PredictionService:
         # warm-up: one text sample through the whole path before /readyz says yes
         row = parse_row({"key": "warm-up", "text": "warm up"}, 1, "/", self.predictor.shard_cfg)
         self.predictor.score_prepared([(row, self.predictor.prepare(row, {}))])
-        self.ready = True
+        self.failed_batches = 0  # model calls that raised in a row: check_health's measure
+
+    def check_health(self) -> None:
+        """Called by Serve's controller: a replica whose model calls keep failing is replaced."""
+        if self.failed_batches >= UNHEALTHY_AFTER:
+            raise RuntimeError(f"the last {self.failed_batches} model calls failed")
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def score_batch(self, prepared: list) -> list[dict]:
         self.batches.observe(len(prepared))
-        return await asyncio.to_thread(self.predictor.score_prepared, prepared)
+        try:
+            scored = await asyncio.to_thread(self.predictor.score_prepared, prepared)
+        except Exception:
+            self.failed_batches += 1
+            raise
+        self.failed_batches = 0
+        return scored
 
     def _prepared(self, samples: list[SampleIn]) -> list:
         """(row, stored sample or reject) per sample: decoding and checks, no model."""
@@ -162,7 +195,11 @@ class PredictionService:
     @app.post("/predict")
     async def predict(self, request: Request):
         started = time.perf_counter()
-        response = await self._predict(request)
+        try:
+            response = await self._predict(request)
+        except Exception as e:  # counted like every answer, and said in one line
+            log.exception("answering a request")
+            response = _error(500, f"internal error: {type(e).__name__}")
         self.requests.labels(str(response.status_code)).inc()
         self.latency.observe(time.perf_counter() - started)
         return response
@@ -172,17 +209,21 @@ class PredictionService:
         if kind not in ("application/json", "multipart/form-data"):
             return _error(415, f"unsupported content type {kind or '(none)'!r}: application/json or "
                                "multipart/form-data")
-        try:
-            body = await _body(request, self.settings["max_request_bytes"])
+        try:  # a client that sends its body slowly, or part of it and then nothing, holds a slot meanwhile
+            body = await asyncio.wait_for(_body(request, self.settings["max_request_bytes"]),
+                                          self.settings["read_timeout_s"])
         except TooLarge as e:
             return _error(413, str(e))
+        except TimeoutError:
+            return _error(408, f"the body did not arrive within serve.read_timeout_s "
+                               f"({self.settings['read_timeout_s']} s)")
         try:
             if kind == "application/json":
                 samples = PREDICT_IN.validate_json(body).samples
             else:
                 samples = [await self._form_sample(request, body)]
         except ValidationError as e:
-            return _error(422, json.loads(e.json(include_url=False)))
+            return _invalid(e)
         try:
             return await self._answer(samples)
         except TimeoutError:
@@ -200,19 +241,44 @@ class PredictionService:
             fields[name] = value
         return SampleIn.model_validate(fields)
 
-    @app.get("/healthz")
-    async def healthz(self):
-        return {"status": "alive"}
-
-    @app.get("/readyz")
-    async def readyz(self):
-        return {"status": "ready"} if self.ready else _error(503, "loading")
 
     @app.get("/metrics")
     async def metrics(self):
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return PlainTextResponse(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+health = FastAPI(title="tessera health", docs_url=None, redoc_url=None, openapi_url=None)
+READY_CACHE_S = 1.0  # how long a readiness answer (the controller's status) is reused
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+@serve.ingress(health)
+class HealthService:
+    """/healthz and /readyz, in an application of their own (each on its route), so that they
+    are answered however many requests hold the prediction replicas' slots (a liveness probe
+    must not restart a busy service): alive while Serve routes; ready while the prediction
+    application is running (the controller's status, not a flag a replica sets for itself)."""
+
+    def __init__(self, what: str, application: str):
+        self.what, self.application = what, application
+        self.checked, self.answer = 0.0, ("", {})
+
+    @health.get("/")
+    async def answer(self):
+        if self.what == "alive":
+            return {"status": "alive"}
+        if time.monotonic() - self.checked > READY_CACHE_S:
+            status = await asyncio.to_thread(serve.status)
+            app = status.applications.get(self.application)
+            state = app.status if app is not None else "NOT_STARTED"
+            self.answer = (state, {name: d.replica_states for name, d in app.deployments.items()} if app else {})
+            self.checked = time.monotonic()
+        state, replicas = self.answer
+        if state != "RUNNING":
+            return _error(503, {"status": str(state), "replicas": replicas})
+        return {"status": "ready", "replicas": replicas}
 
 
 def run_service(cfg, model: str, variant: str, host: str, port: int, bundle: bool = False) -> None:
@@ -236,9 +302,11 @@ def run_service(cfg, model: str, variant: str, host: str, port: int, bundle: boo
         serve.start(http_options={"host": host, "port": port}, proxy_location=cfg.serve.proxy_location)
         deployment = PredictionService.options(num_replicas=cfg.serve.replicas,
                                                ray_actor_options={"num_cpus": cfg.serve.cpus_per_replica},
-                                               max_ongoing_requests=max(256, 2 * cfg.serve.max_batch_size))
-        serve.run(deployment.bind(model, cfg.runtime.storage_options, variant, settings, bundle), name="tessera",
+                                               max_ongoing_requests=cfg.serve.max_ongoing_requests)
+        serve.run(deployment.bind(model, cfg.runtime.storage_options, variant, settings, bundle), name=APPLICATION,
                   route_prefix="/")
+        for what, route in (("alive", "/healthz"), ("ready", "/readyz")):
+            serve.run(HealthService.bind(what, APPLICATION), name=f"health-{what}", route_prefix=route)
         up.set()
         log.info("serving %s (%s) at http://%s:%d (%d replicas)", model, variant, host, port, cfg.serve.replicas)
         print(json.dumps({"url": f"http://{host}:{port}", "replicas": cfg.serve.replicas, "variant": variant,

@@ -6,10 +6,11 @@ the newest model are."""
 
 from __future__ import annotations
 
+import fnmatch
 import time
 
-from features.layout import CurateSummary, EmbedSummary
-from preprocess.layout import SHARD_CONFIG, ShardSummary, committed_shards
+from features.layout import SIDECARS, CurateSummary, EmbedSummary
+from preprocess.layout import SHARD_CONFIG, SHARD_FILES, Damage, ShardSummary, committed_shards, damaged
 from preprocess.lease import LEASE
 from preprocess.storage import Store
 from preprocess.versions import VERSIONS, complete_versions, version_records
@@ -49,15 +50,18 @@ def shard_folder_stages(shards: Store) -> dict[str, dict]:
     shard = ShardSummary.read(shards)
     written_with = shards.read_json(SHARD_CONFIG)["config_digest"] if shards.exists(SHARD_CONFIG) else None
     committed = len(committed_shards(shards))
+    cut = damaged(shards)
     stages["shard"] = {"complete": True, "up_to_date": committed == shard.shards and
-                       written_with in (None, shard.config_digest),
+                       written_with in (None, shard.config_digest) and not _of(cut, SHARD_FILES),
                        "detail": f"{shard.inputs} inputs, {shard.accepted} accepted, {shard.rejected} rejected, "
-                                 f"{shard.shards} shards", "written": _when(shards, ShardSummary.FILE)}
+                                 f"{shard.shards} shards", "written": _when(shards, ShardSummary.FILE),
+                       "damaged": _of(cut, SHARD_FILES)}
     if EmbedSummary.exists(shards):
         embed = EmbedSummary.read(shards)
-        stages["embed"] = {"complete": True, "up_to_date": embed.shards == shard.shards and not embed.errors,
+        stages["embed"] = {"complete": True, "up_to_date": embed.shards == shard.shards and not embed.errors
+                           and not _of(cut, (SIDECARS,)),
                            "detail": f"{embed.samples} samples, vectors of {', '.join(embed.dims)}",
-                           "written": _when(shards, EmbedSummary.FILE)}
+                           "written": _when(shards, EmbedSummary.FILE), "damaged": _of(cut, (SIDECARS,))}
     else:
         stages["embed"] = {"complete": False, "detail": "not embedded"}
     if CurateSummary.exists(shards):
@@ -66,6 +70,11 @@ def shard_folder_stages(shards: Store) -> dict[str, dict]:
                                                         f"outliers {curate.outliers}",
                             "written": _when(shards, CurateSummary.FILE)}
     return stages
+
+
+def _of(found: list[Damage], patterns: tuple[str, ...]) -> list[str]:
+    """The damaged files of a stage (its files' PATTERNS), as `tessera status` lists them."""
+    return [str(d) for d in found if any(fnmatch.fnmatchcase(d.name, p) for p in patterns)]
 
 
 def run_stage(run: Store) -> dict:

@@ -140,3 +140,65 @@ def test_a_folder_or_glob_of_jsonl_and_parquet_parts_is_one_manifest(tmp_path):
     assert ManifestSource.open(str(folder), LOCAL).fingerprint != before
     with pytest.raises(FileNotFoundError, match="no manifest"):
         ManifestSource.open(str(folder / "b" / "*.jsonl"), LOCAL)
+
+
+HOSTILE = {
+    "deep": '{"key": "deep", "text": "x", "m": ' + "[" * 100_000 + "]" * 100_000 + "}",
+    "digits": '{"key": "digits", "text": "x", "n": ' + "7" * 5000 + "}",
+    "surrogate key": '{"key": "\\ud800", "text": "x"}',
+    "surrogate text": '{"key": "lone", "text": "a \\udfff b"}',
+}
+
+
+def test_hostile_lines_are_rejects_of_their_own_line(tmp_path):
+    """A line nested 100,000 deep, an integer of 5,000 digits, a lone surrogate in a key or a
+    caption: each one reject for its line, the good lines around them rows."""
+    good = [{"key": "a", "text": "fine"}, {"key": "pair", "text": "\U0001f600 is a pair: \\ud83d\\ude00"}]
+    manifest = write_jsonl(tmp_path / "m.jsonl", [good[0], *HOSTILE.values(), good[1]])
+    rows, rejects = read_manifest(manifest, ShardConfig())
+    assert [r.key for r in rows] == ["a", "pair"]
+    reasons = {r.line: r.reason for r in rejects}
+    assert reasons == {2: "manifest line is nested too deeply",
+                       3: "manifest line holds an integer of 5000 digits, over 4300",
+                       4: "manifest line holds a lone UTF-16 surrogate (\\ud800): not a character",
+                       5: "manifest line holds a lone UTF-16 surrogate (\\udfff): not a character"}
+
+
+def test_metadata_is_kept_as_json_and_bounded(tmp_path):
+    lines = [{"key": "nan", "text": "x", "score": float("nan"), "spread": [1.5, float("inf")]},
+             {"key": "big", "text": "x", "blob": "z" * 2000},
+             {"key": "nested", "text": "x", "source": {"crawl": 7, "tags": ["a", "b"]}}]
+    rows, rejects = read_manifest(write_jsonl(tmp_path / "m.jsonl", lines), ShardConfig(max_metadata_bytes=1000))
+    assert {r.key: r.metadata for r in rows} == {"nan": {"score": None, "spread": [1.5, None]},
+                                                 "nested": {"source": {"crawl": 7, "tags": ["a", "b"]}}}
+    assert [r.reason for r in rejects] == ["metadata is 2012 bytes, over shard.max_metadata_bytes (1000)"]
+
+
+def test_parquet_metadata_columns_of_any_type_are_kept(tmp_path):
+    import datetime
+    import decimal
+
+    table = pa.table({
+        "key": ["a", "b"], "text": ["one", "two"],
+        "created_at": pa.array([datetime.datetime(2026, 1, 2, 3, 4, 5), None], pa.timestamp("us")),
+        "day": pa.array([datetime.date(2026, 1, 2)] * 2, pa.date32()),
+        "price": pa.array([decimal.Decimal("1.10"), decimal.Decimal("-3.25")], pa.decimal128(5, 2)),
+        "raw": pa.array([b"\x00\xff", b"ok"], pa.binary()),
+        "took": pa.array([datetime.timedelta(seconds=90), None], pa.duration("s")),
+        "score": pa.array([float("nan"), 0.5], pa.float64()),
+    })
+    pq.write_table(table, tmp_path / "m.parquet")
+    rows, rejects = read_manifest(str(tmp_path / "m.parquet"), ShardConfig())
+    assert rejects == []
+    assert rows[0].metadata == {"created_at": "2026-01-02T03:04:05", "day": "2026-01-02", "price": "1.10",
+                                "raw": "AP8=", "took": 90.0, "score": None}
+    assert rows[1].metadata == {"day": "2026-01-02", "price": "-3.25", "raw": "b2s=", "score": 0.5}
+    json.dumps(rows[0].metadata, allow_nan=False)  # what each sample's json holds: JSON
+
+
+def test_a_parquet_name_on_a_file_that_is_not_parquet_is_refused_naming_it(tmp_path):
+    (tmp_path / "parts").mkdir()
+    pq.write_table(pa.table({"key": ["a"], "text": ["x"]}), tmp_path / "parts" / "a.parquet")
+    (tmp_path / "parts" / "b.parquet").write_text('{"key": "b", "text": "not parquet"}\n')
+    with pytest.raises(FileNotFoundError, match=r"parts/b.parquet is not a Parquet file"):
+        ManifestSource.open(str(tmp_path / "parts"), LOCAL)

@@ -69,5 +69,38 @@ def test_a_flaky_store_costs_retries_never_data(ray_session, s3_options, flaky_s
                  and not p.endswith(("summary.json", "manifest-source.json", "lease.json"))]
         return {p.split("/", 2)[2]: fs.cat_file(p) for p in names}
 
-    # a tar, marker, index and rejects part and a sidecar per shard; the config, the duplicates
-    assert outputs("out") == outputs("calm") and len(outputs("calm")) == 3 * 5 + 2
+    # a tar, marker, index and rejects part and a sidecar per shard; the config, the duplicates, the sizes
+    assert outputs("out") == outputs("calm") and len(outputs("calm")) == 3 * 5 + 3
+
+
+def _read_in_fork(store: Store, name: str) -> bytes | str:
+    """NAME read by STORE in a child forked from this process (as DataLoader workers are)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    answers = context.Queue()
+
+    def child() -> None:
+        try:
+            answers.put(store.read_bytes(name) + bytes(store.read_parquet("t.parquet").num_rows))
+        except Exception as error:  # sent back, so the test shows what the child hit
+            answers.put(f"{type(error).__name__}: {error}")
+
+    process = context.Process(target=child)
+    process.start()
+    answer = answers.get(timeout=60)
+    process.join()
+    return answer
+
+
+def test_a_store_works_in_a_process_forked_after_it_was_used(s3_options):
+    import pyarrow as pa
+
+    fs = s3fs.S3FileSystem(**s3_options["s3"])
+    fs.mkdir("forked")
+    store = Store("s3://forked/out", s3_options)
+    store.write_bytes("a.bin", b"parent")
+    store.write_parquet("t.parquet", pa.table({"k": [1, 2]}))
+    assert store.read_bytes("a.bin") == b"parent"  # the parent's filesystem now holds its event loop
+    assert _read_in_fork(store, "a.bin") == b"parent" + bytes(2)
+    assert store.read_bytes("a.bin") == b"parent"  # and the parent's still works

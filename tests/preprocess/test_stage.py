@@ -235,3 +235,28 @@ def test_only_committed_shards_are_listed(ray_session, tmp_path):
     (tmp_path / "shard-000003.tar.tmp-x").write_bytes(b"partial")
     (tmp_path / "shard-000002.json").unlink()  # as if killed between the rename and the marker
     assert committed_shards(out) == ["shard-000000.tar", "shard-000001.tar"]
+
+
+def test_hostile_manifest_lines_are_reject_lines_among_good_ones(ray_session, tmp_path):
+    """A line nested 100,000 deep, an integer of 5,000 digits, a lone surrogate in a key, NaN
+    and a 20 MB field in the metadata, among the mini rows: the stage completes, each hostile
+    line is a reject of its own line, every sample's json is strict JSON."""
+    from tests.preprocess.test_manifest import HOSTILE
+
+    good = [json.loads(line) for line in (MINI / "manifest.jsonl").open()][:6]
+    for row in good:
+        for field in ("image", "audio", "video"):
+            row.pop(field, None)
+    good[0]["score"], good[1]["blob"] = float("nan"), "z" * (20 << 20)
+    lines = [json.dumps(good[0]), HOSTILE["deep"], json.dumps(good[1]), HOSTILE["digits"],
+             HOSTILE["surrogate key"], *map(json.dumps, good[2:])]
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    summary = shard(tmp_path / "m.jsonl", tmp_path / "out")
+    assert (summary.inputs, summary.accepted, summary.rejected) == (9, 5, 4)
+    reasons = {r["line"]: r["reason"] for r in reject_rows(tmp_path / "out")}
+    assert reasons[2] == "manifest line is nested too deeply" and "5000 digits" in reasons[4]
+    assert reasons[3].startswith("metadata is 20971") and "lone UTF-16 surrogate" in reasons[5]
+    samples = read_samples(tmp_path / "out")
+    assert samples[good[0]["key"]]["json"]["metadata"] == {"score": None}
+    for sample in samples.values():  # strict JSON for any reader: no NaN, no Infinity
+        json.loads(json.dumps(sample["json"]), parse_constant=lambda name: pytest.fail(f"{name} in a sample's json"))

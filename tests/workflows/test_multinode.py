@@ -275,7 +275,7 @@ def test_run_through_a_flaky_store_survives_losing_nodes_while_sharding_embeddin
         "runtime": {"storage_options": flaky_s3.options},
         "shard": SHARD, "embed": EMBED,
         "train": {"workers": 2, "max_steps": 40, "epochs": 20, "checkpoint_every": 4, "micro_batch_size": 4,
-                  "loader_workers": 1, "model": {"modalities": ["text", "image"]}},
+                  "loader_workers": 2, "model": {"modalities": ["text", "image"]}},
     }))
     flaky_s3.rate, flaky_s3.faults, flaky_s3.requests = 0.05, 0, 0
     proc = tessera(cluster, "run", str(config))

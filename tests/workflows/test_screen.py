@@ -7,6 +7,7 @@ import os
 import pty
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.conftest import MINI, REPO
 
@@ -83,3 +84,56 @@ def test_verbose_shows_worker_lines_and_quiet_does_not(tmp_path):
     code, out, err = tessera("shard", str(manifest), str(tmp_path / "loud"), "--no-progress", "-v", cwd=tmp_path)
     assert code == 0, err
     assert [line for line in (out + err).splitlines() if "pid=" in line and "committed" in line]  # ... or shows live
+
+
+OTHER_SESSION = """
+import ray, sys, time
+ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+@ray.remote
+def other_job():
+    print("OTHER-JOB-OUTPUT", flush=True)
+ray.get(other_job.remote())
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def test_only_this_sessions_own_worker_output_is_kept_and_bounded(ray_session, tmp_path):
+    """Another Ray session started on the host after this one (so it is the newest,
+    /tmp/ray/session_latest): none of its files reach OUT/logs; this session's workers' output
+    does, each file cut to its last LOG_FILE_BYTES."""
+    from preprocess.storage import Store
+    from workflows.config import RuntimeConfig
+    from workflows.runtime import LOG_FILE_BYTES, save_logs
+
+    @ray_session.remote
+    def ours() -> None:
+        print("OUR-OWN-OUTPUT " + "x" * (2 * LOG_FILE_BYTES), flush=True)
+
+    ray_session.get(ours.remote())
+    other = subprocess.Popen([sys.executable, "-c", OTHER_SESSION], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             text=True, env={**os.environ, "RAY_ADDRESS": ""})
+    try:
+        assert other.stdout.readline().strip() == "ready"
+        kept = save_logs(Store(str(tmp_path)), "tessera shard", RuntimeConfig())
+    finally:
+        other.kill()
+        other.wait()
+    files = [p for p in Path(kept).iterdir() if p.name.startswith("worker-")]
+    texts = [p.read_bytes() for p in files]
+    assert files and not [t for t in texts if b"OTHER-JOB-OUTPUT" in t]
+    assert [t for t in texts if b"OUR-OWN-OUTPUT" in t or b"of this file are left out" in t]
+    assert max(len(t) for t in texts) <= LOG_FILE_BYTES + 100
+
+
+def test_a_validation_figure_says_its_chance_level_and_when_it_rests_on_few_samples():
+    from train.tasks import Task, validation_record
+    from workflows.screen import train_text
+
+    tasks = (Task("label", "label", "classification", tuple("abcdefg")),)
+    record = validation_record(tasks, [6.0, 6.0, 1.0, 0.0, 0.0], 6)
+    text = train_text({"steps": 10, "train_samples": 37, "first_loss": 2.0, "final_loss": 1.5,
+                       "val_samples": 6, "val_tasks": record["val_tasks"]})
+    assert text.endswith("validation (6 samples, too few to judge a model by): label accuracy 0.167 (chance 0.143)")
+    many = train_text({"steps": 10, "train_samples": 900, "val_samples": 300, "val_tasks": record["val_tasks"]})
+    assert "too few" not in many and "(chance 0.143)" in many

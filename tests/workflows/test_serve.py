@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -47,6 +48,20 @@ def assert_same(got: dict, want: dict) -> None:
         assert max(abs(got["scores"][task][k] - v) for k, v in scores.items()) < 1e-5, task
 
 
+READ_TIMEOUT_S, MAX_ONGOING, STALLED = 3, 16, 40
+
+
+def stall(port: int, n: int) -> list[socket.socket]:
+    """N connections that send a request's headers and the start of its body, then nothing."""
+    sockets = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=4 * READ_TIMEOUT_S + 20)
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: tessera\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100000\r\n\r\n{\"samples\": [")
+        sockets.append(s)
+    return sockets
+
+
 def started(model, port: int, *options: str) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "workflows", "serve", str(model), "--port", str(port),
                              "--workers", "2", "--max-batch-size", "16", "--set",
@@ -69,7 +84,8 @@ def started(model, port: int, *options: str) -> subprocess.Popen:
 def test_the_service_answers_as_predict_does_and_survives_bad_requests(exported_mini, tmp_path):
     model, _ = exported_mini
     port = free_port()
-    proc = started(model, port)
+    proc = started(model, port, "--set", f"serve.read_timeout_s={READ_TIMEOUT_S}", "--set",
+                   f"serve.max_ongoing_requests={MAX_ONGOING}")
     url = f"http://127.0.0.1:{port}"
     try:
         rows = [json.loads(line) for line in mini_manifest_lines(12)]
@@ -148,6 +164,37 @@ def test_the_service_answers_as_predict_does_and_survives_bad_requests(exported_
         assert 'tessera_requests_total{status="413"} 2.0' in metrics
         assert requests.get(f"{url}/healthz", timeout=10).json() == {"status": "alive"}
         assert requests.get(f"{url}/docs", timeout=10).status_code == 200
+        ready = requests.get(f"{url}/readyz", timeout=10).json()
+        assert ready["status"] == "ready" and ready["replicas"]["PredictionService"] == {"RUNNING": 1}
+
+        # not JSON-safe bodies: a 422 (counted), never a 500, and never the body echoed back
+        long_and_wrong = b'{"samples": [{"text": 5, "image": "' + b"A" * 10**6 + b'"}]}'
+        for body in (b'{"samples": [{"text": "\xff\xfe"}]}', long_and_wrong):
+            bad = requests.post(f"{url}/predict", data=body, headers={"content-type": "application/json"}, timeout=60)
+            assert bad.status_code == 422 and len(bad.content) < 2000, bad.text[:500]
+
+        # clients that send headers and part of a body, then nothing, more than a replica holds
+        # at once: /healthz answers throughout, each stalled request gets 408 after
+        # serve.read_timeout_s, and /predict is answered again
+        stalled = stall(port, STALLED)
+        try:
+            waits = []
+            until = time.monotonic() + 2 * READ_TIMEOUT_S
+            while time.monotonic() < until:
+                started_at = time.monotonic()
+                assert requests.get(f"{url}/healthz", timeout=5).status_code == 200
+                waits.append(time.monotonic() - started_at)
+                time.sleep(0.25)
+            assert max(waits) < 2.0, waits
+            answers = [s.recv(64) for s in stalled]
+            assert all(a.startswith(b"HTTP/1.1 408") for a in answers), answers[:3]
+        finally:
+            for s in stalled:
+                s.close()
+        assert requests.post(f"{url}/predict", json=small, timeout=60).status_code == 200
+        metrics = requests.get(f"{url}/metrics", timeout=10).text
+        assert f'tessera_requests_total{{status="408"}} {STALLED}.0' in metrics
+        assert 'tessera_requests_total{status="422"} 5.0' in metrics and 'status="500"' not in metrics
 
         # the replica process killed: Serve replaces it, and the service answers again
         [replica] = [p for p in psutil.Process(proc.pid).children(recursive=True)
