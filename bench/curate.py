@@ -39,10 +39,10 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from scale import measured, sets, tessera  # noqa: E402
 
-from preprocess.config import NearTextConfig  # noqa: E402
-from preprocess.layout import committed_shards  # noqa: E402
-from preprocess.near import lsh_bands, shingles  # noqa: E402
-from preprocess.storage import Store  # noqa: E402
+from tessera.core.storage import Store  # noqa: E402
+from tessera.preprocess.config import NearTextConfig  # noqa: E402
+from tessera.preprocess.layout import committed_shards  # noqa: E402
+from tessera.preprocess.near import lsh_bands, shingles  # noqa: E402
 
 COPIES = 0.05
 VOCABULARY = 5000
@@ -126,7 +126,7 @@ def synthetic_sidecar(args: tuple[str, str, int]) -> None:
     from a pool every shard shares (so duplicates span shards)."""
     import pyarrow as pa
 
-    from preprocess.layout import read_index_part
+    from tessera.preprocess.layout import read_index_part
 
     root, name, seed = args
     store = Store(root)
@@ -142,7 +142,7 @@ def synthetic_sidecar(args: tuple[str, str, int]) -> None:
 
 
 def vectors_section(out: Path, workers: int) -> dict:
-    from features.layout import EmbedSummary
+    from tessera.features.layout import EmbedSummary
 
     store = Store(str(out))
     names = committed_shards(store)

@@ -25,14 +25,14 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from shard import LABELS, ensure_corpus  # noqa: E402
 
-from features.config import EmbedConfig  # noqa: E402
-from features.stage import run_embed_stage  # noqa: E402
-from preprocess.config import ShardConfig  # noqa: E402
-from preprocess.stage import run_shard_stage  # noqa: E402
-from preprocess.storage import Store  # noqa: E402
-from train.config import ExportConfig, ModelConfig, TrainConfig  # noqa: E402
-from train.export import export_run  # noqa: E402
-from train.stage import run_train_stage  # noqa: E402
+from tessera.core.storage import Store  # noqa: E402
+from tessera.features.config import EmbedConfig  # noqa: E402
+from tessera.features.stage import run_embed_stage  # noqa: E402
+from tessera.preprocess.config import ShardConfig  # noqa: E402
+from tessera.preprocess.stage import run_shard_stage  # noqa: E402
+from tessera.train.config import ExportConfig, ModelConfig, TrainConfig  # noqa: E402
+from tessera.train.export import export_run  # noqa: E402
+from tessera.train.stage import run_train_stage  # noqa: E402
 
 
 def main() -> None:
@@ -59,7 +59,7 @@ def main() -> None:
         alone = run_train_stage(Store(str(shards)), Store(str(runs / "alone")), TrainConfig(model=small, **common))
         run_train_stage(Store(str(shards)), Store(str(runs / "student")), TrainConfig(
             model=small, distill_from=str(runs / "teacher"), distill={"alpha": 0.7, "temperature": 2.0}, **common))
-        report = export_run(Store(str(runs / "student")), Store(str(runs / "export")), ExportConfig())["distillation"]
+        report = export_run(Store(str(runs / "student")), Store(str(runs / "export")), ExportConfig()).distillation
     teacher, student = report["teacher"], report["student"]
     print(f"samples: {args.n} (make_large.py), inputs {'+'.join(args.inputs)} embeddings, 2 Ray Train workers (CPU), "
           f"{args.epochs} epochs each")

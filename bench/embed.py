@@ -29,13 +29,13 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from shard import LABELS, ensure_corpus  # noqa: E402
 
-from features.config import AudioEncoderConfig, EmbedConfig, ImageEncoderConfig  # noqa: E402
-from features.encoders import build_encoders  # noqa: E402
-from features.stage import run_embed_stage  # noqa: E402
-from preprocess.config import ShardConfig  # noqa: E402
-from preprocess.layout import committed_shards, iter_shard  # noqa: E402
-from preprocess.stage import run_shard_stage  # noqa: E402
-from preprocess.storage import Store  # noqa: E402
+from tessera.core.storage import Store  # noqa: E402
+from tessera.features.config import AudioEncoderConfig, EmbedConfig, ImageEncoderConfig  # noqa: E402
+from tessera.features.encoders import build_encoders  # noqa: E402
+from tessera.features.stage import run_embed_stage  # noqa: E402
+from tessera.preprocess.config import ShardConfig  # noqa: E402
+from tessera.preprocess.layout import committed_shards, iter_shard  # noqa: E402
+from tessera.preprocess.stage import run_shard_stage  # noqa: E402
 
 ARCH = {
     "image": {"base": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,

@@ -23,15 +23,15 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from shard import LABELS, MINI, ensure_corpus  # noqa: E402
 
-from features.config import EmbedConfig  # noqa: E402
-from features.stage import run_embed_stage  # noqa: E402
-from preprocess.config import ShardConfig  # noqa: E402
-from preprocess.stage import run_shard_stage  # noqa: E402
-from preprocess.storage import Store  # noqa: E402
-from train.config import ExportConfig, TrainConfig  # noqa: E402
-from train.export import export_run  # noqa: E402
-from train.stage import run_train_stage  # noqa: E402
-from workflows.predict import Predictor, predict_inputs  # noqa: E402
+from tessera.core.storage import Store  # noqa: E402
+from tessera.features.config import EmbedConfig  # noqa: E402
+from tessera.features.stage import run_embed_stage  # noqa: E402
+from tessera.preprocess.config import ShardConfig  # noqa: E402
+from tessera.preprocess.stage import run_shard_stage  # noqa: E402
+from tessera.train.config import ExportConfig, TrainConfig  # noqa: E402
+from tessera.train.export import export_run  # noqa: E402
+from tessera.train.stage import run_train_stage  # noqa: E402
+from tessera.workflows.predict import Predictor, predict_inputs  # noqa: E402
 
 
 def mini_export(scratch: Path, model: Path, cfg: ExportConfig) -> dict:
@@ -81,7 +81,7 @@ def main() -> None:
         results = {variant: timed_pass(model, variant, manifest) for variant in ("fp32", "int8")}
     fp32, int8 = results["fp32"], results["int8"]
     agree = sum(fp32["labels"][k] == int8["labels"].get(k) for k in fp32["labels"]) / max(len(fp32["labels"]), 1)
-    sizes = {v: exported["variants"][v]["bytes"] for v in ("fp32", "int8")}
+    sizes = {v: exported.variants[v]["bytes"] for v in ("fp32", "int8")}
     print(f"{args.n} raw samples from make_large.py, one process, 2 cores; model trained on mini")
     for variant, r in results.items():
         print(f"{variant}: {r['samples'] / r['seconds']:7.1f} samples/s end to end "

@@ -42,8 +42,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from preprocess.layout import committed_shards, read_index_part  # noqa: E402
-from preprocess.storage import Store  # noqa: E402
+from tessera.core.storage import Store  # noqa: E402
+from tessera.preprocess.layout import committed_shards, read_index_part  # noqa: E402
 
 LABELS = ["person", "animal", "object", "science", "texture", "document", "scene"]
 WORDS = ["red", "green", "blue", "small", "large", "quiet", "loud", "old", "new", "bright", "dark", "round"]
@@ -113,7 +113,7 @@ def measured(command: list[str]) -> dict:
 
 
 def tessera(*args: str, workers: int) -> list[str]:
-    return [sys.executable, "-m", "workflows", *args, "--workers", str(workers), "--no-progress"]
+    return [sys.executable, "-m", "tessera.workflows", *args, "--workers", str(workers), "--no-progress"]
 
 
 def sets(**fields) -> list[str]:

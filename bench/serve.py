@@ -34,9 +34,9 @@ sys.path.insert(0, str(REPO / "bench"))
 from predict import mini_export  # noqa: E402
 from shard import MINI  # noqa: E402
 
-from preprocess.storage import Store  # noqa: E402
-from train.config import ExportConfig  # noqa: E402
-from workflows.predict import Predictor, predict_inputs  # noqa: E402
+from tessera.core.storage import Store  # noqa: E402
+from tessera.train.config import ExportConfig  # noqa: E402
+from tessera.workflows.predict import Predictor, predict_inputs  # noqa: E402
 
 MEDIA = ("image", "audio")
 
@@ -58,7 +58,7 @@ def handwritten_app(model: str):
     """What a user writes by hand: FastAPI, the Predictor called once per request."""
     from fastapi import FastAPI
 
-    from preprocess.manifest import parse_row
+    from tessera.preprocess.manifest import parse_row
 
     predictor = Predictor(Store(model))
     app = FastAPI()
@@ -215,7 +215,7 @@ def main() -> None:
                                     for i in range(4) for r in rows))  # 4 x the samples: a longer pass
         ceiling = {"torch": offline(model, manifest, False), "bundle": offline(model, manifest, True)}
         print(json.dumps({"offline_samples_per_s": ceiling}), flush=True)
-        serve = [sys.executable, "-m", "workflows", "serve", str(model), "--port", str(args.port),
+        serve = [sys.executable, "-m", "tessera.workflows", "serve", str(model), "--port", str(args.port),
                  "--no-progress", "--set", "serve.batch_wait_ms=50"]
         results = levels_against("tessera serve", serve, args.port, bodies, levels, args.seconds, True)
         results += levels_against("handwritten", [sys.executable, __file__, "--handwritten", str(model), "--port",
@@ -241,7 +241,7 @@ def main() -> None:
               for kind, server in (("torch", "tessera serve"), ("bundle", "tessera serve --bundle"))}
     print(f"serving at {top} clients / offline: torch {served['torch']:.2f}, bundle {served['bundle']:.2f} "
           "(target >= 0.8)")
-    sizes = {m: e["bytes"] for m, e in exported["bundle"]["encoders"].items()}
+    sizes = {m: e["bytes"] for m, e in exported.bundle["encoders"].items()}
     print(f"bundle graphs (bytes fp32 / int8): {sizes}")
 
 

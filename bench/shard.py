@@ -29,13 +29,13 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from preprocess.config import ShardConfig  # noqa: E402
-from preprocess.image import draft_side, resize_image  # noqa: E402
-from preprocess.manifest import LineReject, iter_manifest  # noqa: E402
-from preprocess.sample import process_sample  # noqa: E402
-from preprocess.shard import fetch_batch  # noqa: E402
-from preprocess.stage import run_shard_stage  # noqa: E402
-from preprocess.storage import Store  # noqa: E402
+from tessera.core.storage import Store  # noqa: E402
+from tessera.preprocess.config import ShardConfig  # noqa: E402
+from tessera.preprocess.image import draft_side, resize_image  # noqa: E402
+from tessera.preprocess.manifest import LineReject, iter_manifest  # noqa: E402
+from tessera.preprocess.sample import process_sample  # noqa: E402
+from tessera.preprocess.shard import fetch_batch  # noqa: E402
+from tessera.preprocess.stage import run_shard_stage  # noqa: E402
 
 MAKE_LARGE = REPO.parent / "shared" / "corpus" / "make_large.py"
 MINI = MAKE_LARGE.parent / "mini"
@@ -61,7 +61,8 @@ def start_ray(workers: int) -> float:
     # Start every worker process and import what the stage's tasks import there (the shard
     # task's module, DuckDB for the dedup pass), as (b) and (c) have their imports done before
     # timing; the start-up is reported on its own.
-    warm = ray.remote(num_cpus=1)(lambda: __import__("preprocess.stage") and __import__("duckdb") and time.sleep(0.5))
+    warm = ray.remote(num_cpus=1)(
+        lambda: __import__("tessera.preprocess.stage") and __import__("duckdb") and time.sleep(0.5))
     ray.get([warm.remote() for _ in range(workers)])
     return time.perf_counter() - started
 

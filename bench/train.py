@@ -26,13 +26,13 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from shard import LABELS, ensure_corpus  # noqa: E402
 
-from features.config import EmbedConfig  # noqa: E402
-from features.stage import run_embed_stage  # noqa: E402
-from preprocess.config import ShardConfig  # noqa: E402
-from preprocess.stage import run_shard_stage  # noqa: E402
-from preprocess.storage import Store  # noqa: E402
-from train.config import TrainConfig  # noqa: E402
-from train.stage import run_train_stage  # noqa: E402
+from tessera.core.storage import Store  # noqa: E402
+from tessera.features.config import EmbedConfig  # noqa: E402
+from tessera.features.stage import run_embed_stage  # noqa: E402
+from tessera.preprocess.config import ShardConfig  # noqa: E402
+from tessera.preprocess.stage import run_shard_stage  # noqa: E402
+from tessera.train.config import TrainConfig  # noqa: E402
+from tessera.train.stage import run_train_stage  # noqa: E402
 
 MODES = {"ZeRO-0": {"zero_stage": 0}, "ZeRO-2": {"zero_stage": 2},
          "pipeline x2": {"parallel": "pipeline", "zero_stage": 0}}

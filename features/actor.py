@@ -11,17 +11,19 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
-from features.cache import EmbeddingCache
-from features.config import EmbedConfig
-from features.encoders import build_encoders
-from features.layout import sidecar_name
-from features.sidecar import ShardRows, owned_by, write_sidecar
-from preprocess.layout import MEMBER_EXTENSIONS, iter_shard, member_payload
-from preprocess.lease import Fence
-from preprocess.storage import Store
+from tessera.core.lease import Fence
+from tessera.core.storage import Store
+from tessera.features.cache import EmbeddingCache
+from tessera.features.config import EmbedConfig
+from tessera.features.encoders import build_encoders
+from tessera.features.layout import sidecar_name
+from tessera.features.sidecar import ShardRows, owned_by, write_sidecar
+from tessera.preprocess.layout import iter_shard, member_payload
+from tessera.preprocess.modality import member_extensions
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,21 @@ def prefetch(items: Iterable, depth: int) -> Iterator:
         if isinstance(item, BaseException):
             raise item
         yield item
+
+
+@dataclass(frozen=True)
+class EmbedShardResult:
+    """What embedding one shard did (per modality: vectors computed, errors, model seconds)."""
+
+    shard: str
+    computed: dict[str, int]
+    errors: dict[str, int]
+    error_reasons: dict[str, int]  # "<modality>: <error>" -> vectors it cost
+    model_seconds: dict[str, float]
+    deferred: bool  # another shard still owes one of its vectors: its sidecar is written at the end
+    missing: dict[str, int]  # vectors left missing from the sidecar written (its batch failed)
+    corrupt: list[str]  # cache fragments found corrupt (dropped, their rows recomputed)
+    seconds: float
 
 
 class EmbedWorker:
@@ -82,7 +99,7 @@ class EmbedWorker:
     def _prepared(self, shard: str, wanted: dict[str, dict[str, str]]):
         """(modality, payload hash, model input) for each wanted member; bad payloads logged, skipped."""
         keys = {k for per_key in wanted.values() for k in per_key}
-        exts = {e for m in wanted for e in MEMBER_EXTENSIONS[m]}
+        exts = {e for m in wanted for e in member_extensions()[m]}
 
         def select(name: str) -> bool:
             key, _, ext = name.partition(".")
@@ -165,7 +182,7 @@ class EmbedWorker:
             self._save(modality)
         return held
 
-    def embed_shard(self, shard: str, plan: str, digest: str) -> dict:
+    def embed_shard(self, shard: str, plan: str, digest: str) -> EmbedShardResult:
         """Compute the payloads SHARD owns in the PLAN (the first shard holding each payload)
         that are not cached, then write its sidecar; `deferred` when another shard still owes
         one of its vectors (the stage writes that sidecar at the end)."""
@@ -184,14 +201,13 @@ class EmbedWorker:
             if rest:
                 have[modality].update(self._known(modality, rest, refresh=True))
         waiting = any(rows.hashes(m) - have[m].keys() - failed.get(m, set()) for m in self.identities)
-        result = {"shard": shard, "computed": {m: len(v) for m, v in computed.items()}, "errors": errors,
-                  "error_reasons": dict(reasons), "model_seconds": seconds, "deferred": waiting, "missing": {},
-                  "corrupt": [c for cache in self.caches.values() for c in cache.corrupt]}
+        corrupt = [c for cache in self.caches.values() for c in cache.corrupt]
         for cache in self.caches.values():
             cache.corrupt.clear()
+        missing = {}
         if not waiting:
             dims = {m: self.encoders[m].dim for m in self.identities}
             self.fence.check(sidecar_name(shard))
-            result["missing"] = write_sidecar(self.shards, shard, rows, have, dims, self.identities, digest, self.cfg)
-        result["seconds"] = time.perf_counter() - started
-        return result
+            missing = write_sidecar(self.shards, shard, rows, have, dims, self.identities, digest, self.cfg)
+        return EmbedShardResult(shard, {m: len(v) for m, v in computed.items()}, errors, dict(reasons), seconds,
+                                waiting, missing, corrupt, time.perf_counter() - started)

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from preprocess.storage import Store, is_transient
+from tessera.core.storage import Store, is_transient
 
 log = logging.getLogger(__name__)
 

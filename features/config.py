@@ -6,7 +6,9 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from preprocess.config import Strict
+from tessera.core.config import Strict
+from tessera.preprocess.config import Modality
+from tessera.preprocess.modality import MODALITIES
 
 
 class ModelConfig(Strict):
@@ -69,7 +71,7 @@ class SemanticDedupConfig(Strict):
     """SemDeDup on the cached embeddings: k-means, then pairs within each cluster at cosine
     >= 1 - eps are duplicates; in each connected group the earliest manifest row is kept."""
 
-    modalities: tuple[Literal["image", "text", "audio", "video"], ...] = Field((), description="empty: off")
+    modalities: tuple[Modality, ...] = Field((), description="empty: off")
     eps: float = Field(0.05, gt=0, lt=1)
     clusters: int | Literal["auto"] = Field("auto", description="k; auto: one per ~10,000 vectors")
     with_media: bool = Field(False, description="text: compare the captions of media samples too")
@@ -79,7 +81,7 @@ class OutlierConfig(Strict):
     """Samples whose embedding lies far from their k-means centroid: a modified z-score
     (0.6745 (d - median) / MAD of the cosine distances within the cluster) over `bound`."""
 
-    modalities: tuple[Literal["image", "text", "audio", "video"], ...] = Field((), description="empty: off")
+    modalities: tuple[Modality, ...] = Field((), description="empty: off")
     bound: float = Field(3.5, gt=0)
     drop: bool = Field(False, description="outliers become rejects (else they are only listed)")
 
@@ -95,7 +97,7 @@ class CurateConfig(Strict):
     @property
     def modalities(self) -> tuple[str, ...]:
         wanted = set(self.semantic.modalities) | set(self.outliers.modalities)
-        return tuple(m for m in ("image", "text", "audio", "video") if m in wanted)
+        return tuple(m for m in MODALITIES if m in wanted)
 
     @property
     def enabled(self) -> bool:

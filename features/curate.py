@@ -24,20 +24,24 @@ import hashlib
 import json
 import logging
 import math
-import tempfile
-import time
 import zlib
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from features.config import CurateConfig
-from features.layout import (
+from tessera.core.engine import Stage, StageRun, execute
+from tessera.core.errors import NotAnInput
+from tessera.core.lease import DEFAULT_LEASE, Fence, LeaseConfig
+from tessera.core.runner import task
+from tessera.core.storage import Store
+from tessera.core.versions import INDEX, KEPT, SHARD_KEPT, superseded_keys, write_superseded
+from tessera.features.config import CurateConfig
+from tessera.features.layout import (
     CURATE_CLUSTERS,
     CURATE_PAIRS,
     CURATED,
@@ -47,15 +51,12 @@ from features.layout import (
     EmbedSummary,
     read_sidecar,
 )
-from features.layout import (
+from tessera.features.layout import (
     CURATE_SUPERSEDED as SUPERSEDED,
 )
-from preprocess.layout import (
-    INDEX,
-    KEPT,
+from tessera.preprocess.layout import (
     REJECTS,
     SHARD_FILES,
-    SHARD_KEPT,
     check_damage,
     committed_shards,
     mark_index_parts,
@@ -63,17 +64,12 @@ from preprocess.layout import (
     read_sizes,
     record_sizes,
 )
-from preprocess.lease import DEFAULT_LEASE, Fence, LeaseConfig, held
-from preprocess.near import components
-from preprocess.runner import StageWork, in_flight_limit, task
-from preprocess.storage import Store
-from preprocess.versions import superseded_keys, write_superseded
+from tessera.preprocess.near import components
 
 log = logging.getLogger(__name__)
 
 SHARDS_PER_TASK = 64  # shards one assignment task reads
 HISTOGRAM_BINS = 50  # of the highest within-cluster cosine, over [-1, 1]
-MEMORY_LIMIT = "256MB"
 CURATE_KEYS = ["key", "source_key", "shard", "file", "line", "modalities"]
 # modified z-score (Iglewicz & Hoaglin): 0.6745 (d - median) / MAD
 Z_SCALE = 0.6745
@@ -151,10 +147,16 @@ def fit_centroids(folders: Folders, parts: list[Part], modality: str, cfg: Curat
     return _unit(model.cluster_centers_.astype(np.float32))
 
 
+@dataclass(frozen=True)
+class Assigned:
+    """What one assignment task wrote: rows per cluster."""
+
+    rows: dict[int, int]
+
+
 def assign_shards(folders: Folders, parts: list[Part], modality: str, centroids: np.ndarray, cfg: CurateConfig,
-                  task_id: int) -> dict[int, int]:
-    """Write PARTS' vectors, grouped by nearest centroid, into the curated folder; returns rows
-    per cluster."""
+                  task_id: int) -> Assigned:
+    """Write PARTS' vectors, grouped by nearest centroid, into the curated folder."""
     tables = []
     for part in parts:
         table, unit = shard_vectors(folders, part, modality, cfg.semantic.with_media)
@@ -167,7 +169,7 @@ def assign_shards(folders: Folders, parts: list[Part], modality: str, centroids:
                       .append_column("vector", pa.FixedSizeListArray.from_arrays(pa.array(unit.reshape(-1)),
                                                                                   unit.shape[1])))
     if not tables:
-        return {}
+        return Assigned({})
     table = pa.concat_tables(tables).sort_by("cluster")
     counts: dict[int, int] = {}
     out = folders.stores[folders.current]
@@ -175,7 +177,7 @@ def assign_shards(folders: Folders, parts: list[Part], modality: str, centroids:
         part = table.filter(pc.equal(table.column("cluster"), c))
         out.write_parquet(f"{CURATE_CLUSTERS}/{modality}/cluster-{c:05d}/part-{task_id:06d}.parquet", part)
         counts[int(c)] = len(part)
-    return counts
+    return Assigned(counts)
 
 
 ROW = ["root", "file", "line"]  # a row's identity across folders, and its order: earliest first
@@ -220,16 +222,26 @@ NO_OUTLIERS = ("SELECT NULL::VARCHAR AS key, NULL::VARCHAR AS sample_key, NULL::
                "NULL::VARCHAR AS shard LIMIT 0")
 
 
-def finish(folders: Folders, cfg: CurateConfig, fitted: list[str], compared: list[str], fence: Fence) -> dict:
+@dataclass(frozen=True)
+class CurateFound:
+    """What the finishing task found, per modality, and the shards whose index parts change."""
+
+    semantic_duplicates: dict[str, int] = field(default_factory=dict)
+    outliers: dict[str, int] = field(default_factory=dict)
+    histogram: dict[str, list[int]] = field(default_factory=dict)  # HISTOGRAM_BINS counts over [-1, 1]
+    shards: list[str] = field(default_factory=list)
+
+
+def finish(folders: Folders, cfg: CurateConfig, fitted: list[str], compared: list[str], fence: Fence
+           ) -> CurateFound:
     """Components, kept rows, histogram and outliers from the files steps 2-3 wrote; writes
-    rejects/curated.parquet and curate/outliers.parquet; returns counts, histograms and the
-    shards whose index parts change. Only the curated folder's rows are dropped or flagged; a
-    group's earliest row may be an earlier version's, named with its version."""
+    rejects/curated.parquet and curate/outliers.parquet. Only the curated folder's rows are
+    dropped or flagged; a group's earliest row may be an earlier version's, named with its
+    version."""
     shards, current = folders.stores[folders.current], folders.current
-    result: dict = {"semantic_duplicates": {}, "outliers": {}, "histogram": {}}
+    result = CurateFound()
     drops, outliers = [], []
-    with tempfile.TemporaryDirectory(prefix="tessera-curate-") as scratch, \
-            shards.duckdb(scratch, MEMORY_LIMIT) as con:
+    with shards.duckdb() as (con, scratch):
         for modality in fitted:
             rows = _ROWS.format(clusters=shards.sql_url(CURATE_CLUSTERS, modality, "*", "*.parquet"))
             versions = ", ".join(f"({root}, '{folders.version(root)}')" for root in range(len(folders.stores)))
@@ -241,16 +253,17 @@ def finish(folders: Folders, cfg: CurateConfig, fitted: list[str], compared: lis
                 drops = [d for d in drops if d]
             if modality in cfg.outliers.modalities:
                 outliers.append(_outliers(con, modality, cfg, scratch))
-                result["outliers"][modality] = con.execute(f"SELECT count(*) FROM '{outliers[-1]}'").fetchone()[0]
+                result.outliers[modality] = con.execute(f"SELECT count(*) FROM '{outliers[-1]}'").fetchone()[0]
         local = f"{scratch}/curated.parquet"
         parts = [f"SELECT * FROM '{p}'" for p in drops]
         if cfg.outliers.drop:
-            parts += [f"SELECT key, sample_key, file, line, modality, 'outlier (' || modality || ' score ' || "
+            parts += [f"SELECT key, sample_key, file, line, modality, 'curate.outlier' AS code, "
+                      f"'outlier (' || modality || ' score ' || "
                       f"round(score, 1) || ', over curate.outliers.bound {cfg.outliers.bound})' AS reason, "
                       f"shard, NULL::VARCHAR AS duplicate_of, NULL::FLOAT AS cosine FROM '{p}'" for p in outliers]
         empty = "SELECT NULL::VARCHAR AS key, NULL::VARCHAR AS sample_key, NULL::VARCHAR AS file, " \
-                "NULL::BIGINT AS line, NULL::VARCHAR AS modality, NULL::VARCHAR AS reason, NULL::VARCHAR AS shard, " \
-                "NULL::VARCHAR AS duplicate_of, NULL::FLOAT AS cosine LIMIT 0"
+                "NULL::BIGINT AS line, NULL::VARCHAR AS modality, NULL::VARCHAR AS code, NULL::VARCHAR AS reason, " \
+                "NULL::VARCHAR AS shard, NULL::VARCHAR AS duplicate_of, NULL::FLOAT AS cosine LIMIT 0"
         # a sample dropped for two modalities is listed once, for the first
         union = " UNION ALL BY NAME ".join(parts or [empty])
         con.execute(f"COPY (SELECT DISTINCT ON (file, line) * FROM ({union}) ORDER BY file, line, modality) "
@@ -258,17 +271,19 @@ def finish(folders: Folders, cfg: CurateConfig, fitted: list[str], compared: lis
         flagged = f"{scratch}/outliers.parquet"
         union = " UNION ALL ".join(f"SELECT * FROM '{p}'" for p in outliers) or NO_OUTLIERS
         con.execute(f"COPY ({union}) TO '{flagged}' (FORMAT parquet)")
-        result["shards"] = [s for (s,) in con.execute(f"SELECT DISTINCT shard FROM '{local}' ORDER BY 1").fetchall()]
+        result.shards.extend(s for (s,) in con.execute(f"SELECT DISTINCT shard FROM '{local}' ORDER BY 1").fetchall())
         fence.check(CURATED)
         shards.put_file(local, CURATED)
         shards.put_file(flagged, OUTLIERS)
     return result
 
 
-def _semantic(shards: Store, con, modality: str, result: dict, scratch: str, current: int) -> str | None:
+def _semantic(shards: Store, con, modality: str, result: CurateFound, scratch: str, current: int) -> str | None:
+    """Semantic duplicates of MODALITY (a drop list in SCRATCH, None when nothing is compared);
+    its counts and histogram into RESULT."""
     if not shards.names(f"{CURATE_PAIRS}/{modality}/*.best.parquet"):  # nothing it compares
-        result["semantic_duplicates"][modality] = 0
-        result["histogram"][modality] = [0] * HISTOGRAM_BINS
+        result.semantic_duplicates[modality] = 0
+        result.histogram[modality] = [0] * HISTOGRAM_BINS
         return None
     folder = shards.sql_url(CURATE_PAIRS, modality, "*.edges.parquet")
     best = shards.sql_url(CURATE_PAIRS, modality, "*.best.parquet")
@@ -280,19 +295,19 @@ def _semantic(shards: Store, con, modality: str, result: dict, scratch: str, cur
     con.execute(f"""COPY (
         WITH best AS (SELECT root, file, line, max(cosine) AS cosine FROM read_parquet({best}) GROUP BY ALL)
         SELECT r.source_key AS key, r.key AS sample_key, r.file, r.line, '{modality}' AS modality,
-               'semantic duplicate of ''' || k.source_key || '''' ||
+               'curate.semantic_duplicate' AS code, 'semantic duplicate of ''' || k.source_key || '''' ||
                  CASE WHEN k.current THEN '' ELSE ' of version ' || k.version END ||
                  ' ({modality} cosine ' || round(b.cosine, 2) || ')' AS reason,
                r.shard, k.key AS duplicate_of, b.cosine
         FROM semantic_components c JOIN rows r ON r.id = c.id JOIN rows k ON k.id = c.root
         JOIN best b ON b.root = r.root AND b.file = r.file AND b.line = r.line WHERE r.current)
         TO '{local}' (FORMAT parquet)""")
-    result["semantic_duplicates"][modality] = con.execute(f"SELECT count(*) FROM '{local}'").fetchone()[0]
+    result.semantic_duplicates[modality] = con.execute(f"SELECT count(*) FROM '{local}'").fetchone()[0]
     counts = dict(con.execute(f"""SELECT least(floor((cosine + 1) / 2 * {HISTOGRAM_BINS}), {HISTOGRAM_BINS - 1})::INT,
         count(*) FROM (SELECT root, file, line, max(cosine) AS cosine FROM read_parquet({best})
                        WHERE root = {current} GROUP BY ALL)
         GROUP BY ALL""").fetchall())
-    result["histogram"][modality] = [counts.get(i, 0) for i in range(HISTOGRAM_BINS)]
+    result.histogram[modality] = [counts.get(i, 0) for i in range(HISTOGRAM_BINS)]
     return local
 
 
@@ -343,93 +358,93 @@ def current_curation(shards: Store, cfg: CurateConfig, earlier: Sequence[Store] 
     return summary.replace(up_to_date=True) if summary.digest == curate_digest([*earlier, shards], cfg) else None
 
 
+class CurateStage(Stage[CurateSummary]):
+    """Semantic dedup and outliers over SHARDS' embeddings — compared also with the live rows of
+    EARLIER dataset versions (a refresh's), which are never dropped here. The shards must be
+    embedded (tessera embed)."""
+
+    command = "tessera curate"
+
+    def __init__(self, shards: Store, cfg: CurateConfig, earlier: Sequence[Store] = ()):
+        if not EmbedSummary.exists(shards):
+            raise NotAnInput(f"{shards.url} has no embeddings: run tessera embed {shards.url} first")
+        self.folder, self.cfg = shards, cfg
+        self.earlier = [store for store in earlier if EmbedSummary.exists(store)]
+        for store in (*self.earlier, shards):
+            check_damage(store, (*SHARD_FILES, SIDECARS), "`tessera shard` and `tessera embed` (or the job that "
+                         "made them) run again")
+
+    def current(self) -> CurateSummary | None:
+        return current_curation(self.folder, self.cfg, self.earlier)
+
+    def run(self, run: StageRun) -> CurateSummary:
+        shards, cfg, earlier = self.folder, self.cfg, self.earlier
+        for stale in (CURATE_CLUSTERS, CURATE_PAIRS, SUPERSEDED):
+            if shards.exists(stale):
+                shards.remove(stale, recursive=True)
+        superseded = None
+        if earlier:  # the keys later versions replaced or removed, read per shard by the tasks
+            superseded = shards.child(SUPERSEDED)
+            write_superseded([*earlier, shards], superseded)
+        folders = Folders((*earlier, shards), superseded)
+        parts = folders.parts()
+        embeds = [EmbedSummary.read(store) for store in folders.stores]
+        clusters, compared = {}, []
+        for modality in cfg.modalities:
+            total = sum(embed.modalities.get(modality, {}).get("samples", 0) for embed in embeds)
+            if not embeds[-1].modalities.get(modality, {}).get("samples", 0):
+                log.warning("curate: no %s embeddings in %s; skipped", modality, shards.url)
+                continue
+            clusters[modality] = _cluster(run, folders, parts, modality, cfg, total)
+            if modality in cfg.semantic.modalities:
+                compared.append(modality)
+        previous = set()
+        if shards.exists(CURATED):
+            previous = set(shards.read_parquet(CURATED, ["shard"]).column("shard").to_pylist())
+        found = run.get(_finish.remote(folders, cfg, list(clusters), compared, run.fence))
+        touched = sorted(previous | set(found.shards))
+        run.get_all([_mark.remote(shards, touched[i:i + SHARDS_PER_TASK], run.fence)
+                     for i in range(0, len(touched), SHARDS_PER_TASK)])
+        for scratch in (CURATE_CLUSTERS, CURATE_PAIRS, SUPERSEDED):
+            if shards.exists(scratch):
+                shards.remove(scratch, recursive=True)
+        record_sizes(shards, (f"{INDEX}/*.parquet", f"{REJECTS}/*.parquet"), run.fence)
+        summary = CurateSummary(
+            digest=curate_digest(folders.stores, cfg), clusters=clusters,
+            semantic_duplicates=found.semantic_duplicates, outliers=found.outliers,
+            outliers_dropped=cfg.outliers.drop, eps=cfg.semantic.eps, histogram=found.histogram)
+        log.info("curate: %s semantic duplicates, %s outliers", summary.semantic_duplicates, summary.outliers)
+        return summary
+
+
 def run_curate_stage(shards: Store, cfg: CurateConfig, progress: bool = True,
                      lease: LeaseConfig | Fence = DEFAULT_LEASE, earlier: Sequence[Store] = ()) -> CurateSummary:
-    """Semantic dedup and outliers over SHARDS' embeddings — compared also with the live rows of
-    EARLIER dataset versions (a refresh's), which are never dropped here — holding the folder's
-    lease. Ray must be initialized; the shards must be embedded (tessera embed)."""
-    if not EmbedSummary.exists(shards):
-        raise FileNotFoundError(f"{shards.url} has no embeddings: run tessera embed {shards.url} first")
-    earlier = [store for store in earlier if EmbedSummary.exists(store)]
-    for store in (*earlier, shards):
-        check_damage(store, (*SHARD_FILES, SIDECARS), "`tessera shard` and `tessera embed` (or the job that made "
-                     "them) run again")
-    with held(shards, lease, "tessera curate") as fence:
-        current = current_curation(shards, cfg, earlier)
-        if current is not None:
-            log.info("curate: up to date")
-            return current
-        return _curate(shards, cfg, progress, fence, earlier)
+    """CurateStage through the engine, holding SHARDS' lease (or under LEASE, the fence of a
+    caller that holds it); Ray must be initialized."""
+    return execute(CurateStage(shards, cfg, earlier), lease, progress)
 
 
-def _cluster(work: StageWork, folders: Folders, parts: list[Part], modality: str, cfg: CurateConfig, total: int,
-             progress: bool) -> int:
+def _cluster(run: StageRun, folders: Folders, parts: list[Part], modality: str, cfg: CurateConfig,
+             total: int) -> int:
     """Steps 1-3 for one modality; returns the number of clusters."""
-    from tqdm import tqdm
-
     shards = folders.stores[folders.current]
-    centroids = ray.put(work.get(_fit.remote(folders, parts, modality, cfg, total)))
+    centroids = ray.put(run.get(_fit.remote(folders, parts, modality, cfg, total)))
     groups = [parts[i:i + SHARDS_PER_TASK] for i in range(0, len(parts), SHARDS_PER_TASK)]
     counts: Counter = Counter()
+    bar = run.bar(f"curate {modality}: assign", total=len(groups), unit="group")
 
-    def assigned(item, got: dict[int, int]) -> None:
+    def assigned(item, got: Assigned) -> None:
         bar.update()
-        counts.update(got)
+        counts.update(got.rows)
 
-    bar = tqdm(total=len(groups), unit="group", desc=f"curate {modality}: assign", disable=not progress)
-    work.run(enumerate(groups), lambda item, _: _assign.remote(folders, item[1], modality, centroids, cfg, item[0]),
-             in_flight_limit(), assigned)
+    run.map(enumerate(groups), lambda item, _: _assign.remote(folders, item[1], modality, centroids, cfg, item[0]),
+            assigned)
     bar.close()
     if modality in cfg.semantic.modalities:
         jobs = [(c, blocks, (i, j)) for c, n in sorted(counts.items())
                 for blocks in [max(1, math.ceil(n / cfg.block_rows))]
                 for i in range(blocks) for j in range(i, blocks)]
-        bar = tqdm(total=len(jobs), unit="block", desc=f"curate {modality}: pairs", disable=not progress)
-        work.run(jobs, lambda job, _: _pairs.remote(shards, modality, *job, cfg), in_flight_limit(),
-                 lambda job, got: bar.update())
+        bar = run.bar(f"curate {modality}: pairs", total=len(jobs), unit="block")
+        run.map(jobs, lambda job, _: _pairs.remote(shards, modality, *job, cfg), lambda job, got: bar.update())
         bar.close()
     return len(ray.get(centroids))
-
-
-def _curate(shards: Store, cfg: CurateConfig, progress: bool, fence: Fence, earlier: list[Store]) -> CurateSummary:
-    started, work = time.perf_counter(), StageWork()
-    for stale in (CURATE_CLUSTERS, CURATE_PAIRS, SUPERSEDED):
-        if shards.exists(stale):
-            shards.remove(stale, recursive=True)
-    superseded = None
-    if earlier:  # the keys later versions replaced or removed, read per shard by the tasks
-        superseded = shards.child(SUPERSEDED)
-        write_superseded([*earlier, shards], superseded)
-    folders = Folders((*earlier, shards), superseded)
-    parts = folders.parts()
-    embeds = [EmbedSummary.read(store) for store in folders.stores]
-    clusters, compared = {}, []
-    for modality in cfg.modalities:
-        total = sum(embed.modalities.get(modality, {}).get("samples", 0) for embed in embeds)
-        if not embeds[-1].modalities.get(modality, {}).get("samples", 0):
-            log.warning("curate: no %s embeddings in %s; skipped", modality, shards.url)
-            continue
-        clusters[modality] = _cluster(work, folders, parts, modality, cfg, total, progress)
-        if modality in cfg.semantic.modalities:
-            compared.append(modality)
-    previous = set()
-    if shards.exists(CURATED):
-        previous = set(shards.read_parquet(CURATED, ["shard"]).column("shard").to_pylist())
-    found = work.get(_finish.remote(folders, cfg, list(clusters), compared, fence))
-    touched = sorted(previous | set(found["shards"]))
-    work.get_all([_mark.remote(shards, touched[i:i + SHARDS_PER_TASK], fence)
-                  for i in range(0, len(touched), SHARDS_PER_TASK)])
-    for scratch in (CURATE_CLUSTERS, CURATE_PAIRS, SUPERSEDED):
-        if shards.exists(scratch):
-            shards.remove(scratch, recursive=True)
-    record_sizes(shards, (f"{INDEX}/*.parquet", f"{REJECTS}/*.parquet"), fence)
-    summary = CurateSummary(
-        digest=curate_digest(folders.stores, cfg), clusters=clusters,
-        semantic_duplicates=found["semantic_duplicates"], outliers=found["outliers"],
-        outliers_dropped=cfg.outliers.drop, eps=cfg.semantic.eps, histogram=found["histogram"],
-        seconds=round(time.perf_counter() - started, 3), store_retries=work.store_retries)
-    fence.check(CurateSummary.FILE)
-    summary.write(shards)
-    log.info("curate: %s semantic duplicates, %s outliers in %.1f s", summary.semantic_duplicates,
-             summary.outliers, summary.seconds)
-    return summary

@@ -18,8 +18,9 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from features.config import AudioEncoderConfig, EmbedConfig, ImageEncoderConfig, ModelConfig, TextEncoderConfig
-from features.prepare import audio_input, by_length, image_input, per_clip, text_input, video_input
+from tessera.core.errors import NotAnInput
+from tessera.features.config import AudioEncoderConfig, EmbedConfig, ImageEncoderConfig, ModelConfig, TextEncoderConfig
+from tessera.features.prepare import audio_input, by_length, image_input, per_clip, text_input, video_input
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def resolve_weights(weights: str) -> Path:
     try:
         return Path(snapshot_download(weights, local_files_only=True))
     except Exception as e:
-        raise FileNotFoundError(f"weights {weights!r} are neither a folder nor in the local model cache") from e
+        raise NotAnInput(f"weights {weights!r} are neither a folder nor in the local model cache") from e
 
 
 class Encoder(ABC):

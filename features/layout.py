@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from preprocess.layout import REJECTS
-from preprocess.storage import Store
-from preprocess.summary import StageSummary
+from tessera.core.storage import Store
+from tessera.core.summary import StageSummary
+from tessera.preprocess.layout import REJECTS
 
 EMBED_SUMMARY = "embed-summary.json"
 PLAN = "embed-plan.parquet"
@@ -103,9 +103,6 @@ class EmbedSummary(StageSummary):
     cache_rows: dict[str, int] | None = None
     cache_corrupt: list[str] = field(default_factory=list)
     compute_seconds: float = 0.0
-    seconds: float = 0.0
-    store_retries: int = 0
-    up_to_date: bool = False
 
 
 @dataclass(frozen=True)
@@ -123,6 +120,3 @@ class CurateSummary(StageSummary):
     outliers_dropped: bool
     eps: float
     histogram: dict[str, list[int]]
-    seconds: float = 0.0
-    store_retries: int = 0
-    up_to_date: bool = False

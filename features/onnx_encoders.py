@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from features.config import AudioEncoderConfig, ImageEncoderConfig, TextEncoderConfig
-from features.layout import BUNDLE_META, TOKENIZER, encoder_onnx
-from features.prepare import audio_input, by_length, image_input, per_clip, text_input, video_input
-from preprocess.storage import Store
+from tessera.core.storage import Store
+from tessera.features.config import AudioEncoderConfig, ImageEncoderConfig, TextEncoderConfig
+from tessera.features.layout import BUNDLE_META, TOKENIZER, encoder_onnx
+from tessera.features.prepare import audio_input, by_length, image_input, per_clip, text_input, video_input
 
 
 def session(model: bytes):

@@ -8,8 +8,8 @@ import io
 
 import numpy as np
 
-from features.config import AudioEncoderConfig, ImageEncoderConfig
-from preprocess.video import decode_frames
+from tessera.features.config import AudioEncoderConfig, ImageEncoderConfig
+from tessera.preprocess.video import decode_frames
 
 
 def text_input(payload: bytes) -> str:

@@ -12,11 +12,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 
-from features.config import EmbedConfig
-from features.layout import DIGEST, DIMS, ENCODERS, INCOMPLETE, MISSING, sidecar_digest, sidecar_name
-from features.prepare import pooled_frames
-from preprocess.layout import SHARD_KEPT, read_index_part
-from preprocess.storage import Store
+from tessera.core.storage import Store
+from tessera.core.versions import SHARD_KEPT
+from tessera.features.config import EmbedConfig
+from tessera.features.layout import DIGEST, DIMS, ENCODERS, INCOMPLETE, MISSING, sidecar_digest, sidecar_name
+from tessera.features.prepare import pooled_frames
+from tessera.preprocess.layout import read_index_part
 
 
 @dataclass

@@ -12,61 +12,79 @@ tasks, DuckDB and the cache.
    it owns that are missing, add them to the cache, write its sidecar from those vectors
    plus the cached ones. A shard whose vector another shard still owes is written at the end
    (a plain task, lookups only). The caches then fold their new rows into their key index.
-3. Summary: EmbedSummary, written last."""
+3. Summary: EmbedSummary (written last by the engine, core/engine.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
 
 import pyarrow as pa
 import ray
-from tqdm import tqdm
 
-from features.actor import EmbedWorker
-from features.cache import EmbeddingCache
-from features.config import EmbedConfig
-from features.encoders import build_encoders
-from features.layout import CACHE, PLAN, SIDECARS, EmbedSummary, sidecar_name
-from features.sidecar import ShardRows, sidecar_is_current, write_sidecar
-from preprocess.layout import INDEX, SHARD_FILES, check_damage, committed_shards, damaged, record_sizes
-from preprocess.lease import DEFAULT_LEASE, Fence, LeaseConfig, held
-from preprocess.runner import StageWork, actor, in_flight_limit, task
-from preprocess.storage import Store
-from preprocess.summary import StageFailed
+from tessera.core.engine import Stage, StageRun, execute
+from tessera.core.errors import StageFailed
+from tessera.core.lease import DEFAULT_LEASE, Fence, LeaseConfig
+from tessera.core.runner import actor, task
+from tessera.core.storage import Store
+from tessera.core.versions import INDEX
+from tessera.features.actor import EmbedShardResult, EmbedWorker
+from tessera.features.cache import EmbeddingCache
+from tessera.features.config import EmbedConfig
+from tessera.features.encoders import build_encoders
+from tessera.features.layout import CACHE, PLAN, SIDECARS, EmbedSummary, sidecar_name
+from tessera.features.sidecar import ShardRows, sidecar_is_current, write_sidecar
+from tessera.preprocess.layout import SHARD_FILES, check_damage, committed_shards, damaged, record_sizes
 
 log = logging.getLogger(__name__)
 
 SHARDS_PER_TASK = 64  # shards whose sidecar state one task checks
 MAX_ROUNDS = 3  # of embedding what an earlier round of the same run left missing
-MEMORY_LIMIT = "256MB"  # the plan query spills beyond this
 # An actor lost with its node is restarted (elsewhere, if need be: up to 4 times) and its calls are
 # made again once it is back, however long that takes (a call fails when the actor is gone for good)
-EmbedActor = actor(EmbedWorker, max_restarts=4, max_task_retries=-1)
+EmbedActor = actor(EmbedWorker, ("embed_shard", "flush"), max_restarts=4, max_task_retries=-1)
 
 
-def sidecar_states(shards: Store, names: list[str], identities: dict[str, str], cfg: EmbedConfig) -> list[dict]:
+@dataclass(frozen=True)
+class SidecarState:
+    """A shard's sidecar as planning finds it."""
+
+    shard: str
+    digest: str  # what its sidecar must be written for (keys, payloads, encoders, settings)
+    current: bool
+    rows: int  # the shard's kept samples
+    samples: dict[str, int]  # per modality: the samples that have it
+
+
+def sidecar_states(shards: Store, names: list[str], identities: dict[str, str], cfg: EmbedConfig
+                   ) -> list[SidecarState]:
     """Per shard: its sidecar digest, whether the sidecar is current, its samples per modality."""
     states = []
     for shard in names:
         rows = ShardRows.read(shards, shard, list(identities))
         digest = rows.digest(identities, cfg)
-        samples = {m: len(rows.hashes_of_samples(m)) for m in identities}
-        states.append({"shard": shard, "digest": digest, "current": sidecar_is_current(shards, shard, digest),
-                       "rows": len(rows.keys), "samples": samples})
+        states.append(SidecarState(shard, digest, sidecar_is_current(shards, shard, digest), len(rows.keys),
+                                   {m: len(rows.hashes_of_samples(m)) for m in identities}))
     return states
 
 
-def plan_owners(shards: Store, stale: list[str], modalities: list[str], fence: Fence) -> dict:
+@dataclass(frozen=True)
+class OwnerPlan:
+    """What plan_owners wrote: the distinct payloads of the stale shards, per modality."""
+
+    unique: dict[str, int]
+
+
+def plan_owners(shards: Store, stale: list[str], modalities: list[str], fence: Fence) -> OwnerPlan:
     """SHARDS/embed-plan.parquet: (modality, sha256, shard, key) of each distinct payload of the
     STALE shards, given to the first shard (and first sample) holding it; sorted by shard."""
     rows = " UNION ALL ".join(
         f"SELECT '{m}' AS modality, {m}_payload_sha256 AS sha256, shard, key FROM idx "
         f"WHERE duplicate_of IS NULL AND {m}_payload_sha256 IS NOT NULL" for m in modalities)
-    with tempfile.TemporaryDirectory(prefix="tessera-plan-") as scratch, shards.duckdb(scratch, MEMORY_LIMIT) as con:
+    with shards.duckdb() as (con, scratch):
         con.register("stale", pa.table({"shard": stale}))
         con.execute(f"CREATE VIEW idx AS SELECT i.* FROM read_parquet({shards.sql_url(INDEX, 'shard-*.parquet')}) i "
                     "JOIN stale USING (shard)")
@@ -78,16 +96,23 @@ def plan_owners(shards: Store, stale: list[str], modalities: list[str], fence: F
         unique = dict(con.execute(f"SELECT modality, count(*) FROM '{local}' GROUP BY modality").fetchall())
         fence.check(PLAN)
         shards.put_file(local, PLAN)
-    return unique
+    return OwnerPlan(unique)
+
+
+@dataclass(frozen=True)
+class OwedSidecar:
+    """A sidecar written from vectors other shards computed: the vectors still missing."""
+
+    missing: dict[str, int]
 
 
 def write_owed_sidecar(shards: Store, shard: str, identities: dict[str, str], dims: dict[str, int],
-                       cache: Store, digest: str, cfg: EmbedConfig, fence: Fence) -> dict:
+                       cache: Store, digest: str, cfg: EmbedConfig, fence: Fence) -> OwedSidecar:
     """A sidecar whose vectors other shards computed: lookups only."""
     rows = ShardRows.read(shards, shard, list(identities))
     vectors = {m: EmbeddingCache(cache, identities[m]).lookup(rows.hashes(m)) for m in identities}
     fence.check(sidecar_name(shard))
-    return write_sidecar(shards, shard, rows, vectors, dims, identities, digest, cfg)
+    return OwedSidecar(write_sidecar(shards, shard, rows, vectors, dims, identities, digest, cfg))
 
 
 def maintain_cache(cache: EmbeddingCache) -> int:
@@ -111,29 +136,27 @@ class EmbedPlan:
     names: list[str]  # the committed shards
     identities: dict[str, str]  # modality -> encoder identity
     dims: dict[str, int]  # from the encoders' configs: no model is loaded here
-    states: list[dict]  # per shard, in order: sidecar_states
+    states: list[SidecarState]  # per shard, in order
 
     @property
-    def stale(self) -> list[dict]:
-        return [s for s in self.states if not s["current"]]
+    def stale(self) -> list[SidecarState]:
+        return [s for s in self.states if not s.current]
 
 
-def plan_embedding(shards: Store, cfg: EmbedConfig, cache: Store, fence: Fence, work: StageWork) -> EmbedPlan:
+def plan_embedding(shards: Store, cfg: EmbedConfig, cache: Store, run: StageRun) -> EmbedPlan:
     """The sidecars' states; a sidecar that is gone or cut since it was committed is stale."""
     check_damage(shards, SHARD_FILES, "`tessera shard` (or the job that made them) run again")
     names = committed_shards(shards)
     encoders = build_encoders(cfg)
     identities = {m: e.identity() for m, e in encoders.items()}
     groups = [names[i : i + SHARDS_PER_TASK] for i in range(0, len(names), SHARDS_PER_TASK)]
-    found: dict[int, list[dict]] = {}
-    work.run(range(len(groups)), lambda g, _: _states_task.remote(shards, groups[g], identities, cfg),
-             in_flight_limit(), found.__setitem__)
+    found: dict[int, list[SidecarState]] = {}
+    run.map(range(len(groups)), lambda g, _: _states_task.remote(shards, groups[g], identities, cfg),
+            found.__setitem__)
     cut = {d.name for d in damaged(shards, (SIDECARS,))}
-    states = [s for g in range(len(groups)) for s in found[g]]
-    for state in states:
-        if sidecar_name(state["shard"]) in cut:
-            state["current"] = False
-    return EmbedPlan(shards, cache, fence, names, identities, {m: e.dim for m, e in encoders.items()}, states)
+    states = [dataclasses.replace(s, current=False) if sidecar_name(s.shard) in cut else s
+              for g in range(len(groups)) for s in found[g]]
+    return EmbedPlan(shards, cache, run.fence, names, identities, {m: e.dim for m, e in encoders.items()}, states)
 
 
 class EmbedTally:
@@ -145,24 +168,24 @@ class EmbedTally:
         self.counts = {m: Counter(samples=0, unique=0, cache_hits=0, computed=0, errors=0, missing_in_sidecars=0)
                        for m in plan.identities}
         for state in plan.states:
-            for modality, n in state["samples"].items():
+            for modality, n in state.samples.items():
                 self.counts[modality]["samples"] += n
         self.model_seconds: Counter = Counter()
         self.reasons: Counter = Counter()
         self.corrupt: list[str] = []
         self.owed: list[str] = []
 
-    def embedded(self, state: dict, result: dict) -> None:
-        for modality, n in result["computed"].items():
+    def embedded(self, state: SidecarState, result: EmbedShardResult) -> None:
+        for modality, n in result.computed.items():
             self.counts[modality]["computed"] += n
-        for modality, n in result["errors"].items():
+        for modality, n in result.errors.items():
             self.counts[modality]["errors"] += n
-        self.reasons.update(result["error_reasons"])
-        self.missing(result["missing"])
-        self.model_seconds.update(result["model_seconds"])
-        self.corrupt += result["corrupt"]
-        if result["deferred"]:
-            self.owed.append(result["shard"])
+        self.reasons.update(result.error_reasons)
+        self.missing(result.missing)
+        self.model_seconds.update(result.model_seconds)
+        self.corrupt += result.corrupt
+        if result.deferred:
+            self.owed.append(result.shard)
 
     def missing(self, per_modality: dict[str, int]) -> None:
         for modality, n in per_modality.items():
@@ -195,101 +218,110 @@ def _actor_options(cfg: EmbedConfig) -> dict:
     return {"num_cpus": cfg.cpus_per_actor, "num_gpus": gpus}
 
 
-def embed_stale(plan: EmbedPlan, cfg: EmbedConfig, tally: EmbedTally, work: StageWork, progress: bool) -> None:
+def embed_stale(plan: EmbedPlan, cfg: EmbedConfig, tally: EmbedTally, run: StageRun) -> None:
     """Embed the stale shards on encoder actors, then write the sidecars they left owed."""
     stale = plan.stale
-    for modality, n in work.get(_plan_task.remote(plan.shards, [s["shard"] for s in stale],
-                                                  list(plan.identities), plan.fence)).items():
+    owners = run.get(_plan_task.remote(plan.shards, [s.shard for s in stale], list(plan.identities), plan.fence))
+    for modality, n in owners.unique.items():
         tally.counts[modality]["unique"] = n
     actors = [EmbedActor.options(**_actor_options(cfg)).remote(cfg, plan.identities, plan.cache, plan.shards,
                                                                plan.fence)
               for _ in range(min(cfg.actors, len(stale)))]
-    bar = tqdm(total=len(stale), unit="shard", desc="embed", disable=not progress)
+    bar = run.bar("embed", total=len(stale), unit="shard")
 
-    def embedded(state: dict, result: dict) -> None:
+    def embedded(state: SidecarState, result: EmbedShardResult) -> None:
         tally.embedded(state, result)
         bar.update()
 
-    work.run(stale, lambda s, slot: actors[slot].call.remote("embed_shard", s["shard"], PLAN, s["digest"]),
-             len(actors), embedded)
+    run.map(stale, lambda s, slot: actors[slot].embed_shard.remote(s.shard, PLAN, s.digest), embedded,
+            limit=len(actors))
     bar.close()
-    work.get_all([a.call.remote("flush") for a in actors])  # their last vectors, before the owed sidecars
+    run.get_all([a.flush.remote() for a in actors])  # their last vectors, before the owed sidecars
     for a in actors:
         ray.kill(a)
-    digests = {s["shard"]: s["digest"] for s in stale}
-    for missing in work.get_all([_owed_task.remote(plan.shards, shard, plan.identities, plan.dims, plan.cache,
-                                                   digests[shard], cfg, plan.fence) for shard in tally.owed]):
-        tally.missing(missing)
+    digests = {s.shard: s.digest for s in stale}
+    for owed in run.get_all([_owed_task.remote(plan.shards, shard, plan.identities, plan.dims, plan.cache,
+                                               digests[shard], cfg, plan.fence) for shard in tally.owed]):
+        tally.missing(owed.missing)
     plan.shards.remove(PLAN)
+
+
+class EmbedStage(Stage[EmbedSummary]):
+    """Embed every committed shard of SHARDS with the vectors cached in CACHE (default: the store
+    of embed.cache, else SHARDS/embed-cache)."""
+
+    command = "tessera embed"
+
+    def __init__(self, shards: Store, cfg: EmbedConfig, cache: Store | None = None):
+        self.folder, self.cfg = shards, cfg
+        self.cache = cache or (shards.at(cfg.cache) if cfg.cache else shards.child(CACHE))
+
+    def run(self, run: StageRun) -> EmbedSummary:
+        shards, cfg, cache = self.folder, self.cfg, self.cache
+        plan = first = plan_embedding(shards, cfg, cache, run)
+        tally = EmbedTally(plan)
+        compute_seconds, rounds = 0.0, 0
+        # A round leaves a sidecar incomplete when a batch failed, or when the actor that computed a
+        # vector another shard needed was lost before the vector reached the cache: the next round
+        # redoes those (and only those: the rest are cached), as long as it gets anywhere.
+        while plan.stale and plan.identities and rounds < MAX_ROUNDS:
+            t0, this = time.perf_counter(), EmbedTally(plan)
+            embed_stale(plan, cfg, this, run)
+            compute_seconds += time.perf_counter() - t0
+            tally = this if rounds == 0 else tally.then(this)
+            rounds += 1
+            if not this.total("missing_in_sidecars") or not this.total("computed"):
+                break
+            plan = plan_embedding(shards, cfg, cache, run)
+        plan = first
+        caches = {m: EmbeddingCache(cache, plan.identities[m]) for m in plan.identities}
+        cache_rows = dict(zip(caches, run.get_all([_maintain_task.remote(c) for c in caches.values()]), strict=True)) \
+            if tally.total("computed") else None
+        for modality, c in tally.counts.items():  # of the samples whose sidecar was (re)written; current ones read none
+            c["cache_hits"] = sum(s.samples.get(modality, 0) for s in plan.stale) - c["computed"]
+        written = len(plan.stale) if plan.identities else 0
+        if written:
+            record_sizes(shards, (SIDECARS,), run.fence)
+        summary = EmbedSummary(
+            samples=sum(s.rows for s in plan.states),
+            shards=len(plan.names),
+            sidecars_written=written,
+            sidecars_up_to_date=len(plan.states) - len(plan.stale),
+            encoders=plan.identities,
+            config=cfg.model_dump(mode="json"),
+            dims=plan.dims,
+            modalities={m: {**c, "model_seconds": round(tally.model_seconds[m], 3),
+                            "embeddings_per_s": round(c["computed"] / compute_seconds, 2) if compute_seconds else None}
+                        for m, c in tally.counts.items()},
+            computed=tally.total("computed"),
+            errors=tally.total("errors"),
+            error_reasons=dict(tally.reasons.most_common()),
+            rounds=rounds,
+            cache_hits=sum(c["cache_hits"] for c in tally.counts.values()),
+            cache_rows=cache_rows,
+            cache_corrupt=tally.corrupt,
+            compute_seconds=round(compute_seconds, 3),
+            up_to_date=tally.total("computed") == 0 and written == 0,
+        )
+        log.info("embedded %d shards: %d vectors computed, %d vectors from the cache, %d sidecars written "
+                 "(%d up to date)", len(plan.names), summary.computed, summary.cache_hits, written,
+                 summary.sidecars_up_to_date)
+        return summary
+
+    def check(self, summary: EmbedSummary) -> EmbedSummary:
+        """SUMMARY, unless more vectors failed than embed.max_errors: then StageFailed."""
+        cfg = self.cfg
+        limit = cfg.max_errors if cfg.max_errors is None or cfg.max_errors >= 1 else cfg.max_errors * summary.samples
+        if limit is not None and summary.errors > limit:
+            raise StageFailed(f"embed: {summary.errors} vectors could not be computed (embed.max_errors "
+                              f"{cfg.max_errors}); their sidecars are incomplete, the next run tries them again. "
+                              "Reasons: " + "; ".join(f"{n} x {reason}"
+                                                      for reason, n in list(summary.error_reasons.items())[:5]))
+        return summary
 
 
 def run_embed_stage(shards: Store, cfg: EmbedConfig, cache: Store | None = None, progress: bool = True,
                     lease: LeaseConfig | Fence = DEFAULT_LEASE) -> EmbedSummary:
-    """Embed every committed shard of SHARDS, holding its lease, with the vectors cached in CACHE
-    (default: the store of embed.cache, else SHARDS/embed-cache); returns (and writes) the
-    stage summary."""
-    with held(shards, lease, "tessera embed") as fence:
-        return _embed(shards, cfg, cache or (shards.at(cfg.cache) if cfg.cache else shards.child(CACHE)), progress,
-                      fence)
-
-
-def _embed(shards: Store, cfg: EmbedConfig, cache: Store, progress: bool, fence: Fence) -> EmbedSummary:
-    started, work = time.perf_counter(), StageWork()
-    plan = first = plan_embedding(shards, cfg, cache, fence, work)
-    tally = EmbedTally(plan)
-    compute_seconds, rounds = 0.0, 0
-    # A round leaves a sidecar incomplete when a batch failed, or when the actor that computed a
-    # vector another shard needed was lost before the vector reached the cache: the next round
-    # redoes those (and only those: the rest are cached), as long as it gets anywhere.
-    while plan.stale and plan.identities and rounds < MAX_ROUNDS:
-        t0, this = time.perf_counter(), EmbedTally(plan)
-        embed_stale(plan, cfg, this, work, progress)
-        compute_seconds += time.perf_counter() - t0
-        tally = this if rounds == 0 else tally.then(this)
-        rounds += 1
-        if not this.total("missing_in_sidecars") or not this.total("computed"):
-            break
-        plan = plan_embedding(shards, cfg, cache, fence, work)
-    plan = first
-    caches = {m: EmbeddingCache(cache, plan.identities[m]) for m in plan.identities}
-    cache_rows = dict(zip(caches, work.get_all([_maintain_task.remote(c) for c in caches.values()]), strict=True)) \
-        if tally.total("computed") else None
-    for modality, c in tally.counts.items():  # of the samples whose sidecar was (re)written; current ones read none
-        c["cache_hits"] = sum(s["samples"].get(modality, 0) for s in plan.stale) - c["computed"]
-    written = len(plan.stale) if plan.identities else 0
-    summary = EmbedSummary(
-        samples=sum(s["rows"] for s in plan.states),
-        shards=len(plan.names),
-        sidecars_written=written,
-        sidecars_up_to_date=len(plan.states) - len(plan.stale),
-        encoders=plan.identities,
-        config=cfg.model_dump(mode="json"),
-        dims=plan.dims,
-        modalities={m: {**c, "model_seconds": round(tally.model_seconds[m], 3),
-                        "embeddings_per_s": round(c["computed"] / compute_seconds, 2) if compute_seconds else None}
-                    for m, c in tally.counts.items()},
-        computed=tally.total("computed"),
-        errors=tally.total("errors"),
-        error_reasons=dict(tally.reasons.most_common()),
-        rounds=rounds,
-        cache_hits=sum(c["cache_hits"] for c in tally.counts.values()),
-        cache_rows=cache_rows,
-        cache_corrupt=tally.corrupt,
-        compute_seconds=round(compute_seconds, 3),
-        seconds=round(time.perf_counter() - started, 3),
-        store_retries=work.store_retries,
-        up_to_date=tally.total("computed") == 0 and written == 0,
-    )
-    if written:
-        record_sizes(shards, (SIDECARS,), fence)
-    fence.check(EmbedSummary.FILE)
-    summary.write(shards)
-    log.info("embedded %d shards: %d vectors computed, %d vectors from the cache, %d sidecars written "
-             "(%d up to date), in %.1f s", len(plan.names), summary.computed, summary.cache_hits, written,
-             summary.sidecars_up_to_date, summary.seconds)
-    limit = cfg.max_errors if cfg.max_errors is None or cfg.max_errors >= 1 else cfg.max_errors * summary.samples
-    if limit is not None and summary.errors > limit:
-        raise StageFailed(f"embed: {summary.errors} vectors could not be computed (embed.max_errors {cfg.max_errors}"
-                          f"); their sidecars are incomplete, the next run tries them again. Reasons: "
-                          + "; ".join(f"{n} x {reason}" for reason, n in list(summary.error_reasons.items())[:5]))
-    return summary
+    """EmbedStage through the engine, holding SHARDS' lease (or under LEASE, the fence of a caller
+    that holds it); Ray must be initialized. Returns the summary."""
+    return execute(EmbedStage(shards, cfg, cache), lease, progress)

@@ -10,8 +10,9 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from preprocess.config import AudioConfig
-from preprocess.reject import Reject
+from tessera.preprocess.config import AudioConfig
+from tessera.preprocess.modality import Modality, Stored
+from tessera.preprocess.reject import Reject
 
 MIN_SECONDS = 0.05
 SILENCE_LEVEL = 1e-6  # below this peak/RMS a clip is silence: no gain is applied
@@ -48,30 +49,30 @@ def decode_audio(data: bytes, cfg: AudioConfig) -> tuple[np.ndarray, int, dict]:
     first: a clip over max_seconds is rejected (on_too_long: reject) or decoded only up to it
     (and a margin), never whole."""
     if not data:
-        raise Reject("audio", "empty file")
+        raise Reject("input.empty", "empty file", "audio")
     truncation = wav_truncation(data)
     if truncation:
-        raise Reject("audio", truncation)
+        raise Reject("audio.truncated", truncation)
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
             if f.format not in cfg.formats:
-                raise Reject("audio", f"format {f.format} not in the allowed formats {list(cfg.formats)}")
+                raise Reject("audio.format", f"format {f.format} not in the allowed formats {list(cfg.formats)}")
             rate, frames = f.samplerate, f.frames
             if frames / rate > cfg.max_seconds and cfg.on_too_long == "reject":
-                raise Reject("audio", f"audio is {frames / rate:.1f} s, over {cfg.max_seconds} s")
+                raise Reject("audio.too_long", f"audio is {frames / rate:.1f} s, over {cfg.max_seconds} s")
             if cfg.min_seconds is not None and frames < cfg.min_seconds * rate:
-                raise Reject("audio", f"audio is {frames / rate:.2f} s, under shard.audio.min_seconds "
+                raise Reject("audio.too_short", f"audio is {frames / rate:.2f} s, under shard.audio.min_seconds "
                                       f"{cfg.min_seconds}")
             samples = f.read(min(frames, int((cfg.max_seconds + DECODE_MARGIN_S) * rate)), dtype="float32",
                              always_2d=True)
     except sf.LibsndfileError as e:
-        raise Reject("audio", f"audio cannot be decoded: {e}") from None
+        raise Reject("audio.undecodable", f"audio cannot be decoded: {e}") from None
     if not np.isfinite(samples).all():
         bad = "NaN" if np.isnan(samples).any() else "Inf"
-        raise Reject("audio", f"audio contains {bad}")
+        raise Reject("audio.not_finite", f"audio contains {bad}")
     meta = {"source_rate": rate, "source_channels": samples.shape[1], "source_seconds": frames / rate}
     if frames < MIN_SECONDS * rate:
-        raise Reject("audio", f"audio is {frames} samples long, under {MIN_SECONDS} s")
+        raise Reject("audio.too_short", f"audio is {frames} samples long, under {MIN_SECONDS} s")
     return samples.mean(axis=1), rate, meta
 
 
@@ -95,7 +96,7 @@ def process_audio(data: bytes, cfg: AudioConfig) -> AudioResult:
     max_samples = int(cfg.max_seconds * cfg.sample_rate)
     if len(samples) > max_samples:
         if cfg.on_too_long == "reject":
-            raise Reject("audio", f"audio is {len(samples) / cfg.sample_rate:.1f} s, over {cfg.max_seconds} s")
+            raise Reject("audio.too_long", f"audio is {len(samples) / cfg.sample_rate:.1f} s, over {cfg.max_seconds} s")
         samples = samples[:max_samples]
         meta["truncated"] = True
     samples, level_meta = normalize_level(samples, cfg.normalize, cfg.target_db)
@@ -106,3 +107,15 @@ def process_audio(data: bytes, cfg: AudioConfig) -> AudioResult:
     sf.write(buf, samples, cfg.sample_rate, format=cfg.output_format.upper(), subtype="PCM_16")
     meta.update(rate=cfg.sample_rate, seconds=round(len(samples) / cfg.sample_rate, 4))
     return AudioResult(buf.getvalue(), meta, 20 * np.log10(max(rms, 1e-10)))
+
+
+def _stored(row, raw: dict[str, bytes], cfg, rng) -> Stored | None:
+    if "audio" not in raw:
+        return None
+    audio = process_audio(raw["audio"], cfg.audio)
+    return Stored(audio.data, audio.meta, audio_rms_db=audio.rms_db)
+
+
+MODALITY = Modality("audio", file_field="audio", inline_field=None, member=lambda cfg: cfg.audio.output_format,
+                    members=("flac", "wav"), process=_stored, encoder="wav2vec2", shown_as="audio player",
+                    served_inline=True)

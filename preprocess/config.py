@@ -6,15 +6,12 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-MODALITIES = ("image", "text", "audio", "video")
-Modality = Literal["image", "text", "audio", "video"]
+from tessera.core.config import Strict
+from tessera.preprocess.modality import MODALITIES
 
-
-class Strict(BaseModel):
-    # A misspelt field is an error that names it, never a silently ignored default.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+Modality = Literal[MODALITIES]  # the registry's names (preprocess/modality.py)
 
 
 class AugmentConfig(Strict):

@@ -18,18 +18,17 @@ read every shard again): a reader that walks a tar without the index sees the du
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import groupby
 
-from preprocess.config import ShardConfig
-from preprocess.layout import DUPLICATES, INDEX, REJECTS, mark_index_parts
-from preprocess.lease import Fence
-from preprocess.near import find_near_duplicates
-from preprocess.storage import Store
-from preprocess.versions import live_query
+from tessera.core.lease import Fence
+from tessera.core.storage import Store
+from tessera.core.versions import INDEX, live_query
+from tessera.preprocess.config import ShardConfig
+from tessera.preprocess.layout import DUPLICATES, REJECTS, mark_index_parts
+from tessera.preprocess.near import find_near_duplicates
 
-MEMORY_LIMIT = "256MB"  # DuckDB spills to local scratch beyond this
 SHARDS_PER_TASK = 256  # index parts rewritten by one task
 
 # Aggregates, not window functions: DuckDB's hash aggregates spill, so memory stays bounded.
@@ -56,21 +55,32 @@ WITH claims AS (
     WHERE k.file <> r.first.file OR k.line <> r.first.line
 )
 SELECT source_key AS key, key AS sample_key, file, line, NULL::VARCHAR AS modality,
-       'duplicate key $first_on' AS reason, shard, key AS duplicate_of
+       'dedup.duplicate_key' AS code, 'duplicate key $first_on' AS reason, shard, key AS duplicate_of
 FROM key_dups
 UNION ALL
-SELECT source_key, key, file, line, NULL, 'duplicate content of ''' || first.source || ''' $first_on', shard,
-       first.key
+SELECT source_key, key, file, line, NULL, 'dedup.duplicate_content',
+       'duplicate content of ''' || first.source || ''' $first_on', shard, first.key
 FROM content_dups
 """.replace("$first_on", _FIRST_ON)
 
 
-def find_duplicates(out: Store, cfg: ShardConfig, fence: Fence, earlier: Sequence[Store] = ()) -> dict:
+@dataclass(frozen=True)
+class DedupResult:
+    """What the dedup pass dropped, by reject code, and the shards that hold drops in groups of
+    neighbouring shards (one index rewrite task each)."""
+
+    rejected_by_code: dict[str, int]
+    shard_groups: list[list[str]]
+
+    @property
+    def duplicates(self) -> int:
+        return sum(self.rejected_by_code.values())
+
+
+def find_duplicates(out: Store, cfg: ShardConfig, fence: Fence, earlier: Sequence[Store] = ()) -> DedupResult:
     """Write rejects/duplicates.parquet (exact, then near duplicates; against the live rows of
-    the EARLIER dataset versions too, which always win); returns the counts and the shards that
-    hold duplicates, in groups of neighbouring shards (one rewrite task each). Every shard has
-    both parts."""
-    with tempfile.TemporaryDirectory(prefix="tessera-dedup-") as scratch, out.duckdb(scratch, MEMORY_LIMIT) as con:
+    the EARLIER dataset versions too, which always win). Every shard has both parts."""
+    with out.duckdb() as (con, scratch):
         con.execute(f"CREATE VIEW idx AS SELECT * FROM read_parquet({out.sql_url(INDEX, 'shard-*.parquet')})")
         con.execute(f"CREATE VIEW rej AS SELECT * FROM read_parquet({out.sql_url(REJECTS, 'shard-*.parquet')})")
         exact, prior_exact, near, local = (f"{scratch}/{name}.parquet"
@@ -86,13 +96,13 @@ def find_duplicates(out: Store, cfg: ShardConfig, fence: Fence, earlier: Sequenc
         find_near_duplicates(con, cfg.near_dedup, exact, near, prior)
         con.execute(f"COPY (SELECT * FROM read_parquet(['{exact}', '{near}'], union_by_name = true) "
                     f"ORDER BY shard, file, line) TO '{local}' (FORMAT parquet, ROW_GROUP_SIZE 8192)")
-        found = dict(con.execute(f"SELECT {KIND}, count(*) FROM '{local}' GROUP BY ALL").fetchall())
+        found = dict(con.execute(f"SELECT code, count(*) FROM '{local}' GROUP BY ALL ORDER BY code").fetchall())
         shards = [s for (s,) in con.execute(
             f"SELECT DISTINCT shard FROM '{local}' ORDER BY length(shard), shard").fetchall()]
         fence.check(DUPLICATES)
         out.put_file(local, DUPLICATES)
     groups = [list(group) for _, group in groupby(shards, key=lambda s: _number(s) // SHARDS_PER_TASK)]
-    return {"rejected_by_reason": found, "duplicates": sum(found.values()), "shard_groups": groups}
+    return DedupResult(found, groups)
 
 
 def _prior_view(con, earlier: Sequence[Store], out: Store) -> str | None:
@@ -109,6 +119,7 @@ def _prior_view(con, earlier: Sequence[Store], out: Store) -> str | None:
 # a written row whose content an earlier version holds (live) is dropped naming that row
 PRIOR_CONTENT = """
 SELECT i.source_key AS key, i.key AS sample_key, i.file, i.line, NULL::VARCHAR AS modality,
+       'dedup.duplicate_content' AS code,
        'duplicate content of ''' || p.first.source || ''' of version ' || p.first.version AS reason,
        i.shard, p.first.key AS duplicate_of
 FROM idx i JOIN (SELECT content_id, min({{'root': root, 'file': file, 'line': line, 'key': key,
@@ -116,12 +127,6 @@ FROM idx i JOIN (SELECT content_id, min({{'root': root, 'file': file, 'line': li
                  FROM prior GROUP BY content_id) p USING (content_id)
 WHERE NOT EXISTS (SELECT 1 FROM read_parquet('{exact}') d WHERE d.file = i.file AND d.line = i.line)
 """
-
-# what summaries count each drop as
-KIND = """CASE WHEN starts_with(reason, 'duplicate key') THEN 'duplicate key'
-               WHEN starts_with(reason, 'duplicate content') THEN 'duplicate content'
-               ELSE modality || ': near-duplicate' END"""
-
 
 def _number(shard: str) -> int:
     return int(shard.removeprefix("shard-").removesuffix(".tar"))

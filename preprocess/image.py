@@ -9,9 +9,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import ExifTags, Image, ImageEnhance, ImageOps, UnidentifiedImageError
 
-from preprocess.config import AugmentConfig, ImageConfig
-from preprocess.near import image_phash
-from preprocess.reject import Reject
+from tessera.preprocess.config import AugmentConfig, ImageConfig
+from tessera.preprocess.modality import Modality, Stored
+from tessera.preprocess.near import image_phash
+from tessera.preprocess.reject import Reject
 
 PIL_SAVE = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
@@ -29,27 +30,27 @@ class ImageResult:
 def _undecodable(error: Exception) -> Reject:
     """Pillow's error on bytes it could not read as the image reject a person reads."""
     if "truncated" in str(error).lower():
-        return Reject("image", "image truncated")
-    return Reject("image", f"image cannot be decoded: {error}")
+        return Reject("image.truncated", "image truncated")
+    return Reject("image.undecodable", f"image cannot be decoded: {error}")
 
 
 def open_image(data: bytes, cfg: ImageConfig) -> Image.Image:
     """Open and check format and pixel count; nothing is decoded yet."""
     if not data:
-        raise Reject("image", "empty file")
+        raise Reject("input.empty", "empty file", "image")
     try:
         img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:  # over Pillow's own ceiling (2 x MAX_IMAGE_PIXELS), ours is lower
-        raise Reject("image", f"decompression bomb: over shard.image.max_pixels ({cfg.max_pixels})") from None
+        raise Reject("image.bomb", f"decompression bomb: over shard.image.max_pixels ({cfg.max_pixels})") from None
     except UnidentifiedImageError:
-        raise Reject("image", "not an image (unrecognised format)") from None
+        raise Reject("image.unrecognised", "not an image (unrecognised format)") from None
     except (OSError, SyntaxError, ValueError) as e:  # a header cut short or broken (a PNG's chunks)
         raise _undecodable(e) from None
     if img.format not in cfg.formats:
-        raise Reject("image", f"format {img.format} not in the allowed formats {list(cfg.formats)}")
+        raise Reject("image.format", f"format {img.format} not in the allowed formats {list(cfg.formats)}")
     w, h = img.size
     if w * h > cfg.max_pixels:
-        raise Reject("image", f"decompression bomb: {w}x{h} = {w * h / 1e9:.2f} gigapixels, over "
+        raise Reject("image.bomb", f"decompression bomb: {w}x{h} = {w * h / 1e9:.2f} gigapixels, over "
                               f"shard.image.max_pixels ({cfg.max_pixels})")
     return img
 
@@ -86,11 +87,12 @@ def decode_image(
     if orientation in TRANSPOSING_ORIENTATIONS:
         source_size = source_size[::-1]
     if min(source_size) < cfg.min_side:
-        raise Reject("image", f"image {source_size[0]}x{source_size[1]} is below the minimum side {cfg.min_side}")
+        raise Reject("image.too_small",
+                     f"image {source_size[0]}x{source_size[1]} is below the minimum side {cfg.min_side}")
     ratio = max(source_size) / min(source_size)
     if cfg.max_aspect_ratio is not None and ratio > cfg.max_aspect_ratio:
-        raise Reject("image", f"image {source_size[0]}x{source_size[1]} has aspect ratio {ratio:.2f}, over "
-                              f"shard.image.max_aspect_ratio {cfg.max_aspect_ratio}")
+        raise Reject("image.aspect_ratio", f"image {source_size[0]}x{source_size[1]} has aspect ratio {ratio:.2f}, "
+                                           f"over shard.image.max_aspect_ratio {cfg.max_aspect_ratio}")
     if min_decoded_side and img.format == "JPEG":
         # draft() keeps both sides >= the request, so quality is not lost downstream.
         img.draft(None, (min_decoded_side, min_decoded_side))
@@ -99,7 +101,7 @@ def decode_image(
         if orientation != 1:
             ImageOps.exif_transpose(img, in_place=True)
     except Image.DecompressionBombError:
-        raise Reject("image", f"decompression bomb: over shard.image.max_pixels ({cfg.max_pixels})") from None
+        raise Reject("image.bomb", f"decompression bomb: over shard.image.max_pixels ({cfg.max_pixels})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise _undecodable(e) from None
     return to_rgb8(img, cfg.background), source_size
@@ -196,3 +198,19 @@ def process_image(data: bytes, cfg: ImageConfig, rng: np.random.Generator, phash
         meta["augment"] = {**meta.get("augment", {}), **params}
     meta["size"] = list(img.size)
     return ImageResult(encode_image(img, cfg.output_format, cfg.quality), meta, img.histogram(), fingerprint)
+
+
+def _stored(row, raw: dict[str, bytes], cfg, rng) -> Stored | None:
+    if "image" not in raw:
+        return None
+    image = process_image(raw["image"], cfg.image, rng, phash=cfg.near_dedup.image.max_distance is not None)
+    return Stored(image.data, image.meta, pixel_histogram=image.histogram, phash=image.phash)
+
+
+# the member of an image by image.output_format: JPEG as `.jpeg`, which webdataset and HF
+# datasets decode like `.jpg` but Ray Data's default decoder leaves as bytes (it turns `.jpg`
+# and `.png` into arrays and then fails on a shard where some sample has no image)
+MEMBER = {"jpg": "jpeg", "png": "png", "webp": "webp"}
+MODALITY = Modality("image", file_field="image", inline_field=None, member=lambda cfg: MEMBER[cfg.image.output_format],
+                    members=(*MEMBER.values(), "jpg"), process=_stored, encoder="clip", shown_as="thumbnail",
+                    served_inline=True)

@@ -15,6 +15,7 @@ module to find an up-to-date OUT before it starts Ray."""
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import re
 from collections import deque
@@ -22,37 +23,29 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as ds
 
-from preprocess.config import MODALITIES, ShardConfig
-from preprocess.manifest import ManifestSource
-from preprocess.storage import Store
-from preprocess.summary import StageSummary
+from tessera.core.errors import DamagedOutput, OutputConflict
+from tessera.core.storage import Store
+from tessera.core.summary import StageSummary
+from tessera.core.versions import INDEX, KEPT
+from tessera.preprocess.config import ShardConfig
+from tessera.preprocess.manifest import ManifestSource
+from tessera.preprocess.modality import MODALITIES, registry
 
 SHARD_CONFIG = "shard-config.json"
 MANIFEST_SOURCE = "manifest-source.json"
 SUMMARY = "summary.json"
-INDEX = "index"
 REJECTS = "rejects"
 DUPLICATES = f"{REJECTS}/duplicates.parquet"
 MARKER = re.compile(r"shard-(\d{6,})\.json")
 
-# WebDataset member extensions of each modality's payload, the first one preferred
-# The member of an image by image.output_format: JPEG as `.jpeg`, which webdataset and HF
-# datasets decode like `.jpg` but Ray Data's default decoder leaves as bytes (it turns `.jpg`
-# and `.png` into arrays and then fails on a shard where some sample has no image).
-IMAGE_MEMBER = {"jpg": "jpeg", "png": "png", "webp": "webp"}
-VIDEO_MEMBER = {"mp4": "mp4", "frames": "frames.npy"}  # by video.encoding
-MEMBER_EXTENSIONS = {"text": ("txt",), "image": (*IMAGE_MEMBER.values(), "jpg"), "audio": ("flac", "wav"),
-                     "video": tuple(VIDEO_MEMBER.values())}
-
-
-
 def member_payload(sample: dict, modality: str) -> bytes | None:
     """A WebDataset sample's payload of MODALITY (its first member extension present), or None."""
-    return next((sample[ext] for ext in MEMBER_EXTENSIONS[modality] if ext in sample), None)
+    return registry()[modality].payload(sample)
 
 
 def iter_shard(shards: Store, shard: str, select: Callable[[str], bool] | None = None) -> Iterator[dict]:
@@ -85,13 +78,15 @@ INDEX_SCHEMA = pa.schema([
 # row claimed once it parsed (what duplicate keys are found by)
 REJECT_SCHEMA = pa.schema([
     ("key", pa.string()), ("sample_key", pa.string()), ("file", pa.string()), ("line", pa.int64()),
-    ("modality", pa.string()), ("reason", pa.string()),
+    ("modality", pa.string()),
+    ("code", pa.string()),  # preprocess/reject.py: CODES (what counts and filters group by)
+    ("reason", pa.string()),  # what a person reads
 ])
+# what the passes over the whole output drop (rejects/duplicates.parquet, rejects/curated.parquet):
+# reject lines with the shard that holds the row and the key it duplicates (null: an outlier)
+DROP_SCHEMA = pa.schema([*REJECT_SCHEMA, ("shard", pa.string()), ("duplicate_of", pa.string())])
 # what the shard stage kept (what embedding and curation read), and what every other reader
 # takes: those rows less the ones curation dropped
-SHARD_KEPT = ds.field("duplicate_of").is_null()
-KEPT = SHARD_KEPT & ds.field("curated_out").is_null()
-KEPT_SQL = "duplicate_of IS NULL AND curated_out IS NULL"
 SCAN_BATCH = 16384  # index rows per batch when the index is streamed
 READ_AHEAD = 4  # index parts read ahead while streaming
 
@@ -157,15 +152,12 @@ def reject_batches(store: Store) -> Iterator[pa.RecordBatch]:
     yield from _batches(store, f"{REJECTS}/*.parquet", REJECT_SCHEMA, None, None)
 
 
-class OutputConflict(RuntimeError):
-    """OUT already holds outputs written from another config or other inputs."""
-
-
 # --- damage: what the stages committed, by size ---------------------------------------------
 
 SIZES = "sizes.parquet"  # name and bytes of every file the stages committed here (written at their ends)
 SIZES_SCHEMA = pa.schema([("name", pa.string()), ("bytes", pa.int64())])
-SHARD_FILES = ("shard-*.tar", "shard-*.json", f"{INDEX}/*.parquet", f"{REJECTS}/*.parquet")  # the shard stage's
+# the shard stage's committed files (tars, markers, index and rejects parts)
+SHARD_FILES = ("shard-[0-9]*.tar", "shard-[0-9]*.json", f"{INDEX}/*.parquet", f"{REJECTS}/*.parquet")
 _SHARD_NUMBER = re.compile(r"(?:^|/)shard-(\d{6,})\.")
 
 
@@ -186,11 +178,6 @@ class Damage:
         """The number of the shard the file belongs to (None: a file of the whole folder)."""
         found = _SHARD_NUMBER.search(self.name)
         return int(found.group(1)) if found else None
-
-
-class DamagedOutput(RuntimeError):
-    """Committed files of a folder are gone or cut (the CLI exits 66, naming them and the command
-    that redoes them)."""
 
 
 def read_sizes(store: Store) -> dict[str, int]:
@@ -275,6 +262,28 @@ def claim_output(out: Store, cfg: ShardConfig, source: ManifestSource) -> None:
 
 
 @dataclass(frozen=True)
+class ShardMarker:
+    """shard-NNNNNN.json, written last by the task that commits the shard: what it holds."""
+
+    shard: str  # the tar's name
+    plan_digest: str  # of the config and the manifest rows it was planned from
+    rows: int  # manifest rows of the shard's chunk
+    written: int  # samples in the tar
+    rejected: int
+    rejected_by_code: dict[str, int]
+    bytes: int  # of the tar
+    stats: dict  # preprocess/stats.py: DatasetStats.to_dict
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> ShardMarker:
+        return cls(**{f.name: record.get(f.name, {}) if f.name == "rejected_by_code" else record[f.name]
+                      for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True)
 class ShardSummary(StageSummary):
     """summary.json, written last: the shard stage is complete. `resumed_shards` were committed
     by an earlier run; `up_to_date`: this run found every shard committed and wrote none."""
@@ -284,7 +293,7 @@ class ShardSummary(StageSummary):
     inputs: int
     accepted: int
     rejected: int
-    rejected_by_reason: dict[str, int]
+    rejected_by_code: dict[str, int]
     duplicates: int
     shards: int
     bytes: int
@@ -293,10 +302,7 @@ class ShardSummary(StageSummary):
     manifest: dict  # url, fingerprint, files
     resumed_shards: int = 0
     shards_by_node: dict[str, int] = field(default_factory=dict)
-    seconds: float = 0.0
     samples_per_s: float = 0.0
-    store_retries: int = 0
-    up_to_date: bool = False
 
 
 def current_summary(out: Store, cfg: ShardConfig, source: ManifestSource) -> ShardSummary | None:

@@ -25,16 +25,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow.parquet as pq
 
-from preprocess.config import MODALITIES, ShardConfig, TargetConfig
-from preprocess.inputs import AllowedInputs
-from preprocess.keys import safe_key
-from preprocess.reject import Reject
-from preprocess.storage import Store, absolute, file_tag, parent, resolve
+from tessera.core.errors import NotAnInput
+from tessera.core.storage import Store, absolute, file_tag, parent, resolve
+from tessera.preprocess.config import MODALITIES, ShardConfig, TargetConfig
+from tessera.preprocess.inputs import AllowedInputs
+from tessera.preprocess.keys import safe_key
+from tessera.preprocess.modality import file_fields
+from tessera.preprocess.reject import Reject, unexpected
 
 log = logging.getLogger(__name__)
 
-FILE_FIELDS = {"image": "image", "audio": "audio", "video": "video", "text_file": "text"}
-KNOWN_FIELDS = {"key", "label", "text", *FILE_FIELDS}
 SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 SCAN_BLOCK = 8 << 20  # bytes read at a time while finding JSONL line boundaries
 
@@ -69,7 +69,7 @@ def _check_parquet(files: list[ManifestFile]) -> None:
     with ThreadPoolExecutor(min(16, len(files)) or 1) as pool:
         for f, end in zip(files, pool.map(tail, files), strict=True):
             if end != PARQUET_MAGIC:
-                raise FileNotFoundError(f"{f.url} is not a Parquet file (it does not end in {PARQUET_MAGIC!r}): "
+                raise NotAnInput(f"{f.url} is not a Parquet file (it does not end in {PARQUET_MAGIC!r}): "
                                         "give manifests as JSONL (.jsonl, .json) or Parquet (.parquet)")
 
 
@@ -95,7 +95,7 @@ class ManifestSource:
             infos = {url.rsplit("/", 1)[-1]: here.info()}
         names = sorted(name for name in infos if posixpath.splitext(name)[1] in SUFFIXES)
         if not names:
-            raise FileNotFoundError(f"no manifest at {url} (JSONL or Parquet files: {', '.join(SUFFIXES)})")
+            raise NotAnInput(f"no manifest at {url} (JSONL or Parquet files: {', '.join(SUFFIXES)})")
         files = tuple(ManifestFile(root.url_of(name), name, int(infos[name]["size"]), file_tag(infos[name]),
                                    root.child(name)) for name in names)
         _check_parquet([f for f in files if f.kind == "parquet"])
@@ -183,8 +183,8 @@ def raw_records(chunk: Chunk) -> Iterator[tuple[int, bytes | dict]]:
             yield number, raw
 
 
-def read_chunk(chunk: Chunk) -> Iterator[tuple[int, dict | str]]:
-    """(line, object) per row of the chunk; a line that is not a JSON object comes as its error text."""
+def read_chunk(chunk: Chunk) -> Iterator[tuple[int, dict | Reject]]:
+    """(line, object) per row of the chunk; a line that is not a JSON object comes as its Reject."""
     for number, row in raw_records(chunk):
         yield number, row if isinstance(row, dict) else parse_json_line(row)
 
@@ -222,24 +222,26 @@ def _lone_surrogate(value: object) -> str | None:
     return None
 
 
-def parse_json_line(raw: bytes) -> dict | str:
-    """A manifest line's object, or why it is none (what its reject line says)."""
+def parse_json_line(raw: bytes) -> dict | Reject:
+    """A manifest line's object, or why it is none (the Reject its line becomes)."""
     try:
         obj = json.loads(raw, parse_int=_bounded_int)
     except json.JSONDecodeError as e:  # e.msg without "line 1 column 5 (char 4)": the reject has the line
-        return f"manifest line is not valid JSON: {e.msg} at character {e.pos + 1}"
+        return Reject("manifest.not_json", f"manifest line is not valid JSON: {e.msg} at character {e.pos + 1}")
     except UnicodeDecodeError as e:
-        return f"manifest line is not valid JSON: not UTF-8 ({e.reason} at byte {e.start + 1})"
+        return Reject("manifest.not_json", f"manifest line is not valid JSON: not UTF-8 ({e.reason} at byte "
+                                           f"{e.start + 1})")
     except _NumberTooLong as e:
-        return f"manifest line holds {e}, over {sys.get_int_max_str_digits()}"
+        return Reject("manifest.number_too_long", f"manifest line holds {e}, over {sys.get_int_max_str_digits()}")
     except RecursionError:
-        return "manifest line is nested too deeply"
+        return Reject("manifest.too_deep", "manifest line is nested too deeply")
     if not isinstance(obj, dict):
-        return f"manifest line is a {type(obj).__name__}, not an object"
+        return Reject("manifest.not_object", f"manifest line is a {type(obj).__name__}, not an object")
     if _SURROGATE_ESCAPE.search(raw):
         lone = _lone_surrogate(obj)
         if lone is not None:
-            return f"manifest line holds a lone UTF-16 surrogate ({lone}): not a character"
+            return Reject("manifest.lone_surrogate", f"manifest line holds a lone UTF-16 surrogate ({lone}): "
+                                                     "not a character")
     return obj
 
 
@@ -263,7 +265,7 @@ def json_safe(value: object) -> object:
         return str(value)
     if isinstance(value, bytes):
         return base64.b64encode(value).decode()
-    raise Reject(None, f"metadata holds a {type(value).__name__}, which has no JSON form")
+    raise Reject("metadata.not_json", f"metadata holds a {type(value).__name__}, which has no JSON form")
 
 
 @dataclass(frozen=True)
@@ -286,32 +288,41 @@ class ManifestRow:
 
 @dataclass(frozen=True)
 class LineReject:
-    line: int
-    key: str | None
-    modality: str | None
+    """A manifest row that ends in the reject report (a row of REJECT_SCHEMA)."""
+
+    line: int  # 1-based line (JSONL) or row number (Parquet) in its manifest file
+    key: str | None  # as the manifest gave it (None: the line is not JSON, or has no string key)
+    code: str  # preprocess/reject.py: CODES
     reason: str
+    modality: str | None = None
     file: str = ""
     sample_key: str | None = None  # the safe key, once the row parsed
 
+    @classmethod
+    def of(cls, line: int, key: str | None, reject: Reject, file: str = "", sample_key: str | None = None
+           ) -> LineReject:
+        return cls(line, key, reject.code, reject.reason, reject.modality, file, sample_key)
+
     def as_record(self) -> dict:
         return {"key": self.key, "sample_key": self.sample_key, "file": self.file, "line": self.line,
-                "modality": self.modality, "reason": self.reason}
+                "modality": self.modality, "code": self.code, "reason": self.reason}
 
 
 def check_label(label: object, cfg: ShardConfig) -> str | int | None:
     if label is None:
         if cfg.require_label:
-            raise Reject("label", "label is missing")
+            raise Reject("label.missing", "label is missing")
         return None
     if cfg.labels is not None:
         if not isinstance(label, str):
-            raise Reject("label", f"label has the wrong type {type(label).__name__}, expected a string label")
+            raise Reject("label.wrong_type",
+                         f"label has the wrong type {type(label).__name__}, expected a string label")
         if label not in cfg.labels:
-            raise Reject("label", f"label {label!r} is not in the label set")
+            raise Reject("label.unknown", f"label {label!r} is not in the label set")
         return label
     expected = str if cfg.label_type == "str" else int
     if isinstance(label, bool) or not isinstance(label, expected):
-        raise Reject("label", f"label has the wrong type {type(label).__name__}, expected {cfg.label_type}")
+        raise Reject("label.wrong_type", f"label has the wrong type {type(label).__name__}, expected {cfg.label_type}")
     return label
 
 
@@ -322,18 +333,18 @@ def check_target(value: object, target: TargetConfig) -> object:
     field, kind = target.field, target.kind
     if kind == "regression":
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise Reject(None, f"target {field}: {value!r} is not a finite number")
+            raise Reject("target.invalid", f"target {field}: {value!r} is not a finite number")
         return float(value)
     values = value if kind == "multilabel" else [value]
     if kind == "multilabel" and not isinstance(value, list):
-        raise Reject(None, f"target {field}: expected a list of labels, got {type(value).__name__}")
+        raise Reject("target.invalid", f"target {field}: expected a list of labels, got {type(value).__name__}")
     for v in values:
         if not isinstance(v, str):
-            raise Reject(None, f"target {field}: label {v!r} is not a string")
+            raise Reject("target.invalid", f"target {field}: label {v!r} is not a string")
         if target.labels is not None and v not in target.labels:
-            raise Reject(None, f"target {field}: {v!r} is not in its label set")
+            raise Reject("target.invalid", f"target {field}: {v!r} is not in its label set")
     if kind == "multilabel" and len(set(values)) != len(values):
-        raise Reject(None, f"target {field}: a label is repeated in {values!r}")
+        raise Reject("target.invalid", f"target {field}: a label is repeated in {values!r}")
     return sorted(values) if kind == "multilabel" else value
 
 
@@ -344,7 +355,8 @@ def check_metadata(metadata: dict, cfg: ShardConfig) -> dict:
     kept = json_safe(metadata)
     size = len(json.dumps(kept, ensure_ascii=False).encode())
     if size > cfg.max_metadata_bytes:
-        raise Reject(None, f"metadata is {size} bytes, over shard.max_metadata_bytes ({cfg.max_metadata_bytes})")
+        raise Reject("metadata.too_large",
+                     f"metadata is {size} bytes, over shard.max_metadata_bytes ({cfg.max_metadata_bytes})")
     return kept
 
 
@@ -364,33 +376,36 @@ def parse_row(obj: dict, line: int, base_dir: str, cfg: ShardConfig, file: str =
     key = source_key(obj)
     if key is None:
         raw = obj.get("key")
-        raise Reject(None, "key is empty" if isinstance(raw, str) else f"key is missing or not a string: {raw!r}")
+        raise Reject("key.missing",
+                     "key is empty" if isinstance(raw, str) else f"key is missing or not a string: {raw!r}")
     label = check_label(obj.get("label"), cfg)
     text = obj.get("text")
     if text is not None and not isinstance(text, str):
-        raise Reject("text", f"text has the wrong type {type(text).__name__}, expected a string")
+        raise Reject("text.wrong_type", f"text has the wrong type {type(text).__name__}, expected a string")
     if text is not None and "text_file" in obj:
-        raise Reject("text", "both text and text_file are given")
+        raise Reject("text.both_given", "both text and text_file are given")
     files = {}
-    for name, modality in FILE_FIELDS.items():
+    fields = file_fields()
+    for name, modality in fields.items():
         value = obj.get(name)
         if value is None:
             continue
         if not isinstance(value, str) or not value:
-            raise Reject(modality, f"{name} must be a path, got {value!r}")
+            raise Reject("input.bad_path", f"{name} must be a path, got {value!r}", modality)
         files[modality] = resolve(base_dir, value)
         refusal = allowed.refusal(files[modality]) if allowed else None
         if refusal:
-            raise Reject(modality, f"{name}: {refusal}")
+            raise Reject("input.refused", f"{name}: {refusal}", modality)
     targets = {t.field: check_target(obj.get(t.field), t) for t in cfg.targets}
+    known = {"key", "label", "text", *fields, *targets}
     row = ManifestRow(line, key, safe_key(key), label, text, files,
-                      check_metadata({k: v for k, v in obj.items() if k not in KNOWN_FIELDS and k not in targets},
-                                     cfg), file, {k: v for k, v in targets.items() if v is not None})
+                      check_metadata({k: v for k, v in obj.items() if k not in known}, cfg), file,
+                      {k: v for k, v in targets.items() if v is not None})
     if not row.modalities:
-        raise Reject(None, "sample has no modality")
+        raise Reject("sample.no_modality", "sample has no modality")
     missing = [m for m in cfg.required_modalities if m not in row.modalities]
     if missing:
-        raise Reject(missing[0], f"required modality {missing[0]} is missing")
+        raise Reject("sample.missing_modality", f"required modality {missing[0]} is missing", missing[0])
     return row
 
 
@@ -400,17 +415,17 @@ def chunk_rows(chunk: Chunk, cfg: ShardConfig, confined: bool = True) -> Iterato
     base_dir = parent(chunk.file.url)
     allowed = AllowedInputs.of(chunk.file.root, cfg.inputs.allow) if confined else None
     for line, obj in read_chunk(chunk):
-        if isinstance(obj, str):
-            yield LineReject(line, None, None, obj, chunk.file.name)
+        if isinstance(obj, Reject):
+            yield LineReject.of(line, None, obj, chunk.file.name)
             continue
         key = obj.get("key") if isinstance(obj.get("key"), str) else None
         try:
             yield parse_row(obj, line, base_dir, cfg, chunk.file.name, allowed)
         except Reject as r:
-            yield LineReject(line, key, r.modality, r.reason, chunk.file.name)
+            yield LineReject.of(line, key, r, chunk.file.name)
         except (RecursionError, ValueError, TypeError) as e:  # a row no check foresaw: its line, not the shard
             log.exception("unexpected error on line %d of %s", line, chunk.file.name)
-            yield LineReject(line, key, None, f"unexpected error: {type(e).__name__}: {e}", chunk.file.name)
+            yield LineReject.of(line, key, unexpected(e), chunk.file.name)
 
 
 def iter_manifest(url: str, cfg: ShardConfig, store: Store, rows_per_chunk: int = 4096, confined: bool = True

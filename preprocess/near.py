@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from preprocess.config import NearDedupConfig, NearTextConfig
+from tessera.preprocess.config import NearDedupConfig, NearTextConfig
 
 PHASH_BITS = 64
 MAX_COMBINATIONS = 128  # block combinations joined at most (each is a pass over the hashes)
@@ -115,9 +115,10 @@ def components(edges: dict[str, np.ndarray]) -> pa.Table:
 
 _DROPS = """
 SELECT r.source_key AS key, r.key AS sample_key, r.file, r.line, '{modality}' AS modality,
+       'dedup.near_duplicate' AS code,
        'near-duplicate of ''' || k.source_key || '''' || CASE WHEN k.current THEN '' ELSE ' of version ' || k.version
          END || ' ({modality} ' || {measure} || ')' AS reason,
-       r.shard, k.key AS duplicate_of
+       r.shard, k.key AS duplicate_of, {measure} AS measure
 FROM {components} c JOIN near_rows r ON r.id = c.id JOIN near_rows k ON k.id = c.root
 WHERE r.current
 """

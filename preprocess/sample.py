@@ -8,14 +8,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from preprocess.audio import process_audio
-from preprocess.config import MODALITIES, ShardConfig
-from preprocess.image import process_image
-from preprocess.layout import IMAGE_MEMBER, VIDEO_MEMBER
-from preprocess.manifest import ManifestRow
-from preprocess.reject import Reject
-from preprocess.text import check_words, decode_text, normalize_text
-from preprocess.video import process_video
+from tessera.preprocess.config import ShardConfig
+from tessera.preprocess.manifest import ManifestRow
+from tessera.preprocess.modality import MODALITIES, PROCESSING_ORDER, registry
+from tessera.preprocess.reject import Reject
 
 
 @dataclass
@@ -43,25 +39,9 @@ def sample_rng(seed: int, key: str) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:16], "little"))
 
 
-def _text(row: ManifestRow, raw: dict[str, bytes], cfg: ShardConfig, meta: dict) -> str | None:
-    if row.text is not None:
-        text = row.text
-    elif "text" in raw:
-        text, repair = decode_text(raw["text"], cfg.text)
-        meta.update(repair)
-    else:
-        return None
-    normalized, norm_meta = normalize_text(text, cfg.text)
-    meta.update(norm_meta)
-    if normalized is None:
-        meta["empty"] = True  # whitespace-only text is no text
-    else:
-        check_words(normalized, cfg.text)
-    return normalized
-
-
 def process_sample(row: ManifestRow, raw: dict[str, bytes], cfg: ShardConfig) -> SampleOutput:
-    """raw holds the bytes of each file the row names, by modality."""
+    """RAW holds the bytes of each file the row names, by modality; each modality of the
+    registry makes its member of them (preprocess/modality.py)."""
     rng = sample_rng(cfg.seed, row.source_key)
     out = SampleOutput({"__key__": row.key}, ())
     meta: dict = {"source_key": row.source_key, "label": row.label, "line": row.line}
@@ -69,41 +49,30 @@ def process_sample(row: ManifestRow, raw: dict[str, bytes], cfg: ShardConfig) ->
         meta["metadata"] = row.metadata
     if row.targets:
         meta["targets"] = row.targets
-    text_meta: dict = {}
-    text = _text(row, raw, cfg, text_meta)
-    if text is not None:
-        out.record["txt"] = text.encode()
-        out.members["text"] = "txt"
-        out.text_chars = len(text)
-    if text_meta:
-        meta["text"] = text_meta
-    if "image" in raw:
-        image = process_image(raw["image"], cfg.image, rng, phash=cfg.near_dedup.image.max_distance is not None)
-        out.image_phash = image.phash
-        ext = IMAGE_MEMBER[cfg.image.output_format]
-        out.record[ext] = image.data
-        out.members["image"] = ext
-        out.pixel_histogram = image.histogram
-        meta["image"] = image.meta
-    if "audio" in raw:
-        audio = process_audio(raw["audio"], cfg.audio)
-        out.record[cfg.audio.output_format] = audio.data
-        out.members["audio"] = cfg.audio.output_format
-        out.audio_rms_db = audio.rms_db
-        meta["audio"] = audio.meta
-    if "video" in raw:
-        video = process_video(raw["video"], cfg.video)
-        ext = VIDEO_MEMBER[cfg.video.encoding]
-        out.record[ext] = video.data
-        out.members["video"] = ext
-        meta["video"] = video.meta
+    modalities = registry()
+    for name in PROCESSING_ORDER:
+        stored = modalities[name].process(row, raw, cfg, rng)
+        if stored is None:
+            continue
+        if stored.meta:
+            meta[name] = stored.meta
+        if stored.data is not None:
+            ext = modalities[name].member(cfg)
+            out.record[ext] = stored.data
+            out.members[name] = ext
+        for statistic in ("pixel_histogram", "audio_rms_db", "text_chars"):
+            if getattr(stored, statistic) is not None:
+                setattr(out, statistic, getattr(stored, statistic))
+        if stored.phash is not None:
+            out.image_phash = stored.phash
     out.modalities = tuple(m for m in MODALITIES if m in out.members)
     present = set(out.modalities)
     missing = [m for m in cfg.required_modalities if m not in present]
     if missing:
-        raise Reject(missing[0], f"required modality {missing[0]} is empty after normalization")
+        raise Reject("sample.missing_modality", f"required modality {missing[0]} is empty after normalization",
+                     missing[0])
     if not out.modalities:
-        raise Reject(None, "sample has no modality left after normalization")
+        raise Reject("sample.no_modality", "sample has no modality left after normalization")
     if cfg.labels is not None and row.label is not None:
         out.record["cls"] = str(cfg.labels.index(row.label)).encode()
     meta["modalities"] = list(out.modalities)

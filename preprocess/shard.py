@@ -9,21 +9,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from collections import Counter
 from dataclasses import dataclass
 
 import pyarrow as pa
 
-from preprocess.config import MODALITIES, ShardConfig
-from preprocess.layout import INDEX_SCHEMA, REJECT_SCHEMA, index_part, rejects_part, shard_stem
-from preprocess.lease import Fence
-from preprocess.manifest import Chunk, LineReject, ManifestRow, chunk_rows
-from preprocess.near import text_minhashes
-from preprocess.reject import Reject
-from preprocess.sample import SampleOutput, process_sample
-from preprocess.stats import DatasetStats
-from preprocess.storage import Store
+from tessera.core.lease import Fence
+from tessera.core.storage import Store
+from tessera.preprocess.config import MODALITIES, ShardConfig
+from tessera.preprocess.layout import INDEX_SCHEMA, REJECT_SCHEMA, ShardMarker, index_part, rejects_part, shard_stem
+from tessera.preprocess.manifest import Chunk, LineReject, ManifestRow, chunk_rows
+from tessera.preprocess.near import text_minhashes
+from tessera.preprocess.reject import Reject, unexpected
+from tessera.preprocess.sample import SampleOutput, process_sample
+from tessera.preprocess.stats import DatasetStats
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +59,14 @@ def _sha256(data: bytes | None) -> str | None:
     return None if data is None else hashlib.sha256(data).hexdigest()
 
 
-def _reject(row: ManifestRow, modality: str | None, reason: str) -> LineReject:
-    return LineReject(row.line, row.source_key, modality, reason, row.file, row.key)
+def _reject(row: ManifestRow, reject: Reject) -> LineReject:
+    return LineReject.of(row.line, row.source_key, reject, row.file, row.key)
 
 
-def _read_error(url: str, err: Exception) -> str:
+def _read_error(url: str, err: Exception, modality: str) -> Reject:
     if isinstance(err, FileNotFoundError):
-        return f"file not found: {url}"
-    return f"cannot read {url}: {type(err).__name__}: {err}"
+        return Reject("input.not_found", f"file not found: {url}", modality)
+    return Reject("input.unreadable", f"cannot read {url}: {type(err).__name__}: {err}", modality)
 
 
 def fetch_batch(rows: list[ManifestRow], inputs: Store, limit: int | None
@@ -82,14 +81,14 @@ def fetch_batch(rows: list[ManifestRow], inputs: Store, limit: int | None
         for modality, url in row.files.items():
             data = got[url]
             if isinstance(data, Exception):
-                failure = _reject(row, modality, _read_error(url, data))
+                failure = _reject(row, _read_error(url, data, modality))
                 break
             if not data:
-                failure = _reject(row, modality, "empty file")
+                failure = _reject(row, Reject("input.empty", "empty file", modality))
                 break
             if limit is not None and len(data) > limit:
-                failure = _reject(row, modality, f"file too large: {url} is {inputs.at(url).size()} bytes, "
-                                                 f"over shard.max_input_bytes ({limit})")
+                failure = _reject(row, Reject("input.too_large", f"file too large: {url} is {inputs.at(url).size()} "
+                                              f"bytes, over shard.max_input_bytes ({limit})", modality))
                 break
             raw[modality] = data
         out.append((row, failure or raw))
@@ -101,32 +100,10 @@ def sample_or_reject(row: ManifestRow, raw: dict[str, bytes], cfg: ShardConfig) 
     try:
         return process_sample(row, raw, cfg)
     except Reject as r:
-        return _reject(row, r.modality, r.reason)
+        return _reject(row, r)
     except Exception as e:  # a decoder bug must not take the shard down with it
         log.exception("unexpected error on %s (line %d)", row.source_key, row.line)
-        return _reject(row, None, f"unexpected error: {type(e).__name__}: {e}")
-
-
-# a reason's particulars, and what stands for them in its class
-_PARTICULARS = [(re.compile(r"\s*\([^)]*\)"), ""),  # (first on line 3), (unrecognised format)
-                (re.compile(r"'[^']*'|\"[^\"]*\"|\[[^\]]*\]"), "…"),  # quoted values, lists
-                (re.compile(r"\S*/\S*"), "…"),  # paths and URLs
-                (re.compile(r"\b\d+(?:[.,x]\d+)*\b"), "N")]  # sizes, counts, seconds
-_FIELD = re.compile(r"image|audio|video|text_file|target \S+")  # "<field>: <what is wrong with it>"
-
-
-def reason_class(reason: str, modality: str | None) -> str:
-    """A reject reason without its particulars (paths, URLs, values, numbers; an error's own
-    message after ": "): what summaries count, e.g. "image: decompression bomb",
-    "cannot read …", "audio: audio is N s, over N s"."""
-    head, sep, tail = reason.partition(": ")
-    if sep and _FIELD.fullmatch(head):
-        text = tail.partition(": ")[0]
-        head = text if head == modality else f"{head}: {text}"
-    for pattern, stand_in in _PARTICULARS:
-        head = pattern.sub(stand_in, head)
-    head = " ".join(head.split())
-    return f"{modality}: {head}" if modality else head
+        return _reject(row, unexpected(e))
 
 
 def index_row(plan: ShardPlan, row: ManifestRow, raw: dict[str, bytes], out: SampleOutput) -> dict:
@@ -168,13 +145,14 @@ def _parsed_rows(plan: ShardPlan, cfg: ShardConfig, rejects: list[LineReject]):
         if isinstance(row, LineReject):
             rejects.append(row)
         elif row.key in first_line:
-            rejects.append(_reject(row, None, f"duplicate key (first on line {first_line[row.key]})"))
+            repeated = Reject("dedup.duplicate_key", f"duplicate key (first on line {first_line[row.key]})")
+            rejects.append(_reject(row, repeated))
         else:
             first_line[row.key] = row.line
             yield row
 
 
-def write_shard(plan: ShardPlan, cfg: ShardConfig, out: Store, fence: Fence) -> dict:
+def write_shard(plan: ShardPlan, cfg: ShardConfig, out: Store, fence: Fence) -> ShardMarker:
     """Process a planned shard and commit it: the tar (written whole, then committed), then its
     index and rejects parts, then — while FENCE's lease still holds — the JSON marker (counts,
     statistics). The inputs are read through the manifest file's store."""
@@ -200,19 +178,12 @@ def write_shard(plan: ShardPlan, cfg: ShardConfig, out: Store, fence: Fence) -> 
     out.write_parquet(index_part(plan.name), pa.Table.from_pylist(index, schema=INDEX_SCHEMA))
     out.write_parquet(rejects_part(plan.name),
                       pa.Table.from_pylist([r.as_record() for r in rejects], schema=REJECT_SCHEMA))
-    marker = {
-        "shard": plan.name + ".tar",
-        "plan_digest": plan.plan_digest,
-        "rows": len(index) + len(rejects),
-        "written": len(index),
-        "rejected": len(rejects),
-        "rejected_by_reason": dict(Counter(reason_class(r.reason, r.modality) for r in rejects)),
-        "bytes": out.size(tar_name),
-        "stats": stats.to_dict(),
-    }
+    marker = ShardMarker(tar_name, plan.plan_digest, rows=len(index) + len(rejects), written=len(index),
+                         rejected=len(rejects), rejected_by_code=dict(Counter(r.code for r in rejects)),
+                         bytes=out.size(tar_name), stats=stats.to_dict())
     fence.check(f"the marker of {plan.name}")
-    out.write_json(plan.name + ".json", marker)
-    log.info("%s committed: %d written, %d rejected, %d bytes", tar_name, len(index), len(rejects), marker["bytes"])
+    out.write_json(plan.name + ".json", marker.to_json())
+    log.info("%s committed: %d written, %d rejected, %d bytes", tar_name, len(index), len(rejects), marker.bytes)
     return marker
 
 

@@ -12,9 +12,10 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from preprocess.config import VideoConfig
-from preprocess.image import resize_image
-from preprocess.reject import Reject
+from tessera.preprocess.config import VideoConfig
+from tessera.preprocess.image import resize_image
+from tessera.preprocess.modality import Modality, Stored
+from tessera.preprocess.reject import Reject
 
 NPY_MAGIC = b"\x93NUMPY"
 
@@ -51,18 +52,18 @@ def decode_frames(payload: bytes) -> np.ndarray:
 
 def _sample_frames(container: av.container.InputContainer, cfg: VideoConfig) -> tuple[list, dict]:
     if not container.streams.video:
-        raise Reject("video", "no video stream")
+        raise Reject("video.no_stream", "no video stream")
     stream = container.streams.video[0]
     if stream.duration is not None and stream.time_base is not None:
         seconds = float(stream.duration * stream.time_base)
     else:
         seconds = (container.duration or 0) / av.time_base
     if seconds > cfg.max_seconds:
-        raise Reject("video", f"video is {seconds:.1f} s, over {cfg.max_seconds} s")
+        raise Reject("video.too_long", f"video is {seconds:.1f} s, over {cfg.max_seconds} s")
     if cfg.min_seconds is not None and seconds < cfg.min_seconds:
-        raise Reject("video", f"video is {seconds:.2f} s, under shard.video.min_seconds {cfg.min_seconds}")
+        raise Reject("video.too_short", f"video is {seconds:.2f} s, under shard.video.min_seconds {cfg.min_seconds}")
     if stream.frames > cfg.max_frames:
-        raise Reject("video", f"video has {stream.frames} frames, over {cfg.max_frames}")
+        raise Reject("video.too_many_frames", f"video has {stream.frames} frames, over {cfg.max_frames}")
     # one decoder thread: frame threading changes when frames come out of the decoder, and
     # byte-identical MP4 members across runs are the goal (CI runs saw them differ, with frame
     # threads and again, under heavy load, with slice threads)
@@ -73,9 +74,9 @@ def _sample_frames(container: av.container.InputContainer, cfg: VideoConfig) -> 
     started = time.monotonic()
     for decoded, frame in enumerate(container.decode(stream), start=1):
         if decoded > cfg.max_frames:
-            raise Reject("video", f"video decodes more than {cfg.max_frames} frames")
+            raise Reject("video.too_many_frames", f"video decodes more than {cfg.max_frames} frames")
         if time.monotonic() - started > cfg.max_decode_seconds:
-            raise Reject("video", f"video decoding took over {cfg.max_decode_seconds} s")
+            raise Reject("video.too_slow", f"video decoding took over {cfg.max_decode_seconds} s")
         t = frame.time if frame.time is not None else decoded / float(stream.average_rate or cfg.fps)
         if t + 1e-6 >= targets[len(picked)]:
             picked.append(np.asarray(resize_image(frame.to_image(), cfg.size, "crop")))
@@ -87,14 +88,14 @@ def _sample_frames(container: av.container.InputContainer, cfg: VideoConfig) -> 
 
 def process_video(data: bytes, cfg: VideoConfig) -> VideoResult:
     if not data:
-        raise Reject("video", "empty file")
+        raise Reject("input.empty", "empty file", "video")
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
             frames, meta = _sample_frames(container, cfg)
     except av.error.FFmpegError as e:
-        raise Reject("video", f"video cannot be decoded: {e}") from None
+        raise Reject("video.undecodable", f"video cannot be decoded: {e}") from None
     if not frames:
-        raise Reject("video", "no frames could be decoded")
+        raise Reject("video.undecodable", "no frames could be decoded")
     # Clips shorter than frames/fps repeat their last frame so every sample has one shape.
     frames = np.stack(frames + [frames[-1]] * (cfg.frames - len(frames)))
     meta["size"], meta["encoding"] = cfg.size, cfg.encoding
@@ -103,3 +104,16 @@ def process_video(data: bytes, cfg: VideoConfig) -> VideoResult:
     buf = io.BytesIO()
     np.save(buf, frames, allow_pickle=False)
     return VideoResult(buf.getvalue(), meta)
+
+
+def _stored(row, raw: dict[str, bytes], cfg, rng) -> Stored | None:
+    if "video" not in raw:
+        return None
+    video = process_video(raw["video"], cfg.video)
+    return Stored(video.data, video.meta)
+
+
+MEMBER = {"mp4": "mp4", "frames": "frames.npy"}  # by video.encoding
+MODALITY = Modality("video", file_field="video", inline_field=None, member=lambda cfg: MEMBER[cfg.video.encoding],
+                    members=tuple(MEMBER.values()), process=_stored, encoder="clip", shown_as="poster frames",
+                    served_inline=True)

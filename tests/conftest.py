@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+TESSERA = [sys.executable, "-m", "tessera.workflows"]  # the CLI, as a process of its own
 SHARED = Path(os.environ.get("TESSERA_SHARED", REPO.parent / "shared")) / "corpus"
 MINI = SHARED / "mini"
 DIRTY = SHARED / "dirty"
@@ -56,11 +57,11 @@ def embedded_mini(ray_session, tmp_path_factory):
     """The mini corpus with MINI_TARGETS, sharded (3 shards) and embedded, as training reads it."""
     import json
 
-    from features.config import EmbedConfig
-    from features.stage import run_embed_stage
-    from preprocess.config import ShardConfig
-    from preprocess.stage import run_shard_stage
-    from preprocess.storage import Store
+    from tessera.core.storage import Store
+    from tessera.features.config import EmbedConfig
+    from tessera.features.stage import run_embed_stage
+    from tessera.preprocess.config import ShardConfig
+    from tessera.preprocess.stage import run_shard_stage
 
     out = tmp_path_factory.mktemp("train-mini")
     manifest = out.parent / f"{out.name}-manifest.jsonl"
@@ -76,9 +77,9 @@ def embedded_mini(ray_session, tmp_path_factory):
 def trained_mini(embedded_mini, tmp_path_factory) -> Path:
     """A run of MINI_TASKS trained on the embedded mini corpus with a large validation split
     (~40%), for evaluation, export and prediction."""
-    from preprocess.storage import Store
-    from train.config import TrainConfig
-    from train.stage import run_train_stage
+    from tessera.core.storage import Store
+    from tessera.train.config import TrainConfig
+    from tessera.train.stage import run_train_stage
 
     run = tmp_path_factory.mktemp("trained-mini")
     run_train_stage(Store(str(embedded_mini)), Store(str(run)), TrainConfig(
@@ -92,10 +93,10 @@ def exported_mini(trained_mini, tmp_path_factory):
     """The multi-task mini model exported (with the encoder bundle), and evaluation's scores per (key, task)."""
     import pyarrow.parquet as pq
 
-    from preprocess.storage import Store
-    from train.config import ExportConfig
-    from train.evaluate import evaluate_run
-    from train.export import export_run
+    from tessera.core.storage import Store
+    from tessera.train.config import ExportConfig
+    from tessera.train.evaluate import evaluate_run
+    from tessera.train.export import export_run
 
     out = tmp_path_factory.mktemp("model")
     export_run(Store(str(trained_mini)), Store(str(out)), ExportConfig(bundle=True))
@@ -123,16 +124,16 @@ def mini_manifest_lines(stop: int | None, start: int = 0) -> list[str]:
 
 def index_rows(out) -> list[dict]:
     """The kept samples of a local shard output (duplicates excluded), as records."""
-    from preprocess.layout import INDEX_SCHEMA, read_index
-    from preprocess.storage import Store
+    from tessera.core.storage import Store
+    from tessera.preprocess.layout import INDEX_SCHEMA, read_index
 
     return read_index(Store(str(out)), INDEX_SCHEMA.names).to_pylist()
 
 
 def reject_rows(out) -> list[dict]:
     """Every reject of a local shard output (the shard tasks' and the dedup pass's)."""
-    from preprocess.layout import reject_batches
-    from preprocess.storage import Store
+    from tessera.core.storage import Store
+    from tessera.preprocess.layout import reject_batches
 
     return [r for batch in reject_batches(Store(str(out))) for r in batch.to_pylist()]
 

@@ -13,14 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-from features.layout import BUNDLE_META, BUNDLE_VARIANTS, TOKENIZER, encoder_onnx
-from features.onnx_encoders import load_bundle
-from preprocess.config import MODALITIES
-from preprocess.layout import committed_shards, iter_shard, member_payload
-from preprocess.storage import Store
-from train.data import DatasetInfo, split_of
-from train.inputs import Scorer, model_batch, sample_vectors
-from train.tasks import Task, agreement
+from tessera.core.storage import Store
+from tessera.features.layout import BUNDLE_META, BUNDLE_VARIANTS, TOKENIZER, encoder_onnx
+from tessera.features.onnx_encoders import load_bundle
+from tessera.preprocess.config import MODALITIES
+from tessera.preprocess.layout import committed_shards, iter_shard, member_payload
+from tessera.train.data import DatasetInfo, split_of
+from tessera.train.inputs import Scorer, model_batch, sample_vectors
+from tessera.train.layout import ModelMeta
+from tessera.train.tasks import Task, agreement
 
 
 def write_bundle(encoders: dict, folder: Path, int8: bool) -> dict:
@@ -80,7 +81,7 @@ def _largest_cosine_difference(a: tuple[np.ndarray, np.ndarray], b: tuple[np.nda
     return float((1 - cos).max())
 
 
-def check_bundle(torch_encoders: dict, bundle: Store, meta: dict, heads: dict[str, Scorer], tasks: Sequence[Task],
+def check_bundle(torch_encoders: dict, bundle: Store, meta: ModelMeta, heads: dict[str, Scorer], tasks: Sequence[Task],
                  payloads: list[dict[str, bytes]], dtype: str) -> dict:
     """export.json's `bundle` record: per encoder its graph's bytes and largest cosine difference
     from the torch encoder per variant; per variant the share of predictions (per task) that
@@ -92,7 +93,7 @@ def check_bundle(torch_encoders: dict, bundle: Store, meta: dict, heads: dict[st
                     "max_cosine_diff": {}} for m, s in spec["encoders"].items()}
     agreement_with_torch = {}
     for variant in (v for v in BUNDLE_VARIANTS if v in heads):  # int8 graphs exactly when an int8 head
-        present, _ = sample_vectors(load_bundle(bundle, variant, meta["dims"]), payloads, dtype)
+        present, _ = sample_vectors(load_bundle(bundle, variant, meta.dims), payloads, dtype)
         for modality in encoders:
             encoders[modality]["max_cosine_diff"][variant] = (
                 _largest_cosine_difference(reference[modality], present[modality])

@@ -6,11 +6,12 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from preprocess.config import Strict
+from tessera.core.config import Strict
+from tessera.preprocess.config import Modality
 
 
 class ModelConfig(Strict):
-    modalities: tuple[Literal["text", "image", "audio", "video"], ...] = ("text", "image", "audio", "video")
+    modalities: tuple[Modality, ...] = ("text", "image", "audio", "video")
     hidden: int = Field(128, gt=0)
     fusion: Literal["concat", "weighted_sum", "attention"] = "concat"
     attention_heads: int = Field(4, gt=0)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -27,10 +26,10 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from features.layout import SIDECARS, EmbedSummary, read_sidecar
-from preprocess.layout import (
-    INDEX,
-    MEMBER_EXTENSIONS,
+from tessera.core.storage import Store
+from tessera.core.versions import INDEX, live_query, superseded_keys, superseded_written_for, write_superseded
+from tessera.features.layout import SIDECARS, EmbedSummary, read_sidecar
+from tessera.preprocess.layout import (
     SHARD_CONFIG,
     SHARD_FILES,
     ShardSummary,
@@ -40,14 +39,12 @@ from preprocess.layout import (
     member_payload,
     read_index_part,
 )
-from preprocess.storage import Store
-from preprocess.versions import live_query, superseded_keys, superseded_written_for, write_superseded
-from train.config import TaskConfig
-from train.inputs import branch_pixels, pack_vectors
-from train.tasks import LABEL, Task, pack_targets
+from tessera.preprocess.modality import member_extensions
+from tessera.train.config import TaskConfig
+from tessera.train.inputs import branch_pixels, pack_vectors
+from tessera.train.tasks import LABEL, Task, pack_targets
 
 SPLITS = ("train", "val")
-MEMORY_LIMIT = "256MB"  # of the query that counts the samples (it spills beyond)
 
 
 def split_of(key: str, val_fraction: float) -> str:
@@ -106,8 +103,7 @@ def _count(stores: Sequence[Store], listed: list[tuple[int, str]], fields: list[
     moments = {f: np.zeros(3) for f in fields}  # n, sum, sum of squares (training split)
     if not has_parts:
         return per_shard, found, moments
-    with tempfile.TemporaryDirectory(prefix="tessera-counts-") as scratch, \
-            stores[-1].duckdb(scratch, MEMORY_LIMIT) as con:
+    with stores[-1].duckdb() as (con, _):
         con.execute(f"CREATE TEMP TABLE rows AS {query}")
         position = {shard: n for n, shard in enumerate(listed)}
         for root, shard, train, val in con.execute("SELECT root, shard, count(*) FILTER (WHERE NOT val), "
@@ -302,7 +298,7 @@ class ShardStream(IterableDataset):
                  "image": images.get(key)} for i, (key, targets, has) in enumerate(chosen)]
 
     def _images(self, store: Store, shard: str, keys: set[str]) -> dict[str, bytes]:
-        exts = MEMBER_EXTENSIONS["image"]
+        exts = member_extensions()["image"]
 
         def select(member: str) -> bool:
             key, _, ext = member.partition(".")

@@ -16,16 +16,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from preprocess.lease import DEFAULT_LEASE, Fence, LeaseConfig, held
-from preprocess.storage import Store
-from train.config import TrainConfig
-from train.data import DatasetInfo, StreamSpec, loader
-from train.inputs import Scorer
-from train.layout import EVAL, PREDICTIONS, RUN_CONFIG, SUPERSEDED
-from train.losses import served, split_targets
-from train.model import MultimodalModel
-from train.saved import load_model, read_saved
-from train.tasks import Task, tasks_from_meta
+from tessera.core.engine import Stage, StageRun, execute
+from tessera.core.lease import DEFAULT_LEASE, Fence, LeaseConfig
+from tessera.core.storage import Store
+from tessera.train.config import TrainConfig
+from tessera.train.data import DatasetInfo, StreamSpec, loader
+from tessera.train.inputs import Scorer
+from tessera.train.layout import PREDICTIONS, RUN_CONFIG, SUPERSEDED, EvalSummary, ModelMeta
+from tessera.train.losses import served, split_targets
+from tessera.train.model import MultimodalModel
+from tessera.train.saved import load_model, read_saved
+from tessera.train.tasks import Task, tasks_from_meta
 
 log = logging.getLogger(__name__)
 
@@ -324,45 +325,51 @@ def trained_on(run: Store) -> tuple[Store | list[Store], TrainConfig]:
             TrainConfig.model_validate(record["config"]))
 
 
-def data_for(meta: dict, shards: Store | list[Store], cfg: TrainConfig, run: Store) -> DatasetInfo:
+def data_for(meta: ModelMeta, shards: Store | list[Store], cfg: TrainConfig, run: Store) -> DatasetInfo:
     """The shards as the model of RUN saw its training data: its tasks (with their label sets
     and regression statistics), widths and pixel statistics (RUN keeps the superseded keys)."""
     info = DatasetInfo.read(shards, cfg.model.modalities, cfg.val_fraction, cfg.tasks, run.child(SUPERSEDED))
-    tasks = tasks_from_meta(meta["tasks"])
+    tasks = tasks_from_meta(meta.tasks)
     found, wanted = [t.signature for t in info.tasks], [t.signature for t in tasks]
-    if found != wanted or info.dims != meta["dims"]:
+    if found != wanted or info.dims != meta.dims:
         raise ValueError(f"{[f.url for f in info.folders]} do not fit this model: tasks {found} vs {wanted}, "
-                         f"embedding widths {info.dims} vs {meta['dims']}")
-    return dataclasses.replace(info, tasks=tasks, pixel_mean=tuple(meta["pixel_mean"]),
-                               pixel_std=tuple(meta["pixel_std"]))
+                         f"embedding widths {info.dims} vs {meta.dims}")
+    return dataclasses.replace(info, tasks=tasks, pixel_mean=meta.pixel_mean, pixel_std=meta.pixel_std)
+
+
+class EvalStage(Stage[EvalSummary]):
+    """Metrics of RUN's model on its validation split and on every shard folder in OTHER_SHARDS
+    (all their samples with a target): RUN/eval.json and RUN/eval-predictions.parquet, both made
+    in one streaming pass per set (on the driver: no Ray work)."""
+
+    command = "tessera evaluate"
+
+    def __init__(self, run: Store, other_shards: Sequence[Store] = (), batch_size: int = 256):
+        self.folder, self.other_shards, self.batch_size = run, list(other_shards), batch_size
+
+    def run(self, run: StageRun) -> EvalSummary:
+        folder = self.folder
+        meta, state = read_saved(folder)
+        model = load_model(meta, state)
+        shards, cfg = trained_on(folder)
+        sets = {"val": (shards, "val"), **{f"shards:{other.url}": (other, "all") for other in self.other_shards}}
+        results: dict[str, dict] = {}
+        with tempfile.TemporaryDirectory(prefix="tessera-eval-") as scratch:
+            local = f"{scratch}/{PREDICTIONS}"
+            with pq.ParquetWriter(local, PREDICTION_SCHEMA) as writer:
+                for name, (source, split) in sets.items():
+                    info = data_for(meta, source, cfg, folder)
+                    results[name] = evaluate_set(eval_batches(info, split, cfg, self.batch_size), eager_scorer(model),
+                                                 info.dims, info.tasks, writer.write_table, name)
+                    log.info("evaluate %s: %d samples, %s", name, results[name]["samples"],
+                             {t.name: headline(t, results[name]["tasks"][t.name]) for t in info.tasks})
+            run.fence.check(PREDICTIONS)
+            folder.put_file(local, PREDICTIONS)
+        return EvalSummary(model=meta.checkpoint, tasks=meta.tasks, sets=results)
 
 
 def evaluate_run(run: Store, other_shards: Sequence[Store] = (), batch_size: int = 256,
-                 lease: LeaseConfig | Fence = DEFAULT_LEASE) -> dict:
-    """Metrics of RUN's model on its validation split and on every shard folder in
-    OTHER_SHARDS (all their samples with a target): RUN/eval.json and RUN/eval-predictions.parquet,
-    both made in one streaming pass per set, holding RUN's lease."""
-    with held(run, lease, "tessera evaluate") as fence:
-        result = _evaluate(run, other_shards, batch_size)
-        fence.check(EVAL)
-        run.write_json(EVAL, result)
-    return result
-
-
-def _evaluate(run: Store, other_shards: Sequence[Store], batch_size: int) -> dict:
-    meta, state = read_saved(run)
-    model = load_model(meta, state)
-    shards, cfg = trained_on(run)
-    sets = {"val": (shards, "val"), **{f"shards:{folder.url}": (folder, "all") for folder in other_shards}}
-    result: dict = {"model": meta["checkpoint"], "tasks": meta["tasks"], "sets": {}}
-    with tempfile.TemporaryDirectory(prefix="tessera-eval-") as scratch:
-        local = f"{scratch}/{PREDICTIONS}"
-        with pq.ParquetWriter(local, PREDICTION_SCHEMA) as writer:
-            for name, (source, split) in sets.items():
-                info = data_for(meta, source, cfg, run)
-                result["sets"][name] = evaluate_set(eval_batches(info, split, cfg, batch_size), eager_scorer(model),
-                                                    info.dims, info.tasks, writer.write_table, name)
-                log.info("evaluate %s: %d samples, %s", name, result["sets"][name]["samples"],
-                         {t.name: headline(t, result["sets"][name]["tasks"][t.name]) for t in info.tasks})
-        run.put_file(local, PREDICTIONS)
-    return result
+                 lease: LeaseConfig | Fence = DEFAULT_LEASE) -> EvalSummary:
+    """EvalStage through the engine, holding RUN's lease (or under LEASE, the fence of a caller
+    that holds it)."""
+    return execute(EvalStage(run, other_shards, batch_size), lease, progress=False)

@@ -22,20 +22,30 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from features.config import EmbedConfig
-from features.layout import EmbedSummary
-from preprocess.layout import SHARD_CONFIG
-from preprocess.lease import DEFAULT_LEASE, Fence, LeaseConfig, held
-from preprocess.storage import Store
-from train.bundle import check_bundle, validation_payloads, write_bundle
-from train.config import ExportConfig
-from train.evaluate import METRICS, Scorer, TaskMetrics, data_for, eager_scorer, eval_batches, headline, trained_on
-from train.inputs import encoders_for, onnx_scorer
-from train.layout import BUNDLE, EXPORT, META, ONNX, PREPROCESS, WEIGHTS
-from train.losses import served
-from train.model import MultimodalModel
-from train.saved import load_model, read_saved
-from train.tasks import Task, agreement
+from tessera.core.engine import Stage, StageRun, execute
+from tessera.core.lease import DEFAULT_LEASE, Fence, LeaseConfig
+from tessera.core.storage import Store
+from tessera.features.config import EmbedConfig
+from tessera.features.layout import EmbedSummary
+from tessera.preprocess.layout import SHARD_CONFIG
+from tessera.train.bundle import check_bundle, validation_payloads, write_bundle
+from tessera.train.config import ExportConfig
+from tessera.train.evaluate import (
+    METRICS,
+    Scorer,
+    TaskMetrics,
+    data_for,
+    eager_scorer,
+    eval_batches,
+    headline,
+    trained_on,
+)
+from tessera.train.inputs import encoders_for, onnx_scorer
+from tessera.train.layout import BUNDLE, META, ONNX, PREPROCESS, WEIGHTS, ExportSummary, ModelMeta
+from tessera.train.losses import served
+from tessera.train.model import MultimodalModel
+from tessera.train.saved import load_model, read_saved
+from tessera.train.tasks import Task, agreement
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +168,7 @@ def _size(model: MultimodalModel, files: dict[str, Path]) -> dict:
             **{f"bytes_{name}": path.stat().st_size for name, path in files.items() if name in ("fp32", "int8")}}
 
 
-def _bundle(meta: dict, preprocess: dict, info, train_cfg, cfg: ExportConfig, folder: Path, heads: dict) -> dict:
+def _bundle(meta: ModelMeta, preprocess: dict, info, train_cfg, cfg: ExportConfig, folder: Path, heads: dict) -> dict:
     """The encoders as ONNX into FOLDER, checked against the torch encoders on validation samples."""
     encoders = encoders_for(meta, preprocess)
     write_bundle(encoders, folder, cfg.int8)
@@ -167,15 +177,28 @@ def _bundle(meta: dict, preprocess: dict, info, train_cfg, cfg: ExportConfig, fo
                         EmbedConfig.model_validate(preprocess["embed"]).dtype)
 
 
-def export_run(run: Store, out: Store, cfg: ExportConfig, lease: LeaseConfig | Fence = DEFAULT_LEASE) -> dict:
-    """Write RUN's model and its variants to OUT, holding OUT's lease; returns export.json's
-    content. A distilled run (train.distill_from) is reported beside its teacher: size, metrics
-    per task, agreement, ONNX throughput (the teacher's files stay in scratch)."""
-    with held(out, lease, "tessera export") as fence:
-        return _export(run, out, cfg, fence)
+class ExportStage(Stage[ExportSummary]):
+    """RUN's model and its variants into OUT (export.json last). A distilled run (train.
+    distill_from) is reported beside its teacher: size, metrics per task, agreement, ONNX
+    throughput (the teacher's files stay in scratch). On the driver: no Ray work."""
+
+    command = "tessera export"
+
+    def __init__(self, run: Store, out: Store, cfg: ExportConfig):
+        self.trained, self.folder, self.cfg = run, out, cfg
+
+    def run(self, stage: StageRun) -> ExportSummary:
+        return _export(self.trained, self.folder, self.cfg, stage.fence)
 
 
-def _export(run: Store, out: Store, cfg: ExportConfig, fence: Fence) -> dict:
+def export_run(run: Store, out: Store, cfg: ExportConfig, lease: LeaseConfig | Fence = DEFAULT_LEASE
+               ) -> ExportSummary:
+    """ExportStage through the engine, holding OUT's lease (or under LEASE, the fence of a caller
+    that holds it)."""
+    return execute(ExportStage(run, out, cfg), lease, progress=False)
+
+
+def _export(run: Store, out: Store, cfg: ExportConfig, fence: Fence) -> ExportSummary:
     meta, state = read_saved(run)
     model = load_model(meta, state)
     shards, train_cfg = trained_on(run)
@@ -185,13 +208,13 @@ def _export(run: Store, out: Store, cfg: ExportConfig, fence: Fence) -> dict:
     if "config" not in embed:
         raise ValueError(f"{newest.url} was embedded by an older tessera: run `tessera embed` on it again")
     preprocess = {"shard": newest.read_json(SHARD_CONFIG)["config"], "embed": embed["config"],
-                  "encoders": {m: embed["encoders"][m] for m in meta["dims"]}}
+                  "encoders": {m: embed["encoders"][m] for m in meta.dims}}
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "export"
         folder.mkdir()
         save_file(state, str(folder / WEIGHTS), metadata={"format": "pt"})
-        (folder / META).write_text(json.dumps(meta, indent=1))
+        (folder / META).write_bytes(meta.to_bytes())
         (folder / PREPROCESS).write_text(json.dumps(preprocess, indent=1))
         files = _onnx_files(model, folder, cfg)
         scorers = {n: onnx_scorer(f) for n, f in files.items()}
@@ -221,14 +244,10 @@ def _export(run: Store, out: Store, cfg: ExportConfig, fence: Fence) -> dict:
             variant["within_tolerance"] = within_tolerance(info.tasks, variant, fp32, cfg.accuracy_tolerance)
             if name == "pruned":
                 variant["sparsity"] = cfg.prune_sparsity
-        result = {"run": run.url, "model": meta["checkpoint"], "val_samples": samples,
-                  "accuracy_tolerance": cfg.accuracy_tolerance, "tasks": [t.name for t in info.tasks],
-                  "variants": variants}
-        if bundle is not None:
-            result["bundle"] = bundle
+        distillation = None
         if teacher is not None:
             student, teacher_size = _size(model, files), _size(teacher, teacher_files)
-            result["distillation"] = {
+            distillation = {
                 "teacher": {"run": train_cfg.distill_from, **teacher_size, "onnx_samples_per_s": speed["teacher"],
                             "tasks": _metrics_only(scored["teacher"]["tasks"])},
                 "student": {**student, "onnx_samples_per_s": speed["fp32"], "tasks": _metrics_only(fp32["tasks"]),
@@ -239,11 +258,12 @@ def _export(run: Store, out: Store, cfg: ExportConfig, fence: Fence) -> dict:
             }
         out.makedirs()
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            fence.check(path.name)
             out.put_file(str(path), path.relative_to(folder).as_posix())
-    fence.check(EXPORT)
-    out.write_json(EXPORT, result)
     for name, v in variants.items():  # pruning zeroes weights but keeps them: only its gzip size drops
         size = {"int8": f"x{v['size_ratio_vs_fp32']:.2f} smaller than fp32",
                 "pruned": f"the same size as fp32, {v['gzip_bytes']} bytes gzipped"}.get(name, "")
         log.info("export %s: %s, %d bytes%s", name, v["file"], v["bytes"], f" ({size})" if size else "")
-    return result
+    return ExportSummary(run=run.url, model=meta.checkpoint, val_samples=samples,
+                         accuracy_tolerance=cfg.accuracy_tolerance, tasks=[t.name for t in info.tasks],
+                         variants=variants, bundle=bundle, distillation=distillation)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from preprocess.storage import Store
+from tessera.core.storage import Store
+from tessera.train.layout import ModelMeta
 
 Scorer = Callable[[dict], dict[str, np.ndarray]]  # a batch (features, mask[, pixels]) -> each task's scores
 
@@ -66,7 +67,7 @@ def sample_vectors(encoders: dict, payloads: list[dict[str, bytes]], dtype: str
     embedding stage makes them (a clip pooled over its frames; rounded to the cache's DTYPE,
     the precision training saw), and the samples an encoder could not read: i -> (modality,
     reason). Torch encoders or the bundle's alike."""
-    from features.prepare import pooled_frames
+    from tessera.features.prepare import pooled_frames
 
     present, failed = {}, {}
     for modality, encoder in encoders.items():
@@ -91,36 +92,35 @@ def sample_vectors(encoders: dict, payloads: list[dict[str, bytes]], dtype: str
     return present, failed
 
 
-def model_batch(meta: dict, payloads: list[dict[str, bytes]], present: dict) -> dict[str, np.ndarray]:
+def model_batch(meta: ModelMeta, payloads: list[dict[str, bytes]], present: dict) -> dict[str, np.ndarray]:
     """The served graph's inputs for these samples: packed vectors, mask and (when the model has
     an image branch) each sample's image as the branch's pixels."""
-    features, mask = pack_vectors(len(payloads), meta["dims"], present)
+    features, mask = pack_vectors(len(payloads), meta.dims, present)
     batch = {"features": features, "mask": mask}
-    if meta["model"]["image_branch"]:
-        size = meta["model"]["image_branch_size"]
-        batch["pixels"] = np.stack([branch_pixels(sample.get("image"), size, meta["pixel_mean"], meta["pixel_std"])
-                                    for sample in payloads])
+    if meta.image_branch_size:
+        batch["pixels"] = np.stack([branch_pixels(sample.get("image"), meta.image_branch_size, meta.pixel_mean,
+                                                  meta.pixel_std) for sample in payloads])
     return batch
 
 
-def encoders_for(meta: dict, preprocess: dict, device: str = "cpu", bundle: Store | None = None,
+def encoders_for(meta: ModelMeta, preprocess: dict, device: str = "cpu", bundle: Store | None = None,
                  variant: str = "fp32") -> dict:
     """The loaded encoders of the model's modalities, checked by identity against those it was
     trained with (preprocess.json): the BUNDLE folder's ONNX graphs of VARIANT (fp32 ones for
     a pruned head), or without one the torch encoders."""
-    from features.config import EmbedConfig
+    from tessera.features.config import EmbedConfig
 
     embed_cfg = EmbedConfig.model_validate(preprocess["embed"])
     if bundle is not None:
-        from features.layout import BUNDLE_VARIANTS
-        from features.onnx_encoders import load_bundle
+        from tessera.features.layout import BUNDLE_VARIANTS
+        from tessera.features.onnx_encoders import load_bundle
 
-        encoders = load_bundle(bundle, variant if variant in BUNDLE_VARIANTS else "fp32", meta["dims"])
+        encoders = load_bundle(bundle, variant if variant in BUNDLE_VARIANTS else "fp32", meta.dims)
     else:
-        from features.encoders import build_encoders  # torch
+        from tessera.features.encoders import build_encoders  # torch
 
         built = build_encoders(embed_cfg)
-        encoders = {m: built[m] for m in meta["dims"]}
+        encoders = {m: built[m] for m in meta.dims}
     for modality, encoder in encoders.items():
         if encoder.identity() != preprocess["encoders"][modality]:
             raise ValueError(f"the {modality} encoder found here ({encoder.identity()}) is not the one the "

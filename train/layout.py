@@ -18,12 +18,14 @@ imports: the jobs, reports and `tessera predict` read these without torch or Dee
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from preprocess.storage import Store
-from preprocess.summary import StageSummary
-from train.config import TrainConfig
+from tessera.core.storage import Store
+from tessera.core.summary import StageSummary
+from tessera.train.config import TrainConfig
 
 RUN_CONFIG = "train-config.json"
 CHECKPOINTS, LATEST = "checkpoints", "latest"
@@ -64,6 +66,60 @@ class TrainSummary(StageSummary):
     model: str  # the URL of the weights
     init_from: str | None = None
     distilled_from: str | None = None
-    seconds: float = 0.0
-    store_retries: int = 0
-    up_to_date: bool = False
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """model.json: what rebuilds a trained model, and what its inputs are."""
+
+    dims: dict[str, int]  # modality -> embedding width, in the model's input order
+    tasks: list[dict]  # train/tasks.py: tasks_meta (names, kinds, label sets, regression statistics)
+    model: dict  # train.model (ModelConfig) as JSON
+    pixel_mean: tuple[float, float, float]
+    pixel_std: tuple[float, float, float]
+    checkpoint: str | None  # the checkpoint tag it was exported from
+
+    @classmethod
+    def read(cls, folder: Store) -> ModelMeta:
+        record = folder.read_json(META)
+        if "tasks" not in record:
+            raise ValueError(f"{folder.url}: this model was trained by an older tessera (model.json has no tasks): "
+                             "train it again")
+        return cls(record["dims"], record["tasks"], record["model"], tuple(record["pixel_mean"]),
+                   tuple(record["pixel_std"]), record.get("checkpoint"))
+
+    def to_bytes(self) -> bytes:
+        # (not write_json: its sorted keys would reorder dims, which is the model's input order)
+        return json.dumps(dataclasses.asdict(self), indent=1).encode()
+
+    @property
+    def image_branch_size(self) -> int | None:
+        """The side of the pixels the model's own image branch takes (None: it has none)."""
+        return self.model["image_branch_size"] if self.model.get("image_branch") else None
+
+
+@dataclass(frozen=True)
+class EvalSummary(StageSummary):
+    """eval.json: a trained run's metrics per set (its validation split, other shard folders)."""
+
+    FILE = EVAL
+
+    model: str | None  # the checkpoint tag of the weights evaluated
+    tasks: list[dict]  # model.json's
+    sets: dict[str, dict]  # set name -> {"samples", "tasks": {task: metrics}}
+
+
+@dataclass(frozen=True)
+class ExportSummary(StageSummary):
+    """export.json, written last: each variant's file, size and validation metrics."""
+
+    FILE = EXPORT
+
+    run: str
+    model: str | None
+    val_samples: int
+    accuracy_tolerance: float
+    tasks: list[str]
+    variants: dict[str, dict]  # fp32, int8, pruned -> file, bytes, gzip_bytes, tasks, within_tolerance, ...
+    bundle: dict | None = None  # the encoders' ONNX bundle (export.bundle)
+    distillation: dict | None = None  # a distilled run beside its teacher

@@ -3,7 +3,6 @@ explicitly), so it runs under Ray Train or any other launcher that set up torch.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -14,17 +13,17 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from preprocess.lease import Fence
-from preprocess.storage import Store, retries_so_far
-from train.config import TrainConfig
-from train.data import DatasetInfo, StreamSpec, loader
-from train.layout import META, WEIGHTS
-from train.losses import Distillation, TaskLoss, loss_sums, tally
-from train.model import MultimodalModel
-from train.parallel import build_engine, resolve_precision
-from train.run_store import Checkpoints, MetricsLog, disk_id, tag_of
-from train.saved import load_model
-from train.tasks import TALLY, tasks_meta, validation_record
+from tessera.core.lease import Fence
+from tessera.core.storage import RetryCount, Store, counting_retries
+from tessera.train.config import TrainConfig
+from tessera.train.data import DatasetInfo, StreamSpec, loader
+from tessera.train.layout import META, WEIGHTS, ModelMeta
+from tessera.train.losses import Distillation, TaskLoss, loss_sums, tally
+from tessera.train.model import MultimodalModel
+from tessera.train.parallel import build_engine, resolve_precision
+from tessera.train.run_store import Checkpoints, MetricsLog, disk_id, tag_of
+from tessera.train.saved import load_model
+from tessera.train.tasks import TALLY, tasks_meta, validation_record
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +118,6 @@ class Trainer:
     def __init__(self, job: TrainJob, rank: int, world: int):
         cfg, info = job.cfg, job.info
         self.job, self.cfg, self.info, self.rank, self.world = job, cfg, info, rank, world
-        self.retries_at_start = retries_so_far()
         on_gpu = torch.cuda.is_available()
         self.device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -277,13 +275,11 @@ class Trainer:
         info, run = self.info, self.job.run
         self.job.fence.check("the exported model")
         run.write_bytes(WEIGHTS, save(state, metadata={"format": "pt"}))
-        # (not write_json: its sorted keys would reorder dims, which is the model's input order)
-        run.write_bytes(META, json.dumps({
-            "dims": info.dims, "tasks": tasks_meta(info.tasks), "model": cfg.model.model_dump(mode="json"),
-            "pixel_mean": info.pixel_mean, "pixel_std": info.pixel_std, "checkpoint": tag,
-        }, indent=1).encode())
+        run.write_bytes(META, ModelMeta(info.dims, tasks_meta(info.tasks), cfg.model.model_dump(mode="json"),
+                                        info.pixel_mean, info.pixel_std, tag).to_bytes())
 
-    def fit(self) -> dict:
+    def fit(self, retried: RetryCount) -> None:
+        """Train to the end; RETRIED: the store calls this rank retried (summed over ranks into the last record)."""
         cfg = self.cfg
         self.resume()
         batches = TimedBatches(loader(self.train_spec, self.epoch, self.batch_pos, cfg.epochs))
@@ -309,7 +305,7 @@ class Trainer:
         bar.close()
         if self.latest is None or self.last_saved != self.step:
             self.checkpoint()
-        retries = int(_sum_over_ranks([float(retries_so_far() - self.retries_at_start)], self.device)[0])
+        retries = int(_sum_over_ranks([float(retried.value)], self.device)[0])
         if self.rank == 0:
             self.export()
             self.metrics.write({"step": self.step, "store_retries": retries})  # every rank's, this worker group's
@@ -317,11 +313,12 @@ class Trainer:
         dist.barrier()
         if self.keeper:
             self.checkpoints.clear_scratch()  # the store has it all
-        return {"steps": self.step, "checkpoint": self.latest, "store_retries": retries}
 
 
-def run_worker(job: TrainJob, rank: int, world: int) -> dict:
-    return Trainer(job, rank, world).fit()
+def run_worker(job: TrainJob, rank: int, world: int) -> None:
+    """One rank's training (what it did reaches the driver through RUN/metrics.jsonl)."""
+    with counting_retries() as retried:
+        Trainer(job, rank, world).fit(retried)
 
 
 def ray_worker(config: dict) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from train.tasks import TALLY, Task
+from tessera.train.tasks import TALLY, Task
 
 
 def activate(task: Task, logits: torch.Tensor) -> torch.Tensor:

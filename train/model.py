@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.config import ModelConfig
-from train.losses import TaskLoss
-from train.tasks import Task
+from tessera.train.config import ModelConfig
+from tessera.train.losses import TaskLoss
+from tessera.train.tasks import Task
 
 
 class ImageBranch(nn.Module):

@@ -7,9 +7,9 @@ import math
 
 import torch
 
-from train.config import TrainConfig
-from train.losses import TaskLoss, loss_sums
-from train.model import MultimodalModel
+from tessera.train.config import TrainConfig
+from tessera.train.losses import TaskLoss, loss_sums
+from tessera.train.model import MultimodalModel
 
 
 def resolve_precision(cfg: TrainConfig, on_gpu: bool) -> str:

@@ -17,8 +17,8 @@ import time
 import uuid
 from pathlib import Path
 
-from preprocess.storage import Store
-from train.layout import LATEST, METRICS
+from tessera.core.storage import Store
+from tessera.train.layout import LATEST, METRICS
 
 TAG = re.compile(r"step-\d{7,}")
 UPLOAD_SECONDS = 10.0  # metrics.jsonl reaches a remote store at least this often while training

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -11,16 +10,13 @@ from pathlib import Path
 
 from rich.filesize import decimal
 
-from preprocess.storage import OutOfSpace, out_of_space
-from workflows.config import ConfigError, TesseraConfig, load_config
-from workflows.screen import Screen, local_logs, setup_logging, show, stages_screen
+from tessera.core.errors import REPORTED, ConfigError, NotAnInput, OutOfSpace, OutputConflict, TesseraError
+from tessera.core.storage import out_of_space
+from tessera.workflows.config import TesseraConfig, load_config
+from tessera.workflows.screen import Screen, setup_logging, show, stages_screen
 
-EXIT_CONFIG = 2  # an invalid config or command line
-EXIT_CONFLICT = 3
-EXIT_FAILED_CHECK = 4  # a stage wrote its outputs, but they fail a check the config sets (rejects, errors)
-EXIT_NO_INPUT = 66  # EX_NOINPUT: an input or folder named is not there, or not what the command reads
-EXIT_NO_SPACE = 74  # EX_IOERR: no space left where the command writes (free some, run again: it resumes)
-EXIT_LOCKED = 75  # EX_TEMPFAIL: another writer holds the output folder; a scheduler retries later
+EXIT_CONFIG, EXIT_CONFLICT = ConfigError.exit_code, OutputConflict.exit_code  # (each error says its code)
+EXIT_NO_INPUT, EXIT_NO_SPACE = NotAnInput.exit_code, OutOfSpace.exit_code
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT / SIGTERM: stopped cleanly (lease released, logs kept)
 
 
@@ -133,17 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-EXIT_CODES = """exit codes:
-  0   done
-  2   invalid config or command line
-  3   the output folder holds another config's or manifest's output
-  4   outputs written, but they fail a check the config sets (too many rejects or errors)
-  66  an input or folder named is not there, or is not what the command reads (or its committed files are
-      damaged: the message names them and the command that redoes them)
-  74  no space left where the command writes (free some and run again: it resumes)
-  75  another writer holds the output folder (retry later, or --wait)
-  130 stopped by Ctrl-C, 143 stopped by SIGTERM: in-flight work cancelled, the lease released, the logs
-      kept; run the same command again to resume"""
+EXIT_CODES = "exit codes:\n  0   done\n" + "".join(
+    f"  {error.exit_code:<3} {error.meaning}\n" for error in sorted(REPORTED, key=lambda e: e.exit_code)) + \
+    "  130 stopped by Ctrl-C, 143 stopped by SIGTERM: in-flight work waited for, the lease released, the logs\n" \
+    "      kept; run the same command again to resume\n  1   any other failure"
 
 
 DRY_RUN_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -156,7 +145,7 @@ def config_from_args(args: argparse.Namespace) -> TesseraConfig:
         raise ConfigError(f"two configs given ({positional} and --config {args.config}): give one")
     args.config = args.config or positional
     if getattr(args, "dry_run", False):
-        from workflows.jobs import bundled_manifest
+        from tessera.workflows.jobs import bundled_manifest
 
         args.config = args.config or (str(DRY_RUN_CONFIG) if DRY_RUN_CONFIG.exists() else None)
         overrides = [f"job.manifest={json.dumps(bundled_manifest())}", "job.out=out/dry-run",
@@ -177,42 +166,8 @@ def config_from_args(args: argparse.Namespace) -> TesseraConfig:
     return load_config(args.config, overrides)
 
 
-@contextlib.contextmanager
-def writing(folder, cfg: TesseraConfig, command: str):
-    """FOLDER's lease, then Ray: a command that finds its folder held exits 75 before it starts
-    Ray. Whatever happens, the command's logs are kept in FOLDER/logs/ (an error names them)."""
-    from preprocess.lease import Lease
-    from workflows.runtime import start_ray
-
-    with Lease(folder, cfg.runtime.lease, command) as fence:
-        try:
-            start_ray(cfg.runtime)
-            yield fence
-        except BaseException as e:  # (an interrupt too: what ran is logged)
-            full = out_of_space(e)
-            if full is not None:  # one line, not the traceback of whichever task hit it
-                e = OutOfSpace(f"{full}, writing into {folder.url}: free some space and run again (what was "
-                               "committed is kept, and resumed)")
-            e.add_note(f"logs: {keep_logs(folder, cfg, command)}")
-            if full is not None:
-                raise e from None
-            raise
-        keep_logs(folder, cfg, command)
-
-
-def keep_logs(folder, cfg: TesseraConfig, command: str) -> str:
-    """Where this command's logs are: FOLDER/logs/..., or where they are on this machine when
-    they could not be copied there (a full disk must not hide the error that ended the run)."""
-    from workflows.runtime import save_logs
-
-    try:
-        return save_logs(folder, command, cfg.runtime)
-    except Exception as error:
-        return f"{local_logs()} (not copied into {folder.url}: {out_of_space(error) or error})"
-
-
 def cmd_status(args: argparse.Namespace, cfg: TesseraConfig) -> int:
-    from workflows.status import folder_status
+    from tessera.workflows.status import folder_status
 
     status = folder_status(cfg.runtime.store(args.out))
     screen = Screen(f"{status['folder']}: {status['kind']}")
@@ -240,20 +195,13 @@ def cmd_status(args: argparse.Namespace, cfg: TesseraConfig) -> int:
 
 
 def cmd_shard(args: argparse.Namespace, cfg: TesseraConfig) -> int:
-    from preprocess.layout import check_output, current_summary
-    from preprocess.manifest import ManifestSource
+    from tessera.core.engine import run_command
+    from tessera.preprocess.stage import ShardStage
 
     out = cfg.runtime.store(args.out)
-    source = ManifestSource.open(args.manifest, out)
     # an OUT that is complete for this manifest and config, or one that holds another's, is
-    # known from metadata: no Ray
-    summary = current_summary(out, cfg.shard, source)
-    if summary is None:
-        check_output(out, cfg.shard, source)
-        from preprocess.stage import run_shard_stage
-
-        with writing(out, cfg, "tessera shard") as fence:
-            summary = run_shard_stage(args.manifest, out, cfg.shard, cfg.runtime.progress, fence)
+    # known from metadata: no lease, no Ray
+    summary = run_command(ShardStage(args.manifest, out, cfg.shard), cfg.runtime)
     record = summary.to_json()
     screen = stages_screen("tessera shard", {"shard": record})
     screen.path("shards", out.url)
@@ -264,11 +212,11 @@ def cmd_shard(args: argparse.Namespace, cfg: TesseraConfig) -> int:
 
 
 def cmd_rejects(args: argparse.Namespace, cfg: TesseraConfig) -> int:
-    from preprocess.layout import ShardSummary, reject_batches
+    from tessera.preprocess.layout import ShardSummary, reject_batches
 
     out = cfg.runtime.store(args.out)
     if not ShardSummary.exists(out):
-        raise FileNotFoundError(f"{out.url} is not a shard output (no {ShardSummary.FILE}): "
+        raise NotAnInput(f"{out.url} is not a shard output (no {ShardSummary.FILE}): "
                                 "give the folder `tessera shard` wrote")
     for batch in reject_batches(out):
         for record in batch.to_pylist():
@@ -277,11 +225,11 @@ def cmd_rejects(args: argparse.Namespace, cfg: TesseraConfig) -> int:
 
 
 def cmd_embed(args: argparse.Namespace, cfg: TesseraConfig) -> int:
-    from features.stage import run_embed_stage
+    from tessera.core.engine import run_command
+    from tessera.features.stage import EmbedStage
 
     shards = cfg.runtime.store(args.shards)
-    with writing(shards, cfg, "tessera embed") as fence:
-        summary = run_embed_stage(shards, cfg.embed, progress=cfg.runtime.progress, lease=fence)
+    summary = run_command(EmbedStage(shards, cfg.embed), cfg.runtime)
     screen = stages_screen("tessera embed", {"embed": summary.to_json()})
     screen.path("shards", shards.url)
     show(screen, {"samples": summary.samples, "computed": summary.computed, "cache_hits": summary.cache_hits,
@@ -290,14 +238,14 @@ def cmd_embed(args: argparse.Namespace, cfg: TesseraConfig) -> int:
 
 
 def cmd_curate(args: argparse.Namespace, cfg: TesseraConfig) -> int:
-    from features.curate import run_curate_stage
+    from tessera.core.engine import run_command
+    from tessera.features.curate import CurateStage
 
     if not cfg.curate.enabled:
         raise ConfigError("tessera curate has nothing to do: set curate.semantic.modalities or "
                           "curate.outliers.modalities")
     shards = cfg.runtime.store(args.shards)
-    with writing(shards, cfg, "tessera curate") as fence:
-        summary = run_curate_stage(shards, cfg.curate, progress=cfg.runtime.progress, lease=fence)
+    summary = run_command(CurateStage(shards, cfg.curate), cfg.runtime)
     record = {k: v for k, v in summary.to_json().items() if k != "histogram"}
     screen = stages_screen("tessera curate", {"curate": record})
     screen.path("shards", shards.url)
@@ -306,15 +254,15 @@ def cmd_curate(args: argparse.Namespace, cfg: TesseraConfig) -> int:
 
 
 def cmd_train(args: argparse.Namespace, cfg: TesseraConfig) -> int:
-    from preprocess.storage import parent
-    from train.stage import run_train_stage
+    from tessera.core.engine import run_command
+    from tessera.core.storage import parent
+    from tessera.train.stage import TrainStage
 
     shards = cfg.runtime.store(args.shards)
     # by default beside the shards folder, wherever that is (an S3 prefix too)
     name = shards.url.rsplit("/", 1)[-1]
     run = shards.at(args.run_dir) if args.run_dir else shards.at(f"{parent(shards.url)}/runs/{name}")
-    with writing(run, cfg, "tessera train") as fence:
-        summary = run_train_stage(shards, run, cfg.train, fence)
+    summary = run_command(TrainStage(shards, run, cfg.train), cfg.runtime)
     record = summary.to_json()
     screen = stages_screen("tessera train", {"train": record})
     screen.path("run", run.url)
@@ -324,20 +272,22 @@ def cmd_train(args: argparse.Namespace, cfg: TesseraConfig) -> int:
 
 
 def cmd_run(args: argparse.Namespace, cfg: TesseraConfig) -> int:
-    from workflows.jobs import run_pipeline
+    from tessera.core.engine import command
+    from tessera.core.runtime import start_ray
+    from tessera.preprocess.layout import check_output
+    from tessera.preprocess.manifest import ManifestSource
+    from tessera.workflows.jobs import run_pipeline
+    from tessera.workflows.layout import SHARDS
 
     if args.dry_run:  # always the embedded local Ray, whatever the environment points at
         os.environ.pop("RAY_ADDRESS", None)
     if not (cfg.job.out and cfg.job.manifest):
         raise ConfigError("tessera run needs job.manifest and job.out in the config (or --dry-run)")
-    from preprocess.layout import check_output
-    from preprocess.manifest import ManifestSource
-    from workflows.layout import SHARDS
-
     out = cfg.runtime.store(cfg.job.out)
     shards = out.child(SHARDS)
     check_output(shards, cfg.shard, ManifestSource.open(cfg.job.manifest, shards))  # before Ray starts
-    with writing(out, cfg, "tessera run") as fence:
+    with command(out, cfg.runtime, "tessera run") as fence:
+        start_ray(cfg.runtime)
         report = run_pipeline(cfg, out, fence)
     screen = stages_screen(f"tessera run: {report['seconds']:.0f} s", report["stages"])
     screen.path("output", out.url)
@@ -349,32 +299,33 @@ def cmd_run(args: argparse.Namespace, cfg: TesseraConfig) -> int:
 
 
 def cmd_refresh(args: argparse.Namespace, cfg: TesseraConfig) -> int:
-    from workflows.refresh import run_refresh
-    from workflows.runtime import start_ray
+    from tessera.core.engine import command
+    from tessera.core.runtime import start_ray
+    from tessera.workflows.refresh import run_refresh
 
     if not cfg.job.out:
         raise ConfigError("tessera refresh needs job.manifest and job.out in the config")
+    out = cfg.runtime.store(cfg.job.out)
     # the lease first: a refresh that finds another running exits without starting Ray
-    result = run_refresh(cfg, cfg.runtime.store(cfg.job.out), start=lambda: start_ray(cfg.runtime))
-    trained = {"val_accuracy": result["train"].val_accuracy} if "train" in result else {}
-    counts = {k: result[k] for k in ("added", "changed", "removed") if k in result}
-    stages = {name: result[name].to_json() for name in ("shard", "embed", "curate", "train") if name in result}
-    screen = stages_screen(f"tessera refresh: {result['version'] or 'nothing new'}", stages)
-    if counts:
-        screen.stage("rows", ", ".join(f"{n} {what}" for what, n in counts.items()))
-    screen.path("output", cfg.job.out)
-    show(screen, {"version": result["version"], "new_rows": result["new_rows"], **counts, **trained}, args.json)
+    with command(out, cfg.runtime, "tessera refresh") as fence:
+        result = run_refresh(cfg, out, start=lambda: start_ray(cfg.runtime), lease=fence)
+    chain = result.chain
+    screen = stages_screen(f"tessera refresh: {result.version or 'nothing new'}", chain.stages() if chain else {})
+    if result.version:
+        screen.stage("rows", f"{result.added} added, {result.changed} changed, {result.removed} removed")
+    screen.path("output", out.url)
+    show(screen, result.record(), args.json)
     return 0
 
 
 def cmd_versions(args: argparse.Namespace, cfg: TesseraConfig) -> int:
-    from preprocess.versions import VERSIONS
-    from workflows.layout import STATE
-    from workflows.refresh import versions
+    from tessera.core.versions import VERSIONS
+    from tessera.workflows.layout import STATE
+    from tessera.workflows.refresh import versions
 
     out = cfg.runtime.store(args.out)
     if not (out.exists(STATE) or out.names(f"{VERSIONS}/v*")):
-        raise FileNotFoundError(f"{out.url} is not a refresh output (no {STATE}, no {VERSIONS}/): "
+        raise NotAnInput(f"{out.url} is not a refresh output (no {STATE}, no {VERSIONS}/): "
                                 "give the job.out of a `tessera refresh`")
     for version in versions(out):
         print(json.dumps(version))
@@ -382,17 +333,19 @@ def cmd_versions(args: argparse.Namespace, cfg: TesseraConfig) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace, cfg: TesseraConfig) -> int:
-    from train.evaluate import evaluate_run, headline
-    from train.tasks import tasks_from_meta
-    from workflows.report import write_run_report
+    from tessera.core.engine import run_command
+    from tessera.train.evaluate import EvalStage, headline
+    from tessera.train.tasks import tasks_from_meta
+    from tessera.workflows.report import write_run_report
 
     run = cfg.runtime.store(args.run)
-    result = evaluate_run(run, [run.at(url) for url in args.shards], cfg.export.batch_size, cfg.runtime.lease)
+    result = run_command(EvalStage(run, [run.at(url) for url in args.shards], cfg.export.batch_size), cfg.runtime,
+                         uses_ray=False)
     write_run_report(run)
-    tasks = tasks_from_meta(result["tasks"])
+    tasks = tasks_from_meta(result.tasks)
     screen = Screen("tessera evaluate")
     records = []
-    for name, metrics in result["sets"].items():
+    for name, metrics in result.sets.items():
         records.append({"set": name, "samples": metrics["samples"], "tasks": {
             t.name: {**headline(t, metrics["tasks"][t.name]), "ablation": metrics["tasks"][t.name]["ablation"]}
             for t in tasks}})
@@ -409,25 +362,26 @@ def cmd_evaluate(args: argparse.Namespace, cfg: TesseraConfig) -> int:
 
 
 def cmd_export(args: argparse.Namespace, cfg: TesseraConfig) -> int:
-    from train.export import export_run
+    from tessera.core.engine import run_command
+    from tessera.train.export import ExportStage
 
     run = cfg.runtime.store(args.run)
     export_cfg = cfg.export if args.bundle is None else cfg.export.model_copy(update={"bundle": args.bundle})
     out = run.at(args.out)
-    result = export_run(run, out, export_cfg, cfg.runtime.lease)
+    result = run_command(ExportStage(run, out, export_cfg), cfg.runtime, uses_ray=False)
     fields = ("file", "bytes", "size_ratio_vs_fp32", "tasks", "within_tolerance")
-    records = [{"variant": name, **{k: variant.get(k) for k in fields}} for name, variant in result["variants"].items()]
-    records += [{key: result[key]} for key in ("distillation", "bundle") if key in result]
+    records = [{"variant": name, **{k: variant.get(k) for k in fields}} for name, variant in result.variants.items()]
+    records += [{key: getattr(result, key)} for key in ("distillation", "bundle") if getattr(result, key)]
     screen = Screen("tessera export")
-    for name, variant in result["variants"].items():
+    for name, variant in result.variants.items():
         smaller = (f"x{variant['size_ratio_vs_fp32']:.2f} smaller" if name == "int8" else
                    f"the same size, {decimal(variant['gzip_bytes'])} gzipped" if name == "pruned" else "")
         screen.stage(name, f"{variant['file']}: {decimal(variant['bytes'])}{f' ({smaller})' if smaller else ''}, "
                      f"within tolerance: {variant['within_tolerance']}")
-    if "bundle" in result:
-        agreement = result["bundle"]["agreement_with_torch"]
+    if result.bundle:
+        agreement = result.bundle["agreement_with_torch"]
         screen.stage("bundle", "encoders " + ", ".join(
-            f"{m} {decimal(e['bytes']['fp32'])}" for m, e in result["bundle"]["encoders"].items())
+            f"{m} {decimal(e['bytes']['fp32'])}" for m, e in result.bundle["encoders"].items())
             + "; same prediction as torch: " + ", ".join(
             f"{v} {min(a.values()):.1%}" for v, a in agreement.items()))
     screen.path("export", out.url)
@@ -440,7 +394,7 @@ def cmd_export(args: argparse.Namespace, cfg: TesseraConfig) -> int:
 
 
 def cmd_predict(args: argparse.Namespace, cfg: TesseraConfig) -> int:
-    from workflows.predict import Predictor, predict_inputs
+    from tessera.workflows.predict import Predictor, predict_inputs
 
     predictor = Predictor(cfg.runtime.store(args.model), args.variant, cfg.embed.batch_size, bundle=args.bundle)
     sink = open(args.out, "w") if args.out else sys.stdout  # noqa: SIM115 - stdout is not ours to close
@@ -457,15 +411,15 @@ def cmd_predict(args: argparse.Namespace, cfg: TesseraConfig) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, cfg: TesseraConfig) -> int:
-    from train.layout import META
-    from workflows.runtime import start_ray
-    from workflows.serve import run_service
+    from tessera.core.runtime import start_ray
+    from tessera.train.layout import META
+    from tessera.workflows.serve import run_service
 
     model = cfg.runtime.store(args.model)
     if not model.exists(META):
-        raise FileNotFoundError(f"{model.url} is not an export (no {META}): make one with tessera export RUN OUT")
+        raise NotAnInput(f"{model.url} is not an export (no {META}): make one with tessera export RUN OUT")
     start_ray(cfg.runtime)
-    run_service(cfg, model.url, args.variant, args.host, args.port, args.bundle)
+    run_service(cfg, model, args.variant, args.host, args.port, args.bundle)
     return 0
 
 
@@ -480,14 +434,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     try:
         return _run(args)
-    except KeyboardInterrupt as e:
-        return _failed(_stopped("stopped by Ctrl-C", e), EXIT_INTERRUPTED)
-    except BaseException as e:
-        from workflows.runtime import Terminated
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
+        from tessera.core.runtime import Terminated
 
-        if not isinstance(e, Terminated):
-            raise
-        return _failed(_stopped(str(e), e), EXIT_TERMINATED)
+        if isinstance(e, Terminated):
+            return _failed(_stopped(str(e), e), EXIT_TERMINATED)
+        return _failed(_stopped("stopped by Ctrl-C", e), EXIT_INTERRUPTED)
 
 
 def _stopped(what: str, error: BaseException) -> Exception:
@@ -499,32 +451,17 @@ def _stopped(what: str, error: BaseException) -> Exception:
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        cfg = config_from_args(args)
-    except ConfigError as e:
-        return _failed(e, EXIT_CONFIG)
-    from preprocess.layout import DamagedOutput, OutputConflict
-    from preprocess.lease import LeaseHeld
-    from preprocess.summary import StageFailed
-
-    try:
-        return COMMANDS[args.command](args, cfg)
-    except LeaseHeld as e:
-        return _failed(e, EXIT_LOCKED)
-    except StageFailed as e:
-        return _failed(e, EXIT_FAILED_CHECK)
-    except DamagedOutput as e:
-        return _failed(e, EXIT_NO_INPUT)
-    except OutputConflict as e:
-        return _failed(e, EXIT_CONFLICT)
-    except ConfigError as e:
-        return _failed(e, EXIT_CONFIG)
-    except FileNotFoundError as e:  # an input that is not there, or not what the command reads
-        return _failed(e, EXIT_NO_INPUT)
-    except (OutOfSpace, OSError) as e:
+        return COMMANDS[args.command](args, config_from_args(args))
+    except TesseraError as e:
+        cause = getattr(e, "cause", None)  # raised by a Ray task: the task's own error, not its traceback
+        return _failed(cause if isinstance(cause, TesseraError) else e, e.exit_code)
+    except FileNotFoundError as e:  # an input that is not there
+        return _failed(e, NotAnInput.exit_code)
+    except OSError as e:
         full = out_of_space(e)
         if full is None:
             raise
-        return _failed(full, EXIT_NO_SPACE)
+        return _failed(full, OutOfSpace.exit_code)
 
 
 def _failed(error: Exception, code: int) -> int:

@@ -11,27 +11,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from features.config import CurateConfig, EmbedConfig
-from preprocess.config import ShardConfig, Strict
-from preprocess.lease import LeaseConfig
-from preprocess.storage import Store
-from train.config import ExportConfig, TrainConfig
-
-
-class RuntimeConfig(Strict):
-    """Where and how wide a job runs; none of it changes the outputs."""
-
-    address: str | None = Field(None, description="Ray address; null starts a local Ray")
-    workers: int = Field(2, gt=0, description="CPUs of the local Ray, and parallel shard tasks")
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options, e.g. S3")
-    progress: bool = True
-    verbose: bool = Field(False, description="worker and library output on the terminal, not only in OUT/logs")
-    lease: LeaseConfig = LeaseConfig()
-
-    def store(self, url: str) -> Store:
-        """The store of URL with these storage options: built once per location a job names,
-        then handed down (every other location is reached through it)."""
-        return Store(url, self.storage_options)
+from tessera.core.config import Strict
+from tessera.core.errors import ConfigError
+from tessera.core.runtime import RuntimeConfig
+from tessera.features.config import CurateConfig, EmbedConfig
+from tessera.preprocess.config import ShardConfig
+from tessera.train.config import ExportConfig, TrainConfig
 
 
 class JobConfig(Strict):
@@ -83,10 +68,6 @@ class TesseraConfig(Strict):
     train: TrainConfig = TrainConfig()
     export: ExportConfig = ExportConfig()
     serve: ServeConfig = ServeConfig()
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names each bad field."""
 
 
 MAX_CONFIG_BYTES = 1 << 20  # a config file larger than this is not a config

@@ -1,6 +1,6 @@
 """tessera's output as a Ray Dataset, for users who continue in their own code:
 
-    from workflows.dataset import open_dataset
+    from tessera.workflows.dataset import open_dataset
     ds = open_dataset("s3://bucket/out")          # a job's OUT, a refresh's OUT or a shard folder
     ds = open_dataset(Store("s3://bucket/out", {"s3": {...}}))   # with storage options
     ds.take(1)  # key, label, text, image/audio/video bytes, <modality>_embedding, ...
@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from features.layout import read_sidecar
-from preprocess.layout import (
-    MEMBER_EXTENSIONS,
+from tessera.core.errors import NotAnInput
+from tessera.core.storage import Store
+from tessera.core.versions import complete_versions, superseded
+from tessera.features.layout import read_sidecar
+from tessera.preprocess.layout import (
     ShardSummary,
     committed_shards,
     iter_shard,
     member_payload,
     read_index_part,
 )
-from preprocess.storage import Store
-from preprocess.versions import complete_versions, superseded
-from workflows.layout import SHARDS
+from tessera.preprocess.modality import member_extensions
+from tessera.workflows.layout import SHARDS
 
 PAYLOAD_TYPES = {"text": pa.string(), "image": pa.binary(), "audio": pa.binary(), "video": pa.binary()}
 
@@ -38,7 +39,7 @@ def shard_folders(out: Store) -> list[Store]:
     complete = complete_versions(out)
     if complete:
         return [out.child(name) for name in complete]
-    raise FileNotFoundError(f"{out.url} holds no tessera output (no {ShardSummary.FILE}, {SHARDS}/ or versions/)")
+    raise NotAnInput(f"{out.url} holds no tessera output (no {ShardSummary.FILE}, {SHARDS}/ or versions/)")
 
 
 def read_shard(folder: Store, shard: str, excluded: frozenset[str]) -> pa.Table:
@@ -47,12 +48,12 @@ def read_shard(folder: Store, shard: str, excluded: frozenset[str]) -> pa.Table:
     index = index.filter(pa.array([k not in excluded for k in index.column("key").to_pylist()], pa.bool_()))
     keys = index.column("key").to_pylist()
     wanted = set(keys)
-    payloads: dict[str, dict[str, object]] = {m: {} for m in MEMBER_EXTENSIONS}
+    payloads: dict[str, dict[str, object]] = {m: {} for m in member_extensions()}
     meta: dict[str, bytes] = {}
     for sample in iter_shard(folder, shard, lambda member: member.partition(".")[0] in wanted):
         key = sample["__key__"]
         meta[key] = sample.get("json")
-        for modality in MEMBER_EXTENSIONS:
+        for modality in member_extensions():
             data = member_payload(sample, modality)
             if data is not None:
                 payloads[modality][key] = data.decode() if modality == "text" else data
@@ -68,7 +69,7 @@ def read_shard(folder: Store, shard: str, excluded: frozenset[str]) -> pa.Table:
     position = {k: i for i, k in enumerate(vectors.column("key").to_pylist())}
     take = pa.array([position.get(k) for k in keys], pa.int64())
     for name in vectors.column_names:
-        if name in MEMBER_EXTENSIONS:
+        if name in member_extensions():
             columns[f"{name}_embedding"] = vectors.column(name).take(take)
     return pa.table(columns)
 

@@ -9,8 +9,8 @@ in preprocess/layout.py, preprocess/versions.py, features/layout.py and train/la
                       OUT/embed-cache/            shared by every version
                       OUT/refresh/state.json      the manifest and row identities the last refresh saw
                       OUT/refresh/identities-*/   those identities (Parquet, one part per chunk)
-    every folder a command writes: FOLDER/lease.json (preprocess/lease.py)
-                      FOLDER/logs/<UTC time>-<command>/  its driver log and (local Ray) workers' output
+    every folder a command writes: FOLDER/lease.json (core/lease.py)
+                      FOLDER/logs/<UTC time>-<command>/  its driver log and workers' output (core/runtime.py)
     a run folder:     RUN/report.html             its training and evaluation plots"""
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 SHARDS = "shards"
 TRAIN = "train"  # under OUT (one run per data digest) and under each version (its run)
 RUN_SUMMARY = "run-summary.json"
-LOGS = "logs"
 REPORT = "report.html"
 STATE = "refresh/state.json"
 IDENTITIES = "refresh/identities-"  # + a random id

@@ -13,17 +13,17 @@ from pathlib import PurePosixPath
 
 import numpy as np
 
-from features.config import EmbedConfig
-from preprocess.config import AugmentConfig, ShardConfig
-from preprocess.manifest import LineReject, ManifestRow, iter_manifest, parse_row
-from preprocess.reject import Reject
-from preprocess.sample import SampleOutput
-from preprocess.shard import fetch_batch, sample_or_reject
-from preprocess.storage import Store
-from train.inputs import encoders_for, model_batch, onnx_scorer, sample_vectors
-from train.layout import BUNDLE, META, ONNX, PREPROCESS, TRAIN_SUMMARY
-from train.tasks import tasks_from_meta
-from workflows.config import ConfigError
+from tessera.core.errors import ConfigError, NotAnInput
+from tessera.core.storage import Store
+from tessera.features.config import EmbedConfig
+from tessera.preprocess.config import AugmentConfig, ShardConfig
+from tessera.preprocess.manifest import LineReject, ManifestRow, iter_manifest, parse_row
+from tessera.preprocess.reject import Reject
+from tessera.preprocess.sample import SampleOutput
+from tessera.preprocess.shard import fetch_batch, sample_or_reject
+from tessera.train.inputs import encoders_for, model_batch, onnx_scorer, sample_vectors
+from tessera.train.layout import BUNDLE, META, ONNX, PREPROCESS, TRAIN_SUMMARY, ModelMeta
+from tessera.train.tasks import tasks_from_meta
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,9 @@ class Predictor:
         if not (model.exists(META) and model.exists(PREPROCESS)):
             what = ("a training run, not an export" if model.exists(TRAIN_SUMMARY) else
                     "not an export (no model.json and preprocess.json)" if model.isdir() else "not there")
-            raise FileNotFoundError(f"{model.url} is {what}: make one with `tessera export RUN {model.url}`")
-        self.meta = model.read_json(META)
-        self.tasks = tasks_from_meta(self.meta["tasks"])
+            raise NotAnInput(f"{model.url} is {what}: make one with `tessera export RUN {model.url}`")
+        self.meta = ModelMeta.read(model)
+        self.tasks = tasks_from_meta(self.meta.tasks)
         preprocess = model.read_json(PREPROCESS)
         if variant not in ONNX or not model.exists(ONNX[variant]):
             have = [v for v, f in ONNX.items() if model.exists(f)]
@@ -83,7 +83,9 @@ class Predictor:
             scores = self.score(model_batch(self.meta, payloads, present))
             for n, (i, row, _) in enumerate(outputs):
                 if n in failed:
-                    reject = LineReject(row.line, row.source_key, *failed[n], row.file, row.key)
+                    modality, reason = failed[n]
+                    reject = LineReject.of(row.line, row.source_key, Reject("request.not_embeddable", reason, modality),
+                                           row.file, row.key)
                     results[i] = {"rejected": True, **reject.as_record()}
                 else:
                     results[i] = {"key": row.source_key, "line": row.line, **self._record(scores, n)}
@@ -117,11 +119,13 @@ def rows_from_files(paths: list[str], cfg: ShardConfig, store: Store) -> tuple[l
         stem, _, suffix = name.partition(".")
         field = FIELD_OF_SUFFIX.get(suffix.lower())
         if field is None:
-            rejects.append(LineReject(number, stem, None, f"unknown file type .{suffix}", path))
+            rejects.append(LineReject.of(number, stem, Reject("request.unknown_file_type",
+                                                              f"unknown file type .{suffix}"), path))
             continue
         sample = samples.setdefault(stem, {"key": stem, "_line": number, "_file": path})
         if field in sample:
-            rejects.append(LineReject(number, stem, None, f"two {field} files for {stem}", path))
+            rejects.append(LineReject.of(number, stem, Reject("request.two_files", f"two {field} files for {stem}"),
+                                         path))
             continue
         sample[field] = path
     rows = []
@@ -130,7 +134,7 @@ def rows_from_files(paths: list[str], cfg: ShardConfig, store: Store) -> tuple[l
         try:
             rows.append(parse_row(sample, line, "/", cfg, first))  # the paths are absolute
         except Reject as r:
-            rejects.append(LineReject(line, sample["key"], r.modality, r.reason, first))
+            rejects.append(LineReject.of(line, sample["key"], r, first))
     return rows, rejects
 
 

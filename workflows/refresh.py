@@ -1,7 +1,7 @@
 """Scheduled incremental refresh: new or changed manifest rows become a new dataset version
-(preprocess/versions.py), rows gone from the manifest are recorded as removals. What it keeps
-in OUT besides the versions (the shared embed-cache/, refresh/state.json, refresh.lock) is
-named in workflows/layout.py.
+(core/versions.py), rows gone from the manifest are recorded as removals. What it keeps in OUT
+besides the versions (the shared embed-cache/, refresh/state.json, its identities) is named in
+workflows/layout.py.
 
 A row's identity is its JSON (paths resolved) plus cheap metadata of every file it names (size
 and ETag / version id / mtime from `fs.info`), or with `job.refresh_identity: content` the
@@ -14,31 +14,30 @@ as duplicate keys):
   removed  a key of the dataset that is no longer in the manifest (takedowns, opt-outs);
            training over every version and evaluation leave its rows out.
 A refresh whose manifest files have the sizes and tags the last one saw stats the files its
-rows name (no file when rows are text) and opens no input: a no-op costs next to nothing."""
+rows name (no file when rows are text) and opens no input: a no-op costs next to nothing.
+A new version goes through the chain every job shares (workflows/jobs.py: run_chain)."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import os
-import tempfile
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from features.layout import CACHE
-from preprocess.inputs import AllowedInputs
-from preprocess.layout import REJECT_SCHEMA, REJECTS, OutputConflict
-from preprocess.lease import Fence, held
-from preprocess.manifest import FILE_FIELDS, Chunk, ManifestSource, chunks, parse_json_line, raw_records, source_key
-from preprocess.runner import StageWork, in_flight_limit, task
-from preprocess.storage import Store, file_tag, is_local, parent, resolve
-from preprocess.versions import (
+from tessera.core.errors import ConfigError, OutputConflict
+from tessera.core.lease import Fence, held
+from tessera.core.runner import StageWork, in_flight_limit, task
+from tessera.core.storage import Store, file_tag, is_local, parent, resolve
+from tessera.core.versions import (
     ADDED,
     CHANGED,
     CHANGES,
@@ -49,11 +48,34 @@ from preprocess.versions import (
     VERSIONS,
     complete_versions,
     version_folder,
-    version_records,
 )
-from train.layout import TRAIN_SUMMARY, WEIGHTS, TrainSummary
-from workflows.config import ConfigError, TesseraConfig
-from workflows.layout import IDENTITIES, STATE, TRAIN
+from tessera.features.config import CurateConfig, EmbedConfig
+from tessera.features.layout import CACHE, SIDECARS, CurateSummary, EmbedSummary
+from tessera.preprocess.config import ShardConfig
+from tessera.preprocess.inputs import AllowedInputs
+from tessera.preprocess.layout import (
+    REJECT_SCHEMA,
+    REJECTS,
+    SHARD_CONFIG,
+    SHARD_FILES,
+    ShardSummary,
+    check_output,
+    damaged,
+)
+from tessera.preprocess.manifest import (
+    Chunk,
+    ManifestSource,
+    chunks,
+    parse_json_line,
+    raw_records,
+    source_key,
+)
+from tessera.preprocess.modality import file_fields
+from tessera.train.layout import TRAIN_SUMMARY, WEIGHTS, TrainSummary
+from tessera.workflows.config import TesseraConfig
+from tessera.workflows.jobs import ChainResult, run_chain
+from tessera.workflows.layout import IDENTITIES, STATE, TRAIN
+from tessera.workflows.status import version_records
 
 # The stages (and torch) are imported where a version is made: a no-op refresh, and the
 # refreshes that find another one running, start in a fraction of a second.
@@ -63,7 +85,6 @@ log = logging.getLogger(__name__)
 ROWS_PER_TASK = 16384  # manifest rows per identity task
 REFUSED = "refused"  # the tag of an input outside the allowed roots (never stat'ed)
 STAT_IN_PROCESS = 100_000  # up to this many file references, a no-op check stats them without Ray
-MEMORY_LIMIT = "256MB"  # the diff query spills to local scratch beyond this
 IDENTITY_SCHEMA = pa.schema([("key", pa.string()), ("identity", pa.string()), ("file", pa.string()),
                              ("line", pa.int64()), ("row", pa.binary()), ("files", pa.list_(pa.string())),
                              ("tags", pa.list_(pa.string()))])
@@ -94,17 +115,18 @@ def _file_tags(urls: list[str], mode: str, store: Store) -> dict[str, str]:
 def row_identities(chunk: Chunk, mode: str, staging: Store, name: str, allow: tuple[str, ...]) -> int:
     """Write the chunk's rows with their identities to STAGING/NAME; returns the files they name."""
     base = parent(chunk.file.url)
+    fields = file_fields()
     records = []
     for line, raw in raw_records(chunk):
         obj = raw if isinstance(raw, dict) else parse_json_line(raw)
-        if isinstance(obj, str):  # not a JSON object: its bytes are its identity
+        if not isinstance(obj, dict):  # not a JSON object: its bytes are its identity
             text = raw.strip()
             records.append((None, text, line, text, []))
             continue
-        resolved = {k: resolve(base, v) if k in FILE_FIELDS and isinstance(v, str) and v else v
+        resolved = {k: resolve(base, v) if k in fields and isinstance(v, str) and v else v
                     for k, v in obj.items()}
         text = json.dumps(resolved, sort_keys=True, default=str).encode()
-        files = [resolved[f] for f in FILE_FIELDS if isinstance(resolved.get(f), str) and resolved[f]]
+        files = [resolved[f] for f in fields if isinstance(resolved.get(f), str) and resolved[f]]
         records.append((source_key(obj), text, line, text, files))
     # an input the shard stage will refuse is not even stat'ed (it may be a probe of another host)
     allowed = AllowedInputs.of(chunk.file.root, allow)
@@ -187,11 +209,30 @@ def _view(con, name: str, urls: list[str], schema: pa.Schema) -> None:
         con.register(name, schema.empty_table())
 
 
-def diff_manifest(out: Store, staging: Store, version: str, number: int, complete: list[str]) -> dict:
+@dataclass(frozen=True)
+class DiffCounts:
+    """What the diff found in the manifest: rows per change (version.json holds them)."""
+
+    added: int
+    changed: int
+    removed: int
+    duplicate_key: int  # later rows of a key (reported once, never taken in)
+    no_key: int  # rows without a usable key (taken in, to be rejected with their reason)
+
+    @property
+    def new_rows(self) -> int:
+        """The rows the version takes in."""
+        return self.added + self.changed + self.no_key
+
+    def record(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+def diff_manifest(out: Store, staging: Store, version: str, number: int, complete: list[str]) -> DiffCounts:
     """Compare the staged identities with the changes of every COMPLETE version; write the new
     version's manifest.jsonl, its duplicate-key rejects and changes.parquet."""
     target = out.child(version)
-    with tempfile.TemporaryDirectory(prefix="tessera-refresh-") as scratch, out.duckdb(scratch, MEMORY_LIMIT) as con:
+    with out.duckdb() as (con, scratch):
         _view(con, "ids", [staging.url_of(name) for name in staging.names("*.parquet")], IDENTITY_SCHEMA)
         _view(con, "history", [out.url_of(v, CHANGES) for v in complete], CHANGES_SCHEMA)
         con.execute(DIFF)
@@ -206,13 +247,14 @@ def diff_manifest(out: Store, staging: Store, version: str, number: int, complet
                 for row in batch.column(0).to_pylist():
                     f.write(row.rstrip(b"\r\n") + b"\n")
         _publish_unless_same(local, target, VERSION_MANIFEST)
-        rejects = con.execute("SELECT key, key AS sample_key, file, line, NULL AS modality, reason FROM changes "
+        rejects = con.execute("SELECT key, key AS sample_key, file, line, NULL AS modality, "
+                              "'refresh.duplicate_key' AS code, reason FROM changes "
                               "WHERE change = 'duplicate_key' ORDER BY file, line").to_arrow_table()
         target.write_parquet(f"{REJECTS}/refresh.parquet", rejects.cast(REJECT_SCHEMA))
         changes = con.execute(f"SELECT {number}::INTEGER AS version, key, identity, change FROM changes "
                               "ORDER BY change, key").to_arrow_table()
         target.write_parquet(CHANGES, changes.cast(CHANGES_SCHEMA))
-    return {c: counts.get(c, 0) for c in (ADDED, CHANGED, REMOVED, "duplicate_key", "no_key")}
+    return DiffCounts(*(counts.get(c, 0) for c in (ADDED, CHANGED, REMOVED, "duplicate_key", "no_key")))
 
 
 def _publish_unless_same(local: str, target: Store, name: str) -> None:
@@ -272,19 +314,42 @@ def _unchanged_since_last(out: Store, source: ManifestSource, mode: str, allow: 
     return all(unchanged)
 
 
-def run_refresh(cfg: TesseraConfig, out: Store, start: Callable[[], None] = lambda: None) -> dict:
-    """Shard, embed (and train, job.refresh_train) what is new since the last version into OUT
-    (the store of job.out); record what was removed. {'version': None} when nothing changed.
-    START brings Ray up, once the lock is held and there is work (a no-op refresh runs without it)."""
+@dataclass(frozen=True)
+class RefreshResult:
+    """What a refresh did: the version it made (None: nothing new), the rows it took in, the
+    changes the diff found, and the chain's summaries over the new version."""
+
+    version: str | None = None
+    new_rows: int = 0
+    added: int = 0
+    changed: int = 0
+    removed: int = 0
+    duplicate_key: int = 0
+    no_key: int = 0
+    chain: ChainResult | None = None
+
+    def record(self) -> dict:
+        """What `tessera refresh --json` prints."""
+        trained = {"val_accuracy": self.chain.train.val_accuracy} if self.chain and self.chain.train else {}
+        counts = {"added": self.added, "changed": self.changed, "removed": self.removed} if self.version else {}
+        return {"version": self.version, "new_rows": self.new_rows, **counts, **trained}
+
+
+def run_refresh(cfg: TesseraConfig, out: Store, start: Callable[[], None] = lambda: None,
+                lease: Fence | None = None) -> RefreshResult:
+    """Shard, embed (curate, and train: job.refresh_train) what is new since the last version
+    into OUT (the store of job.out); record what was removed. START brings Ray up, once the
+    lease is held and there is work (a no-op refresh runs without it). LEASE: OUT's fence when
+    the caller holds it already."""
     if not cfg.job.manifest:
         raise ConfigError("tessera refresh needs job.manifest and job.out in the config")
     mode, work = cfg.job.refresh_identity, StageWork()
-    with held(out, cfg.runtime.lease, "tessera refresh") as fence:
+    with held(out, lease or cfg.runtime.lease, "tessera refresh") as fence:
         source = ManifestSource.open(cfg.job.manifest, out)
         allow = cfg.shard.inputs.allow
         if _unchanged_since_last(out, source, mode, allow, start, work):
             log.info("refresh: nothing new in %s", cfg.job.manifest)
-            return {"version": None, "new_rows": 0}
+            return RefreshResult()
         start()
         if out.names(f"{VERSIONS}/v*/inputs.parquet"):
             raise OutputConflict(f"{out.url} was made by an older tessera refresh (versions/*/inputs.parquet): "
@@ -301,11 +366,12 @@ def run_refresh(cfg: TesseraConfig, out: Store, start: Callable[[], None] = lamb
         complete = complete_versions(out)
         number = len(complete) + 1
         version = version_folder(number)
-        counts = work.get(_diff_task.remote(out, staging, version, number, complete))
-        new_rows = counts[ADDED] + counts[CHANGED] + counts["no_key"]
-        result: dict = {"version": None, "new_rows": 0}
-        if new_rows or counts[REMOVED] or counts["duplicate_key"]:
-            result = _make_version(cfg, out, version, counts, source, fence) | {"new_rows": new_rows, **counts}
+        counts: DiffCounts = work.get(_diff_task.remote(out, staging, version, number, complete))
+        result = RefreshResult()
+        if counts.new_rows or counts.removed or counts.duplicate_key:
+            chain = _make_version(cfg, out, version, counts, source, fence)
+            result = RefreshResult(version.rsplit("/", 1)[-1], counts.new_rows, counts.added, counts.changed,
+                                   counts.removed, counts.duplicate_key, counts.no_key, chain)
         else:
             out.remove(version, recursive=True)
         previous = out.read_json(STATE)["identities"] if out.exists(STATE) else None
@@ -315,20 +381,16 @@ def run_refresh(cfg: TesseraConfig, out: Store, start: Callable[[], None] = lamb
         if previous:
             with contextlib.suppress(FileNotFoundError):
                 out.remove(previous, recursive=True)
-        log.info("refresh: %s", "nothing new" if result["version"] is None else
-                 f"{result['version']}: {counts[ADDED]} added, {counts[CHANGED]} changed, "
-                 f"{counts[REMOVED]} removed")
+        log.info("refresh: %s", "nothing new" if result.version is None else
+                 f"{result.version}: {counts.added} added, {counts.changed} changed, {counts.removed} removed")
         return result
 
 
-def _make_version(cfg: TesseraConfig, out: Store, version: str, counts: dict, source: ManifestSource,
-                  fence: Fence) -> dict:
-    """Shard and embed the version's rows (and train), then commit it: version.json last. The
-    version's manifest lives in OUT and names the inputs by their full URLs: they stay confined
-    to the user's manifest root (and shard.inputs.allow)."""
-    from features.stage import run_embed_stage
-    from preprocess.stage import run_shard_stage
-
+def _make_version(cfg: TesseraConfig, out: Store, version: str, counts: DiffCounts, source: ManifestSource,
+                  fence: Fence) -> ChainResult:
+    """The chain over the version's rows (shard, embed, curate and train as the job says), then
+    the version committed: version.json last. Its manifest lives in OUT and names the inputs by
+    their full URLs: they stay confined to the user's manifest root (and shard.inputs.allow)."""
     target = out.child(version)
     roots = tuple(dict.fromkeys((*cfg.shard.inputs.allow, *(f.root for f in source.files))))
     shard_cfg = cfg.shard.model_copy(update={"inputs": cfg.shard.inputs.model_copy(update={"allow": roots})})
@@ -337,64 +399,48 @@ def _make_version(cfg: TesseraConfig, out: Store, version: str, counts: dict, so
     cache = out.at(cfg.embed.cache) if cfg.embed.cache else out.child(CACHE)
     for position, folder in enumerate(earlier):
         _repair_version(cfg, folder, earlier[:position], cache)
-    try:  # an interrupted refresh of the same rows resumes its version
-        shard = run_shard_stage(manifest, target, shard_cfg, cfg.runtime.progress, cfg.runtime.lease, earlier)
-    except OutputConflict:  # ... of other rows: that incomplete version's shards are redone
+    try:  # an interrupted refresh of the same rows resumes its version ...
+        check_output(target, shard_cfg, ManifestSource.open(manifest, target))
+    except OutputConflict:  # ... of other rows: that incomplete version's shards are written again
         keep = {VERSION_MANIFEST, CHANGES, REJECTS, f"{REJECTS}/refresh.parquet"}
         for name in [*target.names("*"), *target.names(f"{REJECTS}/*")]:
             if name not in keep:
                 target.remove(name, recursive=True)
-        shard = run_shard_stage(manifest, target, shard_cfg, cfg.runtime.progress, cfg.runtime.lease, earlier)
-    embed = run_embed_stage(target, cfg.embed, cache, cfg.runtime.progress, cfg.runtime.lease)
-    result = {"version": version.rsplit("/", 1)[-1], "shard": shard, "embed": embed}
-    if cfg.curate.enabled:  # semantic dedup and outliers, against the earlier versions too
-        from features.curate import run_curate_stage
-
-        result["curate"] = run_curate_stage(target, cfg.curate, cfg.runtime.progress, cfg.runtime.lease, earlier)
-    if cfg.job.refresh_train == "all" or (cfg.job.refresh_train == "new" and shard.accepted):
-        result["train"] = _train_version(cfg, out, target)
+    chain = run_chain(cfg, manifest, target, lambda folder, shard: _training(cfg, out, folder, shard, earlier),
+                      shard_cfg=shard_cfg, cache=cache, earlier=earlier)
     fence.check(f"{version}/{VERSION_DONE}")
-    target.write_json(VERSION_DONE, counts)  # the version is complete
-    return result
+    target.write_json(VERSION_DONE, counts.record())  # the version is complete
+    return chain
+
+
+def _training(cfg: TesseraConfig, out: Store, version: Store, shard: ShardSummary, earlier: list[Store]
+              ) -> tuple[Store, list[Store], TesseraConfig] | None:
+    """Where the new version trains (job.refresh_train): on every version or on its own, into
+    VERSION/train, starting from the newest earlier version's model (else train.init_from, else
+    from scratch); None when it does not."""
+    if not (cfg.job.refresh_train == "all" or (cfg.job.refresh_train == "new" and shard.accepted)):
+        return None
+    trained = [v for v in earlier if v.exists(f"{TRAIN}/{WEIGHTS}")]
+    start = trained[-1].url_of(TRAIN) if trained else cfg.train.init_from
+    shards = [*earlier, version] if cfg.job.refresh_train == "all" else [version]
+    log.info("refresh: training %s on %d version(s) from %s", version.url.rsplit("/", 1)[-1], len(shards),
+             start or "scratch")
+    return version.child(TRAIN), shards, cfg.model_copy(
+        update={"train": cfg.train.model_copy(update={"init_from": start})})
 
 
 def _repair_version(cfg: TesseraConfig, version: Store, earlier: list[Store], cache: Store) -> None:
     """Write an earlier version's damaged files again (its shards from its own manifest, with the
     config it was made with; its sidecars from the cache), and curate it again when it was: what
     the new version is deduped against and trained with must be whole."""
-    from features.config import EmbedConfig
-    from features.layout import SIDECARS, CurateSummary, EmbedSummary
-    from features.stage import run_embed_stage
-    from preprocess.config import ShardConfig
-    from preprocess.layout import SHARD_CONFIG, SHARD_FILES, damaged
-    from preprocess.stage import run_shard_stage
-
     found = damaged(version, (*SHARD_FILES, SIDECARS))
     if not found:
         return
     log.warning("refresh: %s has %d damaged files (%s): writing them again", version.url, len(found),
                 ", ".join(map(str, found[:3])))
-    progress, lease = cfg.runtime.progress, cfg.runtime.lease
-    made_with = ShardConfig.model_validate(version.read_json(SHARD_CONFIG)["config"])
-    run_shard_stage(version.url_of(VERSION_MANIFEST), version, made_with, progress, lease, earlier)
-    run_embed_stage(version, EmbedConfig.model_validate(EmbedSummary.read(version).config), cache, progress, lease)
-    if CurateSummary.exists(version) and cfg.curate.enabled:
-        from features.curate import run_curate_stage
-
-        run_curate_stage(version, cfg.curate, progress, lease, earlier)
-
-
-def _train_version(cfg: TesseraConfig, out: Store, version: Store) -> TrainSummary:
-    """Train on the new version (or on every version) into VERSION/train, starting from the
-    newest earlier version's model (else train.init_from, else from scratch)."""
-    from workflows.jobs import train_into
-
-    earlier = [out.child(name) for name in complete_versions(out)]
-    trained = [v for v in earlier if v.exists(f"{TRAIN}/{WEIGHTS}")]
-    start = trained[-1].url_of(TRAIN) if trained else cfg.train.init_from
-    shards = [*earlier, version] if cfg.job.refresh_train == "all" else [version]
-    run_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"init_from": start})})
-    summary = train_into(run_cfg, version.child(TRAIN), shards)
-    log.info("refresh: trained %s on %d version(s) from %s", version.url.rsplit("/", 1)[-1], len(shards),
-             start or "scratch")
-    return summary
+    made_with = cfg.model_copy(update={
+        "shard": ShardConfig.model_validate(version.read_json(SHARD_CONFIG)["config"]),
+        "embed": EmbedConfig.model_validate(EmbedSummary.read(version).config),
+        "curate": cfg.curate if CurateSummary.exists(version) else CurateConfig()})
+    run_chain(made_with, version.url_of(VERSION_MANIFEST), version, lambda folder, shard: None, cache=cache,
+              earlier=earlier)

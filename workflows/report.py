@@ -22,10 +22,11 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from features.layout import CURATED, OUTLIERS, CurateSummary, EmbedSummary, read_sidecar  # noqa: E402
-from preprocess.layout import (  # noqa: E402
+from tessera.core.storage import Store  # noqa: E402
+from tessera.core.versions import INDEX  # noqa: E402
+from tessera.features.layout import CURATED, OUTLIERS, CurateSummary, EmbedSummary, read_sidecar  # noqa: E402
+from tessera.preprocess.layout import (  # noqa: E402
     DUPLICATES,
-    INDEX,
     ShardSummary,
     committed_shards,
     index_batches,
@@ -34,11 +35,12 @@ from preprocess.layout import (  # noqa: E402
     read_index_part,
     reject_batches,
 )
-from preprocess.storage import Store  # noqa: E402
-from train.evaluate import headline  # noqa: E402
-from train.layout import EVAL, METRICS, TrainSummary  # noqa: E402
-from train.tasks import VALIDATION_METRIC, tasks_from_meta  # noqa: E402
-from workflows.layout import REPORT, SHARDS  # noqa: E402
+from tessera.preprocess.modality import MODALITIES  # noqa: E402
+from tessera.preprocess.reject import CODES  # noqa: E402
+from tessera.train.evaluate import headline  # noqa: E402
+from tessera.train.layout import EVAL, METRICS, TrainSummary  # noqa: E402
+from tessera.train.tasks import VALIDATION_METRIC, tasks_from_meta  # noqa: E402
+from tessera.workflows.layout import REPORT, SHARDS  # noqa: E402
 
 SAMPLE_ROWS = 2000  # embeddings the report's plots are drawn from
 SHOWN_GROUPS = 12  # near-duplicate groups (and half as many semantic pairs, outliers) shown
@@ -71,7 +73,7 @@ def embedding_sample(shards: Store, size: int = SAMPLE_ROWS, seed: int = 0) -> l
     it is the same whatever the shard order and never holds more than SIZE rows. A sidecar's
     keys are read first; its vectors only when some of its rows enter the sample."""
     heap: list[tuple[int, int, dict]] = []  # (-priority, tie, row): the largest priority on top
-    modalities = ("text", "image", "audio", "video")
+    modalities = MODALITIES
     for n, name in enumerate(committed_shards(shards)):
         try:
             keys = read_sidecar(shards, name, ["key"]).column("key").to_pylist()
@@ -103,7 +105,7 @@ def _embedding_plots(shards: Store) -> list[tuple[str, str]]:
         return []
     plots = []
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    for modality in ("text", "image", "audio", "video"):
+    for modality in MODALITIES:
         vectors = [r[modality] for r in sample if r.get(modality) is not None]
         if vectors:
             norms = np.linalg.norm(np.asarray(vectors, np.float32), axis=1)
@@ -185,11 +187,11 @@ def curation_plots(shards: Store) -> list[tuple[str, str]]:
     and the outliers with their scores."""
     plots = []
     if shards.exists(DUPLICATES):
-        near = [r for r in shards.read_parquet(DUPLICATES, ["sample_key", "reason", "duplicate_of", "modality"])
-                .to_pylist() if r["modality"] == "image" and r["reason"].startswith("near-duplicate")]
+        dropped = shards.read_parquet(DUPLICATES)
+        near = [r for r in dropped.to_pylist() if r["code"] == "dedup.near_duplicate" and r["modality"] == "image"]
         groups: dict[str, list[tuple[str, str]]] = {}
         for r in near:
-            groups.setdefault(r["duplicate_of"], []).append((r["sample_key"], r["reason"].rsplit("(", 1)[1][:-1]))
+            groups.setdefault(r["duplicate_of"], []).append((r["sample_key"], r["measure"]))
         largest = sorted(groups.items(), key=lambda g: (-len(g[1]), g[0]))[:SHOWN_GROUPS]
         if largest:
             rows = [[(kept, f"kept {kept}"), *copies[:SHOWN_PER_GROUP]] for kept, copies in largest]
@@ -332,7 +334,7 @@ def _payloads(shards: Store, shard_keys: dict[str, set[str]]) -> dict[str, dict]
 
 def _card(key: str, sample: dict, caption: str, audio_left: list[int]) -> str:
     """One sample as HTML: thumbnail (image, or a clip's poster frame), caption, audio player."""
-    from preprocess.video import decode_frames
+    from tessera.preprocess.video import decode_frames
 
     image, video = member_payload(sample, "image"), member_payload(sample, "video")
     thumb = _thumbnail(image) if image else _thumbnail(frames=decode_frames(video)) if video else None
@@ -381,15 +383,14 @@ def sample_strips(shards: Store) -> str:
 
 
 def reject_examples(shards: Store) -> str:
-    """Per reject reason (the SHOWN_REASONS most common): its count and SHOWN_REJECTS examples
-    (key, file, line, reason; a thumbnail when the input's image is in the shards: duplicates)."""
-    from preprocess.shard import reason_class
-
+    """Per reject code (the SHOWN_REASONS most common): its count, what it means, and
+    SHOWN_REJECTS examples (key, file, line, reason; a thumbnail when the input's image is in the
+    shards: duplicates)."""
     counts: Counter = Counter()
     examples: dict[str, list[dict]] = {}
     for batch in reject_batches(shards):
         for record in batch.to_pylist():
-            reason = reason_class(record["reason"], record["modality"])
+            reason = record["code"] or "(no code: written by an older tessera)"
             counts[reason] += 1
             if len(examples.setdefault(reason, [])) < SHOWN_REJECTS:
                 examples[reason].append(record)
@@ -406,10 +407,11 @@ def reject_examples(shards: Store) -> str:
                                    if thumb else "")
                          + f"<code>{html.escape(str(r['key']))}</code> {html.escape(r['file'] or '')} line "
                          f"{r['line']}: {html.escape(r['reason'])}</li>")
-        rows.append(f'<div class="reason"><h3>{html.escape(reason)}: {counts[reason]}</h3><ul>{"".join(items)}</ul>'
-                    "</div>")
+        meaning = f" <small>({html.escape(CODES[reason])})</small>" if reason in CODES else ""
+        rows.append(f'<div class="reason"><h3><code>{html.escape(reason)}</code>: {counts[reason]}{meaning}</h3>'
+                    f'<ul>{"".join(items)}</ul></div>')
     body = "".join(rows) or "<p>no rejects</p>"
-    return f'<section id="rejects"><h2>Rejects by reason</h2>{body}</section>'
+    return f'<section id="rejects"><h2>Rejects by code</h2>{body}</section>'
 
 
 def _page(title: str, summary: str, plots: list[tuple[str, str]], sections: str = "") -> bytes:
@@ -454,7 +456,7 @@ def write_report(out: Store, run: Store | None = None) -> str:
     plots = [
         ("Samples per label", _bars(dict(sorted(labels.items())), "accepted samples per label")),
         ("Samples per modality", _bars(dict(modalities), "accepted samples per modality")),
-        ("Reject reasons", _bars(summary.rejected_by_reason or {"(none)": 0},
+        ("Rejects by code", _bars(summary.rejected_by_code or {"(none)": 0},
                                  f"rejected inputs: {summary.rejected}", horizontal=True)),
         ("Stage throughput", _bars(throughput, "throughput", horizontal=True)),
         *_embedding_plots(shards),

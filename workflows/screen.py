@@ -21,7 +21,7 @@ from rich.table import Table
 TOP_REASONS = 3
 
 
-OURS = ("preprocess", "features", "train", "workflows", "__main__")
+OURS = ("tessera", "__main__")
 
 
 class _Stderr(logging.StreamHandler):
@@ -34,13 +34,6 @@ class _Stderr(logging.StreamHandler):
     @stream.setter
     def stream(self, _) -> None:
         pass
-
-
-def local_logs() -> str | None:
-    """The folder of this process's driver log (setup_logging's), on this machine."""
-    handler = next((h for h in logging.getLogger().handlers if getattr(h, "tessera", False)
-                    and isinstance(h, logging.FileHandler)), None)
-    return str(Path(handler.baseFilename).parent) if handler else None
 
 
 def setup_logging(verbose: bool) -> Path:
@@ -110,7 +103,7 @@ def _prefix(summary: dict) -> str:
 
 
 def shard_text(s: dict) -> str:
-    reasons = sorted(s["rejected_by_reason"].items(), key=lambda kv: -kv[1])[:TOP_REASONS]
+    reasons = sorted(s["rejected_by_code"].items(), key=lambda kv: -kv[1])[:TOP_REASONS]
     top = "; ".join(f"{reason} x{n}" for reason, n in reasons)
     reasons_text = f" ({top})" if top else ""
     return (f"{_prefix(s)}{s['inputs']} inputs: {s['accepted']} accepted, {s['rejected']} rejected{reasons_text}"

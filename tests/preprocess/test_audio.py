@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from preprocess.audio import process_audio, wav_truncation
-from preprocess.config import AudioConfig
-from preprocess.reject import Reject
+from tessera.preprocess.audio import process_audio, wav_truncation
+from tessera.preprocess.config import AudioConfig
+from tessera.preprocess.reject import Reject
 from tests.conftest import DIRTY, MINI
 
 

@@ -5,15 +5,15 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
-from preprocess.config import ShardConfig
-from preprocess.stage import run_shard_stage
-from preprocess.storage import Store
-from tests.conftest import MINI, REPO, index_rows, reject_rows
+from tessera.core.storage import Store
+from tessera.preprocess.config import ShardConfig
+from tessera.preprocess.stage import run_shard_stage
+from tests.conftest import MINI, REPO, TESSERA, index_rows, reject_rows
 
 
 def write_parts(folder):
@@ -38,9 +38,10 @@ def write_parts(folder):
     (folder / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in c))
 
 
+@pytest.mark.slow
 def test_earliest_row_wins_across_shards_and_files_with_one_or_two_workers(ray_session, tmp_path):
     write_parts(tmp_path / "parts")
-    done = subprocess.run([sys.executable, "-m", "workflows", "shard", str(tmp_path / "parts"), str(tmp_path / "one"),
+    done = subprocess.run([*TESSERA, "shard", str(tmp_path / "parts"), str(tmp_path / "one"),
                            "--workers", "1", "--samples-per-shard", "4", "--no-progress"], cwd=REPO,
                           capture_output=True, text=True, env={**os.environ, "RAY_ADDRESS": ""})
     assert done.returncode == 0, done.stderr[-3000:]

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from preprocess.config import AugmentConfig, ImageConfig
-from preprocess.image import decode_image, process_image, resize_image, to_rgb8
-from preprocess.reject import Reject
-from preprocess.sample import sample_rng
+from tessera.preprocess.config import AugmentConfig, ImageConfig
+from tessera.preprocess.image import decode_image, process_image, resize_image, to_rgb8
+from tessera.preprocess.reject import Reject
+from tessera.preprocess.sample import sample_rng
 from tests.conftest import DIRTY, MINI
 
 

@@ -11,12 +11,12 @@ import threading
 import pytest
 from pydantic import ValidationError
 
-from preprocess.config import ShardConfig
-from preprocess.inputs import AllowedInputs
-from preprocess.manifest import LineReject, iter_manifest
-from preprocess.shard import fetch_batch
-from preprocess.stage import run_shard_stage
-from preprocess.storage import Store
+from tessera.core.storage import Store
+from tessera.preprocess.config import ShardConfig
+from tessera.preprocess.inputs import AllowedInputs
+from tessera.preprocess.manifest import LineReject, iter_manifest
+from tessera.preprocess.shard import fetch_batch
+from tessera.preprocess.stage import run_shard_stage
 from tests.conftest import MINI, reject_rows
 
 

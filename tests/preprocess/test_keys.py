@@ -1,4 +1,4 @@
-from preprocess.keys import MAX_KEY_CHARS, safe_key
+from tessera.preprocess.keys import MAX_KEY_CHARS, safe_key
 
 
 def test_safe_keys_pass_unchanged():

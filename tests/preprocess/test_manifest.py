@@ -5,9 +5,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from preprocess.config import ShardConfig
-from preprocess.manifest import LineReject, ManifestSource, chunks, iter_manifest, read_chunk
-from preprocess.storage import Store
+from tessera.core.storage import Store
+from tessera.preprocess.config import ShardConfig
+from tessera.preprocess.manifest import LineReject, ManifestSource, chunks, iter_manifest, read_chunk
 from tests.conftest import LABELS, MINI
 
 LOCAL = Store("/")  # reaches every local path
@@ -49,6 +49,9 @@ def test_row_checks(tmp_path):
     assert [r.key for r in rows] == ["a", "e"]
     assert rows[0].metadata == {"source": "crawl-7"}
     assert rows[1].files["image"] == str(tmp_path / "img" / "e.jpg")
+    assert {r.line: r.code for r in rejects} == {2: "key.missing", 3: "sample.no_modality", 4: "label.wrong_type",
+                                                 5: "text.wrong_type", 6: "manifest.not_object",
+                                                 7: "manifest.not_json", 9: "key.missing"}
     got = {r.line: (r.key, r.modality, r.reason) for r in rejects}
     assert got[2][2].startswith("key is missing")
     assert got[3] == ("b", None, "sample has no modality")
@@ -97,9 +100,8 @@ def test_manifest_from_other_fsspec_urls(tmp_path, prefix):
 
 
 def test_jsonl_chunks_cut_at_line_boundaries_and_keep_line_numbers(tmp_path, monkeypatch):
-    import preprocess.manifest
 
-    monkeypatch.setattr(preprocess.manifest, "SCAN_BLOCK", 64)  # many blocks: cuts fall inside and across them
+    monkeypatch.setattr("tessera.preprocess.manifest.SCAN_BLOCK", 64)  # many blocks: cuts fall inside and across them
     lines = [json.dumps({"key": f"k{i}", "text": "x" * (i % 7)}) for i in range(1, 41)]
     lines[9] = ""  # a blank line is a line (numbering follows the file) but not a row
     path = tmp_path / "m.jsonl"
@@ -157,6 +159,8 @@ def test_hostile_lines_are_rejects_of_their_own_line(tmp_path):
     manifest = write_jsonl(tmp_path / "m.jsonl", [good[0], *HOSTILE.values(), good[1]])
     rows, rejects = read_manifest(manifest, ShardConfig())
     assert [r.key for r in rows] == ["a", "pair"]
+    assert {r.line: r.code for r in rejects} == {2: "manifest.too_deep", 3: "manifest.number_too_long",
+                                                 4: "manifest.lone_surrogate", 5: "manifest.lone_surrogate"}
     reasons = {r.line: r.reason for r in rejects}
     assert reasons == {2: "manifest line is nested too deeply",
                        3: "manifest line holds an integer of 5000 digits, over 4300",

@@ -4,14 +4,15 @@ import io
 import json
 import tarfile
 
+import pytest
 import s3fs
 
-from features.config import EmbedConfig
-from features.stage import run_embed_stage
-from preprocess.config import ShardConfig
-from preprocess.layout import committed_shards, read_index
-from preprocess.stage import run_shard_stage
-from preprocess.storage import Store
+from tessera.core.storage import Store
+from tessera.features.config import EmbedConfig
+from tessera.features.stage import run_embed_stage
+from tessera.preprocess.config import ShardConfig
+from tessera.preprocess.layout import committed_shards, read_index
+from tessera.preprocess.stage import run_shard_stage
 from tests.conftest import LABELS, REPO
 
 SAMPLE = REPO / "workflows" / "sample_corpus"
@@ -38,6 +39,7 @@ def test_shard_from_s3_to_s3(ray_session, s3_options):
     assert again.resumed_shards == 3 and again.up_to_date
 
 
+@pytest.mark.slow
 def test_a_flaky_store_costs_retries_never_data(ray_session, s3_options, flaky_s3):
     """The store is out for 4 s of every 6 (each request answered 503 SlowDown, or its
     connection dropped) while the shard and embedding stages run: the same shards, index,

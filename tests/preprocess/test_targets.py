@@ -7,9 +7,9 @@ import tarfile
 import pytest
 from pydantic import ValidationError
 
-from preprocess.config import ShardConfig
-from preprocess.stage import run_shard_stage
-from preprocess.storage import Store
+from tessera.core.storage import Store
+from tessera.preprocess.config import ShardConfig
+from tessera.preprocess.stage import run_shard_stage
 from tests.conftest import index_rows, reject_rows
 
 TARGETS = [{"field": "sentiment", "kind": "classification", "labels": ["negative", "positive"]},

@@ -1,8 +1,8 @@
 import pytest
 
-from preprocess.config import TextConfig
-from preprocess.reject import Reject
-from preprocess.text import decode_text, normalize_text
+from tessera.preprocess.config import TextConfig
+from tessera.preprocess.reject import Reject
+from tessera.preprocess.text import decode_text, normalize_text
 from tests.conftest import DIRTY
 
 

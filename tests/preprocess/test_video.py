@@ -4,9 +4,9 @@ import av
 import numpy as np
 import pytest
 
-from preprocess.config import VideoConfig
-from preprocess.reject import Reject
-from preprocess.video import decode_frames, process_video
+from tessera.preprocess.config import VideoConfig
+from tessera.preprocess.reject import Reject
+from tessera.preprocess.video import decode_frames, process_video
 from tests.conftest import MINI
 
 

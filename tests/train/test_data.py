@@ -7,9 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from preprocess.storage import Store
+from tessera.core.storage import Store
+from tessera.train.data import DatasetInfo, StreamSpec, loader, split_of
 from tests.conftest import index_rows
-from train.data import DatasetInfo, StreamSpec, loader, split_of
 
 
 def spec_for(info, rank, world=2, workers=2, batch=4, split="train", seed=0, image=None):
@@ -82,10 +82,10 @@ def test_one_stream_spans_epochs_from_a_resumed_position(embedded_mini):
 def two_versions(ray_session, tmp_path_factory):
     """Two embedded shard folders as a refresh leaves them: rows 0-11, then rows 8-19 with
     row 9's caption changed (rows 8-11 appear in both)."""
-    from features.config import EmbedConfig
-    from features.stage import run_embed_stage
-    from preprocess.config import ShardConfig
-    from preprocess.stage import run_shard_stage
+    from tessera.features.config import EmbedConfig
+    from tessera.features.stage import run_embed_stage
+    from tessera.preprocess.config import ShardConfig
+    from tessera.preprocess.stage import run_shard_stage
     from tests.conftest import LABELS, MINI, mini_manifest_lines
 
     newer = mini_manifest_lines(20, start=8)
@@ -146,14 +146,13 @@ def _sidecar_of(shards, key) -> str:
 def test_dataset_counts_come_from_one_query_with_no_python_per_row(embedded_mini, monkeypatch):
     """DatasetInfo counts samples per shard and split in DuckDB (the split by the same key hash
     as split_of): the driver runs no Python per row."""
-    import train.data
 
     reference = Counter((r["shard"], split_of(r["key"], 0.2)) for r in index_rows(embedded_mini))
 
     def per_row(*args):
         raise AssertionError("split_of called on the driver")
 
-    monkeypatch.setattr(train.data, "split_of", per_row)
+    monkeypatch.setattr("tessera.train.data.split_of", per_row)
     info = DatasetInfo.read(Store(str(embedded_mini)), ("text",), 0.2)
     counted = {(name, split): int(info.per_shard[n, i]) for n, (_, name) in enumerate(info.shards)
                for i, split in enumerate(("train", "val"))}

@@ -7,14 +7,16 @@ import json
 import numpy as np
 import pytest
 
-from preprocess.layout import OutputConflict
-from preprocess.storage import Store
+from tessera.core.errors import OutputConflict
+from tessera.core.storage import Store
+from tessera.train.config import ExportConfig, ModelConfig, TrainConfig
+from tessera.train.export import export_run
+from tessera.train.saved import teacher_for
+from tessera.train.stage import run_train_stage
+from tessera.train.tasks import Task
 from tests.conftest import LABELS, MINI
-from train.config import ExportConfig, ModelConfig, TrainConfig
-from train.export import export_run
-from train.saved import teacher_for
-from train.stage import run_train_stage
-from train.tasks import Task
+
+pytestmark = pytest.mark.slow  # (see README: the test tiers)
 
 PREFIXES = ("", "Perhaps ", "Clearly ", "In this picture, ", "Seen closely, ", "At a glance, ")
 COMMON = dict(workers=2, micro_batch_size=16, loader_workers=0, val_fraction=0.25, warmup_steps=2,
@@ -35,10 +37,10 @@ def captions_corpus(path, n: int, seed: int = 0) -> None:
 
 @pytest.fixture(scope="module")
 def embedded_captions(ray_session, tmp_path_factory):
-    from features.config import EmbedConfig
-    from features.stage import run_embed_stage
-    from preprocess.config import ShardConfig
-    from preprocess.stage import run_shard_stage
+    from tessera.features.config import EmbedConfig
+    from tessera.features.stage import run_embed_stage
+    from tessera.preprocess.config import ShardConfig
+    from tessera.preprocess.stage import run_shard_stage
 
     folder = tmp_path_factory.mktemp("captions")
     captions_corpus(folder / "manifest.jsonl", 240)
@@ -60,7 +62,7 @@ def test_a_quarter_size_student_keeps_the_teachers_accuracy_and_agrees_with_it(e
     assert summary.distilled_from == str(teacher)
 
     result = export_run(Store(str(student)), Store(str(tmp_path / "export")), ExportConfig())
-    report = result["distillation"]
+    report = result.distillation
     big, small = report["teacher"], report["student"]
     print(json.dumps(report, indent=1))
     assert json.loads((tmp_path / "export" / "export.json").read_text())["distillation"] == \

@@ -7,10 +7,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from preprocess.storage import Store
+from tessera.core.storage import Store
+from tessera.train.evaluate import Metrics, evaluate_run, task_metrics
+from tessera.train.tasks import Task
 from tests.conftest import LABELS
-from train.evaluate import Metrics, evaluate_run, task_metrics
-from train.tasks import Task
 
 
 def classification_metrics(labels, probs, names):
@@ -90,13 +90,13 @@ def test_regression_metrics_of_a_small_hand_worked_example():
 
 def test_evaluating_a_mini_run_gives_each_task_the_metrics_of_its_kind(trained_mini, embedded_mini):
     result = evaluate_run(Store(str(trained_mini)), [Store(str(embedded_mini))])
-    val = result["sets"]["val"]
+    val = result.sets["val"]
     rows = pq.read_table(trained_mini / "eval-predictions.parquet").to_pylist()
     mine = [r for r in rows if r["set"] == "val"]
     per_task = {t: [r for r in mine if r["task"] == t and r["target"] is not None] for t in val["tasks"]}
     assert val["samples"] == len({r["key"] for r in mine}) == \
         json.loads((trained_mini / "train-summary.json").read_text())["val_samples"]
-    assert [t["name"] for t in result["tasks"]] == ["label", "has_audio", "media", "words"]
+    assert [t["name"] for t in result.tasks] == ["label", "has_audio", "media", "words"]
     # classification: the confusion matrix counted from the predictions
     label = val["tasks"]["label"]
     pairs = Counter((r["target"], r["predicted"]) for r in per_task["label"])
@@ -124,6 +124,6 @@ def test_evaluating_a_mini_run_gives_each_task_the_metrics_of_its_kind(trained_m
         assert masked["accuracy_drop"] == pytest.approx(label["accuracy"] - masked["accuracy"]), modality
     for modality, masked in val["tasks"]["words"]["ablation"].items():  # an error that grows is a drop
         assert masked["mae_drop"] == pytest.approx(masked["mae"] - val["tasks"]["words"]["mae"]), modality
-    every = result["sets"][f"shards:{embedded_mini}"]
+    every = result.sets[f"shards:{embedded_mini}"]
     assert every["samples"] == 43  # every sample of the other shard folder has a target
-    assert json.loads((trained_mini / "eval.json").read_text()) == json.loads(json.dumps(result))
+    assert json.loads((trained_mini / "eval.json").read_text()) == json.loads(json.dumps(result.to_json()))

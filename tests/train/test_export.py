@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from preprocess.storage import Store
-from train.config import ExportConfig
-from train.evaluate import data_for, eager_scorer, eval_batches, trained_on, without
-from train.export import export_run, pruned
-from train.inputs import onnx_scorer
-from train.saved import load_model, read_saved
+from tessera.core.storage import Store
+from tessera.train.config import ExportConfig
+from tessera.train.evaluate import data_for, eager_scorer, eval_batches, trained_on, without
+from tessera.train.export import export_run, pruned
+from tessera.train.inputs import onnx_scorer
+from tessera.train.saved import load_model, read_saved
 
 # 18 validation samples: one changed prediction moves accuracy by 0.056
 TOLERANCE = 0.06
@@ -28,12 +28,12 @@ def exported(trained_mini, tmp_path_factory):
 
 def test_every_variant_is_written_with_its_size_and_metrics(exported):
     out, result = exported
-    assert json.loads((out / "export.json").read_text()) == json.loads(json.dumps(result))
+    assert json.loads((out / "export.json").read_text()) == json.loads(json.dumps(result.to_json()))
     for name in ("model.safetensors", "model.json", "preprocess.json", "model.onnx", "model-int8.onnx",
                  "model-pruned.onnx"):
         assert (out / name).stat().st_size > 0, name
-    fp32, int8 = result["variants"]["fp32"], result["variants"]["int8"]
-    accuracy = {n: v["tasks"]["label"]["accuracy"] for n, v in result["variants"].items()}
+    fp32, int8 = result.variants["fp32"], result.variants["int8"]
+    accuracy = {n: v["tasks"]["label"]["accuracy"] for n, v in result.variants.items()}
     print(f"int8 size ratio {int8['size_ratio_vs_fp32']}: {fp32['bytes']} -> {int8['bytes']} bytes; "
           f"val accuracy {accuracy}")
     assert int8["bytes"] < fp32["bytes"] / 2.5

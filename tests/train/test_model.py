@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from train.config import ModelConfig
-from train.losses import TaskLoss
-from train.model import MultimodalModel, contrastive_loss
-from train.tasks import Task
+from tessera.train.config import ModelConfig
+from tessera.train.losses import TaskLoss
+from tessera.train.model import MultimodalModel, contrastive_loss
+from tessera.train.tasks import Task
 
 DIMS = {"text": 6, "image": 5, "audio": 4}
 TASKS = (Task("label", "label", "classification", ("a", "b", "c")),)

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from preprocess.storage import Store
-from train.layout import LATEST, METRICS
-from train.run_store import Checkpoints, MetricsLog, scratch_for, tag_of
+from tessera.core.storage import Store
+from tessera.train.layout import LATEST, METRICS
+from tessera.train.run_store import Checkpoints, MetricsLog, scratch_for, tag_of
 
 
 @pytest.mark.parametrize("tag", ["../../etc", "step-0000001/../../x", "/abs/path", "latest", ""])

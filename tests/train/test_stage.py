@@ -5,22 +5,21 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from preprocess.layout import OutputConflict
-from preprocess.lease import Lease, LeaseConfig
-from preprocess.storage import Store
-from tests.conftest import MINI_TASKS, REPO
-from train.config import ModelConfig, TrainConfig
-from train.layout import TrainSummary
-from train.model import MultimodalModel
-from train.saved import load_model, read_saved
-from train.stage import run_train_stage
+from tessera.core.errors import OutputConflict
+from tessera.core.lease import Lease, LeaseConfig
+from tessera.core.storage import Store
+from tessera.train.config import ModelConfig, TrainConfig
+from tessera.train.layout import TrainSummary
+from tessera.train.model import MultimodalModel
+from tessera.train.saved import load_model, read_saved
+from tessera.train.stage import run_train_stage
+from tests.conftest import MINI_TASKS, REPO, TESSERA
 
 BASE = {"workers": 2, "micro_batch_size": 4, "epochs": 4, "checkpoint_every": 6, "loader_workers": 2,
         "warmup_steps": 2, "lr": 3e-3}
@@ -53,6 +52,7 @@ def zero2_run(embedded_mini, tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_zero2_data_parallel_reduces_the_loss_and_exports(zero2_run):
     assert_learns(zero2_run)
     summary = TrainSummary.read(Store(str(zero2_run)))
@@ -65,6 +65,7 @@ def test_zero2_data_parallel_reduces_the_loss_and_exports(zero2_run):
     assert all(t.dtype == torch.float32 for t in model.state_dict().values())
 
 
+@pytest.mark.slow
 def test_training_can_start_from_an_earlier_runs_weights(zero2_run, embedded_mini, tmp_path):
     cold = json.loads((zero2_run / "train-summary.json").read_text())
     warm = run_train_stage(Store(str(embedded_mini)), Store(str(tmp_path)),
@@ -74,6 +75,7 @@ def test_training_can_start_from_an_earlier_runs_weights(zero2_run, embedded_min
     assert warm.first_loss < 0.5 * cold["first_loss"], (warm.first_loss, cold["first_loss"])
 
 
+@pytest.mark.slow
 def test_starting_from_weights_of_another_model_shape_is_refused(zero2_run, embedded_mini, tmp_path):
     other = TrainConfig(init_from=str(zero2_run), model=ModelConfig(hidden=64), **BASE)
     with pytest.raises(OutputConflict, match="its model differ"):
@@ -90,6 +92,7 @@ def task_losses(run: Path) -> dict[str, list[float]]:
     return {task: [r["task_loss"][task] for r in steps] for task in steps[0]["task_loss"]}
 
 
+@pytest.mark.slow
 def test_pipeline_two_stages_trains_every_task_head(embedded_mini, tmp_path):
     summary = run_train_stage(Store(str(embedded_mini)), Store(str(tmp_path)),
                               TrainConfig(parallel="pipeline", zero_stage=0, tasks=MINI_TASKS, **BASE))
@@ -106,6 +109,7 @@ def test_pipeline_two_stages_trains_every_task_head(embedded_mini, tmp_path):
     assert [t.name for t in model.tasks] == ["label", "has_audio", "media", "words"]
 
 
+@pytest.mark.slow
 def test_zero3_runs_and_checkpoints(embedded_mini, tmp_path):
     cfg = TrainConfig(zero_stage=3, **{**BASE, "epochs": 1, "checkpoint_every": 3})
     summary = run_train_stage(Store(str(embedded_mini)), Store(str(tmp_path)), cfg)
@@ -115,11 +119,12 @@ def test_zero3_runs_and_checkpoints(embedded_mini, tmp_path):
     exported_model(tmp_path)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_with_the_same_losses(embedded_mini, zero2_run, tmp_path):
     run = tmp_path / "run"
     config = tmp_path / "train.yaml"
     config.write_text(json.dumps({"runtime": {"workers": 2}, "train": {"zero_stage": 2, **BASE}}))
-    cmd = [sys.executable, "-m", "workflows", "train", str(embedded_mini), "--run-dir", str(run),
+    cmd = [*TESSERA, "train", str(embedded_mini), "--run-dir", str(run),
            "--config", str(config), "--no-progress"]
     proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -152,7 +157,7 @@ def _worker_dying_in_second_save(rank: int, world: int, port: int, job) -> None:
     import torch.distributed as dist
     from deepspeed.runtime.engine import DeepSpeedEngine
 
-    from train.loop import run_worker
+    from tessera.train.loop import run_worker
 
     save_zero = DeepSpeedEngine._save_zero_checkpoint
 
@@ -166,11 +171,12 @@ def _worker_dying_in_second_save(rank: int, world: int, port: int, job) -> None:
     run_worker(job, rank, world)
 
 
+@pytest.mark.slow
 def test_rank_killed_during_save_leaves_latest_at_the_previous_checkpoint(embedded_mini, tmp_path):
     import torch.multiprocessing as mp
 
-    from train.data import DatasetInfo
-    from train.loop import TrainJob
+    from tessera.train.data import DatasetInfo
+    from tessera.train.loop import TrainJob
 
     cfg = TrainConfig(zero_stage=2, **{**BASE, "max_steps": 6, "checkpoint_every": 2, "loader_workers": 0})
     run = Store(str(tmp_path))
@@ -192,6 +198,7 @@ def test_rank_killed_during_save_leaves_latest_at_the_previous_checkpoint(embedd
     assert (ckpt / "step-0000004").is_dir()  # written in part, never pointed at
 
 
+@pytest.mark.slow
 def test_checkpoints_go_to_their_own_store(embedded_mini, tmp_path, s3_options):
     """train.checkpoint_url apart from the run folder (resuming from a store on nodes without
     the files: tests/train/test_run_store.py and the private-disk cluster test)."""

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from train.config import ModelConfig, TrainConfig
-from train.data import resolve_tasks
-from train.losses import Distillation, TaskLoss, split_outputs
-from train.model import MultimodalModel
-from train.tasks import Task, pack_targets
+from tessera.train.config import ModelConfig, TrainConfig
+from tessera.train.data import resolve_tasks
+from tessera.train.losses import Distillation, TaskLoss, split_outputs
+from tessera.train.model import MultimodalModel
+from tessera.train.tasks import Task, pack_targets
 
 TASKS = (Task("label", "label", "classification", ("a", "b", "c")),
          Task("tags", "tags", "multilabel", ("x", "y")),

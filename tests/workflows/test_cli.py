@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from tests.conftest import REPO
-from workflows.cli import EXIT_CONFIG, EXIT_CONFLICT, EXIT_NO_INPUT, EXIT_NO_SPACE, main
+from tessera.workflows.cli import EXIT_CONFIG, EXIT_CONFLICT, EXIT_NO_INPUT, EXIT_NO_SPACE, main
+from tests.conftest import REPO, TESSERA
 
 SAMPLE = str(REPO / "workflows" / "sample_corpus" / "manifest.jsonl")
 
@@ -20,12 +20,12 @@ def test_shard_command_prints_counts(ray_session, tmp_path, capsys):
     counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert counts["inputs"] == 17 and counts["accepted"] == 16 and counts["shards"] == 3
     # the demo config drops near copies: moon-silent shows moon's picture again
-    assert json.loads((tmp_path / "summary.json").read_text())["rejected_by_reason"] == {"image: near-duplicate": 1}
+    assert json.loads((tmp_path / "summary.json").read_text())["rejected_by_code"] == {"dedup.near_duplicate": 1}
     code = main(["shard", SAMPLE, str(tmp_path), "--config", str(REPO / "configs" / "demo.yaml"),
                  "--seed", "5", "--no-progress"])
     assert code == EXIT_CONFLICT and "fields changed: seed" in capsys.readouterr().err
     # ... found before any Ray: a driver pointed at no cluster at all still says so
-    done = subprocess.run([sys.executable, "-m", "workflows", "shard", SAMPLE, str(tmp_path), "--config",
+    done = subprocess.run([*TESSERA, "shard", SAMPLE, str(tmp_path), "--config",
                            str(REPO / "configs" / "demo.yaml"), "--seed", "5", "--address", "127.0.0.1:9"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == EXIT_CONFLICT and "fields changed: seed" in done.stderr
@@ -37,7 +37,7 @@ def test_shard_command_prints_counts(ray_session, tmp_path, capsys):
     assert status["stages"]["shard"] == {**status["stages"]["shard"], "complete": True, "up_to_date": True}
     assert status["stages"]["embed"]["complete"] is False
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\nfrom preprocess.lease import Lease, LeaseConfig\nfrom preprocess.storage import Store\n"
+        "import sys, time\nfrom tessera.core.lease import Lease, LeaseConfig\nfrom tessera.core.storage import Store\n"
         f"with Lease(Store({str(tmp_path)!r}), LeaseConfig(), 'tessera embed'):\n"
         "    print('held', flush=True)\n    time.sleep(120)\n")], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
@@ -76,8 +76,9 @@ def test_inputs_that_are_not_there_or_not_what_a_command_reads_say_what_they_are
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_export_says_what_it_wrote_without_onnxruntime_chatter(trained_mini, tmp_path):
-    done = subprocess.run([sys.executable, "-m", "workflows", "export", str(trained_mini), str(tmp_path / "model"),
+    done = subprocess.run([*TESSERA, "export", str(trained_mini), str(tmp_path / "model"),
                            "--set", "export.prune_sparsity=0.5"], cwd=REPO, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr
@@ -97,7 +98,7 @@ def test_a_full_disk_is_one_line_no_retries_lease_released_nothing_half_written(
     says the same; once space is freed the re-run resumes to the bytes of a run on a roomy disk."""
     out, kept = tmp_path / "out", tmp_path / "kept"
     out.mkdir()
-    tessera = f"{sys.executable} -m workflows shard {SAMPLE} {out} --samples-per-shard 4 --workers 1 --no-progress"
+    tessera = f"{' '.join(TESSERA)} shard {SAMPLE} {out} --samples-per-shard 4 --workers 1 --no-progress"
     script = f"""
         mount -t tmpfs -o size=2m tessera-full {out} || exit 99
         head -c 1400000 /dev/zero >{out}/filler
@@ -146,7 +147,7 @@ def test_sigterm_and_ctrl_c_stop_cleanly_and_a_rerun_resumes(tmp_path):
     rows = [json.loads(line) for line in mini_manifest_lines(None)]
     copies = [{**row, "key": f"{row['key']}-{i}"} for i in range(3) for row in rows]
     manifest.write_text("".join(json.dumps(row) + "\n" for row in copies))
-    command = [sys.executable, "-m", "workflows", "shard", str(manifest), str(out), "--samples-per-shard", "4",
+    command = [*TESSERA, "shard", str(manifest), str(out), "--samples-per-shard", "4",
                "--workers", "1", "--no-progress", "--set", f"shard.inputs.allow={json.dumps([str(MINI)])}"]
     env = {**os.environ, "RAY_ADDRESS": ""}
     for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
@@ -166,3 +167,14 @@ def test_sigterm_and_ctrl_c_stop_cleanly_and_a_rerun_resumes(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_shards"] >= 2 and summary["inputs"] == 3 * len(rows)
+
+
+def test_only_the_tessera_namespace_is_installed(tmp_path):
+    """The folders install as tessera.*: outside the repository no top-level `train`,
+    `features`, `preprocess`, `workflows` or `core` can be imported (a user's own would be)."""
+    for name in ("train", "features", "preprocess", "workflows", "core"):
+        done = subprocess.run([sys.executable, "-c", f"import {name}"], cwd=tmp_path, capture_output=True, text=True)
+        assert done.returncode != 0 and f"No module named '{name}'" in done.stderr, name
+    done = subprocess.run([sys.executable, "-c", "import tessera.train, tessera.core.engine; print('ok')"],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert done.stdout.strip() == "ok", done.stderr

@@ -10,12 +10,12 @@ import json
 import pytest
 import s3fs
 
-from preprocess.storage import Store
+from tessera.core.storage import Store
+from tessera.train.data import DatasetInfo, StreamSpec, loader
+from tessera.train.layout import SUPERSEDED
+from tessera.workflows.config import load_config
+from tessera.workflows.refresh import run_refresh
 from tests.conftest import LABELS
-from train.data import DatasetInfo, StreamSpec, loader
-from train.layout import SUPERSEDED
-from workflows.config import load_config
-from workflows.refresh import run_refresh
 
 CAPTIONS = [
     "a red fox crosses a snowy meadow at dawn", "three sailboats race past a white lighthouse",
@@ -80,19 +80,19 @@ def test_refresh_curation_and_training_over_versions_agree_on_the_live_rows(ray_
         return run_refresh(cfg, cfg.runtime.store(url))
 
     first = refresh(1)
-    assert first["train"].train_samples + first["train"].val_samples == 24
+    assert first.chain.train.train_samples + first.chain.train.val_samples == 24
     second = refresh(2)
-    assert (second["changed"], second["removed"]) == (1, 1)
-    assert second["curate"].semantic_duplicates == {"text": 1}  # the changed key's new copy
+    assert (second.changed, second.removed) == (1, 1)
+    assert second.chain.curate.semantic_duplicates == {"text": 1}  # the changed key's new copy
     out = Store(url, options)
     live = 24 - 2  # less the removed key, and the changed one whose newest copy curation dropped
-    trained = second["train"]
+    trained = second.chain.train
     assert trained.train_samples + trained.val_samples == live
 
     # what the trainer counted is what its loaders yield: each live key once, through forked workers
     folders = [out.child("versions", v) for v in ("v000001", "v000002")]
     info = DatasetInfo.read(folders, ("text",), 0.25, superseded=out.child("versions", "v000002", "train", SUPERSEDED))
-    assert (info.counts["train"], info.counts["val"]) == (trained.train_samples, trained.val_samples)
+    assert (info.counts.chain.train, info.counts["val"]) == (trained.train_samples, trained.val_samples)
     seen = []
     for split in ("train", "val"):
         spec = StreamSpec(info, split, 0.25, 4, 4, 0, None, loader_workers=2)

@@ -1,8 +1,9 @@
 import pytest
 
-from preprocess.config import ShardConfig
+from tessera.core.errors import ConfigError
+from tessera.preprocess.config import ShardConfig
+from tessera.workflows.config import TesseraConfig, load_config
 from tests.conftest import REPO
-from workflows.config import ConfigError, TesseraConfig, load_config
 
 
 def test_checked_in_configs_validate():
@@ -57,7 +58,7 @@ BOMB = "\n".join(['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"
 
 
 def test_an_alias_bomb_is_refused_at_once_with_a_short_message(tmp_path, capsys):
-    from workflows.cli import main
+    from tessera.workflows.cli import main
 
     (tmp_path / "bomb.yaml").write_text(BOMB)  # 9 levels of 9 aliases: 9**9 strings once followed
     with pytest.raises(ConfigError, match=r"expands to 926,177,117 values \(YAML aliases followed\)"):
@@ -91,7 +92,7 @@ def test_a_heartbeat_that_does_not_renew_within_the_ttl_is_refused():
 
 
 def test_a_config_that_is_not_utf8_or_an_override_that_is_not_yaml_exits_2(tmp_path, capsys):
-    from workflows.cli import main
+    from tessera.workflows.cli import main
 
     (tmp_path / "latin1.yaml").write_bytes("shard:\n  labels: [caf\xe9]\n".encode("latin-1"))
     assert main(["status", str(tmp_path), "--config", str(tmp_path / "latin1.yaml")]) == 2

@@ -4,20 +4,22 @@ stage that wrote them writes them again (the tar byte for byte, the sidecar from
 
 import pytest
 
-from features.config import EmbedConfig
-from features.stage import run_embed_stage
-from preprocess.config import ShardConfig
-from preprocess.layout import DamagedOutput, read_sizes
-from preprocess.stage import run_shard_stage
-from preprocess.storage import Store
+from tessera.core.errors import DamagedOutput
+from tessera.core.storage import Store
+from tessera.features.config import EmbedConfig
+from tessera.features.stage import run_embed_stage
+from tessera.preprocess.config import ShardConfig
+from tessera.preprocess.layout import read_sizes
+from tessera.preprocess.stage import run_shard_stage
+from tessera.train.data import DatasetInfo
+from tessera.workflows.status import folder_status
 from tests.conftest import LABELS, REPO
-from train.data import DatasetInfo
-from workflows.status import folder_status
 
 SAMPLE = REPO / "workflows" / "sample_corpus" / "manifest.jsonl"
 TEXT_ONLY = EmbedConfig(image=None, audio=None, video=None, cpus_per_actor=1)
 
 
+@pytest.mark.slow
 def test_damaged_files_are_found_refused_and_written_again(ray_session, tmp_path):
     out = Store(str(tmp_path / "out"))
     cfg = ShardConfig(labels=LABELS, samples_per_shard=4)

@@ -10,12 +10,12 @@ import soundfile as sf
 import webdataset as wds
 from PIL import Image
 
-from preprocess.config import ShardConfig
-from preprocess.stage import run_shard_stage
-from preprocess.storage import Store
-from preprocess.video import decode_frames
+from tessera.core.storage import Store
+from tessera.preprocess.config import ShardConfig
+from tessera.preprocess.stage import run_shard_stage
+from tessera.preprocess.video import decode_frames
+from tessera.workflows.dataset import open_dataset, shard_folders
 from tests.conftest import DIRTY, LABELS, MINI, index_rows
-from workflows.dataset import open_dataset, shard_folders
 
 MANIFEST = {row["key"]: row for row in map(json.loads, (MINI / "manifest.jsonl").open())}
 

@@ -6,9 +6,13 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from preprocess.storage import Store
-from workflows.config import load_config
-from workflows.jobs import bundled_manifest, run_pipeline
+import pytest
+
+from tessera.core.storage import Store
+from tessera.workflows.config import load_config
+from tessera.workflows.jobs import bundled_manifest, run_pipeline
+
+pytestmark = pytest.mark.slow  # (see README: the test tiers)
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # .ci/run installs Debian's chromium
 
@@ -43,7 +47,7 @@ def test_run_chains_the_stages_and_skips_what_is_up_to_date(ray_session, tmp_pat
     widths = [int(w) for w in re.findall(r'data-loaded="(\d+)"', dom)]
     titles = re.findall(r"<figcaption>([^<]+)</figcaption>", dom)
     assert len(widths) == len(titles) == 12 and min(widths) > 100, (widths, titles)
-    assert {"Samples per label", "Reject reasons", "Stage throughput", "Text embeddings projected to 2-D",
+    assert {"Samples per label", "Rejects by code", "Stage throughput", "Text embeddings projected to 2-D",
             "Training", "label: confusion matrix", "label: ROC curves", "label: modality ablation",
             # curation: moon and moon-silent side by side, the similarity histogram with eps drawn
             "Image near-duplicates", "text: highest within-cluster cosine"} <= set(titles)

@@ -21,14 +21,16 @@ import numpy as np
 import psutil
 import pytest
 
-from features.layout import read_sidecar
-from preprocess.layout import MARKER
-from preprocess.storage import Store
-from tests.conftest import LABELS, MINI, REPO, free_port, terminated
-from train.config import ExportConfig
-from train.export import export_run
-from workflows.jobs import bundled_manifest
-from workflows.predict import Predictor, predict_inputs
+from tessera.core.storage import Store
+from tessera.features.layout import read_sidecar
+from tessera.preprocess.layout import MARKER
+from tessera.train.config import ExportConfig
+from tessera.train.export import export_run
+from tessera.workflows.jobs import bundled_manifest
+from tessera.workflows.predict import Predictor, predict_inputs
+from tests.conftest import LABELS, MINI, REPO, TESSERA, free_port, terminated
+
+pytestmark = pytest.mark.slow  # (see README: the test tiers)
 
 RAY = str(Path(sys.executable).parent / "ray")
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # a loopback test cluster; no token to hand around
@@ -132,7 +134,7 @@ def tessera(cluster: LoopbackCluster, *args: str) -> subprocess.Popen:
     """A `tessera` driver on the head's machine, its scratch in the folder the nodes cannot see."""
     scratch = cluster.private / "driver"
     scratch.mkdir(exist_ok=True)
-    return subprocess.Popen([sys.executable, "-m", "workflows", *args, "--address", cluster.address,
+    return subprocess.Popen([*TESSERA, *args, "--address", cluster.address,
                              "--no-progress"], cwd=REPO, env={**ENV, "TMPDIR": str(scratch)},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -216,10 +218,10 @@ EMBED = {"actors": 2, "cpus_per_actor": 1, "audio": None, "video": None}
 @pytest.fixture(scope="module")
 def calm_run(ray_session, tmp_path_factory) -> tuple[dict, dict]:
     """The run's shards and sidecars made on this machine's disk, with no fault of any kind."""
-    from features.config import EmbedConfig
-    from features.stage import run_embed_stage
-    from preprocess.config import ShardConfig
-    from preprocess.stage import run_shard_stage
+    from tessera.features.config import EmbedConfig
+    from tessera.features.stage import run_embed_stage
+    from tessera.preprocess.config import ShardConfig
+    from tessera.preprocess.stage import run_shard_stage
 
     out = Store(str(tmp_path_factory.mktemp("calm")))
     run_shard_stage(str(MINI / "manifest.jsonl"), out, ShardConfig(**SHARD), progress=False)

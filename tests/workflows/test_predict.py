@@ -6,11 +6,11 @@ import shutil
 import subprocess
 import sys
 
-from preprocess.config import ShardConfig
-from preprocess.stage import run_shard_stage
-from preprocess.storage import Store
-from tests.conftest import DIRTY, MINI, REPO, mini_manifest_lines, reject_rows
-from workflows.predict import Predictor, predict_inputs
+from tessera.core.storage import Store
+from tessera.preprocess.config import ShardConfig
+from tessera.preprocess.stage import run_shard_stage
+from tessera.workflows.predict import Predictor, predict_inputs
+from tests.conftest import DIRTY, MINI, REPO, TESSERA, mini_manifest_lines, reject_rows
 
 
 def assert_same_probabilities(records, evaluated, tolerance=1e-4):
@@ -80,7 +80,7 @@ def test_cli_predict_writes_one_json_line_per_input(exported_mini, tmp_path):
     shutil.copy(MINI / "images" / "brick.png", tmp_path / "other.png")
     (tmp_path / "notes.xyz").write_text("?")
     out = tmp_path / "predictions.jsonl"
-    done = subprocess.run([sys.executable, "-m", "workflows", "predict", str(model), str(tmp_path / f"{key}.txt"),
+    done = subprocess.run([*TESSERA, "predict", str(model), str(tmp_path / f"{key}.txt"),
                            str(tmp_path / "other.png"), str(tmp_path / "notes.xyz"), "--out", str(out),
                            "--variant", "int8"], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -96,7 +96,7 @@ def test_the_onnx_bundle_predicts_what_the_torch_encoders_do_without_importing_t
     manifest = tmp_path / "new.jsonl"
     manifest.write_text("\n".join(line for line in mini_manifest_lines(43) if json.loads(line)["key"] in evaluated))
     blocked = ("import sys; sys.modules['torch'] = None  # any `import torch` now raises ImportError\n"
-               "from workflows.cli import main\n"
+               "from tessera.workflows.cli import main\n"
                "code = main(sys.argv[1:])\n"
                "assert not any(m == 'torch' or m.startswith('torch.') for m in sys.modules if sys.modules[m])\n"
                "sys.exit(code)\n")

@@ -13,14 +13,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from preprocess.lease import LEASE, LeaseHeld
-from preprocess.storage import Store
-from tests.conftest import LABELS, MINI, REPO, mini_manifest_lines
-from train.data import DatasetInfo, StreamSpec, loader
-from workflows.config import load_config
-from workflows.dataset import open_dataset
-from workflows.refresh import run_refresh, versions
-from workflows.status import folder_status
+from tessera.core.errors import LeaseHeld
+from tessera.core.lease import LEASE
+from tessera.core.storage import Store
+from tessera.train.data import DatasetInfo, StreamSpec, loader
+from tessera.workflows.config import load_config
+from tessera.workflows.dataset import open_dataset
+from tessera.workflows.refresh import run_refresh, versions
+from tessera.workflows.status import folder_status
+from tests.conftest import LABELS, MINI, REPO, TESSERA, mini_manifest_lines
 
 
 def config(manifest, out, *overrides):
@@ -35,20 +36,21 @@ def refresh(manifest, out, *overrides) -> dict:
     return run_refresh(cfg, cfg.runtime.store(cfg.job.out))
 
 
+@pytest.mark.slow
 def test_new_changed_and_removed_rows_become_versions_then_nothing(ray_session, tmp_path):
     manifest, out = tmp_path / "manifest.jsonl", tmp_path / "out"
     manifest.write_text("\n".join(mini_manifest_lines(20)) + "\n{broken\n")
     first = refresh(manifest, out)
-    assert first["version"] == "v000001" and first["new_rows"] == 21 and first["added"] == 20
-    assert first["shard"].accepted == 20 and first["shard"].rejected == 1
+    assert first.version == "v000001" and first.new_rows == 21 and first.added == 20
+    assert first.chain.shard.accepted == 20 and first.chain.shard.rejected == 1
 
     manifest.write_text("\n".join(mini_manifest_lines(30)) + "\n{broken\n")
     second = refresh(manifest, out)
-    assert second["version"] == "v000002" and (second["new_rows"], second["added"]) == (10, 10)
-    assert second["shard"].inputs == 10 and second["shard"].accepted == 10
-    assert second["embed"].samples == 10 and second["embed"].modalities["image"]["computed"] <= 10
+    assert second.version == "v000002" and (second.new_rows, second.added) == (10, 10)
+    assert second.chain.shard.inputs == 10 and second.chain.shard.accepted == 10
+    assert second.chain.embed.samples == 10 and second.chain.embed.modalities["image"]["computed"] <= 10
 
-    assert refresh(manifest, out) == {"version": None, "new_rows": 0}
+    assert refresh(manifest, out).version is None
     assert (out / "versions" / "v000001" / "shard-000000.emb.parquet").exists()  # earlier versions intact
     status = folder_status(Store(str(out)))  # tessera status: the versions, the newest one's stages
     assert status["kind"] == "refresh output" and status["newest"] == "v000002" and status["lease"] is None
@@ -63,16 +65,16 @@ def test_new_changed_and_removed_rows_become_versions_then_nothing(ray_session, 
     del lines[5]  # a takedown: the row is gone from the manifest
     manifest.write_text("\n".join(lines) + "\n{broken\n")
     third = refresh(manifest, out)
-    assert (third["added"], third["changed"], third["removed"], third["new_rows"]) == (0, 1, 1, 1)
-    assert third["embed"].modalities["text"]["computed"] == 1
-    assert third["embed"].modalities["image"]["cache_hits"] == 1  # the picture did not change
+    assert (third.added, third.changed, third.removed, third.new_rows) == (0, 1, 1, 1)
+    assert third.chain.embed.modalities["text"]["computed"] == 1
+    assert third.chain.embed.modalities["image"]["cache_hits"] == 1  # the picture did not change
     listed = versions(Store(str(out)))
     assert [(v["version"], v["added"], v["changed"], v["removed"], v["accepted"], v["rejected"]) for v in listed] == [
         ("v000001", 20, 0, 0, 20, 1), ("v000002", 10, 0, 0, 10, 0), ("v000003", 0, 1, 1, 1, 0)]
 
     # every version together, as training and evaluation read them: the newest copy of the
     # changed key, and no trace of the removed one
-    info = DatasetInfo.read([Store(str(out / "versions" / v["version"])) for v in listed], ("text",), 0.0,
+    info = DatasetInfo.read([Store(str(out / "versions" / v.version)) for v in listed], ("text",), 0.0,
                             superseded=Store(str(tmp_path / "superseded.parquet")))
     superseded = pq.read_table(tmp_path / "superseded.parquet").to_pylist()  # read per shard by the loaders
     assert {(r["root"], r["key"]) for r in superseded} == {(0, changed["key"]), (0, removed["key"])}
@@ -83,11 +85,11 @@ def test_new_changed_and_removed_rows_become_versions_then_nothing(ray_session, 
     rows = {r["key"]: r for r in open_dataset(str(out)).take_all()}
     assert sorted(rows) == sorted(seen) and rows[changed["key"]]["text"] == "A changed caption."
 
-    assert refresh(manifest, out)["version"] is None
+    assert refresh(manifest, out).version is None
     lines.insert(5, json.dumps(removed))  # back again: added, not remembered as seen
     manifest.write_text("\n".join(lines) + "\n{broken\n")
     back = refresh(manifest, out)
-    assert (back["added"], back["changed"], back["removed"]) == (1, 0, 0)
+    assert (back.added, back.changed, back.removed) == (1, 0, 0)
 
 
 def test_a_changed_file_is_found_by_its_metadata(ray_session, tmp_path):
@@ -101,12 +103,12 @@ def test_a_changed_file_is_found_by_its_metadata(ray_session, tmp_path):
         rows.append(json.dumps({"key": f"p{i}", "image": f"pictures/p{i}.png", "label": "object"}))
     manifest.write_text("\n".join(rows) + "\n")
     overrides = ("embed.text=null", "embed.image=null")
-    assert refresh(manifest, out, *overrides)["added"] == 3
-    assert refresh(manifest, out, *overrides)["version"] is None  # stats the files, reads none
+    assert refresh(manifest, out, *overrides).added == 3
+    assert refresh(manifest, out, *overrides).version is None  # stats the files, reads none
     Image.new("RGB", (32, 32), (0, 0, 255)).save(pictures / "p1.png")  # same path, new picture
     os.utime(pictures / "p1.png", ns=(1, 1))
     again = refresh(manifest, out, *overrides)
-    assert (again["added"], again["changed"], again["removed"]) == (0, 1, 0)
+    assert (again.added, again.changed, again.removed) == (0, 1, 0)
 
 
 def first_epoch_loss(out, version: str) -> float:
@@ -115,23 +117,24 @@ def first_epoch_loss(out, version: str) -> float:
     return sum(losses) / len(losses)
 
 
+@pytest.mark.slow
 def test_refresh_trains_each_version_from_the_previous_versions_model(ray_session, tmp_path):
     manifest, out = tmp_path / "manifest.jsonl", tmp_path / "out"
     training = ["job.refresh_train=all", "train.micro_batch_size=4", "train.epochs=6", "train.warmup_steps=2",
                 "train.lr=0.003", "train.loader_workers=0", "train.model.modalities=[text, image]"]
     manifest.write_text("\n".join(mini_manifest_lines(24)) + "\n")
     first = refresh(manifest, out, *training)
-    assert first["train"].init_from is None  # nothing trained before: from scratch
+    assert first.chain.train.init_from is None  # nothing trained before: from scratch
     lines = mini_manifest_lines(32)
     manifest.write_text("\n".join(lines) + "\n")
     second = refresh(manifest, out, *training)
-    assert second["shard"].inputs == 8
-    assert second["train"].init_from == str(out / "versions" / "v000001" / "train")
-    assert second["train"].train_samples + second["train"].val_samples == 32  # every version
+    assert second.chain.shard.inputs == 8
+    assert second.chain.train.init_from == str(out / "versions" / "v000001" / "train")
+    assert second.chain.train.train_samples + second.chain.train.val_samples == 32  # every version
     # it continued, not restarted: its first epoch is already far below a fresh model's
     assert first_epoch_loss(out, "v000002") < 0.6 * first_epoch_loss(out, "v000001")
     assert (out / "versions" / "v000001" / "train" / "model.safetensors").exists()  # earlier model kept
-    assert refresh(manifest, out, *training) == {"version": None, "new_rows": 0}
+    assert refresh(manifest, out, *training).version is None
     assert all(v["val_accuracy"] is not None for v in versions(Store(str(out))))
 
 
@@ -142,6 +145,7 @@ def lease_of(pid: int, renewed: float | None = None) -> str:
                        "pid": pid, "acquired": now, "renewed": now, "ttl_s": 60, "released": False})
 
 
+@pytest.mark.slow
 def test_a_live_lease_stops_a_second_refresh_and_a_dead_ones_is_taken_over(ray_session, tmp_path):
     manifest, out = tmp_path / "manifest.jsonl", tmp_path / "out"
     manifest.write_text("\n".join(mini_manifest_lines(3)) + "\n")
@@ -154,11 +158,12 @@ def test_a_live_lease_stops_a_second_refresh_and_a_dead_ones_is_taken_over(ray_s
     finally:
         live.kill()
         live.wait()
-    assert refresh(manifest, out)["new_rows"] == 3  # its process is gone from this host: taken over at once
+    assert refresh(manifest, out).new_rows == 3  # its process is gone from this host: taken over at once
     lease = json.loads((out / LEASE).read_text())
     assert lease["fence"] == 8 and lease["released"]
 
 
+@pytest.mark.slow
 def test_a_killed_refresh_blocks_another_host_for_its_ttl_only(tmp_path):
     """SIGKILL a refresh holding OUT's lease; refreshes from another host (a hostname of their
     own, `unshare --uts`), retried every second as a scheduler would, are refused (75) until
@@ -170,7 +175,7 @@ def test_a_killed_refresh_blocks_another_host_for_its_ttl_only(tmp_path):
                                "runtime": {"lease": {"ttl_s": 5, "heartbeat_s": 1}, "workers": 1},
                                "shard": {"labels": list(LABELS), "inputs": {"allow": [str(MINI)]}},
                                "embed": {"image": None, "audio": None, "video": None, "cpus_per_actor": 1}}))
-    command = [sys.executable, "-m", "workflows", "refresh", str(cfg), "--no-progress"]
+    command = [*TESSERA, "refresh", str(cfg), "--no-progress"]
     env = {**os.environ, "RAY_ADDRESS": ""}
     first = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
@@ -190,10 +195,12 @@ def test_a_killed_refresh_blocks_another_host_for_its_ttl_only(tmp_path):
             break
         assert "is held by tessera refresh" in done.stderr
         time.sleep(1)
-    assert codes[-1] == 0 and codes.count(75) >= 2, (codes, done.stderr[-2000:])
+    assert codes[-1] == 0 and codes.count(75) >= 1, (codes, done.stderr[-2000:])
     lease = json.loads((out / LEASE).read_text())
     assert lease["host"] == "pod-2" and lease["fence"] == 2 and lease["released"]
-    assert lease["acquired"] - killed <= 5 + 1 + 3  # the TTL, a heartbeat, and starting a process
+    # taken over once the lease went unrenewed for its TTL (its last renewal: at most a heartbeat
+    # before the kill), and soon after: the TTL, a heartbeat and starting a process
+    assert 5 - 1 <= lease["acquired"] - killed <= 5 + 1 + 3
     assert json.loads(done.stdout.splitlines()[-1])["version"] == "v000001"
 
 
@@ -205,18 +212,19 @@ def test_refresh_exit_codes(ray_session, tmp_path):
                                "embed": {"audio": None, "video": None}}))
     out.mkdir()
     (out / LEASE).write_text(lease_of(os.getpid()))
-    locked = subprocess.run([sys.executable, "-m", "workflows", "refresh", str(cfg), "--no-progress"], cwd=REPO,
+    locked = subprocess.run([*TESSERA, "refresh", str(cfg), "--no-progress"], cwd=REPO,
                             capture_output=True, text=True)
     assert locked.returncode == 75 and f"is held by tessera refresh (pid {os.getpid()}" in locked.stderr
 
 
 def started_together(cfg: Path, n: int) -> list[subprocess.CompletedProcess]:
     env = {**os.environ, "RAY_ADDRESS": ""}  # each its own local Ray, if it gets that far
-    procs = [subprocess.Popen([sys.executable, "-m", "workflows", "refresh", str(cfg), "--no-progress"], cwd=REPO,
+    procs = [subprocess.Popen([*TESSERA, "refresh", str(cfg), "--no-progress"], cwd=REPO,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(n)]
     return [subprocess.CompletedProcess(p.args, p.wait(timeout=300), *p.communicate()) for p in procs]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("store", ["local", "s3"])
 def test_refreshes_started_together_make_exactly_one_version(tmp_path, store, request):
     manifest = tmp_path / "manifest.jsonl"
@@ -237,7 +245,7 @@ def test_refreshes_started_together_make_exactly_one_version(tmp_path, store, re
     winner = next(r for r in runs if r.returncode == 0)
     assert json.loads(winner.stdout.splitlines()[-1])["version"] == "v000001"
     out = Store(job["job"]["out"], job["runtime"].get("storage_options", {}))
-    assert [v["version"] for v in versions(out)] == ["v000001"]
+    assert [v.version for v in versions(out)] == ["v000001"]
     assert out.names("versions/*") == ["versions/v000001"] and out.read_json(LEASE)["released"]
 
 
@@ -259,14 +267,15 @@ def test_a_versions_new_rows_are_deduped_against_earlier_versions(ray_session, t
         manifest.write_text("".join(json.dumps(r) + "\n" for r in [*rows, *extra]))
         return refresh(manifest, out, *near)
 
-    assert write()["shard"].accepted == 4
-    assert write({"key": "new", "text": "a quiet library reading room with long wooden tables"})["shard"].accepted == 1
+    assert write().chain.shard.accepted == 4
+    library = {"key": "new", "text": "a quiet library reading room with long wooden tables"}
+    assert write(library).chain.shard.accepted == 1
     Image.open(MINI / "images" / "astronaut.png").convert("RGB").resize((256, 256)).save(tmp_path / "copy.jpg")
     third = write({"key": "new", "text": "a quiet library reading room with long wooden tables"},
                   {"key": "t0-again", "text": captions[0].replace("red", "blue")},
                   {"key": "astronaut-copy", "image": str(tmp_path / "copy.jpg"), "text": "another caption"},
                   {"key": "t1-exact", "text": captions[1]})
-    assert third["version"] == "v000003" and third["shard"].accepted == 0 and third["shard"].duplicates == 3
+    assert third.version == "v000003" and third.chain.shard.accepted == 0 and third.chain.shard.duplicates == 3
     reasons = {r["sample_key"]: r["reason"] for r in pq.read_table(
         out / "versions" / "v000003" / "rejects" / "duplicates.parquet").to_pylist()}
     assert reasons["t0-again"].startswith("near-duplicate of 't0' of version v000001 (text jaccard 0.")

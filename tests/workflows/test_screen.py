@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import MINI, REPO
+import pytest
+
+from tests.conftest import MINI, TESSERA
 
 LINE_BUDGET = 40
 NOT_OURS = ("pid=", "PlacementGroupCleaner", "core_worker", "DeepSpeed", "deepspeed", "Loading weights",
@@ -18,10 +20,10 @@ NOT_OURS = ("pid=", "PlacementGroupCleaner", "core_worker", "DeepSpeed", "deepsp
 
 
 def tessera(*args: str, cwd, terminal: bool = False) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of `python -m workflows ARGS`; with TERMINAL both streams are
+    """(exit code, stdout, stderr) of `python -m tessera.workflows ARGS`; with TERMINAL both streams are
     one pseudo-terminal and stdout holds what it showed."""
-    command = [sys.executable, "-m", "workflows", *args]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ""}
+    command = [*TESSERA, *args]
+    env = {**os.environ, "RAY_ADDRESS": ""}
     if not terminal:
         done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
         return done.returncode, done.stdout, done.stderr
@@ -41,7 +43,17 @@ def tessera(*args: str, cwd, terminal: bool = False) -> tuple[int, str, str]:
     return proc.wait(timeout=900), b"".join(shown).decode(errors="replace"), ""
 
 
+# a user's own modules named like tessera's folders, on the path of every process started there
+# (the driver run from that folder, and the Ray workers that take its working directory)
+USERS_OWN = ("train", "features", "preprocess", "workflows", "core")
+
+
+@pytest.mark.slow
 def test_a_dry_run_shows_its_own_lines_and_the_summary_table(tmp_path):
+    """`tessera run --dry-run` from a folder where a user keeps train.py, features.py, ... that
+    fail on import: tessera imports only its own namespace (tessera.*)."""
+    for name in USERS_OWN:
+        (tmp_path / f"{name}.py").write_text(f"raise ImportError('the user\'s own {name}.py was imported')\n")
     code, shown, _ = tessera("run", "--dry-run", cwd=tmp_path, terminal=True)
     lines = [line for line in shown.replace("\r\n", "\n").split("\n") if line.strip()]
     assert code == 0, shown[-3000:]
@@ -72,6 +84,7 @@ def test_a_dry_run_shows_its_own_lines_and_the_summary_table(tmp_path):
     assert all(record[stage]["up_to_date"] for stage in ("shard", "embed", "train"))
 
 
+@pytest.mark.slow
 def test_verbose_shows_worker_lines_and_quiet_does_not(tmp_path):
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("".join(line for line in (MINI / "manifest.jsonl").open()
@@ -102,9 +115,8 @@ def test_only_this_sessions_own_worker_output_is_kept_and_bounded(ray_session, t
     """Another Ray session started on the host after this one (so it is the newest,
     /tmp/ray/session_latest): none of its files reach OUT/logs; this session's workers' output
     does, each file cut to its last LOG_FILE_BYTES."""
-    from preprocess.storage import Store
-    from workflows.config import RuntimeConfig
-    from workflows.runtime import LOG_FILE_BYTES, save_logs
+    from tessera.core.runtime import LOG_FILE_BYTES, RuntimeConfig, save_logs
+    from tessera.core.storage import Store
 
     @ray_session.remote
     def ours() -> None:
@@ -127,8 +139,8 @@ def test_only_this_sessions_own_worker_output_is_kept_and_bounded(ray_session, t
 
 
 def test_a_validation_figure_says_its_chance_level_and_when_it_rests_on_few_samples():
-    from train.tasks import Task, validation_record
-    from workflows.screen import train_text
+    from tessera.train.tasks import Task, validation_record
+    from tessera.workflows.screen import train_text
 
     tasks = (Task("label", "label", "classification", tuple("abcdefg")),)
     record = validation_record(tasks, [6.0, 6.0, 1.0, 0.0, 0.0], 6)

@@ -8,17 +8,19 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
+import pytest
 import requests
 
-from preprocess.storage import Store
-from tests.conftest import DIRTY, REPO, free_port, mini_manifest_lines, terminated
-from workflows.predict import Predictor, predict_inputs
+from tessera.core.storage import Store
+from tessera.workflows.predict import Predictor, predict_inputs
+from tests.conftest import DIRTY, REPO, TESSERA, free_port, mini_manifest_lines, terminated
+
+pytestmark = pytest.mark.slow  # (see README: the test tiers)
 
 MAX_BYTES = 8_000_000
 
@@ -63,7 +65,7 @@ def stall(port: int, n: int) -> list[socket.socket]:
 
 
 def started(model, port: int, *options: str) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "workflows", "serve", str(model), "--port", str(port),
+    proc = subprocess.Popen([*TESSERA, "serve", str(model), "--port", str(port),
                              "--workers", "2", "--max-batch-size", "16", "--set",
                              f"serve.max_request_bytes={MAX_BYTES}", "--no-progress", *options],
                             cwd=REPO, env={**os.environ, "RAY_ADDRESS": ""}, stdout=subprocess.PIPE,

@@ -5,19 +5,20 @@ starts Ray) saying who holds the folder; the output equals a single run's."""
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
-from features.config import EmbedConfig
-from features.layout import CACHE
-from features.stage import run_embed_stage
-from preprocess.config import ShardConfig
-from preprocess.layout import MANIFEST_SOURCE, MARKER
-from preprocess.stage import run_shard_stage
-from preprocess.storage import Store
-from tests.conftest import LABELS, REPO
-from workflows.layout import LOGS
+from tessera.core.runtime import LOGS
+from tessera.core.storage import Store
+from tessera.features.config import EmbedConfig
+from tessera.features.layout import CACHE
+from tessera.features.stage import run_embed_stage
+from tessera.preprocess.config import ShardConfig
+from tessera.preprocess.layout import MANIFEST_SOURCE, MARKER
+from tessera.preprocess.stage import run_shard_stage
+from tests.conftest import LABELS, REPO, TESSERA
+
+pytestmark = pytest.mark.slow  # (see README: the test tiers)
 
 SAMPLE = REPO / "workflows" / "sample_corpus"
 SETTINGS = {"runtime": {"workers": 1}, "shard": {"samples_per_shard": 6, "labels": list(LABELS)},
@@ -26,7 +27,7 @@ SETTINGS = {"runtime": {"workers": 1}, "shard": {"samples_per_shard": 6, "labels
 
 def together(*commands: list[str]) -> list[subprocess.CompletedProcess]:
     env = {**os.environ, "RAY_ADDRESS": ""}  # each its own local Ray, if it gets that far
-    procs = [subprocess.Popen([sys.executable, "-m", "workflows", *c, "--no-progress"], cwd=REPO, env=env,
+    procs = [subprocess.Popen([*TESSERA, *c, "--no-progress"], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
     return [subprocess.CompletedProcess(p.args, p.wait(timeout=300), *p.communicate()) for p in procs]
 

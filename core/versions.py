@@ -15,15 +15,23 @@ Light imports only (the CLI lists versions without starting Ray)."""
 from __future__ import annotations
 
 import json
-import tempfile
 from collections.abc import Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from preprocess.layout import INDEX, KEPT_SQL, ShardSummary
-from preprocess.storage import Store
+from tessera.core.storage import Store
+
+# Which rows of one folder are live, the rule every reader shares: a folder's rows are its
+# index parts (INDEX/shard-NNNNNN.parquet); the shard stage's dedup pass marks `duplicate_of`,
+# curation marks `curated_out`. Embedding and curation read the rows the shard stage kept;
+# everyone else the rows both kept. Across folders, live_query below.
+INDEX = "index"
+SHARD_KEPT = ds.field("duplicate_of").is_null()
+KEPT = SHARD_KEPT & ds.field("curated_out").is_null()
+KEPT_SQL = "duplicate_of IS NULL AND curated_out IS NULL"
 
 VERSIONS = "versions"
 VERSION_MANIFEST = "manifest.jsonl"
@@ -32,8 +40,6 @@ VERSION_DONE = "version.json"
 ADDED, CHANGED, REMOVED = "added", "changed", "removed"  # the changes a version records
 CHANGES_SCHEMA = pa.schema([("version", pa.int32()), ("key", pa.string()), ("identity", pa.string()),
                             ("change", pa.string())])
-COUNTS = (ADDED, CHANGED, REMOVED, "duplicate_key")  # what version.json holds, besides rows without a key
-MEMORY_LIMIT = "256MB"  # of the query that finds superseded keys
 
 
 def version_folder(number: int) -> str:
@@ -44,18 +50,6 @@ def version_folder(number: int) -> str:
 def complete_versions(out: Store) -> list[str]:
     """The folders (names under OUT) of every complete version, oldest first."""
     return [name.rsplit("/", 1)[0] for name in out.names(f"{VERSIONS}/v*/{VERSION_DONE}")]
-
-
-def version_records(out: Store) -> list[dict]:
-    """Every complete version with its counts: what it changed and what its shards hold."""
-    found = []
-    for name in complete_versions(out):
-        folder = out.child(name)
-        counts, summary = folder.read_json(VERSION_DONE), ShardSummary.read(folder)
-        found.append({"version": name.rsplit("/", 1)[-1], **{c: counts[c] for c in COUNTS},
-                      "inputs": summary.inputs, "accepted": summary.accepted, "rejected": summary.rejected,
-                      "shards": summary.shards})
-    return found
 
 
 def _newest_query(folders: Sequence[Store]) -> str:
@@ -108,8 +102,7 @@ def superseded(folders: Sequence[Store]) -> tuple[frozenset[str], ...]:
     parts and changes; what it returns grows with the changes, not with the corpus."""
     if len(folders) == 1:
         return (frozenset(),)
-    with tempfile.TemporaryDirectory(prefix="tessera-keys-") as scratch, \
-            folders[-1].duckdb(scratch, MEMORY_LIMIT) as con:
+    with folders[-1].duckdb() as (con, scratch):
         keys = dict(con.execute(f"SELECT root, list(key) FROM ({superseded_query(folders)}) GROUP BY root").fetchall())
     return tuple(frozenset(keys.get(i, ())) for i in range(len(folders)))
 
@@ -121,8 +114,7 @@ FOLDERS_KEY = "tessera.folders"  # its metadata: the folders it was written for
 def write_superseded(folders: Sequence[Store], target: Store) -> None:
     """TARGET, a Parquet file: the (root, shard, key) of superseded samples, sorted by root and
     shard in small row groups, so a loader reads its shard's rows only (superseded_keys)."""
-    with tempfile.TemporaryDirectory(prefix="tessera-keys-") as scratch, \
-            folders[-1].duckdb(scratch, MEMORY_LIMIT) as con:
+    with folders[-1].duckdb() as (con, scratch):
         local = f"{scratch}/superseded.parquet"
         tag = _folders_tag(folders).replace("'", "''")
         con.execute(f"COPY (SELECT * FROM ({superseded_query(folders)}) ORDER BY root, shard, key) TO '{local}' "

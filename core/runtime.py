@@ -1,6 +1,7 @@
-"""Connecting to Ray (an existing cluster: address / RAY_ADDRESS, or an embedded local one) and
-what of it reaches the terminal: logging set up once per command, worker output kept in the
-output folder's logs/."""
+"""How and where a job runs (`runtime:` in the config): connecting to Ray (an existing
+cluster: address / RAY_ADDRESS, or an embedded local one), SIGTERM as a clean stop, and the
+command's worker output kept in the output folder's logs/. Ray is imported when it is used:
+loading a config does not."""
 
 from __future__ import annotations
 
@@ -10,14 +11,33 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
-import ray
+from pydantic import Field
 
-from preprocess.storage import Store
-from workflows.config import RuntimeConfig
-from workflows.layout import LOGS
+from tessera.core.config import Strict
+from tessera.core.lease import LeaseConfig
+from tessera.core.storage import Store
 
 log = logging.getLogger(__name__)
+
+LOGS = "logs"  # FOLDER/logs/<UTC time>-<command>/: a writing command's driver log and workers' output
+
+
+class RuntimeConfig(Strict):
+    """Where and how wide a job runs; none of it changes the outputs."""
+
+    address: str | None = Field(None, description="Ray address; null starts a local Ray")
+    workers: int = Field(2, gt=0, description="CPUs of the local Ray, and parallel shard tasks")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options, e.g. S3")
+    progress: bool = True
+    verbose: bool = Field(False, description="worker and library output on the terminal, not only in OUT/logs")
+    lease: LeaseConfig = LeaseConfig()
+
+    def store(self, url: str) -> Store:
+        """The store of URL with these storage options: built once per location a job names,
+        then handed down (every other location is reached through it)."""
+        return Store(url, self.storage_options)
 
 
 LOG_FILE_BYTES = 1 << 20  # of a worker's output file copied into FOLDER/logs (its end)
@@ -36,9 +56,10 @@ def cluster_address(runtime: RuntimeConfig) -> str | None:
     return runtime.address or os.environ.get("RAY_ADDRESS") or None
 
 
-class Terminated(BaseException):
-    """SIGTERM reached the command (a scheduler stopping it): raised in the main thread like
-    KeyboardInterrupt, so that in-flight work is cancelled, the lease released and the logs kept."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM reached the command (a scheduler stopping it): raised in the main thread as a
+    KeyboardInterrupt (what Ray's waits know how to be interrupted by), so that in-flight work is
+    waited for, the lease released and the logs kept."""
 
 
 def _terminated(signum, frame) -> None:
@@ -57,13 +78,15 @@ def start_ray(runtime: RuntimeConfig) -> None:
     """Connect to RUNTIME's cluster or start a local Ray. Worker output reaches the terminal
     only with runtime.verbose (it is in the nodes' Ray logs, and `save_logs` keeps a local
     Ray's); worker progress bars are drawn only when they are shown."""
+    import ray
+
     if ray.is_initialized():
         return
     ray_logger = logging.getLogger("ray")  # Ray's driver-side records: through our handlers, not its own
     ray_logger.handlers, ray_logger.propagate = [], True
     quiet = {} if runtime.verbose and runtime.progress else {"TQDM_DISABLE": "1"}
     options = dict(log_to_driver=runtime.verbose,
-                   runtime_env={"env_vars": quiet, "worker_process_setup_hook": "workflows.runtime.worker_logging"})
+                   runtime_env={"env_vars": quiet, "worker_process_setup_hook": f"{__name__}.worker_logging"})
     address = cluster_address(runtime)
     if address:
         ray.init(address=address, **options)
@@ -72,6 +95,13 @@ def start_ray(runtime: RuntimeConfig) -> None:
         ray.init(address="local", num_cpus=runtime.workers, include_dashboard=False, **options)
         log.info("started a local Ray with %d CPUs", runtime.workers)
     stop_on_sigterm()
+
+
+def local_logs() -> str | None:
+    """The folder of this process's driver log (setup_logging's), on this machine."""
+    handler = next((h for h in logging.getLogger().handlers if getattr(h, "tessera", False)
+                    and isinstance(h, logging.FileHandler)), None)
+    return str(Path(handler.baseFilename).parent) if handler else None
 
 
 def save_logs(folder: Store, command: str, runtime: RuntimeConfig) -> str:
@@ -104,6 +134,8 @@ def save_logs(folder: Store, command: str, runtime: RuntimeConfig) -> str:
 
 def _own_worker_logs(runtime: RuntimeConfig) -> list[Path]:
     """The worker-*.out/err files of this command's own local Ray session and job."""
+    import ray
+
     if not ray.is_initialized() or cluster_address(runtime) is not None:
         return []
     node = getattr(ray._private.worker, "_global_node", None)  # the session this process started or joined

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import ray
 
-from preprocess.storage import out_of_space, retries_so_far
+from tessera.core.storage import counting_retries, out_of_space
 
 Item = TypeVar("Item")
 
@@ -28,15 +28,15 @@ class Done:
 
 
 def _reported(call: Callable, args: tuple, kwargs: dict) -> Done:
-    before = retries_so_far()
     try:
-        value = call(*args, **kwargs)
+        with counting_retries() as retried:
+            value = call(*args, **kwargs)
     except OSError as error:  # a full disk is no error a retry mends: Ray retries OSError only
         full = out_of_space(error)
         if full is None:
             raise
         raise full from error
-    return Done(value, ray.get_runtime_context().get_node_id(), retries_so_far() - before)
+    return Done(value, ray.get_runtime_context().get_node_id(), retried.value)
 
 
 def task(fn: Callable, **options):
@@ -49,15 +49,20 @@ def task(fn: Callable, **options):
     return ray.remote(**options)(run) if options else ray.remote(run)
 
 
-def actor(cls: type, **options):
-    """CLS as a Ray actor class whose `call(method, *args)` runs a method and returns a Done."""
+def actor(cls: type, methods: tuple[str, ...], **options):
+    """CLS as a Ray actor class whose METHODS (what the driver calls, as
+    `handle.method.remote(...)`) return a Done; its other methods stay as they are."""
 
-    class Reporting(cls):
-        def call(self, method: str, *args, **kwargs) -> Done:
-            return _reported(getattr(self, method), args, kwargs)
+    def reporting(method: Callable) -> Callable:
+        @functools.wraps(method)
+        def call(self, *args, **kwargs) -> Done:
+            return _reported(functools.partial(method, self), args, kwargs)
 
-    Reporting.__name__ = Reporting.__qualname__ = cls.__name__
-    return ray.remote(**options)(Reporting) if options else ray.remote(Reporting)
+        return call
+
+    wrapped = {name: reporting(getattr(cls, name)) for name in methods}
+    reported = type(cls.__name__, (cls,), {**wrapped, "__qualname__": cls.__name__})
+    return ray.remote(**options)(reported) if options else ray.remote(reported)
 
 
 def in_flight_limit() -> int:
@@ -83,15 +88,15 @@ def _abandon(refs: list) -> None:
 
 class StageWork:
     """The Ray work of one stage run. Results come back through it, so it knows where the
-    items of `run` ran and how many store calls the work retried (the driver's own included)."""
+    items of `run` ran and how many store calls the work retried (the driver's own are
+    counted by the engine's scope)."""
 
     def __init__(self):
         self.nodes: Counter = Counter()
-        self._retries_at_start = retries_so_far()
-        self._task_retries = 0
+        self.task_retries = 0
 
     def _take(self, done: Done) -> Any:
-        self._task_retries += done.store_retries
+        self.task_retries += done.store_retries
         return done.value
 
     def get(self, ref) -> Any:
@@ -128,7 +133,3 @@ class StageWork:
         except BaseException:
             _abandon(list(in_flight))
             raise
-
-    @property
-    def store_retries(self) -> int:
-        return self._task_retries + retries_so_far() - self._retries_at_start

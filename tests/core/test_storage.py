@@ -11,8 +11,7 @@ import pyarrow as pa
 import pytest
 from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
 
-import preprocess.storage
-from preprocess.storage import ATTEMPTS, Store, is_transient, retries_so_far
+from tessera.core.storage import ATTEMPTS, Store, counting_retries, is_transient
 
 
 def flaky(method, after: bool = False):
@@ -79,8 +78,8 @@ fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)
 
 @pytest.fixture
 def fast_retries(monkeypatch):
-    monkeypatch.setattr(preprocess.storage, "WAIT_FIRST_S", 0.001)
-    monkeypatch.setattr(preprocess.storage, "WAIT_MAX_S", 0.002)
+    monkeypatch.setattr("tessera.core.storage.WAIT_FIRST_S", 0.001)
+    monkeypatch.setattr("tessera.core.storage.WAIT_MAX_S", 0.002)
 
 
 def flaky_store(**options) -> Store:
@@ -132,7 +131,14 @@ def test_names_stay_below_the_root(tmp_path):
 def test_every_path_the_stages_use_survives_transient_errors_and_counts_each_retry(fast_retries):
     store = flaky_store(every=3)
     fs = store._fs
-    before = retries_so_far()
+    with counting_retries() as retried:
+        exercise(store)
+    assert fs.faults >= 10 and retried.value == fs.faults
+
+
+def exercise(store: Store) -> None:
+    """Every path the stages use: each call, a stream read in pieces, a batched read, an
+    atomic write, pyarrow and DuckDB reading through the store."""
     store.write_json("a/one.json", {"n": 1})
     store.write_bytes("a/two.bin", bytes(range(256)) * 64)
     assert store.read_json("a/one.json") == {"n": 1}
@@ -149,23 +155,37 @@ def test_every_path_the_stages_use_survives_transient_errors_and_counts_each_ret
     assert store.read_bytes("a/streamed.bin") == b"written whole, then committed"
     store.write_parquet("t/part-0.parquet", pa.table({"k": list(range(100))}))
     assert store.read_parquet("t/part-0.parquet", ["k"]).column("k").to_pylist() == list(range(100))  # pyarrow
-    with store.duckdb("/tmp", "64MB") as con:
+    with store.duckdb() as (con, _):
         assert con.execute(f"SELECT sum(k) FROM read_parquet('{store.url_of('t', '*.parquet')}')").fetchall() \
             == [(4950,)]
-    assert fs.faults >= 10 and retries_so_far() - before == fs.faults
 
 
 def test_an_error_that_persists_is_raised_after_its_attempts_and_a_permanent_one_at_once(fast_retries):
     store = flaky_store(every=1)  # every call fails
-    before = retries_so_far()
-    with pytest.raises((ConnectionResetError, TimeoutError, OSError)):
+    with counting_retries() as retried, pytest.raises((ConnectionResetError, TimeoutError, OSError)):
         store.read_bytes("anything")
-    assert store._fs.faults == ATTEMPTS and retries_so_far() - before == ATTEMPTS - 1
+    assert store._fs.faults == ATTEMPTS and retried.value == ATTEMPTS - 1
     calm = Store(f"memory://{uuid.uuid4().hex}")
-    before = retries_so_far()
-    with pytest.raises(FileNotFoundError):
+    with counting_retries() as retried, pytest.raises(FileNotFoundError):
         calm.read_bytes("missing")
-    assert retries_so_far() == before
+    assert retried.value == 0
+
+
+def test_retries_are_counted_in_their_own_scope_only(fast_retries):
+    """A stage's retries are its own: a lease heartbeat's (another thread, in no stage's scope)
+    and another scope's are not counted in it."""
+    import threading
+
+    store, other = flaky_store(every=3), flaky_store(every=3)
+    with counting_retries() as stage:
+        beat = threading.Thread(target=lambda: [other.write_bytes(f"beat-{i}", b"x") for i in range(4)])
+        beat.start()
+        for i in range(4):
+            store.write_bytes(f"own-{i}", b"y")
+        beat.join()
+        with counting_retries() as inner:
+            store.read_bytes("own-0")
+    assert other._fs.faults >= 2 and stage.value == store._fs.faults - inner.value and inner.value >= 0
 
 
 def test_an_exclusive_create_whose_answer_was_lost_is_its_own(fast_retries):

@@ -31,8 +31,9 @@ from dataclasses import dataclass
 import psutil
 from pydantic import Field, model_validator
 
-from preprocess.config import Strict
-from preprocess.storage import Store, out_of_space
+from tessera.core.config import Strict
+from tessera.core.errors import LeaseHeld, LeaseLost
+from tessera.core.storage import Store, out_of_space
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +58,6 @@ class LeaseConfig(Strict):
 
 
 DEFAULT_LEASE = LeaseConfig()
-
-
-class LeaseHeld(RuntimeError):
-    """Another live writer holds the folder (the CLI exits 75: retry later)."""
-
-
-class LeaseLost(RuntimeError):
-    """This writer's lease was taken over by another: it must not commit."""
 
 
 def describe(record: dict) -> str:

@@ -7,17 +7,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-from preprocess.storage import Store
+from tessera.core.storage import Store
 
 
-class StageFailed(RuntimeError):
-    """A stage finished, its outputs written, but they fail a check the config sets (too many
-    rejects, too many vectors not computed): the CLI exits 4 with the reasons."""
-
-
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class StageSummary:
+    """The fields every summary has; the engine sets the time and the retries."""
+
     FILE: ClassVar[str]  # its name in the stage's folder
+    seconds: float = 0.0
+    store_retries: int = 0  # store calls retried (by the driver and its Ray work)
+    up_to_date: bool = False  # this run found the stage done and wrote nothing
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -10,14 +10,15 @@ above this module builds a filesystem or sees the options.
 - Transient errors — timeouts, throttling, connection resets, 5xx — are retried with
   exponential backoff and jitter (tenacity) here and nowhere else: the store's own calls,
   streamed reads (`open`), and what pyarrow (`dataset`, `read_parquet`) and DuckDB (`duckdb`)
-  do through it. Lance retries in its own object-store client. `retries_so_far()` counts the
-  retries of this process; stage summaries report them as `store_retries`.
+  do through it. Lance retries in its own object-store client. `counting_retries()` counts the
+  retries of a scope (a stage run, a Ray task); stage summaries report them as `store_retries`.
 - A store pickles as (url, options): Ray tasks take one and rebuild it where they run; a
   process forked from one that holds a store builds its own filesystem on first use."""
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import fcntl
 import hashlib
@@ -30,6 +31,7 @@ import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO
 
 import tenacity
@@ -37,8 +39,11 @@ from fsspec import AbstractFileSystem
 from fsspec.core import split_protocol, url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
+from tessera.core.errors import OutOfSpace
+
 log = logging.getLogger(__name__)
 
+DUCKDB_MEMORY_LIMIT = "256MB"  # of every DuckDB query (they spill to local scratch beyond it)
 ATTEMPTS = 8  # tries of one call before its transient error is raised (about 45 s of waiting at most)
 WAIT_FIRST_S, WAIT_MAX_S = 0.25, 15.0  # exponential backoff with full jitter between them
 # where one PUT is atomic and a rename is a copy: written in place
@@ -58,11 +63,6 @@ _PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryE
 
 
 _NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
-
-
-class OutOfSpace(RuntimeError):
-    """A write found its device (or quota) full. Not an OSError on purpose: nothing retries it
-    (the store's retries are for transient errors, Ray's for OSError); the CLI says so in one line."""
 
 
 def out_of_space(error: BaseException) -> OutOfSpace | None:
@@ -111,7 +111,9 @@ def is_transient(error: BaseException) -> bool:
     return False
 
 
-class _Counter:
+class RetryCount:
+    """Store calls retried within a scope (`counting_retries`)."""
+
     def __init__(self):
         self.value = 0
         self._lock = threading.Lock()
@@ -121,16 +123,42 @@ class _Counter:
             self.value += 1
 
 
-_RETRIES = _Counter()
+# the scope a retry is counted in: a stage run or a Ray task (its context), never the process,
+# so a lease heartbeat's retries (its own thread, its own context) are nobody's stage's
+_SCOPE: contextvars.ContextVar[RetryCount | None] = contextvars.ContextVar("tessera_store_retries", default=None)
+_UNSCOPED = RetryCount()  # retries outside any scope (a lease heartbeat's): counted for no stage
 
 
-def retries_so_far() -> int:
-    """Store calls retried by this process since it started (a stage takes differences)."""
-    return _RETRIES.value
+@contextlib.contextmanager
+def counting_retries() -> Iterator[RetryCount]:
+    """Count the store calls retried in this context (and in threads the store starts from it)
+    while the block runs."""
+    count = RetryCount()
+    token = _SCOPE.set(count)
+    try:
+        yield count
+    finally:
+        _SCOPE.reset(token)
+
+
+@contextlib.contextmanager
+def _scoped(scope: RetryCount | None) -> Iterator[None]:
+    """Count retries in SCOPE here: for calls made from a library's own threads (DuckDB's,
+    pyarrow's I/O pool), which are in no scope of ours."""
+    token = _SCOPE.set(scope)
+    try:
+        yield
+    finally:
+        _SCOPE.reset(token)
+
+
+def in_context(pool: ThreadPoolExecutor, fn: Callable, *args):
+    """POOL.submit of FN in a copy of this context: its retries are counted where they belong."""
+    return pool.submit(contextvars.copy_context().run, fn, *args)
 
 
 def _before_retry(state: tenacity.RetryCallState) -> None:
-    _RETRIES.add()
+    (_SCOPE.get() or _UNSCOPED).add()
     log.info("store: %s (attempt %d of %d), retrying in %.1f s", state.outcome.exception(), state.attempt_number,
              ATTEMPTS, state.next_action.sleep)
 
@@ -154,6 +182,7 @@ class _RetryingReader(io.RawIOBase):
     def __init__(self, opener: Callable[[], BinaryIO]):
         super().__init__()
         self._opener = opener
+        self._scope = _SCOPE.get()  # the scope its retries count in, whichever thread reads it
         self._file: BinaryIO | None = retried(opener)
         self._position = 0
 
@@ -167,7 +196,8 @@ class _RetryingReader(io.RawIOBase):
         return self._position
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        self._position = retried(self._seek, offset, whence)
+        with _scoped(self._scope):
+            self._position = retried(self._seek, offset, whence)
         return self._position
 
     def _current(self) -> BinaryIO:
@@ -195,7 +225,8 @@ class _RetryingReader(io.RawIOBase):
             self._file = None
 
     def read(self, size: int = -1) -> bytes:
-        data = retried(self._read, size)
+        with _scoped(self._scope):
+            data = retried(self._read, size)
         self._position += len(data)
         return data
 
@@ -223,10 +254,12 @@ class _RetryingFileSystem(AbstractFileSystem):
         super().__init__()
         self.fs = fs
         self.protocol = fs.protocol
+        self._scope = _SCOPE.get()  # the scope its retries count in, whichever thread calls it
 
     def open(self, path, mode="rb", **kwargs):
         if "r" in mode:
-            return _RetryingReader(lambda: self.fs.open(path, "rb", **kwargs))
+            with _scoped(self._scope):
+                return _RetryingReader(lambda: self.fs.open(path, "rb", **kwargs))
         return self.fs.open(path, mode, **kwargs)
 
     def _type(self, path) -> str | None:
@@ -249,7 +282,8 @@ class _RetryingFileSystem(AbstractFileSystem):
 
 def _delegate(name: str):
     def call(self, *args, **kwargs):
-        return retried(getattr(self.fs, name), *args, **kwargs)
+        with _scoped(self._scope):
+            return retried(getattr(self.fs, name), *args, **kwargs)
 
     call.__name__ = name
     return call
@@ -528,7 +562,7 @@ class Store:
         answer was lost and that is retried finds the object there: it is its own when it
         holds DATA (callers put a unique token in it)."""
         path = self._path(name)
-        attempts = _Counter()
+        attempts = RetryCount()
 
         def attempt() -> None:
             attempts.add()
@@ -614,17 +648,20 @@ class Store:
         table = self.dataset([name], schema=schema).to_table(columns=columns, filter=where)
         return table.select(columns) if columns else table
 
-    def duckdb(self, scratch: str, memory_limit: str):
-        """A DuckDB connection that reads this store's files by URL (its filesystem registered
-        for object stores, retrying), memory-limited, spilling to SCRATCH."""
+    @contextlib.contextmanager
+    def duckdb(self) -> Iterator[tuple[Any, str]]:
+        """(connection, scratch folder): a DuckDB connection that reads this store's files by URL
+        (its filesystem registered for object stores, retrying), memory-limited to
+        DUCKDB_MEMORY_LIMIT and spilling to the scratch folder (local, removed afterwards, also
+        where a query writes the files it then puts on the store)."""
         import duckdb
 
-        con = duckdb.connect()
-        con.execute(f"SET memory_limit='{memory_limit}'; SET temp_directory='{scratch}'; "
-                    "SET preserve_insertion_order=false; SET enable_progress_bar=false")
-        if not self.is_local:
-            con.register_filesystem(_RetryingFileSystem(self._fs))
-        return con
+        with tempfile.TemporaryDirectory(prefix="tessera-duckdb-") as scratch, duckdb.connect() as con:
+            con.execute(f"SET memory_limit='{DUCKDB_MEMORY_LIMIT}'; SET temp_directory='{scratch}'; "
+                        "SET preserve_insertion_order=false; SET enable_progress_bar=false")
+            if not self.is_local:
+                con.register_filesystem(_RetryingFileSystem(self._fs))
+            yield con, scratch
 
     def lance_kwargs(self) -> dict[str, dict[str, str]]:
         """The keyword arguments Lance's functions take to reach this store: its fsspec options

@@ -12,8 +12,9 @@ import time
 
 import pytest
 
-from preprocess.lease import LEASE, Lease, LeaseConfig, LeaseHeld, LeaseLost
-from preprocess.storage import Store
+from tessera.core.errors import LeaseHeld, LeaseLost
+from tessera.core.lease import LEASE, Lease, LeaseConfig
+from tessera.core.storage import Store
 from tests.conftest import REPO
 
 QUICK = LeaseConfig(ttl_s=2.0, heartbeat_s=0.25)
@@ -22,8 +23,9 @@ QUICK = LeaseConfig(ttl_s=2.0, heartbeat_s=0.25)
 # fence) each time it reads a line; its exit status tells how the last commit went.
 WRITER = """
 import json, sys
-from preprocess.lease import Lease, LeaseConfig, LeaseLost
-from preprocess.storage import Store
+from tessera.core.lease import Lease, LeaseConfig
+from tessera.core.errors import LeaseLost
+from tessera.core.storage import Store
 folder = Store(sys.argv[1], json.loads(sys.argv[2]))
 with Lease(folder, LeaseConfig(ttl_s=2.0, heartbeat_s=0.25), "writer") as fence:
     print("held", fence.number, flush=True)
