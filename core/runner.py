@@ -39,14 +39,20 @@ def _reported(call: Callable, args: tuple, kwargs: dict) -> Done:
     return Done(value, ray.get_runtime_context().get_node_id(), retried.value)
 
 
+# what every stage's Ray work is: idempotent (whole files committed, a marker or summary last), so
+# Ray may run it again after a node is lost and after a store error that outlasted the store's
+# own retries (an OSError; a full disk is raised as OutOfSpace, which is not one)
+RETRIED = {"max_retries": 3, "retry_exceptions": [OSError]}
+
+
 def task(fn: Callable, **options):
-    """FN as a Ray task (OPTIONS as ray.remote takes them) whose result is a Done."""
+    """FN as a Ray task (OPTIONS as ray.remote takes them, over RETRIED) whose result is a Done."""
 
     @functools.wraps(fn)
     def run(*args, **kwargs) -> Done:
         return _reported(fn, args, kwargs)
 
-    return ray.remote(**options)(run) if options else ray.remote(run)
+    return ray.remote(**{**RETRIED, **options})(run)
 
 
 def actor(cls: type, methods: tuple[str, ...], **options):

@@ -47,6 +47,11 @@ def version_folder(number: int) -> str:
     return f"{VERSIONS}/v{number:06d}"
 
 
+def version_name(folder: Store | str) -> str:
+    """A version's name (vNNNNNN) from its folder (a store, or its name under OUT)."""
+    return (folder.url if isinstance(folder, Store) else folder).rstrip("/").rsplit("/", 1)[-1]
+
+
 def complete_versions(out: Store) -> list[str]:
     """The folders (names under OUT) of every complete version, oldest first."""
     return [name.rsplit("/", 1)[0] for name in out.names(f"{VERSIONS}/v*/{VERSION_DONE}")]

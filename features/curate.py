@@ -39,7 +39,7 @@ from tessera.core.errors import NotAnInput
 from tessera.core.lease import DEFAULT_LEASE, Fence, LeaseConfig
 from tessera.core.runner import task
 from tessera.core.storage import Store
-from tessera.core.versions import INDEX, KEPT, SHARD_KEPT, superseded_keys, write_superseded
+from tessera.core.versions import INDEX, KEPT, SHARD_KEPT, superseded_keys, version_name, write_superseded
 from tessera.features.config import CurateConfig
 from tessera.features.layout import (
     CURATE_CLUSTERS,
@@ -97,7 +97,7 @@ class Folders:
         return len(self.stores) - 1
 
     def version(self, root: int) -> str:
-        return self.stores[root].url.rstrip("/").rsplit("/", 1)[-1]
+        return version_name(self.stores[root])
 
     def parts(self) -> list[Part]:
         return [(root, shard) for root, store in enumerate(self.stores) for shard in committed_shards(store)]
@@ -329,11 +329,11 @@ def mark_curated(shards: Store, names: list[str], fence: Fence) -> int:
     return mark_index_parts(shards, names, CURATED, "reason", "curated_out", fence)
 
 
-_fit = task(fit_centroids, num_cpus=1, max_retries=2, retry_exceptions=[OSError])
-_assign = task(assign_shards, num_cpus=1, max_retries=3, retry_exceptions=[OSError], scheduling_strategy="SPREAD")
-_pairs = task(cluster_pairs, num_cpus=1, max_retries=3, retry_exceptions=[OSError], scheduling_strategy="SPREAD")
-_finish = task(finish, num_cpus=1, max_retries=2, retry_exceptions=[OSError])
-_mark = task(mark_curated, num_cpus=1, max_retries=3, retry_exceptions=[OSError])
+_fit = task(fit_centroids, num_cpus=1, max_retries=2)
+_assign = task(assign_shards, num_cpus=1, scheduling_strategy="SPREAD")
+_pairs = task(cluster_pairs, num_cpus=1, scheduling_strategy="SPREAD")
+_finish = task(finish, num_cpus=1, max_retries=2)
+_mark = task(mark_curated, num_cpus=1)
 
 
 def curate_digest(stores: Sequence[Store], cfg: CurateConfig) -> str:

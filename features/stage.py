@@ -120,10 +120,10 @@ def maintain_cache(cache: EmbeddingCache) -> int:
     return cache.count()
 
 
-_states_task = task(sidecar_states, num_cpus=1, max_retries=3, retry_exceptions=[OSError])
-_plan_task = task(plan_owners, num_cpus=1, max_retries=2, retry_exceptions=[OSError])
-_owed_task = task(write_owed_sidecar, num_cpus=1, max_retries=3, retry_exceptions=[OSError])
-_maintain_task = task(maintain_cache, num_cpus=1, max_retries=2, retry_exceptions=[OSError])
+_states_task = task(sidecar_states, num_cpus=1)
+_plan_task = task(plan_owners, num_cpus=1, max_retries=2)
+_owed_task = task(write_owed_sidecar, num_cpus=1)
+_maintain_task = task(maintain_cache, num_cpus=1, max_retries=2)
 
 
 @dataclass(frozen=True)

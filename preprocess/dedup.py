@@ -24,7 +24,7 @@ from itertools import groupby
 
 from tessera.core.lease import Fence
 from tessera.core.storage import Store
-from tessera.core.versions import INDEX, live_query
+from tessera.core.versions import INDEX, live_query, version_name
 from tessera.preprocess.config import ShardConfig
 from tessera.preprocess.layout import DUPLICATES, REJECTS, mark_index_parts
 from tessera.preprocess.near import find_near_duplicates
@@ -110,7 +110,7 @@ def _prior_view(con, earlier: Sequence[Store], out: Store) -> str | None:
     their version's position (`root`) and name."""
     if not any(folder.names(f"{INDEX}/shard-*.parquet") for folder in earlier):
         return None
-    names = ", ".join(f"({i}, '{folder.url.rstrip('/').rsplit('/', 1)[-1]}')" for i, folder in enumerate(earlier))
+    names = ", ".join(f"({i}, '{version_name(folder)}')" for i, folder in enumerate(earlier))
     con.execute(f"CREATE TEMP TABLE prior AS SELECT l.*, v.version FROM ({live_query([*earlier, out])}) l "
                 f"JOIN (VALUES {names}) v(root, version) USING (root)")
     return "prior"

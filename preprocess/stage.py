@@ -44,11 +44,9 @@ log = logging.getLogger(__name__)
 
 RESUME_BATCH = 256  # committed markers read (and checked against their plans) at a time
 
-# Tasks are idempotent (whole files committed, marker last), so Ray may retry them on node
-# loss and on the store's errors that outlast its own retries.
-_shard_task = task(write_shard, num_cpus=1, max_retries=3, retry_exceptions=[OSError], scheduling_strategy="SPREAD")
-_dedup_task = task(find_duplicates, num_cpus=1, max_retries=2, retry_exceptions=[OSError])
-_mark_task = task(mark_duplicates, num_cpus=1, max_retries=3, retry_exceptions=[OSError])
+_shard_task = task(write_shard, num_cpus=1, scheduling_strategy="SPREAD")
+_dedup_task = task(find_duplicates, num_cpus=1, max_retries=2)
+_mark_task = task(mark_duplicates, num_cpus=1)
 
 
 def plan_shards(source: ManifestSource, cfg: ShardConfig) -> Iterator[ShardPlan]:

@@ -48,6 +48,7 @@ from tessera.core.versions import (
     VERSIONS,
     complete_versions,
     version_folder,
+    version_name,
 )
 from tessera.features.config import CurateConfig, EmbedConfig
 from tessera.features.layout import CACHE, SIDECARS, CurateSummary, EmbedSummary
@@ -156,10 +157,8 @@ def files_unchanged(staging: Store, name: str) -> bool:
     return all(tags[u] == t for u, t in pairs)
 
 
-_identity_task = task(row_identities, num_cpus=1, max_retries=3, retry_exceptions=[OSError],
-                      scheduling_strategy="SPREAD")
-_unchanged_task = task(files_unchanged, num_cpus=1, max_retries=3, retry_exceptions=[OSError],
-                       scheduling_strategy="SPREAD")
+_identity_task = task(row_identities, num_cpus=1, scheduling_strategy="SPREAD")
+_unchanged_task = task(files_unchanged, num_cpus=1, scheduling_strategy="SPREAD")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,7 +273,7 @@ def _publish_unless_same(local: str, target: Store, name: str) -> None:
     target.put_file(local, name)
 
 
-_diff_task = task(diff_manifest, num_cpus=1, max_retries=2, retry_exceptions=[OSError])
+_diff_task = task(diff_manifest, num_cpus=1, max_retries=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,7 +369,7 @@ def run_refresh(cfg: TesseraConfig, out: Store, start: Callable[[], None] = lamb
         result = RefreshResult()
         if counts.new_rows or counts.removed or counts.duplicate_key:
             chain = _make_version(cfg, out, version, counts, source, fence)
-            result = RefreshResult(version.rsplit("/", 1)[-1], counts.new_rows, counts.added, counts.changed,
+            result = RefreshResult(version_name(version), counts.new_rows, counts.added, counts.changed,
                                    counts.removed, counts.duplicate_key, counts.no_key, chain)
         else:
             out.remove(version, recursive=True)
@@ -423,7 +422,7 @@ def _training(cfg: TesseraConfig, out: Store, version: Store, shard: ShardSummar
     trained = [v for v in earlier if v.exists(f"{TRAIN}/{WEIGHTS}")]
     start = trained[-1].url_of(TRAIN) if trained else cfg.train.init_from
     shards = [*earlier, version] if cfg.job.refresh_train == "all" else [version]
-    log.info("refresh: training %s on %d version(s) from %s", version.url.rsplit("/", 1)[-1], len(shards),
+    log.info("refresh: training %s on %d version(s) from %s", version_name(version), len(shards),
              start or "scratch")
     return version.child(TRAIN), shards, cfg.model_copy(
         update={"train": cfg.train.model_copy(update={"init_from": start})})

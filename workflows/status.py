@@ -12,7 +12,7 @@ import time
 from tessera.core.errors import NotAnInput
 from tessera.core.lease import LEASE
 from tessera.core.storage import Store
-from tessera.core.versions import VERSION_DONE, VERSIONS, complete_versions
+from tessera.core.versions import VERSION_DONE, VERSIONS, complete_versions, version_name
 from tessera.features.layout import SIDECARS, CurateSummary, EmbedSummary
 from tessera.preprocess.layout import SHARD_CONFIG, SHARD_FILES, Damage, ShardSummary, committed_shards, damaged
 from tessera.train.layout import EXPORT, META, RUN_CONFIG, TRAIN_SUMMARY, WEIGHTS, TrainSummary
@@ -36,7 +36,7 @@ def version_records(out: Store) -> list[dict]:
     for name in complete_versions(out):
         folder = out.child(name)
         counts, summary = folder.read_json(VERSION_DONE), ShardSummary.read(folder)
-        found.append({"version": name.rsplit("/", 1)[-1],
+        found.append({"version": version_name(name),
                       **{c: counts[c] for c in ("added", "changed", "removed", "duplicate_key")},
                       "inputs": summary.inputs, "accepted": summary.accepted, "rejected": summary.rejected,
                       "shards": summary.shards})
