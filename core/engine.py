@@ -122,17 +122,19 @@ def command(folder: Store, runtime: RuntimeConfig, name: str) -> Iterator[Fence]
             if full is not None:  # one line, not the traceback of whichever task hit it
                 e = OutOfSpace(f"{full}, writing into {folder.url}: free some space and run again (what was "
                                "committed is kept, and resumed)")
-            e.add_note(f"logs: {keep_logs(folder, runtime, name)}")
+            e.add_note(f"logs: {keep_logs(folder, runtime, name, fence)}")
             if full is not None:
                 raise e from None
             raise
-        keep_logs(folder, runtime, name)
+        keep_logs(folder, runtime, name, fence)
 
 
-def keep_logs(folder: Store, runtime: RuntimeConfig, name: str) -> str:
-    """Where this command's logs are: FOLDER/logs/..., or where they are on this machine when
-    they could not be copied there (a full disk must not hide the error that ended the run)."""
+def keep_logs(folder: Store, runtime: RuntimeConfig, name: str, fence: Fence) -> str:
+    """Where this command's logs are: FOLDER/logs/... (while its lease holds), or where they are
+    on this machine when they could not be copied there (a full disk, or a lease another writer
+    took over, must not hide the error that ended the run)."""
     try:
+        fence.check(f"{name}'s logs")
         return save_logs(folder, name, runtime)
     except Exception as error:
         from tessera.core.runtime import local_logs

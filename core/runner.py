@@ -1,6 +1,8 @@
 """How a stage's plain functions run on Ray: as tasks (or calls of a plain class's methods on
 actors) that report where they ran and how many store calls they retried, submitted by one
-bounded loop (`StageWork.run`) that every stage driver uses. The per-item code never sees Ray."""
+bounded loop (`StageWork.run`) that every stage driver uses. The per-item code never sees Ray,
+and importing a stage imports no Ray: the remote functions are made on first use (a command
+that finds its output up to date never loads it)."""
 
 from __future__ import annotations
 
@@ -10,8 +12,6 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
-
-import ray
 
 from tessera.core.storage import counting_retries, out_of_space
 
@@ -36,7 +36,29 @@ def _reported(call: Callable, args: tuple, kwargs: dict) -> Done:
         if full is None:
             raise
         raise full from error
+    import ray  # (in a Ray worker: already loaded)
+
     return Done(value, ray.get_runtime_context().get_node_id(), retried.value)
+
+
+class _Remote:
+    """A Ray remote function or actor class, made when it is first used."""
+
+    def __init__(self, target: Callable | type, options: dict):
+        self._target, self._options, self._made = target, options, None
+
+    def _remote(self):
+        if self._made is None:
+            import ray
+
+            self._made = ray.remote(**self._options)(self._target)
+        return self._made
+
+    def remote(self, *args, **kwargs):
+        return self._remote().remote(*args, **kwargs)
+
+    def options(self, **options):
+        return self._remote().options(**options)
 
 
 # what every stage's Ray work is: idempotent (whole files committed, a marker or summary last), so
@@ -52,7 +74,7 @@ def task(fn: Callable, **options):
     def run(*args, **kwargs) -> Done:
         return _reported(fn, args, kwargs)
 
-    return ray.remote(**{**RETRIED, **options})(run)
+    return _Remote(run, {**RETRIED, **options})
 
 
 def actor(cls: type, methods: tuple[str, ...], **options):
@@ -68,12 +90,14 @@ def actor(cls: type, methods: tuple[str, ...], **options):
 
     wrapped = {name: reporting(getattr(cls, name)) for name in methods}
     reported = type(cls.__name__, (cls,), {**wrapped, "__qualname__": cls.__name__})
-    return ray.remote(**options)(reported) if options else ray.remote(reported)
+    return _Remote(reported, options)
 
 
 def in_flight_limit() -> int:
     """Tasks kept in flight: enough to keep every CPU of the cluster busy, few enough that the
     driver holds little."""
+    import ray
+
     return max(8, 4 * int(ray.cluster_resources().get("CPU", 1)))
 
 
@@ -86,6 +110,8 @@ def _abandon(refs: list) -> None:
     report them as unhandled errors beside the one that ended the stage. Nothing is cancelled
     (ray.cancel racing a task that completes can abort the driver); work that outlives the wait
     finds the lease released at its commit point and commits nothing."""
+    import ray
+
     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=ABANDON_WAIT_S) if refs else ([], [])
     for ref in ready:
         with contextlib.suppress(BaseException):
@@ -106,9 +132,13 @@ class StageWork:
         return done.value
 
     def get(self, ref) -> Any:
+        import ray
+
         return self._take(ray.get(ref))
 
     def get_all(self, refs: list) -> list:
+        import ray
+
         return [self._take(done) for done in ray.get(refs)]
 
     def run(self, items: Iterable[Item], submit: Callable[[Item, int], Any], limit: int,
@@ -117,6 +147,8 @@ class StageWork:
         value) as each finishes (in the order they finish). SLOT (0 <= slot < LIMIT) is the
         submission's own while it runs: a pool of actors maps it to one of them, so an actor
         gets its next item as it finishes one."""
+        import ray
+
         in_flight: dict = {}  # ref -> (item, slot)
         free = list(range(limit - 1, -1, -1))
 

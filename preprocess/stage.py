@@ -12,8 +12,6 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 
-import ray
-
 from tessera.core.engine import Stage, StageRun, execute
 from tessera.core.errors import OutputConflict, StageFailed
 from tessera.core.lease import DEFAULT_LEASE, Fence, LeaseConfig
@@ -175,6 +173,8 @@ class ShardStage(Stage[ShardSummary]):
         committed = {int(MARKER.fullmatch(name.removesuffix(".tar") + ".json").group(1))
                      for name in committed_shards(out)}
         tally = ShardProgress(out, run)
+        import ray
+
         cfg_ref = ray.put(cfg)
         run.map(tally.to_write(plan_shards(source, cfg), committed),
                 lambda plan, _: _shard_task.remote(plan, cfg_ref, out, run.fence), tally.written)

@@ -29,6 +29,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -74,9 +75,11 @@ from tessera.preprocess.manifest import (
 from tessera.preprocess.modality import file_fields
 from tessera.train.layout import TRAIN_SUMMARY, WEIGHTS, TrainSummary
 from tessera.workflows.config import TesseraConfig
-from tessera.workflows.jobs import ChainResult, run_chain
 from tessera.workflows.layout import IDENTITIES, STATE, TRAIN
 from tessera.workflows.status import version_records
+
+if TYPE_CHECKING:  # (the chain imports every stage: a refresh with nothing new loads none of them)
+    from tessera.workflows.jobs import ChainResult
 
 # The stages (and torch) are imported where a version is made: a no-op refresh, and the
 # refreshes that find another one running, start in a fraction of a second.
@@ -405,6 +408,8 @@ def _make_version(cfg: TesseraConfig, out: Store, version: str, counts: DiffCoun
         for name in [*target.names("*"), *target.names(f"{REJECTS}/*")]:
             if name not in keep:
                 target.remove(name, recursive=True)
+    from tessera.workflows.jobs import run_chain
+
     chain = run_chain(cfg, manifest, target, lambda folder, shard: _training(cfg, out, folder, shard, earlier),
                       shard_cfg=shard_cfg, cache=cache, earlier=earlier)
     fence.check(f"{version}/{VERSION_DONE}")
@@ -441,5 +446,7 @@ def _repair_version(cfg: TesseraConfig, version: Store, earlier: list[Store], ca
         "shard": ShardConfig.model_validate(version.read_json(SHARD_CONFIG)["config"]),
         "embed": EmbedConfig.model_validate(EmbedSummary.read(version).config),
         "curate": cfg.curate if CurateSummary.exists(version) else CurateConfig()})
+    from tessera.workflows.jobs import run_chain
+
     run_chain(made_with, version.url_of(VERSION_MANIFEST), version, lambda folder, shard: None, cache=cache,
               earlier=earlier)
