@@ -66,6 +66,11 @@ class EmbedConfig(Strict):
                                      "a count (>= 1) or a share of the samples (< 1); null: no limit")
     cache: str | None = Field(None, description="cache URL; null: SHARDS/embed-cache")
 
+    def with_weights(self, weights: dict[str, str]) -> EmbedConfig:
+        """These modalities' encoders loading their weights from the given folders or URLs."""
+        return self.model_copy(update={m: getattr(self, m).model_copy(update={"weights": w})
+                                       for m, w in weights.items()})
+
 
 class SemanticDedupConfig(Strict):
     """SemDeDup on the cached embeddings: k-means, then pairs within each cluster at cosine

@@ -11,6 +11,9 @@ import contextlib
 import hashlib
 import json
 import logging
+import shutil
+import tempfile
+import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
@@ -54,8 +57,11 @@ def sentence_transformer_width(folder: Path) -> int:
         config_path = folder / module["path"] / "config.json"
         if kind == "Pooling":
             config = json.loads(config_path.read_text())
-            modes = sum(1 for k, v in config.items() if k.startswith("pooling_mode_") and v is True)
-            width = config["word_embedding_dimension"] * max(modes, 1)
+            # sentence-transformers < 6 writes a flag per mode, 6 one `pooling_mode` (a name or a list)
+            modes = config.get("pooling_mode")
+            count = (len(modes) if isinstance(modes, list) else 1) if modes is not None else \
+                sum(1 for k, v in config.items() if k.startswith("pooling_mode_") and v is True)
+            width = config.get("word_embedding_dimension", config.get("embedding_dimension")) * max(count, 1)
         elif kind == "Dense":
             width = json.loads(config_path.read_text())["out_features"]
     if width is None:
@@ -63,8 +69,34 @@ def sentence_transformer_width(folder: Path) -> int:
     return width
 
 
+def _fetched(url: str) -> Path:
+    """A model folder in a store (a run's fine-tuned tower: train/towers.py), copied to this
+    machine's scratch once per content (its files' names and sizes)."""
+    from tessera.core.storage import Store
+
+    store = Store(url)
+    files = store.infos()
+    if not files:
+        raise NotAnInput(f"weights {url!r}: no model folder there")
+    content = _digest([url, sorted((name, info.get("size")) for name, info in files.items())])[:16]
+    local = Path(tempfile.gettempdir()) / "tessera-weights" / content
+    if not local.exists():
+        partial = local.with_name(f"{content}.{uuid.uuid4().hex}")
+        for name in files:
+            (partial / name).parent.mkdir(parents=True, exist_ok=True)
+            store.get_file(name, str(partial / name))
+        try:
+            partial.rename(local)
+        except OSError:  # another process fetched it first
+            shutil.rmtree(partial)
+    return local
+
+
 def resolve_weights(weights: str) -> Path:
-    """A local folder, or a hub id found in the user's model cache (never downloaded)."""
+    """A local folder, a folder in a store (any fsspec URL: fetched), or a hub id found in the
+    user's model cache (never downloaded)."""
+    if "://" in weights:
+        return _fetched(weights)
     folder = Path(weights).expanduser()
     if folder.is_dir():
         return folder

@@ -44,8 +44,32 @@ class DistillConfig(Strict):
     temperature: float = Field(2.0, gt=0)
 
 
+class ContrastiveConfig(Strict):
+    """`objective: contrastive`: CLIP's symmetric InfoNCE between each pair's vectors (projected
+    to a shared space, a learnable temperature), negatives from every rank's batch."""
+
+    pairs: tuple[tuple[Modality, Modality], ...] = (("image", "text"), ("audio", "text"))
+    dim: int = Field(128, gt=0, description="width of the shared space")
+    temperature: float = Field(0.07, gt=0, description="initial; learned (CLIP's logit scale, capped at 100)")
+    supervised_weight: float = Field(0.0, ge=0, description="weight of the task heads' loss beside it (0: none)")
+
+
+Tower = Literal["text", "image"]
+
+
 class TrainConfig(Strict):
     model: ModelConfig = ModelConfig()
+    # The modalities whose encoder towers are trained end to end, from the shards' members
+    # (tokens, pixels) rather than from the cached vectors; the others stay frozen.
+    finetune: tuple[Tower, ...] = ()
+    unfreeze_last: int | None = Field(None, gt=0, description="train only each tower's last N blocks (and what "
+                                      "follows them); null: all")
+    encoder_lr: float = Field(2e-5, gt=0, description="the towers' learning rate (the heads': lr)")
+    activation_checkpointing: bool = Field(False, description="recompute the towers' activations in backward")
+    objective: Literal["supervised", "contrastive"] = "supervised"
+    contrastive: ContrastiveConfig = ContrastiveConfig()
+    offload: Literal["none", "optimizer", "all"] = Field("none", description="ZeRO-Offload to CPU memory: the "
+                                                         "optimizer state (ZeRO >= 1), or also the parameters (ZeRO-3)")
     # the model's heads; none: one classification task named `label` from the label field
     tasks: tuple[TaskConfig, ...] = ()
     workers: int = Field(2, gt=0, description="Ray Train workers (processes)")
@@ -102,7 +126,28 @@ class TrainConfig(Strict):
                 raise ValueError("the contrastive loss needs the whole batch on one stage: use parallel: data")
         if self.model.contrastive_weight and not {"image", "text"} <= set(self.model.modalities):
             raise ValueError("the contrastive loss needs both image and text in model.modalities")
+        if not set(self.finetune) <= set(self.model.modalities):
+            raise ValueError(f"finetune {list(self.finetune)}: each must be one of model.modalities "
+                             f"{list(self.model.modalities)}")
+        if self.finetune and self.parallel == "pipeline":
+            raise ValueError("fine-tuned towers train with parallel: data (ZeRO shards them); pipeline stages over "
+                             "towers are not built yet")
+        if self.offload == "optimizer" and self.zero_stage == 0 or self.offload == "all" and self.zero_stage != 3:
+            raise ValueError(f"offload: {self.offload} needs zero_stage {'3' if self.offload == 'all' else '>= 1'}")
+        if self.objective == "contrastive":
+            if self.parallel == "pipeline":
+                raise ValueError("the contrastive objective needs the whole batch on one stage: use parallel: data")
+            if not self.contrastive_pairs:
+                raise ValueError(f"objective contrastive: none of contrastive.pairs {self.contrastive.pairs} has "
+                                 f"both modalities in model.modalities {list(self.model.modalities)}")
         return self
+
+    @property
+    def contrastive_pairs(self) -> tuple[tuple[str, str], ...]:
+        """The pairs the contrastive objective aligns (both modalities in the model)."""
+        if self.objective != "contrastive":
+            return ()
+        return tuple(p for p in self.contrastive.pairs if set(p) <= set(self.model.modalities))
 
 
 class ExportConfig(Strict):

@@ -43,6 +43,7 @@ from tessera.preprocess.modality import member_extensions
 from tessera.train.config import TaskConfig
 from tessera.train.inputs import branch_pixels, pack_vectors
 from tessera.train.tasks import LABEL, Task, pack_targets
+from tessera.train.towers import TowerSpec
 
 SPLITS = ("train", "val")
 
@@ -169,6 +170,7 @@ class DatasetInfo:
     pixel_mean: tuple[float, float, float]
     pixel_std: tuple[float, float, float]
     val_fraction: float
+    embed_config: str = "{}"  # EmbedConfig JSON the newest folder was embedded with (its encoders: the towers)
 
     @classmethod
     def read(cls, shards: Store | Sequence[Store], modalities: tuple[str, ...], val_fraction: float,
@@ -188,7 +190,8 @@ class DatasetInfo:
         summaries = [ShardSummary.read(s) for s in stores]
         shard_configs = [s.read_json(SHARD_CONFIG)["config"] for s in stores]
         target_sets = [{"labels": c["labels"], "targets": c.get("targets") or []} for c in shard_configs]
-        dim_sets = [EmbedSummary.read(s).dims for s in stores]
+        embedded = [EmbedSummary.read(s) for s in stores]
+        dim_sets = [e.dims for e in embedded]
         for what, values in (("labels and targets", target_sets), ("embedding widths", dim_sets)):
             if any(v != values[0] for v in values):
                 raise ValueError(f"the shard folders differ in their {what} ({dict(zip(urls, values, strict=True))}): "
@@ -205,7 +208,8 @@ class DatasetInfo:
         counts["all"] = counts["train"] + counts["val"]
         mean, std = _pixel_statistics(summaries)
         return cls(stores, tuple(listed), per_shard, superseded if len(stores) > 1 else None,
-                   resolve_tasks(tasks, shard_configs[0], found, moments), dims, counts, mean, std, val_fraction)
+                   resolve_tasks(tasks, shard_configs[0], found, moments), dims, counts, mean, std, val_fraction,
+                   json.dumps(embedded[-1].config))
 
     @property
     def fields(self) -> list[str]:
@@ -232,6 +236,13 @@ class StreamSpec:
     world: int = 1
     loader_workers: int = 1  # consumers per rank (>= 1 even when the DataLoader uses none)
     batch_multiple: int = 1  # batches per rank are a multiple of this (gradient accumulation)
+    towers: TowerSpec | None = None  # fine-tuned towers: their inputs are made from the shards' members
+
+    @property
+    def member_modalities(self) -> tuple[str, ...]:
+        """The modalities whose members (not only vectors) a batch needs."""
+        wanted = set(self.towers.modalities if self.towers else ()) | ({"image"} if self.image_branch_size else set())
+        return tuple(m for m in self.info.dims if m in wanted)
 
     @property
     def consumers(self) -> int:
@@ -293,19 +304,24 @@ class ShardStream(IterableDataset):
             values = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
             present[modality] = (rows, values if len(values) == rows.sum() else values[rows])
         features, mask = pack_vectors(len(chosen), info.dims, present)
-        images = self._images(store, name, {c[0] for c in chosen}) if spec.image_branch_size else {}
+        members = self._members(store, name, {c[0] for c in chosen}, spec.member_modalities)
         return [{"key": key, "targets": targets, "present": has, "features": features[i], "mask": mask[i],
-                 "image": images.get(key)} for i, (key, targets, has) in enumerate(chosen)]
+                 "members": members.get(key, {})} for i, (key, targets, has) in enumerate(chosen)]
 
-    def _images(self, store: Store, shard: str, keys: set[str]) -> dict[str, bytes]:
-        exts = member_extensions()["image"]
+    @staticmethod
+    def _members(store: Store, shard: str, keys: set[str], modalities: tuple[str, ...]) -> dict[str, dict]:
+        """key -> {modality: its member's bytes} of the shard's samples in KEYS (only these bytes read)."""
+        if not modalities:
+            return {}
+        extensions = member_extensions()
+        wanted = {ext for m in modalities for ext in extensions[m]}
 
         def select(member: str) -> bool:
             key, _, ext = member.partition(".")
-            return key in keys and ext in exts
+            return key in keys and ext in wanted
 
-        samples = iter_shard(store, shard, select)
-        return {s["__key__"]: member_payload(s, "image") for s in samples}
+        return {s["__key__"]: {m: member_payload(s, m) for m in modalities}
+                for s in iter_shard(store, shard, select)}
 
     def _samples(self, consumer: int, epoch: int) -> Iterator[dict]:
         """Consumer's block of the epoch's sequence of samples, shard by shard."""
@@ -340,8 +356,11 @@ class ShardStream(IterableDataset):
                  "weights": torch.tensor(weights, dtype=torch.float32)}
         if self.spec.image_branch_size:
             info = self.spec.info
-            batch["pixels"] = torch.from_numpy(np.stack([branch_pixels(r["image"], self.spec.image_branch_size,
-                                                                       info.pixel_mean, info.pixel_std) for r in rows]))
+            batch["pixels"] = torch.from_numpy(np.stack([
+                branch_pixels(r["members"].get("image"), self.spec.image_branch_size, info.pixel_mean, info.pixel_std)
+                for r in rows]))
+        if self.spec.towers:
+            batch["towers"] = self.spec.towers.batch([r["members"] for r in rows])
         return batch
 
     def consumer_batches(self, epoch: int, k: int) -> Iterator[tuple[list[dict], list[float]]]:

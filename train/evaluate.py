@@ -17,8 +17,10 @@ import pyarrow.parquet as pq
 import torch
 
 from tessera.core.engine import Stage, StageRun, execute
+from tessera.core.errors import NotAnInput
 from tessera.core.lease import DEFAULT_LEASE, Fence, LeaseConfig
 from tessera.core.storage import Store
+from tessera.features.layout import EmbedSummary
 from tessera.train.config import TrainConfig
 from tessera.train.data import DatasetInfo, StreamSpec, loader
 from tessera.train.inputs import Scorer
@@ -317,6 +319,54 @@ def evaluate_set(batches: Iterable[dict], score: Scorer, dims: dict[str, int], t
     return report
 
 
+RECALL_AT = (1, 5, 10)
+
+
+def recall_at_k(queries: np.ndarray, candidates: np.ndarray, ks: Sequence[int] = RECALL_AT,
+                block: int = 1024) -> dict[str, float]:
+    """Retrieval recall: query i's match is candidate i, found at rank r when r candidates score
+    higher (by dot product; ties count for the query); recall@k is the share with r < k.
+    Queries go in blocks, so memory is the candidates plus a block of scores."""
+    hits = np.zeros(len(ks))
+    for start in range(0, len(queries), block):
+        scores = queries[start : start + block] @ candidates.T
+        rows = np.arange(len(scores))
+        rank = (scores > scores[rows, start + rows][:, None]).sum(axis=1)
+        hits += [(rank < k).sum() for k in ks]
+    return {f"recall@{k}": float(h / len(queries)) if len(queries) else None for k, h in zip(ks, hits, strict=True)}
+
+
+class Retrieval:
+    """Zero-shot retrieval between each pair of a contrastive model's modalities on a set: the
+    samples that have both, each modality's vectors in the shared space, recall@k both ways."""
+
+    def __init__(self, model: MultimodalModel):
+        self.model, self.pairs = model, model.alignment.pairs
+        self.vectors: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = {p: [] for p in self.pairs}
+
+    def watch(self, batches: Iterable[dict]) -> Iterator[dict]:
+        names = self.model.encoder.names
+        for batch in batches:
+            with torch.no_grad():
+                for a, b in self.pairs:
+                    both = (batch["mask"][:, names.index(a)] * batch["mask"][:, names.index(b)]) > 0
+                    if both.any():
+                        features = batch["features"][both]
+                        self.vectors[(a, b)].append(tuple(
+                            torch.nn.functional.normalize(self.model.aligned(features, m), dim=-1).numpy()
+                            for m in (a, b)))
+            yield batch
+
+    def result(self) -> dict[str, dict]:
+        out = {}
+        for (a, b), parts in self.vectors.items():
+            first = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, 1), np.float32)
+            second = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, 1), np.float32)
+            out[f"{a}->{b}"] = {"samples": len(first), **recall_at_k(first, second)}
+            out[f"{b}->{a}"] = {"samples": len(first), **recall_at_k(second, first)}
+        return out
+
+
 def trained_on(run: Store) -> tuple[Store | list[Store], TrainConfig]:
     """The shard folders a run trained on and its training config (RUN/train-config.json)."""
     record = run.read_json(RUN_CONFIG)
@@ -334,6 +384,13 @@ def data_for(meta: ModelMeta, shards: Store | list[Store], cfg: TrainConfig, run
     if found != wanted or info.dims != meta.dims:
         raise ValueError(f"{[f.url for f in info.folders]} do not fit this model: tasks {found} vs {wanted}, "
                          f"embedding widths {info.dims} vs {meta.dims}")
+    if meta.towers:  # a fine-tuned model reads the vectors of its own towers
+        made_by = EmbedSummary.read(info.folders[-1]).encoders
+        stale = {m: made_by.get(m) for m, identity in meta.towers.items() if made_by.get(m) != identity}
+        if stale:
+            raise NotAnInput(f"{info.folders[-1].url} holds {sorted(stale)} vectors of other encoders ({stale}) than "
+                             f"the run's fine-tuned towers ({meta.towers}): run `tessera embed SHARDS --from-run "
+                             f"{run.url}` first")
     return dataclasses.replace(info, tasks=tasks, pixel_mean=meta.pixel_mean, pixel_std=meta.pixel_std)
 
 
@@ -359,8 +416,12 @@ class EvalStage(Stage[EvalSummary]):
             with pq.ParquetWriter(local, PREDICTION_SCHEMA) as writer:
                 for name, (source, split) in sets.items():
                     info = data_for(meta, source, cfg, folder)
-                    results[name] = evaluate_set(eval_batches(info, split, cfg, self.batch_size), eager_scorer(model),
-                                                 info.dims, info.tasks, writer.write_table, name)
+                    batches = eval_batches(info, split, cfg, self.batch_size)
+                    retrieval = Retrieval(model) if model.alignment else None
+                    results[name] = evaluate_set(retrieval.watch(batches) if retrieval else batches,
+                                                 eager_scorer(model), info.dims, info.tasks, writer.write_table, name)
+                    if retrieval:
+                        results[name]["retrieval"] = retrieval.result()
                     log.info("evaluate %s: %d samples, %s", name, results[name]["samples"],
                              {t.name: headline(t, results[name]["tasks"][t.name]) for t in info.tasks})
             run.fence.check(PREDICTIONS)

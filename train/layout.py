@@ -8,6 +8,8 @@ imports: the jobs, reports and `tessera predict` read these without torch or Dee
     RUN/train-summary.json       TrainSummary, written last
     RUN/eval.json                evaluation per set; RUN/eval-predictions.parquet one row per (sample, task)
     RUN/superseded.parquet       trained on several versions: the keys later ones replaced or removed
+    RUN/towers/<modality>/       fine-tuned encoder towers (train.finetune) in their library's own format
+                                 (safetensors): a sentence-transformers folder, a transformers CLIP one
 
     EXPORT/model.safetensors, model.json   as in the run
     EXPORT/preprocess.json       the shard and embed settings and encoders that reproduce the inputs
@@ -37,6 +39,12 @@ SUPERSEDED = "superseded.parquet"
 PREPROCESS, EXPORT = "preprocess.json", "export.json"
 ONNX = {"fp32": "model.onnx", "int8": "model-int8.onnx", "pruned": "model-pruned.onnx"}
 BUNDLE = "encoders"  # its files: features/layout.py
+TOWERS = "towers"
+
+
+def run_towers(run: Store) -> dict[str, str]:
+    """The URLs of a run's fine-tuned towers by modality (none: {})."""
+    return {m: run.url_of(TOWERS, m) for m in (name.split("/")[1] for name in run.names(f"{TOWERS}/*/config.json"))}
 
 
 def run_record(cfg: TrainConfig, shards: Store | Sequence[Store]) -> dict:
@@ -78,6 +86,8 @@ class ModelMeta:
     pixel_mean: tuple[float, float, float]
     pixel_std: tuple[float, float, float]
     checkpoint: str | None  # the checkpoint tag it was exported from
+    align: dict | None = None  # the contrastive objective's projections (model.py: Alignment.meta)
+    towers: dict[str, str] | None = None  # fine-tuned towers' encoder identities (in RUN/towers/)
 
     @classmethod
     def read(cls, folder: Store) -> ModelMeta:
@@ -86,11 +96,14 @@ class ModelMeta:
             raise ValueError(f"{folder.url}: this model was trained by an older tessera (model.json has no tasks): "
                              "train it again")
         return cls(record["dims"], record["tasks"], record["model"], tuple(record["pixel_mean"]),
-                   tuple(record["pixel_std"]), record.get("checkpoint"))
+                   tuple(record["pixel_std"]), record.get("checkpoint"), record.get("align"), record.get("towers"))
 
     def to_bytes(self) -> bytes:
-        # (not write_json: its sorted keys would reorder dims, which is the model's input order)
-        return json.dumps(dataclasses.asdict(self), indent=1).encode()
+        # (not write_json: its sorted keys would reorder dims, which is the model's input order;
+        # what a model without towers or alignment lacks is left out, as before they existed)
+        record = dataclasses.asdict(self)
+        return json.dumps({k: v for k, v in record.items() if v is not None or k not in ("align", "towers")},
+                          indent=1).encode()
 
     @property
     def image_branch_size(self) -> int | None:

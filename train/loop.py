@@ -19,11 +19,12 @@ from tessera.train.config import TrainConfig
 from tessera.train.data import DatasetInfo, StreamSpec, loader
 from tessera.train.layout import META, WEIGHTS, ModelMeta
 from tessera.train.losses import Distillation, TaskLoss, loss_sums, tally
-from tessera.train.model import MultimodalModel
+from tessera.train.model import Alignment, MultimodalModel
 from tessera.train.parallel import build_engine, resolve_precision
 from tessera.train.run_store import Checkpoints, MetricsLog, disk_id, tag_of
 from tessera.train.saved import load_model
 from tessera.train.tasks import TALLY, tasks_meta, validation_record
+from tessera.train.towers import TowerSpec, build_towers, save_towers
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,20 @@ class TrainJob:
 
 
 def _inputs(batch: dict, device) -> tuple:
+    """The model's inputs (train/model.py) from a loader batch, on DEVICE."""
     inputs = [batch["features"].to(device), batch["mask"].to(device)]
     if "pixels" in batch:
         inputs.append(batch["pixels"].to(device))
+    if "towers" in batch:
+        inputs.append({m: {k: v.to(device) for k, v in tensors.items()} for m, tensors in batch["towers"].items()})
     return tuple(inputs)
+
+
+def alignment(cfg: TrainConfig) -> Alignment | None:
+    """The contrastive objective's settings (None: the objective is supervised)."""
+    pairs = cfg.contrastive_pairs
+    c = cfg.contrastive
+    return Alignment(pairs, c.dim, c.temperature, c.supervised_weight) if pairs else None
 
 
 class TimedBatches:
@@ -122,7 +133,10 @@ class Trainer:
         self.device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         distillation = Distillation(cfg.distill.alpha, cfg.distill.temperature) if job.teacher else None
-        self.model = MultimodalModel(info.dims, info.tasks, cfg.model, TaskLoss(info.tasks, distillation))
+        self.towers = TowerSpec(info.embed_config, cfg.finetune) if cfg.finetune else None
+        self.model = MultimodalModel(info.dims, info.tasks, cfg.model, TaskLoss(info.tasks, distillation),
+                                     build_towers(self.towers, cfg.unfreeze_last, cfg.activation_checkpointing)
+                                     if self.towers else None, alignment(cfg))
         if job.init_state is not None:
             self.model.load_state_dict(job.init_state)
         self.data_world = world // cfg.pipeline_stages if cfg.parallel == "pipeline" else world
@@ -141,7 +155,7 @@ class Trainer:
         cfg = self.cfg
         return StreamSpec(self.info, split, cfg.val_fraction, cfg.micro_batch_size, cfg.shuffle_buffer, cfg.seed,
                           cfg.model.image_branch_size if cfg.model.image_branch else None, data_rank,
-                          self.data_world, max(1, cfg.loader_workers), cfg.grad_accum)
+                          self.data_world, max(1, cfg.loader_workers), cfg.grad_accum, self.towers)
 
     def resume(self) -> None:
         """Take up the latest checkpoint, wherever it was made (weights, optimizer, data position)."""
@@ -274,9 +288,13 @@ class Trainer:
         state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
         info, run = self.info, self.job.run
         self.job.fence.check("the exported model")
-        run.write_bytes(WEIGHTS, save(state, metadata={"format": "pt"}))
+        towers = save_towers(self.towers, state, run) if self.towers else None
+        run.write_bytes(WEIGHTS, save({k: v for k, v in state.items() if not k.startswith("towers.")},
+                                      metadata={"format": "pt"}))
+        align = alignment(cfg)
         run.write_bytes(META, ModelMeta(info.dims, tasks_meta(info.tasks), cfg.model.model_dump(mode="json"),
-                                        info.pixel_mean, info.pixel_std, tag).to_bytes())
+                                        info.pixel_mean, info.pixel_std, tag, align.meta() if align else None,
+                                        towers).to_bytes())
 
     def fit(self, retried: RetryCount) -> None:
         """Train to the end; RETRIED: the store calls this rank retried (summed over ranks into the last record)."""

@@ -4,13 +4,17 @@ Inputs are packed tensors so the same modules serve data and pipeline parallelis
   features: [B, sum(dims)] float, the modalities' cached embeddings side by side (zeros where absent)
   mask:     [B, M] float, 1 where a modality is present — fusion masks absent ones out
   pixels:   [B, 3, S, S] float (optional image branch), already normalized
+  towers:   {modality: its tower's input tensors} (last, with fine-tuned towers: train/towers.py),
+            whose vectors replace that modality's cached ones
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -122,42 +126,101 @@ class Heads(nn.Module):
 class MultimodalModel(nn.Module):
     """One fused representation of the modalities, residual blocks, one head per task."""
 
-    def __init__(self, dims: dict[str, int], tasks: Sequence[Task], cfg: ModelConfig, loss: TaskLoss | None = None):
+    def __init__(self, dims: dict[str, int], tasks: Sequence[Task], cfg: ModelConfig, loss: TaskLoss | None = None,
+                 towers: nn.ModuleDict | None = None, align: Alignment | None = None):
         super().__init__()
         self.cfg, self.tasks = cfg, tuple(tasks)
         self.loss = loss or TaskLoss(tasks)
         self.encoder = FusionEncoder(dims, cfg)
         self.blocks = nn.Sequential(*[Block(cfg.hidden, cfg.dropout) for _ in range(cfg.blocks)])
         self.head = Heads(cfg.hidden, tasks)
+        self.towers = towers
+        self.alignment = align
+        if align is not None:  # the contrastive objective's projections to one space, CLIP's logit scale
+            self.align = nn.ModuleDict({m: nn.Linear(dims[m], align.dim) for m in align.modalities})
+            # (shape [1], not a scalar: DeepSpeed broadcasts parameters as bytes)
+            self.logit_scale = nn.Parameter(torch.tensor([math.log(1 / align.temperature)]))
 
     def layers(self) -> list[nn.Module]:
         """The same modules in order, for pipeline stages (the heads on the last one)."""
         return [self.encoder, *self.blocks, self.head]
 
+    def _vectors(self, features: torch.Tensor, towers: dict) -> torch.Tensor:
+        """The packed features with each fine-tuned modality's vectors made by its tower."""
+        parts = list(torch.split(features, self.encoder.sizes, dim=1))
+        for modality, tower in self.towers.items():
+            parts[self.encoder.names.index(modality)] = tower(**towers[modality]).float()
+        return torch.cat(parts, dim=1)
+
+    def aligned(self, features: torch.Tensor, modality: str) -> torch.Tensor:
+        """A modality's vectors in the contrastive objective's shared space (unnormalized)."""
+        j = self.encoder.names.index(modality)
+        start = sum(self.encoder.sizes[:j])
+        return self.align[modality](features[:, start : start + self.encoder.sizes[j]])
+
     def forward(self, inputs, targets: tuple | None = None):
         """The tasks' logits; with targets (values, present, weights[, teacher logits]): (loss,
         per-task losses, per-task sample counts, logits). Weight-0 rows (padding) add nothing."""
         features, mask, *rest = inputs
+        if self.towers is not None:
+            features = self._vectors(features, rest.pop())
         tokens, mask = self.encoder.tokens(features, mask, rest[0] if rest else None)
         logits = self.head(self.blocks(self.encoder.fuse(tokens, mask)))
         if targets is None:
             return logits
         loss, per_task, counts = self.loss(logits, targets)
+        weights = targets[2]
         if self.cfg.contrastive_weight:
-            weights = targets[2]
             image, text = self.encoder.names.index("image"), self.encoder.names.index("text")
             both = (mask[:, image] * mask[:, text] * weights) > 0
             loss = loss + self.cfg.contrastive_weight * contrastive_loss(
-                tokens[:, image], tokens[:, text], both, self.cfg.temperature)
+                tokens[:, image], tokens[:, text], both, 1 / self.cfg.temperature)
+        if self.alignment is not None:
+            scale = self.logit_scale.exp().clamp(max=100)
+            aligned = sum(contrastive_loss(self.aligned(features, a), self.aligned(features, b),
+                                           mask[:, self.encoder.names.index(a)] * mask[:, self.encoder.names.index(b)]
+                                           * weights > 0, scale)
+                          for a, b in self.alignment.pairs) / len(self.alignment.pairs)
+            loss = self.alignment.supervised_weight * loss + aligned
         return loss, per_task, counts, logits
 
 
-def contrastive_loss(image: torch.Tensor, text: torch.Tensor, both: torch.Tensor, temperature: float):
-    """Symmetric InfoNCE over the samples that have both an image and a text."""
+class Alignment:
+    """The contrastive objective's settings a model is built with (train.contrastive, its pairs
+    present in the model)."""
+
+    def __init__(self, pairs: Sequence[Sequence[str]], dim: int, temperature: float, supervised_weight: float):
+        self.pairs = tuple(tuple(p) for p in pairs)
+        self.dim, self.temperature, self.supervised_weight = dim, temperature, supervised_weight
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(dict.fromkeys(m for pair in self.pairs for m in pair))
+
+    def meta(self) -> dict:
+        return {"pairs": [list(p) for p in self.pairs], "dim": self.dim, "temperature": self.temperature,
+                "supervised_weight": self.supervised_weight}
+
+
+def gathered(x: torch.Tensor) -> torch.Tensor:
+    """X from every rank, concatenated in rank order; this rank's part keeps its gradient (the
+    others' arrive as constants: each rank's loss then differentiates its own samples)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[dist.get_rank()] = x
+    return torch.cat(parts)
+
+
+def contrastive_loss(a: torch.Tensor, b: torch.Tensor, both: torch.Tensor, scale: torch.Tensor | float):
+    """Symmetric InfoNCE (CLIP's) over the samples that have both A and B, every rank's batch
+    gathered: each sample's pair is its positive, every other gathered sample a negative.
+    SCALE multiplies the cosine similarities (1 / temperature)."""
+    a, b = gathered(F.normalize(a.float(), dim=-1)), gathered(F.normalize(b.float(), dim=-1))
+    both = gathered(both.float()) > 0
     if both.sum() < 2:
-        return image.sum() * 0.0  # keeps the graph (and ZeRO's hooks) connected
-    image = F.normalize(image[both].float(), dim=-1)
-    text = F.normalize(text[both].float(), dim=-1)
-    logits = image @ text.T / temperature
+        return a.sum() * 0.0 + b.sum() * 0.0  # keeps the graph (and ZeRO's hooks) connected
+    logits = scale * a[both] @ b[both].T
     target = torch.arange(len(logits), device=logits.device)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2

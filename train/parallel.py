@@ -26,10 +26,12 @@ def deepspeed_config(cfg: TrainConfig, data_parallel: int, precision: str) -> di
         "gradient_accumulation_steps": cfg.grad_accum,
         "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * data_parallel,
         "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": {"stage": cfg.zero_stage, **offload_config(cfg.offload)},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    if cfg.offload != "none":
+        config["zero_force_ds_cpu_optimizer"] = False  # torch's AdamW on the offloaded state (no compiled op)
     if precision == "bf16":
         config["bf16"] = {"enabled": True}
     elif precision == "fp16":
@@ -37,9 +39,22 @@ def deepspeed_config(cfg: TrainConfig, data_parallel: int, precision: str) -> di
     return config
 
 
-def optimizer_and_schedule(params, cfg: TrainConfig, total_steps: int):
-    """AdamW with linear warm-up then cosine (or constant) decay, both plain torch."""
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+def offload_config(offload: str) -> dict:
+    """ZeRO-Offload: the optimizer state (and with `all`, the parameters) in CPU memory."""
+    cpu = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {"none": {}, "optimizer": {"offload_optimizer": cpu},
+            "all": {"offload_optimizer": cpu, "offload_param": cpu}}[offload]
+
+
+def optimizer_and_schedule(module: torch.nn.Module, cfg: TrainConfig, total_steps: int):
+    """AdamW (the fine-tuned towers at train.encoder_lr, the rest at train.lr) with linear
+    warm-up then cosine (or constant) decay, both plain torch."""
+    towers, rest = [], []
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            (towers if name.startswith("towers.") else rest).append(param)
+    groups = [{"params": rest, "lr": cfg.lr}] + ([{"params": towers, "lr": cfg.encoder_lr}] if towers else [])
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -87,8 +102,7 @@ def build_engine(model: MultimodalModel, cfg: TrainConfig, world: int, total_ste
     else:
         module = model
         data_parallel = world
-    optimizer, schedule = optimizer_and_schedule([p for p in module.parameters() if p.requires_grad], cfg,
-                                                 total_steps)
+    optimizer, schedule = optimizer_and_schedule(module, cfg, total_steps)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule,
                                            config=deepspeed_config(cfg, data_parallel, precision))
     if cfg.parallel == "pipeline":

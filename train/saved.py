@@ -10,7 +10,7 @@ from tessera.core.errors import NotAnInput, OutputConflict
 from tessera.core.storage import Store
 from tessera.train.config import ModelConfig
 from tessera.train.layout import META, WEIGHTS, ModelMeta
-from tessera.train.model import MultimodalModel
+from tessera.train.model import Alignment, MultimodalModel
 from tessera.train.tasks import Task, tasks_from_meta, tasks_meta
 
 
@@ -23,7 +23,9 @@ def read_saved(run: Store) -> tuple[ModelMeta, dict[str, torch.Tensor]]:
 
 
 def load_model(meta: ModelMeta, state: dict[str, torch.Tensor]) -> MultimodalModel:
-    model = MultimodalModel(meta.dims, tasks_from_meta(meta.tasks), ModelConfig.model_validate(meta.model))
+    align = Alignment(**meta.align) if meta.align else None
+    model = MultimodalModel(meta.dims, tasks_from_meta(meta.tasks), ModelConfig.model_validate(meta.model),
+                            align=align)
     model.load_state_dict(state)
     return model.eval()
 

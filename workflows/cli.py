@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "tessera embed out/shards --batch-size 64")
     embed.add_argument("shards", help="a shard stage's output folder, any fsspec URL")
     embed.add_argument("--batch-size", type=int, help="embed.batch_size")
+    embed.add_argument("--from-run", metavar="RUN", help="embed with a training run's fine-tuned towers "
+                       "(RUN/towers/; the others as configured): cached apart from the base encoders' vectors")
     _common(embed, ray=True, writes=True)
     curate = _sub(sub, "curate", "embedded shards -> semantic duplicates and outliers dropped or listed "
                   "(curate.semantic, curate.outliers)", "tessera curate out/shards --config configs/demo.yaml")
@@ -229,7 +231,15 @@ def cmd_embed(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     from tessera.features.stage import EmbedStage
 
     shards = cfg.runtime.store(args.shards)
-    summary = run_command(EmbedStage(shards, cfg.embed), cfg.runtime)
+    embed = cfg.embed
+    if args.from_run:
+        from tessera.train.layout import run_towers
+
+        towers = run_towers(cfg.runtime.store(args.from_run))
+        if not towers:
+            raise NotAnInput(f"{args.from_run} holds no fine-tuned towers (RUN/towers/): train with train.finetune")
+        embed = embed.with_weights(towers)
+    summary = run_command(EmbedStage(shards, embed), cfg.runtime)
     screen = stages_screen("tessera embed", {"embed": summary.to_json()})
     screen.path("shards", shards.url)
     show(screen, {"samples": summary.samples, "computed": summary.computed, "cache_hits": summary.cache_hits,
@@ -352,6 +362,11 @@ def cmd_evaluate(args: argparse.Namespace, cfg: TesseraConfig) -> int:
         screen.stage(name, f"{metrics['samples']} samples: " + ", ".join(
             f"{t}: " + " ".join(f"{k} {v:.3f}" for k, v in m.items() if k != "ablation" and isinstance(v, float))
             for t, m in records[-1]["tasks"].items()))
+        if "retrieval" in metrics:  # a contrastive model: zero-shot retrieval both ways per pair
+            records[-1]["retrieval"] = metrics["retrieval"]
+            screen.stage(f"{name} retrieval", ", ".join(
+                f"{way} R@1/5/10 {r['recall@1']:.2f}/{r['recall@5']:.2f}/{r['recall@10']:.2f} ({r['samples']})"
+                for way, r in metrics["retrieval"].items() if r["samples"]))
     screen.path("run", run.url)
     screen.path("report", run.url_of("report.html"))
     if args.json or not sys.stdout.isatty():

