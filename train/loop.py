@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import time
 from dataclasses import dataclass
 
@@ -100,10 +101,15 @@ def _teacher(job: TrainJob, device) -> torch.nn.Module | None:
     return model
 
 
-def _sum_over_ranks(values: list[float], device) -> list[float]:
+def _sum_over_ranks(values: list[float], device, op=dist.ReduceOp.SUM) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+    dist.all_reduce(t, op=op)
     return t.tolist()
+
+
+def _peak_memory_mb(device) -> float:
+    """The largest peak resident memory of any rank's process so far (what a node must hold)."""
+    return _sum_over_ranks([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], device, dist.ReduceOp.MAX)[0]
 
 
 def _seed_step(cfg: TrainConfig, step: int, rank: int) -> None:
@@ -204,11 +210,12 @@ class Trainer:
         self.step += 1
         seconds = time.perf_counter() - started
         samples = cfg.micro_batch_size * cfg.grad_accum * (self.world // (cfg.pipeline_stages if self.pipeline else 1))
+        peak = _peak_memory_mb(device)
         if self.metrics:
             self.metrics.write({"step": self.step, "epoch": self.epoch, "loss": loss, "task_loss": task_loss,
                                 "lr": engine.get_lr()[0], "step_seconds": seconds, "samples_per_s": samples / seconds,
                                 "data_wait_seconds": batches.waited - waited,
-                                "data_made_seconds": batches.made - made})
+                                "data_made_seconds": batches.made - made, "peak_rss_mb": peak})
         return loss
 
     def validate(self) -> dict:

@@ -1,7 +1,8 @@
 """Fine-tuned encoder towers (train.finetune) and the contrastive objective: plain-function checks
 of the retrieval metric and of the loss over gathered negatives (2 real gloo processes), then
 real DeepSpeed runs on 2 Ray Train workers with the shards' own towers (all-MiniLM-L6-v2 and a
-small random CLIP), closed by `tessera embed --from-run` and evaluation on the new vectors."""
+small random CLIP), closed by `tessera embed --from-run`, evaluation on the new vectors and an
+all-ONNX bundle of the fine-tuned tower."""
 
 import json
 import shutil
@@ -20,8 +21,9 @@ from tessera.core.errors import NotAnInput
 from tessera.core.storage import Store
 from tessera.features.cache import EmbeddingCache
 from tessera.features.layout import CACHE, EmbedSummary
-from tessera.train.config import TrainConfig
+from tessera.train.config import ExportConfig, TrainConfig
 from tessera.train.evaluate import evaluate_run, recall_at_k
+from tessera.train.export import export_run
 from tessera.train.model import contrastive_loss
 from tessera.train.stage import run_train_stage
 from tests.conftest import TESSERA, free_port
@@ -158,3 +160,10 @@ def test_contrastive_training_on_zero3_closes_the_loop_through_the_cache(shards,
     assert set(retrieval) == {"image->text", "text->image", "audio->text", "text->audio"}
     for way in retrieval.values():
         assert way["samples"] > 0 and 0 <= way["recall@1"] <= way["recall@5"] <= way["recall@10"] <= 1
+
+    # the all-ONNX bundle takes the fine-tuned tower, checked against it in torch
+    exported = export_run(run, Store(str(tmp_path / "export")), ExportConfig(bundle=True, bundle_samples=8))
+    bundle = json.loads((tmp_path / "export/encoders/bundle.json").read_text())["encoders"]
+    assert bundle["text"]["identity"] == meta["towers"]["text"]
+    assert exported.bundle["encoders"]["text"]["max_cosine_diff"]["fp32"] < 1e-4
+    assert exported.bundle["agreement_with_torch"]["fp32"] == {"label": 1.0}
