@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -280,3 +281,18 @@ def flaky_s3(s3_options):
     proxy = FlakyProxy(options["client_kwargs"]["endpoint_url"], {k: options[k] for k in ("key", "secret")})
     yield proxy
     proxy.server.shutdown()
+
+
+def train_killed_at_first_checkpoint(shards: Path, run: Path, config: Path, timeout: float = 400) -> int:
+    """`tessera train` on SHARDS into RUN, SIGKILLed (its whole process group) as soon as its
+    first checkpoint is committed; the step it was committed at."""
+    proc = subprocess.Popen([*TESSERA, "train", str(shards), "--run-dir", str(run), "--config", str(config),
+                             "--no-progress"], cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    latest = run / "checkpoints" / "latest"
+    deadline = time.monotonic() + timeout
+    while not latest.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return int(latest.read_text().removeprefix("step-"))

@@ -2,10 +2,7 @@
 
 import json
 import os
-import signal
 import socket
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +16,7 @@ from tessera.train.layout import TrainSummary
 from tessera.train.model import MultimodalModel
 from tessera.train.saved import load_model, read_saved
 from tessera.train.stage import run_train_stage
-from tests.conftest import MINI_TASKS, REPO, TESSERA
+from tests.conftest import MINI_TASKS, train_killed_at_first_checkpoint
 
 BASE = {"workers": 2, "micro_batch_size": 4, "epochs": 4, "checkpoint_every": 6, "loader_workers": 2,
         "warmup_steps": 2, "lr": 3e-3}
@@ -124,17 +121,7 @@ def test_killed_run_resumes_with_the_same_losses(embedded_mini, zero2_run, tmp_p
     run = tmp_path / "run"
     config = tmp_path / "train.yaml"
     config.write_text(json.dumps({"runtime": {"workers": 2}, "train": {"zero_stage": 2, **BASE}}))
-    cmd = [*TESSERA, "train", str(embedded_mini), "--run-dir", str(run),
-           "--config", str(config), "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    latest = run / "checkpoints" / "latest"
-    deadline = time.monotonic() + 300
-    while not latest.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    resumed_from = int(latest.read_text().removeprefix("step-"))
+    resumed_from = train_killed_at_first_checkpoint(embedded_mini, run, config, timeout=300)
     assert resumed_from < 24, "the run finished before it could be killed"
 
     summary = run_train_stage(Store(str(embedded_mini)), Store(str(run)), TrainConfig(zero_stage=2, **BASE))

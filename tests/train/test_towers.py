@@ -5,11 +5,8 @@ small random CLIP), closed by `tessera embed --from-run`, evaluation on the new 
 all-ONNX bundle of the fine-tuned tower."""
 
 import json
-import os
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +26,7 @@ from tessera.train.evaluate import evaluate_run, recall_at_k
 from tessera.train.export import export_run
 from tessera.train.model import contrastive_loss
 from tessera.train.stage import run_train_stage
-from tests.conftest import TESSERA, free_port
+from tests.conftest import TESSERA, free_port, train_killed_at_first_checkpoint
 
 BASE = {"workers": 2, "micro_batch_size": 4, "loader_workers": 1, "warmup_steps": 1, "checkpoint_every": 5}
 
@@ -144,16 +141,7 @@ def test_a_killed_fine_tuning_run_resumes_with_the_same_losses(supervised_run, s
     config = tmp_path / "train.yaml"
     config.write_text(json.dumps({"train": SUPERVISED}))
     run = tmp_path / "run"
-    proc = subprocess.Popen([*TESSERA, "train", str(shards), "--run-dir", str(run), "--config", str(config),
-                             "--no-progress"], start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    latest = run / "checkpoints" / "latest"
-    deadline = time.monotonic() + 400
-    while not latest.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    resumed_from = int(latest.read_text().removeprefix("step-"))
+    resumed_from = train_killed_at_first_checkpoint(shards, run, config)
     assert resumed_from < 12, "the run finished before it could be killed"
 
     summary = run_train_stage(Store(str(shards)), Store(str(run)), TrainConfig.model_validate(SUPERVISED))
