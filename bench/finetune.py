@@ -6,10 +6,11 @@ A ViT-B/32-sized CLIP vision tower (random weights, saved to disk and loaded thr
 encoders' own path: 88M parameters) and all-MiniLM-L6-v2 (22.7M, real weights) are fine-tuned
 end to end (train.finetune: [text, image]) on N captioned images from make_large.py, 2 Ray
 Train workers of 1 CPU, micro-batch 8:
-(a) per rank: the peak resident memory of the largest rank during training (measured, from
-    metrics.jsonl) and the model-state bytes (weights, gradients, AdamW's two moments, fp32)
-    a rank holds under each ZeRO stage (from the parameter count) at ZeRO 0, 1, 2, 3 and 3 with
-    the optimizer offloaded; goal: ZeRO-3 <= 0.6x ZeRO-0;
+(a) per rank: the resident memory of the largest rank while training (the median over the
+    steps) and its peak (measured, from metrics.jsonl), and the model-state bytes (weights,
+    gradients, AdamW's two moments, fp32) a rank holds under each ZeRO stage (from the
+    parameter count) at ZeRO 0, 1, 2, 3 and 3 with the optimizer offloaded; goal: ZeRO-3 <=
+    0.6x ZeRO-0;
 (b) samples/s of the fine-tuning stage (ZeRO-0 and ZeRO-2) vs a plain PyTorch DDP loop written
     by hand over the same shards, loader, model, batch and 2 processes (1 thread each, as Ray
     gives a 1-CPU worker); goal >= 0.9x. The first step (start-up) is left out of both.
@@ -61,7 +62,7 @@ def vision_tower(folder: Path) -> Path:
     return folder
 
 
-def state_bytes(params: int, stage: int, offload: bool) -> int:
+def state_bytes(params: int, stage: int) -> int:
     """Model-state bytes one rank holds in its own memory pool (fp32 weights 4, gradients 4,
     AdamW moments 8 per parameter), as ZeRO partitions them over the workers; offloaded
     optimizer state moves to the host (on CPUs: the same memory, so it is still counted)."""
@@ -75,6 +76,7 @@ def from_metrics(run: Path) -> dict:
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in steps if "step_seconds" in r]
     return {"peak_mb": max(r["peak_rss_mb"] for r in steps),
+            "rss_mb": statistics.median(r["rss_mb"] for r in steps[1:]),
             "step_s": statistics.median(r["step_seconds"] for r in steps[1:]),
             "samples_per_s": statistics.median(r["samples_per_s"] for r in steps[1:])}
 
@@ -130,24 +132,35 @@ def main() -> None:
 
     manifest, _ = ensure_corpus(args.data, args.n)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    print(f"{WORKERS} Ray Train workers of 1 CPU, micro-batch 8, {args.steps} steps (the first left out)", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        tower = vision_tower(Path(tmp) / "vit-b32")
-        shards = Path(tmp) / "shards"
+        # (kept beside the corpus: embedding it with the ViT-B tower takes minutes, a re-run none)
+        tower = vision_tower(args.data / "vit-b32")
+        shards = args.data / f"finetune-shards-{args.n}"
         run_shard_stage(str(manifest), Store(str(shards)), ShardConfig(labels=LABELS), progress=False)
         run_embed_stage(Store(str(shards)), EmbedConfig(image=ImageEncoderConfig(weights=str(tower)), audio=None,
                                                         video=None), progress=False)
         base = dict(finetune=("text", "image"), model=ModelConfig(modalities=("text", "image")), workers=WORKERS,
                     micro_batch_size=8, max_steps=args.steps, epochs=100, checkpoint_every=10_000, loader_workers=1,
                     warmup_steps=1)
-        results = {}
-        for name, mode in MODES.items():
-            cfg = TrainConfig(**base, **mode)
-            run = Path(tmp) / "run"
-            run_train_stage(Store(str(shards)), Store(str(run)), cfg)
-            results[name] = from_metrics(run)
-            shutil.rmtree(run)  # (a checkpoint of this model is 1.8 GB)
         cfg = TrainConfig(**base, zero_stage=0)
         info = DatasetInfo.read(Store(str(shards)), cfg.model.modalities, cfg.val_fraction)
+        from tessera.train.towers import TowerSpec, build_towers
+
+        params = sum(p.numel() for p in build_towers(TowerSpec(info.embed_config, cfg.finetune)).parameters())
+        print(f"two towers: {params / 1e6:.1f}M parameters (ViT-B/32-sized CLIP vision, random + "
+              "all-MiniLM-L6-v2)", flush=True)
+        results = {}
+        for name, mode in MODES.items():
+            run = Path(tmp) / "run"
+            run_train_stage(Store(str(shards)), Store(str(run)), TrainConfig(**base, **mode))
+            results[name] = r = from_metrics(run)
+            shutil.rmtree(run)  # (a checkpoint of this model is 1.8 GB)
+            zero0 = results["ZeRO-0"]
+            print(f"(a) {name:17s} largest rank: RSS while training {r['rss_mb']:5.0f} MB "
+                  f"({r['rss_mb'] / zero0['rss_mb']:4.2f}x ZeRO-0), peak {r['peak_mb']:5.0f} MB "
+                  f"({r['peak_mb'] / zero0['peak_mb']:4.2f}x); model states per rank "
+                  f"{state_bytes(params, mode['zero_stage']) / 2**20:5.0f} MB; step {r['step_s']:5.2f} s", flush=True)
         times_file = Path(tmp) / "ddp.json"
         os.environ["OMP_NUM_THREADS"] = "1"
         with socket.socket() as s:  # a free port for the DDP processes' rendezvous
@@ -155,17 +168,6 @@ def main() -> None:
             port = s.getsockname()[1]
         mp.spawn(ddp_rank, args=(cfg, info, port, str(times_file)), nprocs=WORKERS)
         ddp_step = statistics.median(json.loads(times_file.read_text())[1:])
-        from tessera.train.towers import TowerSpec, build_towers
-
-        params = sum(p.numel() for p in build_towers(TowerSpec(info.embed_config, cfg.finetune)).parameters())
-    print(f"two towers: {params / 1e6:.1f}M parameters (ViT-B/32-sized CLIP vision, random + all-MiniLM-L6-v2); "
-          f"{WORKERS} Ray Train workers of 1 CPU, micro-batch 8, {args.steps} steps (the first left out)")
-    zero0 = results["ZeRO-0"]["peak_mb"]
-    for name, r in results.items():
-        stage, offload = MODES[name]["zero_stage"], "offload" in MODES[name]
-        print(f"(a) {name:17s} peak RSS of the largest rank {r['peak_mb']:7.0f} MB ({r['peak_mb'] / zero0:4.2f}x "
-              f"ZeRO-0), model states per rank {state_bytes(params, stage, offload) / 2**20:6.0f} MB; "
-              f"step {r['step_s']:5.2f} s")
     samples = 8 * WORKERS / ddp_step
     for name in ("ZeRO-0", "ZeRO-2"):
         r = results[name]

@@ -44,7 +44,8 @@ from tessera.core.errors import OutOfSpace
 log = logging.getLogger(__name__)
 
 DUCKDB_MEMORY_LIMIT = "256MB"  # of every DuckDB query (they spill to local scratch beyond it)
-ATTEMPTS = 8  # tries of one call before its transient error is raised (about 45 s of waiting at most)
+ATTEMPTS = 8  # tries of one call before its transient error is raised, and no sooner than
+RETRY_FOR_S = 30.0  # after this long (full jitter alone may spend all its tries in a few seconds)
 WAIT_FIRST_S, WAIT_MAX_S = 0.25, 15.0  # exponential backoff with full jitter between them
 # where one PUT is atomic and a rename is a copy: written in place
 IN_PLACE_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
@@ -159,13 +160,13 @@ def in_context(pool: ThreadPoolExecutor, fn: Callable, *args):
 
 def _before_retry(state: tenacity.RetryCallState) -> None:
     (_SCOPE.get() or _UNSCOPED).add()
-    log.info("store: %s (attempt %d of %d), retrying in %.1f s", state.outcome.exception(), state.attempt_number,
-             ATTEMPTS, state.next_action.sleep)
+    log.info("store: %s (attempt %d), retrying in %.1f s", state.outcome.exception(), state.attempt_number,
+             state.next_action.sleep)
 
 
 def retried(call: Callable, *args, **kwargs):
     """CALL(*ARGS, **KWARGS), made again after a transient error (backoff with jitter)."""
-    return tenacity.Retrying(stop=tenacity.stop_after_attempt(ATTEMPTS),
+    return tenacity.Retrying(stop=tenacity.stop_after_attempt(ATTEMPTS) & tenacity.stop_after_delay(RETRY_FOR_S),
                              wait=tenacity.wait_random_exponential(multiplier=WAIT_FIRST_S, max=WAIT_MAX_S),
                              retry=tenacity.retry_if_exception(is_transient), before_sleep=_before_retry,
                              reraise=True)(call, *args, **kwargs)

@@ -101,15 +101,20 @@ def _teacher(job: TrainJob, device) -> torch.nn.Module | None:
     return model
 
 
-def _sum_over_ranks(values: list[float], device, op=dist.ReduceOp.SUM) -> list[float]:
+def _over_ranks(values: list[float], device, op=dist.ReduceOp.SUM) -> list[float]:
+    """VALUES reduced over every rank (summed, or by OP)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=op)
     return t.tolist()
 
 
-def _peak_memory_mb(device) -> float:
-    """The largest peak resident memory of any rank's process so far (what a node must hold)."""
-    return _sum_over_ranks([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], device, dist.ReduceOp.MAX)[0]
+def _memory_mb(device) -> tuple[float, float]:
+    """The largest resident memory of any rank's process now, and its largest peak so far (what
+    a node must hold: the peak includes building the model whole before ZeRO partitions it)."""
+    with open("/proc/self/statm") as f:
+        now = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return tuple(_over_ranks([now, peak], device, dist.ReduceOp.MAX))
 
 
 def _seed_step(cfg: TrainConfig, step: int, rank: int) -> None:
@@ -143,8 +148,10 @@ class Trainer:
         self.model = MultimodalModel(info.dims, info.tasks, cfg.model, TaskLoss(info.tasks, distillation),
                                      build_towers(self.towers, cfg.unfreeze_last, cfg.activation_checkpointing)
                                      if self.towers else None, alignment(cfg))
-        if job.init_state is not None:
-            self.model.load_state_dict(job.init_state)
+        if job.init_state is not None:  # (the fusion and heads: fine-tuned towers start from their encoders)
+            missing, unexpected = self.model.load_state_dict(job.init_state, strict=False)
+            if unexpected or any(not k.startswith("towers.") for k in missing):
+                raise ValueError(f"init_from: weights that do not fit this model ({unexpected or missing})")
         self.data_world = world // cfg.pipeline_stages if cfg.parallel == "pipeline" else world
         steps_per_epoch = self._spec("train", 0).batches_per_rank // cfg.grad_accum
         self.total_steps = min(cfg.max_steps or 1 << 62, cfg.epochs * steps_per_epoch)
@@ -201,21 +208,21 @@ class Trainer:
                 real += float(b["weights"].sum())
                 task_sums += loss_sums(per_task, counts)
             # the step's loss over its real samples on every rank (padding rows excluded)
-            weighted, real = _sum_over_ranks([weighted, real], device)
+            weighted, real = _over_ranks([weighted, real], device)
             loss = weighted / real if real else None
         # each task's loss over the samples that had its target, on every rank
-        task_sums = np.array(_sum_over_ranks(task_sums.ravel().tolist(), device)).reshape(2, -1)
+        task_sums = np.array(_over_ranks(task_sums.ravel().tolist(), device)).reshape(2, -1)
         task_loss = {t.name: (float(s / n) if n else None) for t, s, n in zip(info.tasks, *task_sums, strict=True)}
         self.batch_pos += cfg.grad_accum
         self.step += 1
         seconds = time.perf_counter() - started
         samples = cfg.micro_batch_size * cfg.grad_accum * (self.world // (cfg.pipeline_stages if self.pipeline else 1))
-        peak = _peak_memory_mb(device)
+        rss, peak = _memory_mb(device)
         if self.metrics:
             self.metrics.write({"step": self.step, "epoch": self.epoch, "loss": loss, "task_loss": task_loss,
                                 "lr": engine.get_lr()[0], "step_seconds": seconds, "samples_per_s": samples / seconds,
                                 "data_wait_seconds": batches.waited - waited,
-                                "data_made_seconds": batches.made - made, "peak_rss_mb": peak})
+                                "data_made_seconds": batches.made - made, "rss_mb": rss, "peak_rss_mb": peak})
         return loss
 
     def validate(self) -> dict:
@@ -244,7 +251,7 @@ class Trainer:
         engine.train()
         if self.pipeline:
             engine.module.loss_fn.take()  # what eval_batch's losses added is no training step's
-        *sums, samples = _sum_over_ranks([*sums, samples], device)
+        *sums, samples = _over_ranks([*sums, samples], device)
         return validation_record(tasks, sums, int(samples))
 
     def end_epoch(self) -> None:
@@ -295,7 +302,7 @@ class Trainer:
         state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
         info, run = self.info, self.job.run
         self.job.fence.check("the exported model")
-        towers = save_towers(self.towers, state, run) if self.towers else None
+        towers = save_towers(self.towers, state, run, cfg.unfreeze_last) if self.towers else None
         run.write_bytes(WEIGHTS, save({k: v for k, v in state.items() if not k.startswith("towers.")},
                                       metadata={"format": "pt"}))
         align = alignment(cfg)
@@ -330,7 +337,7 @@ class Trainer:
         bar.close()
         if self.latest is None or self.last_saved != self.step:
             self.checkpoint()
-        retries = int(_sum_over_ranks([float(retried.value)], self.device)[0])
+        retries = int(_over_ranks([float(retried.value)], self.device)[0])
         if self.rank == 0:
             self.export()
             self.metrics.write({"step": self.step, "store_retries": retries})  # every rank's, this worker group's

@@ -73,8 +73,7 @@ class TowerSpec:
 def _blocks(modality: str, model) -> tuple[nn.ModuleList, list[nn.Module]]:
     """A tower's transformer blocks, and the modules after the last one."""
     if modality == "text":
-        bert = model[0].auto_model
-        return bert.encoder.layer, [m for m in (getattr(bert, "pooler", None), *list(model)[1:]) if m is not None]
+        return model[0].auto_model.encoder.layer, list(model)[1:]
     vision = model.vision_model
     return vision.encoder.layers, [vision.post_layernorm, model.visual_projection]
 
@@ -87,6 +86,8 @@ def build_towers(spec: TowerSpec, unfreeze_last: int | None = None, checkpointin
     for modality in spec.modalities:
         encoder = spec.encoder(modality)
         model = encoder._build(encoder.folder())
+        if modality == "text" and getattr(model[0].auto_model, "pooler", None) is not None:
+            model[0].auto_model.pooler.requires_grad_(False)  # the sentence vector pools tokens; it never runs
         if unfreeze_last is not None:
             blocks, after = _blocks(modality, model)
             model.requires_grad_(False)
@@ -99,11 +100,17 @@ def build_towers(spec: TowerSpec, unfreeze_last: int | None = None, checkpointin
     return towers
 
 
-def save_towers(spec: TowerSpec, state: dict[str, torch.Tensor], run: Store) -> dict[str, str]:
+def save_towers(spec: TowerSpec, state: dict[str, torch.Tensor], run: Store, unfreeze_last: int | None
+                ) -> dict[str, str]:
     """The trained towers (their part of a consolidated state dict, keys `towers.<m>.model.*`)
-    as model folders in RUN/towers/<m>/; returns their encoder identities there."""
-    towers = build_towers(spec)
-    towers.load_state_dict({k.removeprefix("towers."): v for k, v in state.items() if k.startswith("towers.")})
+    as model folders in RUN/towers/<m>/; returns their encoder identities there. A frozen
+    parameter keeps its encoder's weights (ZeRO-1 checkpoints leave frozen ones out)."""
+    towers = build_towers(spec, unfreeze_last)
+    missing, unexpected = towers.load_state_dict(
+        {k.removeprefix("towers."): v for k, v in state.items() if k.startswith("towers.")}, strict=False)
+    frozen = {name for name, p in towers.named_parameters() if not p.requires_grad}
+    if unexpected or set(missing) - frozen:
+        raise ValueError(f"the trained towers' weights do not fit them: {unexpected or sorted(set(missing) - frozen)}")
     identities = {}
     for modality, tower in towers.items():
         with tempfile.TemporaryDirectory() as local:

