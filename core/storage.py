@@ -558,8 +558,9 @@ class Store:
     def create_exclusive(self, name: str, data: bytes) -> bool:
         """Create NAME only if it does not exist, atomically: False when it already does.
 
-        Local disks use O_EXCL; S3 a conditional put (If-None-Match: *). Other stores have no
-        such primitive in fsspec: there it is a check, then a write (documented). A put whose
+        Local disks link a complete file (fails when NAME exists); S3 a conditional put
+        (If-None-Match: *). Other stores have no such primitive in fsspec: there it is a check,
+        then a write (documented). A put whose
         answer was lost and that is retried finds the object there: it is its own when it
         holds DATA (callers put a unique token in it)."""
         path = self._path(name)
@@ -567,11 +568,15 @@ class Store:
 
         def attempt() -> None:
             attempts.add()
-            if self.is_local:
+            if self.is_local:  # written whole first, then linked: a reader never sees it empty
                 os.makedirs(posixpath.dirname(path), exist_ok=True)
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                with os.fdopen(fd, "wb") as f:
+                partial = f"{path}.{uuid.uuid4().hex}.partial"
+                with open(partial, "wb") as f:
                     f.write(data)
+                try:
+                    os.link(partial, path)  # fails when NAME exists, as O_EXCL does
+                finally:
+                    os.remove(partial)
             elif self._s3:
                 self._fs.pipe_file(path, data, mode="create")
             else:

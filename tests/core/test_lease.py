@@ -125,3 +125,29 @@ def test_on_s3_exactly_one_of_several_takers_wins_and_a_lost_lease_refuses(s3_op
         type(won[0])(folder, "someone-else", 1).check("a commit")
     winner.__exit__(None, None, None)
     assert record(folder)["released"] and record(folder)["fence"] == 2
+
+
+def test_a_lease_being_created_is_never_read_half_written(tmp_path):
+    """A refresh that loses the race for a new folder reads the winner's lease at once: it must
+    find it whole (and exit 75), never empty (which once ended a loser with a traceback)."""
+    import threading
+
+    store, data = Store(str(tmp_path)), json.dumps({"token": "x" * 4000}).encode()
+    seen, stop = [], threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(FileNotFoundError):
+                seen.append(store.read_bytes(LEASE))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for _ in range(300):
+            assert store.create_exclusive(LEASE, data) and not store.create_exclusive(LEASE, data)
+            os.remove(tmp_path / LEASE)
+    finally:
+        stop.set()
+        reader.join()
+    assert seen and all(s == data for s in seen), {len(s) for s in seen}
+    assert sorted(os.listdir(tmp_path)) == []  # no partial files left behind
