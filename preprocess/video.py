@@ -18,6 +18,9 @@ from tessera.preprocess.modality import Modality, Stored
 from tessera.preprocess.reject import Reject
 
 NPY_MAGIC = b"\x93NUMPY"
+# swscale picks its thread count from the CPUs by default: one, so that a retried task on a busy
+# node converts colours exactly as the first try did (a stored MP4 once differed after a retry)
+SCALER_THREADS = 1
 
 
 @dataclass
@@ -27,8 +30,8 @@ class VideoResult:
 
 
 def encode_mp4(frames: np.ndarray, fps: float, crf: int) -> bytes:
-    """uint8 frames (T, H, W, 3) as H.264 in MP4. One encoder thread and fixed options: the
-    same frames always give the same bytes."""
+    """uint8 frames (T, H, W, 3) as H.264 in MP4. One encoder thread, one scaler thread and fixed
+    options: the same frames always give the same bytes."""
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
@@ -37,7 +40,8 @@ def encode_mp4(frames: np.ndarray, fps: float, crf: int) -> bytes:
         stream.codec_context.thread_count = 1
         stream.options = {"crf": str(crf), "preset": "medium"}
         for image in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            container.mux(stream.encode(frame.reformat(format="yuv420p", threads=SCALER_THREADS)))
         container.mux(stream.encode())
     return buf.getvalue()
 
@@ -47,7 +51,8 @@ def decode_frames(payload: bytes) -> np.ndarray:
     if payload.startswith(NPY_MAGIC):
         return np.load(io.BytesIO(payload), allow_pickle=False)
     with av.open(io.BytesIO(payload), mode="r") as container:
-        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+        return np.stack([frame.to_ndarray(format="rgb24", threads=SCALER_THREADS)
+                         for frame in container.decode(video=0)])
 
 
 def _sample_frames(container: av.container.InputContainer, cfg: VideoConfig) -> tuple[list, dict]:
@@ -79,7 +84,7 @@ def _sample_frames(container: av.container.InputContainer, cfg: VideoConfig) -> 
             raise Reject("video.too_slow", f"video decoding took over {cfg.max_decode_seconds} s")
         t = frame.time if frame.time is not None else decoded / float(stream.average_rate or cfg.fps)
         if t + 1e-6 >= targets[len(picked)]:
-            picked.append(np.asarray(resize_image(frame.to_image(), cfg.size, "crop")))
+            picked.append(np.asarray(resize_image(frame.to_image(threads=SCALER_THREADS), cfg.size, "crop")))
             if len(picked) == cfg.frames:
                 break
     meta = {"source_seconds": round(seconds, 4), "fps": cfg.fps, "frames": cfg.frames, "real_frames": len(picked)}

@@ -89,7 +89,13 @@ class PipelineLoss:
 def build_engine(model: MultimodalModel, cfg: TrainConfig, world: int, total_steps: int, precision: str):
     """(engine, data-parallel rank, data-parallel size, is pipeline)."""
     import deepspeed
+    import deepspeed.ops
 
+    # DeepSpeed compiles a shared-memory all-reduce (C++, ~50 s on 2 cores) at the first init on
+    # every fresh machine, under a lock file that a worker killed mid-build leaves behind for every
+    # later init to wait on forever. It serves only inference all-reduce among ranks on one host;
+    # training reduces through gloo/NCCL, so it is never built.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     # adopts the process group the launcher (Ray Train) created
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     if cfg.parallel == "pipeline":

@@ -7,6 +7,7 @@ Worker nodes are killed in the middle of sharding, of embedding and of training 
 `tessera run`."""
 
 import contextlib
+import io
 import json
 import os
 import signal
@@ -243,6 +244,28 @@ def committed(folder: Store) -> tuple[dict[str, bytes | dict], dict[str, dict]]:
     return found, sidecars
 
 
+def differences(got: dict[str, bytes | dict], want: dict[str, bytes | dict]) -> list[str]:
+    """What differs between two `committed` folders: names only one has, and per file that
+    differs its sizes and, for a tar, the members that differ (a failure says where to look)."""
+    found = [f"only in the run: {n}" for n in got.keys() - want.keys()]
+    found += [f"only in the calm run: {n}" for n in want.keys() - got.keys()]
+    for name in sorted(got.keys() & want.keys()):
+        if got[name] == want[name]:
+            continue
+        if not name.endswith(".tar"):
+            found.append(f"{name}: {len(got[name])} vs {len(want[name])} bytes")
+            continue
+        mine, calm = tar_members(got[name]), tar_members(want[name])
+        found += [f"{name}:{m}: {len(mine.get(m, b''))} vs {len(calm.get(m, b''))} bytes"
+                  for m in sorted(mine.keys() | calm.keys()) if mine.get(m) != calm.get(m)]
+    return found
+
+
+def tar_members(data: bytes) -> dict[str, bytes]:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
 def same_vectors(got: dict[str, dict], want: dict[str, dict]) -> bool:
     """The same sidecars: keys, which vectors are there, and their values (to float32 round-off:
     a vector recomputed by a later round may have shared its batch with others)."""
@@ -305,7 +328,8 @@ def test_run_through_a_flaky_store_survives_losing_nodes_while_sharding_embeddin
     assert shard["inputs"] == shard["accepted"] == 43 and shard["shards"] == 11
     # every shard and sidecar whole, as a calm run makes them
     (files, sidecars), (calm_files, calm_sidecars) = committed(Store("s3://mn-runs/mini/shards", s3_options)), calm_run
-    assert files == calm_files and same_vectors(sidecars, calm_sidecars)
+    assert files == calm_files, differences(files, calm_files)
+    assert same_vectors(sidecars, calm_sidecars)
     assert embed["cache_corrupt"] == [] and embed["errors"] == 0
     assert all(m["missing_in_sidecars"] == 0 and embed["cache_rows"][name] <= m["unique"]
                for name, m in embed["modalities"].items())
