@@ -69,4 +69,13 @@ class LeaseLost(TesseraError):
     """This writer's lease was taken over by another: it must not commit."""
 
 
-REPORTED = (ConfigError, OutputConflict, StageFailed, NotAnInput, DamagedOutput, OutOfSpace, LeaseHeld)
+class StoppedOnRequest(TesseraError):
+    """A run ended early because its folder's stop file asked it to (a tune scheduler stopping a
+    trial): checkpointed, no outputs; the same command resumes it."""
+
+    exit_code = 75
+    meaning = "stopped on request (RUN/stop-requested), checkpointed: run the command again to resume"
+
+
+REPORTED = (ConfigError, OutputConflict, StageFailed, NotAnInput, DamagedOutput, OutOfSpace, LeaseHeld,
+            StoppedOnRequest)

@@ -637,6 +637,11 @@ class Store:
             return pafs.LocalFileSystem()
         return pafs.PyFileSystem(pafs.FSSpecHandler(_RetryingFileSystem(self._fs)))
 
+    def arrow_location(self, name: str = ""):
+        """(pyarrow filesystem, its path of NAME): for libraries that take a pyarrow filesystem
+        (Ray Tune's experiment state), reaching the store with its options and retries."""
+        return self._arrow_filesystem(), self._path(name)
+
     def dataset(self, files: str | list[str], schema=None):
         """The Parquet files matching a glob pattern (or named in a list) as one pyarrow dataset
         (None when there are none), for column-projected, filtered scans that never load the

@@ -162,3 +162,108 @@ class ExportConfig(Strict):
     bundle: bool = Field(False, description="also the encoders as ONNX (fp32, and int8 with int8): an all-ONNX "
                          "bundle that `tessera predict --bundle` / `serve --bundle` run without torch")
     bundle_samples: int = Field(128, gt=0, description="validation samples the bundle is compared with torch on")
+
+
+class TrackingConfig(Strict):
+    """Experiment records in MLflow (train/tracking.py)."""
+
+    mlflow_uri: str | None = Field(None, description="an MLflow tracking URI: a local store (file:/path, no "
+                                   "server needed) or a server (http://host:5000); null: off")
+    experiment: str = Field("tessera", min_length=1)
+
+
+NO_TRACKING = TrackingConfig()
+
+
+SpaceValue = bool | int | float | str | None
+
+
+class Distribution(Strict):
+    """One entry of tune.space: exactly one of its fields, e.g. `{loguniform: [1e-4, 1e-2]}`."""
+
+    choice: tuple[SpaceValue, ...] | None = Field(None, min_length=1)
+    grid: tuple[SpaceValue, ...] | None = Field(None, min_length=1, description="every value, once each")
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = Field(None, description="[low, high): high excluded")
+
+    @model_validator(mode="after")
+    def _one_valid_range(self) -> Distribution:
+        given = [name for name in type(self).model_fields if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(type(self).model_fields)} (got {given or 'none'})")
+        low, high = (self.uniform or self.loguniform or self.randint or (0, 1))
+        if not low < high:
+            raise ValueError(f"{given[0]}: [low, high] needs low < high (got [{low}, {high}])")
+        if self.loguniform and low <= 0:
+            raise ValueError(f"loguniform: both ends must be above 0 (got [{low}, {high}])")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in type(self).model_fields if getattr(self, name) is not None)
+
+    def extremes(self) -> tuple[SpaceValue, ...]:
+        """Values a trial may be given that are checked against the config up front: every
+        listed value, the ends of a range."""
+        if self.choice or self.grid:
+            return self.choice or self.grid
+        if self.randint:
+            return (self.randint[0], self.randint[1] - 1)
+        return self.uniform or self.loguniform
+
+
+class TrialResources(Strict):
+    """What each trial trains with (its train.workers and cpus_per_worker; GPUs as train.use_gpu
+    says): trials pack onto the cluster by it."""
+
+    workers: int = Field(1, gt=0)
+    cpus_per_worker: float = Field(1, gt=0)
+
+
+METRIC_NAME = r"^val\.(loss|accuracy|[A-Za-z_][A-Za-z0-9_]*\.[a-z_0-9]+)$"
+
+
+class TuneConfig(Strict):
+    """`tessera tune`: a search over `train` settings, each trial a training run."""
+
+    space: dict[str, Distribution] = Field(default_factory=dict, description="dotted config keys (train.lr, "
+                                           "train.model.dropout) to distributions")
+    search: Literal["grid", "random", "bayes"] = Field("random", description="bayes: Optuna's TPE")
+    scheduler: Literal["asha", "none"] = Field("asha", description="asha: stop trials early on the metric "
+                                               "reported each epoch")
+    trials: int = Field(8, gt=0, description="trials drawn (random, bayes); a grid runs each of its points once")
+    max_concurrent: int = Field(2, gt=0)
+    metric: str = Field("val.loss", pattern=METRIC_NAME, description="val.loss, val.accuracy or "
+                        "val.<task>.<metric> of the validation records (metrics.jsonl)")
+    mode: Literal["min", "max"] = "min"
+    grace_epochs: int = Field(1, gt=0, description="epochs every trial runs before ASHA may stop it")
+    resources_per_trial: TrialResources = TrialResources()
+
+    @model_validator(mode="after")
+    def _search_fits_space(self) -> TuneConfig:
+        grid = [k for k, d in self.space.items() if d.kind == "grid"]
+        if self.search == "grid" and len(grid) != len(self.space):
+            raise ValueError(f"search: grid needs every space entry to be a grid (not: "
+                             f"{', '.join(k for k in self.space if k not in grid)})")
+        if self.search != "grid" and grid:
+            raise ValueError(f"{', '.join(grid)}: a grid entry needs search: grid")
+        for key in self.space:
+            if not key.startswith("train."):
+                raise ValueError(f"space key {key!r}: a trial varies train settings (train.lr, train.model.dropout)")
+        return self
+
+
+def with_settings(cfg: TrainConfig, settings: dict[str, SpaceValue]) -> TrainConfig:
+    """CFG with SETTINGS applied (dotted keys under train: `lr`, `model.dropout`), validated; a
+    key that is not a setting is a ValueError naming it."""
+    tree = cfg.model_dump(mode="json")
+    for dotted, value in settings.items():
+        *sections, leaf = dotted.split(".")
+        node = tree
+        for part in sections:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            raise ValueError(f"train.{dotted} is not a training setting")
+        node[leaf] = value
+    return TrainConfig.model_validate(tree)

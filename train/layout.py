@@ -32,6 +32,9 @@ from tessera.train.config import TrainConfig
 RUN_CONFIG = "train-config.json"
 CHECKPOINTS, LATEST = "checkpoints", "latest"
 METRICS = "metrics.jsonl"
+# its presence asks a running training to stop at its next epoch's end, checkpointed (a tune
+# scheduler stopping a trial); a training starting in the folder removes it
+STOP_REQUESTED = "stop-requested"
 WEIGHTS, META = "model.safetensors", "model.json"
 TRAIN_SUMMARY = "train-summary.json"
 EVAL, PREDICTIONS = "eval.json", "eval-predictions.parquet"

@@ -18,7 +18,7 @@ from tessera.core.lease import Fence
 from tessera.core.storage import RetryCount, Store, counting_retries
 from tessera.train.config import TrainConfig
 from tessera.train.data import DatasetInfo, StreamSpec, loader
-from tessera.train.layout import META, WEIGHTS, ModelMeta
+from tessera.train.layout import META, STOP_REQUESTED, WEIGHTS, ModelMeta
 from tessera.train.losses import Distillation, TaskLoss, loss_sums, tally
 from tessera.train.model import Alignment, MultimodalModel
 from tessera.train.parallel import build_engine, resolve_precision
@@ -261,6 +261,11 @@ class Trainer:
             self.metrics.upload()
         self.epoch, self.batch_pos = self.epoch + 1, 0
 
+    def stop_requested(self) -> bool:
+        """Whether RUN/stop-requested is there (rank 0 looks; every rank gets its answer)."""
+        asked = self.rank == 0 and self.job.run.exists(STOP_REQUESTED)
+        return _over_ranks([float(asked)], self.device)[0] > 0
+
     def checkpoint(self) -> None:
         """Save a tag, then point `latest` at it only once every rank's part is in the store.
 
@@ -310,6 +315,16 @@ class Trainer:
                                         info.pixel_mean, info.pixel_std, tag, align.meta() if align else None,
                                         towers).to_bytes())
 
+    def stop(self, bar) -> None:
+        """End early on request, at an epoch's end: a checkpoint to resume from, no model."""
+        bar.close()
+        if self.last_saved != self.step:
+            self.checkpoint()
+        if self.metrics:
+            self.metrics.write({"step": self.step, "stopped": True})
+            self.metrics.close()
+        dist.barrier()
+
     def fit(self, retried: RetryCount) -> None:
         """Train to the end; RETRIED: the store calls this rank retried (summed over ranks into the last record)."""
         cfg = self.cfg
@@ -330,6 +345,8 @@ class Trainer:
                         self.checkpoint()
                 if self.batch_pos >= per_rank:
                     self.end_epoch()
+                    if self.epoch < cfg.epochs and self.step < self.total_steps and self.stop_requested():
+                        return self.stop(bar)
         except BaseException:
             if self.metrics:  # (a peer died, say): the steps trained since the checkpoint reach the store
                 self.metrics.upload()

@@ -11,15 +11,26 @@ from collections.abc import Sequence
 import ray
 
 from tessera.core.engine import Stage, StageRun, execute
-from tessera.core.errors import OutputConflict
+from tessera.core.errors import OutputConflict, StoppedOnRequest
 from tessera.core.lease import DEFAULT_LEASE, Fence, LeaseConfig
 from tessera.core.storage import Store
-from tessera.train.config import TrainConfig
+from tessera.train.config import NO_TRACKING, TrackingConfig, TrainConfig
 from tessera.train.data import DatasetInfo
-from tessera.train.layout import CHECKPOINTS, METRICS, RUN_CONFIG, SUPERSEDED, WEIGHTS, TrainSummary, run_record
+from tessera.train.layout import (
+    CHECKPOINTS,
+    METRICS,
+    RUN_CONFIG,
+    STOP_REQUESTED,
+    SUPERSEDED,
+    TRAIN_SUMMARY,
+    WEIGHTS,
+    TrainSummary,
+    run_record,
+)
 from tessera.train.loop import TrainJob, ray_worker
 from tessera.train.run_store import Checkpoints, scratch_for
 from tessera.train.saved import compatible_start, teacher_for
+from tessera.train.tracking import record_training
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +50,8 @@ def claim_run(run: Store, cfg: TrainConfig, shards: Store | Sequence[Store]) -> 
             raise OutputConflict(f"{run.url} holds a run with another config or data (changed: "
                                  f"{', '.join(changed) or 'shards'}); use a new run folder")
     run.write_json(RUN_CONFIG, record)
+    if run.exists(TRAIN_SUMMARY):  # (an earlier config's: the run is being trained on)
+        run.remove(TRAIN_SUMMARY)
 
 
 class TrainStage(Stage[TrainSummary]):
@@ -48,8 +61,19 @@ class TrainStage(Stage[TrainSummary]):
 
     command = "tessera train"
 
-    def __init__(self, shards: Store | Sequence[Store], run: Store, cfg: TrainConfig):
+    def __init__(self, shards: Store | Sequence[Store], run: Store, cfg: TrainConfig,
+                 tracking: TrackingConfig = NO_TRACKING, tags: dict[str, str] | None = None):
         self.shards, self.folder, self.cfg = shards, run, cfg
+        self.tracking, self.tags = tracking, tags or {}
+
+    def current(self) -> TrainSummary | None:
+        """The run's summary when it finished training with this config on these shards."""
+        folder = self.folder
+        if not (folder.exists(TRAIN_SUMMARY) and folder.exists(RUN_CONFIG)):
+            return None
+        if folder.read_json(RUN_CONFIG) != run_record(self.cfg, self.shards):
+            return None
+        return TrainSummary.read(folder)
 
     def run(self, run: StageRun) -> TrainSummary:
         from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -59,6 +83,8 @@ class TrainStage(Stage[TrainSummary]):
         info = DatasetInfo.read(shards, cfg.model.modalities, cfg.val_fraction, cfg.tasks, folder.child(SUPERSEDED))
         checkpoints = folder.at(cfg.checkpoint_url) if cfg.checkpoint_url else folder.child(CHECKPOINTS)
         claim_run(folder, cfg, shards)
+        if folder.exists(STOP_REQUESTED):  # (asked of an earlier run of the folder)
+            folder.remove(STOP_REQUESTED)
         use_gpu = cfg.use_gpu if cfg.use_gpu != "auto" else ray.cluster_resources().get("GPU", 0) > 0
         resumed = Checkpoints(checkpoints).latest() is not None
         job = TrainJob(cfg, info, folder, checkpoints, run.fence,
@@ -80,8 +106,18 @@ class TrainStage(Stage[TrainSummary]):
             run_config=RunConfig(name="ray-train", storage_path=str(scratch_for(folder.url) / "ray"),
                                  failure_config=FailureConfig(max_failures=cfg.max_failures)),
         )
-        trainer.fit()
+        tags = self.tags | {"tessera.shards": json.dumps(run_record(cfg, shards)["shards"])}
+        try:
+            trainer.fit()
+        except BaseException:
+            record_training(self.tracking, folder, cfg.model_dump(mode="json"), tags, "FAILED")
+            raise
         records = [json.loads(line) for line in folder.read_bytes(METRICS).decode().splitlines()]
+        stopped = bool(records) and records[-1].get("stopped", False)
+        record_training(self.tracking, folder, cfg.model_dump(mode="json"), tags, "KILLED" if stopped else "FINISHED")
+        if stopped:
+            raise StoppedOnRequest(f"{folder.url}: stopped on request at step {records[-1]['step']} "
+                                   "(checkpointed; the same command resumes it)")
         steps = [r for r in records if r.get("loss") is not None]
         epochs = [r for r in records if "val_tasks" in r]
         # the ranks' retries (the last worker group's: rank 0 records them last); the engine adds the driver's
@@ -97,7 +133,8 @@ class TrainStage(Stage[TrainSummary]):
 
 
 def run_train_stage(shards: Store | Sequence[Store], run: Store, cfg: TrainConfig,
-                    lease: LeaseConfig | Fence = DEFAULT_LEASE) -> TrainSummary:
+                    lease: LeaseConfig | Fence = DEFAULT_LEASE, tracking: TrackingConfig = NO_TRACKING,
+                    tags: dict[str, str] | None = None) -> TrainSummary:
     """TrainStage through the engine, holding RUN's lease (or under LEASE, the fence of a caller
     that holds it); Ray must be initialized. Returns the summary."""
-    return execute(TrainStage(shards, run, cfg), lease, progress=False)
+    return execute(TrainStage(shards, run, cfg, tracking, tags), lease, progress=False)

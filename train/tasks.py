@@ -127,3 +127,12 @@ def validation_record(tasks: Sequence[Task], sums: Sequence[float], samples: int
         per_task[task.name] = record
     accuracy = next((per_task[t.name]["accuracy"] for t in tasks if t.kind == "classification"), None)
     return {"val_loss": total, "val_accuracy": accuracy, "val_samples": samples, "val_tasks": per_task}
+
+
+def epoch_metrics(record: dict) -> dict[str, float]:
+    """A validation record of metrics.jsonl under the names tune.metric uses (val.loss,
+    val.accuracy, val.<task>.<metric>), with its epoch counted from 1."""
+    flat = {"val.loss": record["val_loss"], "val.accuracy": record["val_accuracy"]}
+    for task, values in record["val_tasks"].items():
+        flat.update({f"val.{task}.{name}": value for name, value in values.items()})
+    return {k: float(v) for k, v in flat.items() if v is not None} | {"epoch": record["epoch"] + 1}

@@ -95,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-dir", help="checkpoints, metrics and the exported model "
                        "(default: runs/NAME beside the shards folder)")
     _common(train, ray=True, writes=True)
+    tune = _sub(sub, "tune", "a hyperparameter search over train settings (tune.space) on Ray Tune: each trial "
+                "a training run, ASHA stopping the worse ones", "tessera tune out/shards --run-dir out/tune "
+                "--config configs/tune.yaml")
+    tune.add_argument("shards", help="a shard stage's output folder, embedded")
+    tune.add_argument("--run-dir", required=True, help="the tune folder: trials, trials.parquet, best.yaml")
+    _common(tune, ray=True, writes=True)
     evaluate = _sub(sub, "evaluate", "metrics of a trained run on its validation split (and other shards)",
                     "tessera evaluate out/runs/first --shards out/other-shards")
     evaluate.add_argument("run", help="a training run folder (OUT/train/<digest>, runs/NAME)")
@@ -272,12 +278,30 @@ def cmd_train(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     # by default beside the shards folder, wherever that is (an S3 prefix too)
     name = shards.url.rsplit("/", 1)[-1]
     run = shards.at(args.run_dir) if args.run_dir else shards.at(f"{parent(shards.url)}/runs/{name}")
-    summary = run_command(TrainStage(shards, run, cfg.train), cfg.runtime)
+    summary = run_command(TrainStage(shards, run, cfg.train, cfg.tracking), cfg.runtime)
     record = summary.to_json()
     screen = stages_screen("tessera train", {"train": record})
     screen.path("run", run.url)
     screen.path("next", f"tessera export {run.url} OUT")
     show(screen, {k: record[k] for k in ("steps", "final_loss", "val_accuracy", "val_tasks", "model")}, args.json)
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace, cfg: TesseraConfig) -> int:
+    from tessera.core.engine import run_command
+    from tessera.train.tune import TuneStage
+
+    shards = cfg.runtime.store(args.shards)
+    folder = shards.at(args.run_dir)
+    stage = TuneStage(shards, folder, cfg.train, cfg.tune, cfg.runtime.lease, cfg.model_dump(mode="json"),
+                      cfg.tracking)
+    record = run_command(stage, cfg.runtime).to_json()
+    screen = stages_screen("tessera tune", {"tune": record})
+    screen.path("trials", folder.url_of("trials.parquet"))
+    if record["best_config"]:
+        screen.path("best", record["best_run"])
+        screen.path("next", f"tessera train {shards.url} --config {record['best_config']}")
+    show(screen, record, args.json)
     return 0
 
 
@@ -439,7 +463,7 @@ def cmd_serve(args: argparse.Namespace, cfg: TesseraConfig) -> int:
 
 
 COMMANDS = {"status": cmd_status, "shard": cmd_shard, "rejects": cmd_rejects, "embed": cmd_embed,
-            "curate": cmd_curate, "train": cmd_train, "run": cmd_run, "refresh": cmd_refresh,
+            "curate": cmd_curate, "train": cmd_train, "tune": cmd_tune, "run": cmd_run, "refresh": cmd_refresh,
             "versions": cmd_versions, "evaluate": cmd_evaluate, "export": cmd_export, "predict": cmd_predict,
             "serve": cmd_serve}
 

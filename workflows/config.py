@@ -16,7 +16,7 @@ from tessera.core.errors import ConfigError
 from tessera.core.runtime import RuntimeConfig
 from tessera.features.config import CurateConfig, EmbedConfig
 from tessera.preprocess.config import ShardConfig
-from tessera.train.config import ExportConfig, TrainConfig
+from tessera.train.config import ExportConfig, TrackingConfig, TrainConfig, TuneConfig, with_settings
 
 
 class JobConfig(Strict):
@@ -68,6 +68,24 @@ class TesseraConfig(Strict):
     train: TrainConfig = TrainConfig()
     export: ExportConfig = ExportConfig()
     serve: ServeConfig = ServeConfig()
+    tune: TuneConfig = TuneConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _every_trial_trains(self) -> TesseraConfig:
+        """Each value tune.space may give (a range's ends) makes a valid train config: a bad
+        space fails here, before any trial starts."""
+        for key, distribution in self.tune.space.items():
+            for value in distribution.extremes():
+                try:
+                    with_settings(self.train, {key.removeprefix("train."): value})
+                except ValidationError as e:
+                    problem = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+                    raise ValueError(f"tune.space {key} = {excerpt(value)} is not a valid setting "
+                                     f"({problem})") from None
+                except ValueError as e:
+                    raise ValueError(f"tune.space: {e}") from None
+        return self
 
 
 MAX_CONFIG_BYTES = 1 << 20  # a config file larger than this is not a config

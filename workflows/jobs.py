@@ -24,7 +24,7 @@ from tessera.preprocess.config import ShardConfig
 from tessera.preprocess.layout import ShardSummary
 from tessera.preprocess.stage import ShardStage
 from tessera.train.evaluate import EvalStage
-from tessera.train.layout import EVAL, RUN_CONFIG, TrainSummary, run_record
+from tessera.train.layout import EVAL, TrainSummary
 from tessera.train.stage import TrainStage
 from tessera.workflows.config import TesseraConfig
 from tessera.workflows.layout import RUN_SUMMARY, SHARDS, TRAIN
@@ -91,20 +91,16 @@ def run_folder(out: Store, shards: Store) -> Store:
     return out.child(TRAIN, data_digest(shards)[:12])
 
 
-def _train_is_current(run: Store, cfg: TesseraConfig, shards: Store | Sequence[Store]) -> bool:
-    if not all(run.exists(name) for name in (TrainSummary.FILE, RUN_CONFIG, EVAL)):
-        return False  # (a run stopped before its evaluation is finished by the next one)
-    return run.read_json(RUN_CONFIG) == run_record(cfg.train, shards)
-
-
 def train_into(cfg: TesseraConfig, run: Store, shards: Store | Sequence[Store]) -> TrainSummary:
     """Train SHARDS into the RUN folder, then evaluate it (eval.json), unless that run is
     already done for this data and config (then its summary says up_to_date). Every file of
     the run goes through the store, so it may be on an object store the nodes share."""
-    if _train_is_current(run, cfg, shards):
+    stage = TrainStage(shards, run, cfg.train, cfg.tracking)
+    current = stage.current()
+    if current is not None and run.exists(EVAL):  # (a run stopped before its evaluation is finished now)
         log.info("train: up to date (%s)", run.url)
-        return TrainSummary.read(run).replace(up_to_date=True)
-    summary = execute(TrainStage(shards, run, cfg.train), cfg.runtime.lease, progress=False)
+        return current.replace(up_to_date=True)
+    summary = execute(stage, cfg.runtime.lease, progress=False)
     execute(EvalStage(run), cfg.runtime.lease, progress=False)
     return summary
 

@@ -148,7 +148,18 @@ def train_text(s: dict) -> str:
     return f"{_prefix(s)}{s['steps']} steps on {s['train_samples']} samples{loss}{validation}"
 
 
-STAGE_TEXT = {"shard": shard_text, "embed": embed_text, "curate": curate_text, "train": train_text}
+def tune_text(s: dict) -> str:
+    trials = (f"{s['trials']} trials ({s['search']}, {s['scheduler']}): {s['completed']} completed, "
+              f"{s['stopped_early']} stopped early, {s['failed']} failed; {s['trial_epochs']} trial-epochs")
+    if s["best_trial"] is None:
+        return f"{_prefix(s)}{trials}; no trial completed"
+    settings = ", ".join(f"{k.removeprefix('train.')}={v:.4g}" if isinstance(v, float) else
+                         f"{k.removeprefix('train.')}={v}" for k, v in s["best_settings"].items())
+    return f"{_prefix(s)}{trials}; best {s['metric']} {s['best_value']:.4f} with {settings}"
+
+
+STAGE_TEXT = {"shard": shard_text, "embed": embed_text, "curate": curate_text, "train": train_text,
+              "tune": tune_text}
 
 
 def stages_screen(title: str, stages: dict[str, dict]) -> Screen:

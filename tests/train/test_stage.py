@@ -63,6 +63,14 @@ def test_zero2_data_parallel_reduces_the_loss_and_exports(zero2_run):
 
 
 @pytest.mark.slow
+def test_a_finished_run_trained_again_is_up_to_date_and_writes_nothing(zero2_run, embedded_mini):
+    written = {p: p.read_bytes() for p in zero2_run.rglob("*") if p.is_file() and p.name != "lease.json"}
+    summary = run_train_stage(Store(str(embedded_mini)), Store(str(zero2_run)), TrainConfig(zero_stage=2, **BASE))
+    assert summary.up_to_date and summary.steps == 24
+    assert {p: p.read_bytes() for p in written} == written
+
+
+@pytest.mark.slow
 def test_training_can_start_from_an_earlier_runs_weights(zero2_run, embedded_mini, tmp_path):
     cold = json.loads((zero2_run / "train-summary.json").read_text())
     warm = run_train_stage(Store(str(embedded_mini)), Store(str(tmp_path)),
