@@ -18,7 +18,7 @@ from tessera.features.layout import BUNDLE_META, BUNDLE_VARIANTS, TOKENIZER, enc
 from tessera.features.onnx_encoders import load_bundle
 from tessera.preprocess.config import MODALITIES
 from tessera.preprocess.layout import committed_shards, iter_shard, member_payload
-from tessera.train.data import DatasetInfo, split_of
+from tessera.train.data import DatasetInfo, ValSplit, split_of
 from tessera.train.inputs import Scorer, model_batch, sample_vectors
 from tessera.train.layout import ModelMeta
 from tessera.train.tasks import Task, agreement
@@ -56,14 +56,14 @@ def write_bundle(encoders: dict, folder: Path, int8: bool) -> dict:
     return meta
 
 
-def validation_payloads(info: DatasetInfo, val_fraction: float, limit: int) -> list[dict[str, bytes]]:
+def validation_payloads(info: DatasetInfo, val_split: ValSplit, limit: int) -> list[dict[str, bytes]]:
     """Up to LIMIT validation samples' members by modality, in shard order (the first shards
     that hold that many)."""
     out: list[dict[str, bytes]] = []
     for folder in info.folders:
         for shard in committed_shards(folder):
             for sample in iter_shard(folder, shard):
-                if split_of(sample["__key__"], val_fraction) != "val":
+                if split_of(sample["__key__"], val_split) != "val":
                     continue
                 out.append({m: p for m in MODALITIES if (p := member_payload(sample, m)) is not None})
                 if len(out) == limit:

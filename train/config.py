@@ -57,6 +57,21 @@ class ContrastiveConfig(Strict):
 Tower = Literal["text", "image"]
 
 
+class CrossValidationConfig(Strict):
+    """k trainings, each validating on its own k-th of the keys (by key hash: a key's fold never
+    changes between runs), the run's validation figures their mean (train/crossval.py)."""
+
+    folds: int | None = Field(None, ge=2, description="null: one training on val_fraction")
+    fold: int | None = Field(None, ge=0, description="set on each fold's own run (RUN/folds/<fold>): the fold "
+                             "it validates on")
+
+    @model_validator(mode="after")
+    def _fold_of_folds(self) -> CrossValidationConfig:
+        if self.fold is not None and (self.folds is None or self.fold >= self.folds):
+            raise ValueError(f"fold {self.fold} needs folds above it (got folds: {self.folds})")
+        return self
+
+
 class TrainConfig(Strict):
     model: ModelConfig = ModelConfig()
     # The modalities whose encoder towers are trained end to end, from the shards' members
@@ -90,6 +105,7 @@ class TrainConfig(Strict):
     grad_clip: float = Field(1.0, ge=0)
     seed: int = 0
     val_fraction: float = Field(0.2, ge=0, lt=1, description="share of keys (by hash) held out")
+    cross_validation: CrossValidationConfig = CrossValidationConfig()
     shuffle_buffer: int = Field(64, ge=1)
     loader_workers: int = Field(2, ge=0)
     checkpoint_every: int = Field(50, gt=0, description="optimizer steps between checkpoints")
@@ -141,6 +157,14 @@ class TrainConfig(Strict):
                 raise ValueError(f"objective contrastive: none of contrastive.pairs {self.contrastive.pairs} has "
                                  f"both modalities in model.modalities {list(self.model.modalities)}")
         return self
+
+    @property
+    def val_split(self) -> float | tuple[float, float]:
+        """Which keys validate (train/data.py: ValSplit): val_fraction's share, or a fold's window."""
+        cv = self.cross_validation
+        if cv.fold is not None:
+            return (cv.fold / cv.folds, (cv.fold + 1) / cv.folds)
+        return self.val_fraction
 
     @property
     def contrastive_pairs(self) -> tuple[tuple[str, str], ...]:

@@ -48,10 +48,20 @@ from tessera.train.towers import TowerSpec
 SPLITS = ("train", "val")
 
 
-def split_of(key: str, val_fraction: float) -> str:
+# Which keys validate: those whose hash bucket (in [0, 1)) is below a fraction, or in a
+# [start, end) window of the range (one fold of a cross-validation).
+ValSplit = float | tuple[float, float]
+
+
+def val_window(val: ValSplit) -> tuple[float, float]:
+    return (0.0, float(val)) if isinstance(val, int | float) else (float(val[0]), float(val[1]))
+
+
+def split_of(key: str, val: ValSplit) -> str:
     """'val' for a stable share of keys by hash, so the split never moves between runs."""
+    start, end = val_window(val)
     bucket = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 2**32
-    return "val" if bucket < val_fraction else "train"
+    return "val" if start <= bucket < end else "train"
 
 
 def _pixel_statistics(summaries: list[ShardSummary]) -> tuple[tuple, tuple]:
@@ -86,7 +96,7 @@ def _trainable(fields: list[str]):
 
 
 def _count(stores: Sequence[Store], listed: list[tuple[int, str]], fields: list[str], shard_config: dict,
-           val_fraction: float) -> tuple[np.ndarray, dict[str, set], dict[str, np.ndarray]]:
+           val: ValSplit) -> tuple[np.ndarray, dict[str, set], dict[str, np.ndarray]]:
     """From one DuckDB pass over every folder's index parts (spilling, never a Python loop over
     rows): per committed shard, its samples with a target of at least one field in each split;
     the labels found for each classification or multilabel field; each regression field's
@@ -97,7 +107,8 @@ def _count(stores: Sequence[Store], listed: list[tuple[int, str]], fields: list[
     present = " OR ".join(f"{value[f]} IS NOT NULL" for f in fields)
     bucket = "('0x' || substr(sha256(key), 1, 8))::UBIGINT / 4294967296.0"  # split_of's, in SQL
     has_parts = any(store.names(f"{INDEX}/shard-*.parquet") for store in stores)
-    query = (f"SELECT root, shard, key, label, targets, {bucket} < {float(val_fraction)!r} AS val "
+    start, end = val_window(val)
+    query = (f"SELECT root, shard, key, label, targets, {bucket} >= {start!r} AND {bucket} < {end!r} AS val "
              f"FROM ({live_query(stores)}) WHERE {present}") if has_parts else ""
     per_shard = np.zeros((len(listed), 2), np.int64)
     found: dict[str, set] = {f: set() for f in fields}
@@ -169,11 +180,11 @@ class DatasetInfo:
     counts: dict[str, int]  # split -> samples with a target of at least one task
     pixel_mean: tuple[float, float, float]
     pixel_std: tuple[float, float, float]
-    val_fraction: float
+    val_split: ValSplit
     embed_config: str = "{}"  # EmbedConfig JSON the newest folder was embedded with (its encoders: the towers)
 
     @classmethod
-    def read(cls, shards: Store | Sequence[Store], modalities: tuple[str, ...], val_fraction: float,
+    def read(cls, shards: Store | Sequence[Store], modalities: tuple[str, ...], val_split: ValSplit,
              tasks: Sequence[TaskConfig] = (), superseded: Store | None = None) -> DatasetInfo:
         """SHARDS (one folder, or versions oldest first); with several, SUPERSEDED is where the
         keys later versions replaced or removed are written (a Parquet file the loaders read
@@ -203,12 +214,12 @@ class DatasetInfo:
         if len(stores) > 1 and not superseded_written_for(superseded, stores):
             write_superseded(stores, superseded)
         listed = [(i, name) for i, store in enumerate(stores) for name in committed_shards(store)]
-        per_shard, found, moments = _count(stores, listed, fields, shard_configs[0], val_fraction)
+        per_shard, found, moments = _count(stores, listed, fields, shard_configs[0], val_split)
         counts = {"train": int(per_shard[:, 0].sum()), "val": int(per_shard[:, 1].sum())}
         counts["all"] = counts["train"] + counts["val"]
         mean, std = _pixel_statistics(summaries)
         return cls(stores, tuple(listed), per_shard, superseded if len(stores) > 1 else None,
-                   resolve_tasks(tasks, shard_configs[0], found, moments), dims, counts, mean, std, val_fraction,
+                   resolve_tasks(tasks, shard_configs[0], found, moments), dims, counts, mean, std, val_split,
                    json.dumps(embedded[-1].config))
 
     @property
@@ -227,7 +238,7 @@ class DatasetInfo:
 class StreamSpec:
     info: DatasetInfo
     split: str  # train, val, or all (every sample with a target, for evaluation on other shards)
-    val_fraction: float
+    val_split: ValSplit
     batch_size: int
     shuffle_buffer: int
     seed: int
@@ -289,7 +300,7 @@ class ShardStream(IterableDataset):
         for key, _, label, values in _index_targets(index, fields):
             packed = pack_targets(info.tasks, label, values)
             if packed is not None and key not in excluded \
-                    and (spec.split == "all" or split_of(key, spec.val_fraction) == spec.split):
+                    and (spec.split == "all" or split_of(key, spec.val_split) == spec.split):
                 chosen.append((key, *packed))
         table = read_sidecar(store, name, ["key", *info.dims])
         where = {key: i for i, key in enumerate(table.column("key").to_pylist())}

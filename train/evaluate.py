@@ -211,7 +211,7 @@ def task_metrics(task: Task, targets: np.ndarray, scores: np.ndarray) -> dict:
 
 def eval_batches(info: DatasetInfo, split: str, cfg: TrainConfig, batch_size: int = 256) -> Iterator[dict]:
     """Every sample of the split with a target once, in batches, padding rows dropped."""
-    spec = StreamSpec(info, split, cfg.val_fraction, batch_size, 1, cfg.seed,
+    spec = StreamSpec(info, split, cfg.val_split, batch_size, 1, cfg.seed,
                       cfg.model.image_branch_size if cfg.model.image_branch else None)
     for batch in loader(spec, 0):
         real = batch["weights"] > 0
@@ -378,7 +378,7 @@ def trained_on(run: Store) -> tuple[Store | list[Store], TrainConfig]:
 def data_for(meta: ModelMeta, shards: Store | list[Store], cfg: TrainConfig, run: Store) -> DatasetInfo:
     """The shards as the model of RUN saw its training data: its tasks (with their label sets
     and regression statistics), widths and pixel statistics (RUN keeps the superseded keys)."""
-    info = DatasetInfo.read(shards, cfg.model.modalities, cfg.val_fraction, cfg.tasks, run.child(SUPERSEDED))
+    info = DatasetInfo.read(shards, cfg.model.modalities, cfg.val_split, cfg.tasks, run.child(SUPERSEDED))
     tasks = tasks_from_meta(meta.tasks)
     found, wanted = [t.signature for t in info.tasks], [t.signature for t in tasks]
     if found != wanted or info.dims != meta.dims:

@@ -172,7 +172,7 @@ def _bundle(meta: ModelMeta, preprocess: dict, info, train_cfg, cfg: ExportConfi
     """The encoders as ONNX into FOLDER, checked against the torch encoders on validation samples."""
     encoders = encoders_for(meta, preprocess)
     write_bundle(encoders, folder, cfg.int8)
-    payloads = validation_payloads(info, train_cfg.val_fraction, cfg.bundle_samples)
+    payloads = validation_payloads(info, train_cfg.val_split, cfg.bundle_samples)
     return check_bundle(encoders, Store(str(folder)), meta, heads, info.tasks, payloads,
                         EmbedConfig.model_validate(preprocess["embed"]).dtype)
 

@@ -166,7 +166,7 @@ class Trainer:
 
     def _spec(self, split: str, data_rank: int) -> StreamSpec:
         cfg = self.cfg
-        return StreamSpec(self.info, split, cfg.val_fraction, cfg.micro_batch_size, cfg.shuffle_buffer, cfg.seed,
+        return StreamSpec(self.info, split, cfg.val_split, cfg.micro_batch_size, cfg.shuffle_buffer, cfg.seed,
                           cfg.model.image_branch_size if cfg.model.image_branch else None, data_rank,
                           self.data_world, max(1, cfg.loader_workers), cfg.grad_accum, self.towers)
 

@@ -15,6 +15,7 @@ from tessera.core.errors import OutputConflict, StoppedOnRequest
 from tessera.core.lease import DEFAULT_LEASE, Fence, LeaseConfig
 from tessera.core.storage import Store
 from tessera.train.config import NO_TRACKING, TrackingConfig, TrainConfig
+from tessera.train.crossval import cross_validate
 from tessera.train.data import DatasetInfo
 from tessera.train.layout import (
     CHECKPOINTS,
@@ -80,7 +81,10 @@ class TrainStage(Stage[TrainSummary]):
         from ray.train.torch import TorchConfig, TorchTrainer
 
         shards, folder, cfg = self.shards, self.folder, self.cfg
-        info = DatasetInfo.read(shards, cfg.model.modalities, cfg.val_fraction, cfg.tasks, folder.child(SUPERSEDED))
+        if cfg.cross_validation.folds and cfg.cross_validation.fold is None:  # (each fold reads its inputs)
+            claim_run(folder, cfg, shards)
+            return cross_validate(shards, folder, cfg, self.tracking, self.tags)
+        info = DatasetInfo.read(shards, cfg.model.modalities, cfg.val_split, cfg.tasks, folder.child(SUPERSEDED))
         checkpoints = folder.at(cfg.checkpoint_url) if cfg.checkpoint_url else folder.child(CHECKPOINTS)
         claim_run(folder, cfg, shards)
         if folder.exists(STOP_REQUESTED):  # (asked of an earlier run of the folder)

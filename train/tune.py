@@ -236,9 +236,9 @@ class TuneStage(Stage[TuneSummary]):
 
     def __init__(self, shards: Store | Sequence[Store], folder: Store, train: TrainConfig, tune: TuneConfig,
                  lease: LeaseConfig, full_config: dict, tracking: TrackingConfig = NO_TRACKING):
-        if not train.val_fraction:
+        if not train.val_fraction and not train.cross_validation.folds:
             raise ConfigError("tessera tune compares trials on their validation split: train.val_fraction must be "
-                              "above 0")
+                              "above 0 (or train.cross_validation.folds set)")
         if not tune.space:
             raise ConfigError("tessera tune needs tune.space: the train settings to search, e.g. "
                               "train.lr: {loguniform: [1e-4, 1e-2]}")
