@@ -135,3 +135,46 @@ def record_training(cfg: TrackingConfig, run: Store, config: dict, tags: dict[st
     except Exception as e:
         log.warning("MLflow at %s could not be reached (%s): %s is not recorded there (its folder holds it all)",
                     cfg.mlflow_uri, e, run.url)
+
+
+MAX_RESULT_METRICS = 500  # numbers of an eval.json / export.json logged (its curves are files, not metrics)
+
+
+def numbers(tree: dict, prefix: str) -> dict[str, float]:
+    """The numeric leaves of a summary (lists left out) as dotted metric names."""
+    found = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}"
+        if isinstance(value, dict):
+            found |= numbers(value, name)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            found[name] = float(value)
+    return dict(list(found.items())[:MAX_RESULT_METRICS])
+
+
+def record_results(cfg: TrackingConfig, run: Store, metrics: dict[str, float], files: dict[str, bytes]) -> None:
+    """An evaluation's or export's figures and files added to RUN's MLflow run (the one its
+    training made, found by its tessera.run tag; a new one when there is none)."""
+    if not cfg.mlflow_uri:
+        return
+    from mlflow.entities import Metric
+
+    try:
+        client = _client(cfg)
+        experiment = _retried(_experiment, client, cfg.experiment)
+        found = _retried(client.search_runs, [experiment], filter_string=f"tags.`tessera.run` = '{run.url}'",
+                         order_by=["attributes.start_time DESC"], max_results=1)
+        run_id = found[0].info.run_id if found else _retried(
+            client.create_run, experiment, run_name=run.url.rstrip("/").rsplit("/", 1)[-1],
+            tags={"tessera.run": run.url, "tessera.version": version("tessera")}).info.run_id
+        now = int(time.time() * 1000)
+        items = [Metric(k, v, now, 0) for k, v in metrics.items()]
+        for start in range(0, len(items), BATCH):
+            _retried(client.log_batch, run_id, metrics=items[start:start + BATCH])
+        for name, data in files.items():
+            _retried(client.log_text, run_id, data.decode(), name)
+        if not found:
+            _retried(client.set_terminated, run_id, "FINISHED")
+    except Exception as e:
+        log.warning("MLflow at %s could not be reached (%s): the results of %s are not recorded there",
+                    cfg.mlflow_uri, e, run.url)

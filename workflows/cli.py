@@ -289,15 +289,18 @@ def cmd_train(args: argparse.Namespace, cfg: TesseraConfig) -> int:
 
 def cmd_tune(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     from tessera.core.engine import run_command
-    from tessera.train.tune import TuneStage
+    from tessera.train.tune import TRIALS_TABLE, TuneStage
+    from tessera.workflows.report import write_tune_report
 
     shards = cfg.runtime.store(args.shards)
     folder = shards.at(args.run_dir)
     stage = TuneStage(shards, folder, cfg.train, cfg.tune, cfg.runtime.lease, cfg.model_dump(mode="json"),
                       cfg.tracking)
     record = run_command(stage, cfg.runtime).to_json()
+    rows = folder.read_parquet(TRIALS_TABLE).to_pylist()
     screen = stages_screen("tessera tune", {"tune": record})
-    screen.path("trials", folder.url_of("trials.parquet"))
+    screen.path("trials", folder.url_of(TRIALS_TABLE))
+    screen.path("report", write_tune_report(folder, record, rows))
     if record["best_config"]:
         screen.path("best", record["best_run"])
         screen.path("next", f"tessera train {shards.url} --config {record['best_config']}")
@@ -369,13 +372,16 @@ def cmd_versions(args: argparse.Namespace, cfg: TesseraConfig) -> int:
 def cmd_evaluate(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     from tessera.core.engine import run_command
     from tessera.train.evaluate import EvalStage, headline
+    from tessera.train.layout import EVAL
     from tessera.train.tasks import tasks_from_meta
+    from tessera.train.tracking import numbers, record_results
     from tessera.workflows.report import write_run_report
 
     run = cfg.runtime.store(args.run)
     result = run_command(EvalStage(run, [run.at(url) for url in args.shards], cfg.export.batch_size), cfg.runtime,
                          uses_ray=False)
     write_run_report(run)
+    record_results(cfg.tracking, run, numbers(result.sets, "eval"), {EVAL: run.read_bytes(EVAL)})
     tasks = tasks_from_meta(result.tasks)
     screen = Screen("tessera evaluate")
     records = []
@@ -403,11 +409,14 @@ def cmd_evaluate(args: argparse.Namespace, cfg: TesseraConfig) -> int:
 def cmd_export(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     from tessera.core.engine import run_command
     from tessera.train.export import ExportStage
+    from tessera.train.layout import EXPORT
+    from tessera.train.tracking import numbers, record_results
 
     run = cfg.runtime.store(args.run)
     export_cfg = cfg.export if args.bundle is None else cfg.export.model_copy(update={"bundle": args.bundle})
     out = run.at(args.out)
     result = run_command(ExportStage(run, out, export_cfg), cfg.runtime, uses_ray=False)
+    record_results(cfg.tracking, run, numbers(result.variants, "export"), {EXPORT: out.read_bytes(EXPORT)})
     fields = ("file", "bytes", "size_ratio_vs_fp32", "tasks", "within_tolerance")
     records = [{"variant": name, **{k: variant.get(k) for k in fields}} for name, variant in result.variants.items()]
     records += [{key: getattr(result, key)} for key in ("distillation", "bundle") if getattr(result, key)]

@@ -26,6 +26,7 @@ from tessera.preprocess.stage import ShardStage
 from tessera.train.evaluate import EvalStage
 from tessera.train.layout import EVAL, TrainSummary
 from tessera.train.stage import TrainStage
+from tessera.train.tracking import numbers, record_results
 from tessera.workflows.config import TesseraConfig
 from tessera.workflows.layout import RUN_SUMMARY, SHARDS, TRAIN
 from tessera.workflows.report import write_report
@@ -101,7 +102,8 @@ def train_into(cfg: TesseraConfig, run: Store, shards: Store | Sequence[Store]) 
         log.info("train: up to date (%s)", run.url)
         return current.replace(up_to_date=True)
     summary = execute(stage, cfg.runtime.lease, progress=False)
-    execute(EvalStage(run), cfg.runtime.lease, progress=False)
+    evaluated = execute(EvalStage(run), cfg.runtime.lease, progress=False)
+    record_results(cfg.tracking, run, numbers(evaluated.sets, "eval"), {EVAL: run.read_bytes(EVAL)})
     return summary
 
 

@@ -20,6 +20,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tessera.core.storage import Store  # noqa: E402
@@ -441,6 +442,77 @@ def write_run_report(run: Store) -> str:
             f"{summary.steps} steps, final loss {summary.final_loss:.4f}.")
     run.write_bytes(REPORT, _page("tessera training run", text, _training_plots(run) + _evaluation_plots(run)))
     return run.url_of(REPORT)
+
+
+def _scaled(values: list) -> list[float]:
+    """Values of one setting on [0, 1] for a parallel-coordinates axis (log for a positive range
+    spanning over 10x; choices by their order)."""
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        order = sorted(set(map(str, values)))
+        return [order.index(str(v)) / max(len(order) - 1, 1) for v in values]
+    if min(values) > 0 and max(values) > 10 * min(values):
+        values = [float(np.log(v)) for v in values]
+    low, high = min(values), max(values)
+    return [(v - low) / (high - low) if high > low else 0.5 for v in values]
+
+
+def _tune_plots(folder: Store, rows: list[dict], metric: str) -> list[tuple[str, str]]:
+    """The metric per epoch of every trial, and the settings against the metric."""
+    from tessera.train.tasks import epoch_metrics
+    from tessera.train.tune import TRIALS, validation_records
+
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for row in rows:
+        history = [epoch_metrics(r) for r in validation_records(folder.child(TRIALS, row["trial"]))]
+        ax.plot([h["epoch"] for h in history if metric in h], [h[metric] for h in history if metric in h],
+                marker="o", markersize=3, linewidth=1, linestyle="-" if row["status"] == "completed" else ":")
+    ax.set_title(f"{metric} per epoch (dotted: stopped early)")
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    plots = [("Trials", _png(fig))]
+    scored = [r for r in rows if r["last"] is not None]
+    if scored:
+        settings = [json.loads(r["settings"]) for r in scored]
+        axes = sorted(settings[0])
+        raw = [[s[a] for s in settings] for a in axes] + [[r["last"] for r in scored]]
+        columns = [_scaled(values) for values in raw]
+        fig, ax = plt.subplots(figsize=(max(5, 1.8 * len(columns)), 3.4))
+        lasts = np.array([r["last"] for r in scored])
+        shade = (lasts - lasts.min()) / (np.ptp(lasts) or 1)
+        for n in range(len(scored)):
+            ax.plot(range(len(columns)), [c[n] for c in columns], color=plt.cm.viridis(shade[n]), linewidth=1.2)
+        for x, values in enumerate(raw):  # each axis's range at its ends
+            ends = [min(values), max(values)] if all(isinstance(v, int | float) for v in values) else []
+            for y, v in zip((0, 1), ends, strict=True):
+                ax.annotate(f"{v:.3g}", (x, y), fontsize=7, ha="center", va="top" if y == 0 else "bottom")
+        ax.set_xticks(range(len(columns)), [a.removeprefix("train.") for a in axes] + [metric], rotation=20)
+        ax.set_yticks([])
+        ax.set_title(f"settings against {metric} (colour: {metric}, last value)")
+        plots.append(("Settings and metric", _png(fig)))
+    return plots
+
+
+def write_tune_report(folder: Store, summary: dict, rows: list[dict]) -> str:
+    """TUNE_DIR/report.html: the trials table, each trial's metric per epoch, and a parallel-
+    coordinates plot of the settings against the metric; its URL."""
+    metric = summary["metric"]
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in ("trial", "settings", "status", f"best {metric}",
+                                                         f"last {metric}", "epochs", "seconds"))
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
+            r["trial"], r["settings"], r["status"], "" if r["best"] is None else f"{r['best']:.4f}",
+            "" if r["last"] is None else f"{r['last']:.4f}", r["epochs"], f"{r['seconds']:.1f}")) + "</tr>"
+        for r in sorted(rows, key=lambda r: (r["last"] is None, r["last"] if summary["mode"] == "min" else
+                                             -(r["last"] or 0))))
+    table = f'<h2>Trials</h2><table class="trials" border="1" cellpadding="3"><tr>{head}</tr>{body}</table>'
+    best = (f"best {metric} {summary['best_value']:.4f} ({summary['best_trial']})" if summary["best_trial"]
+            else "no trial completed")
+    text = (f"{summary['trials']} trials ({summary['search']} search, scheduler {summary['scheduler']}): "
+            f"{summary['completed']} completed, {summary['stopped_early']} stopped early, {summary['failed']} "
+            f"failed, {summary['trial_epochs']} trial-epochs; {best}.")
+    folder.write_bytes(REPORT, _page("tessera hyperparameter search", html.escape(text),
+                                     _tune_plots(folder, rows, metric), table))
+    return folder.url_of(REPORT)
 
 
 def write_report(out: Store, run: Store | None = None) -> str:

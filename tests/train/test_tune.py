@@ -125,6 +125,8 @@ def test_a_grid_runs_each_point_once_and_a_killed_driver_continues_without_rerun
     assert all([(run / name).read_bytes() for name in outputs] == before for run, before in finished.items())
     record = json.loads(done.stdout.strip().splitlines()[-1])
     assert record["trials"] == 3 and record["best_config"].endswith(BEST)
+    page = (folder / "report.html").read_text()  # the trials table, each trial's epochs, settings vs metric
+    assert page.count("<tr><td>") == 3 and all(r["trial"] in page for r in rows) and page.count("<img") == 2
 
 
 @pytest.mark.slow
