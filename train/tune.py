@@ -8,6 +8,7 @@
     TUNE_DIR/trials.parquet     one row per trial: its settings, best and last metric, epochs...
     TUNE_DIR/best.yaml          the whole config with the best trial's settings
                                 (`tessera train --config TUNE_DIR/best.yaml` trains it again)
+    TUNE_DIR/tune-config.json   the search's config (another one in this folder is refused)
     TUNE_DIR/tune-summary.json  what the search did
 
 A trial reports its validation records (rank 0's metrics.jsonl, read through the store) to Tune
@@ -31,7 +32,7 @@ import pyarrow as pa
 import yaml
 
 from tessera.core.engine import Stage, StageRun
-from tessera.core.errors import ConfigError, StoppedOnRequest
+from tessera.core.errors import ConfigError, OutputConflict, StoppedOnRequest
 from tessera.core.lease import LeaseConfig
 from tessera.core.storage import Store
 from tessera.core.summary import StageSummary
@@ -47,6 +48,7 @@ TRIALS = "trials"
 TRIALS_TABLE = "trials.parquet"
 BEST = "best.yaml"
 TUNE_SUMMARY = "tune-summary.json"
+TUNE_CONFIG = "tune-config.json"  # what the folder's experiment searches: a search of another is refused
 POLL_S = 1.0  # how often a trial looks for a new validation record
 TRIAL_ACTOR_CPUS = 0.01  # (Tune refuses a trial of no resources at all)
 
@@ -248,6 +250,10 @@ class TuneStage(Stage[TuneSummary]):
         self.digest = config_digest(train, tune, shards)
 
     def current(self) -> TuneSummary | None:
+        """The folder's summary when it searched this config; OutputConflict when it holds
+        another search (its experiment would be continued with the other's space)."""
+        if self.folder.exists(TUNE_CONFIG) and self.folder.read_json(TUNE_CONFIG)["digest"] != self.digest:
+            raise OutputConflict(f"{self.folder.url} holds a search of another config or data: use a new folder")
         if TuneSummary.exists(self.folder):
             summary = TuneSummary.read(self.folder)
             if summary.config_digest == self.digest:
@@ -260,6 +266,8 @@ class TuneStage(Stage[TuneSummary]):
         from ray import tune as ray_tune
 
         train, tune = self.train, self.tune
+        self.folder.write_json(TUNE_CONFIG, {"digest": self.digest, "train": train.model_dump(mode="json"),
+                                             "tune": tune.model_dump(mode="json")})
         parent = start_parent(self.tracking, self.folder.url.rstrip("/").rsplit("/", 1)[-1],
                               {"tune": tune.model_dump(mode="json"), "train": train.model_dump(mode="json")},
                               {"tessera.tune": self.folder.url})

@@ -125,6 +125,9 @@ def test_a_grid_runs_each_point_once_and_a_killed_driver_continues_without_rerun
     assert all([(run / name).read_bytes() for name in outputs] == before for run, before in finished.items())
     record = json.loads(done.stdout.strip().splitlines()[-1])
     assert record["trials"] == 3 and record["best_config"].endswith(BEST)
+    other = subprocess.run([*tune_command(embedded_mini, folder, config), "--set", "tune.space={train.lr: {grid: "
+                            "[0.1]}}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert other.returncode == 3 and "another config" in other.stderr, other.stderr[-2000:]
     page = (folder / "report.html").read_text()  # the trials table, each trial's epochs, settings vs metric
     assert page.count("<tr><td>") == 3 and all(r["trial"] in page for r in rows) and page.count("<img") == 2
 
