@@ -63,7 +63,7 @@ def test_a_dry_run_shows_its_own_lines_and_the_summary_table(tmp_path):
     report = tmp_path / "out" / "dry-run" / "report.html"
     assert report.exists()
     tail = "\n".join(lines[-12:])
-    unfolded = re.sub(r"[\s│]", "", tail)  # (a long path is folded over the table's lines)
+    unfolded = re.sub(r"\x1b\[[0-9;]*m|[\s│]", "", tail)  # (a long path is folded over the table's lines)
     assert "report" in tail and "report.html" in unfolded and "accepted" in tail, shown
     logs = list((tmp_path / "out" / "dry-run" / "logs").glob("*-run/*"))
     assert any(p.name == "driver.log" for p in logs) and any(p.name.startswith("worker-") for p in logs)
