@@ -26,7 +26,5 @@ browser:
 	command -v chromium >/dev/null || (apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
-# Two test processes (loadfile: a module's tests and fixtures stay in one): much of a test's
-# time is spent waiting on processes it started, so two share 2 cores well.
 test: lint browser
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q

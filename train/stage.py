@@ -4,9 +4,11 @@ nccl on GPUs)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections.abc import Sequence
+from functools import partial
 
 import ray
 
@@ -99,8 +101,8 @@ class TrainStage(Stage[TrainSummary]):
         log.info("training on %d samples (%d held out), %d workers, %s, %s", info.counts["train"],
                  info.counts["val"], cfg.workers, "GPU" if use_gpu else "CPU",
                  f"pipeline x{cfg.pipeline_stages}" if cfg.parallel == "pipeline" else f"ZeRO-{cfg.zero_stage}")
-        trainer = TorchTrainer(
-            ray_worker,
+        trainer = partial(
+            TorchTrainer, ray_worker,
             train_loop_config={"job": job},
             scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": cfg.cpus_per_worker}),
@@ -112,7 +114,17 @@ class TrainStage(Stage[TrainSummary]):
         )
         tags = self.tags | {"tessera.shards": json.dumps(run_record(cfg, shards)["shards"])}
         try:
-            trainer.fit()
+            for attempt in itertools.count(1):
+                try:
+                    trainer().fit()
+                    break
+                except ray.exceptions.RayActorError as lost:
+                    # Ray Train's controller itself died (its process killed; Ray's restarts
+                    # cover the workers, not it): a new one resumes from the latest checkpoint
+                    if attempt > cfg.max_failures:
+                        raise
+                    log.warning("the training's controller was lost (%s): starting it again",
+                                str(lost).splitlines()[0])
         except BaseException:
             record_training(self.tracking, folder, cfg.model_dump(mode="json"), tags, "FAILED")
             raise
