@@ -21,6 +21,8 @@ import contextlib
 import contextvars
 import errno
 import fcntl
+import fnmatch
+import glob
 import hashlib
 import io
 import json
@@ -244,6 +246,40 @@ class _RetryingReader(io.RawIOBase):
         super().close()
 
 
+def _glob(fs: AbstractFileSystem, pattern: str) -> dict[str, dict]:
+    """What the glob PATTERN (a path of FS) matches, by path, listed one folder level per part of
+    the pattern. A listing that fails raises (after its retries): fsspec's own glob walks with
+    listing errors omitted, and a folder that could not be listed must not be taken for an empty
+    one (its committed files for missing ones)."""
+    if "**" in pattern:
+        raise ValueError(f"{pattern!r}: a pattern matches one folder level per part ('**' is not taken)")
+    parts = fs._strip_protocol(pattern).split("/")
+    fixed = next(i for i, part in enumerate([*parts, "*"]) if glob.has_magic(part))
+    if fixed == len(parts):  # no wildcard: the path itself
+        try:
+            return {"/".join(parts): retried(fs.info, "/".join(parts))}
+        except FileNotFoundError:
+            return {}
+    level = {"/".join(parts[:fixed]) or fs.root_marker: {"type": "directory"}}
+    for depth, part in enumerate(parts[fixed:], fixed):
+        last, found = depth == len(parts) - 1, {}
+        for folder in level:
+            if not glob.has_magic(part):
+                path = f"{folder.rstrip('/')}/{part}"
+                with contextlib.suppress(FileNotFoundError):
+                    found[path] = retried(fs.info, path) if last else {"type": "directory"}
+                continue
+            try:
+                listing = retried(fs.ls, folder, detail=True)
+            except FileNotFoundError:
+                continue
+            found.update({entry["name"].rstrip("/"): entry for entry in listing
+                          if fnmatch.fnmatchcase(entry["name"].rstrip("/").rsplit("/", 1)[-1], part)
+                          and (last or entry["type"] == "directory")})
+        level = found
+    return level
+
+
 class _RetryingFileSystem(AbstractFileSystem):
     """A store's filesystem as the libraries that take an fsspec filesystem see it (pyarrow,
     DuckDB): each call retried on transient errors, files opened for reading retrying theirs.
@@ -262,6 +298,11 @@ class _RetryingFileSystem(AbstractFileSystem):
             with _scoped(self._scope):
                 return _RetryingReader(lambda: self.fs.open(path, "rb", **kwargs))
         return self.fs.open(path, mode, **kwargs)
+
+    def glob(self, path, maxdepth=None, **kwargs):
+        with _scoped(self._scope):
+            found = _glob(self.fs, path)
+        return found if kwargs.get("detail") else sorted(found)
 
     def _type(self, path) -> str | None:
         """What PATH is (from `info`, retried: fsspec's own exists / isdir / isfile answer no
@@ -290,7 +331,7 @@ def _delegate(name: str):
     return call
 
 
-for _name in ("info", "ls", "listdir", "find", "glob", "size", "modified", "created", "ukey", "checksum",
+for _name in ("info", "ls", "listdir", "find", "size", "modified", "created", "ukey", "checksum",
               "cat_file", "cat", "pipe_file", "put_file", "get_file", "rm", "rm_file", "mv", "copy", "cp_file",
               "mkdir", "makedirs"):
     setattr(_RetryingFileSystem, _name, _delegate(_name))
@@ -462,14 +503,18 @@ class Store:
         return _RetryingReader(lambda: self._fs.open(path, "rb"))
 
     def names(self, pattern: str) -> list[str]:
-        """Sorted names (relative to the root) matching a glob pattern such as 'index/*.parquet'."""
-        return sorted(self._relative(p) for p in retried(self._fs.glob, self._path(pattern)))
+        """Sorted names (relative to the root) of the files and folders matching a glob pattern
+        such as 'index/*.parquet' or 'versions/v*/inputs.parquet'."""
+        return sorted(self._matching(pattern))
 
     def infos(self, pattern: str | None = None) -> dict[str, dict]:
         """Metadata of the files matching PATTERN (default: every file below the root), by name."""
-        found = (retried(self._fs.glob, self._path(pattern), detail=True) if pattern else
-                 retried(self._fs.find, self._root, detail=True))
-        return {self._relative(p): info for p, info in found.items() if info.get("type") == "file"}
+        found = self._matching(pattern) if pattern else {
+            self._relative(p): info for p, info in retried(self._fs.find, self._root, detail=True).items()}
+        return {name: info for name, info in found.items() if info.get("type") == "file"}
+
+    def _matching(self, pattern: str) -> dict[str, dict]:
+        return {self._relative(path): info for path, info in _glob(self._fs, self._path(pattern)).items()}
 
     def read_many(self, urls: list[str], limit: int | None = None) -> dict[str, bytes | Exception]:
         """Whole files named by URL, anywhere this store's options reach (a manifest's inputs),

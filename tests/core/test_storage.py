@@ -3,6 +3,7 @@ retried in every path the stages use (its own calls, streamed reads, batched rea
 DuckDB), each retry counted; an exclusive create whose answer was lost is still its own."""
 
 import errno
+import functools
 import uuid
 
 import botocore.exceptions
@@ -36,9 +37,9 @@ def flaky(method, after: bool = False):
 
 class FlakyFileSystem(MemoryFileSystem):
     """An in-memory filesystem whose every EVERY-th call (reads of open files included) fails
-    with a transient error; with LOSE_ANSWER, a write fails after it was made. A listing fails as
-    a whole, as an object store's does (fsspec's generic walk takes a failed `ls` for an empty
-    folder: a listing must not be made of `ls` calls that may fail)."""
+    with a transient error; with LOSE_ANSWER, a write fails after it was made. A listing of one
+    folder (`ls`) fails as an object store's does: fsspec's generic walk (its glob) takes a failed
+    `ls` for an empty folder, so the store must not list through it."""
 
     protocol = "flaky"
 
@@ -54,6 +55,7 @@ class FlakyFileSystem(MemoryFileSystem):
 
     info = flaky(MemoryFileSystem.info)
     find = flaky(MemoryFileSystem.find)
+    ls = flaky(MemoryFileSystem.ls)
     cat_file = flaky(MemoryFileSystem.cat_file)
     pipe_file = flaky(MemoryFileSystem.pipe_file, after=True)
     mv = flaky(MemoryFileSystem.mv)  # (fsspec's generic mv takes a failed isdir for "not a folder")
@@ -170,6 +172,20 @@ def test_an_error_that_persists_is_raised_after_its_attempts_and_a_permanent_one
     with counting_retries() as retried, pytest.raises(FileNotFoundError):
         calm.read_bytes("missing")
     assert retried.value == 0
+
+
+def test_a_folder_that_cannot_be_listed_is_not_taken_for_an_empty_one(fast_retries):
+    """A listing that keeps failing raises: committed files taken for missing would be written
+    again, or reported damaged."""
+    store = flaky_store(every=1)
+    store._fs.find = functools.partial(MemoryFileSystem.find, store._fs)  # a walk whose folder listings fail
+    calm = Store(store.url.replace("flaky://", "memory://"))  # the same files, no faults
+    calm.write_bytes("rejects/shard-000000.parquet", b"x")
+    assert calm.names("rejects/*") == ["rejects/shard-000000.parquet"]
+    for listing in (lambda: store.names("rejects/*"), lambda: store.infos("rejects/*.parquet"),
+                    lambda: store.names("*/shard-*")):
+        with pytest.raises((ConnectionResetError, TimeoutError, OSError)):
+            listing()
 
 
 def test_retries_are_counted_in_their_own_scope_only(fast_retries):
