@@ -21,6 +21,11 @@ NPY_MAGIC = b"\x93NUMPY"
 # swscale picks its thread count from the CPUs by default: one, so that a retried task on a busy
 # node converts colours exactly as the first try did (a stored MP4 once differed after a retry)
 SCALER_THREADS = 1
+# x264 reads uninitialised memory (valgrind) when a row holds an odd number of 16-pixel
+# macroblocks, and then the same frames now and then give other bytes (1 encode in ~1,200 under
+# load; a retried shard's MP4 differed in CI): frames are encoded padded to a multiple of 32, the
+# padding cut off again by the stream's own cropping rectangle (decoders show the asked size)
+ENCODED_MULTIPLE = 32
 
 
 @dataclass
@@ -30,15 +35,17 @@ class VideoResult:
 
 
 def encode_mp4(frames: np.ndarray, fps: float, crf: int) -> bytes:
-    """uint8 frames (T, H, W, 3) as H.264 in MP4. One encoder thread, one scaler thread and fixed
-    options: the same frames always give the same bytes."""
+    """uint8 frames (T, H, W, 3) as H.264 in MP4. One encoder thread, one scaler thread, fixed
+    options and whole macroblock pairs: the same frames always give the same bytes."""
+    bottom, right = -frames.shape[1] % ENCODED_MULTIPLE, -frames.shape[2] % ENCODED_MULTIPLE
+    frames = np.pad(frames, ((0, 0), (0, bottom), (0, right), (0, 0)), mode="edge")
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
         stream.codec_context.thread_count = 1
-        stream.options = {"crf": str(crf), "preset": "medium"}
+        stream.options = {"crf": str(crf), "preset": "medium", "x264-params": f"crop-rect=0,0,{right},{bottom}"}
         for image in frames:
             frame = av.VideoFrame.from_ndarray(image, format="rgb24")
             container.mux(stream.encode(frame.reformat(format="yuv420p", threads=SCALER_THREADS)))

@@ -82,3 +82,14 @@ def test_mp4_needs_an_even_size():
     with pytest.raises(ValueError, match="must be even"):
         VideoConfig(size=111)
     assert VideoConfig(size=111, encoding="frames").size == 111
+
+
+@pytest.mark.parametrize("size", [80, 96, 112])
+def test_frames_are_encoded_in_whole_macroblock_pairs_and_shown_at_the_asked_size(size):
+    """Padded to a multiple of 32 for x264 (an odd number of macroblocks a row makes it read
+    uninitialised memory), cropped back by the stream: decoders see SIZE."""
+    data = (MINI / "video" / "astronaut.mp4").read_bytes()
+    mp4 = process_video(data, VideoConfig(size=size))
+    with av.open(io.BytesIO(mp4.data)) as container:
+        assert (container.streams.video[0].width, container.streams.video[0].height) == (size, size)
+    assert frames_of(mp4).shape == (8, size, size, 3)
