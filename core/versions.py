@@ -76,9 +76,12 @@ def _newest_query(folders: Sequence[Store]) -> str:
 
 
 def _index_query(folders: Sequence[Store], columns: str) -> str:
-    return " UNION ALL ".join(f"SELECT {columns}, {position} AS root FROM read_parquet("
-                              f"{folder.sql_url(INDEX, 'shard-*.parquet')})"
-                              for position, folder in enumerate(folders) if folder.names(f"{INDEX}/shard-*.parquet"))
+    """COLUMNS and `root` of the index parts of FOLDERS, by column name: parts written before a
+    column was added to the index lack it (null in their rows where another part has it)."""
+    return " UNION ALL BY NAME ".join(f"SELECT {columns}, {position} AS root FROM read_parquet("
+                                      f"{folder.sql_url(INDEX, 'shard-*.parquet')}, union_by_name = true)"
+                                      for position, folder in enumerate(folders)
+                                      if folder.names(f"{INDEX}/shard-*.parquet"))
 
 
 def superseded_query(folders: Sequence[Store]) -> str:

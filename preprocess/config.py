@@ -6,7 +6,7 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 
 from tessera.core.config import Strict
 from tessera.preprocess.modality import MODALITIES
@@ -152,6 +152,42 @@ class NearDedupConfig(Strict):
     text: NearTextConfig = NearTextConfig()
 
 
+# named VOI windows (center, width) in Hounsfield units, as radiology viewers preset them
+WINDOW_PRESETS = {"lung": (-600.0, 1500.0), "mediastinum": (50.0, 350.0), "bone": (400.0, 1800.0),
+                  "brain": (40.0, 80.0), "abdomen": (40.0, 400.0), "liver": (60.0, 160.0)}
+# the DICOM attributes a sample keeps by default: how the picture was made, never who or where
+SAFE_DICOM_ATTRIBUTES = ("Modality", "BodyPartExamined", "ViewPosition", "PixelSpacing", "SliceThickness",
+                         "PhotometricInterpretation", "BitsStored", "Rows", "Columns", "ManufacturerModelName",
+                         "ImagerPixelSpacing", "SpacingBetweenSlices", "KVP", "ImageType")
+
+
+class MedicalConfig(Strict):
+    """DICOM and NIfTI in the image field (docs/medical.md): how pixels are windowed to 8 bits,
+    what of the file is kept, how identifiers are replaced."""
+
+    window: Literal["file", "auto", "lung", "mediastinum", "bone", "brain", "abdomen", "liver"] | \
+        tuple[float, float] = Field("file", description="file: the file's first VOI window, else auto; auto: "
+                                    "the 0.5-99.5th percentiles; a preset; or [center, width]")
+    # keyed hashes replace the patient and study identifiers; its value is never written anywhere
+    # (model dumps show it masked; the shard config digest takes it in)
+    id_salt: SecretStr | None = None
+    allow_burned_in: bool = Field(False, description="keep DICOM files that say text is burned into the pixels")
+    keep: tuple[str, ...] = Field(SAFE_DICOM_ATTRIBUTES, description="the DICOM attributes (keywords) kept in "
+                                  "the sample json; anything else is dropped")
+    max_volume_bytes: int = Field(1 << 30, gt=0, description="a gzipped NIfTI's uncompressed limit")
+
+    @model_validator(mode="after")
+    def _known(self) -> MedicalConfig:
+        from pydicom.datadict import keyword_dict
+
+        unknown = [k for k in self.keep if k not in keyword_dict]
+        if unknown:
+            raise ValueError(f"medical.keep: not DICOM keywords: {unknown}")
+        if isinstance(self.window, tuple) and self.window[1] < 1:
+            raise ValueError(f"medical.window: width must be >= 1, got {self.window[1]}")
+        return self
+
+
 class ShardConfig(Strict):
     # shard i holds the manifest's i-th run of this many rows (what reaches the tar is fewer
     # when rows are rejected): boundaries are fixed before any input is read
@@ -163,10 +199,16 @@ class ShardConfig(Strict):
     labels: tuple[str, ...] | None = Field(None, description="allowed labels; null accepts any of label_type")
     label_type: Literal["str", "int"] = "str"
     require_label: bool = False
+    # a manifest field whose value groups samples (a patient, a subject, a source recording): a
+    # group's samples fall on one side of the train/validation split and in one cross-validation
+    # fold; its value is written to the index as given (name a pseudonymous field). Without it,
+    # a DICOM's keyed patient hash groups its samples.
+    group_field: str | None = Field(None, min_length=1)
     image: ImageConfig = ImageConfig()
     text: TextConfig = TextConfig()
     audio: AudioConfig = AudioConfig()
     video: VideoConfig = VideoConfig()
+    medical: MedicalConfig = MedicalConfig()
     inputs: InputsConfig = InputsConfig()
     targets: tuple[TargetConfig, ...] = ()
     # an input file larger than this is a reject, found before it is read (null: no limit)
@@ -186,4 +228,6 @@ class ShardConfig(Strict):
     def digest(self) -> str:
         """Hash of every setting that changes the shard bytes (max_reject_fraction is a check)."""
         canonical = json.dumps(self.model_dump(mode="json", exclude={"max_reject_fraction"}), sort_keys=True)
+        if self.medical.id_salt is not None:  # the hashed ids change with it (its value is not in the dump)
+            canonical += self.medical.id_salt.get_secret_value()
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -1,4 +1,5 @@
-"""Image bytes -> validated, oriented, 8-bit RGB, resized, augmented, encoded bytes."""
+"""Image bytes (any format Pillow reads, DICOM, NIfTI) -> validated, oriented, 8-bit RGB, resized,
+augmented, encoded bytes."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import ExifTags, Image, ImageEnhance, ImageOps, UnidentifiedImageError
 
-from tessera.preprocess.config import AugmentConfig, ImageConfig
+from tessera.preprocess.config import AugmentConfig, ImageConfig, MedicalConfig
+from tessera.preprocess.medical import kind_of, read_medical
 from tessera.preprocess.modality import Modality, Stored
 from tessera.preprocess.near import image_phash
 from tessera.preprocess.reject import Reject
@@ -184,10 +186,19 @@ def draft_side(cfg: ImageConfig) -> int | None:
     return cfg.size
 
 
-def process_image(data: bytes, cfg: ImageConfig, rng: np.random.Generator, phash: bool = False) -> ImageResult:
-    img, source_size = decode_image(data, cfg, draft_side(cfg))
+def process_image(data: bytes, cfg: ImageConfig, rng: np.random.Generator, phash: bool = False,
+                  medical: MedicalConfig | None = None) -> ImageResult:
+    """With MEDICAL, a DICOM or NIfTI file (known by its bytes) is read as one (windowed to an
+    8-bit picture, its allow-listed attributes in the meta's `medical`); without, as any file
+    Pillow does not recognise."""
+    kind = kind_of(data) if medical is not None else None
+    if kind:
+        read = read_medical(data, kind, medical, cfg)
+        img, source_size, extra = read.picture, read.source_size, {"medical": read.meta}
+    else:
+        (img, source_size), extra = decode_image(data, cfg, draft_side(cfg)), {}
     fingerprint = image_phash(img) if phash else None
-    meta: dict = {"source_size": list(source_size)}
+    meta: dict = {"source_size": list(source_size), **extra}
     if cfg.augment.random_resized_crop and cfg.resize == "crop":
         img, crop = _random_resized_crop(img, cfg.augment, rng, cfg.size)
         meta["augment"] = crop
@@ -203,8 +214,10 @@ def process_image(data: bytes, cfg: ImageConfig, rng: np.random.Generator, phash
 def _stored(row, raw: dict[str, bytes], cfg, rng) -> Stored | None:
     if "image" not in raw:
         return None
-    image = process_image(raw["image"], cfg.image, rng, phash=cfg.near_dedup.image.max_distance is not None)
-    return Stored(image.data, image.meta, pixel_histogram=image.histogram, phash=image.phash)
+    image = process_image(raw["image"], cfg.image, rng, phash=cfg.near_dedup.image.max_distance is not None,
+                          medical=cfg.medical)
+    return Stored(image.data, image.meta, pixel_histogram=image.histogram, phash=image.phash,
+                  group=image.meta.get("medical", {}).get("patient"))
 
 
 # the member of an image by image.output_format: JPEG as `.jpeg`, which webdataset and HF

@@ -73,6 +73,9 @@ INDEX_SCHEMA = pa.schema([
     ("image_phash", pa.int64()), ("text_minhash", pa.list_(pa.uint32())),
     # set by `tessera curate` (semantic duplicates, dropped outliers): the reason; null: kept
     ("curated_out", pa.string()),
+    # what the train/validation split and the folds hash (null: the key): shard.group_field's
+    # value, or a DICOM's keyed patient hash
+    ("split_group", pa.string()),
 ])
 # key: as the manifest gave it (null when the line is not JSON); sample_key: the safe key the
 # row claimed once it parsed (what duplicate keys are found by)

@@ -279,6 +279,7 @@ class ManifestRow:
     metadata: dict = field(default_factory=dict)
     file: str = ""  # the manifest file, relative to the manifest's root
     targets: dict = field(default_factory=dict)  # shard.targets' fields present in the row, checked
+    group: str | None = None  # shard.group_field's value: the split group
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -360,6 +361,14 @@ def check_metadata(metadata: dict, cfg: ShardConfig) -> dict:
     return kept
 
 
+def check_group(value, field: str) -> str:
+    """shard.group_field's value as the split group: a non-empty string or an integer."""
+    if isinstance(value, bool) or not isinstance(value, str | int) or not str(value).strip():
+        raise Reject("group.missing", f"shard.group_field {field!r} is missing or not a non-empty string or "
+                                      f"integer: {value!r}")
+    return str(value)
+
+
 def source_key(obj: dict) -> str | None:
     """The row's key as given, when it is a usable one (a non-empty string or an integer)."""
     key = obj.get("key")
@@ -397,10 +406,11 @@ def parse_row(obj: dict, line: int, base_dir: str, cfg: ShardConfig, file: str =
         if refusal:
             raise Reject("input.refused", f"{name}: {refusal}", modality)
     targets = {t.field: check_target(obj.get(t.field), t) for t in cfg.targets}
+    group = check_group(obj.get(cfg.group_field), cfg.group_field) if cfg.group_field else None
     known = {"key", "label", "text", *fields, *targets}
     row = ManifestRow(line, key, safe_key(key), label, text, files,
                       check_metadata({k: v for k, v in obj.items() if k not in known}, cfg), file,
-                      {k: v for k, v in targets.items() if v is not None})
+                      {k: v for k, v in targets.items() if v is not None}, group)
     if not row.modalities:
         raise Reject("sample.no_modality", "sample has no modality")
     missing = [m for m in cfg.required_modalities if m not in row.modalities]

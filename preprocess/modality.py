@@ -38,6 +38,7 @@ class Stored:
     phash: int | None = None  # image: of the upright picture (near dedup), when asked for
     audio_rms_db: float | None = None  # audio: level after normalization
     text_chars: int | None = None  # text: characters after normalization
+    group: str | None = None  # the split group the member says it is of (a DICOM's patient hash)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ class SampleOutput:
     audio_rms_db: float | None = None
     text_chars: int | None = None
     image_phash: int | None = None
+    group: str | None = None  # the split group: shard.group_field's value, else a member's (DICOM patient)
 
     def payload(self, modality: str) -> bytes | None:
         ext = self.members.get(modality)
@@ -65,6 +66,7 @@ def process_sample(row: ManifestRow, raw: dict[str, bytes], cfg: ShardConfig) ->
                 setattr(out, statistic, getattr(stored, statistic))
         if stored.phash is not None:
             out.image_phash = stored.phash
+        out.group = out.group or stored.group
     out.modalities = tuple(m for m in MODALITIES if m in out.members)
     present = set(out.modalities)
     missing = [m for m in cfg.required_modalities if m not in present]
@@ -75,6 +77,9 @@ def process_sample(row: ManifestRow, raw: dict[str, bytes], cfg: ShardConfig) ->
         raise Reject("sample.no_modality", "sample has no modality left after normalization")
     if cfg.labels is not None and row.label is not None:
         out.record["cls"] = str(cfg.labels.index(row.label)).encode()
+    out.group = row.group or out.group
+    if out.group is not None:
+        meta["split_group"] = out.group
     meta["modalities"] = list(out.modalities)
     out.record["json"] = json.dumps(meta, sort_keys=True, ensure_ascii=False).encode()
     return out

@@ -127,6 +127,7 @@ def index_row(plan: ShardPlan, row: ManifestRow, raw: dict[str, bytes], out: Sam
         "image_phash": out.image_phash,
         "text_minhash": None,  # signed in bulk once the shard's texts are known
         "curated_out": None,
+        "split_group": out.group,
     }
 
 

@@ -63,7 +63,7 @@ def validation_payloads(info: DatasetInfo, val_split: ValSplit, limit: int) -> l
     for folder in info.folders:
         for shard in committed_shards(folder):
             for sample in iter_shard(folder, shard):
-                if split_of(sample["__key__"], val_split) != "val":
+                if split_of(sample["__key__"], val_split, json.loads(sample["json"]).get("split_group")) != "val":
                     continue
                 out.append({m: p for m in MODALITIES if (p := member_payload(sample, m)) is not None})
                 if len(out) == limit:

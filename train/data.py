@@ -57,10 +57,12 @@ def val_window(val: ValSplit) -> tuple[float, float]:
     return (0.0, float(val)) if isinstance(val, int | float) else (float(val[0]), float(val[1]))
 
 
-def split_of(key: str, val: ValSplit) -> str:
-    """'val' for a stable share of keys by hash, so the split never moves between runs."""
+def split_of(key: str, val: ValSplit, group: str | None = None) -> str:
+    """'val' for a stable share of keys by hash, so the split never moves between runs; a
+    sample of a split GROUP (the index's split_group: a patient) goes where its group's hash
+    says, so a group never straddles the split (or the cross-validation folds)."""
     start, end = val_window(val)
-    bucket = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 2**32
+    bucket = int(hashlib.sha256((key if group is None else group).encode()).hexdigest()[:8], 16) / 2**32
     return "val" if start <= bucket < end else "train"
 
 
@@ -75,18 +77,23 @@ def _pixel_statistics(summaries: list[ShardSummary]) -> tuple[tuple, tuple]:
     return tuple(mean.tolist()), tuple(np.sqrt(np.maximum(square / total - mean**2, 0)).tolist())
 
 
+# an empty relation that gives a query over index parts written before the split_group column
+# (none of them has it) that column, null
+NO_GROUP = "SELECT NULL::VARCHAR AS split_group WHERE false"
+
+
 def _index_columns(fields: list[str]) -> list[str]:
     """The index columns that hold these fields' values (the targets JSON only when asked for)."""
-    return ["key", "shard", LABEL] + (["targets"] if fields != [LABEL] else [])
+    return ["key", "shard", LABEL, "split_group"] + (["targets"] if fields != [LABEL] else [])
 
 
 def _index_targets(batch, fields: list[str]) -> Iterator[tuple]:
-    """(key, shard, label, {field: value}) of an index batch's rows (_index_columns(fields))."""
-    keys, names, labels = (batch.column(c).to_pylist() for c in ("key", "shard", "label"))
+    """(key, shard, label, {field: value}, split group) of an index batch's rows (_index_columns(fields))."""
+    keys, names, labels, groups = (batch.column(c).to_pylist() for c in ("key", "shard", "label", "split_group"))
     targets = batch.column("targets").to_pylist() if fields != [LABEL] else [None] * len(keys)
-    for key, name, label, found in zip(keys, names, labels, targets, strict=True):
+    for key, name, label, found, group in zip(keys, names, labels, targets, groups, strict=True):
         values = json.loads(found) if found else {}
-        yield key, name, label, {f: label if f == LABEL else values.get(f) for f in fields}
+        yield key, name, label, {f: label if f == LABEL else values.get(f) for f in fields}, group
 
 
 def _trainable(fields: list[str]):
@@ -105,11 +112,11 @@ def _count(stores: Sequence[Store], listed: list[tuple[int, str]], fields: list[
     kinds = {LABEL: "classification", **{t["field"]: t["kind"] for t in shard_config.get("targets") or ()}}
     value = {f: (LABEL if f == LABEL else f"json_extract(targets, '$.\"{f}\"')") for f in fields}
     present = " OR ".join(f"{value[f]} IS NOT NULL" for f in fields)
-    bucket = "('0x' || substr(sha256(key), 1, 8))::UBIGINT / 4294967296.0"  # split_of's, in SQL
+    bucket = "('0x' || substr(sha256(coalesce(split_group, key)), 1, 8))::UBIGINT / 4294967296.0"  # split_of's
     has_parts = any(store.names(f"{INDEX}/shard-*.parquet") for store in stores)
     start, end = val_window(val)
     query = (f"SELECT root, shard, key, label, targets, {bucket} >= {start!r} AND {bucket} < {end!r} AS val "
-             f"FROM ({live_query(stores)}) WHERE {present}") if has_parts else ""
+             f"FROM ({live_query(stores)} UNION ALL BY NAME {NO_GROUP}) WHERE {present}") if has_parts else ""
     per_shard = np.zeros((len(listed), 2), np.int64)
     found: dict[str, set] = {f: set() for f in fields}
     moments = {f: np.zeros(3) for f in fields}  # n, sum, sum of squares (training split)
@@ -297,10 +304,10 @@ class ShardStream(IterableDataset):
         index = read_index_part(store, name, _index_columns(fields), _trainable(fields))
         chosen = []
         excluded = superseded_keys(info.superseded, root, name)
-        for key, _, label, values in _index_targets(index, fields):
+        for key, _, label, values, group in _index_targets(index, fields):
             packed = pack_targets(info.tasks, label, values)
             if packed is not None and key not in excluded \
-                    and (spec.split == "all" or split_of(key, spec.val_split) == spec.split):
+                    and (spec.split == "all" or split_of(key, spec.val_split, group) == spec.split):
                 chosen.append((key, *packed))
         table = read_sidecar(store, name, ["key", *info.dims])
         where = {key: i for i, key in enumerate(table.column("key").to_pylist())}

@@ -3,6 +3,7 @@
 import json
 from collections import Counter
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -33,6 +34,68 @@ def test_split_by_key_hash_is_a_known_function_of_the_key_alone():
     in_sql = duckdb.sql("SELECT key, ('0x' || substr(sha256(key), 1, 8))::UBIGINT / 4294967296.0 < 0.2 AS val "
                         "FROM (SELECT unnest(?) AS key)", params=[keys]).fetchall()
     assert {k for k, val in in_sql if val} == {k for k in keys if split_of(k, 0.2) == "val"}
+    # a sample of a split group (a patient) goes where the group's hash says
+    groups = [f"patient-{i % 37}" if i % 3 else None for i in range(1000)]
+    in_sql = duckdb.sql("SELECT key, ('0x' || substr(sha256(coalesce(g, key)), 1, 8))::UBIGINT / 4294967296.0 < 0.2 "
+                        "FROM (SELECT unnest(?) AS key, unnest(?) AS g)", params=[keys, groups]).fetchall()
+    assert {k for k, val in in_sql if val} == {k for k, g in zip(keys, groups, strict=True)
+                                               if split_of(k, 0.2, g) == "val"}
+    assert split_of("k0", 0.2, "k2") == split_of("k2", 0.2) == "val"
+
+
+@pytest.fixture(scope="module")
+def grouped(ray_session, tmp_path_factory):
+    """A text corpus of 12 subjects with 4 samples each, sharded with shard.group_field and embedded."""
+    from tessera.features.config import EmbedConfig
+    from tessera.features.stage import run_embed_stage
+    from tessera.preprocess.config import ShardConfig
+    from tessera.preprocess.stage import run_shard_stage
+
+    out = tmp_path_factory.mktemp("grouped")
+    manifest = out.parent / f"{out.name}.jsonl"
+    rows = [{"key": f"s{n}", "subject": f"subject-{n // 4}", "text": f"sample {n} of subject {n // 4}",
+             "label": ("a", "b")[n % 2]} for n in range(48)]
+    rows.append({"key": "nobody", "text": "a row with no subject", "label": "a"})
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = ShardConfig(labels=("a", "b"), samples_per_shard=10, group_field="subject")
+    summary = run_shard_stage(str(manifest), Store(str(out)), cfg, progress=False)
+    assert (summary.accepted, summary.rejected) == (48, 1)
+    run_embed_stage(Store(str(out)), EmbedConfig(image=None, audio=None, video=None), progress=False)
+    return out
+
+
+def test_a_group_never_straddles_the_split_and_counts_agree_with_the_loaders(grouped):
+    from tests.conftest import reject_rows
+
+    assert [(r["key"], r["code"]) for r in reject_rows(grouped)] == [("nobody", "group.missing")]
+    subject = {r["key"]: r["split_group"] for r in index_rows(grouped)}
+    assert set(subject.values()) == {f"subject-{i}" for i in range(12)}
+    info = DatasetInfo.read(Store(str(grouped)), ("text",), 0.2)
+    seen = {split: keys_of(loader(spec_for(info, 0, world=1, workers=1, split=split), 0))
+            for split in ("train", "val")}
+    assert (info.counts["train"], info.counts["val"]) == (len(seen["train"]), len(seen["val"])) \
+        and 0 < len(seen["val"]) < 48
+    val_groups, train_groups = ({subject[k] for k in seen[s]} for s in ("val", "train"))
+    assert not val_groups & train_groups and len(seen["val"]) == 4 * len(val_groups)
+    assert val_groups == {g for g in subject.values() if split_of("any key", 0.2, g) == "val"}
+
+
+def test_index_parts_written_before_split_groups_existed_split_by_key(grouped, tmp_path):
+    """An index without the split_group column (an output of an earlier tessera) trains, split by key."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(grouped, old)
+    from tessera.preprocess.layout import SIZES, SIZES_SCHEMA
+
+    for part in (old / "index").glob("shard-*.parquet"):
+        pq.write_table(pq.read_table(part).drop_columns(["split_group"]), part)
+    committed = [{**r, "bytes": (old / r["name"]).stat().st_size} for r in pq.read_table(old / SIZES).to_pylist()]
+    pq.write_table(pa.Table.from_pylist(committed, SIZES_SCHEMA), old / SIZES)  # as the writer would have recorded
+    info = DatasetInfo.read(Store(str(old)), ("text",), 0.2)
+    val = keys_of(loader(spec_for(info, 0, world=1, workers=1, split="val"), 0))
+    assert set(val) == {k for k in (r["key"] for r in index_rows(grouped)) if split_of(k, 0.2) == "val"}
+    assert info.counts["val"] == len(val)
 
 
 def test_one_epoch_over_two_ranks_and_two_loader_workers_sees_every_sample_once(embedded_mini):

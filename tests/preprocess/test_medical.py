@@ -1,0 +1,197 @@
+"""DICOM and NIfTI in the image field: pixels (modality LUT, windowing, MONOCHROME1, colour,
+compressed transfer syntaxes), de-identification by allow-list, and no identifier anywhere in
+a shard output. Real files: pydicom's and nibabel's own test data (in their wheels)."""
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import nibabel
+import numpy as np
+import pyarrow.parquet as pq
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.pixels import pixel_array
+
+from tessera.core.storage import Store
+from tessera.preprocess.config import ImageConfig, MedicalConfig, ShardConfig
+from tessera.preprocess.image import process_image
+from tessera.preprocess.medical import kind_of, pseudonym, read_medical, window
+from tessera.preprocess.reject import Reject
+from tessera.preprocess.stage import run_shard_stage
+from tests.conftest import index_rows, reject_rows
+
+SALT = "a-salt-nobody-knows"
+MEDICAL = MedicalConfig(id_salt=SALT)
+NIFTI = Path(nibabel.__file__).parent / "tests" / "data"
+# what CT_small.dcm says of who and where: none of it may reach an output
+CT_IDENTIFIERS = ("CompressedSamples", "1CT1", "JFK IMAGING CENTER", "1.3.6.1.4.1.5962.1.2.1.20040119072730.12322",
+                  "20040119")
+
+
+def dicom(name: str) -> bytes:
+    return Path(get_testdata_file(name)).read_bytes()
+
+
+def read(data: bytes, cfg: MedicalConfig = MEDICAL, **image):
+    return read_medical(data, kind_of(data), cfg, ImageConfig(**image))
+
+
+def saved(ds: pydicom.Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_files_are_known_by_their_bytes_not_their_names():
+    assert kind_of(dicom("CT_small.dcm")) == "dicom"
+    assert kind_of((NIFTI / "anatomical.nii").read_bytes()) == "nifti1"
+    assert kind_of((NIFTI / "example_nifti2.nii.gz").read_bytes()) == "nifti2"  # gzipped, header inflated
+    png = io.BytesIO()
+    from PIL import Image
+
+    Image.new("RGB", (16, 16)).save(png, "PNG")
+    assert kind_of(png.getvalue()) is None and kind_of(b"") is None and kind_of(b"\x1f\x8bnot gzip") is None
+    # without shard.medical (never, in the shard stage) a DICOM is not an image Pillow knows
+    with pytest.raises(Reject) as rejected:
+        process_image(dicom("CT_small.dcm"), ImageConfig(), np.random.default_rng(0))
+    assert rejected.value.code == "image.unrecognised"
+
+
+def test_ct_values_go_through_the_modality_lut_to_hounsfield_units_then_the_window():
+    data = dicom("CT_small.dcm")
+    ds = pydicom.dcmread(io.BytesIO(data))
+    stored = pixel_array(ds).astype(float)
+    hu = stored * float(ds.RescaleSlope) + float(ds.RescaleIntercept)  # by hand
+    for setting, (center, width) in (("lung", (-600.0, 1500.0)), ((40.0, 400.0), (40.0, 400.0))):
+        got = read(data, MedicalConfig(id_salt=SALT, window=setting))
+        by_hand = np.round(np.clip((hu - (center - 0.5)) / (width - 1) + 0.5, 0, 1) * 255).astype(np.uint8)
+        assert np.array_equal(np.asarray(got.picture)[..., 0], by_hand)
+        assert (got.meta["window_center"], got.meta["window_width"]) == (center, width)
+    # no window in the file: the 0.5-99.5th percentiles of its HU
+    auto = read(data)
+    assert auto.meta["window"] == "auto" and auto.meta["window_width"] == pytest.approx(
+        np.percentile(hu, 99.5) - np.percentile(hu, 0.5), rel=1e-3)
+
+
+def test_the_files_window_is_used_and_monochrome1_is_inverted():
+    data = dicom("MR_small.dcm")
+    normal = read(data)
+    assert normal.meta["window"] == "file" and normal.meta["window_center"] == 600.0
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    inverted = read(saved(ds))
+    diff = np.asarray(inverted.picture).astype(int) + np.asarray(normal.picture).astype(int) - 255
+    assert np.abs(diff).max() <= 1  # (rounding)
+
+
+@pytest.mark.parametrize("name", ["MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm",
+                                  "MR_small_bigendian.dcm", "MR_small_implicit.dcm", "MR_small_expb.dcm"])
+def test_every_lossless_transfer_syntax_gives_the_same_picture(name):
+    assert np.array_equal(np.asarray(read(dicom(name)).picture), np.asarray(read(dicom("MR_small.dcm")).picture))
+
+
+def test_colour_photometrics_become_rgb():
+    rgb, ybr = read(dicom("SC_rgb_rle.dcm")), read(dicom("SC_ybr_full_422_uncompressed.dcm"))
+    a, b = np.asarray(rgb.picture).astype(float), np.asarray(ybr.picture).astype(float)
+    assert a.shape == b.shape == (100, 100, 3) and np.abs(a - b).mean() < 3  # one picture stored two ways
+    palette = np.asarray(read(dicom("examples_palette.dcm")).picture)
+    assert palette.shape[2] == 3 and not np.array_equal(palette[..., 0], palette[..., 1])
+    sixteen = np.asarray(read(dicom("SC_rgb_rle_16bit.dcm")).picture)
+    assert np.array_equal(sixteen, np.asarray(read(dicom("SC_rgb_rle.dcm")).picture))  # scaled to 8 bits
+
+
+def test_a_multiframe_file_gives_its_middle_frame_decoded_alone():
+    got = read(dicom("SC_rgb_rle_2frame.dcm"))
+    assert (got.meta["frames"], got.meta["frame"]) == (2, 1)
+
+
+def test_only_the_allow_list_is_kept_and_identifiers_become_keyed_hashes():
+    got = read(dicom("CT_small.dcm"))
+    assert got.meta["Modality"] == "CT" and got.meta["PixelSpacing"] == [0.661468, 0.661468]
+    assert got.meta["patient"] == pseudonym("1CT1", SALT) != pseudonym("1CT1", "another salt")
+    assert got.meta["study"] == pseudonym("1.3.6.1.4.1.5962.1.2.1.20040119072730.12322", SALT)
+    text = json.dumps(got.meta)
+    assert not any(value in text for value in CT_IDENTIFIERS)
+    wider = read(dicom("CT_small.dcm"), MedicalConfig(id_salt=SALT, keep=("Modality", "InstitutionName")))
+    assert wider.meta["InstitutionName"] == "JFK IMAGING CENTER"  # what the user's own list names
+
+
+def test_burned_in_text_no_salt_no_pixels_and_broken_files_are_rejects_that_quote_no_value():
+    ds = pydicom.dcmread(io.BytesIO(dicom("CT_small.dcm")))
+    ds.BurnedInAnnotation = "YES"
+    burned = saved(ds)
+    cases = [(burned, MEDICAL, "medical.burned_in"), (dicom("CT_small.dcm"), MedicalConfig(), "medical.no_salt"),
+             (dicom("rtplan.dcm"), MEDICAL, "medical.no_pixels"), (dicom("badVR.dcm"), MEDICAL, "medical.undecodable"),
+             (dicom("MR_truncated.dcm"), MEDICAL, "medical.undecodable")]
+    for data, cfg, code in cases:
+        with pytest.raises(Reject) as rejected:
+            read(data, cfg)
+        assert rejected.value.code == code and rejected.value.modality == "image"
+        assert not any(value in rejected.value.reason for value in CT_IDENTIFIERS)
+    assert read(burned, MedicalConfig(id_salt=SALT, allow_burned_in=True)).meta["Modality"] == "CT"
+
+
+def test_nifti_is_read_in_canonical_orientation_one_slice_and_bounded():
+    data = (NIFTI / "example4d.nii.gz").read_bytes()
+    got = read(data)
+    volume = nibabel.as_closest_canonical(nibabel.load(NIFTI / "example4d.nii.gz"))
+    middle = np.rot90(np.asarray(volume.dataobj[:, :, volume.shape[2] // 2, 0], dtype=float))
+    center, width = got.meta["window_center"], got.meta["window_width"]
+    by_hand = np.round(window(middle, center, width) * 255).astype(np.uint8)
+    assert np.array_equal(np.asarray(got.picture)[..., 0], by_hand)
+    assert got.meta["spacing"] == [2.0, 2.0, 2.2] and got.meta["shape"] == [128, 96, 24, 2]
+    with pytest.raises(Reject) as rejected:
+        read(data, MedicalConfig(max_volume_bytes=10_000))
+    assert rejected.value.code == "medical.too_large"
+
+
+def test_config_keeps_the_salt_out_of_every_dump_and_refuses_unknown_attributes():
+    cfg = ShardConfig(medical={"id_salt": SALT})
+    assert SALT not in json.dumps(cfg.model_dump(mode="json"))
+    assert cfg.digest() != ShardConfig(medical={"id_salt": "another"}).digest()
+    with pytest.raises(ValueError, match="not DICOM keywords"):
+        MedicalConfig(keep=("Modality", "PatientNmae"))
+
+
+@pytest.mark.slow
+def test_no_identifier_reaches_any_shard_output(ray_session, tmp_path):
+    """Two studies of one patient, another patient, a burned-in file: shards, index, rejects
+    and summary hold pseudonyms only."""
+    ct = pydicom.dcmread(io.BytesIO(dicom("CT_small.dcm")))
+    files = {"ct-1": dicom("CT_small.dcm")}
+    ct.StudyInstanceUID, ct.SOPInstanceUID = "1.2.3.4", "1.2.3.4.5"
+    files["ct-2"] = saved(ct)  # the same patient, another study
+    ct.BurnedInAnnotation = "YES"
+    files["burned"] = saved(ct)
+    files["mr"] = dicom("MR_small.dcm")
+    for key, data in files.items():
+        (tmp_path / f"{key}.dcm").write_bytes(data)
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps({"key": k, "image": f"{k}.dcm", "text": "a scan"}) + "\n" for k in files))
+    out = tmp_path / "out"
+    summary = run_shard_stage(str(manifest), Store(str(out)), ShardConfig(medical={"id_salt": SALT}), progress=False)
+    assert (summary.accepted, summary.rejected) == (3, 1)
+    assert [(r["key"], r["code"]) for r in reject_rows(out)] == [("burned", "medical.burned_in")]
+    everything = ""
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        if path.suffix == ".parquet":
+            everything += json.dumps(pq.read_table(path).to_pylist(), default=str)
+        elif path.suffix == ".tar":
+            with tarfile.open(path) as tar:
+                everything += "".join(tar.extractfile(m).read().decode("latin-1") for m in tar.getmembers())
+        else:
+            everything += path.read_bytes().decode("latin-1")
+    assert not any(value in everything for value in (*CT_IDENTIFIERS, SALT, "1.2.3.4.5"))
+    samples = {}
+    for tar in sorted(out.glob("shard-*.tar")):
+        with tarfile.open(tar) as t:
+            samples.update({m.name.split(".")[0]: json.loads(t.extractfile(m).read()) for m in t
+                            if m.name.endswith(".json")})
+    medical = {k: s["image"]["medical"] for k, s in samples.items()}
+    assert medical["ct-1"]["patient"] == medical["ct-2"]["patient"] != medical["mr"]["patient"]
+    assert medical["ct-1"]["study"] != medical["ct-2"]["study"]
+    # the patient hash is the split group: one patient's studies on one side of the split
+    assert {r["key"]: r["split_group"] for r in index_rows(out)} == {k: m["patient"] for k, m in medical.items()}
