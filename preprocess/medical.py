@@ -9,11 +9,15 @@ as keyed hashes (shard.medical.id_salt) that group samples without naming anyone
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import io
+import logging
 import struct
+import warnings
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -133,14 +137,36 @@ def _salt(cfg: MedicalConfig) -> str:
     return cfg.id_salt.get_secret_value()
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """pydicom's warnings and log lines quote element values ("Invalid value for VR DA: ..."),
+    nibabel's may quote header text: while a file is read, neither speaks, and pydicom does not
+    validate values as it reads them."""
+    from pydicom import config
+
+    loggers = [logging.getLogger(name) for name in ("pydicom", "nibabel", "nibabel.global")]
+    levels, mode = [lg.level for lg in loggers], config.settings.reading_validation_mode
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config.settings.reading_validation_mode = config.IGNORE
+        for lg in loggers:
+            lg.setLevel(logging.CRITICAL + 1)
+        try:
+            yield
+        finally:
+            config.settings.reading_validation_mode = mode
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
+
+
 def read_dicom(data: bytes, cfg: MedicalConfig, image: ImageConfig) -> MedicalImage:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     salt = _salt(cfg)
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
-        return _dicom_image(ds, cfg, image, salt)
+        with _quiet():
+            return _dicom_image(pydicom.dcmread(io.BytesIO(data)), cfg, image, salt)
     except Reject:
         raise
     except (InvalidDicomError, ValueError, TypeError, KeyError, AttributeError, IndexError, RuntimeError,
@@ -239,5 +265,8 @@ def read_nifti(data: bytes, kind: str, cfg: MedicalConfig, image: ImageConfig) -
 
 def read_medical(data: bytes, kind: str, cfg: MedicalConfig, image: ImageConfig) -> MedicalImage:
     """A file of KIND (kind_of's answer) as its picture and meta."""
-    return read_dicom(data, cfg, image) if kind == "dicom" else read_nifti(data, kind, cfg, image)
+    if kind == "dicom":
+        return read_dicom(data, cfg, image)
+    with _quiet():
+        return read_nifti(data, kind, cfg, image)
 

@@ -134,6 +134,31 @@ def test_burned_in_text_no_salt_no_pixels_and_broken_files_are_rejects_that_quot
     assert read(burned, MedicalConfig(id_salt=SALT, allow_burned_in=True)).meta["Modality"] == "CT"
 
 
+def test_reading_says_nothing_in_warnings_or_logs(caplog, recwarn):
+    """pydicom warns and logs as it reads a file out of the standard (these: "The PN component
+    length (78) exceeds ..."; others quote the value): nothing of it comes out of tessera."""
+    import logging
+    import warnings
+
+    from pydicom import config
+
+    ds = pydicom.dcmread(io.BytesIO(dicom("CT_small.dcm")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mode, config.settings.writing_validation_mode = config.settings.writing_validation_mode, config.IGNORE
+        try:
+            ds.PatientName, ds.InstitutionName = "Doe^Jane" + "x" * 70, "General Hospital " + "y" * 70
+            data = saved(ds)
+        finally:
+            config.settings.writing_validation_mode = mode
+    caplog.set_level(logging.DEBUG)
+    caplog.clear()  # (what setting the values logged: the test's own doing)
+    warnings.simplefilter("always")
+    got = read(data, MedicalConfig(id_salt=SALT, keep=("Modality", "PatientName", "InstitutionName")))
+    assert str(got.meta["PatientName"]).startswith("Doe^Jane")  # kept: the list named it
+    assert [str(w.message) for w in recwarn] == [] and [r.getMessage() for r in caplog.records] == []
+
+
 def test_nifti_is_read_in_canonical_orientation_one_slice_and_bounded():
     data = (NIFTI / "example4d.nii.gz").read_bytes()
     got = read(data)
