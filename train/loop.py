@@ -3,6 +3,7 @@ explicitly), so it runs under Ray Train or any other launcher that set up torch.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import resource
@@ -21,8 +22,8 @@ from tessera.train.data import DatasetInfo, StreamSpec, loader
 from tessera.train.layout import META, STOP_REQUESTED, WEIGHTS, ModelMeta
 from tessera.train.losses import Distillation, TaskLoss, loss_sums, tally
 from tessera.train.model import Alignment, MultimodalModel
-from tessera.train.parallel import build_engine, resolve_precision
-from tessera.train.run_store import Checkpoints, MetricsLog, disk_id, tag_of
+from tessera.train.parallel import build_engine, init_distributed, resolve_precision
+from tessera.train.run_store import UNIVERSAL, Checkpoints, MetricsLog, disk_id, tag_of
 from tessera.train.saved import load_model
 from tessera.train.tasks import TALLY, tasks_meta, validation_record
 from tessera.train.towers import TowerSpec, build_towers, save_towers
@@ -153,15 +154,26 @@ class Trainer:
             if unexpected or any(not k.startswith("towers.") for k in missing):
                 raise ValueError(f"init_from: weights that do not fit this model ({unexpected or missing})")
         self.data_world = world // cfg.pipeline_stages if cfg.parallel == "pipeline" else world
-        steps_per_epoch = self._spec("train", 0).batches_per_rank // cfg.grad_accum
-        self.total_steps = min(cfg.max_steps or 1 << 62, cfg.epochs * steps_per_epoch)
-        self.engine, data_rank, _, self.pipeline = build_engine(self.model, cfg, world, self.total_steps,
-                                                                resolve_precision(cfg, on_gpu))
-        self.train_spec, self.val_spec = self._spec("train", data_rank), self._spec("val", data_rank)
+        self.steps_per_epoch = self._spec("train", 0).batches_per_rank // cfg.grad_accum
+        self.total_steps = min(cfg.max_steps or 1 << 62, cfg.epochs * self.steps_per_epoch)
+        init_distributed()
         self.checkpoints = Checkpoints(job.checkpoints)
         self.keeper = _first_on_its_disk()
+        if self.keeper:
+            self.checkpoints.prepare()  # this node's scratch gets the latest checkpoint
+        dist.barrier()
+        self.latest = self.checkpoints.latest()
+        # the data-parallel ranks that saved it, when not these (a run resumed on more or fewer workers)
+        saved = self.checkpoints.saved_world(self.latest) if self.latest else None
+        self.saved_world = saved if saved not in (None, self.data_world) else None
+        if self.saved_world and cfg.parallel == "pipeline":
+            raise ValueError(f"the checkpoint was saved by {saved} data-parallel ranks and this run has "
+                             f"{self.data_world}: a pipeline run resumes on the number of workers it was saved with")
+        self.engine, data_rank, _, self.pipeline = build_engine(self.model, cfg, world, self.total_steps,
+                                                                resolve_precision(cfg, on_gpu),
+                                                                load_universal=self.saved_world is not None)
+        self.train_spec, self.val_spec = self._spec("train", data_rank), self._spec("val", data_rank)
         self.step = self.epoch = self.batch_pos = self.last_saved = 0
-        self.latest: str | None = None
         self.metrics: MetricsLog | None = None
 
     def _spec(self, split: str, data_rank: int) -> StreamSpec:
@@ -171,21 +183,47 @@ class Trainer:
                           self.data_world, max(1, cfg.loader_workers), cfg.grad_accum, self.towers)
 
     def resume(self) -> None:
-        """Take up the latest checkpoint, wherever it was made (weights, optimizer, data position)."""
-        if self.keeper:
-            self.checkpoints.prepare()  # this node's scratch gets the latest checkpoint
-        dist.barrier()
-        self.latest = self.checkpoints.latest()
+        """Take up the latest checkpoint, wherever it was made (weights, optimizer, data position),
+        by as many workers as saved it or another number (through its universal form)."""
+        saved_step = None
         if self.latest is not None:
-            _, client = self.engine.load_checkpoint(str(self.checkpoints.local), tag=self.latest)
-            self.step, self.epoch, self.batch_pos = client["step"], client["epoch"], client["batch"]
+            tag = self.latest
+            if self.saved_world:
+                if self.keeper:
+                    self.checkpoints.universal(self.latest)
+                dist.barrier()
+                tag = f"{self.latest}{UNIVERSAL}"
+            _, client = self.engine.load_checkpoint(str(self.checkpoints.local), tag=tag)
+            saved_step, self.epoch, self.batch_pos = client["step"], client["epoch"], client["batch"]
+            self.step = saved_step
+            if self.saved_world:
+                self._reposition(client["batch"])
+                dist.barrier()
+                if self.keeper:
+                    self.checkpoints.drop_universal(self.latest)
             if self.batch_pos >= self.train_spec.batches_per_rank:
                 self.epoch, self.batch_pos = self.epoch + 1, 0
             if self.rank == 0:
-                log.info("resumed from %s at step %d (epoch %d, batch %d)",
-                         self.checkpoints.store.url_of(self.latest), self.step, self.epoch, self.batch_pos)
-        self.metrics = MetricsLog(self.job.run, self.step if self.latest else None) if self.rank == 0 else None
+                log.info("resumed from %s at step %d (epoch %d, batch %d)%s",
+                         self.checkpoints.store.url_of(self.latest), self.step, self.epoch, self.batch_pos,
+                         f", saved by {self.saved_world} data-parallel ranks, now {self.data_world}"
+                         if self.saved_world else "")
+        self.metrics = MetricsLog(self.job.run, saved_step) if self.rank == 0 else None
         self.last_saved = self.step
+
+    def _reposition(self, saved_batch: int) -> None:
+        """The epoch's position and the step in this worker count's terms (a checkpoint saved by
+        SAVED_WORLD ranks): the same share of the epoch done, the rest of it drawn under the new
+        rank layout (about as many samples, not the same ones), and the learning-rate schedule
+        set to the step that share is (its length is this layout's)."""
+        cfg = self.cfg
+        saved_per_rank = dataclasses.replace(self.train_spec, world=self.saved_world).batches_per_rank
+        done = min(1.0, saved_batch / saved_per_rank)
+        self.batch_pos = round(done * self.train_spec.batches_per_rank / cfg.grad_accum) * cfg.grad_accum
+        self.step = self.epoch * self.steps_per_epoch + self.batch_pos // cfg.grad_accum
+        schedule = self.engine.lr_scheduler
+        schedule.last_epoch = self.step - 1
+        schedule.step()  # the learning rates of the new step
 
     def train_step(self, batches: TimedBatches, pipe_items, teacher: torch.nn.Module | None) -> float | None:
         """One optimizer step (grad_accum micro-batches); its record goes to metrics.jsonl."""

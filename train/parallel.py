@@ -86,8 +86,8 @@ class PipelineLoss:
         return sums
 
 
-def build_engine(model: MultimodalModel, cfg: TrainConfig, world: int, total_steps: int, precision: str):
-    """(engine, data-parallel rank, data-parallel size, is pipeline)."""
+def init_distributed() -> None:
+    """DeepSpeed's view of the process group the launcher (Ray Train) created (idempotent)."""
     import deepspeed
     import deepspeed.ops
 
@@ -96,8 +96,16 @@ def build_engine(model: MultimodalModel, cfg: TrainConfig, world: int, total_ste
     # later init to wait on forever. It serves only inference all-reduce among ranks on one host;
     # training reduces through gloo/NCCL, so it is never built.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    # adopts the process group the launcher (Ray Train) created
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def build_engine(model: MultimodalModel, cfg: TrainConfig, world: int, total_steps: int, precision: str,
+                 load_universal: bool = False):
+    """(engine, data-parallel rank, data-parallel size, is pipeline); with LOAD_UNIVERSAL, the
+    engine loads DeepSpeed's universal checkpoints (another number of ranks saved the one resumed)."""
+    import deepspeed
+
+    init_distributed()
     if cfg.parallel == "pipeline":
         from deepspeed.pipe import PipelineModule
 
@@ -109,8 +117,10 @@ def build_engine(model: MultimodalModel, cfg: TrainConfig, world: int, total_ste
         module = model
         data_parallel = world
     optimizer, schedule = optimizer_and_schedule(module, cfg, total_steps)
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule,
-                                           config=deepspeed_config(cfg, data_parallel, precision))
+    config = deepspeed_config(cfg, data_parallel, precision)
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule, config=config)
     if cfg.parallel == "pipeline":
         return engine, engine.grid.get_data_parallel_rank(), data_parallel, True
     return engine, engine.global_rank, data_parallel, False

@@ -6,9 +6,12 @@ any other store gets copies of files made in a node-local scratch folder."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
+import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -20,7 +23,11 @@ from pathlib import Path
 from tessera.core.storage import Store
 from tessera.train.layout import LATEST, METRICS
 
+log = logging.getLogger(__name__)
+
 TAG = re.compile(r"step-\d{7,}")
+ZERO_PARTS = "zero_pp_rank_*_mp_rank_*_optim_states.pt"  # a checkpoint's ZeRO state: one per data-parallel rank
+UNIVERSAL = "-universal"  # a tag's universal form (on a disk only, never in the store)
 UPLOAD_SECONDS = 10.0  # metrics.jsonl reaches a remote store at least this often while training
 
 
@@ -111,6 +118,31 @@ class Checkpoints:
                       key=lambda name: int(name.removeprefix("step-")))  # by step: "step-10000000" is newest
         for old in tags[:-keep]:
             self.store.remove(old, recursive=True)
+
+    def saved_world(self, tag: str) -> int | None:
+        """How many data-parallel ranks saved TAG's ZeRO partitions (None: it has none, ZeRO
+        stage 0, whose optimizer state is whole in the model file and loads on any number)."""
+        return len(self.store.names(f"{tag}/{ZERO_PARTS}")) or None
+
+    def universal(self, tag: str) -> str:
+        """TAG converted on this disk to DeepSpeed's universal checkpoint (every rank's parts
+        pulled first), which any number of ranks loads; the tag to load it by. Called by the
+        first rank on each disk; drop_universal removes it once loaded."""
+        from deepspeed.checkpoint import ds_to_universal
+
+        self.pull(tag)
+        out = self.local / f"{tag}{UNIVERSAL}"
+        shutil.rmtree(out, ignore_errors=True)  # (a conversion a killed worker left half done)
+        args = argparse.Namespace(input_folder=str(self.local / tag), output_folder=str(out),
+                                  num_extract_workers=1, num_merge_workers=1,  # no subprocesses in a worker
+                                  keep_temp_folder=False, strict=True, inject_missing_state=True)
+        with contextlib.redirect_stdout(io.StringIO()) as said:  # its progress lines go to the log
+            ds_to_universal.main(args)
+        log.debug("universal checkpoint of %s: %s", tag, said.getvalue())
+        return out.name
+
+    def drop_universal(self, tag: str) -> None:
+        shutil.rmtree(self.local / f"{tag}{UNIVERSAL}", ignore_errors=True)
 
     def clear_scratch(self) -> None:
         if not self.in_place:

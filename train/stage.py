@@ -37,7 +37,9 @@ from tessera.train.tracking import record_training
 
 log = logging.getLogger(__name__)
 
-RESUMABLE_CHANGES = ("epochs", "max_steps", "max_failures")
+# how long to train, how often to retry, and on how many workers (a checkpoint saved by another
+# number of ranks is loaded in DeepSpeed's universal form) may change on resume
+RESUMABLE_CHANGES = ("epochs", "max_steps", "max_failures", "workers", "cpus_per_worker")
 
 
 def claim_run(run: Store, cfg: TrainConfig, shards: Store | Sequence[Store]) -> None:
@@ -45,13 +47,16 @@ def claim_run(run: Store, cfg: TrainConfig, shards: Store | Sequence[Store]) -> 
     record = run_record(cfg, shards)
     if run.exists(RUN_CONFIG):
         previous = run.read_json(RUN_CONFIG)
-        # how long to train (and how often to retry) may change on resume; what is trained may not
+        # what is trained may not change
         fixed = {k: v for k, v in previous["config"].items() if k not in RESUMABLE_CHANGES}
         now = {k: v for k, v in record["config"].items() if k not in RESUMABLE_CHANGES}
         if fixed != now or previous["shards"] != record["shards"]:
             changed = sorted(k for k in fixed.keys() | now.keys() if fixed.get(k) != now.get(k))
             raise OutputConflict(f"{run.url} holds a run with another config or data (changed: "
                                  f"{', '.join(changed) or 'shards'}); use a new run folder")
+        if cfg.parallel == "pipeline" and previous["config"]["workers"] != cfg.workers:
+            raise OutputConflict(f"{run.url} holds a pipeline run of {previous['config']['workers']} workers: it "
+                                 f"resumes on as many (not {cfg.workers}); use a new run folder")
     run.write_json(RUN_CONFIG, record)
     if run.exists(TRAIN_SUMMARY):  # (an earlier config's: the run is being trained on)
         run.remove(TRAIN_SUMMARY)

@@ -1,10 +1,13 @@
 """DeepSpeed training for real: 2 CPU workers under Ray Train (gloo + DeepSpeed's CPU accelerator)."""
 
 import json
+import math
 import os
+import shutil
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -138,6 +141,29 @@ def test_killed_run_resumes_with_the_same_losses(embedded_mini, zero2_run, tmp_p
     # CPU, same data order, dropout reseeded per step: identical up to float round-off
     for step in range(resumed_from + 1, 25):
         assert resumed[step] == pytest.approx(reference[step], abs=1e-6), step
+
+
+@pytest.mark.slow
+def test_a_run_goes_on_with_another_number_of_workers(embedded_mini, zero2_run, tmp_path):
+    """A finished 2-worker ZeRO-2 run trained one more epoch on 1 worker: its last checkpoint,
+    saved by 2 ranks, is loaded in DeepSpeed's universal form, the step and the learning-rate
+    schedule are put in the 1-worker layout (10 steps an epoch, not 6: 39 samples in batches of
+    4 from 2 loaders), and the loss goes on from the trained model's."""
+    run = tmp_path / "run"
+    shutil.copytree(zero2_run, run)
+    cfg = TrainConfig(zero_stage=2, **{**BASE, "workers": 1, "epochs": 5})
+    summary = run_train_stage(Store(str(embedded_mini)), Store(str(run)), cfg)
+    assert summary.resumed and summary.steps == 50
+    after = losses(run)
+    assert set(after) == set(range(1, 25)) | set(range(41, 51))  # epochs 1-4 as 2 workers saw them, then 5
+    initial, trained = np.mean([after[s] for s in (1, 2, 3)]), np.mean([after[s] for s in range(22, 25)])
+    going_on = np.mean([after[s] for s in (41, 42, 43)])
+    assert abs(going_on - trained) < abs(going_on - initial), (initial, trained, going_on)
+    records = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+               if "lr" in r}
+    progress = (41 - BASE["warmup_steps"]) / (50 - BASE["warmup_steps"])  # cosine over this layout's 50 steps
+    assert records[41]["lr"] == pytest.approx(BASE["lr"] * 0.5 * (1 + math.cos(math.pi * progress)))
+    assert not any(p.name.endswith("-universal") for p in (run / "checkpoints").iterdir())  # dropped once loaded
 
 
 def _free_port() -> int:
