@@ -175,6 +175,8 @@ class MedicalConfig(Strict):
     keep: tuple[str, ...] = Field(SAFE_DICOM_ATTRIBUTES, description="the DICOM attributes (keywords) kept in "
                                   "the sample json; anything else is dropped")
     max_volume_bytes: int = Field(1 << 30, gt=0, description="a gzipped NIfTI's uncompressed limit")
+    keep_raw: bool = Field(False, description="also store the slice's values before windowing (CT in Hounsfield "
+                           "units) losslessly, as the member KEY.medical.npy")
 
     @model_validator(mode="after")
     def _known(self) -> MedicalConfig:

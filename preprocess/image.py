@@ -11,7 +11,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageEnhance, ImageOps, UnidentifiedImageError
 
 from tessera.preprocess.config import AugmentConfig, ImageConfig, MedicalConfig
-from tessera.preprocess.medical import kind_of, read_medical
+from tessera.preprocess.medical import RAW_MEMBER, kind_of, read_medical
 from tessera.preprocess.modality import Modality, Stored
 from tessera.preprocess.near import image_phash
 from tessera.preprocess.reject import Reject
@@ -27,6 +27,7 @@ class ImageResult:
     meta: dict
     histogram: list[int]  # of the stored pixels (3 x 256 counts), for dataset statistics
     phash: int | None = None  # of the upright image before resizing (near dedup), when asked for
+    raw: bytes | None = None  # a medical image's values before windowing (.npy), with medical.keep_raw
 
 
 def _undecodable(error: Exception) -> Reject:
@@ -192,9 +193,11 @@ def process_image(data: bytes, cfg: ImageConfig, rng: np.random.Generator, phash
     8-bit picture, its allow-listed attributes in the meta's `medical`); without, as any file
     Pillow does not recognise."""
     kind = kind_of(data) if medical is not None else None
+    raw = None
     if kind:
         read = read_medical(data, kind, medical, cfg)
         img, source_size, extra = read.picture, read.source_size, {"medical": read.meta}
+        raw = read.raw_npy() if medical.keep_raw else None
     else:
         (img, source_size), extra = decode_image(data, cfg, draft_side(cfg)), {}
     fingerprint = image_phash(img) if phash else None
@@ -208,7 +211,7 @@ def process_image(data: bytes, cfg: ImageConfig, rng: np.random.Generator, phash
     if params:
         meta["augment"] = {**meta.get("augment", {}), **params}
     meta["size"] = list(img.size)
-    return ImageResult(encode_image(img, cfg.output_format, cfg.quality), meta, img.histogram(), fingerprint)
+    return ImageResult(encode_image(img, cfg.output_format, cfg.quality), meta, img.histogram(), fingerprint, raw)
 
 
 def _stored(row, raw: dict[str, bytes], cfg, rng) -> Stored | None:
@@ -217,7 +220,8 @@ def _stored(row, raw: dict[str, bytes], cfg, rng) -> Stored | None:
     image = process_image(raw["image"], cfg.image, rng, phash=cfg.near_dedup.image.max_distance is not None,
                           medical=cfg.medical)
     return Stored(image.data, image.meta, pixel_histogram=image.histogram, phash=image.phash,
-                  group=image.meta.get("medical", {}).get("patient"))
+                  group=image.meta.get("medical", {}).get("patient"),
+                  extra={RAW_MEMBER: image.raw} if image.raw is not None else {})
 
 
 # the member of an image by image.output_format: JPEG as `.jpeg`, which webdataset and HF

@@ -32,6 +32,7 @@ GZIP_MAGIC = b"\x1f\x8b"
 # header-and-image pair, `ni1`/`ni2` or Analyze, cannot come in one field)
 NIFTI_HEADERS = {348: (344, b"n+1\x00"), 540: (4, b"n+2\x00")}
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+RAW_MEMBER = "medical.npy"  # shard.medical.keep_raw's member: the slice's values before windowing
 
 
 @dataclass
@@ -39,6 +40,20 @@ class MedicalImage:
     picture: Image.Image  # 8-bit RGB, windowed, upright
     source_size: tuple[int, int]  # width x height of the slice
     meta: dict  # the allow-listed attributes, the pseudonymous ids, how it was windowed
+    values: np.ndarray  # the slice before windowing (after the modality LUT), as the picture is oriented
+
+    def raw_npy(self) -> bytes:
+        """VALUES as .npy, losslessly: whole numbers (Hounsfield units, stored values) as the
+        smallest of int16 / int32 that holds them, colour as decoded, anything else as is."""
+        values = self.values
+        if values.dtype.kind == "f" and values.size and np.isfinite(values).all() \
+                and np.array_equal(values, np.round(values)):
+            low, high = values.min(), values.max()
+            fits = [t for t in (np.int16, np.int32) if np.iinfo(t).min <= low and high <= np.iinfo(t).max]
+            values = values.astype(fits[0]) if fits else values
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(values), allow_pickle=False)
+        return buf.getvalue()
 
 
 def _reject(code: str, reason: str) -> Reject:
@@ -203,7 +218,7 @@ def _dicom_image(ds, cfg: MedicalConfig, image: ImageConfig, salt: str) -> Medic
         bits = int(ds.get("BitsStored", 8 * pixels.dtype.itemsize) or 8)
     if pixels.ndim == 3:  # RGB (pydicom converts YBR), palette colour after its LUT
         scaled = np.clip(pixels.astype(np.float64) / (2**bits - 1), 0.0, 1.0) * 255
-        return MedicalImage(Image.fromarray(np.round(scaled).astype(np.uint8), "RGB"), (columns, rows), meta)
+        return MedicalImage(Image.fromarray(np.round(scaled).astype(np.uint8), "RGB"), (columns, rows), meta, pixels)
     if photometric not in MONOCHROME:
         raise _reject("medical.undecodable", "DICOM single-channel pixels with a photometric interpretation "
                                             "other than MONOCHROME1/2")
@@ -214,7 +229,7 @@ def _dicom_image(ds, cfg: MedicalConfig, image: ImageConfig, salt: str) -> Medic
     if photometric == "MONOCHROME1":  # low values are white
         gray = 1.0 - gray
     meta.update(how)
-    return MedicalImage(_to_picture(gray), (columns, rows), meta)
+    return MedicalImage(_to_picture(gray), (columns, rows), meta, values)
 
 
 def _nifti_bytes(data: bytes, cfg: MedicalConfig) -> bytes:
@@ -254,13 +269,13 @@ def read_nifti(data: bytes, kind: str, cfg: MedicalConfig, image: ImageConfig) -
         raise _reject("medical.undecodable", f"NIfTI voxels cannot be read ({type(e).__name__})") from None
     if not np.isfinite(values).all():
         values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
-    gray, how = _windowed(values, cfg, None)
     # axial slice in RAS+: rows run left to right, columns posterior to anterior; shown
     # radiologically (anterior up, the patient's right on the left)
-    gray = np.rot90(gray)
+    values = np.rot90(values)
+    gray, how = _windowed(values, cfg, None)
     zooms = [round(float(z), 4) for z in canonical.header.get_zooms()[:3]]
     meta = {"kind": kind, "shape": [int(s) for s in shape], "spacing": zooms, "slice": middle, **how}
-    return MedicalImage(_to_picture(gray), (int(gray.shape[1]), int(gray.shape[0])), meta)
+    return MedicalImage(_to_picture(gray), (int(gray.shape[1]), int(gray.shape[0])), meta, values)
 
 
 def read_medical(data: bytes, kind: str, cfg: MedicalConfig, image: ImageConfig) -> MedicalImage:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
@@ -39,6 +39,7 @@ class Stored:
     audio_rms_db: float | None = None  # audio: level after normalization
     text_chars: int | None = None  # text: characters after normalization
     group: str | None = None  # the split group the member says it is of (a DICOM's patient hash)
+    extra: dict[str, bytes] = field(default_factory=dict)  # members besides its own, by extension
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,7 @@ def process_sample(row: ManifestRow, raw: dict[str, bytes], cfg: ShardConfig) ->
             ext = modalities[name].member(cfg)
             out.record[ext] = stored.data
             out.members[name] = ext
+        out.record.update(stored.extra)
         for statistic in ("pixel_histogram", "audio_rms_db", "text_chars"):
             if getattr(stored, statistic) is not None:
                 setattr(out, statistic, getattr(stored, statistic))
