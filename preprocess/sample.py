@@ -24,6 +24,7 @@ class SampleOutput:
     text_chars: int | None = None
     image_phash: int | None = None
     group: str | None = None  # the split group: shard.group_field's value, else a member's (DICOM patient)
+    medical: str | None = None  # what a medical image is, for the statistics: "CT/CHEST", "MR", "nifti1"
 
     def payload(self, modality: str) -> bytes | None:
         ext = self.members.get(modality)
@@ -79,6 +80,10 @@ def process_sample(row: ManifestRow, raw: dict[str, bytes], cfg: ShardConfig) ->
     if cfg.labels is not None and row.label is not None:
         out.record["cls"] = str(cfg.labels.index(row.label)).encode()
     out.group = row.group or out.group
+    medical = meta.get("image", {}).get("medical")
+    if medical:
+        out.medical = "/".join(str(medical[k]) for k in ("Modality", "BodyPartExamined") if medical.get(k)) \
+            or medical["kind"]
     if out.group is not None:
         meta["split_group"] = out.group
     meta["modalities"] = list(out.modalities)

@@ -208,3 +208,5 @@ def _write_batch(plan, rows, cfg, inputs: Store, tar, index: list, rejects: list
             stats.add_audio(result.audio_rms_db)
         if result.text_chars is not None:
             stats.add_text(result.text_chars)
+        if result.medical is not None:
+            stats.add_medical(result.medical)

@@ -20,6 +20,7 @@ class DatasetStats:
     text_count: int = 0
     text_chars_sum: int = 0
     text_chars_max: int = 0
+    medical: dict[str, int] = field(default_factory=dict)  # medical images by "MODALITY/BODY PART" (or kind)
 
     def add_image(self, histogram: list[int]) -> None:
         """histogram: Pillow's Image.histogram() of an RGB image."""
@@ -35,6 +36,9 @@ class DatasetStats:
         self.text_chars_sum += chars
         self.text_chars_max = max(self.text_chars_max, chars)
 
+    def add_medical(self, kind: str) -> None:
+        self.medical[kind] = self.medical.get(kind, 0) + 1
+
     def merge(self, other: DatasetStats) -> DatasetStats:
         return DatasetStats(
             self.pixel_histogram + other.pixel_histogram,
@@ -44,6 +48,7 @@ class DatasetStats:
             self.text_count + other.text_count,
             self.text_chars_sum + other.text_chars_sum,
             max(self.text_chars_max, other.text_chars_max),
+            {k: self.medical.get(k, 0) + other.medical.get(k, 0) for k in sorted(self.medical.keys() | other.medical)},
         )
 
     def to_dict(self) -> dict:
@@ -75,4 +80,5 @@ class DatasetStats:
                 "chars_max": self.text_chars_max,
                 "texts": self.text_count,
             },
+            "medical": dict(sorted(self.medical.items())),
         }

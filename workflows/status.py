@@ -68,7 +68,8 @@ def shard_folder_stages(shards: Store) -> dict[str, dict]:
     stages["shard"] = {"complete": True, "up_to_date": committed == shard.shards and
                        written_with in (None, shard.config_digest) and not _of(cut, SHARD_FILES),
                        "detail": f"{shard.inputs} inputs, {shard.accepted} accepted, {shard.rejected} rejected, "
-                                 f"{shard.shards} shards", "written": _when(shards, ShardSummary.FILE),
+                                 f"{shard.shards} shards{_medical(shard.statistics)}",
+                       "written": _when(shards, ShardSummary.FILE),
                        "damaged": _of(cut, SHARD_FILES)}
     if EmbedSummary.exists(shards):
         embed = EmbedSummary.read(shards)
@@ -84,6 +85,12 @@ def shard_folder_stages(shards: Store) -> dict[str, dict]:
                                                         f"outliers {curate.outliers}",
                             "written": _when(shards, CurateSummary.FILE)}
     return stages
+
+
+def _medical(statistics: dict) -> str:
+    """The medical images of a shard output by modality and body part, as status shows them."""
+    counts = statistics.get("medical") or {}
+    return "; medical images: " + ", ".join(f"{kind} {n}" for kind, n in counts.items()) if counts else ""
 
 
 def _of(found: list[Damage], patterns: tuple[str, ...]) -> list[str]:

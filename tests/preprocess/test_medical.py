@@ -199,6 +199,10 @@ def test_no_identifier_reaches_any_shard_output(ray_session, tmp_path):
     out = tmp_path / "out"
     summary = run_shard_stage(str(manifest), Store(str(out)), ShardConfig(medical={"id_salt": SALT}), progress=False)
     assert (summary.accepted, summary.rejected) == (3, 1)
+    assert summary.statistics["medical"] == {"CT": 2, "MR": 1}  # by modality (and body part, when the file says)
+    from tessera.workflows.status import folder_status
+
+    assert "medical images: CT 2, MR 1" in folder_status(Store(str(out)))["stages"]["shard"]["detail"]
     assert [(r["key"], r["code"]) for r in reject_rows(out)] == [("burned", "medical.burned_in")]
     everything = ""
     for path in sorted(p for p in out.rglob("*") if p.is_file()):
