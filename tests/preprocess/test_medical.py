@@ -13,15 +13,15 @@ import pyarrow.parquet as pq
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.pixels import pixel_array
+from pydicom.pixels import apply_modality_lut, pixel_array
 
 from tessera.core.storage import Store
 from tessera.preprocess.config import ImageConfig, MedicalConfig, ShardConfig
 from tessera.preprocess.image import process_image
 from tessera.preprocess.medical import kind_of, pseudonym, read_medical, window
 from tessera.preprocess.reject import Reject
-from tessera.preprocess.stage import run_shard_stage
-from tests.conftest import index_rows, reject_rows
+from tessera.train.data import split_of
+from tests.conftest import TESSERA, index_rows, reject_rows
 
 SALT = "a-salt-nobody-knows"
 MEDICAL = MedicalConfig(id_salt=SALT)
@@ -58,6 +58,21 @@ def test_files_are_known_by_their_bytes_not_their_names():
     with pytest.raises(Reject) as rejected:
         process_image(dicom("CT_small.dcm"), ImageConfig(), np.random.default_rng(0))
     assert rejected.value.code == "image.unrecognised"
+
+
+def test_keep_raw_stores_the_values_before_windowing_losslessly():
+    """CT_small's raw member: pydicom's modality LUT output (Hounsfield units), as int16."""
+    from tessera.preprocess.image import MODALITY
+
+    data = dicom("CT_small.dcm")
+    ds = pydicom.dcmread(io.BytesIO(data))
+    hu = apply_modality_lut(pixel_array(ds), ds)
+    kept = MODALITY.process(None, {"image": data}, ShardConfig(medical={"id_salt": SALT, "keep_raw": True}),
+                            np.random.default_rng(0))
+    raw = np.load(io.BytesIO(kept.extra["medical.npy"]), allow_pickle=False)
+    assert raw.dtype == np.int16 and np.array_equal(raw, hu)
+    plain = MODALITY.process(None, {"image": data}, ShardConfig(medical={"id_salt": SALT}), np.random.default_rng(0))
+    assert plain.extra == {} and plain.data == kept.data
 
 
 def test_ct_values_go_through_the_modality_lut_to_hounsfield_units_then_the_window():
@@ -181,46 +196,84 @@ def test_config_keeps_the_salt_out_of_every_dump_and_refuses_unknown_attributes(
         MedicalConfig(keep=("Modality", "PatientNmae"))
 
 
+def _every_byte(out: Path) -> str:
+    """Every file under OUT as text: Parquet tables as their rows, tar members, the rest raw."""
+    text = ""
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        if path.suffix == ".parquet":
+            text += json.dumps(pq.read_table(path).to_pylist(), default=str)
+        elif path.suffix == ".tar":
+            with tarfile.open(path) as tar:
+                text += "".join(tar.extractfile(m).read().decode("latin-1") for m in tar.getmembers())
+        else:
+            text += path.read_bytes().decode("latin-1")
+    return text
+
+
 @pytest.mark.slow
-def test_no_identifier_reaches_any_shard_output(ray_session, tmp_path):
-    """Two studies of one patient, another patient, a burned-in file: shards, index, rejects
-    and summary hold pseudonyms only."""
+def test_no_identifier_reaches_any_byte_of_the_output_and_every_test_file_ends_somewhere(tmp_path):
+    """`tessera shard` over every DICOM file pydicom ships (decodable or not) and three made to
+    carry identifiers (two studies of one patient, one with burned-in text): each ends in a shard
+    or a reject with its code (no crash); no identifying value and not the salt is in any byte of
+    OUT — tars, index, rejects, summaries, markers, logs; the patient's two studies share one
+    side of the split and one fold."""
+    import subprocess
+
+
+    files = {Path(p).stem.replace("+", "_"): Path(p).read_bytes()
+             for p in sorted(Path(get_testdata_file("CT_small.dcm")).parent.glob("*.dcm"))}
     ct = pydicom.dcmread(io.BytesIO(dicom("CT_small.dcm")))
-    files = {"ct-1": dicom("CT_small.dcm")}
+    identifiers = {"ReferringPhysicianName": "Dr^Who^Referring", "AccessionNumber": "ACC-9911-77",
+                   "PatientBirthDate": "19451231", "PerformingPhysicianName": "Dr^House^Performing",
+                   "InstitutionAddress": "1 Hospital Road, Springfield"}
+    for keyword, value in identifiers.items():
+        setattr(ct, keyword, value)
+    ct.private_block(0x0011, "ACME 1.1", create=True).add_new(0x01, "LO", "Private-Jane-Roe")
+    files["ct-1"] = saved(ct)
     ct.StudyInstanceUID, ct.SOPInstanceUID = "1.2.3.4", "1.2.3.4.5"
     files["ct-2"] = saved(ct)  # the same patient, another study
     ct.BurnedInAnnotation = "YES"
     files["burned"] = saved(ct)
-    files["mr"] = dicom("MR_small.dcm")
     for key, data in files.items():
         (tmp_path / f"{key}.dcm").write_bytes(data)
     manifest = tmp_path / "manifest.jsonl"
-    manifest.write_text("".join(json.dumps({"key": k, "image": f"{k}.dcm", "text": "a scan"}) + "\n" for k in files))
+    manifest.write_text("".join(json.dumps({"key": k, "image": f"{k}.dcm"}) + "\n" for k in files))
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({"shard": {"medical": {"id_salt": SALT, "keep_raw": True},
+                                            "max_reject_fraction": None}}))
     out = tmp_path / "out"
-    summary = run_shard_stage(str(manifest), Store(str(out)), ShardConfig(medical={"id_salt": SALT}), progress=False)
-    assert (summary.accepted, summary.rejected) == (3, 1)
-    assert summary.statistics["medical"] == {"CT": 2, "MR": 1}  # by modality (and body part, when the file says)
+    done = subprocess.run([*TESSERA, "shard", str(manifest), str(out), "--config", str(config), "--no-progress"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    rejects = reject_rows(out)
+    assert summary["accepted"] + summary["rejected"] == len(files) == len(index_rows(out)) + len(rejects)
+    assert {r["code"] for r in rejects} <= {"medical.undecodable", "medical.no_pixels", "medical.burned_in",
+                                           "image.unrecognised", "image.too_small", "dedup.duplicate_content"}
+    assert summary["accepted"] >= 50 and ("burned", "medical.burned_in") in {(r["key"], r["code"]) for r in rejects}
+    counted = summary["statistics"]["medical"]  # by modality and body part, as status shows them
+    written = summary["accepted"] + sum(r["code"].startswith("dedup.") for r in rejects)  # (counted as written)
+    assert sum(counted.values()) == written and counted["CT"] >= 3
     from tessera.workflows.status import folder_status
 
-    assert "medical images: CT 2, MR 1" in folder_status(Store(str(out)))["stages"]["shard"]["detail"]
-    assert [(r["key"], r["code"]) for r in reject_rows(out)] == [("burned", "medical.burned_in")]
-    everything = ""
-    for path in sorted(p for p in out.rglob("*") if p.is_file()):
-        if path.suffix == ".parquet":
-            everything += json.dumps(pq.read_table(path).to_pylist(), default=str)
-        elif path.suffix == ".tar":
-            with tarfile.open(path) as tar:
-                everything += "".join(tar.extractfile(m).read().decode("latin-1") for m in tar.getmembers())
-        else:
-            everything += path.read_bytes().decode("latin-1")
-    assert not any(value in everything for value in (*CT_IDENTIFIERS, SALT, "1.2.3.4.5"))
-    samples = {}
+    assert f"medical images: CT {counted['CT']}" in folder_status(Store(str(out)))["stages"]["shard"]["detail"]
+    everything = _every_byte(out) + done.stdout + done.stderr
+    assert (out / "logs").is_dir()
+    secrets = (*CT_IDENTIFIERS, *identifiers.values(), "Private-Jane-Roe", SALT, "1.2.3.4.5")
+    assert [value for value in secrets if value in everything] == []
+    group = {r["key"]: r["split_group"] for r in index_rows(out)}
+    assert group["ct-1"] == group["ct-2"] == pseudonym("1CT1", SALT)
+    for fold in range(5):  # the two studies share the split and every cross-validation fold
+        window = (fold / 5, (fold + 1) / 5)
+        assert split_of("ct-1", window, group["ct-1"]) == split_of("ct-2", window, group["ct-2"])
+    samples, raw = {}, {}
     for tar in sorted(out.glob("shard-*.tar")):
         with tarfile.open(tar) as t:
-            samples.update({m.name.split(".")[0]: json.loads(t.extractfile(m).read()) for m in t
-                            if m.name.endswith(".json")})
-    medical = {k: s["image"]["medical"] for k, s in samples.items()}
-    assert medical["ct-1"]["patient"] == medical["ct-2"]["patient"] != medical["mr"]["patient"]
-    assert medical["ct-1"]["study"] != medical["ct-2"]["study"]
-    # the patient hash is the split group: one patient's studies on one side of the split
-    assert {r["key"]: r["split_group"] for r in index_rows(out)} == {k: m["patient"] for k, m in medical.items()}
+            for m in t:
+                key, _, ext = m.name.partition(".")
+                if ext == "json":
+                    samples[key] = json.loads(t.extractfile(m).read())
+                elif ext == "medical.npy":
+                    raw[key] = np.load(io.BytesIO(t.extractfile(m).read()), allow_pickle=False)
+    assert samples["ct-1"]["image"]["medical"]["study"] != samples["ct-2"]["image"]["medical"]["study"]
+    assert set(raw) == set(samples) and raw["ct-1"].dtype == np.int16  # keep_raw: a member beside each picture
