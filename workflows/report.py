@@ -533,6 +533,8 @@ def write_report(out: Store, run: Store | None = None) -> str:
         ("Samples per modality", _bars(dict(modalities), "accepted samples per modality")),
         ("Rejects by code", _bars(summary.rejected_by_code or {"(none)": 0},
                                  f"rejected inputs: {summary.rejected}", horizontal=True)),
+        *([("Medical images", _bars(summary.statistics["medical"], "medical images by modality and body part",
+                                    horizontal=True))] if summary.statistics.get("medical") else []),
         ("Stage throughput", _bars(throughput, "throughput", horizontal=True)),
         *_embedding_plots(shards),
         *curation_plots(shards),

@@ -241,7 +241,7 @@ def test_no_identifier_reaches_any_byte_of_the_output_and_every_test_file_ends_s
     config = tmp_path / "config.yaml"
     config.write_text(json.dumps({"shard": {"medical": {"id_salt": SALT, "keep_raw": True},
                                             "max_reject_fraction": None}}))
-    out = tmp_path / "out"
+    out = tmp_path / "job" / "shards"  # (a job's OUT holds its shards here: the run report reads them)
     done = subprocess.run([*TESSERA, "shard", str(manifest), str(out), "--config", str(config), "--no-progress"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -257,6 +257,10 @@ def test_no_identifier_reaches_any_byte_of_the_output_and_every_test_file_ends_s
     from tessera.workflows.status import folder_status
 
     assert f"medical images: CT {counted['CT']}" in folder_status(Store(str(out)))["stages"]["shard"]["detail"]
+    from tessera.workflows.report import write_report
+
+    write_report(Store(str(out.parent)))
+    assert "<figcaption>Medical images</figcaption>" in (out.parent / "report.html").read_text()
     everything = _every_byte(out) + done.stdout + done.stderr
     assert (out / "logs").is_dir()
     secrets = (*CT_IDENTIFIERS, *identifiers.values(), "Private-Jane-Roe", SALT, "1.2.3.4.5")
