@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import multiprocessing
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -431,8 +432,18 @@ class ShardStream(IterableDataset):
             yield batch
 
 
+# Loader processes start from a fork server (a clean single-threaded process that has imported
+# this module), not by forking the rank: a rank holds Ray's, the store's I/O and torch's
+# threads, and a child forked while one of them held a lock waits on it forever (CI: a loader
+# process stuck inside botocore, started from an S3 store's event-loop thread).
+LOADER_START = "forkserver"
+
+
 def loader(spec: StreamSpec, epoch: int, start: int = 0, last_epoch: int | None = None) -> DataLoader:
     """The rank's batches in order from (epoch, start) to the end of last_epoch - 1 (default: epoch)."""
     workers = spec.loader_workers if spec.loader_workers > 1 else 0
+    if workers:
+        multiprocessing.set_forkserver_preload([__name__])
     return DataLoader(ShardStream(spec, epoch, start, last_epoch), batch_size=None, num_workers=workers,
-                      prefetch_factor=4 if workers else None)
+                      prefetch_factor=4 if workers else None,
+                      multiprocessing_context=LOADER_START if workers else None)
