@@ -62,9 +62,20 @@ class Terminated(KeyboardInterrupt):
     waited for, the lease released and the logs kept."""
 
 
+# set when SIGTERM arrived: a Terminated raised while Ray's core worker waits (ray.wait, ray.get)
+# comes out of the wait as a plain KeyboardInterrupt, which must not be taken for Ctrl-C
+_SIGTERM_RECEIVED = threading.Event()
+
+
 def _terminated(signum, frame) -> None:
+    _SIGTERM_RECEIVED.set()
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # (a second one must not cut the clean-up short)
     raise Terminated(f"stopped by {signal.Signals(signum).name}")
+
+
+def terminated(interrupt: KeyboardInterrupt) -> bool:
+    """Whether INTERRUPT is SIGTERM's (Terminated, or what a Ray wait made of it), not Ctrl-C's."""
+    return isinstance(interrupt, Terminated) or _SIGTERM_RECEIVED.is_set()
 
 
 def stop_on_sigterm() -> None:

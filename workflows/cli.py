@@ -483,10 +483,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
-        from tessera.core.runtime import Terminated
+        from tessera.core.runtime import terminated
 
-        if isinstance(e, Terminated):
-            return _failed(_stopped(str(e), e), EXIT_TERMINATED)
+        if terminated(e):
+            return _failed(_stopped("stopped by SIGTERM", e), EXIT_TERMINATED)
         return _failed(_stopped("stopped by Ctrl-C", e), EXIT_INTERRUPTED)
 
 
