@@ -208,6 +208,7 @@ def process_image(data: bytes, cfg: ImageConfig, rng: np.random.Generator, phash
     else:
         img = resize_image(img, cfg.size, cfg.resize)
     img, params = augment_image(img, cfg.augment, rng)
+    img = img.convert("RGB") if img.mode != "RGB" else img  # a medical picture is grey until here
     if params:
         meta["augment"] = {**meta.get("augment", {}), **params}
     meta["size"] = list(img.size)

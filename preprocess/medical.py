@@ -10,6 +10,7 @@ as keyed hashes (shard.medical.id_salt) that group samples without naming anyone
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import hmac
 import io
@@ -37,7 +38,7 @@ RAW_MEMBER = "medical.npy"  # shard.medical.keep_raw's member: the slice's value
 
 @dataclass
 class MedicalImage:
-    picture: Image.Image  # 8-bit RGB, windowed, upright
+    picture: Image.Image  # 8-bit grey (L: windowed) or RGB, upright
     source_size: tuple[int, int]  # width x height of the slice
     meta: dict  # the allow-listed attributes, the pseudonymous ids, how it was windowed
     values: np.ndarray  # the slice before windowing (after the modality LUT), as the picture is oriented
@@ -46,8 +47,9 @@ class MedicalImage:
         """VALUES as .npy, losslessly: whole numbers (Hounsfield units, stored values) as the
         smallest of int16 / int32 that holds them, colour as decoded, anything else as is."""
         values = self.values
-        if values.dtype.kind == "f" and values.size and np.isfinite(values).all() \
-                and np.array_equal(values, np.round(values)):
+        whole = values.dtype.kind in "iu" or (values.dtype.kind == "f" and np.isfinite(values).all()
+                                              and np.array_equal(values, np.round(values)))
+        if whole and values.ndim == 2 and values.size:  # (colour is kept as decoded)
             low, high = values.min(), values.max()
             fits = [t for t in (np.int16, np.int32) if np.iinfo(t).min <= low and high <= np.iinfo(t).max]
             values = values.astype(fits[0]) if fits else values
@@ -86,7 +88,9 @@ def pseudonym(value: str, salt: str) -> str:
 def window(values: np.ndarray, center: float, width: float) -> np.ndarray:
     """DICOM's linear VOI windowing (PS3.3 C.11.2.1.2.1) to [0, 1]."""
     width = max(float(width), 1.0)
-    return np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+    # in float32: exact for 16-bit values, and the result is 8 bits
+    scaled = (values.astype(np.float32, copy=False) - np.float32(center - 0.5)) / np.float32(width - 1) + 0.5
+    return np.clip(scaled, 0.0, 1.0)
 
 
 def auto_window(values: np.ndarray) -> tuple[float, float]:
@@ -96,7 +100,8 @@ def auto_window(values: np.ndarray) -> tuple[float, float]:
 
 
 def _to_picture(gray: np.ndarray) -> Image.Image:
-    return Image.fromarray(np.round(gray * 255).astype(np.uint8), "L").convert("RGB")
+    # grey until the image path has resized it: a third of the pixels to resample
+    return Image.fromarray(np.round(gray * 255).astype(np.uint8), "L")
 
 
 def _check_pixels(rows: int, columns: int, image: ImageConfig) -> None:
@@ -152,26 +157,34 @@ def _salt(cfg: MedicalConfig) -> str:
     return cfg.id_salt.get_secret_value()
 
 
+# the readers' loggers (children inherit the level): their messages may quote element values
+_READER_LOGGERS = ("pydicom", "nibabel", "pylibjpeg", "openjpeg", "libjpeg")
+
+
+@functools.cache
+def _silence_readers() -> None:
+    """Once per process, for good: a level set per file would clear every logger's cache each
+    time, a cost per file in a worker with Ray's many loggers."""
+    for name in _READER_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+
+
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """pydicom's warnings and log lines quote element values ("Invalid value for VR DA: ..."),
-    nibabel's may quote header text: while a file is read, neither speaks, and pydicom does not
-    validate values as it reads them."""
+    nibabel's may quote header text: neither speaks in a process that reads medical files, no
+    warning escapes while a file is read, and pydicom does not validate values as it reads."""
     from pydicom import config
 
-    loggers = [logging.getLogger(name) for name in ("pydicom", "nibabel", "nibabel.global")]
-    levels, mode = [lg.level for lg in loggers], config.settings.reading_validation_mode
+    _silence_readers()
+    mode = config.settings.reading_validation_mode
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         config.settings.reading_validation_mode = config.IGNORE
-        for lg in loggers:
-            lg.setLevel(logging.CRITICAL + 1)
         try:
             yield
         finally:
             config.settings.reading_validation_mode = mode
-            for lg, level in zip(loggers, levels, strict=True):
-                lg.setLevel(level)
 
 
 def read_dicom(data: bytes, cfg: MedicalConfig, image: ImageConfig) -> MedicalImage:
@@ -222,7 +235,7 @@ def _dicom_image(ds, cfg: MedicalConfig, image: ImageConfig, salt: str) -> Medic
     if photometric not in MONOCHROME:
         raise _reject("medical.undecodable", "DICOM single-channel pixels with a photometric interpretation "
                                             "other than MONOCHROME1/2")
-    values = apply_modality_lut(pixels, ds).astype(np.float64)  # e.g. Hounsfield units for CT
+    values = apply_modality_lut(pixels, ds)  # e.g. Hounsfield units for CT
     center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
     from_file = (_first(center), _first(width)) if center is not None and width is not None else None
     gray, how = _windowed(values, cfg, from_file)

@@ -82,3 +82,10 @@ class DatasetStats:
             },
             "medical": dict(sorted(self.medical.items())),
         }
+
+
+def medical_text(statistics: dict) -> str:
+    """A shard output's medical images by modality and body part, as a result line ends
+    ("; medical images: CT/CHEST 120, MR 4"), from its summary's statistics; "" when none."""
+    counts = statistics.get("medical") or {}
+    return "; medical images: " + ", ".join(f"{kind} {n}" for kind, n in counts.items()) if counts else ""

@@ -153,10 +153,10 @@ def config_from_args(args: argparse.Namespace) -> TesseraConfig:
         raise ConfigError(f"two configs given ({positional} and --config {args.config}): give one")
     args.config = args.config or positional
     if getattr(args, "dry_run", False):
-        from tessera.workflows.jobs import bundled_manifest
+        from tessera.workflows.jobs import bundled_corpus
 
         args.config = args.config or (str(DRY_RUN_CONFIG) if DRY_RUN_CONFIG.exists() else None)
-        overrides = [f"job.manifest={json.dumps(bundled_manifest())}", "job.out=out/dry-run",
+        overrides = [f"job.manifest={json.dumps(bundled_corpus())}", "job.out=out/dry-run",
                      "runtime.address=null", *overrides]
     for flag, field in (("address", "runtime.address"), ("workers", "runtime.workers"),
                         ("samples_per_shard", "shard.samples_per_shard"), ("seed", "shard.seed"),

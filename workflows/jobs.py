@@ -35,7 +35,14 @@ log = logging.getLogger(__name__)
 
 
 def bundled_manifest() -> str:
+    """The bundled sample corpus's everyday samples (image, text, audio, video)."""
     return str(resources.files("tessera.workflows") / "sample_corpus" / "manifest.jsonl")
+
+
+def bundled_corpus() -> str:
+    """The whole bundled sample corpus, the dry run's input: its manifests (a glob), the everyday
+    samples and the medical ones (DICOM)."""
+    return str(resources.files("tessera.workflows") / "sample_corpus" / "*.jsonl")
 
 
 @dataclass(frozen=True)

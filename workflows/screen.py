@@ -18,6 +18,8 @@ from rich.console import Console
 from rich.filesize import decimal
 from rich.table import Table
 
+from tessera.preprocess.stats import medical_text
+
 TOP_REASONS = 3
 
 
@@ -107,7 +109,8 @@ def shard_text(s: dict) -> str:
     top = "; ".join(f"{reason} x{n}" for reason, n in reasons)
     reasons_text = f" ({top})" if top else ""
     return (f"{_prefix(s)}{s['inputs']} inputs: {s['accepted']} accepted, {s['rejected']} rejected{reasons_text}"
-            f" ({s['duplicates']} of them duplicates); {s['shards']} shards, {decimal(s['bytes'])}")
+            f" ({s['duplicates']} of them duplicates); {s['shards']} shards, {decimal(s['bytes'])}"
+            f"{medical_text(s.get('statistics') or {})}")
 
 
 def embed_text(s: dict) -> str:

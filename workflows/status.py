@@ -15,6 +15,7 @@ from tessera.core.storage import Store
 from tessera.core.versions import VERSION_DONE, VERSIONS, complete_versions, version_name
 from tessera.features.layout import SIDECARS, CurateSummary, EmbedSummary
 from tessera.preprocess.layout import SHARD_CONFIG, SHARD_FILES, Damage, ShardSummary, committed_shards, damaged
+from tessera.preprocess.stats import medical_text
 from tessera.train.layout import EXPORT, META, RUN_CONFIG, TRAIN_SUMMARY, WEIGHTS, TrainSummary
 from tessera.workflows.layout import REPORT, RUN_SUMMARY, SHARDS, STATE, TRAIN
 
@@ -68,7 +69,7 @@ def shard_folder_stages(shards: Store) -> dict[str, dict]:
     stages["shard"] = {"complete": True, "up_to_date": committed == shard.shards and
                        written_with in (None, shard.config_digest) and not _of(cut, SHARD_FILES),
                        "detail": f"{shard.inputs} inputs, {shard.accepted} accepted, {shard.rejected} rejected, "
-                                 f"{shard.shards} shards{_medical(shard.statistics)}",
+                                 f"{shard.shards} shards{medical_text(shard.statistics)}",
                        "written": _when(shards, ShardSummary.FILE),
                        "damaged": _of(cut, SHARD_FILES)}
     if EmbedSummary.exists(shards):
@@ -85,12 +86,6 @@ def shard_folder_stages(shards: Store) -> dict[str, dict]:
                                                         f"outliers {curate.outliers}",
                             "written": _when(shards, CurateSummary.FILE)}
     return stages
-
-
-def _medical(statistics: dict) -> str:
-    """The medical images of a shard output by modality and body part, as status shows them."""
-    counts = statistics.get("medical") or {}
-    return "; medical images: " + ", ".join(f"{kind} {n}" for kind, n in counts.items()) if counts else ""
 
 
 def _of(found: list[Damage], patterns: tuple[str, ...]) -> list[str]:

@@ -8,19 +8,23 @@ import time
 import pytest
 
 from tessera.workflows.cli import EXIT_CONFIG, EXIT_CONFLICT, EXIT_NO_INPUT, EXIT_NO_SPACE, main
+from tessera.workflows.jobs import bundled_corpus
 from tests.conftest import REPO, TESSERA
 
 SAMPLE = str(REPO / "workflows" / "sample_corpus" / "manifest.jsonl")
 
 
 def test_shard_command_prints_counts(ray_session, tmp_path, capsys):
-    code = main(["shard", SAMPLE, str(tmp_path), "--config", str(REPO / "configs" / "demo.yaml"),
+    """The dry run's input: the bundled corpus's two manifests (a glob), the CT and MR among them."""
+    code = main(["shard", bundled_corpus(), str(tmp_path), "--config", str(REPO / "configs" / "demo.yaml"),
                  "--no-progress"])
     assert code == 0
     counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert counts["inputs"] == 17 and counts["accepted"] == 16 and counts["shards"] == 3
+    assert counts["inputs"] == 19 and counts["accepted"] == 18 and counts["shards"] == 4
+    summary = json.loads((tmp_path / "summary.json").read_text())
     # the demo config drops near copies: moon-silent shows moon's picture again
-    assert json.loads((tmp_path / "summary.json").read_text())["rejected_by_code"] == {"dedup.near_duplicate": 1}
+    assert summary["rejected_by_code"] == {"dedup.near_duplicate": 1}
+    assert summary["statistics"]["medical"] == {"CT": 1, "MR": 1}
     code = main(["shard", SAMPLE, str(tmp_path), "--config", str(REPO / "configs" / "demo.yaml"),
                  "--seed", "5", "--no-progress"])
     assert code == EXIT_CONFLICT and "fields changed: seed" in capsys.readouterr().err
