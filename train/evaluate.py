@@ -401,8 +401,12 @@ class EvalStage(Stage[EvalSummary]):
 
     command = "tessera evaluate"
 
-    def __init__(self, run: Store, other_shards: Sequence[Store] = (), batch_size: int = 256):
+    def __init__(self, run: Store, other_shards: Sequence[Store] = (), batch_size: int = 256,
+                 cascade: Store | None = None, tolerance: float = 0.01):
+        """CASCADE: an evaluated cloud run this one (the edge) is measured in front of
+        (train/cascade.py), with TOLERANCE the accuracy the cascade may lose against it."""
         self.folder, self.other_shards, self.batch_size = run, list(other_shards), batch_size
+        self.cascade, self.tolerance = cascade, tolerance
 
     def run(self, run: StageRun) -> EvalSummary:
         folder = self.folder
@@ -426,7 +430,19 @@ class EvalStage(Stage[EvalSummary]):
                              {t.name: headline(t, results[name]["tasks"][t.name]) for t in info.tasks})
             run.fence.check(PREDICTIONS)
             folder.put_file(local, PREDICTIONS)
-        return EvalSummary(model=meta.checkpoint, tasks=meta.tasks, sets=results)
+            cascade = self._cascade(pq.read_table(local), tasks_from_meta(meta.tasks)) if self.cascade else None
+        return EvalSummary(model=meta.checkpoint, tasks=meta.tasks, sets=results, cascade=cascade)
+
+    def _cascade(self, mine: pa.Table, tasks: Sequence[Task]) -> dict:
+        from tessera.train.cascade import cascade_curve
+
+        if not self.cascade.exists(PREDICTIONS):
+            raise NotAnInput(f"{self.cascade.url} has no {PREDICTIONS}: evaluate it first (tessera evaluate RUN)")
+        task = next((t.name for t in tasks if t.kind == "classification"), None)
+        if task is None:
+            raise NotAnInput("a cascade is measured on a classification task; this model has none")
+        cloud = self.cascade.read_parquet(PREDICTIONS)
+        return {"cloud": self.cascade.url, **cascade_curve(mine, cloud, task, self.tolerance)}
 
 
 def evaluate_run(run: Store, other_shards: Sequence[Store] = (), batch_size: int = 256,

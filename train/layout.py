@@ -123,6 +123,7 @@ class EvalSummary(StageSummary):
     model: str | None  # the checkpoint tag of the weights evaluated
     tasks: list[dict]  # model.json's
     sets: dict[str, dict]  # set name -> {"samples", "tasks": {task: metrics}}
+    cascade: dict | None = None  # beside a cloud run (evaluate --cascade): train/cascade.py's curve
 
 
 @dataclass(frozen=True)

@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run", help="a training run folder (OUT/train/<digest>, runs/NAME)")
     evaluate.add_argument("--shards", action="append", default=[], metavar="URL",
                           help="also evaluate every labelled sample of these committed shards (repeatable)")
+    evaluate.add_argument("--cascade", metavar="CLOUD_RUN",
+                          help="RUN as the edge in front of CLOUD_RUN (evaluated too): the cascade's accuracy and "
+                               "share forwarded per serve.fallback.min_confidence, and the one to use")
+    evaluate.add_argument("--tolerance", type=float, default=0.01,
+                          help="with --cascade: the accuracy the cascade may lose against CLOUD_RUN alone")
     _common(evaluate, writes=True)
     export = _sub(sub, "export", "a trained run -> safetensors + ONNX (fp32, int8, pruned) to serve",
                   "tessera export out/runs/first out/model --bundle")
@@ -122,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--variant", default="fp32", choices=["fp32", "int8", "pruned"])
     predict.add_argument("--out", help="write the JSON lines here instead of stdout")
     predict.add_argument("--bundle", action="store_true", help="the export's ONNX encoders (onnxruntime, no torch)")
+    predict.add_argument("--fallback", metavar="URL", help="serve.fallback.url: samples this model is not sure of "
+                                                          "go to that tessera serve service (see serve.fallback)")
     _common(predict)
     serve = _sub(sub, "serve", "an exported model as an HTTP prediction service (Ray Serve, batched)",
                  "tessera serve out/model --port 8000 --replicas 2")
@@ -133,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-size", type=int, help="serve.max_batch_size")
     serve.add_argument("--batch-wait-ms", type=float, help="serve.batch_wait_ms")
     serve.add_argument("--bundle", action="store_true", help="the export's ONNX encoders (onnxruntime, no torch)")
+    serve.add_argument("--runtime", choices=["ray", "edge"], default="ray",
+                       help="ray: Ray Serve replicas (one node or a cluster); edge: one process, no Ray and no "
+                            "torch (needs --bundle)")
     _common(serve, ray=True)
     return parser
 
@@ -378,8 +388,11 @@ def cmd_evaluate(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     from tessera.workflows.report import write_run_report
 
     run = cfg.runtime.store(args.run)
-    result = run_command(EvalStage(run, [run.at(url) for url in args.shards], cfg.export.batch_size), cfg.runtime,
-                         uses_ray=False)
+    cloud = run.at(args.cascade) if args.cascade else None
+    if cloud is not None:  # (its own lease, its own eval.json and predictions)
+        run_command(EvalStage(cloud, (), cfg.export.batch_size), cfg.runtime, uses_ray=False)
+    result = run_command(EvalStage(run, [run.at(url) for url in args.shards], cfg.export.batch_size, cloud,
+                                   args.tolerance), cfg.runtime, uses_ray=False)
     write_run_report(run)
     record_results(cfg.tracking, run, numbers(result.sets, "eval"), {EVAL: run.read_bytes(EVAL)})
     tasks = tasks_from_meta(result.tasks)
@@ -397,6 +410,13 @@ def cmd_evaluate(args: argparse.Namespace, cfg: TesseraConfig) -> int:
             screen.stage(f"{name} retrieval", ", ".join(
                 f"{way} R@1/5/10 {r['recall@1']:.2f}/{r['recall@5']:.2f}/{r['recall@10']:.2f} ({r['samples']})"
                 for way, r in metrics["retrieval"].items() if r["samples"]))
+    if result.cascade:
+        cascade, best = result.cascade, result.cascade["recommended"]
+        records[-1]["cascade"] = {k: v for k, v in cascade.items() if k != "curve"}
+        screen.stage("cascade", f"{cascade['task']} on {cascade['samples']} samples: "
+                                f"edge {cascade['edge_accuracy']:.3f}, cloud {cascade['cloud_accuracy']:.3f}; "
+                                f"min_confidence {best['threshold']:.2f}: accuracy {best['accuracy']:.3f}, "
+                                f"{best['forwarded']:.0%} forwarded")
     screen.path("run", run.url)
     screen.path("report", run.url_of("report.html"))
     if args.json or not sys.stdout.isatty():
@@ -444,7 +464,9 @@ def cmd_export(args: argparse.Namespace, cfg: TesseraConfig) -> int:
 def cmd_predict(args: argparse.Namespace, cfg: TesseraConfig) -> int:
     from tessera.workflows.predict import Predictor, predict_inputs
 
-    predictor = Predictor(cfg.runtime.store(args.model), args.variant, cfg.embed.batch_size, bundle=args.bundle)
+    fallback = cfg.serve.fallback.model_copy(update={"url": args.fallback}) if args.fallback else cfg.serve.fallback
+    predictor = Predictor(cfg.runtime.store(args.model), args.variant, cfg.embed.batch_size, bundle=args.bundle,
+                          fallback=fallback)
     sink = open(args.out, "w") if args.out else sys.stdout  # noqa: SIM115 - stdout is not ours to close
     counts = {"predicted": 0, "rejected": 0}
     try:
@@ -459,13 +481,21 @@ def cmd_predict(args: argparse.Namespace, cfg: TesseraConfig) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, cfg: TesseraConfig) -> int:
-    from tessera.core.runtime import start_ray
     from tessera.train.layout import META
-    from tessera.workflows.serve import run_service
 
     model = cfg.runtime.store(args.model)
     if not model.exists(META):
         raise NotAnInput(f"{model.url} is not an export (no {META}): make one with tessera export RUN OUT")
+    if args.runtime == "edge":
+        from tessera.workflows.edge import run_edge
+
+        if not args.bundle:
+            raise ConfigError("--runtime edge serves the export's ONNX bundle (no torch): add --bundle")
+        run_edge(cfg, model, args.variant, args.host, args.port)
+        return 0
+    from tessera.core.runtime import start_ray
+    from tessera.workflows.serve import run_service
+
     start_ray(cfg.runtime)
     run_service(cfg, model, args.variant, args.host, args.port, args.bundle)
     return 0

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from tessera.core.config import Strict
 from tessera.core.errors import ConfigError
@@ -32,6 +32,33 @@ class JobConfig(Strict):
     refresh_identity: Literal["metadata", "content"] = "metadata"
 
 
+class FallbackConfig(Strict):
+    """serve.fallback: where the samples this model is not sure of go (usually the teacher,
+    served in the cloud by `tessera serve`), and how hard to try."""
+
+    url: str | None = Field(None, description="a tessera serve service's base URL; null: no fallback")
+    min_confidence: float | dict[str, float] = Field(
+        0.5, description="a sample whose top probability is under this goes on: one number for the main (first) "
+        "(first classification) task, or a threshold per classification task by name")
+    timeout_s: float = Field(5.0, gt=0, description="per try")
+    retries: int = Field(1, ge=0, description="tries after the first, on a connection error, timeout or 5xx")
+    breaker_failures: int = Field(5, gt=0, description="failed requests in a row that open the circuit breaker")
+    breaker_cooldown_s: float = Field(30.0, gt=0, description="how long an open breaker sends nothing, then "
+                                      "lets one request probe")
+
+    @field_validator("min_confidence")
+    @classmethod
+    def _probabilities(cls, value):
+        for bound in (value.values() if isinstance(value, dict) else (value,)):
+            if not 0 <= bound <= 1:
+                raise ValueError(f"min_confidence {bound} is not a probability (0 to 1)")
+        return value
+
+    def thresholds(self, main_task: str) -> dict[str, float]:
+        """Task name -> the top probability under which a sample goes on."""
+        return dict(self.min_confidence) if isinstance(self.min_confidence, dict) else {main_task: self.min_confidence}
+
+
 class ServeConfig(Strict):
     """`tessera serve`: replicas and how each batches requests and bounds them."""
 
@@ -50,6 +77,7 @@ class ServeConfig(Strict):
                                   "(a slow or stalled client holds a replica slot this long at most)")
     max_ongoing_requests: int = Field(256, gt=0, description="requests a replica holds at once; more wait in "
                                       "Serve's queue")
+    fallback: FallbackConfig = FallbackConfig()
 
     @model_validator(mode="after")
     def _batches_can_fill(self) -> ServeConfig:

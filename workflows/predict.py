@@ -6,6 +6,7 @@ augments and does not need labels."""
 
 from __future__ import annotations
 
+import base64
 import itertools
 import logging
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from tessera.preprocess.shard import fetch_batch, sample_or_reject
 from tessera.train.inputs import encoders_for, model_batch, onnx_scorer, sample_vectors
 from tessera.train.layout import BUNDLE, META, ONNX, PREPROCESS, TRAIN_SUMMARY, ModelMeta
 from tessera.train.tasks import tasks_from_meta
+from tessera.workflows.config import FallbackConfig
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,9 @@ class Predictor:
     inputs are read through the export's store options."""
 
     def __init__(self, model: Store, variant: str = "fp32", batch_size: int = 32, device: str = "cpu",
-                 bundle: bool = False):
+                 bundle: bool = False, fallback: FallbackConfig | None = None):
+        """FALLBACK (with a url): the service the samples this model is not sure of go on to
+        (workflows/service.py), for predict_rows; each record then says who answered it."""
         self.model = model
         if not (model.exists(META) and model.exists(PREPROCESS)):
             what = ("a training run, not an export" if model.exists(TRAIN_SUMMARY) else
@@ -59,6 +63,11 @@ class Predictor:
         self.encoders = encoders_for(self.meta, preprocess, device, model.child(BUNDLE) if bundle else None, variant)
         self.score = onnx_scorer(model.read_bytes(ONNX[variant]))
         self.batch_size = batch_size
+        self.fallback = None
+        if fallback is not None and fallback.url:
+            from tessera.workflows.service import Fallback
+
+            self.fallback = Fallback(fallback, self.tasks)
 
     def _record(self, scores: dict[str, np.ndarray], i: int) -> dict:
         """Sample i's prediction per task, and the class / tag probabilities behind it."""
@@ -96,8 +105,28 @@ class Predictor:
         for start in range(0, len(rows), self.batch_size):
             fetched = fetch_batch(rows[start : start + self.batch_size], self.model, self.shard_cfg.max_input_bytes)
             records = self.score_prepared([(row, self.prepare(row, raw)) for row, raw in fetched])
+            if self.fallback is not None:
+                for record in records:
+                    if "predictions" in record:
+                        record["served_by"] = "edge"
+                self.fallback.settle([{} if isinstance(raw, LineReject) else request_sample(row, raw)
+                                      for row, raw in fetched], records, set(self.meta.dims))
             yield from (r for _, r in sorted(zip((row.line for row, _ in fetched), records, strict=True),
                                              key=lambda pair: pair[0]))
+
+
+def request_sample(row: ManifestRow, raw: dict[str, bytes]) -> dict:
+    """A row and its files' bytes (by modality) as a /predict request's sample: media inline."""
+    from tessera.workflows.service import MEDIA
+
+    sample = {"key": row.source_key}
+    text = row.text if row.text is not None else raw["text"].decode(errors="replace") if "text" in raw else None
+    if text is not None:
+        sample["text"] = text
+    for field, modality in MEDIA.items():
+        if modality in raw:
+            sample[field] = base64.b64encode(raw[modality]).decode()
+    return sample
 
 
 def rows_from_files(paths: list[str], cfg: ShardConfig, store: Store) -> tuple[list, list[LineReject]]:

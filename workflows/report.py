@@ -310,7 +310,27 @@ def _evaluation_plots(run: Store) -> list[tuple[str, str]]:
     for way, recall in val.get("retrieval", {}).items():  # a contrastive model's zero-shot retrieval
         plots.append((f"retrieval {way}", _bars({k: v or 0.0 for k, v in recall.items() if k != "samples"},
                                                 f"{way}: validation recall@k, {recall['samples']} pairs")))
+    if result.get("cascade"):
+        plots.append(("cascade: accuracy vs share forwarded", _cascade(result["cascade"])))
     return plots
+
+
+def _cascade(cascade: dict) -> str:
+    """The edge-cloud cascade's accuracy against the share of samples it forwards, one point
+    per threshold, beside the edge alone, the cloud alone and the recommended threshold."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    curve = cascade["curve"]
+    ax.plot([p["forwarded"] for p in curve], [p["accuracy"] for p in curve], marker=".", label="cascade")
+    ax.scatter([0], [cascade["edge_accuracy"]], color="tab:orange", zorder=3, label="edge alone")
+    ax.scatter([1], [cascade["cloud_accuracy"]], color="tab:green", zorder=3, label="cloud alone")
+    best = cascade["recommended"]
+    ax.scatter([best["forwarded"]], [best["accuracy"]], color="tab:red", marker="*", s=120, zorder=4,
+               label=f"min_confidence {best['threshold']:.2f}")
+    ax.set_xlabel("share forwarded to the cloud")
+    ax.set_ylabel(f"{cascade['task']} accuracy")
+    ax.set_title(f"cascade on {cascade['samples']} validation samples")
+    ax.legend(loc="lower right", fontsize=8)
+    return _png(fig)
 
 
 def _thumbnail(image: bytes | None = None, frames: np.ndarray | None = None) -> str | None:

@@ -1,0 +1,132 @@
+"""The edge runtime (`tessera serve --bundle --runtime edge`: one process, no Ray, no torch)
+against `tessera serve --bundle` on Ray Serve and `tessera serve` (torch), in one run.
+
+    python bench/edge.py [--seconds 10]
+
+On the mini corpus's export (made by bench/serve.py's helpers when missing), each server
+started by the bench as its own process: cold start to a ready /readyz, resident memory after
+warm-up (the edge process; on Ray the replica's), p50 / p99 latency at 1 client and
+requests/s at 8 and 32 closed-loop clients (one sample of text + image + audio per request).
+Also what an edge install would hold: the installed size of the distributions the edge
+process imports, against every distribution in this environment (not an installed
+`tessera[edge]`: that extra is not split out yet)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from predict import mini_export  # noqa: E402
+from serve import closed_loop, mini_samples, request_body, start, stop  # noqa: E402
+
+from tessera.train.config import ExportConfig  # noqa: E402
+
+EDGE_IMPORTS = """
+import json, sys
+from tessera.core.storage import Store
+from tessera.workflows.config import TesseraConfig
+from tessera.workflows.edge import edge_app
+edge_app(Store(sys.argv[1]), "fp32", TesseraConfig().serve.model_dump())
+print(json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
+"""
+
+
+def distribution_bytes(names: set[str] | None = None) -> tuple[int, int]:
+    """(bytes, count) of the installed distributions NAMES (all when None), from their RECORDs."""
+    total, count = 0, 0
+    for dist in metadata.distributions():
+        if names is not None and dist.metadata["Name"].lower() not in names:
+            continue
+        count += 1
+        for file in dist.files or ():
+            path = Path(dist.locate_file(file))
+            if path.is_file():
+                total += path.stat().st_size
+    return total, count
+
+
+def edge_footprint(model: Path) -> tuple[int, int, int, int]:
+    """(edge bytes, edge distributions, all bytes, all distributions)."""
+    done = subprocess.run([sys.executable, "-c", EDGE_IMPORTS, str(model)], capture_output=True, text=True,
+                          check=True, cwd=REPO)
+    modules = set(json.loads(done.stdout.strip().splitlines()[-1]))
+    providers = metadata.packages_distributions()
+    names = {d.lower() for m in modules for d in providers.get(m, ())}
+    edge, n_edge = distribution_bytes(names)
+    everything, n_all = distribution_bytes()
+    return edge, n_edge, everything, n_all
+
+
+def measure(name: str, command: list[str], port: int, bodies: list[bytes], seconds: float,
+            replica: str | None) -> dict:
+    """Cold start, RSS after warm-up, latency at 1 client, req/s at 8 and 32 clients."""
+    t0 = time.monotonic()
+    proc = start(command, port)
+    cold = time.monotonic() - t0
+    url = f"http://127.0.0.1:{port}/predict"
+    try:
+        closed_loop(url, bodies, 4, 3)  # warm-up
+        processes = [proc_info for proc_info in psutil.Process(proc.pid).children(recursive=True)
+                     if replica is not None and replica in " ".join(proc_info.cmdline())] \
+            if replica else [psutil.Process(proc.pid)]
+        rss = sum(p.memory_info().rss for p in processes)
+        levels = {clients: closed_loop(url, bodies, clients, seconds) for clients in (1, 8, 32)}
+    finally:
+        stop(proc)
+    result = {"server": name, "cold_start_s": cold, "rss_mb": rss / 2**20,
+              "p50_ms": levels[1]["p50_ms"], "p99_ms": levels[1]["p99_ms"],
+              "rps_8": levels[8]["requests_per_s"], "rps_32": levels[32]["requests_per_s"],
+              "errors": sum(level["errors"] for level in levels.values())}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--port", type=int, default=8120)
+    ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "tessera-bench-serve",
+                    help="where the trained export is kept between runs (made when missing)")
+    args = ap.parse_args()
+    model = args.data / "model"
+    if not (model / "export.json").exists():
+        with tempfile.TemporaryDirectory() as tmp:
+            mini_export(Path(tmp), model, ExportConfig(bundle=True))
+    bodies = [request_body(r) for r in mini_samples()]
+    serve = [sys.executable, "-m", "tessera.workflows", "serve", str(model), "--no-progress"]
+    results = [
+        measure("edge (--runtime edge)", [*serve, "--bundle", "--runtime", "edge", "--port", str(args.port)],
+                args.port, bodies, args.seconds, None),
+        measure("Ray Serve --bundle", [*serve, "--bundle", "--port", str(args.port + 1)], args.port + 1, bodies,
+                args.seconds, "ServeReplica:tessera"),
+        measure("Ray Serve (torch)", [*serve, "--port", str(args.port + 2)], args.port + 2, bodies, args.seconds,
+                "ServeReplica:tessera"),
+    ]
+    edge_bytes, n_edge, all_bytes, n_all = edge_footprint(model)
+    print(f"\n{len(bodies)} mini samples (text + image + audio), one per request, closed loop, {args.seconds:.0f} s "
+          "per level, 2 cores; fp32 export")
+    print(f"{'server':<24}{'cold s':>8}{'RSS MB':>8}{'p50 ms':>8}{'p99 ms':>8}{'req/s 8':>9}{'req/s 32':>9}{'err':>5}")
+    for r in results:
+        print(f"{r['server']:<24}{r['cold_start_s']:>8.1f}{r['rss_mb']:>8.0f}{r['p50_ms']:>8.1f}{r['p99_ms']:>8.1f}"
+              f"{r['rps_8']:>9.1f}{r['rps_32']:>9.1f}{r['errors']:>5}")
+    print("(RSS: the edge process; on Ray the replica's process alone, without Ray's own)")
+    print(f"edge: cold start {results[0]['cold_start_s']:.1f} s (goal <= 5), RSS {results[0]['rss_mb']:.0f} MB "
+          f"(goal <= 400)")
+    print(f"distributions the edge process imports: {n_edge}, {edge_bytes / 1e6:.0f} MB installed; this "
+          f"environment: {n_all}, {all_bytes / 1e6:.0f} MB (goal for an edge install: <= 400 MB)")
+
+
+if __name__ == "__main__":
+    main()
