@@ -32,9 +32,8 @@ sys.path.insert(0, str(REPO))
 from tessera.core.storage import Store  # noqa: E402
 from tessera.preprocess.config import ShardConfig  # noqa: E402
 from tessera.preprocess.image import draft_side, resize_image  # noqa: E402
-from tessera.preprocess.manifest import LineReject, iter_manifest  # noqa: E402
+from tessera.preprocess.manifest import LineReject, fetch_batch, iter_manifest  # noqa: E402
 from tessera.preprocess.sample import process_sample  # noqa: E402
-from tessera.preprocess.shard import fetch_batch  # noqa: E402
 from tessera.preprocess.stage import run_shard_stage  # noqa: E402
 
 MAKE_LARGE = REPO.parent / "shared" / "corpus" / "make_large.py"

@@ -51,15 +51,6 @@ CURATE_SUPERSEDED = f"{CURATE}/superseded.parquet"  # while it runs over version
 DIGEST, ENCODERS, DIMS, MISSING = "tessera.digest", "tessera.encoders", "tessera.dims", "tessera.missing"
 INCOMPLETE = "incomplete:"
 
-BUNDLE_META, TOKENIZER = "bundle.json", "tokenizer.json"
-BUNDLE_VARIANTS = ("fp32", "int8")
-
-
-def encoder_onnx(graph: str, variant: str) -> str:
-    """A bundle graph's file: text.onnx, text-int8.onnx, ..."""
-    return f"{graph}.onnx" if variant == "fp32" else f"{graph}-{variant}.onnx"
-
-
 def sidecar_name(shard: str) -> str:
     """The sidecar of a shard ('shard-000003.tar' or its stem)."""
     return shard.removesuffix(".tar") + SIDECAR_SUFFIX

@@ -4,7 +4,7 @@ the text tokenized by the `tokenizers` library from the model's own tokenizer.js
 interface is the torch encoders' (identity, load, prepare, embed, dim), so `tessera predict
 --bundle` and `tessera serve --bundle` swap one for the other; nothing here imports torch.
 
-The bundle's bundle.json (features/layout.py) says per modality: the identity of the torch encoder the graph was
+The bundle's bundle.json (train/layout.py) says per modality: the identity of the torch encoder the graph was
 exported from (what the model was trained with), its width, its config (the preparation
 settings) and which graph it runs (video runs the image graph on each frame)."""
 
@@ -16,8 +16,8 @@ import numpy as np
 
 from tessera.core.storage import Store
 from tessera.features.config import AudioEncoderConfig, ImageEncoderConfig, TextEncoderConfig
-from tessera.features.layout import BUNDLE_META, TOKENIZER, encoder_onnx
 from tessera.features.prepare import audio_input, by_length, image_input, per_clip, text_input, video_input
+from tessera.train.layout import BUNDLE_META, TOKENIZER, encoder_onnx
 
 
 def session(model: bytes):

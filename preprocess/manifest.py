@@ -23,7 +23,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from tessera.core.errors import NotAnInput
 from tessera.core.storage import Store, absolute, file_tag, parent, resolve
@@ -142,6 +141,8 @@ def _jsonl_chunks(f: ManifestFile, rows: int) -> Iterator[Chunk]:
 
 
 def _parquet_chunks(f: ManifestFile, rows: int) -> Iterator[Chunk]:
+    import pyarrow.parquet as pq  # (here: predict and the edge runtime import no pyarrow for JSONL)
+
     with f.store.open() as stream:
         total = pq.ParquetFile(stream).metadata.num_rows
     for start in range(0, total, rows):
@@ -157,6 +158,8 @@ def chunks(source: ManifestSource, rows: int) -> Iterator[Chunk]:
 
 def _parquet_rows(chunk: Chunk) -> Iterator[dict]:
     """Rows [start, stop) of a Parquet file, reading only the row groups that hold them."""
+    import pyarrow.parquet as pq
+
     with chunk.file.store.open() as stream:
         pf = pq.ParquetFile(stream)
         bounds = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
@@ -286,6 +289,10 @@ class ManifestRow:
         present = set(self.files) | ({"text"} if self.text is not None else set())
         return tuple(m for m in MODALITIES if m in present)
 
+    def rejected(self, reject: Reject) -> LineReject:
+        """This row's reject line for REJECT."""
+        return LineReject.of(self.line, self.source_key, reject, self.file, self.key)
+
 
 @dataclass(frozen=True)
 class LineReject:
@@ -307,6 +314,38 @@ class LineReject:
     def as_record(self) -> dict:
         return {"key": self.key, "sample_key": self.sample_key, "file": self.file, "line": self.line,
                 "modality": self.modality, "code": self.code, "reason": self.reason}
+
+
+def _read_error(url: str, err: Exception, modality: str) -> Reject:
+    if isinstance(err, FileNotFoundError):
+        return Reject("input.not_found", f"file not found: {url}", modality)
+    return Reject("input.unreadable", f"cannot read {url}: {type(err).__name__}: {err}", modality)
+
+
+def fetch_batch(rows: list[ManifestRow], inputs: Store, limit: int | None
+                ) -> list[tuple[ManifestRow, dict[str, bytes] | LineReject]]:
+    """Raw bytes of every file of each row (by modality), read through the INPUTS store's
+    options, or the row's read reject; a file over LIMIT bytes is one, and is not read past it."""
+    got = inputs.read_many([url for row in rows for url in row.files.values()], limit)
+    out = []
+    for row in rows:
+        raw: dict[str, bytes] = {}
+        failure = None
+        for modality, url in row.files.items():
+            data = got[url]
+            if isinstance(data, Exception):
+                failure = row.rejected(_read_error(url, data, modality))
+                break
+            if not data:
+                failure = row.rejected(Reject("input.empty", "empty file", modality))
+                break
+            if limit is not None and len(data) > limit:
+                failure = row.rejected(Reject("input.too_large", f"file too large: {url} is {inputs.at(url).size()} "
+                                              f"bytes, over shard.max_input_bytes ({limit})", modality))
+                break
+            raw[modality] = data
+        out.append((row, failure or raw))
+    return out
 
 
 def check_label(label: object, cfg: ShardConfig) -> str | int | None:

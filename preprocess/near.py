@@ -20,12 +20,15 @@ from __future__ import annotations
 from functools import cache
 from itertools import combinations
 from math import comb
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow as pa
 from PIL import Image
 
 from tessera.preprocess.config import NearDedupConfig, NearTextConfig
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 PHASH_BITS = 64
 MAX_COMBINATIONS = 128  # block combinations joined at most (each is a pass over the hashes)
@@ -96,6 +99,7 @@ def block_masks(max_distance: int, hashes: int) -> list[int]:
 def components(edges: dict[str, np.ndarray]) -> pa.Table:
     """(id, root) for every id of a connected component but its smallest, the root, from the
     EDGES' `a` and `b` ids (DuckDB's fetchnumpy)."""
+    import pyarrow as pa  # (here: the image path imports this module, and predict needs no pyarrow)
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 

@@ -1,17 +1,20 @@
-"""One manifest row + its raw bytes -> one WebDataset record, or a Reject. No I/O here."""
+"""One manifest row + its raw bytes -> one WebDataset record, or its reject line. No I/O here."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from tessera.preprocess.config import ShardConfig
-from tessera.preprocess.manifest import ManifestRow
+from tessera.preprocess.manifest import LineReject, ManifestRow
 from tessera.preprocess.modality import MODALITIES, PROCESSING_ORDER, registry
-from tessera.preprocess.reject import Reject
+from tessera.preprocess.reject import Reject, unexpected
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -89,3 +92,14 @@ def process_sample(row: ManifestRow, raw: dict[str, bytes], cfg: ShardConfig) ->
     meta["modalities"] = list(out.modalities)
     out.record["json"] = json.dumps(meta, sort_keys=True, ensure_ascii=False).encode()
     return out
+
+
+def sample_or_reject(row: ManifestRow, raw: dict[str, bytes], cfg: ShardConfig) -> SampleOutput | LineReject:
+    """The one place a sample's failure becomes a reject line."""
+    try:
+        return process_sample(row, raw, cfg)
+    except Reject as r:
+        return row.rejected(r)
+    except Exception as e:  # a decoder bug must not take the shard down with it
+        log.exception("unexpected error on %s (line %d)", row.source_key, row.line)
+        return row.rejected(unexpected(e))

@@ -18,10 +18,10 @@ from tessera.core.lease import Fence
 from tessera.core.storage import Store
 from tessera.preprocess.config import MODALITIES, ShardConfig
 from tessera.preprocess.layout import INDEX_SCHEMA, REJECT_SCHEMA, ShardMarker, index_part, rejects_part, shard_stem
-from tessera.preprocess.manifest import Chunk, LineReject, ManifestRow, chunk_rows
+from tessera.preprocess.manifest import Chunk, LineReject, ManifestRow, chunk_rows, fetch_batch
 from tessera.preprocess.near import text_minhashes
-from tessera.preprocess.reject import Reject, unexpected
-from tessera.preprocess.sample import SampleOutput, process_sample
+from tessera.preprocess.reject import Reject
+from tessera.preprocess.sample import SampleOutput, sample_or_reject
 from tessera.preprocess.stats import DatasetStats
 
 log = logging.getLogger(__name__)
@@ -57,53 +57,6 @@ def content_id(sha256: dict[str, str]) -> str:
 
 def _sha256(data: bytes | None) -> str | None:
     return None if data is None else hashlib.sha256(data).hexdigest()
-
-
-def _reject(row: ManifestRow, reject: Reject) -> LineReject:
-    return LineReject.of(row.line, row.source_key, reject, row.file, row.key)
-
-
-def _read_error(url: str, err: Exception, modality: str) -> Reject:
-    if isinstance(err, FileNotFoundError):
-        return Reject("input.not_found", f"file not found: {url}", modality)
-    return Reject("input.unreadable", f"cannot read {url}: {type(err).__name__}: {err}", modality)
-
-
-def fetch_batch(rows: list[ManifestRow], inputs: Store, limit: int | None
-                ) -> list[tuple[ManifestRow, dict[str, bytes] | LineReject]]:
-    """Raw bytes of every file of each row (by modality), read through the INPUTS store's
-    options, or the row's read reject; a file over LIMIT bytes is one, and is not read past it."""
-    got = inputs.read_many([url for row in rows for url in row.files.values()], limit)
-    out = []
-    for row in rows:
-        raw: dict[str, bytes] = {}
-        failure = None
-        for modality, url in row.files.items():
-            data = got[url]
-            if isinstance(data, Exception):
-                failure = _reject(row, _read_error(url, data, modality))
-                break
-            if not data:
-                failure = _reject(row, Reject("input.empty", "empty file", modality))
-                break
-            if limit is not None and len(data) > limit:
-                failure = _reject(row, Reject("input.too_large", f"file too large: {url} is {inputs.at(url).size()} "
-                                              f"bytes, over shard.max_input_bytes ({limit})", modality))
-                break
-            raw[modality] = data
-        out.append((row, failure or raw))
-    return out
-
-
-def sample_or_reject(row: ManifestRow, raw: dict[str, bytes], cfg: ShardConfig) -> SampleOutput | LineReject:
-    """The one place a sample's failure becomes a reject line."""
-    try:
-        return process_sample(row, raw, cfg)
-    except Reject as r:
-        return _reject(row, r)
-    except Exception as e:  # a decoder bug must not take the shard down with it
-        log.exception("unexpected error on %s (line %d)", row.source_key, row.line)
-        return _reject(row, unexpected(e))
 
 
 def index_row(plan: ShardPlan, row: ManifestRow, raw: dict[str, bytes], out: SampleOutput) -> dict:
@@ -147,7 +100,7 @@ def _parsed_rows(plan: ShardPlan, cfg: ShardConfig, rejects: list[LineReject]):
             rejects.append(row)
         elif row.key in first_line:
             repeated = Reject("dedup.duplicate_key", f"duplicate key (first on line {first_line[row.key]})")
-            rejects.append(_reject(row, repeated))
+            rejects.append(row.rejected(repeated))
         else:
             first_line[row.key] = row.line
             yield row

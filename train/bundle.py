@@ -14,13 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from tessera.core.storage import Store
-from tessera.features.layout import BUNDLE_META, BUNDLE_VARIANTS, TOKENIZER, encoder_onnx
 from tessera.features.onnx_encoders import load_bundle
 from tessera.preprocess.config import MODALITIES
 from tessera.preprocess.layout import committed_shards, iter_shard, member_payload
 from tessera.train.data import DatasetInfo, ValSplit, split_of
 from tessera.train.inputs import Scorer, model_batch, sample_vectors
-from tessera.train.layout import ModelMeta
+from tessera.train.layout import BUNDLE_META, BUNDLE_VARIANTS, TOKENIZER, ModelMeta, encoder_onnx
 from tessera.train.tasks import Task, agreement
 
 

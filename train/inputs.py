@@ -112,8 +112,8 @@ def encoders_for(meta: ModelMeta, preprocess: dict, device: str = "cpu", bundle:
 
     embed_cfg = EmbedConfig.model_validate(preprocess["embed"])
     if bundle is not None:
-        from tessera.features.layout import BUNDLE_VARIANTS
         from tessera.features.onnx_encoders import load_bundle
+        from tessera.train.layout import BUNDLE_VARIANTS
 
         encoders = load_bundle(bundle, variant if variant in BUNDLE_VARIANTS else "fp32", meta.dims)
     else:

@@ -41,7 +41,16 @@ EVAL, PREDICTIONS = "eval.json", "eval-predictions.parquet"
 SUPERSEDED = "superseded.parquet"
 PREPROCESS, EXPORT = "preprocess.json", "export.json"
 ONNX = {"fp32": "model.onnx", "int8": "model-int8.onnx", "pruned": "model-pruned.onnx"}
-BUNDLE = "encoders"  # its files: features/layout.py
+BUNDLE = "encoders"  # the ONNX encoders (tessera export --bundle)
+BUNDLE_META, TOKENIZER = "bundle.json", "tokenizer.json"  # in BUNDLE, beside each encoder's graphs
+BUNDLE_VARIANTS = ("fp32", "int8")
+
+
+def encoder_onnx(graph: str, variant: str) -> str:
+    """A bundle graph's file: text.onnx, text-int8.onnx, ..."""
+    return f"{graph}.onnx" if variant == "fp32" else f"{graph}-{variant}.onnx"
+
+
 TOWERS = "towers"
 
 

@@ -18,10 +18,9 @@ from tessera.core.errors import ConfigError, NotAnInput
 from tessera.core.storage import Store
 from tessera.features.config import EmbedConfig
 from tessera.preprocess.config import AugmentConfig, ShardConfig
-from tessera.preprocess.manifest import LineReject, ManifestRow, iter_manifest, parse_row
+from tessera.preprocess.manifest import LineReject, ManifestRow, fetch_batch, iter_manifest, parse_row
 from tessera.preprocess.reject import Reject
-from tessera.preprocess.sample import SampleOutput
-from tessera.preprocess.shard import fetch_batch, sample_or_reject
+from tessera.preprocess.sample import SampleOutput, sample_or_reject
 from tessera.train.inputs import encoders_for, model_batch, onnx_scorer, sample_vectors
 from tessera.train.layout import BUNDLE, META, ONNX, PREPROCESS, TRAIN_SUMMARY, ModelMeta
 from tessera.train.tasks import tasks_from_meta

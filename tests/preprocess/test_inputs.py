@@ -14,8 +14,7 @@ from pydantic import ValidationError
 from tessera.core.storage import Store
 from tessera.preprocess.config import ShardConfig
 from tessera.preprocess.inputs import AllowedInputs
-from tessera.preprocess.manifest import LineReject, iter_manifest
-from tessera.preprocess.shard import fetch_batch
+from tessera.preprocess.manifest import LineReject, fetch_batch, iter_manifest
 from tessera.preprocess.stage import run_shard_stage
 from tests.conftest import MINI, reject_rows
 

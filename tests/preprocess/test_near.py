@@ -133,7 +133,7 @@ def test_near_copies_are_dropped_naming_their_original_with_one_or_two_workers(r
 
 def test_quality_filters_name_the_value_and_the_bound(tmp_path):
     from tessera.preprocess.manifest import ManifestRow
-    from tessera.preprocess.shard import sample_or_reject
+    from tessera.preprocess.sample import sample_or_reject
 
     cfg = ShardConfig(image={"max_aspect_ratio": 1.5}, text={"min_words": 3, "max_words": 6},
                       audio={"min_seconds": 60}, video={"min_seconds": 30})

@@ -4,6 +4,8 @@ sure of to another service, and answers itself (degraded) when that service is g
 
 import asyncio
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from tessera.core.storage import Store
 from tessera.workflows.config import FallbackConfig
 from tessera.workflows.edge import Batcher
 from tessera.workflows.predict import Predictor, predict_inputs
-from tests.conftest import free_port, mini_manifest_lines, terminated
+from tests.conftest import REPO, free_port, mini_manifest_lines, terminated
 from tests.workflows.test_serve import as_request, assert_same, started
 
 
@@ -41,6 +43,18 @@ def test_fallback_thresholds_are_probabilities_of_classification_tasks():
                                                                                                "topic": 0.8}
     with pytest.raises(ValueError, match="not a probability"):
         FallbackConfig(min_confidence=1.5)
+
+
+PIPELINE = ("torch", "ray", "deepspeed", "transformers", "sentence_transformers", "duckdb", "lance", "pyarrow",
+            "pandas", "sklearn", "webdataset", "mlflow", "matplotlib")
+
+
+def test_the_edge_runtime_and_predict_import_no_pipeline_dependency():
+    code = ("import sys\nimport tessera.workflows.cli, tessera.workflows.edge, tessera.workflows.predict\n"
+            "import tessera.features.onnx_encoders\nprint(' '.join(sorted(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    loaded = {name.split(".")[0] for name in done.stdout.split()}
+    assert not loaded & set(PIPELINE), loaded & set(PIPELINE)
 
 
 def _results(url: str, samples: list[dict]) -> list[dict]:
@@ -73,7 +87,8 @@ def test_an_edge_answers_as_predict_does_without_ray_or_torch_and_falls_back_to_
             assert_same(result, expected[result["key"]])
             assert result["served_by"] == "edge" and "degraded" not in result
         maps = Path(f"/proc/{cloud.pid}/maps").read_text()
-        assert "onnxruntime" in maps and "libtorch" not in maps and "_raylet" not in maps  # neither loaded
+        assert "onnxruntime" in maps  # ... and none of torch, Ray, Arrow
+        assert not [lib for lib in ("libtorch", "_raylet", "libarrow", "duckdb") if lib in maps]
         for status, call in [
             (422, lambda: requests.post(f"{cloud_url}/predict", json={"samples": [{"text": 5}]})),
             (413, lambda: requests.post(f"{cloud_url}/predict", json={"samples": [{"text": "a"}] * 300})),
