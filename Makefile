@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 $(BIN)/tessera: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[pipeline,test]'
 	touch $(BIN)/tessera
 
 setup: $(BIN)/tessera

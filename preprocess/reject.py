@@ -60,6 +60,7 @@ CODES = {
     "audio.undecodable": "the audio cannot be decoded",
     "audio.not_finite": "the audio holds NaN or infinite samples",
     "video.no_stream": "no video stream",
+    "video.no_decoder": "PyAV is not installed (tessera[video])",
     "video.too_long": "over shard.video.max_seconds",
     "video.too_short": "under shard.video.min_seconds",
     "video.too_many_frames": "over shard.video.max_frames",

@@ -8,14 +8,17 @@ import io
 import time
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import TYPE_CHECKING
 
-import av
 import numpy as np
 
 from tessera.preprocess.config import VideoConfig
 from tessera.preprocess.image import resize_image
 from tessera.preprocess.modality import Modality, Stored
 from tessera.preprocess.reject import Reject
+
+if TYPE_CHECKING:
+    import av
 
 NPY_MAGIC = b"\x93NUMPY"
 # swscale picks its thread count from the CPUs by default: one, so that a retried task on a busy
@@ -26,6 +29,17 @@ SCALER_THREADS = 1
 # load; a retried shard's MP4 differed in CI): frames are encoded padded to a multiple of 32, the
 # padding cut off again by the stream's own cropping rectangle (decoders show the asked size)
 ENCODED_MULTIPLE = 32
+
+
+def _av():
+    """PyAV, which the base (edge) install leaves out (`tessera[video]` adds it): a video is then
+    a reject that says so."""
+    try:
+        import av
+    except ModuleNotFoundError:
+        raise Reject("video.no_decoder", "video needs PyAV, which this install lacks: pip install "
+                                         "'tessera[video]'", "video") from None
+    return av
 
 
 @dataclass
@@ -39,7 +53,7 @@ def encode_mp4(frames: np.ndarray, fps: float, crf: int) -> bytes:
     options and whole macroblock pairs: the same frames always give the same bytes."""
     bottom, right = -frames.shape[1] % ENCODED_MULTIPLE, -frames.shape[2] % ENCODED_MULTIPLE
     frames = np.pad(frames, ((0, 0), (0, bottom), (0, right), (0, 0)), mode="edge")
-    buf = io.BytesIO()
+    av, buf = _av(), io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
@@ -57,7 +71,7 @@ def decode_frames(payload: bytes) -> np.ndarray:
     """A stored video member (MP4 or .npy) as uint8 frames (T, H, W, 3)."""
     if payload.startswith(NPY_MAGIC):
         return np.load(io.BytesIO(payload), allow_pickle=False)
-    with av.open(io.BytesIO(payload), mode="r") as container:
+    with _av().open(io.BytesIO(payload), mode="r") as container:
         return np.stack([frame.to_ndarray(format="rgb24", threads=SCALER_THREADS)
                          for frame in container.decode(video=0)])
 
@@ -69,7 +83,7 @@ def _sample_frames(container: av.container.InputContainer, cfg: VideoConfig) -> 
     if stream.duration is not None and stream.time_base is not None:
         seconds = float(stream.duration * stream.time_base)
     else:
-        seconds = (container.duration or 0) / av.time_base
+        seconds = (container.duration or 0) / _av().time_base
     if seconds > cfg.max_seconds:
         raise Reject("video.too_long", f"video is {seconds:.1f} s, over {cfg.max_seconds} s")
     if cfg.min_seconds is not None and seconds < cfg.min_seconds:
@@ -101,6 +115,7 @@ def _sample_frames(container: av.container.InputContainer, cfg: VideoConfig) -> 
 def process_video(data: bytes, cfg: VideoConfig) -> VideoResult:
     if not data:
         raise Reject("input.empty", "empty file", "video")
+    av = _av()
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
             frames, meta = _sample_frames(container, cfg)

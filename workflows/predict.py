@@ -17,7 +17,7 @@ import numpy as np
 from tessera.core.errors import ConfigError, NotAnInput
 from tessera.core.storage import Store
 from tessera.features.config import EmbedConfig
-from tessera.preprocess.config import AugmentConfig, ShardConfig
+from tessera.preprocess.config import AugmentConfig, NearDedupConfig, ShardConfig
 from tessera.preprocess.manifest import LineReject, ManifestRow, fetch_batch, iter_manifest, parse_row
 from tessera.preprocess.reject import Reject
 from tessera.preprocess.sample import SampleOutput, sample_or_reject
@@ -56,8 +56,10 @@ class Predictor:
                               + (" (export.prune_sparsity makes the pruned one)" if variant == "pruned" else ""))
         shard = ShardConfig.model_validate(preprocess["shard"])
         image = shard.image.model_copy(update={"augment": AugmentConfig()})
-        # new data needs no label and no targets (a stray target value is not a reason to reject it)
-        self.shard_cfg = shard.model_copy(update={"require_label": False, "targets": (), "image": image})
+        # new data needs no label and no targets (a stray target value is not a reason to reject it),
+        # and no near-duplicate signatures (nothing is deduplicated)
+        self.shard_cfg = shard.model_copy(update={"require_label": False, "targets": (), "image": image,
+                                                  "near_dedup": NearDedupConfig()})
         self.vector_dtype = EmbedConfig.model_validate(preprocess["embed"]).dtype  # the precision training saw
         self.encoders = encoders_for(self.meta, preprocess, device, model.child(BUNDLE) if bundle else None, variant)
         self.score = onnx_scorer(model.read_bytes(ONNX[variant]))

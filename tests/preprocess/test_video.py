@@ -1,4 +1,5 @@
 import io
+import sys
 
 import av
 import numpy as np
@@ -93,3 +94,11 @@ def test_frames_are_encoded_in_whole_macroblock_pairs_and_shown_at_the_asked_siz
     with av.open(io.BytesIO(mp4.data)) as container:
         assert (container.streams.video[0].width, container.streams.video[0].height) == (size, size)
     assert frames_of(mp4).shape == (8, size, size, 3)
+
+
+def test_without_pyav_a_video_is_a_reject_naming_the_extra(monkeypatch):
+    """The base (edge) install leaves PyAV out: a video sample says what to install."""
+    monkeypatch.setitem(sys.modules, "av", None)  # (import av now fails, as where it is not installed)
+    with pytest.raises(Reject) as e:
+        process_video(make_video(1.0), VideoConfig())
+    assert e.value.code == "video.no_decoder" and "tessera[video]" in e.value.reason

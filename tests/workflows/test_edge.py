@@ -4,6 +4,7 @@ sure of to another service, and answers itself (degraded) when that service is g
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from tessera.core.storage import Store
 from tessera.workflows.config import FallbackConfig
 from tessera.workflows.edge import Batcher
 from tessera.workflows.predict import Predictor, predict_inputs
-from tests.conftest import REPO, free_port, mini_manifest_lines, terminated
+from tests.conftest import REPO, TESSERA, free_port, mini_manifest_lines, terminated
 from tests.workflows.test_serve import as_request, assert_same, started
 
 
@@ -57,6 +58,18 @@ def test_the_edge_runtime_and_predict_import_no_pipeline_dependency():
     assert not loaded & set(PIPELINE), loaded & set(PIPELINE)
 
 
+EDGE_INSTALL = Path(__file__).parent / "edge_install"  # a sitecustomize: pipeline modules not installed
+
+
+def test_a_pipeline_command_in_an_edge_install_names_the_extra_it_needs(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(EDGE_INSTALL)}
+    done = subprocess.run([*TESSERA, "shard", str(tmp_path / "m.jsonl"), str(tmp_path / "out")], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "needs the pipeline install (no module" in done.stderr and "tessera[pipeline]" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def _results(url: str, samples: list[dict]) -> list[dict]:
     got = requests.post(f"{url}/predict", json={"samples": samples}, timeout=120)
     assert got.status_code == 200, got.text
@@ -69,10 +82,13 @@ def _metric(url: str, name: str) -> float:
 
 
 @pytest.mark.slow
-def test_an_edge_answers_as_predict_does_without_ray_or_torch_and_falls_back_to_the_cloud(exported_mini, tmp_path):
+def test_an_edge_answers_as_predict_does_without_ray_or_torch_and_falls_back_to_the_cloud(exported_mini, tmp_path,
+                                                                                           monkeypatch):
     model, _ = exported_mini
     cloud_port, edge_port = free_port(), free_port()
-    cloud = started(model, cloud_port, "--bundle", "--runtime", "edge")
+    with monkeypatch.context() as patched:  # the first one runs as in an edge install: no pipeline module at all
+        patched.setenv("PYTHONPATH", str(EDGE_INSTALL))
+        cloud = started(model, cloud_port, "--bundle", "--runtime", "edge")
     edge = None
     try:
         cloud_url = f"http://127.0.0.1:{cloud_port}"
