@@ -7,7 +7,9 @@ On the mini corpus's export (made by bench/serve.py's helpers when missing), eac
 started by the bench as its own process: cold start to a ready /readyz, resident memory after
 warm-up (the edge process; on Ray the replica's), p50 / p99 latency at 1 client and
 requests/s at 8 and 32 closed-loop clients (one sample of text + image + audio per request).
-Also the size of `pip install '.[edge]'` in a fresh venv against the full install."""
+Also the size of `pip install '.[edge]'` in a fresh venv against the full install, and the
+cascade `tessera evaluate --cascade` measures with a distilled student at the edge and its
+teacher in the cloud (the mean latency computed from the measured p50s, not measured)."""
 
 from __future__ import annotations
 
@@ -27,8 +29,16 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from predict import mini_export  # noqa: E402
 from serve import closed_loop, mini_samples, request_body, start, stop  # noqa: E402
+from shard import LABELS, MINI  # noqa: E402
 
-from tessera.train.config import ExportConfig  # noqa: E402
+from tessera.core.storage import Store  # noqa: E402
+from tessera.features.config import EmbedConfig  # noqa: E402
+from tessera.features.stage import run_embed_stage  # noqa: E402
+from tessera.preprocess.config import ShardConfig  # noqa: E402
+from tessera.preprocess.stage import run_shard_stage  # noqa: E402
+from tessera.train.config import ExportConfig, ModelConfig, TrainConfig  # noqa: E402
+from tessera.train.evaluate import EvalStage  # noqa: E402
+from tessera.train.stage import run_train_stage  # noqa: E402
 
 
 def folder_mb(folder: Path) -> float:
@@ -46,6 +56,31 @@ def edge_install_mb() -> tuple[float, int, float]:
         listed = subprocess.run([str(venv / "bin" / "pip"), "list", "--format=json"], check=True, capture_output=True,
                                 text=True).stdout
         return folder_mb(venv), len(json.loads(listed)), folder_mb(Path(sys.prefix))
+
+
+def cascade(scratch: Path) -> dict:
+    """A teacher (hidden 256, 3 blocks) and a student distilled from it (32, 1) on the mini
+    corpus (half its keys held out, so the validation split is not a handful): the student as
+    the edge in front of the teacher (train/cascade.py, tolerance 0.02), eval.json's cascade."""
+    import ray
+
+    from tessera.core.engine import execute
+    from tessera.core.lease import DEFAULT_LEASE
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    shards, teacher, student = scratch / "shards", scratch / "teacher", scratch / "student"
+    run_shard_stage(str(MINI / "manifest.jsonl"), Store(str(shards)), ShardConfig(labels=LABELS), progress=False)
+    run_embed_stage(Store(str(shards)), EmbedConfig(), progress=False)
+    common = dict(epochs=8, micro_batch_size=4, loader_workers=0, val_fraction=0.5)
+    run_train_stage(Store(str(shards)), Store(str(teacher)),
+                    TrainConfig(model=ModelConfig(hidden=256, blocks=3), **common))
+    run_train_stage(Store(str(shards)), Store(str(student)), TrainConfig(
+        model=ModelConfig(hidden=32, blocks=1), distill_from=str(teacher), distill={"alpha": 0.7, "temperature": 2.0},
+        **common))
+    ray.shutdown()
+    execute(EvalStage(Store(str(teacher))), DEFAULT_LEASE, progress=False)
+    return execute(EvalStage(Store(str(student)), cascade=Store(str(teacher)), tolerance=0.02), DEFAULT_LEASE,
+                   progress=False).cascade
 
 
 def measure(name: str, command: list[str], port: int, bodies: list[bytes], seconds: float,
@@ -84,6 +119,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             mini_export(Path(tmp), model, ExportConfig(bundle=True))
     bodies = [request_body(r) for r in mini_samples()]
+    with tempfile.TemporaryDirectory() as tmp:
+        chosen = cascade(Path(tmp))
     serve = [sys.executable, "-m", "tessera.workflows", "serve", str(model), "--no-progress"]
     results = [
         measure("edge (--runtime edge)", [*serve, "--bundle", "--runtime", "edge", "--port", str(args.port)],
@@ -94,6 +131,7 @@ def main() -> None:
                 "ServeReplica:tessera"),
     ]
     edge_mb, packages, full_mb = edge_install_mb()
+    best = chosen["recommended"]
     print(f"\n{len(bodies)} mini samples (text + image + audio), one per request, closed loop, {args.seconds:.0f} s "
           "per level, 2 cores; fp32 export")
     print(f"{'server':<24}{'cold s':>8}{'RSS MB':>8}{'p50 ms':>8}{'p99 ms':>8}{'req/s 8':>9}{'req/s 32':>9}{'err':>5}")
@@ -105,6 +143,13 @@ def main() -> None:
           f"(goal <= 400)")
     print(f"pip install '.[edge]' in a fresh venv: {edge_mb:.0f} MB, {packages} packages (goal <= 400 MB); the full "
           f"install this bench runs in: {full_mb:.0f} MB")
+    edge_ms, cloud_ms = results[0]["p50_ms"], results[2]["p50_ms"]
+    print(f"cascade on the mini validation split ({chosen['samples']} samples; edge: the distilled student, cloud: "
+          f"its teacher): edge alone {chosen['edge_accuracy']:.3f}, cloud alone {chosen['cloud_accuracy']:.3f}; "
+          f"min_confidence {best['threshold']:.2f} (within 0.02 of the cloud): accuracy {best['accuracy']:.3f}, "
+          f"{best['forwarded']:.0%} forwarded; mean latency at 1 client, computed from the p50s above (edge, then "
+          f"the cloud for the share forwarded): {edge_ms + best['forwarded'] * cloud_ms:.1f} ms vs edge alone "
+          f"{edge_ms:.1f}, cloud alone {cloud_ms:.1f}")
 
 
 if __name__ == "__main__":
