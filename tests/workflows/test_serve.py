@@ -64,8 +64,9 @@ def stall(port: int, n: int) -> list[socket.socket]:
     return sockets
 
 
-def started(model, port: int, *options: str) -> subprocess.Popen:
-    proc = subprocess.Popen([*TESSERA, "serve", str(model), "--port", str(port),
+def started(model, port: int, *options: str, tessera: tuple[str, ...] = tuple(TESSERA)) -> subprocess.Popen:
+    """`tessera serve MODEL` (TESSERA: the CLI command) on PORT, once /readyz says so."""
+    proc = subprocess.Popen([*tessera, "serve", str(model), "--port", str(port),
                              "--workers", "2", "--max-batch-size", "16", "--set",
                              f"serve.max_request_bytes={MAX_BYTES}", "--no-progress", *options],
                             cwd=REPO, env={**os.environ, "RAY_ADDRESS": ""}, stdout=subprocess.PIPE,
