@@ -252,8 +252,7 @@ def test_hybrid_the_edge_answers_what_it_is_sure_of_and_the_cloud_the_rest_even_
 
 
 @pytest.mark.slow
-def test_a_fresh_edge_install_has_no_torch_or_ray_and_serves_the_int8_bundle_as_predict_does(exported_mini,
-                                                                                            tmp_path):
+def test_a_fresh_edge_install_has_no_torch_or_ray_and_serves_and_predicts_the_int8_bundle(exported_mini, tmp_path):
     """`pip install '.[edge]'` from this checkout into a new venv (dependencies from the package
     index, with the repo's constraints), then the edge runtime from it over real HTTP (without
     tessera[video]: the video samples are rejects naming it)."""
@@ -276,6 +275,14 @@ def test_a_fresh_edge_install_has_no_torch_or_ray_and_serves_the_int8_bundle_as_
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if "video" not in r))
     expected = {r["key"]: r for r in predict_inputs(Predictor(Store(str(model)), "int8", bundle=True),
                                                     [str(tmp_path / "rows.jsonl")])}
+    # tessera predict --bundle in the edge install: the same records
+    predicted = subprocess.run([str(venv / "bin" / "tessera"), "predict", str(model), str(tmp_path / "rows.jsonl"),
+                                "--bundle", "--variant", "int8"], capture_output=True, text=True, timeout=300)
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    records = [json.loads(line) for line in predicted.stdout.splitlines()]
+    assert [r["key"] for r in records] == list(expected)
+    for record in records:
+        assert_same(record, expected[record["key"]])
     port = free_port()
     server = started(model, port, "--bundle", "--runtime", "edge", "--variant", "int8",
                      tessera=(str(venv / "bin" / "tessera"),))
