@@ -20,7 +20,6 @@ import argparse
 import io
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from shard import stage_rate, start_ray  # noqa: E402
+from shard import alternated, stage_rate, start_ray  # noqa: E402
 
 from tessera.preprocess.config import ImageConfig, MedicalConfig, ShardConfig  # noqa: E402
 from tessera.preprocess.image import resize_image  # noqa: E402
@@ -135,13 +134,8 @@ def main() -> None:
         lines = manifest.read_text().splitlines(keepends=True)
         warm.write_text("".join(lines[:cfg.samples_per_shard * args.workers]))
         stage_rate(warm, tmp / "warm", cfg)
-        pairs = []  # alternated, so that a slow spell of this shared machine weighs on both alike
-        for i in range(args.repeats):
-            b = loop_rate(manifest, tmp / f"loop-{i}.tar", cfg)
-            a, summary = stage_rate(manifest, tmp / f"stage-{i}", cfg)
-            pairs.append((a, b))
-    a, b = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
-    ratios = [x / y for x, y in pairs]
+        a, b, ratios, summary = alternated(args.repeats, lambda i: loop_rate(manifest, tmp / f"loop-{i}.tar", cfg),
+                                           lambda i: stage_rate(manifest, tmp / f"stage-{i}", cfg))
     print(f"files: {args.n} cycled from {len(test_files(cfg))} pydicom test files "
           f"({summary['accepted']} accepted, {summary['rejected']} rejected), cores: {os.cpu_count()}, "
           f"workers: {args.workers}; medians of {args.repeats} alternated runs of (b) and (a)")

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import webdataset as wds
@@ -84,7 +85,8 @@ def loop_rate(manifest: Path, out: Path, cfg: ShardConfig) -> float:
                 tar.close()
             tar = wds.TarWriter(str(out / f"loop-{tar_index:06d}.tar"), encoder=False)
             tar_index += 1
-        tar.write(process_sample(row, raw, cfg).record)
+        for sample in process_sample(row, raw, cfg):
+            tar.write(sample.record)
         written += 1
     tar.close()
     return written / (time.perf_counter() - t0)
@@ -103,6 +105,20 @@ def bare_rate(manifest: Path, cfg: ShardConfig) -> float:
     return len(paths) / (time.perf_counter() - t0)
 
 
+def alternated(repeats: int, loop: Callable[[int], float], stage: Callable[[int], tuple[float, dict]]
+               ) -> tuple[float, float, list[float], dict]:
+    """REPEATS runs of LOOP(i) then STAGE(i), alternated so that a slow spell of this shared
+    machine weighs on both alike: the medians of the stage's and the loop's rates, each pair's
+    ratio, and the last stage summary."""
+    pairs, summary = [], {}
+    for i in range(repeats):
+        b = loop(i)
+        a, summary = stage(i)
+        pairs.append((a, b))
+    return (statistics.median(a for a, _ in pairs), statistics.median(b for _, b in pairs),
+            [a / b for a, b in pairs], summary)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=2000)
@@ -116,15 +132,9 @@ def main() -> None:
         out = Path(tmp)
         c = bare_rate(manifest, cfg)  # also warms the page cache for every image
         ray_start = start_ray(args.workers)
-        # alternated, so that a slow spell of this shared machine weighs on both alike
-        pairs = []
-        for i in range(args.repeats):
-            b = loop_rate(manifest, out, cfg)
-            a, summary = stage_rate(manifest, out / f"stage-{i}", cfg)
-            pairs.append((a, b))
+        a, b, ratios, summary = alternated(args.repeats, lambda i: loop_rate(manifest, out, cfg),
+                                           lambda i: stage_rate(manifest, out / f"stage-{i}", cfg))
         a_img, _ = stage_rate(images_only, out / "stage-images", cfg)
-    a, b = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
-    ratios = [x / y for x, y in pairs]
     audio = summary["statistics"]["audio"]["clips"]
     n = args.workers
     print(f"samples: {args.n} ({summary['accepted']} accepted, {audio} with audio), cores: {os.cpu_count()}, "

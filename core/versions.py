@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from tessera.core.keys import row_key_sql
 from tessera.core.storage import Store
 
 # Which rows of one folder are live, the rule every reader shares: a folder's rows are its
@@ -58,7 +59,7 @@ def complete_versions(out: Store) -> list[str]:
 
 
 def _newest_query(folders: Sequence[Store]) -> str:
-    """(key, last): per key, the newest of FOLDERS (positions, oldest first) that holds a copy of
+    """(key, last): per row key, the newest of FOLDERS (positions, oldest first) that holds a copy of
     it in its index — kept or dropped — or whose changes say it was added, changed or removed.
 
     The rule every reader follows: a key's newest copy decides. When that copy was dropped (a
@@ -68,7 +69,7 @@ def _newest_query(folders: Sequence[Store]) -> str:
     for position, folder in enumerate(folders):
         if folder.names(f"{INDEX}/shard-*.parquet"):
             parts = folder.sql_url(INDEX, "shard-*.parquet")
-            events.append(f"SELECT key, {position} AS root FROM read_parquet({parts})")
+            events.append(f"SELECT {row_key_sql()} AS key, {position} AS root FROM read_parquet({parts})")
         if folder.exists(CHANGES):
             events.append(f"SELECT key, {position} AS root FROM read_parquet({folder.sql_url(CHANGES)}) "
                           f"WHERE change IN ('{ADDED}', '{CHANGED}', '{REMOVED}')")
@@ -88,7 +89,7 @@ def superseded_query(folders: Sequence[Store]) -> str:
     """(root, shard, key) of every index row of FOLDERS (positions, oldest first) whose key a
     later folder holds again, or changed or removed (_newest_query)."""
     return (f"SELECT i.root::INTEGER AS root, i.shard, i.key FROM ({_index_query(folders, 'shard, key')}) i "
-            f"JOIN ({_newest_query(folders)}) n USING (key) WHERE i.root < n.last")
+            f"JOIN ({_newest_query(folders)}) n ON {row_key_sql('i.key')} = n.key WHERE i.root < n.last")
 
 
 def live_query(folders: Sequence[Store]) -> str:
@@ -100,7 +101,8 @@ def live_query(folders: Sequence[Store]) -> str:
     rows = f"SELECT * FROM ({_index_query(folders, '*')}) WHERE {KEPT_SQL}"
     if len(folders) == 1:
         return rows
-    return f"SELECT i.* FROM ({rows}) i JOIN ({_newest_query(folders)}) n ON i.key = n.key AND i.root = n.last"
+    return (f"SELECT i.* FROM ({rows}) i JOIN ({_newest_query(folders)}) n "
+            f"ON {row_key_sql('i.key')} = n.key AND i.root = n.last")
 
 
 def superseded(folders: Sequence[Store]) -> tuple[frozenset[str], ...]:

@@ -36,6 +36,7 @@ import ray
 
 from tessera.core.engine import Stage, StageRun, execute
 from tessera.core.errors import NotAnInput
+from tessera.core.keys import part_named_sql
 from tessera.core.lease import DEFAULT_LEASE, Fence, LeaseConfig
 from tessera.core.runner import task
 from tessera.core.storage import Store
@@ -180,12 +181,14 @@ def assign_shards(folders: Folders, parts: list[Part], modality: str, centroids:
     return Assigned(counts)
 
 
-ROW = ["root", "file", "line"]  # a row's identity across folders, and its order: earliest first
+# a sample's identity across folders, and its order: earliest first (core/keys.py: a manifest
+# row may make several samples)
+ROW = ["root", "file", "line", "key"]
 
 
 def _block(table: pa.Table, blocks: int) -> np.ndarray:
     identities = zip(*(table.column(c).to_pylist() for c in ROW), strict=True)
-    return np.array([zlib.crc32(f"{r}\0{f}\0{n}".encode()) % blocks for r, f, n in identities], np.int64)
+    return np.array([zlib.crc32("\0".join(map(str, identity)).encode()) % blocks for identity in identities], np.int64)
 
 
 def cluster_pairs(shards: Store, modality: str, cluster: int, blocks: int, pair: tuple[int, int],
@@ -245,7 +248,7 @@ def finish(folders: Folders, cfg: CurateConfig, fitted: list[str], compared: lis
         for modality in fitted:
             rows = _ROWS.format(clusters=shards.sql_url(CURATE_CLUSTERS, modality, "*", "*.parquet"))
             versions = ", ".join(f"({root}, '{folders.version(root)}')" for root in range(len(folders.stores)))
-            con.execute(f"CREATE OR REPLACE TEMP TABLE rows AS SELECT row_number() OVER (ORDER BY root, file, line) "
+            con.execute(f"CREATE OR REPLACE TEMP TABLE rows AS SELECT row_number() OVER (ORDER BY {', '.join(ROW)}) "
                         f"AS id, key, source_key, shard, root, v.version, root = {current} AS current, file, line, "
                         f"cluster, distance FROM {rows} JOIN (VALUES {versions}) v(r, version) ON v.r = root")
             if modality in compared:
@@ -266,7 +269,8 @@ def finish(folders: Folders, cfg: CurateConfig, fitted: list[str], compared: lis
                 "NULL::VARCHAR AS shard, NULL::VARCHAR AS duplicate_of, NULL::FLOAT AS cosine LIMIT 0"
         # a sample dropped for two modalities is listed once, for the first
         union = " UNION ALL BY NAME ".join(parts or [empty])
-        con.execute(f"COPY (SELECT DISTINCT ON (file, line) * FROM ({union}) ORDER BY file, line, modality) "
+        con.execute(f"COPY (SELECT DISTINCT ON (file, line, sample_key) * FROM ({union}) "
+                    f"ORDER BY file, line, sample_key, modality) "
                     f"TO '{local}' (FORMAT parquet)")
         flagged = f"{scratch}/outliers.parquet"
         union = " UNION ALL ".join(f"SELECT * FROM '{p}'" for p in outliers) or NO_OUTLIERS
@@ -293,18 +297,19 @@ def _semantic(shards: Store, con, modality: str, result: CurateFound, scratch: s
     con.register("semantic_components", components(edges))
     local = f"{scratch}/semantic-{modality}.parquet"
     con.execute(f"""COPY (
-        WITH best AS (SELECT root, file, line, max(cosine) AS cosine FROM read_parquet({best}) GROUP BY ALL)
+        WITH best AS (SELECT {', '.join(ROW)}, max(cosine) AS cosine FROM read_parquet({best}) GROUP BY ALL)
         SELECT r.source_key AS key, r.key AS sample_key, r.file, r.line, '{modality}' AS modality,
                'curate.semantic_duplicate' AS code, 'semantic duplicate of ''' || k.source_key || '''' ||
+                 {part_named_sql("k.key")} ||
                  CASE WHEN k.current THEN '' ELSE ' of version ' || k.version END ||
                  ' ({modality} cosine ' || round(b.cosine, 2) || ')' AS reason,
                r.shard, k.key AS duplicate_of, b.cosine
         FROM semantic_components c JOIN rows r ON r.id = c.id JOIN rows k ON k.id = c.root
-        JOIN best b ON b.root = r.root AND b.file = r.file AND b.line = r.line WHERE r.current)
+        JOIN best b ON {" AND ".join(f"b.{c} = r.{c}" for c in ROW)} WHERE r.current)
         TO '{local}' (FORMAT parquet)""")
     result.semantic_duplicates[modality] = con.execute(f"SELECT count(*) FROM '{local}'").fetchone()[0]
     counts = dict(con.execute(f"""SELECT least(floor((cosine + 1) / 2 * {HISTOGRAM_BINS}), {HISTOGRAM_BINS - 1})::INT,
-        count(*) FROM (SELECT root, file, line, max(cosine) AS cosine FROM read_parquet({best})
+        count(*) FROM (SELECT {', '.join(ROW)}, max(cosine) AS cosine FROM read_parquet({best})
                        WHERE root = {current} GROUP BY ALL)
         GROUP BY ALL""").fetchall())
     result.histogram[modality] = [counts.get(i, 0) for i in range(HISTOGRAM_BINS)]

@@ -177,6 +177,9 @@ class MedicalConfig(Strict):
     max_volume_bytes: int = Field(1 << 30, gt=0, description="a gzipped NIfTI's uncompressed limit")
     keep_raw: bool = Field(False, description="also store the slice's values before windowing (CT in Hounsfield "
                            "units) losslessly, as the member KEY.medical.npy")
+    slices: Literal["middle", "all"] | int = Field("middle", description="of a volume or multi-frame file: the "
+                                                   "middle slice as the row's sample; all: every slice; N: N evenly "
+                                                   "spaced — each its own sample, keyed KEY/slice-NNN")
 
     @model_validator(mode="after")
     def _known(self) -> MedicalConfig:
@@ -187,6 +190,8 @@ class MedicalConfig(Strict):
             raise ValueError(f"medical.keep: not DICOM keywords: {unknown}")
         if isinstance(self.window, tuple) and self.window[1] < 1:
             raise ValueError(f"medical.window: width must be >= 1, got {self.window[1]}")
+        if isinstance(self.slices, int) and self.slices < 1:
+            raise ValueError(f"medical.slices: middle, all or a count >= 1, got {self.slices}")
         return self
 
 

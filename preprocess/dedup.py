@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import groupby
 
+from tessera.core.keys import part_named_sql, row_key_sql, same_sample
 from tessera.core.lease import Fence
 from tessera.core.storage import Store
 from tessera.core.versions import INDEX, live_query, version_name
@@ -35,14 +36,15 @@ SHARDS_PER_TASK = 256  # index parts rewritten by one task
 # A row's place in the manifest is the struct {'file': .., 'line': ..}; the smallest is first.
 _FIRST_ON = "(first on line ' || first.line || CASE WHEN first.file <> file THEN ' of ' || first.file ELSE '' END || ')"
 QUERY = """
-WITH claims AS (
-    SELECT key, file, line, shard, source_key, content_id, TRUE AS written FROM idx
+WITH claims AS (  -- a row claims its key (the samples of a volume's slices claim their row's)
+    SELECT key, $row_key AS row_key, file, line, shard, source_key, content_id, TRUE AS written FROM idx
     UNION ALL
-    SELECT sample_key, file, line, NULL, key, NULL, FALSE FROM rej WHERE sample_key IS NOT NULL
+    SELECT sample_key, sample_key, file, line, NULL, key, NULL, FALSE FROM rej WHERE sample_key IS NOT NULL
 ), repeated_keys AS (
-    SELECT key, min({'file': file, 'line': line}) AS first FROM claims GROUP BY key HAVING count(*) > 1
+    SELECT row_key, min({'file': file, 'line': line}) AS first FROM claims GROUP BY row_key
+    HAVING min({'file': file, 'line': line}) <> max({'file': file, 'line': line})
 ), key_dups AS (
-    SELECT c.*, r.first FROM claims c JOIN repeated_keys r USING (key)
+    SELECT c.*, r.first FROM claims c JOIN repeated_keys r USING (row_key)
     WHERE c.written AND (c.file <> r.first.file OR c.line <> r.first.line)
 ), kept AS (
     SELECT * FROM claims c
@@ -50,18 +52,18 @@ WITH claims AS (
 ), repeated_content AS (
     SELECT content_id, min({'file': file, 'line': line, 'key': key, 'source': source_key}) AS first
     FROM kept GROUP BY content_id HAVING count(*) > 1
-), content_dups AS (
-    SELECT k.*, r.first FROM kept k JOIN repeated_content r USING (content_id)
-    WHERE k.file <> r.first.file OR k.line <> r.first.line
+), content_dups AS (  -- (kept keys are unique: the first's key says which row is first)
+    SELECT k.*, r.first FROM kept k JOIN repeated_content r USING (content_id) WHERE k.key <> r.first.key
 )
 SELECT source_key AS key, key AS sample_key, file, line, NULL::VARCHAR AS modality,
-       'dedup.duplicate_key' AS code, 'duplicate key $first_on' AS reason, shard, key AS duplicate_of
+       'dedup.duplicate_key' AS code, 'duplicate key $first_on' AS reason, shard, row_key AS duplicate_of
 FROM key_dups
 UNION ALL
 SELECT source_key, key, file, line, NULL, 'dedup.duplicate_content',
-       'duplicate content of ''' || first.source || ''' $first_on', shard, first.key
+       'duplicate content of ''' || first.source || '''' || $first_part || ' $first_on', shard, first.key
 FROM content_dups
-""".replace("$first_on", _FIRST_ON)
+""".replace("$first_on", _FIRST_ON).replace("$row_key", row_key_sql()) \
+    .replace("$first_part", part_named_sql("first.key"))
 
 
 @dataclass(frozen=True)
@@ -120,13 +122,13 @@ def _prior_view(con, earlier: Sequence[Store], out: Store) -> str | None:
 PRIOR_CONTENT = """
 SELECT i.source_key AS key, i.key AS sample_key, i.file, i.line, NULL::VARCHAR AS modality,
        'dedup.duplicate_content' AS code,
-       'duplicate content of ''' || p.first.source || ''' of version ' || p.first.version AS reason,
+       'duplicate content of ''' || p.first.source || '''' || {part} || ' of version ' || p.first.version AS reason,
        i.shard, p.first.key AS duplicate_of
 FROM idx i JOIN (SELECT content_id, min({{'root': root, 'file': file, 'line': line, 'key': key,
                                           'source': source_key, 'version': version}}) AS first
                  FROM prior GROUP BY content_id) p USING (content_id)
-WHERE NOT EXISTS (SELECT 1 FROM read_parquet('{exact}') d WHERE d.file = i.file AND d.line = i.line)
-"""
+WHERE NOT EXISTS (SELECT 1 FROM read_parquet('{exact}') d WHERE {same})
+""".replace("{same}", same_sample("d", "i")).replace("{part}", part_named_sql("p.first.key"))
 
 def _number(shard: str) -> int:
     return int(shard.removeprefix("shard-").removesuffix(".tar"))

@@ -3,6 +3,7 @@ augmented, encoded bytes."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ class ImageResult:
     histogram: list[int]  # of the stored pixels (3 x 256 counts), for dataset statistics
     phash: int | None = None  # of the upright image before resizing (near dedup), when asked for
     raw: bytes | None = None  # a medical image's values before windowing (.npy), with medical.keep_raw
+    part: str | None = None  # "slice-NNN": one of several slices of its file, each a sample
+    part_sha256: str | None = None  # of the slice's values: what tells it from its file's other slices
 
 
 def _undecodable(error: Exception) -> Reject:
@@ -188,20 +191,31 @@ def draft_side(cfg: ImageConfig) -> int | None:
 
 
 def process_image(data: bytes, cfg: ImageConfig, rng: np.random.Generator, phash: bool = False,
-                  medical: MedicalConfig | None = None) -> ImageResult:
-    """With MEDICAL, a DICOM or NIfTI file (known by its bytes) is read as one (windowed to an
-    8-bit picture, its allow-listed attributes in the meta's `medical`); without, as any file
-    Pillow does not recognise."""
+                  medical: MedicalConfig | None = None) -> list[ImageResult]:
+    """The stored picture(s) of an image file: one, or with MEDICAL, a DICOM or NIfTI file (known
+    by its bytes) as the slices shard.medical.slices keeps (each windowed to an 8-bit picture,
+    its allow-listed attributes in the meta's `medical`); without, a file Pillow does not
+    recognise is a reject."""
     kind = kind_of(data) if medical is not None else None
-    raw = None
-    if kind:
-        read = read_medical(data, kind, medical, cfg)
-        img, source_size, extra = read.picture, read.source_size, {"medical": read.meta}
-        raw = read.raw_npy() if medical.keep_raw else None
-    else:
-        (img, source_size), extra = decode_image(data, cfg, draft_side(cfg)), {}
+    if not kind:
+        img, source_size = decode_image(data, cfg, draft_side(cfg))
+        return [_stored_picture(img, source_size, {}, cfg, rng, phash)]
+    results = []
+    for read in read_medical(data, kind, medical, cfg):
+        result = _stored_picture(read.picture, read.source_size, {"medical": read.meta}, cfg, rng, phash)
+        result.raw = read.raw_npy() if medical.keep_raw else None
+        if read.part is not None:
+            result.part = read.part
+            result.part_sha256 = hashlib.sha256(np.ascontiguousarray(read.values).tobytes()).hexdigest()
+        results.append(result)
+    return results
+
+
+def _stored_picture(img: Image.Image, source_size: tuple[int, int], meta: dict, cfg: ImageConfig,
+                    rng: np.random.Generator, phash: bool) -> ImageResult:
+    """An upright picture resized, augmented (drawing from RNG) and encoded."""
     fingerprint = image_phash(img) if phash else None
-    meta: dict = {"source_size": list(source_size), **extra}
+    meta = {"source_size": list(source_size), **meta}
     if cfg.augment.random_resized_crop and cfg.resize == "crop":
         img, crop = _random_resized_crop(img, cfg.augment, rng, cfg.size)
         meta["augment"] = crop
@@ -212,17 +226,18 @@ def process_image(data: bytes, cfg: ImageConfig, rng: np.random.Generator, phash
     if params:
         meta["augment"] = {**meta.get("augment", {}), **params}
     meta["size"] = list(img.size)
-    return ImageResult(encode_image(img, cfg.output_format, cfg.quality), meta, img.histogram(), fingerprint, raw)
+    return ImageResult(encode_image(img, cfg.output_format, cfg.quality), meta, img.histogram(), fingerprint)
 
 
-def _stored(row, raw: dict[str, bytes], cfg, rng) -> Stored | None:
+def _stored(row, raw: dict[str, bytes], cfg, rng) -> list[Stored] | None:
     if "image" not in raw:
         return None
-    image = process_image(raw["image"], cfg.image, rng, phash=cfg.near_dedup.image.max_distance is not None,
-                          medical=cfg.medical)
-    return Stored(image.data, image.meta, pixel_histogram=image.histogram, phash=image.phash,
-                  group=image.meta.get("medical", {}).get("patient"),
-                  extra={RAW_MEMBER: image.raw} if image.raw is not None else {})
+    return [Stored(image.data, image.meta, pixel_histogram=image.histogram, phash=image.phash,
+                   group=image.meta.get("medical", {}).get("patient"),
+                   extra={RAW_MEMBER: image.raw} if image.raw is not None else {},
+                   part=image.part, part_sha256=image.part_sha256)
+            for image in process_image(raw["image"], cfg.image, rng, medical=cfg.medical,
+                                       phash=cfg.near_dedup.image.max_distance is not None)]
 
 
 # the member of an image by image.output_format: JPEG as `.jpeg`, which webdataset and HF

@@ -42,6 +42,7 @@ class MedicalImage:
     source_size: tuple[int, int]  # width x height of the slice
     meta: dict  # the allow-listed attributes, the pseudonymous ids, how it was windowed
     values: np.ndarray  # the slice before windowing (after the modality LUT), as the picture is oriented
+    part: str | None = None  # "slice-NNN" when the slice is a sample of its own (shard.medical.slices)
 
     def raw_npy(self) -> bytes:
         """VALUES as .npy, losslessly: whole numbers (Hounsfield units, stored values) as the
@@ -187,7 +188,7 @@ def _quiet() -> Iterator[None]:
             config.settings.reading_validation_mode = mode
 
 
-def read_dicom(data: bytes, cfg: MedicalConfig, image: ImageConfig) -> MedicalImage:
+def read_dicom(data: bytes, cfg: MedicalConfig, image: ImageConfig) -> list[MedicalImage]:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -203,10 +204,26 @@ def read_dicom(data: bytes, cfg: MedicalConfig, image: ImageConfig) -> MedicalIm
         raise _reject("medical.undecodable", f"DICOM cannot be decoded ({type(e).__name__})") from None
 
 
-def _dicom_image(ds, cfg: MedicalConfig, image: ImageConfig, salt: str) -> MedicalImage:
-    """A read DICOM dataset's picture and meta (pydicom converts values when they are read, so
-    a malformed one raises here: read_dicom turns that into a reject)."""
-    from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
+def slice_positions(count: int, slices: str | int) -> list[int]:
+    """The slices (0-based) of a COUNT-slice volume or multi-frame file that shard.medical.slices
+    keeps: the middle, every one, or N evenly spaced (the middles of N equal runs: 1 is the middle)."""
+    if slices == "middle":
+        return [count // 2]
+    if slices == "all" or slices >= count:
+        return list(range(count))
+    return [((2 * i + 1) * count) // (2 * slices) for i in range(slices)]
+
+
+def _part(position: int, count: int, cfg: MedicalConfig) -> str | None:
+    """The key suffix of a slice that is a sample of its own (None: the row's one sample)."""
+    return None if count == 1 or cfg.slices == "middle" else f"slice-{position:03d}"
+
+
+def _dicom_image(ds, cfg: MedicalConfig, image: ImageConfig, salt: str) -> list[MedicalImage]:
+    """A read DICOM dataset's pictures (its frames that shard.medical.slices keeps) and meta
+    (pydicom converts values when they are read, so a malformed one raises here: read_dicom
+    turns that into a reject)."""
+    from pydicom.pixels import pixel_array
 
     if "PixelData" not in ds:
         raise _reject("medical.no_pixels", "a DICOM file with no pixel data (a report, a plan, a structure set)")
@@ -216,14 +233,25 @@ def _dicom_image(ds, cfg: MedicalConfig, image: ImageConfig, salt: str) -> Medic
     rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     _check_pixels(rows, columns, image)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
-    photometric = str(ds.get("PhotometricInterpretation", ""))
-    # one frame decoded, never the whole series: the middle one
-    pixels = pixel_array(ds, index=frames // 2 if frames > 1 else None)
     meta = {keyword: _json_value(ds[keyword].value) for keyword in cfg.keep if keyword in ds}
-    meta.update({"kind": "dicom", "frames": frames, "frame": frames // 2})
+    meta.update({"kind": "dicom", "frames": frames})
     for field, keyword in (("patient", "PatientID"), ("study", "StudyInstanceUID")):
         if str(ds.get(keyword, "") or ""):
             meta[field] = pseudonym(str(ds[keyword].value), salt)
+    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    from_file = (_first(center), _first(width)) if center is not None and width is not None else None
+    # each kept frame decoded alone, never the whole series at once
+    return [_dicom_frame(pixel_array(ds, index=frame if frames > 1 else None), ds, cfg, from_file,
+                         {**meta, "frame": frame}, _part(frame, frames, cfg))
+            for frame in slice_positions(frames, cfg.slices)]
+
+
+def _dicom_frame(pixels: np.ndarray, ds, cfg: MedicalConfig, from_file: tuple[float, float] | None, meta: dict,
+                 part: str | None) -> MedicalImage:
+    from pydicom.pixels import apply_color_lut, apply_modality_lut
+
+    rows, columns = pixels.shape[:2]
+    photometric = str(ds.get("PhotometricInterpretation", ""))
     if photometric == "PALETTE COLOR":
         pixels = apply_color_lut(pixels, ds)
         bits = 8 * pixels.dtype.itemsize
@@ -231,18 +259,16 @@ def _dicom_image(ds, cfg: MedicalConfig, image: ImageConfig, salt: str) -> Medic
         bits = int(ds.get("BitsStored", 8 * pixels.dtype.itemsize) or 8)
     if pixels.ndim == 3:  # RGB (pydicom converts YBR), palette colour after its LUT
         scaled = np.clip(pixels.astype(np.float64) / (2**bits - 1), 0.0, 1.0) * 255
-        return MedicalImage(Image.fromarray(np.round(scaled).astype(np.uint8), "RGB"), (columns, rows), meta, pixels)
+        return MedicalImage(Image.fromarray(np.round(scaled).astype(np.uint8), "RGB"), (columns, rows), meta, pixels,
+                            part)
     if photometric not in MONOCHROME:
         raise _reject("medical.undecodable", "DICOM single-channel pixels with a photometric interpretation "
                                             "other than MONOCHROME1/2")
     values = apply_modality_lut(pixels, ds)  # e.g. Hounsfield units for CT
-    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
-    from_file = (_first(center), _first(width)) if center is not None and width is not None else None
     gray, how = _windowed(values, cfg, from_file)
     if photometric == "MONOCHROME1":  # low values are white
         gray = 1.0 - gray
-    meta.update(how)
-    return MedicalImage(_to_picture(gray), (columns, rows), meta, values)
+    return MedicalImage(_to_picture(gray), (columns, rows), {**meta, **how}, values, part)
 
 
 def _nifti_bytes(data: bytes, cfg: MedicalConfig) -> bytes:
@@ -259,7 +285,7 @@ def _nifti_bytes(data: bytes, cfg: MedicalConfig) -> bytes:
     return out
 
 
-def read_nifti(data: bytes, kind: str, cfg: MedicalConfig, image: ImageConfig) -> MedicalImage:
+def read_nifti(data: bytes, kind: str, cfg: MedicalConfig, image: ImageConfig) -> list[MedicalImage]:
     import nibabel
 
     raw = _nifti_bytes(data, cfg)
@@ -274,8 +300,17 @@ def read_nifti(data: bytes, kind: str, cfg: MedicalConfig, image: ImageConfig) -
     canonical = nibabel.as_closest_canonical(volume)  # RAS+: the same anatomy the same way round
     shape = canonical.shape
     _check_pixels(shape[1], shape[0], image)
-    middle = shape[2] // 2 if len(shape) > 2 else None
-    index = (slice(None), slice(None)) + ((middle,) if middle is not None else ()) + (0,) * max(0, len(shape) - 3)
+    count = shape[2] if len(shape) > 2 else 1
+    zooms = [round(float(z), 4) for z in canonical.header.get_zooms()[:3]]
+    meta = {"kind": kind, "shape": [int(s) for s in shape], "spacing": zooms}
+    return [_nifti_slice(canonical, position if len(shape) > 2 else None, cfg, meta, _part(position, count, cfg))
+            for position in slice_positions(count, cfg.slices)]
+
+
+def _nifti_slice(canonical, position: int | None, cfg: MedicalConfig, meta: dict, part: str | None) -> MedicalImage:
+    """The axial slice at POSITION (None: a 2-D image) of a canonical volume, at its first time point."""
+    shape = canonical.shape
+    index = (slice(None), slice(None)) + ((position,) if position is not None else ()) + (0,) * max(0, len(shape) - 3)
     try:
         values = np.asarray(canonical.dataobj[index], dtype=np.float64)  # one slice read
     except (ValueError, EOFError, OSError) as e:
@@ -286,13 +321,13 @@ def read_nifti(data: bytes, kind: str, cfg: MedicalConfig, image: ImageConfig) -
     # radiologically (anterior up, the patient's right on the left)
     values = np.rot90(values)
     gray, how = _windowed(values, cfg, None)
-    zooms = [round(float(z), 4) for z in canonical.header.get_zooms()[:3]]
-    meta = {"kind": kind, "shape": [int(s) for s in shape], "spacing": zooms, "slice": middle, **how}
-    return MedicalImage(_to_picture(gray), (int(gray.shape[1]), int(gray.shape[0])), meta, values)
+    return MedicalImage(_to_picture(gray), (int(gray.shape[1]), int(gray.shape[0])),
+                        {**meta, "slice": position, **how}, values, part)
 
 
-def read_medical(data: bytes, kind: str, cfg: MedicalConfig, image: ImageConfig) -> MedicalImage:
-    """A file of KIND (kind_of's answer) as its picture and meta."""
+def read_medical(data: bytes, kind: str, cfg: MedicalConfig, image: ImageConfig) -> list[MedicalImage]:
+    """A file of KIND (kind_of's answer) as the pictures and meta of the slices shard.medical.slices
+    keeps (one for a 2-D image, or with `middle`)."""
     if kind == "dicom":
         return read_dicom(data, cfg, image)
     with _quiet():

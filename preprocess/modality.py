@@ -40,6 +40,10 @@ class Stored:
     text_chars: int | None = None  # text: characters after normalization
     group: str | None = None  # the split group the member says it is of (a DICOM's patient hash)
     extra: dict[str, bytes] = field(default_factory=dict)  # members besides its own, by extension
+    # one of several parts its input made (a volume's slices: shard.medical.slices), each its own
+    # sample keyed KEY/PART; and the digest of what sets it apart from its input's other parts
+    part: str | None = None
+    part_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,8 @@ class Modality:
     inline_field: str | None  # a manifest field holding it inline (text's caption), if any
     member: Callable[[Any], str]  # the shard config -> the member extension it is written as
     members: tuple[str, ...]  # every extension readers take it from, the first preferred
-    process: Callable[[Any, dict[str, bytes], Any, Any], Stored | None]  # (row, raw, cfg, rng) -> Stored
+    # (row, raw, cfg, rng) -> its Stored, or one per part (image: a volume's slices), or None
+    process: Callable[[Any, dict[str, bytes], Any, Any], Stored | list[Stored] | None]
     encoder: str  # the features/encoders.py registry kind that embeds it
     shown_as: str  # in the report and the service: "caption", "thumbnail", "audio player", "poster frames"
     served_inline: bool  # /predict takes it as base64 in the request's JSON (media), else as text

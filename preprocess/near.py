@@ -10,9 +10,9 @@ pass that compares them after every shard is committed (part of the dedup task).
 - text: MinHash signatures (rensa) of character shingles, candidates from LSH bands, each
   candidate verified on the whole signature (estimated Jaccard >= threshold).
 
-Verified pairs form a graph; in each connected component the earliest manifest row (file,
-line) is kept and the others are dropped naming it, as exact dedup does. Images first, then
-texts among the rows images kept. Everything is a DuckDB join over the index parts
+Verified pairs form a graph; in each connected component the earliest sample (manifest file,
+line, key: a volume's slices in order) is kept and the others are dropped naming it, as exact
+dedup does. Images first, then texts among the rows images kept. Everything is a DuckDB join over the index parts
 (out-of-core); Python sees only the verified pairs."""
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from tessera.core.keys import part_named_sql, same_sample
 from tessera.preprocess.config import NearDedupConfig, NearTextConfig
 
 if TYPE_CHECKING:
@@ -120,8 +121,9 @@ def components(edges: dict[str, np.ndarray]) -> pa.Table:
 _DROPS = """
 SELECT r.source_key AS key, r.key AS sample_key, r.file, r.line, '{modality}' AS modality,
        'dedup.near_duplicate' AS code,
-       'near-duplicate of ''' || k.source_key || '''' || CASE WHEN k.current THEN '' ELSE ' of version ' || k.version
-         END || ' ({modality} ' || {measure} || ')' AS reason,
+       'near-duplicate of ''' || k.source_key || '''' || {part} ||
+         CASE WHEN k.current THEN '' ELSE ' of version ' || k.version END ||
+         ' ({modality} ' || {measure} || ')' AS reason,
        r.shard, k.key AS duplicate_of, {measure} AS measure
 FROM {components} c JOIN near_rows r ON r.id = c.id JOIN near_rows k ON k.id = c.root
 WHERE r.current
@@ -137,11 +139,11 @@ def find_near_duplicates(con, cfg: NearDedupConfig, exact: str, local: str, prio
     earlier = (f"UNION ALL SELECT source_key, key, file, line, shard, image_phash, text_minhash, root, version, "
                f"FALSE FROM {prior} WHERE {fingerprinted}") if prior else ""
     con.execute(f"""CREATE TEMP TABLE near_rows AS
-        SELECT row_number() OVER (ORDER BY root, file, line) AS id, * FROM (
+        SELECT row_number() OVER (ORDER BY root, file, line, key) AS id, * FROM (
             SELECT source_key, key, file, line, shard, image_phash, text_minhash, 2147483647 AS root,
                    NULL::VARCHAR AS version, TRUE AS current
             FROM idx i WHERE {fingerprinted}
-              AND NOT EXISTS (SELECT 1 FROM read_parquet('{exact}') d WHERE d.file = i.file AND d.line = i.line)
+              AND NOT EXISTS (SELECT 1 FROM read_parquet('{exact}') d WHERE {same_sample("d", "i")})
             {earlier})""")
     drops = []
     if cfg.image.max_distance is not None:
@@ -157,14 +159,14 @@ def find_near_duplicates(con, cfg: NearDedupConfig, exact: str, local: str, prio
             WHERE bit_count(xor(x.h, y.h)) <= {cfg.image.max_distance}""").fetchnumpy()
         con.register("image_components", components(edges))
         con.execute("CREATE TEMP TABLE image_drops AS " + _DROPS.format(
-            modality="image", components="image_components",
+            modality="image", components="image_components", part=part_named_sql("k.key"),
             measure="'phash distance ' || bit_count(xor(r.image_phash, k.image_phash))"))
         drops.append("image_drops")
     if cfg.text.threshold is not None:
         text = cfg.text
         bands, rows = lsh_bands(text.threshold, text.num_perm, text.bands)
         already = ("AND (NOT n.current OR NOT EXISTS (SELECT 1 FROM image_drops d "
-                   "WHERE d.file = n.file AND d.line = n.line))") if drops else ""
+                   f"WHERE {same_sample('d', 'n')}))") if drops else ""
         same = "len(list_filter(list_zip(x.text_minhash, y.text_minhash), lambda p: p[1] = p[2]))"
         # in steps, each materialized (spillable): bands -> candidate pairs (ids only) -> the
         # candidates verified on their signatures, which only they fetch
@@ -180,7 +182,7 @@ def find_near_duplicates(con, cfg: NearDedupConfig, exact: str, local: str, prio
         con.register("text_components", components(edges))
         estimate = "len(list_filter(list_zip(r.text_minhash, k.text_minhash), lambda p: p[1] = p[2]))"
         con.execute("CREATE TEMP TABLE text_drops AS " + _DROPS.format(
-            modality="text", components="text_components",
+            modality="text", components="text_components", part=part_named_sql("k.key"),
             measure=f"'jaccard ' || round({estimate} / {text.num_perm}, 2)"))
         drops.append("text_drops")
     union = " UNION ALL ".join(f"SELECT * FROM {t}" for t in drops) or \

@@ -1,4 +1,4 @@
-"""One manifest row + its raw bytes -> one WebDataset record, or its reject line. No I/O here."""
+"""One manifest row + its raw bytes -> its WebDataset record(s), or its reject line. No I/O here."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tessera.core.keys import part_key
 from tessera.preprocess.config import ShardConfig
 from tessera.preprocess.manifest import LineReject, ManifestRow
-from tessera.preprocess.modality import MODALITIES, PROCESSING_ORDER, registry
+from tessera.preprocess.modality import MODALITIES, PROCESSING_ORDER, Stored, registry
 from tessera.preprocess.reject import Reject, unexpected
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ class SampleOutput:
     image_phash: int | None = None
     group: str | None = None  # the split group: shard.group_field's value, else a member's (DICOM patient)
     medical: str | None = None  # what a medical image is, for the statistics: "CT/CHEST", "MR", "nifti1"
+    part_sha256: str | None = None  # one of several samples of its row: what sets it apart (its content id)
 
     def payload(self, modality: str) -> bytes | None:
         ext = self.members.get(modality)
@@ -44,21 +46,35 @@ def sample_rng(seed: int, key: str) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:16], "little"))
 
 
-def process_sample(row: ManifestRow, raw: dict[str, bytes], cfg: ShardConfig) -> SampleOutput:
+def process_sample(row: ManifestRow, raw: dict[str, bytes], cfg: ShardConfig) -> list[SampleOutput]:
     """RAW holds the bytes of each file the row names, by modality; each modality of the
-    registry makes its member of them (preprocess/modality.py)."""
+    registry makes its member of them (preprocess/modality.py). One sample, or one per part when
+    a modality makes several (a volume's slices), each keyed KEY/PART with the others' members."""
     rng = sample_rng(cfg.seed, row.source_key)
-    out = SampleOutput({"__key__": row.key}, ())
+    made: dict[str, list[Stored]] = {}
+    for name in PROCESSING_ORDER:
+        stored = registry()[name].process(row, raw, cfg, rng)
+        if stored is not None:
+            made[name] = stored if isinstance(stored, list) else [stored]
+    parts = max((len(s) for s in made.values()), default=1)
+    return [_sample(row, {name: s[i] if len(s) > 1 else s[0] for name, s in made.items()}, cfg)
+            for i in range(parts)]
+
+
+def _sample(row: ManifestRow, made: dict[str, Stored], cfg: ShardConfig) -> SampleOutput:
+    """The sample of what each modality MADE of the row (at most one of them a part)."""
+    part = next((s.part for s in made.values() if s.part is not None), None)
+    out = SampleOutput({"__key__": row.key if part is None else part_key(row.key, part)}, ())
     meta: dict = {"source_key": row.source_key, "label": row.label, "line": row.line}
+    if part is not None:
+        meta["part"] = part
+        out.part_sha256 = next(s.part_sha256 for s in made.values() if s.part is not None)
     if row.metadata:
         meta["metadata"] = row.metadata
     if row.targets:
         meta["targets"] = row.targets
     modalities = registry()
-    for name in PROCESSING_ORDER:
-        stored = modalities[name].process(row, raw, cfg, rng)
-        if stored is None:
-            continue
+    for name, stored in made.items():
         if stored.meta:
             meta[name] = stored.meta
         if stored.data is not None:
@@ -94,7 +110,7 @@ def process_sample(row: ManifestRow, raw: dict[str, bytes], cfg: ShardConfig) ->
     return out
 
 
-def sample_or_reject(row: ManifestRow, raw: dict[str, bytes], cfg: ShardConfig) -> SampleOutput | LineReject:
+def sample_or_reject(row: ManifestRow, raw: dict[str, bytes], cfg: ShardConfig) -> list[SampleOutput] | LineReject:
     """The one place a sample's failure becomes a reject line."""
     try:
         return process_sample(row, raw, cfg)

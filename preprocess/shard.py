@@ -10,7 +10,7 @@ import hashlib
 import json
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 
@@ -62,7 +62,7 @@ def _sha256(data: bytes | None) -> str | None:
 def index_row(plan: ShardPlan, row: ManifestRow, raw: dict[str, bytes], out: SampleOutput) -> dict:
     raw_sha256 = {m: hashlib.sha256(b).hexdigest() for m, b in raw.items()}
     return {
-        "key": row.key,
+        "key": out.record["__key__"],
         "source_key": row.source_key,
         "shard": plan.name + ".tar",
         "file": row.file,
@@ -73,7 +73,8 @@ def index_row(plan: ShardPlan, row: ManifestRow, raw: dict[str, bytes], out: Sam
         **{f"{m}_sha256": raw_sha256.get(m) for m in MODALITIES},
         # what the embedding cache is keyed by: the stored (normalized) member's bytes
         **{f"{m}_payload_sha256": _sha256(out.payload(m)) for m in MODALITIES},
-        "content_id": content_id(raw_sha256),
+        # a part of its row (a volume's slice) is told from the row's other parts by its own digest
+        "content_id": content_id(raw_sha256 if out.part_sha256 is None else {**raw_sha256, "part": out.part_sha256}),
         "raw_bytes": sum(len(b) for b in raw.values()),
         "stored_bytes": out.stored_bytes,
         "duplicate_of": None,
@@ -106,6 +107,18 @@ def _parsed_rows(plan: ShardPlan, cfg: ShardConfig, rejects: list[LineReject]):
             yield row
 
 
+@dataclass
+class _Written:
+    """What a shard task has made so far: index rows, reject lines, statistics, the rows that
+    made samples (a row may make several), and (index position, text) of the texts near dedup signs."""
+
+    index: list[dict] = field(default_factory=list)
+    rejects: list[LineReject] = field(default_factory=list)
+    stats: DatasetStats = field(default_factory=DatasetStats)
+    rows: int = 0
+    texts: list[tuple[int, str]] = field(default_factory=list)
+
+
 def write_shard(plan: ShardPlan, cfg: ShardConfig, out: Store, fence: Fence) -> ShardMarker:
     """Process a planned shard and commit it: the tar (written whole, then committed), then its
     index and rejects parts, then — while FENCE's lease still holds — the JSON marker (counts,
@@ -114,52 +127,47 @@ def write_shard(plan: ShardPlan, cfg: ShardConfig, out: Store, fence: Fence) -> 
 
     tar_name = plan.name + ".tar"
     inputs = plan.chunk.file.store
-    stats = DatasetStats()
-    index, rejects, rows, texts = [], [], [], []
+    done, rows = _Written(), []
     with out.writing(tar_name) as f, wds.TarWriter(
         f, user=TAR_OWNER, group=TAR_OWNER, mode=0o444, mtime=TAR_MTIME, encoder=False
     ) as tar:
-        for row in _parsed_rows(plan, cfg, rejects):
+        for row in _parsed_rows(plan, cfg, done.rejects):
             rows.append(row)
             if len(rows) == FETCH_BATCH:
-                _write_batch(plan, rows, cfg, inputs, tar, index, rejects, stats, texts)
+                _write_batch(rows, cfg, inputs, tar, plan, done)
                 rows = []
-        _write_batch(plan, rows, cfg, inputs, tar, index, rejects, stats, texts)
-    for (position, _), signature in zip(texts, text_minhashes([t for _, t in texts], cfg.near_dedup.text),
+        _write_batch(rows, cfg, inputs, tar, plan, done)
+    index, rejects = done.index, done.rejects
+    for (position, _), signature in zip(done.texts, text_minhashes([t for _, t in done.texts], cfg.near_dedup.text),
                                         strict=True):
         index[position]["text_minhash"] = signature
     rejects.sort(key=lambda r: r.line)
     out.write_parquet(index_part(plan.name), pa.Table.from_pylist(index, schema=INDEX_SCHEMA))
     out.write_parquet(rejects_part(plan.name),
                       pa.Table.from_pylist([r.as_record() for r in rejects], schema=REJECT_SCHEMA))
-    marker = ShardMarker(tar_name, plan.plan_digest, rows=len(index) + len(rejects), written=len(index),
+    marker = ShardMarker(tar_name, plan.plan_digest, rows=done.rows + len(rejects), written=len(index),
                          rejected=len(rejects), rejected_by_code=dict(Counter(r.code for r in rejects)),
-                         bytes=out.size(tar_name), stats=stats.to_dict())
+                         bytes=out.size(tar_name), stats=done.stats.to_dict())
     fence.check(f"the marker of {plan.name}")
     out.write_json(plan.name + ".json", marker.to_json())
     log.info("%s committed: %d written, %d rejected, %d bytes", tar_name, len(index), len(rejects), marker.bytes)
     return marker
 
 
-def _write_batch(plan, rows, cfg, inputs: Store, tar, index: list, rejects: list, stats: DatasetStats,
-                 texts: list[tuple[int, str]]) -> None:
-    """Process and write ROWS; TEXTS collects (index position, text) of those near dedup signs."""
+def _write_batch(rows: list[ManifestRow], cfg: ShardConfig, inputs: Store, tar, plan: ShardPlan,
+                 done: _Written) -> None:
+    """Process ROWS and write their samples into TAR, recording them in DONE."""
     for row, raw in fetch_batch(rows, inputs, cfg.max_input_bytes):
         result = raw if isinstance(raw, LineReject) else sample_or_reject(row, raw, cfg)
         if isinstance(result, LineReject):
-            rejects.append(result)
+            done.rejects.append(result)
             continue
-        tar.write(result.record)
-        if compares_text(result, cfg):
-            texts.append((len(index), result.record["txt"].decode()))
+        done.rows += 1
         if row.text is not None:
             raw = {**raw, "text": row.text.encode()}
-        index.append(index_row(plan, row, raw, result))
-        if result.pixel_histogram is not None:
-            stats.add_image(result.pixel_histogram)
-        if result.audio_rms_db is not None:
-            stats.add_audio(result.audio_rms_db)
-        if result.text_chars is not None:
-            stats.add_text(result.text_chars)
-        if result.medical is not None:
-            stats.add_medical(result.medical)
+        for sample in result:
+            tar.write(sample.record)
+            if compares_text(sample, cfg):
+                done.texts.append((len(done.index), sample.record["txt"].decode()))
+            done.index.append(index_row(plan, row, raw, sample))
+            done.stats.add(sample)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from tessera.preprocess.sample import SampleOutput
 
 LEVELS = np.arange(256, dtype=np.float64) / 255.0
 
@@ -22,22 +26,21 @@ class DatasetStats:
     text_chars_max: int = 0
     medical: dict[str, int] = field(default_factory=dict)  # medical images by "MODALITY/BODY PART" (or kind)
 
-    def add_image(self, histogram: list[int]) -> None:
-        """histogram: Pillow's Image.histogram() of an RGB image."""
-        self.pixel_histogram += histogram
-
-    def add_audio(self, rms_db: float) -> None:
-        self.audio_count += 1
-        self.audio_db_sum += rms_db
-        self.audio_db_sumsq += rms_db * rms_db
-
-    def add_text(self, chars: int) -> None:
-        self.text_count += 1
-        self.text_chars_sum += chars
-        self.text_chars_max = max(self.text_chars_max, chars)
-
-    def add_medical(self, kind: str) -> None:
-        self.medical[kind] = self.medical.get(kind, 0) + 1
+    def add(self, sample: SampleOutput) -> None:
+        """A written sample's figures: its stored pixels' histogram (Pillow's, RGB), audio level,
+        text length, what medical image it is."""
+        if sample.pixel_histogram is not None:
+            self.pixel_histogram += sample.pixel_histogram
+        if sample.audio_rms_db is not None:
+            self.audio_count += 1
+            self.audio_db_sum += sample.audio_rms_db
+            self.audio_db_sumsq += sample.audio_rms_db * sample.audio_rms_db
+        if sample.text_chars is not None:
+            self.text_count += 1
+            self.text_chars_sum += sample.text_chars
+            self.text_chars_max = max(self.text_chars_max, sample.text_chars)
+        if sample.medical is not None:
+            self.medical[sample.medical] = self.medical.get(sample.medical, 0) + 1
 
     def merge(self, other: DatasetStats) -> DatasetStats:
         return DatasetStats(

@@ -57,9 +57,11 @@ class Predictor:
         shard = ShardConfig.model_validate(preprocess["shard"])
         image = shard.image.model_copy(update={"augment": AugmentConfig()})
         # new data needs no label and no targets (a stray target value is not a reason to reject it),
-        # and no near-duplicate signatures (nothing is deduplicated)
+        # no near-duplicate signatures (nothing is deduplicated), and is one answer per sample (a
+        # volume's middle slice)
+        medical = shard.medical.model_copy(update={"slices": "middle"})
         self.shard_cfg = shard.model_copy(update={"require_label": False, "targets": (), "image": image,
-                                                  "near_dedup": NearDedupConfig()})
+                                                  "near_dedup": NearDedupConfig(), "medical": medical})
         self.vector_dtype = EmbedConfig.model_validate(preprocess["embed"]).dtype  # the precision training saw
         self.encoders = encoders_for(self.meta, preprocess, device, model.child(BUNDLE) if bundle else None, variant)
         self.score = onnx_scorer(model.read_bytes(ONNX[variant]))
@@ -79,7 +81,11 @@ class Predictor:
     def prepare(self, row: ManifestRow, raw: dict[str, bytes] | LineReject) -> SampleOutput | LineReject:
         """A row and its raw bytes (or its read reject) -> the stored sample, or its reject: the
         decoding, before any model runs."""
-        return raw if isinstance(raw, LineReject) else sample_or_reject(row, raw, self.shard_cfg)
+        result = raw if isinstance(raw, LineReject) else sample_or_reject(row, raw, self.shard_cfg)
+        if isinstance(result, LineReject):
+            return result
+        (sample,) = result  # (one per row: the middle slice of a volume)
+        return sample
 
     def score_prepared(self, prepared: list[tuple[ManifestRow, SampleOutput | LineReject]]) -> list[dict]:
         """One record per prepared sample, in order: the prediction (encoders and the ONNX graph

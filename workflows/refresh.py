@@ -55,6 +55,7 @@ from tessera.features.config import CurateConfig, EmbedConfig
 from tessera.features.layout import CACHE, SIDECARS, CurateSummary, EmbedSummary
 from tessera.preprocess.config import ShardConfig
 from tessera.preprocess.inputs import AllowedInputs
+from tessera.preprocess.keys import safe_key
 from tessera.preprocess.layout import (
     REJECT_SCHEMA,
     REJECTS,
@@ -131,7 +132,8 @@ def row_identities(chunk: Chunk, mode: str, staging: Store, name: str, allow: tu
                     for k, v in obj.items()}
         text = json.dumps(resolved, sort_keys=True, default=str).encode()
         files = [resolved[f] for f in fields if isinstance(resolved.get(f), str) and resolved[f]]
-        records.append((source_key(obj), text, line, text, files))
+        key = source_key(obj)  # as the index holds it (what versions are matched by: core/versions.py)
+        records.append((None if key is None else safe_key(key), text, line, text, files))
     # an input the shard stage will refuse is not even stat'ed (it may be a probe of another host)
     allowed = AllowedInputs.of(chunk.file.root, allow)
     named = {u for r in records for u in r[4]}

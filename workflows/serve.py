@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from ray import serve
 
 from tessera.core.storage import Store
-from tessera.workflows.service import PredictionHandler, _error, model_identity
+from tessera.workflows.service import PredictionHandler, error_response, model_identity
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class HealthService:
             self.checked = time.monotonic()
         state, replicas = self.answer
         if state != "RUNNING":
-            return _error(503, {"status": str(state), "replicas": replicas})
+            return error_response(503, {"status": str(state), "replicas": replicas})
         return {"status": "ready", "replicas": replicas}
 
 

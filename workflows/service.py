@@ -73,7 +73,7 @@ class TooLarge(Exception):
     pass
 
 
-def _error(status: int, detail) -> JSONResponse:
+def error_response(status: int, detail) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status)
 
 
@@ -86,7 +86,7 @@ def _invalid(error: ValidationError) -> JSONResponse:
               for e in found[:MAX_ERRORS]]
     if len(found) > MAX_ERRORS:
         detail.append({"msg": f"... and {len(found) - MAX_ERRORS} more errors"})
-    return _error(422, detail)
+    return error_response(422, detail)
 
 
 async def _body(request: Request, limit: int) -> bytes:
@@ -111,6 +111,7 @@ class Fallback:
     def __init__(self, cfg: FallbackConfig, tasks: list):
         import pybreaker
         import requests
+        from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
         self.cfg, self.session = cfg, requests.Session()
         classifying = [t.name for t in tasks if t.kind == "classification"]  # (where a top probability means sure)
@@ -124,6 +125,10 @@ class Fallback:
                               f"model ({classifying})")
         self.breaker = pybreaker.CircuitBreaker(fail_max=cfg.breaker_failures, reset_timeout=cfg.breaker_cooldown_s,
                                                 name="fallback")
+        # one request, tried again on a lost connection, a timeout or a 5xx (each try bounded by timeout_s)
+        self.post = Retrying(stop=stop_after_attempt(cfg.retries + 1), wait=wait_exponential(0.05, max=1), reraise=True,
+                             retry=retry_if_exception_type((requests.ConnectionError, requests.Timeout, ServerError))
+                             ).wraps(self._post)
 
     def unsure(self, record: dict) -> bool:
         """Whether a scored record's top probability is under its task's threshold."""
@@ -158,26 +163,18 @@ class Fallback:
     def ask(self, samples: list[dict]) -> list[dict]:
         """The service's results for SAMPLES, in order (raises when it cannot answer, or the
         breaker is open)."""
-        return self.breaker.call(self._post, samples)
+        return self.breaker.call(self.post, samples)
 
     def _post(self, samples: list[dict]) -> list[dict]:
-        import requests
-        from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
-
-        @retry(stop=stop_after_attempt(self.cfg.retries + 1), wait=wait_exponential(0.05, max=1), reraise=True,
-               retry=retry_if_exception_type((requests.ConnectionError, requests.Timeout, ServerError)))
-        def post() -> list[dict]:
-            response = self.session.post(self.cfg.url.rstrip("/") + "/predict", json={"samples": samples},
-                                         timeout=self.cfg.timeout_s)
-            if response.status_code >= 500:
-                raise ServerError(f"{self.cfg.url} answered {response.status_code}")
-            response.raise_for_status()
-            results = response.json()["results"]
-            if len(results) != len(samples):
-                raise ValueError(f"{self.cfg.url} answered {len(results)} results for {len(samples)} samples")
-            return results
-
-        return post()
+        response = self.session.post(self.cfg.url.rstrip("/") + "/predict", json={"samples": samples},
+                                     timeout=self.cfg.timeout_s)
+        if response.status_code >= 500:
+            raise ServerError(f"{self.cfg.url} answered {response.status_code}")
+        response.raise_for_status()
+        results = response.json()["results"]
+        if len(results) != len(samples):
+            raise ValueError(f"{self.cfg.url} answered {len(results)} results for {len(samples)} samples")
+        return results
 
 
 class ServerError(Exception):
@@ -250,7 +247,7 @@ class PredictionHandler:
 
     async def _answer(self, samples: list[SampleIn]) -> JSONResponse:
         if len(samples) > self.settings["max_samples_per_request"]:
-            return _error(413, f"{len(samples)} samples, over serve.max_samples_per_request "
+            return error_response(413, f"{len(samples)} samples, over serve.max_samples_per_request "
                                f"({self.settings['max_samples_per_request']})")
         prepared = await asyncio.to_thread(self._prepared, samples)
         results = await asyncio.wait_for(asyncio.gather(*(self.score(p) for p in prepared)),
@@ -285,7 +282,7 @@ class PredictionHandler:
             response = await self._predict(request)
         except Exception as e:  # counted like every answer, and said in one line
             log.exception("answering a request")
-            response = _error(500, f"internal error: {type(e).__name__}")
+            response = error_response(500, f"internal error: {type(e).__name__}")
         self.requests.labels(str(response.status_code)).inc()
         self.latency.observe(time.perf_counter() - started)
         return response
@@ -293,15 +290,15 @@ class PredictionHandler:
     async def _predict(self, request: Request):
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind not in ("application/json", "multipart/form-data"):
-            return _error(415, f"unsupported content type {kind or '(none)'!r}: application/json or "
+            return error_response(415, f"unsupported content type {kind or '(none)'!r}: application/json or "
                                "multipart/form-data")
         try:  # a client that sends its body slowly, or part of it and then nothing, holds a slot meanwhile
             body = await asyncio.wait_for(_body(request, self.settings["max_request_bytes"]),
                                           self.settings["read_timeout_s"])
         except TooLarge as e:
-            return _error(413, str(e))
+            return error_response(413, str(e))
         except TimeoutError:
-            return _error(408, f"the body did not arrive within serve.read_timeout_s "
+            return error_response(408, f"the body did not arrive within serve.read_timeout_s "
                                f"({self.settings['read_timeout_s']} s)")
         try:
             if kind == "application/json":
@@ -313,7 +310,8 @@ class PredictionHandler:
         try:
             return await self._answer(samples)
         except TimeoutError:
-            return _error(504, f"not answered within serve.request_timeout_s ({self.settings['request_timeout_s']} s)")
+            return error_response(504, "not answered within serve.request_timeout_s "
+                                       f"({self.settings['request_timeout_s']} s)")
 
     async def _form_sample(self, request: Request, body: bytes) -> SampleIn:
         async def replay():

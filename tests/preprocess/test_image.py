@@ -116,7 +116,7 @@ def test_centre_crop_keeps_the_centre():
 def test_reduced_size_jpeg_decoding_still_fills_the_target():
     big = encode(Image.new("RGB", (2000, 1200), (90, 120, 150)), "JPEG", quality=95)
     cfg = ImageConfig(size=224)
-    result = process_image(big, cfg, sample_rng(0, "k"))
+    (result,) = process_image(big, cfg, sample_rng(0, "k"))
     assert Image.open(io.BytesIO(result.data)).size == (224, 224)
     draft, _ = decode_image(big, cfg, 224)
     assert min(draft.size) >= 224 and draft.size[0] < 2000  # decoded at reduced size
@@ -127,9 +127,9 @@ def test_augmentation_is_seeded_and_recorded():
     aug = AugmentConfig(random_resized_crop=True, hflip=True, rotate_degrees=10, brightness=0.3,
                         contrast=0.3, saturation=0.3, noise_std=3)
     cfg = ImageConfig(size=64, augment=aug)
-    first = process_image(data, cfg, sample_rng(7, "coffee"))
-    again = process_image(data, cfg, sample_rng(7, "coffee"))
-    other = process_image(data, cfg, sample_rng(8, "coffee"))
+    (first,) = process_image(data, cfg, sample_rng(7, "coffee"))
+    (again,) = process_image(data, cfg, sample_rng(7, "coffee"))
+    (other,) = process_image(data, cfg, sample_rng(8, "coffee"))
     assert first.data == again.data and first.meta == again.meta
     assert first.data != other.data
     assert {"crop", "rotate", "brightness", "contrast", "saturation", "noise_std"} <= set(first.meta["augment"])
@@ -137,14 +137,14 @@ def test_augmentation_is_seeded_and_recorded():
 
 def test_no_augmentation_records_none():
     data = (MINI / "images" / "coffee.png").read_bytes()
-    result = process_image(data, ImageConfig(size=32), sample_rng(0, "coffee"))
+    (result,) = process_image(data, ImageConfig(size=32), sample_rng(0, "coffee"))
     assert "augment" not in result.meta and result.meta["size"] == [32, 32]
 
 
 @pytest.mark.parametrize("fmt, pil_format", [("jpg", "JPEG"), ("png", "PNG"), ("webp", "WEBP")])
 def test_output_formats(fmt, pil_format):
     data = (MINI / "images" / "horse.png").read_bytes()
-    result = process_image(data, ImageConfig(size=48, output_format=fmt), sample_rng(0, "horse"))
+    (result,) = process_image(data, ImageConfig(size=48, output_format=fmt), sample_rng(0, "horse"))
     out = Image.open(io.BytesIO(result.data))
     assert out.format == pil_format and out.size == (48, 48) and out.mode == "RGB"
     assert len(result.histogram) == 768 and sum(result.histogram) == 48 * 48 * 3

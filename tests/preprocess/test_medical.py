@@ -18,7 +18,7 @@ from pydicom.pixels import apply_modality_lut, pixel_array
 from tessera.core.storage import Store
 from tessera.preprocess.config import ImageConfig, MedicalConfig, ShardConfig
 from tessera.preprocess.image import process_image
-from tessera.preprocess.medical import kind_of, pseudonym, read_medical, window
+from tessera.preprocess.medical import kind_of, pseudonym, read_medical, slice_positions, window
 from tessera.preprocess.reject import Reject
 from tessera.train.data import split_of
 from tests.conftest import TESSERA, index_rows, reject_rows
@@ -36,7 +36,9 @@ def dicom(name: str) -> bytes:
 
 
 def read(data: bytes, cfg: MedicalConfig = MEDICAL, **image):
-    return read_medical(data, kind_of(data), cfg, ImageConfig(**image))
+    """The one picture of DATA (shard.medical.slices: middle)."""
+    (got,) = read_medical(data, kind_of(data), cfg, ImageConfig(**image))
+    return got
 
 
 def saved(ds: pydicom.Dataset) -> bytes:
@@ -67,11 +69,11 @@ def test_keep_raw_stores_the_values_before_windowing_losslessly():
     data = dicom("CT_small.dcm")
     ds = pydicom.dcmread(io.BytesIO(data))
     hu = apply_modality_lut(pixel_array(ds), ds)
-    kept = MODALITY.process(None, {"image": data}, ShardConfig(medical={"id_salt": SALT, "keep_raw": True}),
+    (kept,) = MODALITY.process(None, {"image": data}, ShardConfig(medical={"id_salt": SALT, "keep_raw": True}),
                             np.random.default_rng(0))
     raw = np.load(io.BytesIO(kept.extra["medical.npy"]), allow_pickle=False)
     assert raw.dtype == np.int16 and np.array_equal(raw, hu)
-    plain = MODALITY.process(None, {"image": data}, ShardConfig(medical={"id_salt": SALT}), np.random.default_rng(0))
+    (plain,) = MODALITY.process(None, {"image": data}, ShardConfig(medical={"id_salt": SALT}), np.random.default_rng(0))
     assert plain.extra == {} and plain.data == kept.data
 
 
@@ -281,3 +283,94 @@ def test_no_identifier_reaches_any_byte_of_the_output_and_every_test_file_ends_s
                     raw[key] = np.load(io.BytesIO(t.extractfile(m).read()), allow_pickle=False)
     assert samples["ct-1"]["image"]["medical"]["study"] != samples["ct-2"]["image"]["medical"]["study"]
     assert set(raw) == set(samples) and raw["ct-1"].dtype == np.int16  # keep_raw: a member beside each picture
+
+
+def test_slices_middle_all_or_n_evenly_spaced():
+    assert slice_positions(15, "middle") == [7] and slice_positions(1, "all") == [0]
+    assert slice_positions(15, "all") == list(range(15)) and slice_positions(3, 8) == [0, 1, 2]
+    assert slice_positions(15, 4) == [1, 5, 9, 13] and slice_positions(24, 1) == [12]  # the middles of 4 runs
+    with pytest.raises(ValueError, match="medical.slices"):
+        MedicalConfig(slices=0)
+
+
+def test_every_frame_of_a_multiframe_file_is_a_slice_with_its_own_values():
+    data = dicom("rtdose.dcm")
+    ds = pydicom.dcmread(io.BytesIO(data))
+    got = read_medical(data, "dicom", MedicalConfig(id_salt=SALT, slices="all"), ImageConfig())
+    assert [g.part for g in got] == [f"slice-{i:03d}" for i in range(15)]
+    assert [g.meta["frame"] for g in got] == list(range(15)) and {g.meta["frames"] for g in got} == {15}
+    for frame, image in enumerate(got):
+        assert np.array_equal(image.values, apply_modality_lut(pixel_array(ds, index=frame), ds))
+    assert len({g.meta["patient"] for g in got}) == 1  # one patient's series
+    (middle,) = read_medical(data, "dicom", MEDICAL, ImageConfig())  # the default: one sample, the row's key
+    assert middle.part is None and middle.meta["frame"] == 7 and np.array_equal(middle.values, got[7].values)
+    volume = nibabel.as_closest_canonical(nibabel.load(NIFTI / "example4d.nii.gz"))
+    slices = read_medical((NIFTI / "example4d.nii.gz").read_bytes(), "nifti1", MedicalConfig(slices=4), ImageConfig())
+    assert [s.meta["slice"] for s in slices] == [3, 9, 15, 21] and slices[0].part == "slice-003"
+    assert np.array_equal(slices[1].values, np.rot90(np.asarray(volume.dataobj[:, :, 9, 0], dtype=float)))
+    (flat,) = read_medical(dicom("CT_small.dcm"), "dicom", MedicalConfig(id_salt=SALT, slices="all"), ImageConfig())
+    assert flat.part is None  # a 2-D image keeps its row's key
+
+
+def test_slices_are_samples_deduplicated_within_and_across_series(ray_session, tmp_path):
+    """`slices: 4` over a 15-frame dose grid (two of its kept frames made identical), a 30-frame
+    ultrasound, a NIfTI volume and a 2-D CT; the dose file again under its key on a later line:
+    each slice a sample keyed KEY/slice-NNN; the identical frame is a duplicate of its twin in the
+    same series; the repeated row loses all its slices; one patient's slices share a split group."""
+    from tessera.preprocess.stage import run_shard_stage
+
+    ds = pydicom.dcmread(io.BytesIO(dicom("rtdose.dcm")))
+    frame = len(ds.PixelData) // 15
+    pixels = bytearray(ds.PixelData)
+    pixels[9 * frame:10 * frame] = pixels[5 * frame:6 * frame]
+    ds.PixelData = bytes(pixels)
+    (tmp_path / "dose.dcm").write_bytes(saved(ds))
+    (tmp_path / "us.dcm").write_bytes(dicom("examples_ybr_color.dcm"))
+    (tmp_path / "ct.dcm").write_bytes(dicom("CT_small.dcm"))
+    (tmp_path / "brain.nii.gz").write_bytes((NIFTI / "example4d.nii.gz").read_bytes())
+    rows = [{"key": "dose", "image": "dose.dcm"}, {"key": "us", "image": "us.dcm"}, {"key": "ct", "image": "ct.dcm"},
+            {"key": "brain", "image": "brain.nii.gz"}, {"key": "dose", "image": "dose.dcm"}]
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = ShardConfig(samples_per_shard=2, medical={"id_salt": SALT, "slices": 4}, near_dedup={"image": {}})
+    summary = run_shard_stage(str(tmp_path / "manifest.jsonl"), Store(str(tmp_path / "out")), cfg, progress=False)
+    kept = {r["key"]: r for r in index_rows(tmp_path / "out")}
+    assert sorted(kept) == ["brain/slice-003", "brain/slice-009", "brain/slice-015", "brain/slice-021", "ct",
+                            "dose/slice-001", "dose/slice-005", "dose/slice-013",
+                            "us/slice-003", "us/slice-011", "us/slice-018", "us/slice-026"]
+    drops = {(r["line"], r["sample_key"]): (r["code"], r["reason"]) for r in reject_rows(tmp_path / "out")}
+    assert drops[(1, "dose/slice-009")] == ("dedup.duplicate_content",
+                                           "duplicate content of 'dose' slice-005 (first on line 1)")
+    assert {k for (line, k) in drops if line == 5} == {f"dose/slice-{i:03d}" for i in (1, 5, 9, 13)}
+    assert {c for (line, _), (c, _) in drops.items() if line == 5} == {"dedup.duplicate_key"}
+    assert (summary.inputs, summary.accepted, summary.rejected, summary.duplicates) == (5, 12, 5, 5)
+    assert {kept[f"dose/slice-{i:03d}"]["split_group"] for i in (1, 5, 13)} == {pseudonym("id11111", SALT)}
+    assert all(r["source_key"] == r["key"].split("/")[0] and r["line"] in (1, 2, 3, 4) for r in kept.values())
+    assert len({r["content_id"] for r in kept.values()}) == 12
+    samples = {}
+    for tar in sorted((tmp_path / "out").glob("shard-*.tar")):
+        with tarfile.open(tar) as t:
+            samples.update({m.name.rsplit(".", 1)[0]: json.loads(t.extractfile(m).read())
+                            for m in t if m.name.endswith(".json")})
+    assert samples["us/slice-011"]["part"] == "slice-011" and samples["us/slice-011"]["image"]["medical"]["frame"] == 11
+    assert "part" not in samples["ct"]
+
+
+def test_duplicate_slices_of_a_series_keep_its_earliest(ray_session, tmp_path):
+    """Every frame of a 30-frame ultrasound cine as a sample, near dedup on: frames repeated
+    exactly or barely changed are dropped naming an earlier frame of the series."""
+    from tessera.preprocess.stage import run_shard_stage
+
+    (tmp_path / "us.dcm").write_bytes(dicom("examples_ybr_color.dcm"))
+    (tmp_path / "manifest.jsonl").write_text(json.dumps({"key": "us", "image": "us.dcm"}) + "\n")
+    cfg = ShardConfig(medical={"id_salt": SALT, "slices": "all"}, near_dedup={"image": {"max_distance": 4}})
+    summary = run_shard_stage(str(tmp_path / "manifest.jsonl"), Store(str(tmp_path / "out")), cfg, progress=False)
+    kept = {r["key"] for r in index_rows(tmp_path / "out")}
+    drops = reject_rows(tmp_path / "out")
+    assert summary.inputs == 1 and summary.accepted == len(kept) and len(kept) + len(drops) == 30
+    assert {d["code"] for d in drops} == {"dedup.duplicate_content", "dedup.near_duplicate"}
+    for drop in drops:
+        first = drop["reason"].split("'us' ", 1)[1][:len("slice-000")]
+        assert drop["reason"].startswith(("duplicate content of 'us' slice-", "near-duplicate of 'us' slice-"))
+        assert f"us/{first}" < drop["sample_key"]
+        # (a near-duplicate component keeps its earliest; an exact twin may itself be near-dropped)
+        assert f"us/{first}" in kept or drop["code"] == "dedup.duplicate_content"

@@ -16,6 +16,8 @@ import pytest
 from tessera.core.errors import LeaseHeld
 from tessera.core.lease import LEASE
 from tessera.core.storage import Store
+from tessera.core.versions import superseded
+from tessera.preprocess.keys import safe_key
 from tessera.train.data import DatasetInfo, StreamSpec, loader
 from tessera.workflows.config import load_config
 from tessera.workflows.dataset import open_dataset
@@ -98,17 +100,21 @@ def test_a_changed_file_is_found_by_its_metadata(ray_session, tmp_path):
     pictures, manifest, out = tmp_path / "pictures", tmp_path / "manifest.jsonl", tmp_path / "out"
     pictures.mkdir()
     rows = []
-    for i in range(3):
+    for i in range(4):
         Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(pictures / f"p{i}.png")
-        rows.append(json.dumps({"key": f"p{i}", "image": f"pictures/p{i}.png", "label": "object"}))
+        rows.append(json.dumps({"key": f"p{i}" if i < 3 else "p 3/odd", "image": f"pictures/p{i}.png",
+                                "label": "object"}))
     manifest.write_text("\n".join(rows) + "\n")
     overrides = ("embed.text=null", "embed.image=null")
-    assert refresh(manifest, out, *overrides).added == 3
+    assert refresh(manifest, out, *overrides).added == 4
     assert refresh(manifest, out, *overrides).version is None  # stats the files, reads none
     Image.new("RGB", (32, 32), (0, 0, 255)).save(pictures / "p1.png")  # same path, new picture
     os.utime(pictures / "p1.png", ns=(1, 1))
+    manifest.write_text("\n".join(rows[:3]) + "\n")  # and the row whose key is not a safe one removed
     again = refresh(manifest, out, *overrides)
-    assert (again.added, again.changed, again.removed) == (0, 1, 0)
+    assert (again.added, again.changed, again.removed) == (0, 1, 1)
+    folders = [Store(str(out / "versions" / v["version"])) for v in versions(Store(str(out)))]
+    assert superseded(folders) == (frozenset({"p1", safe_key("p 3/odd")}), frozenset())  # no copy of it stays live
 
 
 def first_epoch_loss(out, version: str) -> float:
