@@ -1,11 +1,11 @@
 """Hyperparameter search on Ray Tune, with and without ASHA, and against a shell loop, in one run.
 
-    python bench/tune.py [--n 2000] [--trials 16] [--epochs 8] [--loop 4]
+    python bench/tune.py [--n 2000] [--trials 16] [--epochs 16] [--loop 4]
 
 Shards and embeds N samples from make_large.py (text and image), then searches lr
 (loguniform 1e-4..3e-2), dropout, weight decay and the fusion width with `tessera tune`'s stage
-— every trial a real training (Ray Train, DeepSpeed ZeRO-2, 1 worker of 1 CPU), two at a time
-on 2 CPUs, the same seeded draws in every search:
+— every trial a real training (DeepSpeed ZeRO-2, 1 worker of 1 CPU: trained in the trial's
+actor, which Tune reuses), two at a time on 2 CPUs, the same seeded draws in every search:
 (a) TRIALS random trials with ASHA and with no scheduler: wall time, trial-epochs trained and
     the best val.loss of each; goal: ASHA >= 2x faster, its best within 0.02 of the other's;
 (b) trials per hour of the search (no scheduler) against a sequential shell loop of
@@ -73,7 +73,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--trials", type=int, default=16)
-    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=16)
     ap.add_argument("--loop", type=int, default=4, help="settings the shell loop trains (its rate is per trial)")
     ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "tessera-bench-corpus")
     args = ap.parse_args()
@@ -97,16 +97,16 @@ def main() -> None:
         loop_seconds = shell_loop(shards, Path(tmp), train, results["none"][1][:args.loop])
 
     print(f"samples: {args.n} (text + image), {args.trials} random trials of {args.epochs} epochs, 2 at a time, "
-          "1 Ray Train worker of 1 CPU each")
+          "1 worker of 1 CPU each (DeepSpeed ZeRO-2 in the trial's reused actor)")
     summary = {}
     for name, (seconds, rows) in results.items():
         best = min(r["last"] for r in rows if r["status"] == "completed")
         epochs = sum(r["epochs"] for r in rows)
         summary[name] = (seconds, best)
         print(f"(a) scheduler {name:4s}: {seconds:6.1f} s, {epochs:3d} trial-epochs, "
-              f"{sum(r['status'] == 'stopped' for r in rows):2d} stopped early, best val.loss {best:.4f}")
+              f"{sum(r['status'] == 'stopped' for r in rows):2d} stopped early, best val.loss {best:.3g}")
     (asha_s, asha_best), (none_s, none_best) = summary["asha"], summary["none"]
-    print(f"    ASHA: {none_s / asha_s:.2f}x faster (goal >= 2), best {asha_best - none_best:+.4f} against no "
+    print(f"    ASHA: {none_s / asha_s:.2f}x faster (goal >= 2), best {asha_best - none_best:+.3g} against no "
           "scheduler (goal within 0.02)")
     search_rate, loop_rate = 3600 * args.trials / none_s, 3600 * args.loop / loop_seconds
     print(f"(b) trials per hour: search {search_rate:.0f}, shell loop of `tessera train` {loop_rate:.0f} "

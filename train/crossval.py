@@ -26,8 +26,28 @@ def fold_run(folder: Store, fold: int) -> Store:
     return folder.child(FOLDS, str(fold))
 
 
-def validation_history(run: Store) -> list[dict]:
-    return [r for r in (json.loads(line) for line in run.read_bytes(METRICS).decode().splitlines()) if "val_tasks" in r]
+def validation_records(run: Store) -> list[dict]:
+    """The validation records of RUN's metrics.jsonl so far (whole lines only: rank 0 may be
+    writing the next)."""
+    if not run.exists(METRICS):
+        return []
+    text = run.read_bytes(METRICS).decode()
+    return [r for r in (json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()) if "val_tasks" in r]
+
+
+def validation_so_far(run: Store, folds: int | None) -> list[dict]:
+    """RUN's validation records so far: its own, or with FOLDS, its folds' averaged for every
+    epoch all of them have reached (what RUN/metrics.jsonl holds once they are done)."""
+    if not folds:
+        return validation_records(run)
+    histories = [validation_records(fold_run(run, fold)) for fold in range(folds)]
+    return [mean_record([h[epoch] for h in histories]) for epoch in range(min(map(len, histories)))]
+
+
+def training_folders(run: Store, folds: int | None) -> list[Store]:
+    """The run folders RUN's training writes: its own, and its folds' (where a stop request is
+    written for all of them to see)."""
+    return [run, *(fold_run(run, fold) for fold in range(folds or 0))]
 
 
 def _mean(values: list) -> float | None:
@@ -63,10 +83,9 @@ def cross_validate(shards: Store | Sequence[Store], folder: Store, cfg: TrainCon
             lambda fold: run_train_stage(shards, fold_run(folder, fold), with_settings(
                 cfg, {"cross_validation.fold": fold}), DEFAULT_LEASE, tracking, tags | {"tessera.fold": str(fold)}),
             range(folds)))
-    histories = [validation_history(fold_run(folder, fold)) for fold in range(folds)]
-    averaged = [mean_record([h[epoch] for h in histories]) for epoch in range(min(map(len, histories)))]
+    averaged = validation_so_far(folder, folds)
     folder.write_bytes(METRICS, "".join(json.dumps(r) + "\n" for r in averaged).encode())
-    last = [epoch_metrics(h[-1]) for h in histories]
+    last = [epoch_metrics(validation_records(fold_run(folder, fold))[-1]) for fold in range(folds)]
     names = sorted(set.intersection(*(set(m) for m in last)) - {"epoch"})
     folder.write_json(CV, {
         "folds": folds,

@@ -408,6 +408,26 @@ def run_worker(job: TrainJob, rank: int, world: int) -> None:
         Trainer(job, rank, world).fit(retried)
 
 
+def in_process_worker(job: TrainJob) -> None:
+    """The one rank of a one-worker training, in this process: a tune trial's actor, which Tune
+    reuses from trial to trial, so no Ray Train controller and worker group start for each. The
+    process group (a world of one) is made once per process and kept (DeepSpeed keeps its
+    groups from the first init)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if not dist.is_initialized():
+        import socket
+
+        with socket.socket() as probe:  # a free port for the rendezvous of one
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        # what a launcher sets (DeepSpeed checks LOCAL_RANK)
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
+    run_worker(job, 0, 1)
+
+
 def ray_worker(config: dict) -> None:
     """Ray Train's loop_per_worker: DeepSpeed on the CPU accelerator where there is no GPU."""
     if not torch.cuda.is_available():

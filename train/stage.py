@@ -1,16 +1,19 @@
 """The training stage (`TrainStage`, run by core/engine.py): read what the shards hold, then
 launch the workers with Ray Train's TorchTrainer (gloo + DeepSpeed's CPU accelerator on CPUs,
-nccl on GPUs)."""
+nccl on GPUs) — or, for a tune trial of one worker, train that one rank in the trial's own
+(reused) actor."""
 
 from __future__ import annotations
 
 import itertools
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import ray
+import torch
 
 from tessera.core.engine import Stage, StageRun, execute
 from tessera.core.errors import OutputConflict, StoppedOnRequest
@@ -30,7 +33,7 @@ from tessera.train.layout import (
     TrainSummary,
     run_record,
 )
-from tessera.train.loop import TrainJob, ray_worker
+from tessera.train.loop import TrainJob, in_process_worker, ray_worker
 from tessera.train.run_store import Checkpoints, scratch_for
 from tessera.train.saved import compatible_start, teacher_for
 from tessera.train.tracking import record_training
@@ -70,9 +73,12 @@ class TrainStage(Stage[TrainSummary]):
     command = "tessera train"
 
     def __init__(self, shards: Store | Sequence[Store], run: Store, cfg: TrainConfig,
-                 tracking: TrackingConfig = NO_TRACKING, tags: dict[str, str] | None = None):
+                 tracking: TrackingConfig = NO_TRACKING, tags: dict[str, str] | None = None, in_process: bool = False):
+        if in_process and (cfg.workers != 1 or cfg.cross_validation.folds):
+            raise ValueError("a training in this process has one worker and no folds")
         self.shards, self.folder, self.cfg = shards, run, cfg
         self.tracking, self.tags = tracking, tags or {}
+        self.in_process = in_process  # the one rank here (loop.in_process_worker), not on Ray Train
 
     def current(self) -> TrainSummary | None:
         """The run's summary when it finished training with this config on these shards."""
@@ -96,7 +102,8 @@ class TrainStage(Stage[TrainSummary]):
         claim_run(folder, cfg, shards)
         if folder.exists(STOP_REQUESTED):  # (asked of an earlier run of the folder)
             folder.remove(STOP_REQUESTED)
-        use_gpu = cfg.use_gpu if cfg.use_gpu != "auto" else ray.cluster_resources().get("GPU", 0) > 0
+        use_gpu = torch.cuda.is_available() if self.in_process else \
+            cfg.use_gpu if cfg.use_gpu != "auto" else ray.cluster_resources().get("GPU", 0) > 0
         resumed = Checkpoints(checkpoints).latest() is not None
         job = TrainJob(cfg, info, folder, checkpoints, run.fence,
                        init_state=compatible_start(folder.at(cfg.init_from), info.dims, info.tasks, cfg.model)
@@ -119,17 +126,10 @@ class TrainStage(Stage[TrainSummary]):
         )
         tags = self.tags | {"tessera.shards": json.dumps(run_record(cfg, shards)["shards"])}
         try:
-            for attempt in itertools.count(1):
-                try:
-                    trainer().fit()
-                    break
-                except ray.exceptions.RayActorError as lost:
-                    # Ray Train's controller itself died (its process killed; Ray's restarts
-                    # cover the workers, not it): a new one resumes from the latest checkpoint
-                    if attempt > cfg.max_failures:
-                        raise
-                    log.warning("the training's controller was lost (%s): starting it again",
-                                str(lost).splitlines()[0])
+            if self.in_process:
+                in_process_worker(job)  # (a failure fails the caller: a tune trial, which Tune starts again)
+            else:
+                _fit(trainer, cfg.max_failures)
         except BaseException:
             record_training(self.tracking, folder, cfg.model_dump(mode="json"), tags, "FAILED")
             raise
@@ -153,9 +153,22 @@ class TrainStage(Stage[TrainSummary]):
             init_from=cfg.init_from, distilled_from=cfg.distill_from)
 
 
+def _fit(trainer: Callable[[], Any], max_failures: int) -> None:
+    for attempt in itertools.count(1):
+        try:
+            trainer().fit()
+            return
+        except ray.exceptions.RayActorError as lost:
+            # Ray Train's controller itself died (its process killed; Ray's restarts cover the
+            # workers, not it): a new one resumes from the latest checkpoint
+            if attempt > max_failures:
+                raise
+            log.warning("the training's controller was lost (%s): starting it again", str(lost).splitlines()[0])
+
+
 def run_train_stage(shards: Store | Sequence[Store], run: Store, cfg: TrainConfig,
                     lease: LeaseConfig | Fence = DEFAULT_LEASE, tracking: TrackingConfig = NO_TRACKING,
-                    tags: dict[str, str] | None = None) -> TrainSummary:
+                    tags: dict[str, str] | None = None, in_process: bool = False) -> TrainSummary:
     """TrainStage through the engine, holding RUN's lease (or under LEASE, the fence of a caller
     that holds it); Ray must be initialized. Returns the summary."""
-    return execute(TrainStage(shards, run, cfg, tracking, tags), lease, progress=False)
+    return execute(TrainStage(shards, run, cfg, tracking, tags, in_process), lease, progress=False)

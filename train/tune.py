@@ -37,7 +37,8 @@ from tessera.core.lease import LeaseConfig
 from tessera.core.storage import Store
 from tessera.core.summary import StageSummary
 from tessera.train.config import NO_TRACKING, TrackingConfig, TrainConfig, TuneConfig, with_settings
-from tessera.train.layout import METRICS, STOP_REQUESTED, TRAIN_SUMMARY
+from tessera.train.crossval import training_folders, validation_so_far
+from tessera.train.layout import STOP_REQUESTED, TRAIN_SUMMARY
 from tessera.train.tasks import VALIDATION_METRIC, epoch_metrics
 from tessera.train.tracking import PARENT_TAG, end_parent, start_parent
 
@@ -89,15 +90,6 @@ class TuneSummary(StageSummary):
     best_config: str | None = None  # the URL of best.yaml
 
 
-def validation_records(run: Store) -> list[dict]:
-    """The validation records of RUN's metrics.jsonl so far (whole lines only: rank 0 may be
-    writing the next)."""
-    if not run.exists(METRICS):
-        return []
-    text = run.read_bytes(METRICS).decode()
-    return [r for r in (json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()) if "val_tasks" in r]
-
-
 def check_metric(tune: TuneConfig, train: TrainConfig) -> None:
     """tune.metric names what a trial's validation records hold (ConfigError before Ray starts)."""
     parts = tune.metric.split(".")
@@ -143,19 +135,33 @@ def trial_class():
     class Trial(ray_tune.Trainable):
         """Trains in TUNE_DIR/trials/<name>/ in a thread; each `step` is one validation record as
         it reaches the store. Stopped by the scheduler, it asks its training to stop at the next
-        epoch's end and waits for it (its Ray Train workers then give back their CPUs)."""
+        epoch's end and waits for it (its Ray Train workers then give back their CPUs). A trial
+        of one worker trains in this actor, which Tune then reuses for the next trial (torch,
+        DeepSpeed and the process group are set up once per actor, not per trial)."""
 
         def setup(self, settings: dict, context: TrialContext) -> None:
+            self.context = context
+            self._start(settings)
+
+        def reset_config(self, new_config: dict) -> bool:
+            self._stop()  # (a trial the scheduler stopped hands its actor over without a cleanup)
+            self._start(new_config)
+            return True
+
+        def _start(self, settings: dict) -> None:
+            context = self.context
             name = trial_name(settings)
             self.run = context.folder.child(TRIALS, name)
             cfg = trial_config(context.train, context.tune, settings)
             tags = {"tessera.trial": name} | ({PARENT_TAG: context.parent_run} if context.parent_run else {})
             self.failure: list[BaseException] = []
             self.reported, self.last = 0, {}
+            self.folds = cfg.cross_validation.folds  # (a cross-validated trial reports its folds' mean per epoch)
 
             def train() -> None:
                 try:
-                    run_train_stage(context.shards, self.run, cfg, context.lease, context.tracking, tags)
+                    run_train_stage(context.shards, self.run, cfg, context.lease, context.tracking, tags,
+                                    in_process=in_process(cfg))
                 except StoppedOnRequest:
                     pass
                 except BaseException as e:  # raised again by `step`
@@ -167,7 +173,7 @@ def trial_class():
         def step(self) -> dict:
             while True:
                 finished = not self.training.is_alive()
-                records = validation_records(self.run)
+                records = validation_so_far(self.run, self.folds)
                 if len(records) > self.reported:
                     self.reported += 1
                     self.last = epoch_metrics(records[self.reported - 1])
@@ -185,13 +191,33 @@ def trial_class():
             pass
 
         def cleanup(self) -> None:
+            self._stop()
+
+        def _stop(self) -> None:
             if self.training.is_alive():
-                self.run.write_bytes(STOP_REQUESTED, b"")
+                folders = training_folders(self.run, self.folds)
+                for folder in folders:
+                    folder.write_bytes(STOP_REQUESTED, b"")
                 self.training.join()
-                if self.run.exists(STOP_REQUESTED):  # (asked too late to matter: the training finished)
-                    self.run.remove(STOP_REQUESTED)
+                for folder in folders:
+                    if folder.exists(STOP_REQUESTED):  # (asked too late to matter: that training finished)
+                        folder.remove(STOP_REQUESTED)
 
     return Trial
+
+
+def trial_validation(folder: Store, settings: dict) -> list[dict]:
+    """The validation records so far of the trial of SETTINGS in the tune folder FOLDER (a
+    cross-validated trial's: its folds' mean per epoch)."""
+    recorded = folder.read_json(TUNE_CONFIG)
+    train, tune = TrainConfig.model_validate(recorded["train"]), TuneConfig.model_validate(recorded["tune"])
+    return validation_so_far(folder.child(TRIALS, trial_name(settings)),
+                             trial_config(train, tune, settings).cross_validation.folds)
+
+
+def in_process(cfg: TrainConfig) -> bool:
+    """Whether a trial trains in its own actor: one worker, no folds (those run on Ray Train)."""
+    return cfg.workers == 1 and not cfg.cross_validation.folds
 
 
 def search_space(tune: TuneConfig) -> dict:
@@ -263,6 +289,7 @@ class TuneStage(Stage[TuneSummary]):
     def run(self, run: StageRun) -> TuneSummary:
         # Tune's reporter at verbosity 0 prints nothing (its newer one draws tables regardless)
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        import ray
         from ray import tune as ray_tune
 
         train, tune = self.train, self.tune
@@ -275,9 +302,14 @@ class TuneStage(Stage[TuneSummary]):
         # the trial it replaces (gone with the old driver's actors) instead of failing
         context = TrialContext(self.shards if isinstance(self.shards, Store) else tuple(self.shards), self.folder,
                                train, tune, self.lease.model_copy(update={"wait": True}), self.tracking, parent)
-        # the trial actor only waits on its training, whose Ray Train workers take the CPUs
-        trainable = ray_tune.with_resources(ray_tune.with_parameters(trial_class(), context=context),
-                                            {"CPU": TRIAL_ACTOR_CPUS})
+        # a trial actor that trains holds the worker's resources; one that only waits on its Ray
+        # Train workers, next to none
+        if in_process(trial_config(train, tune, {})):
+            gpu = train.use_gpu is True or (train.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+            resources = {"CPU": tune.resources_per_trial.cpus_per_worker, "GPU": 1 if gpu else 0}
+        else:
+            resources = {"CPU": TRIAL_ACTOR_CPUS}
+        trainable = ray_tune.with_resources(ray_tune.with_parameters(trial_class(), context=context), resources)
         filesystem, path = self.folder.arrow_location(EXPERIMENT)
         experiment = f"{path}/{NAME}"
         if ray_tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
@@ -288,7 +320,7 @@ class TuneStage(Stage[TuneSummary]):
             tuner = ray_tune.Tuner(
                 trainable, param_space=search_space(tune),
                 tune_config=ray_tune.TuneConfig(
-                    metric=tune.metric, mode=tune.mode, num_samples=1 if grid else tune.trials,
+                    metric=tune.metric, mode=tune.mode, num_samples=1 if grid else tune.trials, reuse_actors=True,
                     search_alg=searcher(tune, train.seed), scheduler=scheduler(tune, train.epochs)),
                 run_config=ray_tune.RunConfig(name=NAME, storage_path=path, storage_filesystem=filesystem,
                                               verbose=0, failure_config=ray_tune.FailureConfig(max_failures=1)))
@@ -311,7 +343,7 @@ class TuneStage(Stage[TuneSummary]):
         tune = self.tune
         settings = {k: result.config[k] for k in tune.space}
         run = self.folder.child(TRIALS, trial_name(settings))
-        values = [epoch_metrics(r).get(tune.metric) for r in validation_records(run)]
+        values = [epoch_metrics(r).get(tune.metric) for r in trial_validation(self.folder, settings)]
         values = [v for v in values if v is not None and not math.isnan(v)]
         status = "completed" if run.exists(TRAIN_SUMMARY) else "failed" if result.error is not None else "stopped"
         return {"trial": trial_name(settings), "settings": json.dumps(settings, sort_keys=True), "status": status,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import reprlib
 from pathlib import Path
 from typing import Any, Literal
@@ -141,6 +142,11 @@ class _ConfigLoader(yaml.SafeLoader):
                                       f"{key_node.start_mark.line + 1}): give it once")
                 seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep)
+
+
+# YAML 1.2's floats: PyYAML (YAML 1.1) reads `lr: 1e-4` (no dot) as the string "1e-4"
+_ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+    r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
 def _expanded_values(node, memo: dict) -> int:

@@ -479,11 +479,11 @@ def _scaled(values: list) -> list[float]:
 def _tune_plots(folder: Store, rows: list[dict], metric: str) -> list[tuple[str, str]]:
     """The metric per epoch of every trial, and the settings against the metric."""
     from tessera.train.tasks import epoch_metrics
-    from tessera.train.tune import TRIALS, validation_records
+    from tessera.train.tune import trial_validation
 
     fig, ax = plt.subplots(figsize=(6, 3.4))
     for row in rows:
-        history = [epoch_metrics(r) for r in validation_records(folder.child(TRIALS, row["trial"]))]
+        history = [epoch_metrics(r) for r in trial_validation(folder, json.loads(row["settings"]))]
         ax.plot([h["epoch"] for h in history if metric in h], [h[metric] for h in history if metric in h],
                 marker="o", markersize=3, linewidth=1, linestyle="-" if row["status"] == "completed" else ":")
     ax.set_title(f"{metric} per epoch (dotted: stopped early)")

@@ -22,7 +22,7 @@ from tests.conftest import REPO, TESSERA, free_port
 
 TRAIN = {"epochs": 3, "micro_batch_size": 8, "warmup_steps": 1, "val_fraction": 0.3, "loader_workers": 0,
          "checkpoint_every": 1000, "model": {"modalities": ["text", "image"], "hidden": 32}}
-# two trials at once on the session's 2 CPUs (each trial's actor takes 0.01 of one)
+# two trials at once on the session's 2 CPUs (a trial of one worker trains in its own actor)
 RESOURCES = {"workers": 1, "cpus_per_worker": 0.9}
 
 
@@ -67,7 +67,10 @@ def test_a_random_search_with_asha_records_its_trials_and_its_best_config_trains
         assert not (run / STOP_REQUESTED).exists() or row["status"] == "stopped"
     completed = [r for r in rows if r["status"] == "completed"]
     assert summary.best_value == min(r["last"] for r in completed) and summary.completed == len(completed)
-    # the stopped trials' Ray Train workers gave their CPUs back
+    # the trials' actors (reused from trial to trial, then killed: asynchronously) gave their CPUs back
+    deadline = time.monotonic() + 10
+    while ray_session.available_resources().get("CPU", 0) < 1.95 and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert ray_session.available_resources().get("CPU", 0) == pytest.approx(2.0, abs=0.05)
 
     # best.yaml is a whole config that trains the best trial again, to the same figure
@@ -144,6 +147,33 @@ def test_a_bayes_search_completes_with_its_tracking_server_down(embedded_mini, r
     assert summary.trials == summary.completed == len(rows) == 2
     assert len({r["settings"] for r in rows}) == 2 and summary.best_config
     assert any("could not be reached" in r.message for r in caplog.records if r.name == "tessera.train.tracking")
+
+
+@pytest.mark.slow
+def test_asha_stops_a_cross_validated_trial_on_its_folds_mean(embedded_mini, ray_session, tmp_path):
+    """Cross-validated trials (2 folds each, on Ray Train) report their folds' mean every epoch,
+    so ASHA can stop one mid-way: a learning rate that barely moves is stopped after a rung (a
+    few epochs later: the trials train on while Tune decides), each fold on request, and its row
+    has the epochs both folds trained."""
+    epochs = 20
+    cfg = load_config(config_file(tmp_path, train=TRAIN | {"cross_validation": {"folds": 2}, "epochs": epochs}, tune={
+        "space": {"train.lr": {"grid": [3e-2, 1e-6]}}, "search": "grid", "scheduler": "asha", "max_concurrent": 1,
+        "metric": "val.loss", "mode": "min", "resources_per_trial": RESOURCES}))
+    summary = tuned(embedded_mini, tmp_path / "tune", cfg)
+    table = pq.read_table(tmp_path / "tune" / TRIALS_TABLE).to_pylist()
+    rows = {json.loads(r["settings"])["train.lr"]: r for r in table}
+    assert (rows[3e-2]["status"], rows[3e-2]["epochs"]) == ("completed", epochs)
+    assert summary.best_settings == {"train.lr": 3e-2}
+    assert rows[1e-6]["status"] == "stopped" and 1 <= rows[1e-6]["epochs"] < epochs
+    trained = []
+    for fold in (0, 1):  # each fold of the stopped trial stopped on request
+        run = tmp_path / "tune" / "trials" / rows[1e-6]["trial"] / "folds" / str(fold)
+        records = [json.loads(line) for line in (run / METRICS).read_text().splitlines()]
+        trained.append(sum("val_tasks" in r for r in records))
+        assert records[-1].get("stopped") and not (run / STOP_REQUESTED).exists()
+    assert min(trained) == rows[1e-6]["epochs"]  # (the epochs both folds reached: what the trial reported)
+    completed = tmp_path / "tune" / "trials" / rows[3e-2]["trial"]
+    assert json.loads((completed / "cv.json").read_text())["folds"] == 2
 
 
 @pytest.mark.parametrize("setting, named", [

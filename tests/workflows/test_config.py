@@ -37,6 +37,20 @@ def test_overrides_are_typed_and_validated():
         load_config(None, ["shard.image.size"])
 
 
+def test_exponent_numbers_are_numbers_as_yaml_12_reads_them(tmp_path):
+    """PyYAML (YAML 1.1) reads `1e-4` without a dot as a string; a config reads it as a number,
+    in a field and in a search space alike (where nothing would coerce it)."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1e-4\ntune:\n  space:\n    train.lr: {choice: [3e-2, 1e-6]}\n"
+                    "    train.weight_decay: {loguniform: [1E-5, 1.0e-1]}\n")
+    cfg = load_config(path, ["train.weight_decay=2e-3"])
+    assert cfg.train.lr == 1e-4 and cfg.train.weight_decay == 2e-3
+    space = cfg.tune.model_dump()["space"]
+    assert list(space["train.lr"]["choice"]) == [3e-2, 1e-6]
+    assert list(space["train.weight_decay"]["loguniform"]) == [1e-5, 0.1]
+    assert load_config(None, ["job.manifest=1e5x"]).job.manifest == "1e5x"  # (not a number: a string)
+
+
 def test_unreadable_or_non_mapping_config(tmp_path):
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(tmp_path / "missing.yaml")
