@@ -118,12 +118,20 @@ def test_pipeline_two_stages_trains_every_task_head(embedded_mini, tmp_path):
 
 
 @pytest.mark.slow
-def test_zero3_runs_and_checkpoints(embedded_mini, tmp_path):
+def test_zero3_runs_checkpoints_and_goes_on_with_another_number_of_workers(embedded_mini, tmp_path):
     cfg = TrainConfig(zero_stage=3, **{**BASE, "epochs": 1, "checkpoint_every": 3})
     summary = run_train_stage(Store(str(embedded_mini)), Store(str(tmp_path)), cfg)
     tag = tmp_path / "checkpoints" / summary.checkpoint
     assert summary.steps == 6 and len(list(tag.glob("zero_pp_rank_*_optim_states.pt"))) == 2
     assert (tmp_path / "checkpoints" / "step-0000003").is_dir()
+    exported_model(tmp_path)
+    # one more epoch on 1 worker: the 2 ranks' partitioned parameters and optimizer states are
+    # joined through DeepSpeed's universal form (10 steps an epoch on 1 worker)
+    more = run_train_stage(Store(str(embedded_mini)), Store(str(tmp_path)),
+                           TrainConfig(zero_stage=3, **{**BASE, "workers": 1, "epochs": 2, "checkpoint_every": 3}))
+    assert more.resumed and more.steps == 20
+    assert set(losses(tmp_path)) == set(range(1, 7)) | set(range(11, 21))
+    assert not any(p.name.endswith("-universal") for p in (tmp_path / "checkpoints").iterdir())
     exported_model(tmp_path)
 
 
