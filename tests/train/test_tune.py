@@ -153,9 +153,9 @@ def test_a_bayes_search_completes_with_its_tracking_server_down(embedded_mini, r
 def test_asha_stops_a_cross_validated_trial_on_its_folds_mean(embedded_mini, ray_session, tmp_path):
     """Cross-validated trials (2 folds each, on Ray Train) report their folds' mean every epoch,
     so ASHA can stop one mid-way: a learning rate that barely moves is stopped after a rung (a
-    few epochs later: the trials train on while Tune decides), each fold on request, and its row
-    has the epochs both folds trained."""
-    epochs = 20
+    few epochs later: the trials train on while Tune decides), each fold still training on
+    request, and its row has the epochs both folds trained."""
+    epochs = 40
     cfg = load_config(config_file(tmp_path, train=TRAIN | {"cross_validation": {"folds": 2}, "epochs": epochs}, tune={
         "space": {"train.lr": {"grid": [3e-2, 1e-6]}}, "search": "grid", "scheduler": "asha", "max_concurrent": 1,
         "metric": "val.loss", "mode": "min", "resources_per_trial": RESOURCES}))
@@ -165,13 +165,14 @@ def test_asha_stops_a_cross_validated_trial_on_its_folds_mean(embedded_mini, ray
     assert (rows[3e-2]["status"], rows[3e-2]["epochs"]) == ("completed", epochs)
     assert summary.best_settings == {"train.lr": 3e-2}
     assert rows[1e-6]["status"] == "stopped" and 1 <= rows[1e-6]["epochs"] < epochs
-    trained = []
-    for fold in (0, 1):  # each fold of the stopped trial stopped on request
+    trained, stopped = [], []
+    for fold in (0, 1):  # each fold still training when asked stopped on request (one may have finished first)
         run = tmp_path / "tune" / "trials" / rows[1e-6]["trial"] / "folds" / str(fold)
         records = [json.loads(line) for line in (run / METRICS).read_text().splitlines()]
         trained.append(sum("val_tasks" in r for r in records))
-        assert records[-1].get("stopped") and not (run / STOP_REQUESTED).exists()
-    assert min(trained) == rows[1e-6]["epochs"]  # (the epochs both folds reached: what the trial reported)
+        stopped.append(bool(records[-1].get("stopped")))
+        assert (stopped[-1] or trained[-1] == epochs) and not (run / STOP_REQUESTED).exists()
+    assert any(stopped) and min(trained) == rows[1e-6]["epochs"]  # (the epochs both folds reached: what it reported)
     completed = tmp_path / "tune" / "trials" / rows[3e-2]["trial"]
     assert json.loads((completed / "cv.json").read_text())["folds"] == 2
 
