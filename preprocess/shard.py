@@ -59,8 +59,9 @@ def _sha256(data: bytes | None) -> str | None:
     return None if data is None else hashlib.sha256(data).hexdigest()
 
 
-def index_row(plan: ShardPlan, row: ManifestRow, raw: dict[str, bytes], out: SampleOutput) -> dict:
-    raw_sha256 = {m: hashlib.sha256(b).hexdigest() for m, b in raw.items()}
+def index_row(plan: ShardPlan, row: ManifestRow, raw_sha256: dict[str, str], raw_bytes: int,
+              out: SampleOutput) -> dict:
+    """OUT's index row; RAW_SHA256 and RAW_BYTES: its row's inputs (hashed once for all its samples)."""
     return {
         "key": out.record["__key__"],
         "source_key": row.source_key,
@@ -75,7 +76,7 @@ def index_row(plan: ShardPlan, row: ManifestRow, raw: dict[str, bytes], out: Sam
         **{f"{m}_payload_sha256": _sha256(out.payload(m)) for m in MODALITIES},
         # a part of its row (a volume's slice) is told from the row's other parts by its own digest
         "content_id": content_id(raw_sha256 if out.part_sha256 is None else {**raw_sha256, "part": out.part_sha256}),
-        "raw_bytes": sum(len(b) for b in raw.values()),
+        "raw_bytes": raw_bytes,
         "stored_bytes": out.stored_bytes,
         "duplicate_of": None,
         "image_phash": out.image_phash,
@@ -165,9 +166,11 @@ def _write_batch(rows: list[ManifestRow], cfg: ShardConfig, inputs: Store, tar, 
         done.rows += 1
         if row.text is not None:
             raw = {**raw, "text": row.text.encode()}
+        raw_sha256 = {m: hashlib.sha256(b).hexdigest() for m, b in raw.items()}
+        raw_bytes = sum(len(b) for b in raw.values())
         for sample in result:
             tar.write(sample.record)
             if compares_text(sample, cfg):
                 done.texts.append((len(done.index), sample.record["txt"].decode()))
-            done.index.append(index_row(plan, row, raw, sample))
+            done.index.append(index_row(plan, row, raw_sha256, raw_bytes, sample))
             done.stats.add(sample)
