@@ -140,14 +140,16 @@ class TrainConfig(Strict):
                 raise ValueError("pipeline parallelism works with zero_stage 0 or 1 (DeepSpeed's limit)")
             if self.model.contrastive_weight:
                 raise ValueError("the contrastive loss needs the whole batch on one stage: use parallel: data")
+            if self.finetune and self.zero_stage:
+                # ZeRO reduces the gradient norm over the stages once per parameter group, and a
+                # stage holding only a tower has one group where the heads' stage has two
+                raise ValueError("pipeline stages over fine-tuned towers train with zero_stage 0 (DeepSpeed's "
+                                 "ZeRO needs the same parameter groups on every stage)")
         if self.model.contrastive_weight and not {"image", "text"} <= set(self.model.modalities):
             raise ValueError("the contrastive loss needs both image and text in model.modalities")
         if not set(self.finetune) <= set(self.model.modalities):
             raise ValueError(f"finetune {list(self.finetune)}: each must be one of model.modalities "
                              f"{list(self.model.modalities)}")
-        if self.finetune and self.parallel == "pipeline":
-            raise ValueError("fine-tuned towers train with parallel: data (ZeRO shards them); pipeline stages over "
-                             "towers are not built yet")
         if self.offload == "optimizer" and self.zero_stage == 0 or self.offload == "all" and self.zero_stage != 3:
             raise ValueError(f"offload: {self.offload} needs zero_stage {'3' if self.offload == 'all' else '>= 1'}")
         if self.objective == "contrastive":

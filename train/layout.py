@@ -86,6 +86,7 @@ class TrainSummary(StageSummary):
     model: str  # the URL of the weights
     init_from: str | None = None
     distilled_from: str | None = None
+    pipeline_stages: list[str] | None = None  # what each stage held (parallel: pipeline)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from tessera.train.data import DatasetInfo, StreamSpec, loader
 from tessera.train.layout import META, STOP_REQUESTED, WEIGHTS, ModelMeta
 from tessera.train.losses import Distillation, TaskLoss, loss_sums, tally
 from tessera.train.model import Alignment, MultimodalModel
-from tessera.train.parallel import build_engine, init_distributed, resolve_precision
+from tessera.train.parallel import build_engine, init_distributed, resolve_precision, stage_layouts
 from tessera.train.run_store import UNIVERSAL, Checkpoints, MetricsLog, disk_id, tag_of
 from tessera.train.saved import load_model
 from tessera.train.tasks import TALLY, tasks_meta, validation_record
@@ -87,10 +87,10 @@ def _targets(batch: dict, inputs: tuple, device, teacher: torch.nn.Module | None
         return (*targets, teacher(inputs))
 
 
-def _pipeline_items(batches, device, teacher: torch.nn.Module | None = None):
+def _pipeline_items(batches, device, model: MultimodalModel, teacher: torch.nn.Module | None = None):
     for batch in batches:
         inputs = _inputs(batch, device)
-        yield inputs, _targets(batch, inputs, device, teacher)
+        yield model.pipeline_inputs(inputs), _targets(batch, inputs, device, teacher)
 
 
 def _teacher(job: TrainJob, device) -> torch.nn.Module | None:
@@ -209,6 +209,10 @@ class Trainer:
                          f", saved by {self.saved_world} data-parallel ranks, now {self.data_world}"
                          if self.saved_world else "")
         self.metrics = MetricsLog(self.job.run, saved_step) if self.rank == 0 else None
+        if self.metrics and self.pipeline and saved_step is None:
+            stages = stage_layouts(self.model, self.engine.module.parts)
+            log.info("pipeline stages: %s", "; ".join(f"{i}: {s}" for i, s in enumerate(stages)))
+            self.metrics.write({"step": 0, "pipeline_stages": stages})
         self.last_saved = self.step
 
     def _reposition(self, saved_batch: int) -> None:
@@ -272,7 +276,7 @@ class Trainer:
         engine.eval()
         with torch.no_grad():
             if self.pipeline:
-                items = _pipeline_items(loader(spec, self.epoch), device)
+                items = _pipeline_items(loader(spec, self.epoch), device, self.model)
                 for _ in range(spec.batches_per_rank // engine.micro_batches):
                     micro = [next(items) for _ in range(engine.micro_batches)]
                     _, logits = engine.eval_batch(iter(micro), return_logits=True)
@@ -369,7 +373,7 @@ class Trainer:
         self.resume()
         batches = TimedBatches(loader(self.train_spec, self.epoch, self.batch_pos, cfg.epochs))
         teacher = _teacher(self.job, self.device) if not self.pipeline or self.engine.is_last_stage() else None
-        pipe_items = _pipeline_items(batches, self.device, teacher) if self.pipeline else None
+        pipe_items = _pipeline_items(batches, self.device, self.model, teacher) if self.pipeline else None
         per_rank = self.train_spec.batches_per_rank
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="train", disable=self.rank != 0)
         try:

@@ -5,7 +5,8 @@ Inputs are packed tensors so the same modules serve data and pipeline parallelis
   mask:     [B, M] float, 1 where a modality is present — fusion masks absent ones out
   pixels:   [B, 3, S, S] float (optional image branch), already normalized
   towers:   {modality: its tower's input tensors} (last, with fine-tuned towers: train/towers.py),
-            whose vectors replace that modality's cached ones
+            whose vectors replace that modality's cached ones; pipeline stages pass them on as
+            flat tensors instead (`pipeline_inputs`), each tower's TOWER_INPUTS in turn
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from torch import nn
 from tessera.train.config import ModelConfig
 from tessera.train.losses import TaskLoss
 from tessera.train.tasks import Task
+
+# the tensors a fine-tuned tower reads, in the order pipeline stages pass them on
+TOWER_INPUTS = {"text": ("input_ids", "attention_mask", "token_type_ids"), "image": ("pixels",)}
 
 
 class ImageBranch(nn.Module):
@@ -123,6 +127,34 @@ class Heads(nn.Module):
         return torch.cat([head(x) for head in self.out], dim=1) * self.scale + self.center
 
 
+class TowerLayer(nn.Module):
+    """A fine-tuned tower as a pipeline layer. On the flat tuple (features, mask, [pixels],
+    tower inputs...) its vectors replace its modality's cached ones in features and its input
+    tensors leave the tuple; the towers after it find theirs first in what is left."""
+
+    def __init__(self, modality: str, tower: nn.Module, encoder: FusionEncoder, packed: int):
+        super().__init__()
+        self.modality, self.tower, self.packed = modality, tower, packed
+        self.slot, self.sizes = encoder.names.index(modality), encoder.sizes
+
+    def forward(self, inputs: tuple) -> tuple:
+        keys = TOWER_INPUTS[self.modality]
+        features, *packed = inputs[: self.packed]
+        mine, rest = inputs[self.packed : self.packed + len(keys)], inputs[self.packed + len(keys) :]
+        parts = list(torch.split(features, self.sizes, dim=1))
+        parts[self.slot] = self.tower(**dict(zip(keys, mine, strict=True))).float()
+        return (torch.cat(parts, dim=1), *map(_in_graph, (*packed, *rest)))
+
+
+def _in_graph(t: torch.Tensor) -> torch.Tensor:
+    """T, passed on unchanged by a pipeline layer, as a tensor DeepSpeed can differentiate: it
+    runs backward on every floating-point tensor a stage sends, and those of the first stage's
+    batch are leaves without gradients."""
+    if torch.is_grad_enabled() and t.is_floating_point() and not t.requires_grad:
+        t.requires_grad_()
+    return t
+
+
 class MultimodalModel(nn.Module):
     """One fused representation of the modalities, residual blocks, one head per task."""
 
@@ -142,8 +174,23 @@ class MultimodalModel(nn.Module):
             self.logit_scale = nn.Parameter(torch.tensor([math.log(1 / align.temperature)]))
 
     def layers(self) -> list[nn.Module]:
-        """The same modules in order, for pipeline stages (the heads on the last one)."""
-        return [self.encoder, *self.blocks, self.head]
+        """The same modules in order, for pipeline stages (the towers first, the heads on the
+        last one); they take `pipeline_inputs`."""
+        packed = 3 if self.cfg.image_branch else 2  # features, mask[, pixels]
+        towers = [TowerLayer(m, tower, self.encoder, packed) for m, tower in (self.towers or {}).items()]
+        return [*towers, self.encoder, *self.blocks, self.head]
+
+    def layer_names(self) -> list[str]:
+        """What each of `layers` is, for a person."""
+        return [f"{m} tower" for m in self.towers or {}] + ["fusion"] + ["block"] * len(self.blocks) + ["heads"]
+
+    def pipeline_inputs(self, inputs: tuple) -> tuple:
+        """INPUTS as the flat tensor tuple `layers` pass on: the towers' input tensors last,
+        tower by tower in the layers' order."""
+        if self.towers is None:
+            return inputs
+        *packed, towers = inputs
+        return (*packed, *(towers[m][k] for m in self.towers for k in TOWER_INPUTS[m]))
 
     def _vectors(self, features: torch.Tensor, towers: dict) -> torch.Tensor:
         """The packed features with each fine-tuned modality's vectors made by its tower."""

@@ -3,6 +3,7 @@ ZeRO data-parallel engine or a PipelineModule engine over the model's own layers
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -46,14 +47,18 @@ def offload_config(offload: str) -> dict:
             "all": {"offload_optimizer": cpu, "offload_param": cpu}}[offload]
 
 
-def optimizer_and_schedule(module: torch.nn.Module, cfg: TrainConfig, total_steps: int):
-    """AdamW (the fine-tuned towers at train.encoder_lr, the rest at train.lr) with linear
-    warm-up then cosine (or constant) decay, both plain torch."""
+def optimizer_and_schedule(module: torch.nn.Module, cfg: TrainConfig, total_steps: int,
+                           encoders: torch.nn.Module | None = None):
+    """AdamW (the fine-tuned towers, ENCODERS, at train.encoder_lr, the rest at train.lr) with
+    linear warm-up then cosine (or constant) decay, both plain torch. MODULE may hold only a
+    part of ENCODERS (a pipeline stage)."""
+    in_towers = {id(p) for p in encoders.parameters()} if encoders is not None else set()
     towers, rest = [], []
-    for name, param in module.named_parameters():
+    for param in module.parameters():
         if param.requires_grad:
-            (towers if name.startswith("towers.") else rest).append(param)
-    groups = [{"params": rest, "lr": cfg.lr}] + ([{"params": towers, "lr": cfg.encoder_lr}] if towers else [])
+            (towers if id(param) in in_towers else rest).append(param)
+    # (no empty group: a pipeline stage may hold only a tower, or none)
+    groups = [g for g in ({"params": rest, "lr": cfg.lr}, {"params": towers, "lr": cfg.encoder_lr}) if g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def factor(step: int) -> float:
@@ -86,6 +91,19 @@ class PipelineLoss:
         return sums
 
 
+def stage_layouts(model: MultimodalModel, parts: list[int]) -> list[str]:
+    """What each pipeline stage holds (PipelineModule's `parts`: the boundaries in the model's
+    layers), for a person: "text tower (22.7M trainable)", "image tower, fusion, 2 blocks, heads (0.4M trainable)"."""
+    layers, names = model.layers(), model.layer_names()
+    layouts = []
+    for start, stop in itertools.pairwise(parts):
+        held = names[start:stop]
+        counted = [f"{held.count(n)} {n}s" if held.count(n) > 1 else n for n in dict.fromkeys(held)]
+        trainable = sum(p.numel() for layer in layers[start:stop] for p in layer.parameters() if p.requires_grad)
+        layouts.append(f"{', '.join(counted)} ({trainable / 1e6:.1f}M trainable)")
+    return layouts
+
+
 def init_distributed() -> None:
     """DeepSpeed's view of the process group the launcher (Ray Train) created (idempotent)."""
     import deepspeed
@@ -109,14 +127,16 @@ def build_engine(model: MultimodalModel, cfg: TrainConfig, world: int, total_ste
     if cfg.parallel == "pipeline":
         from deepspeed.pipe import PipelineModule
 
+        # stages balanced by trainable parameters: a big tower gets a stage of its own; the
+        # tokens' length changes from batch to batch (dynamic shapes)
         module = PipelineModule(layers=model.layers(), num_stages=cfg.pipeline_stages,
-                                loss_fn=PipelineLoss(model.loss),
-                                partition_method="parameters", activation_checkpoint_interval=0)
+                                loss_fn=PipelineLoss(model.loss), partition_method="parameters",
+                                activation_checkpoint_interval=0, dynamic_shape=model.towers is not None)
         data_parallel = world // cfg.pipeline_stages
     else:
         module = model
         data_parallel = world
-    optimizer, schedule = optimizer_and_schedule(module, cfg, total_steps)
+    optimizer, schedule = optimizer_and_schedule(module, cfg, total_steps, model.towers)
     config = deepspeed_config(cfg, data_parallel, precision)
     if load_universal:
         config["checkpoint"] = {"load_universal": True}

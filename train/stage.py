@@ -150,7 +150,8 @@ class TrainStage(Stage[TrainSummary]):
             val_accuracy=epochs[-1]["val_accuracy"] if epochs else None,
             val_tasks=epochs[-1]["val_tasks"] if epochs else None,
             checkpoint=Checkpoints(checkpoints).latest(), model=folder.url_of(WEIGHTS),
-            init_from=cfg.init_from, distilled_from=cfg.distill_from)
+            init_from=cfg.init_from, distilled_from=cfg.distill_from,
+            pipeline_stages=next((r["pipeline_stages"] for r in records if "pipeline_stages" in r), None))
 
 
 def _fit(trainer: Callable[[], Any], max_failures: int) -> None:

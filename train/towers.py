@@ -20,6 +20,7 @@ from tessera.core.storage import Store
 from tessera.features.config import EmbedConfig
 from tessera.features.prepare import image_input, text_input
 from tessera.train.layout import TOWERS
+from tessera.train.model import TOWER_INPUTS
 
 
 @functools.cache
@@ -61,7 +62,7 @@ class TowerSpec:
                 tokens = _tokenizer(str(encoder.folder()))(
                     [text_input(p) if p is not None else "" for p in payloads], padding=True, truncation=True,
                     max_length=encoder.cfg.max_length, return_tensors="pt")
-                out[modality] = {k: tokens[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+                out[modality] = {k: tokens[k] for k in TOWER_INPUTS["text"]}
             else:
                 size = encoder.cfg.image_size
                 out[modality] = {"pixels": torch.from_numpy(np.stack([

@@ -148,7 +148,8 @@ def train_text(s: dict) -> str:
     metrics = _metrics(s.get("val_tasks"))
     few = ", too few to judge a model by" if s["val_samples"] < SMALL_VALIDATION else ""
     validation = f"; validation ({s['val_samples']} samples{few}): {metrics}" if metrics else ""
-    return f"{_prefix(s)}{s['steps']} steps on {s['train_samples']} samples{loss}{validation}"
+    stages = "; pipeline " + " | ".join(s["pipeline_stages"]) if s.get("pipeline_stages") else ""
+    return f"{_prefix(s)}{s['steps']} steps on {s['train_samples']} samples{loss}{validation}{stages}"
 
 
 def tune_text(s: dict) -> str:

@@ -52,6 +52,46 @@ def test_pipeline_layers_compute_the_same_function():
     torch.testing.assert_close(out, model(x))
 
 
+class _Tokens(torch.nn.Module):
+    """A stand-in text tower: token ids to a vector of the text slot's width."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.EmbeddingBag(50, DIMS["text"])
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        return self.embed(input_ids * attention_mask + token_type_ids)
+
+
+class _Pixels(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.project = torch.nn.Linear(3 * 4 * 4, DIMS["image"])
+
+    def forward(self, pixels):
+        return self.project(pixels.flatten(1))
+
+
+def test_pipeline_layers_with_towers_compute_the_same_function():
+    """Each tower is a layer that takes its own tensors off the flat tuple the stages pass on."""
+    torch.manual_seed(0)
+    towers = torch.nn.ModuleDict({"image": _Pixels(), "text": _Tokens()})
+    cfg = ModelConfig(hidden=16, dropout=0.0, image_branch=True, image_branch_size=8)
+    model = MultimodalModel(DIMS, TASKS, cfg, towers=towers).eval()
+    features, mask = batch()
+    ids = torch.randint(1, 50, (4, 7))
+    tower_inputs = {"text": {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                             "token_type_ids": torch.zeros_like(ids)},
+                    "image": {"pixels": torch.randn(4, 3, 4, 4)}}
+    x = (features, mask, torch.randn(4, 3, 8, 8), tower_inputs)
+    out = model.pipeline_inputs(x)
+    assert [t.dtype for t in out[3:]] == [torch.float32, *[torch.int64] * 3]  # in the layers' order: image, text
+    for layer in model.layers():
+        out = layer(out)
+    torch.testing.assert_close(out, model(x))
+    assert model.layer_names() == ["image tower", "text tower", "fusion", "block", "block", "heads"]
+
+
 def test_image_branch_adds_a_token():
     torch.manual_seed(0)
     model = MultimodalModel(DIMS, TASKS, ModelConfig(hidden=16, image_branch=True, image_branch_size=32)).eval()

@@ -72,7 +72,7 @@ def test_the_loss_over_gathered_negatives_equals_the_single_process_loss(tmp_pat
 @pytest.mark.parametrize("settings, message", [
     ({"finetune": ["audio"]}, "finetune"),
     ({"finetune": ["text"], "model": {"modalities": ["image"]}}, "one of model.modalities"),
-    ({"finetune": ["text"], "parallel": "pipeline", "zero_stage": 1}, "pipeline"),
+    ({"finetune": ["text"], "parallel": "pipeline", "zero_stage": 1}, "zero_stage 0"),
     ({"offload": "all", "zero_stage": 2}, "zero_stage 3"),
     ({"offload": "optimizer", "zero_stage": 0}, "zero_stage >= 1"),
     ({"objective": "contrastive", "model": {"modalities": ["image", "audio"]},
@@ -134,6 +134,50 @@ def test_supervised_fine_tuning_trains_both_towers_and_saves_them(supervised_run
     base_identities = EmbedSummary.read(Store(str(shards))).encoders
     assert set(meta["towers"]) == {"text", "image"}
     assert all(meta["towers"][m] != base_identities[m] for m in ("text", "image"))
+
+
+@pytest.mark.slow
+def test_a_fine_tuning_run_goes_on_with_another_number_of_workers(supervised_run, shards, tmp_path):
+    """The 2-worker ZeRO-1 run (its towers' frozen pooler left out of the optimizer) goes on to
+    a third epoch on 1 worker: its checkpoint joined through DeepSpeed's universal form."""
+    run = tmp_path / "run"
+    shutil.copytree(supervised_run, run)
+    cfg = TrainConfig.model_validate({**SUPERVISED, "workers": 1, "max_steps": None, "epochs": 3})
+    summary = run_train_stage(Store(str(shards)), Store(str(run)), cfg)
+    # 12 steps of 2 workers (5 an epoch) are 2 epochs and 2/5 of the third: 24 of 1 worker (10 an epoch)
+    assert summary.resumed and summary.steps == 30
+    after = _step_losses(run)
+    assert set(after) == set(range(1, 13)) | set(range(25, 31))
+    before = load_file(str(supervised_run / "towers/text/model.safetensors"))
+    text = load_file(str(run / "towers/text/model.safetensors"))
+    base = _base_text_weights()
+    pooler = [k for k in text if k.startswith("pooler.")]
+    assert pooler and all(torch.equal(text[k], base[k]) for k in pooler)
+    assert any(not torch.equal(text[k], before[k]) for k in text if k.startswith("encoder.layer.5."))
+    # it goes on from the trained towers, not from the base ones
+    assert max(after[s] for s in range(25, 31)) < max(after[s] for s in range(1, 4))
+
+
+@pytest.mark.slow
+def test_pipeline_stages_over_the_towers_train_both(shards, tmp_path):
+    """MiniLM alone on stage 0; the image tower, fusion and heads on stage 1 (balanced by
+    trainable parameters); the towers' inputs cross the stages as tensors."""
+    from tessera.features.config import ImageEncoderConfig
+    from tessera.features.encoders import ClipImageEncoder
+
+    cfg = TrainConfig.model_validate({**SUPERVISED, "parallel": "pipeline", "zero_stage": 0, "max_steps": None,
+                                      "epochs": 1})
+    summary = run_train_stage(Store(str(shards)), Store(str(tmp_path)), cfg)
+    # one epoch, then validation through the stages
+    assert summary.steps > 0 and summary.final_loss is not None and summary.val_tasks["label"]["samples"] > 0
+    first, second = summary.pipeline_stages
+    assert first.startswith("text tower (") and second.startswith("image tower, fusion, 2 blocks, heads ("), \
+        summary.pipeline_stages
+    text, base = load_file(str(tmp_path / "towers/text/model.safetensors")), _base_text_weights()
+    assert any(not torch.equal(text[k], base[k]) for k in text if k.startswith("encoder.layer.0."))
+    image = load_file(str(tmp_path / "towers/image/model.safetensors"))
+    untrained = ClipImageEncoder(ImageEncoderConfig())._build(None).state_dict()
+    assert not torch.equal(image["visual_projection.weight"], untrained["visual_projection.weight"])
 
 
 @pytest.mark.slow
