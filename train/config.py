@@ -54,7 +54,7 @@ class ContrastiveConfig(Strict):
     supervised_weight: float = Field(0.0, ge=0, description="weight of the task heads' loss beside it (0: none)")
 
 
-Tower = Literal["text", "image"]
+Tower = Literal["text", "image", "audio"]
 
 
 class CrossValidationConfig(Strict):

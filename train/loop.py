@@ -118,6 +118,20 @@ def _memory_mb(device) -> tuple[float, float]:
     return tuple(_over_ranks([now, peak], device, dist.ReduceOp.MAX))
 
 
+def _tensor_mb() -> float:
+    """The bytes of every tensor this process holds, each storage once. Between steps: the
+    model states as ZeRO left them on this rank (weights, gradients, optimizer moments,
+    DeepSpeed's flat buffers and partitions), measured where ZeRO's arithmetic only predicts."""
+    import gc
+
+    storages = {}
+    for obj in gc.get_objects():
+        if issubclass(type(obj), torch.Tensor) and obj.layout == torch.strided:  # (type: no lazy __class__)
+            storage = obj.untyped_storage()
+            storages[(storage.device.type, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values()) / 2**20
+
+
 def _seed_step(cfg: TrainConfig, step: int, rank: int) -> None:
     # dropout draws depend on (seed, step, rank) only, so a resumed run repeats them exactly
     torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)
@@ -394,12 +408,14 @@ class Trainer:
                 self.metrics.upload()
             raise
         bar.close()
+        tensor_mb = _over_ranks([_tensor_mb()], self.device, dist.ReduceOp.MAX)[0]
         if self.latest is None or self.last_saved != self.step:
             self.checkpoint()
         retries = int(_over_ranks([float(retried.value)], self.device)[0])
         if self.rank == 0:
             self.export()
-            self.metrics.write({"step": self.step, "store_retries": retries})  # every rank's, this worker group's
+            # every rank's retries, this worker group's; the largest rank's tensors after training
+            self.metrics.write({"step": self.step, "store_retries": retries, "tensor_mb": tensor_mb})
             self.metrics.close()
         dist.barrier()
         if self.keeper:

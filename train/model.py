@@ -24,7 +24,8 @@ from tessera.train.losses import TaskLoss
 from tessera.train.tasks import Task
 
 # the tensors a fine-tuned tower reads, in the order pipeline stages pass them on
-TOWER_INPUTS = {"text": ("input_ids", "attention_mask", "token_type_ids"), "image": ("pixels",)}
+TOWER_INPUTS = {"text": ("input_ids", "attention_mask", "token_type_ids"), "image": ("pixels",),
+                "audio": ("samples", "lengths")}
 
 
 class ImageBranch(nn.Module):

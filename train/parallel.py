@@ -21,13 +21,14 @@ def resolve_precision(cfg: TrainConfig, on_gpu: bool) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def deepspeed_config(cfg: TrainConfig, data_parallel: int, precision: str) -> dict:
+def deepspeed_config(cfg: TrainConfig, data_parallel: int, precision: str, largest: int) -> dict:
+    """LARGEST: the most elements of one trainable parameter, which sizes ZeRO's buckets."""
     config = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
         "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * data_parallel,
         "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage, **offload_config(cfg.offload)},
+        "zero_optimization": {"stage": cfg.zero_stage, **offload_config(cfg.offload), **bucket_config(largest)},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
@@ -38,6 +39,15 @@ def deepspeed_config(cfg: TrainConfig, data_parallel: int, precision: str) -> di
     elif precision == "fp16":
         config["fp16"] = {"enabled": True, "initial_scale_power": 12}
     return config
+
+
+def bucket_config(largest: int) -> dict:
+    """ZeRO's reduce / all-gather / prefetch buckets sized to the model: each holds its largest
+    parameter (5M elements at least). DeepSpeed's defaults (500M elements for the reduce bucket)
+    make ZeRO-3 allocate a 2 GB gradient buffer per rank, more than a 110M-parameter model's
+    partitioned states (bench/finetune.py)."""
+    size = max(5_000_000, largest)
+    return {"reduce_bucket_size": size, "allgather_bucket_size": size, "stage3_prefetch_bucket_size": size}
 
 
 def offload_config(offload: str) -> dict:
@@ -137,7 +147,8 @@ def build_engine(model: MultimodalModel, cfg: TrainConfig, world: int, total_ste
         module = model
         data_parallel = world
     optimizer, schedule = optimizer_and_schedule(module, cfg, total_steps, model.towers)
-    config = deepspeed_config(cfg, data_parallel, precision)
+    largest = max((p.numel() for p in model.parameters() if p.requires_grad), default=0)
+    config = deepspeed_config(cfg, data_parallel, precision, largest)
     if load_universal:
         config["checkpoint"] = {"load_universal": True}
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule, config=config)

@@ -18,7 +18,7 @@ from torch import nn
 
 from tessera.core.storage import Store
 from tessera.features.config import EmbedConfig
-from tessera.features.prepare import image_input, text_input
+from tessera.features.prepare import audio_input, image_input, text_input
 from tessera.train.layout import TOWERS
 from tessera.train.model import TOWER_INPUTS
 
@@ -63,6 +63,8 @@ class TowerSpec:
                     [text_input(p) if p is not None else "" for p in payloads], padding=True, truncation=True,
                     max_length=encoder.cfg.max_length, return_tensors="pt")
                 out[modality] = {k: tokens[k] for k in TOWER_INPUTS["text"]}
+            elif modality == "audio":
+                out[modality] = _waveforms(payloads, encoder.cfg)
             else:
                 size = encoder.cfg.image_size
                 out[modality] = {"pixels": torch.from_numpy(np.stack([
@@ -71,17 +73,32 @@ class TowerSpec:
         return out
 
 
+def _waveforms(payloads: Sequence[bytes | None], cfg) -> dict[str, torch.Tensor]:
+    """The clips prepared as the audio encoder prepares them (resampled, normalized, zero-padded
+    to whole buckets), padded further to the batch's longest; the lengths say which samples are
+    real (the tower pools over those frames only)."""
+    clips = [audio_input(p, cfg) if p is not None else (np.zeros(1, np.float32), 0) for p in payloads]
+    samples = np.zeros((len(clips), max(len(c) for c, _ in clips)), np.float32)
+    for row, (clip, _) in enumerate(clips):
+        samples[row, : len(clip)] = clip
+    return {"samples": torch.from_numpy(samples), "lengths": torch.tensor([n for _, n in clips])}
+
+
 def _blocks(modality: str, model) -> tuple[nn.ModuleList, list[nn.Module]]:
     """A tower's transformer blocks, and the modules after the last one."""
     if modality == "text":
         return model[0].auto_model.encoder.layer, list(model)[1:]
+    if modality == "audio":  # (wav2vec2: the last hidden state, after a final norm in the stable-norm variant)
+        return model.encoder.layers, [model.encoder.layer_norm] if model.config.do_stable_layer_norm else []
     vision = model.vision_model
     return vision.encoder.layers, [vision.post_layernorm, model.visual_projection]
 
 
 def build_towers(spec: TowerSpec, unfreeze_last: int | None = None, checkpointing: bool = False) -> nn.ModuleDict:
     """The towers with the weights the cached vectors were made with, trainable as configured."""
-    from tessera.features.encoders import _ImageVectors, _SentenceVectors
+    from tessera.features.encoders import _ImageVectors, _MeanPooledAudio, _SentenceVectors
+
+    vectors = {"text": _SentenceVectors, "image": _ImageVectors, "audio": _MeanPooledAudio}
 
     towers = nn.ModuleDict()
     for modality in spec.modalities:
@@ -97,7 +114,7 @@ def build_towers(spec: TowerSpec, unfreeze_last: int | None = None, checkpointin
         if checkpointing:
             hf = model[0].auto_model if modality == "text" else model
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        towers[modality] = (_SentenceVectors if modality == "text" else _ImageVectors)(model.train())
+        towers[modality] = vectors[modality](model.train())
     return towers
 
 

@@ -70,7 +70,7 @@ def test_the_loss_over_gathered_negatives_equals_the_single_process_loss(tmp_pat
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"finetune": ["audio"]}, "finetune"),
+    ({"finetune": ["video"]}, "finetune"),
     ({"finetune": ["text"], "model": {"modalities": ["image"]}}, "one of model.modalities"),
     ({"finetune": ["text"], "parallel": "pipeline", "zero_stage": 1}, "zero_stage 0"),
     ({"offload": "all", "zero_stage": 2}, "zero_stage 3"),
@@ -81,6 +81,33 @@ def test_the_loss_over_gathered_negatives_equals_the_single_process_loss(tmp_pat
 def test_settings_that_cannot_train_are_refused(settings, message):
     with pytest.raises(ValidationError, match=message):
         TrainConfig.model_validate(settings)
+
+
+def _wav(seconds: float, rate: int = 8000) -> bytes:
+    import io
+
+    import soundfile as sf
+
+    buffer = io.BytesIO()
+    t = np.arange(int(seconds * rate)) / rate
+    sf.write(buffer, np.sin(2 * np.pi * 220 * t).astype(np.float32), rate, format="WAV")
+    return buffer.getvalue()
+
+
+def test_the_audio_towers_input_is_the_encoders_preparation_padded_to_the_longest_clip():
+    from tessera.features.config import AudioEncoderConfig
+    from tessera.features.prepare import audio_input
+    from tessera.train.towers import _waveforms
+
+    cfg = AudioEncoderConfig()
+    short, long = _wav(0.3), _wav(1.5)
+    batch = _waveforms([short, None, long], cfg)
+    # resampled to 16 kHz: 4800 and 24000 real samples, in whole 1-second buckets (1 and 2)
+    assert batch["samples"].shape == (3, 32_000) and batch["lengths"].tolist() == [4800, 0, 24_000]
+    prepared, _ = audio_input(short, cfg)
+    assert torch.equal(batch["samples"][0, :16_000], torch.from_numpy(prepared))
+    assert not batch["samples"][0, 16_000:].any() and not batch["samples"][1].any()
+    assert torch.equal(batch["samples"][2], torch.from_numpy(audio_input(long, cfg)[0]))
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +183,25 @@ def test_a_fine_tuning_run_goes_on_with_another_number_of_workers(supervised_run
     assert any(not torch.equal(text[k], before[k]) for k in text if k.startswith("encoder.layer.5."))
     # it goes on from the trained towers, not from the base ones
     assert max(after[s] for s in range(25, 31)) < max(after[s] for s in range(1, 4))
+
+
+@pytest.mark.slow
+def test_the_audio_tower_fine_tunes_from_the_shards_waveforms(shards, tmp_path):
+    """wav2vec2 (the shards' own small random one) trained from the audio members: its weights
+    move, it is saved as a model folder with an identity of its own."""
+    from tessera.features.config import AudioEncoderConfig
+    from tessera.features.encoders import Wav2Vec2AudioEncoder
+
+    cfg = TrainConfig.model_validate({**BASE, "finetune": ["audio"], "zero_stage": 2, "max_steps": 4,
+                                      "encoder_lr": 1e-3})
+    assert run_train_stage(Store(str(shards)), Store(str(tmp_path)), cfg).steps == 4
+    audio = load_file(str(tmp_path / "towers/audio/model.safetensors"))
+    untrained = Wav2Vec2AudioEncoder(AudioEncoderConfig())._build(None).state_dict()
+    shared = [k for k in audio if k in untrained]
+    assert any(k.startswith("encoder.layers.1.") for k in shared)
+    assert any(not torch.equal(audio[k], untrained[k]) for k in shared if k.startswith("encoder.layers.1."))
+    meta = json.loads((tmp_path / "model.json").read_text())
+    assert meta["towers"]["audio"] != EmbedSummary.read(Store(str(shards))).encoders["audio"]
 
 
 @pytest.mark.slow
