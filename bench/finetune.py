@@ -13,7 +13,8 @@ make_large.py, 2 Ray Train workers of 1 CPU, micro-batch 8:
     gradients, AdamW's two moments, fp32); goal: ZeRO-3 <= 0.6x ZeRO-0;
 (b) samples/s of the fine-tuning stage (ZeRO-0 and ZeRO-2) vs a plain PyTorch DDP loop written
     by hand over the same shards, loader, model, batch and 2 processes (1 thread each, as Ray
-    gives a 1-CPU worker); goal >= 0.9x. The first step (start-up) is left out of both.
+    gives a 1-CPU worker), the three in turn for --rounds rounds; goal >= 0.9x. The first step
+    (start-up) is left out of each.
 (c) CLIP's contrastive objective alone on 2000 captioned make_large images (all-MiniLM-L6-v2 and
     a small random CLIP vision tower): the loss and validation recall@1/5/10 both ways with the
     towers frozen (only the projections train) and trained end to end (their vectors embedded
@@ -193,34 +194,44 @@ def memory_and_speed(args: argparse.Namespace) -> None:
         print(f"two towers: {params / 1e6:.1f}M parameters (ViT-B/32-sized CLIP vision, random + "
               "all-MiniLM-L6-v2)", flush=True)
         results = {}
-        for name in args.modes.split(","):
+        for name in [m for m in args.modes.split(",") if m]:
             mode = MODES[name]
-            run = Path(tmp) / "run"
-            run_train_stage(Store(str(shards)), Store(str(run)), TrainConfig(**base, **mode))
-            results[name] = r = from_metrics(run)
-            shutil.rmtree(run)  # (a checkpoint of this model is 1.8 GB)
+            results[name] = r = train_once(shards, Path(tmp) / "run", TrainConfig(**base, **mode))
             zero0 = results["ZeRO-0"]
             print(f"(a) {name:17s} largest rank: RSS while training {r['rss_mb']:5.0f} MB "
                   f"({r['rss_mb'] / zero0['rss_mb']:4.2f}x ZeRO-0), peak {r['peak_mb']:5.0f} MB "
                   f"({r['peak_mb'] / zero0['peak_mb']:4.2f}x); tensors held after training {r['tensor_mb']:5.0f} MB "
                   f"({r['tensor_mb'] / zero0['tensor_mb']:4.2f}x); model states per rank (computed) "
                   f"{state_bytes(params, mode['zero_stage']) / 2**20:5.0f} MB; step {r['step_s']:5.2f} s", flush=True)
-        if args.no_ddp:
-            return
-        times_file = Path(tmp) / "ddp.json"
+        # (b): the stage at ZeRO-0 and ZeRO-2 and the DDP loop in turn, round after round, so
+        # that a slower or faster spell of the shared machine touches all three
         os.environ["OMP_NUM_THREADS"] = "1"
-        with socket.socket() as s:  # a free port for the DDP processes' rendezvous
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        mp.spawn(ddp_rank, args=(cfg, info, port, str(times_file)), nprocs=WORKERS)
-        ddp_step = statistics.median(json.loads(times_file.read_text())[1:])
-    samples = 8 * WORKERS / ddp_step
+        rates = {"ZeRO-0": [], "ZeRO-2": [], "DDP": []}
+        for _ in range(args.rounds):
+            for name in ("ZeRO-0", "ZeRO-2"):
+                rates[name].append(train_once(shards, Path(tmp) / "run",
+                                              TrainConfig(**base, **MODES[name]))["samples_per_s"])
+            times_file = Path(tmp) / "ddp.json"
+            with socket.socket() as s:  # a free port for the DDP processes' rendezvous
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            mp.spawn(ddp_rank, args=(cfg, info, port, str(times_file)), nprocs=WORKERS)
+            rates["DDP"].append(8 * WORKERS / statistics.median(json.loads(times_file.read_text())[1:]))
+    if not args.rounds:
+        return
+    ddp = statistics.median(rates["DDP"])
     for name in ("ZeRO-0", "ZeRO-2"):
-        if name not in results:
-            continue
-        r = results[name]
-        print(f"(b) {name}: {r['samples_per_s']:5.2f} samples/s vs hand-written DDP {samples:5.2f} samples/s "
-              f"(step {ddp_step:5.2f} s): {r['samples_per_s'] / samples:4.2f}x", flush=True)
+        ratios = [a / b for a, b in zip(rates[name], rates["DDP"], strict=True)]
+        print(f"(b) {name}: {statistics.median(rates[name]):5.2f} samples/s vs hand-written DDP {ddp:5.2f} "
+              f"samples/s (medians of {args.rounds} alternated rounds): {statistics.median(rates[name]) / ddp:4.2f}x; "
+              f"per round {', '.join(f'{r:4.2f}x' for r in ratios)}", flush=True)
+
+
+def train_once(shards: Path, run: Path, cfg: TrainConfig) -> dict:
+    run_train_stage(Store(str(shards)), Store(str(run)), cfg)
+    found = from_metrics(run)
+    shutil.rmtree(run)  # (a checkpoint of this model is 1.8 GB)
+    return found
 
 
 def main() -> None:
@@ -228,8 +239,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=160)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "tessera-bench-corpus")
-    ap.add_argument("--modes", default=",".join(MODES), help="which of (a)'s modes (ZeRO-0 first: the ratios' base)")
-    ap.add_argument("--no-ddp", action="store_true", help="leave out (b)'s hand-written DDP loop")
+    ap.add_argument("--modes", default=",".join(MODES), help="(a)'s modes (ZeRO-0 first: the ratios' base; none: '')")
+    ap.add_argument("--rounds", type=int, default=2, help="(b)'s alternated rounds (0: no (b))")
     ap.add_argument("--parts", default="ab,c", help="ab: (a) and (b); c: (c)")
     ap.add_argument("--retrieval-n", type=int, default=2000, help="(c)'s captioned images")
     ap.add_argument("--retrieval-epochs", type=int, default=3)

@@ -54,7 +54,7 @@ class ContrastiveConfig(Strict):
     supervised_weight: float = Field(0.0, ge=0, description="weight of the task heads' loss beside it (0: none)")
 
 
-Tower = Literal["text", "image", "audio"]
+Tower = Literal["text", "image", "audio", "video"]
 
 
 class CrossValidationConfig(Strict):
@@ -150,6 +150,9 @@ class TrainConfig(Strict):
         if not set(self.finetune) <= set(self.model.modalities):
             raise ValueError(f"finetune {list(self.finetune)}: each must be one of model.modalities "
                              f"{list(self.model.modalities)}")
+        if "video" in self.finetune and ("image" not in self.finetune or self.parallel == "pipeline"):
+            raise ValueError("finetune: video's frames go through the image tower: fine-tune image too, with "
+                             "parallel: data")
         if self.offload == "optimizer" and self.zero_stage == 0 or self.offload == "all" and self.zero_stage != 3:
             raise ValueError(f"offload: {self.offload} needs zero_stage {'3' if self.offload == 'all' else '>= 1'}")
         if self.objective == "contrastive":

@@ -25,7 +25,7 @@ from tessera.train.tasks import Task
 
 # the tensors a fine-tuned tower reads, in the order pipeline stages pass them on
 TOWER_INPUTS = {"text": ("input_ids", "attention_mask", "token_type_ids"), "image": ("pixels",),
-                "audio": ("samples", "lengths")}
+                "audio": ("samples", "lengths"), "video": ("frames", "counts")}
 
 
 class ImageBranch(nn.Module):
@@ -194,10 +194,18 @@ class MultimodalModel(nn.Module):
         return (*packed, *(towers[m][k] for m in self.towers for k in TOWER_INPUTS[m]))
 
     def _vectors(self, features: torch.Tensor, towers: dict) -> torch.Tensor:
-        """The packed features with each fine-tuned modality's vectors made by its tower."""
+        """The packed features with each fine-tuned modality's vectors made by its tower (a
+        video's: the mean of its frames' through the image tower, as the cache makes them)."""
+        vectors = {m: self.towers[m](**inputs) for m, inputs in towers.items() if m not in ("image", "video")}
+        if "video" in towers:  # one pass of the image tower over the images and the frames
+            pixels, video = towers["image"]["pixels"], towers["video"]
+            both = self.towers["image"](torch.cat([pixels, video["frames"].to(pixels.dtype)]))
+            vectors["image"], vectors["video"] = both[: len(pixels)], clip_means(both[len(pixels) :], video["counts"])
+        elif "image" in towers:
+            vectors["image"] = self.towers["image"](**towers["image"])
         parts = list(torch.split(features, self.encoder.sizes, dim=1))
-        for modality, tower in self.towers.items():
-            parts[self.encoder.names.index(modality)] = tower(**towers[modality]).float()
+        for modality, made in vectors.items():
+            parts[self.encoder.names.index(modality)] = made.float()
         return torch.cat(parts, dim=1)
 
     def aligned(self, features: torch.Tensor, modality: str) -> torch.Tensor:
@@ -248,6 +256,14 @@ class Alignment:
     def meta(self) -> dict:
         return {"pairs": [list(p) for p in self.pairs], "dim": self.dim, "temperature": self.temperature,
                 "supervised_weight": self.supervised_weight}
+
+
+def clip_means(frame_vectors: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """[clips, D]: the mean of each clip's frames' vectors (FRAME_VECTORS: the clips' frames in
+    order, COUNTS of each; a clip without frames: zeros)."""
+    clip_of_frame = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+    sums = frame_vectors.new_zeros(len(counts), frame_vectors.shape[1]).index_add(0, clip_of_frame, frame_vectors)
+    return sums / counts.clamp(min=1)[:, None].to(sums.dtype)
 
 
 def gathered(x: torch.Tensor) -> torch.Tensor:

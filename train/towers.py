@@ -18,7 +18,7 @@ from torch import nn
 
 from tessera.core.storage import Store
 from tessera.features.config import EmbedConfig
-from tessera.features.prepare import audio_input, image_input, text_input
+from tessera.features.prepare import audio_input, image_input, text_input, video_input
 from tessera.train.layout import TOWERS
 from tessera.train.model import TOWER_INPUTS
 
@@ -48,6 +48,12 @@ class TowerSpec:
     def encoder(self, modality: str):
         return _encoders(self.embed)[modality]
 
+    @property
+    def trained(self) -> tuple[str, ...]:
+        """The towers themselves: video's frames go through the image tower (train/config.py
+        has image fine-tuned beside video)."""
+        return tuple(m for m in self.modalities if m != "video")
+
     def identities(self) -> dict[str, str]:
         return {m: self.encoder(m).identity() for m in self.modalities}
 
@@ -65,6 +71,8 @@ class TowerSpec:
                 out[modality] = {k: tokens[k] for k in TOWER_INPUTS["text"]}
             elif modality == "audio":
                 out[modality] = _waveforms(payloads, encoder.cfg)
+            elif modality == "video":
+                out[modality] = _frames(payloads, encoder.image.cfg)
             else:
                 size = encoder.cfg.image_size
                 out[modality] = {"pixels": torch.from_numpy(np.stack([
@@ -84,6 +92,14 @@ def _waveforms(payloads: Sequence[bytes | None], cfg) -> dict[str, torch.Tensor]
     return {"samples": torch.from_numpy(samples), "lengths": torch.tensor([n for _, n in clips])}
 
 
+def _frames(payloads: Sequence[bytes | None], cfg) -> dict[str, torch.Tensor]:
+    """The clips' sampled frames as the image tower's input, all in one batch, and how many
+    each clip has (an absent clip: none)."""
+    clips = [video_input(p, cfg) if p is not None else np.zeros((0, 3, cfg.image_size, cfg.image_size), np.float32)
+             for p in payloads]
+    return {"frames": torch.from_numpy(np.concatenate(clips)), "counts": torch.tensor([len(c) for c in clips])}
+
+
 def _blocks(modality: str, model) -> tuple[nn.ModuleList, list[nn.Module]]:
     """A tower's transformer blocks, and the modules after the last one."""
     if modality == "text":
@@ -101,7 +117,7 @@ def build_towers(spec: TowerSpec, unfreeze_last: int | None = None, checkpointin
     vectors = {"text": _SentenceVectors, "image": _ImageVectors, "audio": _MeanPooledAudio}
 
     towers = nn.ModuleDict()
-    for modality in spec.modalities:
+    for modality in spec.trained:
         encoder = spec.encoder(modality)
         model = encoder._build(encoder.folder())
         if modality == "text" and getattr(model[0].auto_model, "pooler", None) is not None:
@@ -140,6 +156,8 @@ def save_towers(spec: TowerSpec, state: dict[str, torch.Tensor], run: Store, unf
             for path in sorted(p for p in folder.rglob("*") if p.is_file()):
                 run.put_file(str(path), f"{TOWERS}/{modality}/{path.relative_to(folder)}")
             identities[modality] = tower_identity(spec, modality, folder)
+            if modality == "image" and "video" in spec.modalities:
+                identities["video"] = tower_identity(spec, "video", folder)
     return identities
 
 
@@ -147,6 +165,7 @@ def tower_identity(spec: TowerSpec, modality: str, folder: Path) -> str:
     """The encoder identity of a tower saved in FOLDER (the base's kind and preparation, its weights)."""
     from tessera.features.encoders import build_encoders
 
-    cfg = EmbedConfig.model_validate_json(spec.embed).with_weights({modality: str(folder)})
+    tower = "image" if modality == "video" else modality  # (video: frames through the image tower)
+    cfg = EmbedConfig.model_validate_json(spec.embed).with_weights({tower: str(folder)})
     return build_encoders(cfg)[modality].identity()
 

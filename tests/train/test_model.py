@@ -92,6 +92,22 @@ def test_pipeline_layers_with_towers_compute_the_same_function():
     assert model.layer_names() == ["image tower", "text tower", "fusion", "block", "block", "heads"]
 
 
+def test_a_videos_vector_is_the_mean_of_its_frames_through_the_image_tower():
+    torch.manual_seed(0)
+    image = _Pixels()
+    dims = {"image": DIMS["image"], "video": DIMS["image"]}
+    model = MultimodalModel(dims, TASKS, ModelConfig(hidden=16), towers=torch.nn.ModuleDict({"image": image}))
+    pixels, frames = torch.randn(3, 3, 4, 4), torch.randn(5, 3, 4, 4)
+    made = model._vectors(torch.zeros(3, 10), {"image": {"pixels": pixels},
+                                                "video": {"frames": frames, "counts": torch.tensor([2, 0, 3])}})
+    with torch.no_grad():
+        torch.testing.assert_close(made[:, :5], image(pixels))
+        frame_vectors = image(frames)
+        torch.testing.assert_close(made[0, 5:], frame_vectors[:2].mean(0))
+        torch.testing.assert_close(made[2, 5:], frame_vectors[2:].mean(0))
+    assert not made[1, 5:].any()  # no video: zeros (its mask leaves it out)
+
+
 def test_image_branch_adds_a_token():
     torch.manual_seed(0)
     model = MultimodalModel(DIMS, TASKS, ModelConfig(hidden=16, image_branch=True, image_branch_size=32)).eval()

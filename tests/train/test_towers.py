@@ -70,7 +70,8 @@ def test_the_loss_over_gathered_negatives_equals_the_single_process_loss(tmp_pat
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"finetune": ["video"]}, "finetune"),
+    ({"finetune": ["text", "video"]}, "video's frames go through the image tower"),
+    ({"finetune": ["image", "video"], "parallel": "pipeline", "zero_stage": 0}, "parallel: data"),
     ({"finetune": ["text"], "model": {"modalities": ["image"]}}, "one of model.modalities"),
     ({"finetune": ["text"], "parallel": "pipeline", "zero_stage": 1}, "zero_stage 0"),
     ({"offload": "all", "zero_stage": 2}, "zero_stage 3"),
@@ -186,22 +187,26 @@ def test_a_fine_tuning_run_goes_on_with_another_number_of_workers(supervised_run
 
 
 @pytest.mark.slow
-def test_the_audio_tower_fine_tunes_from_the_shards_waveforms(shards, tmp_path):
-    """wav2vec2 (the shards' own small random one) trained from the audio members: its weights
-    move, it is saved as a model folder with an identity of its own."""
+def test_the_audio_and_video_towers_fine_tune_from_the_shards_members(shards, tmp_path):
+    """wav2vec2 (the shards' own small random one) trained from the audio members, the image
+    tower from the images and the videos' frames: their weights move, each is saved as a model
+    folder with an identity of its own, video's the image tower's frames identity."""
     from tessera.features.config import AudioEncoderConfig
     from tessera.features.encoders import Wav2Vec2AudioEncoder
 
-    cfg = TrainConfig.model_validate({**BASE, "finetune": ["audio"], "zero_stage": 2, "max_steps": 4,
-                                      "encoder_lr": 1e-3})
+    cfg = TrainConfig.model_validate({**BASE, "finetune": ["audio", "image", "video"], "zero_stage": 2,
+                                      "max_steps": 4, "encoder_lr": 1e-3})
     assert run_train_stage(Store(str(shards)), Store(str(tmp_path)), cfg).steps == 4
     audio = load_file(str(tmp_path / "towers/audio/model.safetensors"))
     untrained = Wav2Vec2AudioEncoder(AudioEncoderConfig())._build(None).state_dict()
     shared = [k for k in audio if k in untrained]
     assert any(k.startswith("encoder.layers.1.") for k in shared)
     assert any(not torch.equal(audio[k], untrained[k]) for k in shared if k.startswith("encoder.layers.1."))
+    assert sorted(p.name for p in (tmp_path / "towers").iterdir()) == ["audio", "image"]
     meta = json.loads((tmp_path / "model.json").read_text())
-    assert meta["towers"]["audio"] != EmbedSummary.read(Store(str(shards))).encoders["audio"]
+    base = EmbedSummary.read(Store(str(shards))).encoders
+    assert meta["towers"]["audio"] != base["audio"] and meta["towers"]["image"] != base["image"]
+    assert meta["towers"]["video"] == meta["towers"]["image"] + "/frames" != base["video"]
 
 
 @pytest.mark.slow
