@@ -151,3 +151,12 @@ def test_a_validation_figure_says_its_chance_level_and_when_it_rests_on_few_samp
     assert text.endswith("validation (6 samples, too few to judge a model by): label accuracy 0.167 (chance 0.143)")
     many = train_text({"steps": 10, "train_samples": 900, "val_samples": 300, "val_tasks": record["val_tasks"]})
     assert "too few" not in many and "(chance 0.143)" in many
+
+
+def test_a_pipeline_run_says_what_each_stage_held():
+    from tessera.workflows.screen import train_text
+
+    text = train_text({"steps": 4, "train_samples": 11, "val_samples": 0, "val_tasks": None,
+                       "pipeline_stages": ["text tower (22.6M trainable)", "fusion, 2 blocks, heads (0.3M trainable)"]})
+    assert text == ("4 steps on 11 samples; pipeline text tower (22.6M trainable) | "
+                    "fusion, 2 blocks, heads (0.3M trainable)")
