@@ -104,7 +104,7 @@ def ddp_rank(rank: int, cfg: TrainConfig, info, port: int, out: str) -> None:
     torch.manual_seed(cfg.seed)
     towers = TowerSpec(info.embed_config, cfg.finetune)
     model = DistributedDataParallel(MultimodalModel(info.dims, info.tasks, cfg.model, towers=build_towers(towers)))
-    optimizer, schedule = optimizer_and_schedule(model.module, cfg, cfg.max_steps)
+    optimizer, schedule = optimizer_and_schedule(model.module, cfg, cfg.max_steps, model.module.towers)
     spec = StreamSpec(info, "train", cfg.val_fraction, cfg.micro_batch_size, cfg.shuffle_buffer, cfg.seed, None,
                       rank, WORKERS, 1, 1, towers)
     batches = iter(loader(spec, 0, 0, cfg.epochs))

@@ -19,13 +19,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from tessera.features.encoders import TOKEN_INPUTS
 from tessera.train.config import ModelConfig
 from tessera.train.losses import TaskLoss
 from tessera.train.tasks import Task
 
-# the tensors a fine-tuned tower reads, in the order pipeline stages pass them on
-TOWER_INPUTS = {"text": ("input_ids", "attention_mask", "token_type_ids"), "image": ("pixels",),
-                "audio": ("samples", "lengths"), "video": ("frames", "counts")}
+# the tensors a fine-tuned tower reads (its module's arguments: features/encoders.py), in the
+# order pipeline stages pass them on (video has no tower: its frames go through image's)
+TOWER_INPUTS = {"text": TOKEN_INPUTS, "image": ("pixels",), "audio": ("samples", "lengths")}
 
 
 class ImageBranch(nn.Module):
