@@ -19,8 +19,12 @@ make_large.py, 2 Ray Train workers of 1 CPU, micro-batch 8:
     a small random CLIP vision tower): the loss and validation recall@1/5/10 both ways with the
     towers frozen (only the projections train) and trained end to end (their vectors embedded
     by `embed --from-run`'s path before evaluation).
-Not measured here: GPU figures (no GPU was lent); on a GPU machine the same script runs with
-nccl and bf16 (the training stage picks them)."""
+(b) also gives the model FLOPs of a training sample (forward and backward, counted by torch's
+FlopCounterMode on a real batch) and so each run's FLOP/s per worker, and on a known GPU (or
+with --peak-tflops) its model FLOPs utilization (MFU) against the chip's dense bf16 peak.
+On a GPU machine the same script runs one worker per GPU with nccl and bf16 (the training stage
+picks them; the DDP loop autocasts to bf16), and (a) adds each rank's peak of allocated GPU
+memory."""
 
 from __future__ import annotations
 
@@ -34,6 +38,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -53,12 +59,13 @@ VIT_B32 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, nu
                image_size=224, patch_size=32, projection_dim=512)
 MODES = {"ZeRO-0": {"zero_stage": 0}, "ZeRO-1": {"zero_stage": 1}, "ZeRO-2": {"zero_stage": 2},
          "ZeRO-3": {"zero_stage": 3}, "ZeRO-3 + offload": {"zero_stage": 3, "offload": "optimizer"}}
-WORKERS = 2
+WORKERS = torch.cuda.device_count() or 2  # one per GPU; without, 2 CPU workers
+# dense bf16 peaks (NVIDIA's data sheets, SXM parts; the first name the device's contains)
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 def vision_tower(folder: Path) -> Path:
     """A ViT-B/32-sized CLIP vision tower with random (seeded) weights, saved as a model folder."""
-    import torch
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     if not (folder / "config.json").exists():
@@ -80,49 +87,93 @@ def state_bytes(params: int, stage: int) -> int:
 def from_metrics(run: Path) -> dict:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "step_seconds" in r]
-    return {"tensor_mb": next(r["tensor_mb"] for r in records if "tensor_mb" in r),
+    gpu = {"gpu_peak_mb": max(r["gpu_peak_mb"] for r in steps)} if "gpu_peak_mb" in steps[0] else {}
+    return {**gpu, "tensor_mb": next(r["tensor_mb"] for r in records if "tensor_mb" in r),
             "peak_mb": max(r["peak_rss_mb"] for r in steps),
             "rss_mb": statistics.median(r["rss_mb"] for r in steps[1:]),
             "step_s": statistics.median(r["step_seconds"] for r in steps[1:]),
             "samples_per_s": statistics.median(r["samples_per_s"] for r in steps[1:])}
 
 
+def plain_model(cfg: TrainConfig, info, rank: int):
+    """The stage's model with its towers and rank RANK's training stream, as a loop written by
+    hand builds them."""
+    from tessera.train.data import StreamSpec
+    from tessera.train.model import MultimodalModel
+    from tessera.train.towers import TowerSpec, build_towers
+
+    towers = TowerSpec(info.embed_config, cfg.finetune)
+    model = MultimodalModel(info.dims, info.tasks, cfg.model, towers=build_towers(towers))
+    return model, StreamSpec(info, "train", cfg.val_fraction, cfg.micro_batch_size, cfg.shuffle_buffer, cfg.seed,
+                             None, rank, WORKERS, 1, 1, towers)
+
+
 def ddp_rank(rank: int, cfg: TrainConfig, info, port: int, out: str) -> None:
     """The loop a user writes by hand: DDP over the same model, loader and batches, AdamW."""
-    import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from tessera.train.data import StreamSpec, loader
+    from tessera.train.data import loader
     from tessera.train.loop import _inputs, _targets
-    from tessera.train.model import MultimodalModel
     from tessera.train.parallel import optimizer_and_schedule
-    from tessera.train.towers import TowerSpec, build_towers
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORKERS)
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.set_device(rank)
+    else:
+        torch.set_num_threads(1)
+    device = torch.device("cuda", rank) if on_gpu else torch.device("cpu")
+    dist.init_process_group("nccl" if on_gpu else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORKERS)
     torch.manual_seed(cfg.seed)
-    towers = TowerSpec(info.embed_config, cfg.finetune)
-    model = DistributedDataParallel(MultimodalModel(info.dims, info.tasks, cfg.model, towers=build_towers(towers)))
+    model, spec = plain_model(cfg, info, rank)
+    model = DistributedDataParallel(model.to(device), device_ids=[rank] if on_gpu else None)
     optimizer, schedule = optimizer_and_schedule(model.module, cfg, cfg.max_steps, model.module.towers)
-    spec = StreamSpec(info, "train", cfg.val_fraction, cfg.micro_batch_size, cfg.shuffle_buffer, cfg.seed, None,
-                      rank, WORKERS, 1, 1, towers)
     batches = iter(loader(spec, 0, 0, cfg.epochs))
     times = []
     for _ in range(cfg.max_steps):
         started = time.perf_counter()
         batch = next(batches)
-        inputs = _inputs(batch, "cpu")
-        loss = model(inputs, _targets(batch, inputs, "cpu", None))[0]
+        inputs = _inputs(batch, device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
+            loss = model(inputs, _targets(batch, inputs, device, None))[0]
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         schedule.step()
+        if on_gpu:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
     if rank == 0:
         Path(out).write_text(json.dumps(times))
     dist.destroy_process_group()
+
+
+def flops_per_sample(cfg: TrainConfig, info) -> float:
+    """The model FLOPs of one training sample, forward and backward, as torch's FlopCounterMode
+    counts them on the first training batch (its captions' token lengths)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tessera.train.data import loader
+    from tessera.train.loop import _inputs, _targets
+
+    model, spec = plain_model(cfg, info, 0)
+    batch = next(iter(loader(spec, 0, 0, 1)))
+    inputs = _inputs(batch, "cpu")
+    with FlopCounterMode(display=False) as counter:
+        model(inputs, _targets(batch, inputs, "cpu", None))[0].backward()
+    return counter.get_total_flops() / len(batch["weights"])
+
+
+def peak_flops(override_tflops: float | None) -> float | None:
+    """The device's dense bf16 peak FLOP/s (None on a CPU or an unknown GPU)."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((tflops * 1e12 for chip, tflops in PEAK_BF16_TFLOPS.items() if chip in name), None)
 
 
 def step_losses(run: Store) -> list[float]:
@@ -177,7 +228,9 @@ def memory_and_speed(args: argparse.Namespace) -> None:
     from tessera.train.towers import TowerSpec, build_towers
 
     manifest, _ = ensure_corpus(args.data, args.n)
-    print(f"{WORKERS} Ray Train workers of 1 CPU, micro-batch 8, {args.steps} steps (the first left out)", flush=True)
+    unit = "GPU" if torch.cuda.is_available() else "CPU"
+    print(f"{WORKERS} Ray Train workers of 1 {unit}, micro-batch 8, {args.steps} steps (the first left out)",
+          flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         # (kept beside the corpus: embedding it with the ViT-B tower takes minutes, a re-run none)
         tower = vision_tower(args.data / "vit-b32")
@@ -202,7 +255,8 @@ def memory_and_speed(args: argparse.Namespace) -> None:
                   f"({r['rss_mb'] / zero0['rss_mb']:4.2f}x ZeRO-0), peak {r['peak_mb']:5.0f} MB "
                   f"({r['peak_mb'] / zero0['peak_mb']:4.2f}x); tensors held after training {r['tensor_mb']:5.0f} MB "
                   f"({r['tensor_mb'] / zero0['tensor_mb']:4.2f}x); model states per rank (computed) "
-                  f"{state_bytes(params, mode['zero_stage']) / 2**20:5.0f} MB; step {r['step_s']:5.2f} s", flush=True)
+                  f"{state_bytes(params, mode['zero_stage']) / 2**20:5.0f} MB; step {r['step_s']:5.2f} s"
+                  + (f"; GPU peak allocated {r['gpu_peak_mb']:5.0f} MB" if "gpu_peak_mb" in r else ""), flush=True)
         # (b): the stage at ZeRO-0 and ZeRO-2 and the DDP loop in turn, round after round, so
         # that a slower or faster spell of the shared machine touches all three
         os.environ["OMP_NUM_THREADS"] = "1"
@@ -225,6 +279,13 @@ def memory_and_speed(args: argparse.Namespace) -> None:
         print(f"(b) {name}: {statistics.median(rates[name]):5.2f} samples/s vs hand-written DDP {ddp:5.2f} "
               f"samples/s (medians of {args.rounds} alternated rounds): {statistics.median(rates[name]) / ddp:4.2f}x; "
               f"per round {', '.join(f'{r:4.2f}x' for r in ratios)}", flush=True)
+    flops, peak = flops_per_sample(cfg, info), peak_flops(args.peak_tflops)
+    print(f"(b) model FLOPs of a training sample (forward + backward): {flops / 1e9:.1f} GFLOP", flush=True)
+    for name, samples in rates.items():
+        per_worker = statistics.median(samples) / WORKERS
+        achieved = flops * per_worker
+        print(f"(b) {name:6s}: {per_worker:6.2f} samples/s per worker, {achieved / 1e12:7.3f} TFLOP/s per worker"
+              + (f", MFU {achieved / peak:6.1%}" if peak else " (MFU: no known peak for this device)"), flush=True)
 
 
 def train_once(shards: Path, run: Path, cfg: TrainConfig) -> dict:
@@ -244,10 +305,13 @@ def main() -> None:
     ap.add_argument("--parts", default="ab,c", help="ab: (a) and (b); c: (c)")
     ap.add_argument("--retrieval-n", type=int, default=2000, help="(c)'s captioned images")
     ap.add_argument("--retrieval-epochs", type=int, default=3)
+    ap.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, for MFU (known GPUs: by name)")
     args = ap.parse_args()
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # 2 CPUs as the CI machine has; on a GPU machine all its CPUs and GPUs
+    ray.init(address="local", num_cpus=None if torch.cuda.is_available() else 2, include_dashboard=False,
+             log_to_driver=False)
     parts = args.parts.split(",")
     if "ab" in parts:
         memory_and_speed(args)

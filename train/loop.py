@@ -109,13 +109,17 @@ def _over_ranks(values: list[float], device, op=dist.ReduceOp.SUM) -> list[float
     return t.tolist()
 
 
-def _memory_mb(device) -> tuple[float, float]:
+def _memory_mb(device) -> dict[str, float]:
     """The largest resident memory of any rank's process now, and its largest peak so far (what
-    a node must hold: the peak includes building the model whole before ZeRO partitions it)."""
+    a node must hold: the peak includes building the model whole before ZeRO partitions it);
+    on GPUs also the largest peak of device memory allocated."""
     with open("/proc/self/statm") as f:
         now = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return tuple(_over_ranks([now, peak], device, dist.ReduceOp.MAX))
+    values = [now, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]
+    if device.type == "cuda":
+        values.append(torch.cuda.max_memory_allocated(device) / 2**20)
+    names = ("rss_mb", "peak_rss_mb", "gpu_peak_mb")[: len(values)]
+    return dict(zip(names, _over_ranks(values, device, dist.ReduceOp.MAX), strict=True))
 
 
 def _tensor_mb() -> float:
@@ -273,12 +277,12 @@ class Trainer:
         self.step += 1
         seconds = time.perf_counter() - started
         samples = cfg.micro_batch_size * cfg.grad_accum * (self.world // (cfg.pipeline_stages if self.pipeline else 1))
-        rss, peak = _memory_mb(device)
+        memory = _memory_mb(device)
         if self.metrics:
             self.metrics.write({"step": self.step, "epoch": self.epoch, "loss": loss, "task_loss": task_loss,
                                 "lr": engine.get_lr()[0], "step_seconds": seconds, "samples_per_s": samples / seconds,
                                 "data_wait_seconds": batches.waited - waited,
-                                "data_made_seconds": batches.made - made, "rss_mb": rss, "peak_rss_mb": peak})
+                                "data_made_seconds": batches.made - made, **memory})
         return loss
 
     def validate(self) -> dict:
